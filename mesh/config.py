@@ -1,0 +1,155 @@
+"""Settings: ``MESH_*`` environment variables, optionally a ``mesh.toml``.
+
+Precedence: constructor arguments, then environment, then ``mesh.toml`` (in the
+working directory, or the file named by ``MESH_CONFIG``), then defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_HOME = Path(".mesh")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MESH_", extra="ignore", validate_default=True)
+
+    home: Path = DEFAULT_HOME
+    prefix: str = "mesh"
+
+    # Broker. nats_url unset means the embedded server on 127.0.0.1:nats_port.
+    nats_url: str | None = None
+    nats_port: int = Field(default=4222, ge=1, le=65535)
+    nats_user: str | None = None
+    nats_password: str | None = None
+    nats_token: str | None = None
+    nats_creds: Path | None = None
+    nats_tls_ca: Path | None = None
+    nats_tls_cert: Path | None = None
+    nats_tls_key: Path | None = None
+    connect_timeout: float = 5.0
+
+    # JetStream.
+    stream_replicas: int = Field(default=1, ge=1, le=5)
+    stream_max_age_days: float = 7.0
+    duplicate_window_s: float = 120.0
+    max_hops: int = 8
+
+    # Storage and secrets.
+    db_url: str | None = None
+    key_file: Path | None = None
+    encryption: bool = True
+    key_rotation_days: int = 90
+
+    # Services.
+    http_port: int = Field(default=9400, ge=0, le=65535)
+    bridge_port: int = Field(default=9401, ge=0, le=65535)
+    allow_private_targets: bool = False
+    heartbeat_interval_s: float = 5.0
+    drain_timeout_s: float = 10.0
+    log_format: str = "auto"  # auto | json | console
+    log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> Settings:
+        if self.key_file is None:
+            self.key_file = self.home / "keys" / "encryption.key"
+        if self.db_url is None:
+            self.db_url = f"sqlite:///{self.home / 'mesh.db'}"
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = Path(os.environ.get("MESH_CONFIG", "mesh.toml"))
+        return (
+            init_settings,
+            env_settings,
+            TomlConfigSettingsSource(settings_cls, toml_file=toml_path),
+        )
+
+    # Derived values -------------------------------------------------------
+
+    @property
+    def embedded(self) -> bool:
+        return self.nats_url is None
+
+    @property
+    def servers(self) -> list[str]:
+        if self.nats_url:
+            return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+        return [f"nats://127.0.0.1:{self.nats_port}"]
+
+    @property
+    def key_path(self) -> Path:
+        assert self.key_file is not None
+        return self.key_file
+
+    @property
+    def database_url(self) -> str:
+        assert self.db_url is not None
+        return self.db_url
+
+    @property
+    def nats_store_dir(self) -> Path:
+        return self.home / "nats"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.home / "metrics"
+
+    def connect_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``nats.connect`` (credentials and TLS passed through)."""
+        opts: dict[str, Any] = {
+            "servers": self.servers,
+            "connect_timeout": self.connect_timeout,
+        }
+        if self.nats_user:
+            opts["user"] = self.nats_user
+            opts["password"] = self.nats_password or ""
+        if self.nats_token:
+            opts["token"] = self.nats_token
+        if self.nats_creds:
+            opts["user_credentials"] = str(self.nats_creds)
+        if self.nats_tls_ca or self.nats_tls_cert:
+            import ssl
+
+            ctx = ssl.create_default_context(
+                cafile=str(self.nats_tls_ca) if self.nats_tls_ca else None
+            )
+            if self.nats_tls_cert:
+                ctx.load_cert_chain(
+                    str(self.nats_tls_cert), str(self.nats_tls_key) if self.nats_tls_key else None
+                )
+            opts["tls"] = ctx
+        return opts
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings, turning pydantic's error into a one-line ``ConfigError``."""
+    from pydantic import ValidationError as PydValidationError
+
+    from mesh.errors import ConfigError
+
+    try:
+        return Settings(**overrides)
+    except PydValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"invalid setting MESH_{loc.upper()}: {first['msg']}") from None

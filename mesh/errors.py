@@ -1,0 +1,88 @@
+"""The exceptions mesh raises.
+
+Every error a user can cause or meet is a ``MeshError``; the CLI prints its
+message as one line and exits non-zero. The tree::
+
+    MeshError
+    ├── ConfigError                 bad settings, key file problems
+    │   └── KeyFileError            missing, corrupt or too-open key file
+    ├── ValidationError (ValueError) bad names, types, patterns, data
+    │   ├── InvalidName
+    │   └── PayloadTooLarge         carries size and max_payload
+    ├── NotFound (LookupError)      unknown target, propagation, event
+    ├── Conflict                    already exists, not permitted by the registry
+    ├── BrokerError                 NATS / JetStream problems
+    │   ├── BrokerUnavailable       cannot connect
+    │   └── PortInUse               embedded server port taken
+    ├── DecodeError                 a message that is not a valid event
+    ├── StorageError                database problems
+    └── RequestError                request/reply failed
+        └── RequestTimeout
+"""
+
+from __future__ import annotations
+
+
+class MeshError(Exception):
+    """Root of every error mesh raises on purpose."""
+
+
+class ConfigError(MeshError):
+    pass
+
+
+class KeyFileError(ConfigError):
+    pass
+
+
+class ValidationError(MeshError, ValueError):
+    pass
+
+
+class InvalidName(ValidationError):
+    pass
+
+
+class PayloadTooLarge(ValidationError):
+    def __init__(self, size: int, max_payload: int) -> None:
+        self.size = size
+        self.max_payload = max_payload
+        super().__init__(
+            f"payload of {size} bytes exceeds the broker's max_payload of {max_payload} bytes"
+        )
+
+
+class NotFound(MeshError, LookupError):
+    pass
+
+
+class Conflict(MeshError):
+    pass
+
+
+class BrokerError(MeshError):
+    pass
+
+
+class BrokerUnavailable(BrokerError):
+    pass
+
+
+class PortInUse(BrokerError):
+    pass
+
+
+class DecodeError(MeshError):
+    pass
+
+
+class StorageError(MeshError):
+    pass
+
+
+class RequestError(MeshError):
+    pass
+
+
+class RequestTimeout(RequestError, TimeoutError):
+    pass

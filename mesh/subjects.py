@@ -1,0 +1,216 @@
+"""The subject grammar: names, event types, type patterns and the subjects built from them.
+
+::
+
+    <prefix>.evt.<source>.<type tokens>             every published event
+    <prefix>.replay.<target>.<source>.<type tokens> replayed events aimed at one target
+    <prefix>.rpc.<target>.<type tokens>             request/reply (core NATS)
+    <prefix>.dlq.<target>                           dead letters
+    <prefix>.sys.delivery.<target>                  delivery attempt records
+    <prefix>.sys.health.<service>.<instance>        heartbeats
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from mesh.errors import InvalidName, ValidationError
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+TYPE_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_TYPE_LEN = 255
+
+
+def validate_name(name: str, what: str = "name") -> str:
+    """A service/target name: one safe subject token."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidName(
+            f"invalid {what} {name!r}: use 1-64 of a-z, 0-9, '_' or '-', starting with a letter"
+            " or digit"
+        )
+    return name
+
+
+def validate_type(event_type: str) -> str:
+    """An event type such as ``order.created``: dot-separated tokens, no wildcards."""
+    if not isinstance(event_type, str) or not event_type or len(event_type) > MAX_TYPE_LEN:
+        raise ValidationError(f"invalid event type {event_type!r}: must be 1-255 characters")
+    for token in event_type.split("."):
+        if not TYPE_TOKEN_RE.match(token):
+            raise ValidationError(
+                f"invalid event type {event_type!r}: tokens are A-Z, a-z, 0-9, '_' or '-',"
+                " separated by dots"
+            )
+    return event_type
+
+
+def validate_pattern(pattern: str) -> str:
+    """A type pattern: type tokens plus ``*`` (one token) and a final ``>`` (the rest)."""
+    if not isinstance(pattern, str) or not pattern or len(pattern) > MAX_TYPE_LEN:
+        raise ValidationError(f"invalid type pattern {pattern!r}")
+    tokens = pattern.split(".")
+    for i, token in enumerate(tokens):
+        if token == "*":
+            continue
+        if token == ">":
+            if i != len(tokens) - 1:
+                raise ValidationError(f"invalid type pattern {pattern!r}: '>' must come last")
+            continue
+        if not TYPE_TOKEN_RE.match(token):
+            raise ValidationError(
+                f"invalid type pattern {pattern!r}: tokens are A-Z, a-z, 0-9, '_', '-', '*' or '>'"
+            )
+    return pattern
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard match of a concrete subject (or type) against a pattern."""
+    p = pattern.split(".")
+    s = subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(s) > i
+        if i >= len(s):
+            return False
+        if tok != "*" and tok != s[i]:
+            return False
+    return len(p) == len(s)
+
+
+def subsumes(wide: str, narrow: str) -> bool:
+    """True when every subject matched by ``narrow`` is matched by ``wide``."""
+    w = wide.split(".")
+    n = narrow.split(".")
+    for i, tok in enumerate(w):
+        if tok == ">":
+            return len(n) > i
+        if i >= len(n):
+            return False
+        if n[i] == ">":
+            return False
+        if tok == "*":
+            continue
+        if n[i] == "*" or n[i] != tok:
+            return False
+    return len(w) == len(n)
+
+
+def collide(a: str, b: str) -> bool:
+    """True when some subject is matched by both patterns."""
+    x = a.split(".")
+    y = b.split(".")
+    for i in range(max(len(x), len(y))):
+        xt = x[i] if i < len(x) else None
+        yt = y[i] if i < len(y) else None
+        if xt == ">" or yt == ">":
+            return xt is not None and yt is not None
+        if xt is None or yt is None:
+            return False
+        if xt != "*" and yt != "*" and xt != yt:
+            return False
+    return True
+
+
+def reduce_filters(subjects: list[str]) -> list[str]:
+    """Drop duplicates and patterns subsumed by another; merge partial overlaps.
+
+    JetStream rejects a consumer whose filter subjects overlap. Two patterns that
+    overlap without one containing the other are widened to their common
+    prefix plus ``>``; delivery then re-checks the type against the propagation.
+    """
+    result = sorted(set(subjects), key=lambda s: (s.count(">") == 0, s.count("*") == 0, s))
+    changed = True
+    while changed:
+        changed = False
+        for a in result:
+            for b in result:
+                if a == b or not collide(a, b):
+                    continue
+                if subsumes(a, b):
+                    result.remove(b)
+                elif subsumes(b, a):
+                    result.remove(a)
+                else:
+                    common: list[str] = []
+                    for ta, tb in zip(a.split("."), b.split("."), strict=False):
+                        if ta != tb or ta in ("*", ">"):
+                            break
+                        common.append(ta)
+                    merged = ".".join([*common, ">"])
+                    result.remove(a)
+                    result.remove(b)
+                    result.append(merged)
+                changed = True
+                break
+            if changed:
+                break
+    return sorted(set(result))
+
+
+@dataclass(frozen=True)
+class Subjects:
+    """Subject builders for one prefix."""
+
+    prefix: str = "mesh"
+
+    def evt(self, source: str, event_type: str) -> str:
+        return f"{self.prefix}.evt.{source}.{event_type}"
+
+    def evt_filter(self, source: str, pattern: str | None = None) -> str:
+        return f"{self.prefix}.evt.{source}.{pattern or '>'}"
+
+    @property
+    def evt_all(self) -> str:
+        return f"{self.prefix}.evt.>"
+
+    def replay(self, target: str, source: str, event_type: str) -> str:
+        return f"{self.prefix}.replay.{target}.{source}.{event_type}"
+
+    def replay_filter(self, target: str) -> str:
+        return f"{self.prefix}.replay.{target}.>"
+
+    @property
+    def replay_all(self) -> str:
+        return f"{self.prefix}.replay.>"
+
+    def rpc(self, target: str, event_type: str) -> str:
+        return f"{self.prefix}.rpc.{target}.{event_type}"
+
+    def rpc_filter(self, target: str) -> str:
+        return f"{self.prefix}.rpc.{target}.>"
+
+    def dlq(self, target: str) -> str:
+        return f"{self.prefix}.dlq.{target}"
+
+    @property
+    def dlq_all(self) -> str:
+        return f"{self.prefix}.dlq.>"
+
+    def delivery(self, target: str) -> str:
+        return f"{self.prefix}.sys.delivery.{target}"
+
+    @property
+    def delivery_all(self) -> str:
+        return f"{self.prefix}.sys.delivery.>"
+
+    def health(self, service: str, instance: str) -> str:
+        return f"{self.prefix}.sys.health.{service}.{instance}"
+
+    @property
+    def health_all(self) -> str:
+        return f"{self.prefix}.sys.health.>"
+
+    def parse_event(self, subject: str) -> tuple[str, str, str | None]:
+        """Return ``(source, type, replay_target)`` for an evt or replay subject."""
+        parts = subject.split(".")
+        pre = self.prefix.split(".")
+        n = len(pre)
+        if parts[:n] != pre or len(parts) < n + 3:
+            raise ValidationError(f"not an event subject: {subject!r}")
+        kind = parts[n]
+        if kind == "evt":
+            return parts[n + 1], ".".join(parts[n + 2 :]), None
+        if kind == "replay" and len(parts) >= n + 4:
+            return parts[n + 2], ".".join(parts[n + 3 :]), parts[n + 1]
+        raise ValidationError(f"not an event subject: {subject!r}")
