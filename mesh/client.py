@@ -1,0 +1,628 @@
+"""MeshClient: connect, publish, consume, request/reply, and manage the registry.
+
+::
+
+    async with MeshClient(settings) as mesh:
+        event_id = await mesh.publish("shop", "order.created", {"id": 7})
+        async for delivery in mesh.consume("billing"):
+            handle(delivery.event)
+            await delivery.ack()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats.errors as nats_errors
+import nats.js.errors as js_errors
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+
+from mesh import envelope
+from mesh.config import Settings, load_settings
+from mesh.crypto import KeyRing
+from mesh.envelope import Event
+from mesh.errors import (
+    BrokerError,
+    BrokerUnavailable,
+    Conflict,
+    DecodeError,
+    NotFound,
+    PayloadTooLarge,
+    RequestError,
+    RequestTimeout,
+    ValidationError,
+)
+from mesh.records import DeliveryRecord, Outcome, dead_letter_headers
+from mesh.registry import Propagation, PropagationMode, Registry, Target, route_accepts
+from mesh.streams import Provisioner, StreamNames, ensure_streams
+from mesh.subjects import Subjects, validate_name, validate_type
+
+log = structlog.get_logger("mesh.client")
+
+H_STATUS = "mesh-status"
+ROUTE_REFRESH_MIN_S = 1.0
+
+
+@dataclass
+class Reply:
+    """The answer to a request: an HTTP-like status and data."""
+
+    status: int
+    data: Any
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+
+@dataclass
+class Delivery:
+    """One event handed to a consumer; ack it once the work is durable."""
+
+    event: Event
+    msg: Msg
+    target: str
+
+    @property
+    def attempt(self) -> int:
+        return int(self.msg.metadata.num_delivered or 1)
+
+    async def ack(self) -> None:
+        await self.msg.ack_sync()
+
+    async def nak(self, delay: float | None = None) -> None:
+        await self.msg.nak(delay=delay)
+
+    async def in_progress(self) -> None:
+        await self.msg.in_progress()
+
+    async def term(self) -> None:
+        await self.msg.term()
+
+
+class RouteCache:
+    """Per-target routes, refreshed on a miss at most once a second."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._routes: dict[str, list[tuple[str, str | None]]] = {}
+        self._loaded: dict[str, float] = {}
+
+    async def accepts(self, target: str, source: str, event_type: str) -> bool:
+        routes = self._routes.get(target)
+        if routes is not None and route_accepts(routes, source, event_type):
+            return True
+        if time.monotonic() - self._loaded.get(target, 0.0) < ROUTE_REFRESH_MIN_S and routes:
+            return False
+        self._routes[target] = await self.registry.routes_for(target)
+        self._loaded[target] = time.monotonic()
+        return route_accepts(self._routes[target], source, event_type)
+
+
+class MeshClient:
+    """A connection to the mesh. Use as an async context manager."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        keyring: KeyRing | None = None,
+        name: str = "mesh",
+        reconnect_forever: bool = True,
+    ) -> None:
+        self.settings = settings or load_settings()
+        self.subjects = Subjects(self.settings.prefix)
+        self.names = StreamNames.for_prefix(self.settings.prefix)
+        self.name = name
+        self._keyring = keyring
+        self._reconnect_forever = reconnect_forever
+        self.nc: NATS = NATS()
+        self._js: JetStreamContext | None = None
+        self._registry: Registry | None = None
+        self._routes: RouteCache | None = None
+        self.reconnects = 0
+        self.connected_event = asyncio.Event()
+
+    # Lifecycle ----------------------------------------------------------------
+
+    @property
+    def keyring(self) -> KeyRing:
+        if self._keyring is None:
+            self._keyring = KeyRing.load(self.settings.key_path)
+        return self._keyring
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise BrokerError("not connected")
+        return self._js
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            raise BrokerError("not connected")
+        return self._registry
+
+    @property
+    def provisioner(self) -> Provisioner:
+        return Provisioner(self.js, self.registry, self.settings)
+
+    async def connect(self) -> MeshClient:
+        async def on_error(exc: Exception) -> None:
+            log.debug("nats error", error=str(exc) or type(exc).__name__)
+
+        async def on_disconnect() -> None:
+            self.connected_event.clear()
+            log.info("nats disconnected")
+
+        async def on_reconnect() -> None:
+            self.reconnects += 1
+            self.connected_event.set()
+            log.info(
+                "nats reconnected",
+                url=str(self.nc.connected_url.netloc if self.nc.connected_url else ""),
+            )
+
+        opts = self.settings.connect_options()
+        try:
+            await self.nc.connect(
+                name=self.name,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+                max_reconnect_attempts=-1 if self._reconnect_forever else 3,
+                reconnect_time_wait=0.5,
+                allow_reconnect=True,
+                **opts,
+            )
+        except (nats_errors.NoServersError, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(
+                f"cannot connect to NATS at {', '.join(self.settings.servers)}"
+                f" ({type(exc).__name__}): is the broker running (`mesh up`) and MESH_NATS_URL"
+                " right?"
+            ) from None
+        except nats_errors.Error as exc:
+            msg = str(exc) or type(exc).__name__
+            raise BrokerUnavailable(f"cannot connect to NATS: {msg}") from None
+        self.connected_event.set()
+        self._js = self.nc.jetstream(timeout=10)
+        try:
+            self._registry = await Registry.open(
+                self._js,
+                self._keyring_or_none(),
+                self.names.registry,
+                replicas=self.settings.stream_replicas,
+            )
+        except nats_errors.NoRespondersError:
+            await self.close()
+            raise BrokerUnavailable(
+                "the NATS server has no JetStream (start it with -js)"
+            ) from None
+        except (js_errors.APIError, nats_errors.TimeoutError) as exc:
+            await self.close()
+            raise BrokerError(f"cannot open the registry: {exc}") from None
+        self._routes = RouteCache(self._registry)
+        return self
+
+    def _keyring_or_none(self) -> KeyRing | None:
+        try:
+            return self.keyring
+        except Exception:
+            if self.settings.encryption:
+                raise
+            return None
+
+    async def init(self) -> dict[str, list[str]]:
+        """Create or update streams, then reconcile every consumer."""
+        await ensure_streams(self.js, self.settings)
+        return await self.provisioner.reconcile_all()
+
+    async def close(self) -> None:
+        if self.nc.is_closed:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.nc.drain(), 5)
+        with contextlib.suppress(Exception):
+            await self.nc.close()
+
+    async def __aenter__(self) -> MeshClient:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # Registry (with live consumer reconciliation) ---------------------------
+
+    async def add_target(self, target: Target, secret: str | None = None) -> Target:
+        await ensure_streams(self.js, self.settings)
+        target = await self.registry.add_target(target, secret)
+        await self.provisioner.reconcile_target(target)
+        return target
+
+    async def remove_target(self, name: str) -> list[str]:
+        removed = await self.registry.remove_target(name)
+        await self.provisioner.reconcile_all()
+        return removed
+
+    async def add_propagation(
+        self,
+        mode: PropagationMode | str,
+        source: str,
+        targets: list[str] | None = None,
+        types: str | None = None,
+    ) -> Propagation:
+        await ensure_streams(self.js, self.settings)
+        prop = await self.registry.add_propagation(PropagationMode(mode), source, targets, types)
+        await self.provisioner.reconcile_all()
+        return prop
+
+    async def remove_propagation(self, prop_id: str) -> Propagation:
+        prop = await self.registry.remove_propagation(prop_id)
+        await self.provisioner.reconcile_all()
+        return prop
+
+    # Publishing ---------------------------------------------------------------
+
+    def build(
+        self,
+        source: str,
+        event_type: str,
+        data: Any = None,
+        *,
+        id: str | None = None,
+        subject: str | None = None,
+        datacontenttype: str | None = None,
+        cause: Event | None = None,
+    ) -> Event:
+        validate_name(source, "source name")
+        validate_type(event_type)
+        event = Event(source=source, type=event_type, data=data, subject=subject)
+        if datacontenttype:
+            event.datacontenttype = datacontenttype
+        elif isinstance(data, bytes | bytearray):
+            event.datacontenttype = envelope.OCTETS
+        if id is not None:
+            if not id or len(id) > 128 or any(c.isspace() for c in id):
+                raise ValidationError("an event id is 1-128 characters without spaces")
+            event.id = id
+        if cause is not None:
+            event.origin = cause.effective_origin
+            event.hops = cause.hops + 1
+        return event
+
+    def _message(self, event: Event, nats_subject: str) -> tuple[dict[str, str], bytes]:
+        headers, body = envelope.encode(
+            event, self.keyring if self.settings.encryption else None, self.settings.encryption
+        )
+        size = len(body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + len(nats_subject)
+        max_payload = self.nc.max_payload or 1024 * 1024
+        if size > max_payload:
+            raise PayloadTooLarge(size, max_payload)
+        return headers, body
+
+    async def publish(
+        self,
+        source: str,
+        event_type: str,
+        data: Any = None,
+        *,
+        id: str | None = None,
+        subject: str | None = None,
+        datacontenttype: str | None = None,
+        cause: Event | None = None,
+        timeout: float = 5.0,
+    ) -> str:
+        """Publish one event durably; returns its id. Same id twice is stored once."""
+        event = self.build(
+            source,
+            event_type,
+            data,
+            id=id,
+            subject=subject,
+            datacontenttype=datacontenttype,
+            cause=cause,
+        )
+        await self.publish_event(event, timeout=timeout)
+        return event.id
+
+    async def publish_event(self, event: Event, *, timeout: float = 5.0) -> bool:
+        """Publish a built event; returns False when JetStream saw it as a duplicate."""
+        if event.hops > self.settings.max_hops:
+            raise ValidationError(
+                f"event {event.id} is over the hop limit ({event.hops} > {self.settings.max_hops})"
+            )
+        nats_subject = self.subjects.evt(event.source, event.type)
+        headers, body = self._message(event, nats_subject)
+        try:
+            ack = await self.js.publish(nats_subject, body, timeout=timeout, headers=headers)
+        except js_errors.NoStreamResponseError:
+            raise BrokerError(
+                "no stream stores mesh events: run `mesh init` (or `mesh up`) first"
+            ) from None
+        except nats_errors.TimeoutError:
+            raise BrokerError(f"publish of {event.id} timed out after {timeout}s") from None
+        except nats_errors.MaxPayloadError:
+            raise PayloadTooLarge(len(body), self.nc.max_payload) from None
+        return not ack.duplicate
+
+    async def publish_many(
+        self,
+        events: list[Event],
+        *,
+        window: int = 256,
+        timeout: float = 10.0,
+    ) -> int:
+        """Pipelined publish (publish_async) of many events; returns how many were new."""
+        pending: list[asyncio.Future[Any]] = []
+        new = 0
+        for event in events:
+            nats_subject = self.subjects.evt(event.source, event.type)
+            headers, body = self._message(event, nats_subject)
+            fut = await self.js.publish_async(
+                nats_subject, body, headers=headers, wait_stall=timeout
+            )
+            pending.append(fut)
+            if len(pending) >= window:
+                new += await self._settle(pending, timeout)
+                pending = []
+        new += await self._settle(pending, timeout)
+        return new
+
+    @staticmethod
+    async def _settle(pending: list[asyncio.Future[Any]], timeout: float) -> int:
+        if not pending:
+            return 0
+        try:
+            acks = await asyncio.wait_for(asyncio.gather(*pending), timeout)
+        except TimeoutError:
+            raise BrokerError("publish acknowledgements timed out") from None
+        return sum(0 if a.duplicate else 1 for a in acks)
+
+    # Consuming ----------------------------------------------------------------
+
+    async def check_event(self, target: str, event: Event) -> str | None:
+        """Why ``target`` must not get this event (None when it may)."""
+        if event.effective_origin == target:
+            return "loop: the event originated at this target"
+        if event.hops > self.settings.max_hops:
+            return f"hop limit: {event.hops} > {self.settings.max_hops}"
+        if event.replay:
+            return None
+        assert self._routes is not None
+        if not await self._routes.accepts(target, event.source, event.type):
+            return "no propagation routes this source/type to the target"
+        return None
+
+    async def record(self, rec: DeliveryRecord) -> None:
+        """Publish a delivery-attempt record (best effort: a failure is logged, not raised)."""
+        try:
+            await self.js.publish(
+                self.subjects.delivery(rec.target),
+                rec.to_bytes(),
+                headers={"Nats-Msg-Id": rec.id},
+                timeout=5,
+            )
+        except Exception as exc:
+            log.warning("delivery record not published", target=rec.target, error=str(exc))
+
+    async def dead_letter(self, msg: Msg, target: str, error: str, attempts: int) -> None:
+        """Copy a message to the DLQ with its reason. Raises if the DLQ did not take it."""
+        headers = dead_letter_headers(msg.subject, msg.headers, target, error, attempts)
+        await self.js.publish(self.subjects.dlq(target), msg.data, headers=headers, timeout=10)
+
+    async def pull(
+        self,
+        consumer: str,
+        *,
+        batch: int = 10,
+        expires: float = 2.0,
+        stream: str | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> AsyncIterator[list[Msg]]:
+        """Fetch batches from a durable consumer forever, surviving broker restarts.
+
+        After a reconnect the pull subscription is re-created (nats.py #504:
+        pull subscriptions can go quiet after a server restart).
+        """
+        stream = stream or self.names.events
+        sub: JetStreamContext.PullSubscription | None = None
+        seen_reconnects = self.reconnects
+        backoff = 0.1
+        while stop is None or not stop.is_set():
+            if self.nc.is_closed:
+                return
+            try:
+                if sub is None or seen_reconnects != self.reconnects:
+                    if sub is not None:
+                        with contextlib.suppress(Exception):
+                            await sub.unsubscribe()
+                    seen_reconnects = self.reconnects
+                    sub = await self.js.pull_subscribe_bind(consumer, stream=stream)
+                msgs = await sub.fetch(batch, timeout=expires)
+                backoff = 0.1
+            except (nats_errors.TimeoutError, TimeoutError):
+                continue
+            except nats_errors.ConnectionClosedError:
+                return
+            except (nats_errors.Error, js_errors.Error, OSError) as exc:
+                log.debug("pull retry", consumer=consumer, error=str(exc) or type(exc).__name__)
+                if isinstance(exc, js_errors.NotFoundError | js_errors.ServiceUnavailableError):
+                    sub = None
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                if not self.nc.is_connected:
+                    sub = None
+                continue
+            if msgs:
+                yield msgs
+
+    async def consume(
+        self,
+        target: str,
+        *,
+        batch: int = 10,
+        expires: float = 2.0,
+        stop: asyncio.Event | None = None,
+    ) -> AsyncIterator[Delivery]:
+        """Yield events for a target, at least once: ack each after handling it."""
+        t = await self.registry.get_target(target)
+        consumer = t.consumer
+        try:
+            await self.js.consumer_info(self.names.events, consumer)
+        except js_errors.NotFoundError:
+            await ensure_streams(self.js, self.settings)
+            await self.provisioner.reconcile_target(t)
+        async for msgs in self.pull(consumer, batch=batch, expires=expires, stop=stop):
+            for msg in msgs:
+                delivery = await self._admit(target, msg)
+                if delivery is not None:
+                    yield delivery
+
+    async def _admit(self, target: str, msg: Msg) -> Delivery | None:
+        """Decode and check one message; dead-letter or skip what must not be handed out."""
+        seq = msg.metadata.sequence.stream if msg.metadata.sequence else None
+        try:
+            event = envelope.decode(
+                msg.subject,
+                msg.headers,
+                msg.data,
+                self._keyring_or_none(),
+                seq=seq,
+                subjects=self.subjects,
+            )
+        except DecodeError as exc:
+            attempts = int(msg.metadata.num_delivered or 1)
+            await self.dead_letter(msg, target, f"undecodable: {exc}", attempts)
+            await msg.ack_sync()
+            return None
+        reason = await self.check_event(target, event)
+        if reason is not None:
+            await self.record(
+                DeliveryRecord(
+                    event_id=event.id,
+                    target=target,
+                    attempt=0,
+                    outcome=Outcome.SKIPPED,
+                    error=reason,
+                    instance=self.name,
+                )
+            )
+            await msg.ack_sync()
+            return None
+        return Delivery(event=event, msg=msg, target=target)
+
+    # Request / reply ----------------------------------------------------------
+
+    async def request(
+        self,
+        source: str,
+        target: str,
+        event_type: str,
+        data: Any = None,
+        *,
+        timeout: float = 5.0,
+    ) -> Reply:
+        """Ask ``target`` and wait for its answer (needs a bidirectional propagation)."""
+        validate_name(target, "target name")
+        await self.registry.get_target(target)
+        if not await self.registry.can_request(source, target):
+            raise Conflict(
+                f"no bidirectional propagation between {source!r} and {target!r}:"
+                f" run `mesh propagate bidirectional --source {source} --target {target}`"
+            )
+        event = self.build(source, event_type, data)
+        nats_subject = self.subjects.rpc(target, event_type)
+        headers, body = self._message(event, nats_subject)
+        try:
+            msg = await self.nc.request(nats_subject, body, timeout=timeout, headers=headers)
+        except nats_errors.NoRespondersError:
+            raise RequestError(f"no responder for target {target!r}") from None
+        except (nats_errors.TimeoutError, TimeoutError):
+            raise RequestTimeout(f"request to {target!r} timed out after {timeout}s") from None
+        return self._read_reply(msg)
+
+    def _read_reply(self, msg: Msg) -> Reply:
+        headers = dict(msg.headers or {})
+        try:
+            status = int(headers.get(H_STATUS, "200"))
+        except ValueError:
+            status = 502
+        body = envelope.open_body(headers, msg.data, self._keyring_or_none())
+        ctype = headers.get("ce-datacontenttype", envelope.JSON if body[:1] in b"{[" else "")
+        data: Any = envelope.decode_data(body, ctype) if ctype else body
+        return Reply(status=status, data=data, headers=headers)
+
+    def decode_request(self, msg: Msg) -> Event:
+        headers = msg.headers or {}
+        source = headers.get("ce-source", "")
+        event_type = msg.subject.split(".", len(self.subjects.prefix.split(".")) + 2)[-1]
+        return envelope.decode(
+            self.subjects.evt(source, event_type),
+            headers,
+            msg.data,
+            self._keyring_or_none(),
+            subjects=self.subjects,
+        )
+
+    async def reply(self, msg: Msg, data: Any = None, status: int = 200, source: str = "") -> None:
+        if not msg.reply:
+            return
+        event = Event(source=source or "mesh", type="reply", data=data)
+        if isinstance(data, bytes | bytearray):
+            event.datacontenttype = envelope.OCTETS
+        headers, body = envelope.encode(
+            event, self.keyring if self.settings.encryption else None, self.settings.encryption
+        )
+        headers[H_STATUS] = str(status)
+        await self.nc.publish(msg.reply, body, headers=headers)
+
+    async def serve_requests(
+        self, target: str, handler: Callable[[Event], Awaitable[Any]]
+    ) -> Subscription:
+        """Answer requests to ``target``: the handler's return value is the reply data.
+
+        Return a ``Reply`` to choose the status; an exception answers 500.
+        """
+        validate_name(target, "target name")
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                event = self.decode_request(msg)
+            except DecodeError as exc:
+                await self.reply(msg, {"error": str(exc)}, 400, target)
+                return
+            if event.source == target:
+                await self.reply(msg, {"error": "a target cannot request itself"}, 400, target)
+                return
+            try:
+                result = await handler(event)
+            except Exception as exc:
+                log.warning("request handler failed", target=target, error=type(exc).__name__)
+                await self.reply(msg, {"error": type(exc).__name__}, 500, target)
+                return
+            if isinstance(result, Reply):
+                await self.reply(msg, result.data, result.status, target)
+            else:
+                await self.reply(msg, result, 200, target)
+
+        return await self.nc.subscribe(
+            self.subjects.rpc_filter(target), queue=f"rpc-{target}", cb=on_msg
+        )
+
+    # Helpers ------------------------------------------------------------------
+
+    async def target_or_error(self, name: str) -> Target:
+        try:
+            return await self.registry.get_target(name)
+        except NotFound:
+            raise NotFound(f"unknown target {name!r} (see `mesh target list`)") from None

@@ -1,0 +1,155 @@
+"""The key ring: Fernet keys in one file, the first one primary.
+
+Payloads are encrypted with the primary key before they enter JetStream; every
+key in the ring can decrypt, so a rotation never strands old data. The file is
+JSON, created 0600 in a 0700 directory; a file readable by group or others is
+refused rather than trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+from mesh.errors import DecodeError, KeyFileError
+
+FILE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Key:
+    id: str
+    created: datetime
+    secret: str  # urlsafe base64, as Fernet wants it
+
+    def fernet(self) -> Fernet:
+        return Fernet(self.secret.encode())
+
+
+def _new_key() -> Key:
+    return Key(
+        id=f"k{datetime.now(UTC):%Y%m%d%H%M%S}-{secrets.token_hex(3)}",
+        created=datetime.now(UTC),
+        secret=Fernet.generate_key().decode(),
+    )
+
+
+class KeyRing:
+    """Fernet keys, newest (primary) first."""
+
+    def __init__(self, keys: list[Key], path: Path | None = None) -> None:
+        if not keys:
+            raise KeyFileError("key ring is empty")
+        self.keys = list(keys)
+        self.path = path
+        self._multi = MultiFernet([k.fernet() for k in self.keys])
+
+    # Loading and saving ----------------------------------------------------
+
+    @classmethod
+    def load(cls, path: Path, create: bool = True) -> KeyRing:
+        path = Path(path)
+        if not path.exists():
+            if not create:
+                raise KeyFileError(f"key file {path} does not exist (run `mesh init`)")
+            ring = cls([_new_key()], path)
+            ring.save()
+            return ring
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise KeyFileError(
+                f"key file {path} is accessible by group or others (mode {mode:o});"
+                f" run `chmod 600 {path}`"
+            )
+        try:
+            doc = json.loads(path.read_text())
+            keys = [
+                Key(id=k["id"], created=datetime.fromisoformat(k["created"]), secret=k["key"])
+                for k in doc["keys"]
+            ]
+            for k in keys:
+                k.fernet()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise KeyFileError(f"key file {path} is corrupt: {type(exc).__name__}") from None
+        return cls(keys, path)
+
+    def save(self) -> None:
+        if self.path is None:
+            raise KeyFileError("key ring has no file")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.path.parent, 0o700)
+        doc = {
+            "version": FILE_VERSION,
+            "keys": [
+                {"id": k.id, "created": k.created.isoformat(), "key": k.secret} for k in self.keys
+            ],
+        }
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(doc, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+    # Use ----------------------------------------------------------------------
+
+    @property
+    def primary(self) -> Key:
+        return self.keys[0]
+
+    def encrypt(self, plaintext: bytes) -> bytes:
+        return self.primary.fernet().encrypt(plaintext)
+
+    def decrypt(self, token: bytes) -> bytes:
+        try:
+            return self._multi.decrypt(token)
+        except InvalidToken:
+            raise DecodeError("payload cannot be decrypted with any key in the ring") from None
+
+    def key_id_for(self, token: bytes) -> str | None:
+        """Which key encrypted this token (None if none of ours)."""
+        for k in self.keys:
+            try:
+                k.fernet().decrypt(token)
+            except InvalidToken:
+                continue
+            return k.id
+        return None
+
+    def reencrypt(self, token: bytes) -> bytes:
+        """The same plaintext under the primary key."""
+        try:
+            return self._multi.rotate(token)
+        except InvalidToken:
+            raise DecodeError("payload cannot be decrypted with any key in the ring") from None
+
+    def rotate(self) -> Key:
+        key = _new_key()
+        self.keys.insert(0, key)
+        self._multi = MultiFernet([k.fernet() for k in self.keys])
+        if self.path is not None:
+            self.save()
+        return key
+
+    def remove(self, key_id: str) -> None:
+        if key_id == self.primary.id:
+            raise KeyFileError("the primary key cannot be removed")
+        remaining = [k for k in self.keys if k.id != key_id]
+        if len(remaining) == len(self.keys):
+            raise KeyFileError(f"no key {key_id!r} in the ring")
+        self.keys = remaining
+        self._multi = MultiFernet([k.fernet() for k in self.keys])
+        if self.path is not None:
+            self.save()
+
+    def primary_age_days(self, now: datetime | None = None) -> float:
+        now = now or datetime.now(UTC)
+        return (now - self.primary.created).total_seconds() / 86400

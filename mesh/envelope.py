@@ -1,0 +1,245 @@
+"""CloudEvents over NATS, binary content mode.
+
+Attributes travel as ``ce-*`` headers and the data is the body (msgpack by
+default for Python values, JSON or raw bytes on request). An encrypted body is a
+Fernet token with header ``mesh-encryption: fernet``.
+
+A plain message with no ``ce-*`` headers (what ``nats pub`` sends) is a valid
+event too: source and type come from the subject, the id from ``Nats-Msg-Id``
+or the stream sequence, and the body is JSON when it parses, bytes otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import msgpack
+
+from mesh.crypto import KeyRing
+from mesh.errors import DecodeError, ValidationError
+from mesh.subjects import Subjects
+
+SPECVERSION = "1.0"
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+OCTETS = "application/octet-stream"
+TEXT = "text/plain"
+
+H_ENCRYPTION = "mesh-encryption"
+H_MSG_ID = "Nats-Msg-Id"
+EXT_ORIGIN = "meshorigin"
+EXT_HOPS = "meshhops"
+EXT_REPLAY = "meshreplay"
+
+_CORE_ATTRS = ("id", "source", "type", "specversion", "time", "datacontenttype", "subject")
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class Event:
+    """One CloudEvent, decoded."""
+
+    source: str
+    type: str
+    data: Any = None
+    id: str = field(default_factory=new_event_id)
+    time: datetime = field(default_factory=lambda: datetime.now(UTC))
+    datacontenttype: str = MSGPACK
+    subject: str | None = None
+    origin: str | None = None
+    hops: int = 0
+    replay: bool = False
+    extensions: dict[str, str] = field(default_factory=dict)
+    # Where it was read from (not part of the event).
+    seq: int | None = None
+    nats_subject: str | None = None
+
+    @property
+    def effective_origin(self) -> str:
+        return self.origin or self.source
+
+    def json_data(self) -> Any:
+        """The data as a JSON-compatible value (bytes become a latin-1-free base64 string)."""
+        return to_jsonable(self.data)
+
+
+def to_jsonable(value: Any) -> Any:
+    import base64
+
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return base64.b64encode(value).decode()
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    return value
+
+
+def encode_data(data: Any, datacontenttype: str | None) -> tuple[bytes, str]:
+    """Serialise data; returns ``(body, datacontenttype)``."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        return bytes(data), datacontenttype or OCTETS
+    if datacontenttype is None:
+        datacontenttype = MSGPACK
+    try:
+        if datacontenttype == MSGPACK:
+            return msgpack.packb(data, use_bin_type=True, datetime=False), MSGPACK
+        if datacontenttype == JSON or datacontenttype.endswith("+json"):
+            return json.dumps(data, separators=(",", ":")).encode(), datacontenttype
+        if datacontenttype.startswith("text/") and isinstance(data, str):
+            return data.encode(), datacontenttype
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(f"data cannot be encoded as {datacontenttype}: {exc}") from None
+    raise ValidationError(f"cannot encode {type(data).__name__} as {datacontenttype}")
+
+
+def decode_data(body: bytes, datacontenttype: str) -> Any:
+    if not body:
+        return None
+    try:
+        if datacontenttype == MSGPACK:
+            return msgpack.unpackb(body, raw=False, strict_map_key=False, timestamp=0)
+        if datacontenttype == JSON or datacontenttype.endswith("+json"):
+            return json.loads(body)
+        if datacontenttype.startswith("text/"):
+            return body.decode()
+    except (ValueError, UnicodeDecodeError, msgpack.ExtraData, msgpack.FormatError) as exc:
+        raise DecodeError(f"body is not valid {datacontenttype}: {type(exc).__name__}") from None
+    except Exception as exc:  # msgpack raises a zoo of types on garbage
+        raise DecodeError(f"body is not valid {datacontenttype}: {type(exc).__name__}") from None
+    return body
+
+
+def encode(
+    event: Event, keyring: KeyRing | None = None, encrypt: bool = True
+) -> tuple[dict[str, str], bytes]:
+    """Event -> (headers, body) for a NATS message."""
+    body, ctype = encode_data(event.data, event.datacontenttype)
+    event.datacontenttype = ctype
+    headers = {
+        H_MSG_ID: event.id,
+        "ce-specversion": SPECVERSION,
+        "ce-id": event.id,
+        "ce-source": event.source,
+        "ce-type": event.type,
+        "ce-time": event.time.isoformat(),
+        "ce-datacontenttype": ctype,
+        f"ce-{EXT_ORIGIN}": event.effective_origin,
+        f"ce-{EXT_HOPS}": str(event.hops),
+    }
+    if event.subject:
+        headers["ce-subject"] = event.subject
+    if event.replay:
+        headers[f"ce-{EXT_REPLAY}"] = "true"
+    for name, value in event.extensions.items():
+        headers[f"ce-{name}"] = value
+    if encrypt and keyring is not None:
+        body = keyring.encrypt(body)
+        headers[H_ENCRYPTION] = "fernet"
+    return headers, body
+
+
+def open_body(headers: Mapping[str, str] | None, body: bytes, keyring: KeyRing | None) -> bytes:
+    """The plaintext body (decrypting when the message says it is encrypted)."""
+    enc = (headers or {}).get(H_ENCRYPTION)
+    if not enc:
+        return body
+    if enc != "fernet":
+        raise DecodeError(f"unknown encryption {enc!r}")
+    if keyring is None:
+        raise DecodeError("payload is encrypted and no key ring is loaded")
+    return keyring.decrypt(body)
+
+
+def _parse_time(value: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise DecodeError(f"ce-time is not an RFC 3339 time: {value[:40]!r}") from None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def decode(
+    nats_subject: str,
+    headers: Mapping[str, str] | None,
+    body: bytes,
+    keyring: KeyRing | None,
+    *,
+    seq: int | None = None,
+    subjects: Subjects | None = None,
+    decode_body: bool = True,
+) -> Event:
+    """A NATS message on an evt/replay subject -> Event. Raises DecodeError."""
+    subjects = subjects or Subjects()
+    headers = headers or {}
+    try:
+        source, etype, _replay_target = subjects.parse_event(nats_subject)
+    except ValidationError as exc:
+        raise DecodeError(str(exc)) from None
+    plaintext = open_body(headers, body, keyring)
+    if "ce-id" not in headers:
+        # A plain message from any NATS client.
+        msg_id = headers.get(H_MSG_ID) or (f"seq-{seq}" if seq is not None else new_event_id())
+        data: Any
+        ctype: str
+        try:
+            data = json.loads(plaintext) if plaintext else None
+            ctype = JSON
+        except (ValueError, UnicodeDecodeError):
+            data, ctype = plaintext, OCTETS
+        return Event(
+            source=source,
+            type=etype,
+            data=data,
+            id=msg_id,
+            datacontenttype=ctype,
+            seq=seq,
+            nats_subject=nats_subject,
+        )
+    if headers.get("ce-specversion") != SPECVERSION:
+        raise DecodeError(f"unsupported ce-specversion {headers.get('ce-specversion')!r}")
+    if headers.get("ce-source") != source:
+        raise DecodeError("ce-source header does not match the subject's source")
+    if headers.get("ce-type") != etype:
+        raise DecodeError("ce-type header does not match the subject's type")
+    try:
+        hops = int(headers.get(f"ce-{EXT_HOPS}", "0"))
+    except ValueError:
+        raise DecodeError("ce-meshhops is not an integer") from None
+    if hops < 0:
+        raise DecodeError("ce-meshhops is negative")
+    ctype = headers.get("ce-datacontenttype") or OCTETS
+    extensions = {
+        k[3:]: v
+        for k, v in headers.items()
+        if k.startswith("ce-")
+        and k[3:] not in _CORE_ATTRS
+        and k[3:] not in (EXT_ORIGIN, EXT_HOPS, EXT_REPLAY)
+    }
+    return Event(
+        source=source,
+        type=etype,
+        data=decode_data(plaintext, ctype) if decode_body else plaintext,
+        id=headers["ce-id"],
+        time=_parse_time(headers.get("ce-time", "")) if "ce-time" in headers else datetime.now(UTC),
+        datacontenttype=ctype,
+        subject=headers.get("ce-subject"),
+        origin=headers.get(f"ce-{EXT_ORIGIN}") or source,
+        hops=hops,
+        replay=headers.get(f"ce-{EXT_REPLAY}") == "true"
+        or nats_subject.startswith(f"{subjects.prefix}.replay."),
+        extensions=extensions,
+        seq=seq,
+        nats_subject=nats_subject,
+    )

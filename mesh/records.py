@@ -1,0 +1,125 @@
+"""Records the services exchange: delivery attempts and dead letters.
+
+A delivery attempt is a JSON object on ``<prefix>.sys.delivery.<target>``
+(``Nats-Msg-Id`` = its ``id``). A dead letter is the original event message,
+headers and (still encrypted) body untouched, republished on
+``<prefix>.dlq.<target>`` with ``mesh-dlq-*`` headers saying why, so that a
+replay can put it back exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from mesh.errors import DecodeError
+
+
+class Outcome(StrEnum):
+    DELIVERED = "delivered"  # 2xx
+    RETRY = "retry"  # failed, will be retried
+    DEAD = "dead"  # failed, attempts exhausted -> DLQ
+    DISABLED = "disabled"  # 410: target disabled
+    SKIPPED = "skipped"  # loop prevention, hop limit, type filter
+    CIRCUIT_OPEN = "circuit_open"
+
+
+@dataclass
+class DeliveryRecord:
+    event_id: str
+    target: str
+    attempt: int
+    outcome: str
+    status_code: int | None = None
+    latency_ms: float | None = None
+    error: str | None = None
+    instance: str | None = None
+    at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, body: bytes) -> DeliveryRecord:
+        try:
+            doc = json.loads(body)
+            return cls(**doc)
+        except (ValueError, TypeError) as exc:
+            raise DecodeError(f"not a delivery record: {type(exc).__name__}") from None
+
+
+H_DLQ_ID = "mesh-dlq-id"
+H_DLQ_TARGET = "mesh-dlq-target"
+H_DLQ_ERROR = "mesh-dlq-error"
+H_DLQ_ATTEMPTS = "mesh-dlq-attempts"
+H_DLQ_AT = "mesh-dlq-at"
+H_DLQ_SUBJECT = "mesh-dlq-subject"
+MAX_ERROR_LEN = 500
+
+
+@dataclass
+class DeadLetter:
+    id: str
+    target: str
+    error: str
+    attempts: int
+    at: datetime
+    original_subject: str
+    headers: dict[str, str]  # the original event's headers
+    body: bytes  # the original body, encrypted as it was
+
+    @property
+    def event_id(self) -> str:
+        return self.headers.get("ce-id") or self.headers.get("Nats-Msg-Id") or self.id
+
+
+def dead_letter_headers(
+    original_subject: str,
+    original_headers: Mapping[str, str] | None,
+    target: str,
+    error: str,
+    attempts: int,
+) -> dict[str, str]:
+    """Headers for the DLQ copy of a message: the originals plus why it died."""
+    dlq_id = uuid.uuid4().hex
+    headers = {k: v for k, v in (original_headers or {}).items() if not k.startswith("mesh-dlq-")}
+    headers.pop("Nats-Msg-Id", None)
+    headers.update(
+        {
+            "Nats-Msg-Id": f"dlq-{dlq_id}",
+            H_DLQ_ID: dlq_id,
+            H_DLQ_TARGET: target,
+            H_DLQ_ERROR: error.replace("\n", " ")[:MAX_ERROR_LEN],
+            H_DLQ_ATTEMPTS: str(attempts),
+            H_DLQ_AT: datetime.now(UTC).isoformat(),
+            H_DLQ_SUBJECT: original_subject,
+        }
+    )
+    return headers
+
+
+def parse_dead_letter(headers: Mapping[str, str] | None, body: bytes) -> DeadLetter:
+    h = dict(headers or {})
+    try:
+        return DeadLetter(
+            id=h[H_DLQ_ID],
+            target=h[H_DLQ_TARGET],
+            error=h.get(H_DLQ_ERROR, ""),
+            attempts=int(h.get(H_DLQ_ATTEMPTS, "0")),
+            at=datetime.fromisoformat(h[H_DLQ_AT]),
+            original_subject=h.get(H_DLQ_SUBJECT, ""),
+            headers={k: v for k, v in h.items() if not k.startswith("mesh-dlq-")},
+            body=body,
+        )
+    except (KeyError, ValueError) as exc:
+        raise DecodeError(f"not a dead letter: {type(exc).__name__} {exc}") from None
+
+
+def jsonable(record: Any) -> dict[str, Any]:
+    return asdict(record)  # type: ignore[no-any-return]

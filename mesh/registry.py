@@ -1,0 +1,381 @@
+"""Targets and propagations, kept in a JetStream KV bucket.
+
+Keys are ``targets.<name>`` and ``props.<id>``; values are the pydantic models
+as JSON. Target secrets are stored encrypted with the key ring. The routing
+rules (who receives what) are derived here, in one place: ``routes_for``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any, Literal
+
+import nats.js.errors as js_errors
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+from pydantic import BaseModel, Field
+from pydantic import ValidationError as PydValidationError
+
+from mesh.crypto import KeyRing
+from mesh.errors import Conflict, DecodeError, NotFound, ValidationError
+from mesh.subjects import subject_matches, validate_name, validate_pattern
+
+SECRET_PREFIX = "whsec_"
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class TargetKind(StrEnum):
+    WEBHOOK = "webhook"
+    NATS = "nats"
+    STREAM = "stream"
+
+
+class TargetStatus(StrEnum):
+    ACTIVE = "active"
+    DISABLED = "disabled"
+
+
+class PropagationMode(StrEnum):
+    UNIDIRECTIONAL = "unidirectional"
+    BIDIRECTIONAL = "bidirectional"
+    MULTICAST = "multicast"
+    BROADCAST = "broadcast"
+
+
+class RetryPolicy(BaseModel):
+    base_s: float = Field(default=1.0, gt=0)
+    multiplier: float = Field(default=2.0, ge=1)
+    max_delay_s: float = Field(default=300.0, gt=0)
+    max_retries: int = Field(default=5, ge=0, le=100)
+    jitter: float = Field(default=0.1, ge=0, le=1)
+
+
+class Target(BaseModel):
+    name: str
+    kind: TargetKind
+    url: str | None = None
+    format: Literal["standard", "cloudevents"] = "standard"
+    timeout_s: float = Field(default=30.0, gt=0, le=600)
+    rate: float | None = Field(default=None, gt=0)  # events per second
+    max_in_flight: int = Field(default=16, ge=1, le=10_000)
+    ordered: bool = False
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    circuit_threshold: int = Field(default=5, ge=1)
+    circuit_open_s: float = Field(default=60.0, gt=0)
+    # Secrets are Fernet tokens under the key ring, never plaintext.
+    secret_enc: str | None = None
+    old_secret_enc: str | None = None
+    old_secret_expires: datetime | None = None
+    status: TargetStatus = TargetStatus.ACTIVE
+    status_reason: str | None = None
+    created_at: datetime = Field(default_factory=now)
+    updated_at: datetime = Field(default_factory=now)
+
+    @property
+    def consumer(self) -> str:
+        return f"deliver-{self.name}"
+
+    def public(self) -> dict[str, Any]:
+        """Everything but the secrets, for listings."""
+        doc = self.model_dump(mode="json", exclude={"secret_enc", "old_secret_enc"})
+        doc["has_secret"] = self.secret_enc is not None
+        doc["rotating"] = bool(
+            self.old_secret_enc and self.old_secret_expires and self.old_secret_expires > now()
+        )
+        return doc
+
+
+class Propagation(BaseModel):
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+    mode: PropagationMode
+    source: str
+    targets: list[str] = Field(default_factory=list)
+    types: str | None = None
+    created_at: datetime = Field(default_factory=now)
+
+    def describe(self) -> str:
+        arrow = "<->" if self.mode == PropagationMode.BIDIRECTIONAL else "->"
+        dest = "*" if self.mode == PropagationMode.BROADCAST else ",".join(self.targets)
+        types = f" [{self.types}]" if self.types else ""
+        return f"{self.source} {arrow} {dest}{types}"
+
+
+def generate_secret() -> str:
+    return SECRET_PREFIX + secrets.token_urlsafe(24)
+
+
+def compute_routes(
+    target: str, props: list[Propagation], all_targets: set[str]
+) -> list[tuple[str, str | None]]:
+    """(source, type pattern or None) pairs whose events ``target`` receives."""
+    routes: list[tuple[str, str | None]] = []
+    for p in props:
+        if p.mode == PropagationMode.BROADCAST:
+            if target != p.source and target in all_targets:
+                routes.append((p.source, p.types))
+        elif p.mode == PropagationMode.BIDIRECTIONAL:
+            a, b = p.source, p.targets[0]
+            if target == b:
+                routes.append((a, p.types))
+            elif target == a:
+                routes.append((b, p.types))
+        elif target in p.targets and target != p.source:
+            routes.append((p.source, p.types))
+    return routes
+
+
+def route_accepts(routes: list[tuple[str, str | None]], source: str, event_type: str) -> bool:
+    return any(
+        s == source and (pat is None or subject_matches(pat, event_type)) for s, pat in routes
+    )
+
+
+class Registry:
+    """The registry over a KV bucket."""
+
+    def __init__(self, kv: KeyValue, keyring: KeyRing | None) -> None:
+        self.kv = kv
+        self.keyring = keyring
+
+    @classmethod
+    async def open(
+        cls, js: JetStreamContext, keyring: KeyRing | None, bucket: str, replicas: int = 1
+    ) -> Registry:
+        try:
+            kv = await js.key_value(bucket)
+        except js_errors.BucketNotFoundError:
+            kv = await js.create_key_value(bucket=bucket, history=10, replicas=replicas)
+        return cls(kv, keyring)
+
+    # Low level ----------------------------------------------------------------
+
+    async def _get(self, key: str) -> tuple[bytes, int] | None:
+        try:
+            entry = await self.kv.get(key)
+        except js_errors.KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        return entry.value, entry.revision or 0
+
+    async def _snapshot(self) -> dict[str, bytes]:
+        """Every live key and value, read through one watcher."""
+        watcher = await self.kv.watchall(ignore_deletes=True)
+        out: dict[str, bytes] = {}
+        try:
+            async for entry in watcher:
+                if entry is None:  # end of the initial values
+                    break
+                if entry.value is not None and entry.operation is None:
+                    out[entry.key] = entry.value
+        finally:
+            await watcher.stop()
+        return out
+
+    async def _list(self, prefix: str) -> list[bytes]:
+        snap = await self._snapshot()
+        return [v for k, v in sorted(snap.items()) if k.startswith(prefix + ".")]
+
+    # Secrets ----------------------------------------------------------------
+
+    def _seal(self, secret: str) -> str:
+        if self.keyring is None:
+            raise ValidationError("a key ring is needed to store a secret")
+        return self.keyring.encrypt(secret.encode()).decode()
+
+    def _unseal(self, token: str) -> str:
+        if self.keyring is None:
+            raise DecodeError("a key ring is needed to read a secret")
+        return self.keyring.decrypt(token.encode()).decode()
+
+    def secrets_for(self, target: Target) -> list[str]:
+        """The signing secrets: the current one, then the old one while its grace lasts."""
+        out: list[str] = []
+        if target.secret_enc:
+            out.append(self._unseal(target.secret_enc))
+        if (
+            target.old_secret_enc
+            and target.old_secret_expires
+            and target.old_secret_expires > now()
+        ):
+            out.append(self._unseal(target.old_secret_enc))
+        return out
+
+    # Targets ----------------------------------------------------------------
+
+    async def add_target(self, target: Target, secret: str | None = None) -> Target:
+        validate_name(target.name, "target name")
+        if target.kind == TargetKind.WEBHOOK:
+            if not target.url:
+                raise ValidationError("a webhook target needs --webhook URL")
+            from mesh.netguard import validate_url
+
+            validate_url(target.url)
+            if secret is not None and not secret.startswith(SECRET_PREFIX):
+                raise ValidationError("a webhook secret must start with 'whsec_'")
+            target.secret_enc = self._seal(secret or generate_secret())
+        try:
+            await self.kv.create(f"targets.{target.name}", target.model_dump_json().encode())
+        except js_errors.KeyWrongLastSequenceError:
+            raise Conflict(f"target {target.name!r} already exists") from None
+        return target
+
+    async def get_target(self, name: str) -> Target:
+        validate_name(name, "target name")
+        found = await self._get(f"targets.{name}")
+        if found is None:
+            raise NotFound(f"unknown target {name!r}")
+        try:
+            return Target.model_validate_json(found[0])
+        except PydValidationError as exc:
+            raise DecodeError(f"registry entry for target {name!r} is invalid: {exc}") from None
+
+    async def put_target(self, target: Target) -> Target:
+        target.updated_at = now()
+        await self.kv.put(f"targets.{target.name}", target.model_dump_json().encode())
+        return target
+
+    async def list_targets(self) -> list[Target]:
+        out = []
+        for raw in await self._list("targets"):
+            try:
+                out.append(Target.model_validate_json(raw))
+            except PydValidationError:
+                continue  # an invalid entry is skipped, not fatal for everyone
+        return out
+
+    async def remove_target(self, name: str) -> list[str]:
+        """Remove a target and its part in propagations; returns ids of removed propagations."""
+        await self.get_target(name)
+        removed = []
+        for p in await self.list_propagations():
+            if p.mode == PropagationMode.BROADCAST and p.source != name:
+                continue
+            if p.source == name or name in p.targets:
+                rest = [t for t in p.targets if t != name]
+                if p.mode == PropagationMode.MULTICAST and rest and p.source != name:
+                    p.targets = rest
+                    await self.kv.put(f"props.{p.id}", p.model_dump_json().encode())
+                else:
+                    await self.kv.delete(f"props.{p.id}")
+                    removed.append(p.id)
+        await self.kv.delete(f"targets.{name}")
+        return removed
+
+    async def rotate_secret(self, name: str, grace: timedelta = timedelta(hours=24)) -> str:
+        target = await self.get_target(name)
+        if target.kind != TargetKind.WEBHOOK:
+            raise ValidationError(f"target {name!r} is not a webhook target")
+        new = generate_secret()
+        target.old_secret_enc = target.secret_enc
+        target.old_secret_expires = now() + grace
+        target.secret_enc = self._seal(new)
+        await self.put_target(target)
+        return new
+
+    async def set_status(self, name: str, status: TargetStatus, reason: str | None) -> Target:
+        target = await self.get_target(name)
+        target.status = status
+        target.status_reason = reason
+        return await self.put_target(target)
+
+    # Propagations -----------------------------------------------------------
+
+    async def add_propagation(
+        self,
+        mode: PropagationMode,
+        source: str,
+        targets: list[str] | None = None,
+        types: str | None = None,
+    ) -> Propagation:
+        validate_name(source, "source name")
+        targets = list(dict.fromkeys(targets or []))
+        for t in targets:
+            validate_name(t, "target name")
+        if types is not None:
+            validate_pattern(types)
+        if mode == PropagationMode.BROADCAST and targets:
+            raise ValidationError("broadcast takes no --target: it reaches every target")
+        one_to_one = (PropagationMode.UNIDIRECTIONAL, PropagationMode.BIDIRECTIONAL)
+        if mode in one_to_one and len(targets) != 1:
+            raise ValidationError(f"{mode} takes exactly one --target")
+        if mode == PropagationMode.MULTICAST and not targets:
+            raise ValidationError("multicast needs at least one --target")
+        if source in targets:
+            raise ValidationError(f"source {source!r} cannot propagate to itself")
+        for t in targets:
+            await self.get_target(t)
+        if mode == PropagationMode.BIDIRECTIONAL:
+            try:
+                await self.get_target(source)
+            except NotFound:
+                raise NotFound(
+                    f"bidirectional needs both ends registered: unknown target {source!r}"
+                ) from None
+        for p in await self.list_propagations():
+            if (p.mode, p.source, sorted(p.targets), p.types) == (
+                mode,
+                source,
+                sorted(targets),
+                types,
+            ):
+                raise Conflict(f"the same propagation exists already: {p.id}")
+        prop = Propagation(mode=mode, source=source, targets=targets, types=types)
+        await self.kv.create(f"props.{prop.id}", prop.model_dump_json().encode())
+        return prop
+
+    async def get_propagation(self, prop_id: str) -> Propagation:
+        if not prop_id or not all(c.isalnum() or c in "-_" for c in prop_id):
+            raise ValidationError(f"invalid propagation id {prop_id!r}")
+        found = await self._get(f"props.{prop_id}")
+        if found is None:
+            raise NotFound(f"unknown propagation {prop_id!r}")
+        return Propagation.model_validate_json(found[0])
+
+    async def list_propagations(self) -> list[Propagation]:
+        out = []
+        for raw in await self._list("props"):
+            try:
+                out.append(Propagation.model_validate_json(raw))
+            except PydValidationError:
+                continue
+        return sorted(out, key=lambda p: p.created_at)
+
+    async def remove_propagation(self, prop_id: str) -> Propagation:
+        prop = await self.get_propagation(prop_id)
+        await self.kv.delete(f"props.{prop_id}")
+        return prop
+
+    # Routing ----------------------------------------------------------------
+
+    async def routes_for(self, target: str) -> list[tuple[str, str | None]]:
+        targets = {t.name for t in await self.list_targets()}
+        return compute_routes(target, await self.list_propagations(), targets)
+
+    async def can_request(self, source: str, target: str) -> bool:
+        """Request/reply is allowed along bidirectional propagations, either way."""
+        for p in await self.list_propagations():
+            if p.mode == PropagationMode.BIDIRECTIONAL and {source, target} == {
+                p.source,
+                p.targets[0],
+            }:
+                return True
+        return False
+
+    async def watch(self) -> AsyncIterator[str]:
+        """Yield the key of every change, forever (first the current keys)."""
+        watcher = await self.kv.watchall()
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    continue
+                yield entry.key
+        finally:
+            await watcher.stop()

@@ -1,0 +1,179 @@
+"""Stream and consumer provisioning: an idempotent reconcile.
+
+Each target T owns one durable pull consumer ``deliver-T`` on the events
+stream; its ``filter_subjects`` come from the registry (``compute_routes``) plus
+the target's replay subject, reduced so that no two overlap. Reconciling is
+safe to repeat and to run from several processes at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import nats.js.errors as js_errors
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    ConsumerInfo,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from mesh.config import Settings
+from mesh.registry import Registry, Target, compute_routes
+from mesh.subjects import Subjects, reduce_filters
+
+MIN_ACK_WAIT_S = 30.0
+
+
+@dataclass(frozen=True)
+class StreamNames:
+    events: str
+    dlq: str
+    sys: str
+    registry: str
+
+    @classmethod
+    def for_prefix(cls, prefix: str) -> StreamNames:
+        base = prefix.upper().replace("-", "_").replace(".", "_")
+        return cls(
+            events=f"{base}_EVENTS",
+            dlq=f"{base}_DLQ",
+            sys=f"{base}_SYS",
+            registry=f"{base}_REGISTRY",
+        )
+
+
+def stream_configs(settings: Settings) -> list[StreamConfig]:
+    names = StreamNames.for_prefix(settings.prefix)
+    subj = Subjects(settings.prefix)
+    common = {
+        "storage": StorageType.FILE,
+        "num_replicas": settings.stream_replicas,
+        "retention": RetentionPolicy.LIMITS,
+        "discard": DiscardPolicy.OLD,
+    }
+    max_age = settings.stream_max_age_days * 86400
+    return [
+        StreamConfig(
+            name=names.events,
+            description="Every published and replayed event",
+            subjects=[subj.evt_all, subj.replay_all],
+            duplicate_window=settings.duplicate_window_s,
+            max_age=max_age,
+            **common,  # type: ignore[arg-type]
+        ),
+        StreamConfig(
+            name=names.dlq,
+            description="Dead letters, with their last error",
+            subjects=[subj.dlq_all],
+            duplicate_window=settings.duplicate_window_s,
+            max_age=max(max_age, 30 * 86400),
+            **common,  # type: ignore[arg-type]
+        ),
+        StreamConfig(
+            name=names.sys,
+            description="One record per delivery attempt",
+            subjects=[subj.delivery_all],
+            duplicate_window=settings.duplicate_window_s,
+            max_age=max_age,
+            **common,  # type: ignore[arg-type]
+        ),
+    ]
+
+
+async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
+    for cfg in stream_configs(settings):
+        assert cfg.name is not None
+        try:
+            await js.stream_info(cfg.name)
+        except js_errors.NotFoundError:
+            try:
+                await js.add_stream(cfg)
+            except js_errors.BadRequestError as exc:
+                # Another process created it between our look and our add.
+                if exc.err_code != 10058:  # stream name already in use
+                    raise
+            continue
+        await js.update_stream(cfg)
+
+
+def consumer_config(target: Target, filters: list[str]) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=target.consumer,
+        description=f"deliveries to {target.kind} target {target.name}",
+        deliver_policy=DeliverPolicy.NEW,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=max(MIN_ACK_WAIT_S, target.timeout_s * 2 + 5),
+        max_deliver=-1,
+        filter_subjects=filters,
+        max_ack_pending=1 if target.ordered else max(target.max_in_flight * 4, 64),
+        max_waiting=512,
+        metadata={"mesh_target": target.name, "mesh_kind": str(target.kind)},
+    )
+
+
+def filters_for(subjects: Subjects, target: str, routes: list[tuple[str, str | None]]) -> list[str]:
+    wanted = [subjects.evt_filter(src, pat) for src, pat in routes]
+    wanted.append(subjects.replay_filter(target))
+    return reduce_filters(wanted)
+
+
+class Provisioner:
+    """Reconciles JetStream consumers with the registry."""
+
+    def __init__(self, js: JetStreamContext, registry: Registry, settings: Settings) -> None:
+        self.js = js
+        self.registry = registry
+        self.settings = settings
+        self.subjects = Subjects(settings.prefix)
+        self.names = StreamNames.for_prefix(settings.prefix)
+
+    async def reconcile_target(
+        self, target: Target, routes: list[tuple[str, str | None]] | None = None
+    ) -> ConsumerInfo:
+        if routes is None:
+            routes = await self.registry.routes_for(target.name)
+        cfg = consumer_config(target, filters_for(self.subjects, target.name, routes))
+        try:
+            existing = await self.js.consumer_info(self.names.events, target.consumer)
+        except js_errors.NotFoundError:
+            existing = None
+        if existing is not None:
+            # Fields that cannot change on update are kept as they were.
+            cfg.deliver_policy = existing.config.deliver_policy
+            cfg.opt_start_seq = existing.config.opt_start_seq
+            cfg.opt_start_time = existing.config.opt_start_time
+            cfg.pause_until = existing.config.pause_until
+        return await self.js.add_consumer(self.names.events, cfg)
+
+    async def reconcile_all(self) -> dict[str, list[str]]:
+        """Bring every deliver-* consumer in line; returns target -> filters."""
+        targets = await self.registry.list_targets()
+        props = await self.registry.list_propagations()
+        names = {t.name for t in targets}
+        result: dict[str, list[str]] = {}
+        for t in targets:
+            info = await self.reconcile_target(t, compute_routes(t.name, props, names))
+            result[t.name] = list(info.config.filter_subjects or [])
+        async for name in self._deliver_consumers():
+            if name.removeprefix("deliver-") not in names:
+                await self.delete_consumer(name)
+        return result
+
+    async def _deliver_consumers(self):  # type: ignore[no-untyped-def]
+        resp = await self.js._api_request(  # nats.py has no paged consumer-name listing
+            f"{self.js._prefix}.CONSUMER.NAMES.{self.names.events}", b"", timeout=5
+        )
+        for name in resp.get("consumers") or []:
+            if name.startswith("deliver-"):
+                yield name
+
+    async def delete_consumer(self, consumer: str) -> None:
+        with contextlib.suppress(js_errors.NotFoundError):
+            await self.js.delete_consumer(self.names.events, consumer)

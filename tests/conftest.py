@@ -1,0 +1,83 @@
+"""Shared fixtures: a real nats-server on a free port, settings in a temp home, a client."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from mesh.broker import EmbeddedBroker, free_port
+from mesh.client import MeshClient
+from mesh.config import Settings
+from mesh.registry import Target, TargetKind
+
+PG_DSN_ENV = "MESH_TEST_PG_DSN"
+
+
+@pytest.fixture(autouse=True)
+def _isolate_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test reads the developer's MESH_* settings or a mesh.toml in the cwd."""
+    for key in list(os.environ):
+        if key.startswith("MESH_") and key != PG_DSN_ENV:
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("MESH_CONFIG", str(tmp_path / "no-mesh.toml"))
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
+    """A fresh nats-server with JetStream, its own port and store directory."""
+    b = EmbeddedBroker(tmp_path / "nats", port=free_port(), log_file=tmp_path / "nats.log")
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
+    home = tmp_path / "home"
+    return Settings(
+        home=home,
+        nats_url=broker.url,
+        allow_private_targets=True,
+        http_port=free_port(),
+        bridge_port=free_port(),
+    )
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    """Environment for a subprocess (CLI or service) pointed at the same mesh."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update(
+        {
+            "MESH_HOME": str(settings.home),
+            "MESH_NATS_URL": settings.nats_url or "",
+            "MESH_DB_URL": settings.database_url,
+            "MESH_ALLOW_PRIVATE_TARGETS": "1" if settings.allow_private_targets else "0",
+            "MESH_HTTP_PORT": str(settings.http_port),
+            "MESH_BRIDGE_PORT": str(settings.bridge_port),
+            "MESH_CONFIG": str(settings.home / "no-mesh.toml"),
+            "MESH_LOG_FORMAT": "json",
+        }
+    )
+    return env
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[MeshClient]:
+    async with MeshClient(settings, name="test") as c:
+        await c.init()
+        yield c
+
+
+async def add_nats_target(client: MeshClient, name: str) -> Target:
+    return await client.add_target(Target(name=name, kind=TargetKind.NATS))
+
+
+@pytest.fixture
+def pg_dsn() -> str:
+    dsn = os.environ.get(PG_DSN_ENV)
+    if not dsn:
+        pytest.skip(f"PostgreSQL tests need {PG_DSN_ENV} (e.g. postgresql://postgres@127.0.0.1/test)")
+    return dsn
