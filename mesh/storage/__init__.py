@@ -1,0 +1,87 @@
+"""Persistence for the sink: a ``Store`` protocol and its SQLite and PostgreSQL backends.
+
+::
+
+    store = await open_store("sqlite:///.mesh/mesh.db")   # or postgresql://user@host/db
+    await store.migrate()
+    await store.write_batch(events=[...], deliveries=[...])
+    await store.close()
+
+URLs: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``,
+``sqlite:///:memory:``; ``postgresql://`` (or ``postgres://``) DSNs as asyncpg
+takes them, where extra query parameters such as ``?search_path=s`` become
+server settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from mesh.errors import StorageError
+from mesh.storage._common import redact_url
+from mesh.storage.base import Store
+from mesh.storage.models import (
+    AuditRow,
+    DeadLetterRow,
+    DeliveryRow,
+    EventRow,
+    HealthCheckRow,
+    PropagationRow,
+    ServiceRow,
+    Table,
+    WriteResult,
+)
+
+__all__ = [
+    "AuditRow",
+    "DeadLetterRow",
+    "DeliveryRow",
+    "EventRow",
+    "HealthCheckRow",
+    "PropagationRow",
+    "ServiceRow",
+    "Store",
+    "Table",
+    "WriteResult",
+    "open_store",
+    "sqlite_path",
+]
+
+
+def sqlite_path(url: str) -> str:
+    """The file path in a ``sqlite:///`` URL (``:memory:`` for an in-memory database)."""
+    if not url.startswith("sqlite:///"):
+        raise StorageError(
+            f"invalid SQLite URL {redact_url(url)!r}: use sqlite:///relative/path.db"
+            " or sqlite:////absolute/path.db"
+        )
+    path = unquote(url[len("sqlite:///") :].split("?", 1)[0])
+    if not path:
+        raise StorageError(f"invalid SQLite URL {url!r}: no file path")
+    return path
+
+
+async def open_store(url: str, **options: Any) -> Store:
+    """Connect to the database at ``url``; raise ``StorageError`` with one clear line if not.
+
+    ``options`` go to the backend: ``busy_timeout_ms`` for SQLite; ``pool_size``,
+    ``connect_timeout`` and ``command_timeout`` for PostgreSQL. The schema is
+    not touched: call ``migrate()``.
+    """
+    safe = redact_url(url)
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError:
+        scheme = ""
+    if scheme == "sqlite":
+        from mesh.storage.sqlite import SqliteStore
+
+        return await SqliteStore.open(sqlite_path(url), safe, **options)
+    if scheme in ("postgresql", "postgres"):
+        from mesh.storage.postgres import PostgresStore
+
+        return await PostgresStore.open(url, safe, **options)
+    raise StorageError(
+        f"unsupported database URL {safe!r}: use sqlite:///PATH or postgresql://USER@HOST/DB"
+    )

@@ -1,0 +1,165 @@
+"""How each row dataclass maps onto its table: columns, keys, value conversions.
+
+Column names are the dataclass field names. Each backend passes its own time
+conversion (SQLite stores text, PostgreSQL ``timestamptz``); JSON columns
+travel as text both ways.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from mesh.storage._common import dump_json, load_json
+from mesh.storage.models import (
+    AuditRow,
+    DeadLetterRow,
+    DeliveryRow,
+    EventRow,
+    HealthCheckRow,
+    PropagationRow,
+    ServiceRow,
+)
+
+R = TypeVar("R")
+
+TIME_FIELDS = frozenset({"time", "received_at", "at", "dead_at", "created_at", "updated_at"})
+JSON_FIELDS = frozenset({"stats", "config", "targets", "before", "after"})
+
+
+@dataclass(frozen=True, slots=True)
+class RowSpec(Generic[R]):
+    table: str
+    cls: type[R]
+    fields: tuple[str, ...]
+    key: tuple[str, ...]
+
+    @property
+    def columns(self) -> str:
+        return ", ".join(self.fields)
+
+    def key_of(self, row: R, ts: Callable[[datetime], Any]) -> tuple[Any, ...]:
+        return tuple(_encode(getattr(row, f), ts) for f in self.key)
+
+    def encode(self, row: R, ts: Callable[[datetime], Any]) -> tuple[Any, ...]:
+        return tuple(_encode(getattr(row, f), ts) for f in self.fields)
+
+    def prepare(self, rows: Iterable[R], ts: Callable[[datetime], Any]) -> list[tuple[Any, ...]]:
+        """Encoded rows for a batch insert: the first row per key, sorted by key.
+
+        A fixed order makes two writers that insert overlapping keys take row
+        locks in the same order, so they wait on each other instead of deadlocking.
+        """
+        seen: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        for row in rows:
+            key = self.key_of(row, ts)
+            if key not in seen:
+                seen[key] = self.encode(row, ts)
+        return [seen[k] for k in sorted(seen)]
+
+    def decode(self, record: Sequence[Any], dt: Callable[[Any], datetime]) -> R:
+        values: dict[str, Any] = {}
+        for name, value in zip(self.fields, record, strict=True):
+            if value is not None:
+                if name in TIME_FIELDS:
+                    value = dt(value)
+                elif name in JSON_FIELDS:
+                    value = load_json(value) if isinstance(value, str) else value
+                elif name == "payload":
+                    value = bytes(value)
+                elif name == "encrypted":
+                    value = bool(value)
+            values[name] = value
+        return self.cls(**values)
+
+
+def _encode(value: Any, ts: Callable[[datetime], Any]) -> Any:
+    if isinstance(value, datetime):
+        return ts(value)
+    if isinstance(value, dict | list):
+        return dump_json(value)
+    return value
+
+
+EVENTS = RowSpec(
+    "events",
+    EventRow,
+    (
+        "id",
+        "stream_seq",
+        "subject",
+        "source",
+        "type",
+        "time",
+        "datacontenttype",
+        "ce_subject",
+        "origin",
+        "hops",
+        "payload",
+        "encrypted",
+        "received_at",
+    ),
+    ("id",),
+)
+DELIVERIES = RowSpec(
+    "deliveries",
+    DeliveryRow,
+    (
+        "id",
+        "event_id",
+        "target",
+        "attempt",
+        "outcome",
+        "status_code",
+        "latency_ms",
+        "error",
+        "at",
+        "instance",
+    ),
+    ("id",),
+)
+DEAD_LETTERS = RowSpec(
+    "dead_letters",
+    DeadLetterRow,
+    (
+        "id",
+        "event_id",
+        "target",
+        "attempts",
+        "last_error",
+        "payload",
+        "encrypted",
+        "dead_at",
+        "stream_seq",
+    ),
+    ("id",),
+)
+HEALTH_CHECKS = RowSpec(
+    "health_checks",
+    HealthCheckRow,
+    ("service", "instance", "at", "status", "stats"),
+    ("service", "instance", "at"),
+)
+SERVICES = RowSpec(
+    "services",
+    ServiceRow,
+    ("name", "kind", "config", "status", "created_at", "updated_at"),
+    ("name",),
+)
+PROPAGATIONS = RowSpec(
+    "propagations",
+    PropagationRow,
+    ("id", "mode", "source", "targets", "types", "created_at"),
+    ("id",),
+)
+AUDIT = RowSpec(
+    "audit_log",
+    AuditRow,
+    ("id", "at", "actor", "action", "entity", "before", "after"),
+    ("id",),
+)
+
+#: The tables ``write_batch`` fills, in the order it fills them.
+BATCH_SPECS: tuple[RowSpec[Any], ...] = (EVENTS, DELIVERIES, DEAD_LETTERS, HEALTH_CHECKS)

@@ -1,0 +1,135 @@
+"""The ``Store`` protocol: what the sink, the CLI and key rotation need from a database."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Protocol, Self, runtime_checkable
+
+from mesh.storage.models import (
+    AuditRow,
+    DeadLetterRow,
+    DeliveryRow,
+    EventRow,
+    HealthCheckRow,
+    PropagationRow,
+    ServiceRow,
+    Table,
+    WriteResult,
+)
+
+
+@runtime_checkable
+class Store(Protocol):
+    """A database behind the sink. Every failure to reach it raises ``StorageError``.
+
+    Writes are idempotent on natural keys: writing the same rows twice leaves
+    one copy. Mutations of ``services``/``propagations`` return the row as it
+    was before (``None`` if there was none); given an ``actor`` they also write
+    an ``audit_log`` row in the same transaction, but only when something
+    changed, so replaying a registry snapshot audits nothing.
+    """
+
+    #: ``"sqlite"`` or ``"postgres"``.
+    backend: str
+    #: The URL it was opened with, password removed: safe to log.
+    url: str
+
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations; return the versions applied by this call."""
+        ...
+
+    async def applied_migrations(self) -> list[int]: ...
+
+    async def ping(self) -> None:
+        """Return when the database answers; raise ``StorageError`` otherwise."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections. Calling it twice is harmless."""
+        ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def write_batch(
+        self,
+        events: Iterable[EventRow] = (),
+        deliveries: Iterable[DeliveryRow] = (),
+        dead_letters: Iterable[DeadLetterRow] = (),
+        health_checks: Iterable[HealthCheckRow] = (),
+    ) -> WriteResult:
+        """Insert all rows in one transaction, skipping rows already present."""
+        ...
+
+    async def query_events(
+        self,
+        source: str | None = None,
+        type: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[EventRow]:
+        """Newest first. ``type`` is a type or a pattern with ``*`` and a final ``>``."""
+        ...
+
+    async def get_event(self, id: str) -> EventRow | None: ...
+
+    async def query_deliveries(self, event_id: str) -> list[DeliveryRow]:
+        """Attempts for one event, oldest first."""
+        ...
+
+    async def query_dead_letters(
+        self, target: str | None = None, limit: int = 100
+    ) -> list[DeadLetterRow]:
+        """Newest first."""
+        ...
+
+    async def count(self, table: Table | str) -> int: ...
+
+    async def list_services(self) -> list[ServiceRow]: ...
+
+    async def upsert_service(
+        self, service: ServiceRow, *, actor: str | None = None
+    ) -> ServiceRow | None: ...
+
+    async def delete_service(self, name: str, *, actor: str | None = None) -> ServiceRow | None: ...
+
+    async def list_propagations(self) -> list[PropagationRow]: ...
+
+    async def upsert_propagation(
+        self, propagation: PropagationRow, *, actor: str | None = None
+    ) -> PropagationRow | None: ...
+
+    async def delete_propagation(
+        self, id: str, *, actor: str | None = None
+    ) -> PropagationRow | None: ...
+
+    async def append_audit(
+        self, actor: str, action: str, entity: str, before: Any, after: Any
+    ) -> int:
+        """Append one audit row; return its id."""
+        ...
+
+    async def query_audit(self, entity: str | None = None, limit: int = 100) -> list[AuditRow]:
+        """Newest first."""
+        ...
+
+    def iter_payloads(
+        self, table: Table | str, after_id: str | None = None, batch_size: int = 500
+    ) -> AsyncIterator[tuple[str, bytes]]:
+        """Yield ``(id, payload)`` of encrypted rows in id order, after ``after_id``.
+
+        Reads page by page, so rows may be updated while iterating (key rotation).
+        """
+        ...
+
+    async def update_payloads(self, table: Table | str, rows: Sequence[tuple[str, bytes]]) -> int:
+        """Replace payloads by id in one transaction; return rows updated."""
+        ...

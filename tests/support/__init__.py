@@ -1,0 +1,57 @@
+"""Helpers shared by test modules: the fault-injection proxy, scratch PostgreSQL schemas."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit, urlunsplit
+
+PG_DSN_VAR = "MESH_TEST_PG_DSN"
+PG_SKIP_REASON = (
+    f"PostgreSQL tests need {PG_DSN_VAR} (e.g. postgresql://postgres@127.0.0.1:5432/test)"
+)
+
+
+def pg_dsn() -> str | None:
+    return os.environ.get(PG_DSN_VAR) or None
+
+
+def with_search_path(dsn: str, schema: str) -> str:
+    """The DSN with ``search_path`` set (asyncpg turns extra query parameters into settings)."""
+    sep = "&" if urlsplit(dsn).query else "?"
+    return f"{dsn}{sep}search_path={schema}"
+
+
+def via(dsn: str, host: str, port: int) -> str:
+    """The DSN pointed at another host and port (a proxy), credentials kept."""
+    parts = urlsplit(dsn)
+    userinfo = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{host}:{port}"))
+
+
+def pg_target(dsn: str) -> tuple[str, int]:
+    parts = urlsplit(dsn)
+    return parts.hostname or "127.0.0.1", parts.port or 5432
+
+
+@asynccontextmanager
+async def pg_schema(dsn: str) -> AsyncIterator[str]:
+    """A fresh schema for one test; yields the DSN that uses it, drops it afterwards."""
+    import asyncpg
+
+    schema = f"t_{secrets.token_hex(6)}"
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"CREATE SCHEMA {schema}")
+    finally:
+        await conn.close()
+    try:
+        yield with_search_path(dsn, schema)
+    finally:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        finally:
+            await conn.close()
