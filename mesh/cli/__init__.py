@@ -1,0 +1,90 @@
+"""The ``mesh`` command.
+
+Commands live in modules under ``mesh.cli``, each with a ``register(app)``
+function. ``main`` turns every ``MeshError`` (and usage error) into one line on
+stderr and a non-zero exit: 1 for errors, 2 for usage.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+try:  # typer >= 0.2x vendors click; older releases depend on it
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exc  # type: ignore[no-redef]
+
+from mesh.errors import MeshError
+
+app = typer.Typer(
+    name="mesh",
+    help="An event mesh on NATS JetStream: publish once, propagate to webhooks, NATS and WebSocket"
+    " targets, keep every event.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+COMMAND_MODULES = (
+    "mesh.cli.core",
+    "mesh.cli.storage_cmds",
+    "mesh.cli.ops",
+    "mesh.cli.bridge_cmds",
+)
+
+
+def _register_all() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.register(app)
+
+
+_register_all()
+
+
+def fail(message: str, code: int = 1) -> None:
+    print(f"mesh: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import os
+
+    from mesh.observability import configure_logging
+
+    # Commands speak through their output; logs only for warnings unless asked.
+    configure_logging("console", os.environ.get("MESH_LOG_LEVEL", "warning"))
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="mesh", standalone_mode=False)
+    except MeshError as exc:
+        fail(str(exc) or type(exc).__name__)
+    except click_exc.NoArgsIsHelpError as exc:
+        # click >= 8.2 raises this for a group called bare: the help is the answer.
+        print(exc.ctx.get_help() if exc.ctx else "", file=sys.stderr)
+        raise SystemExit(2) from None
+    except click_exc.UsageError as exc:
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+        fail(f"{exc.format_message()}{hint}", 2)
+    except click_exc.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except click_exc.Abort:
+        fail("aborted", 130)
+    except click_exc.ClickException as exc:
+        fail(exc.format_message(), exc.exit_code)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except OSError as exc:
+        fail(f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}")
+
+
+__all__ = ["app", "main"]

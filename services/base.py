@@ -1,0 +1,110 @@
+"""The shape of every long-running service: start, drain, close, heartbeats.
+
+A service owns a MeshClient and its tasks. ``run`` drives one service alone
+(``mesh serve NAME``); ``services.runner`` drives several in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from typing import Any, ClassVar
+
+import structlog
+
+from mesh.client import MeshClient
+from mesh.config import Settings
+from mesh.observability import METRICS, Heartbeat, new_instance_id
+from mesh.streams import ensure_streams
+
+
+class Service:
+    """Base class. Subclasses set ``name`` and override ``on_start`` / ``on_drain``."""
+
+    name: ClassVar[str] = "service"
+
+    def __init__(self, settings: Settings, *, instance: str | None = None) -> None:
+        self.settings = settings
+        self.instance = instance or new_instance_id()
+        self.client = MeshClient(settings, name=f"{self.name}:{self.instance}")
+        self.log = structlog.get_logger(f"mesh.{self.name}").bind(
+            service=self.name, instance=self.instance
+        )
+        self.stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.heartbeat: Heartbeat | None = None
+        self.started = False
+
+    # Hooks ------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        """Start the service's own work (spawn tasks here)."""
+
+    async def on_drain(self, timeout: float) -> None:
+        """Finish in-flight work within ``timeout``; ``stopping`` is already set."""
+
+    async def on_close(self) -> None:
+        """Release resources (after drain, before the NATS connection closes)."""
+
+    def stats(self) -> dict[str, Any]:
+        """What the heartbeat carries (JSON-serialisable, no secrets, no payloads)."""
+        return {}
+
+    # Lifecycle ----------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self.log.error("task failed", task=task.get_name(), error=repr(exc))
+
+    async def start(self) -> None:
+        await self.client.connect()
+        await ensure_streams(self.client.js, self.settings)
+        self.heartbeat = Heartbeat(
+            self.client.nc,
+            self.client.subjects.health(self.name, self.instance),
+            self.name,
+            self.instance,
+            self.stats,
+            self.settings.heartbeat_interval_s,
+        )
+        await self.on_start()
+        self.heartbeat.start()
+        METRICS.service_up.labels(self.name).set(1)
+        self.started = True
+        self.log.info("service started")
+
+    async def drain(self, timeout: float | None = None) -> None:
+        timeout = self.settings.drain_timeout_s if timeout is None else timeout
+        self.stopping.set()
+        try:
+            await asyncio.wait_for(self.on_drain(timeout), timeout + 1)
+        except TimeoutError:
+            self.log.warning("drain timed out", timeout=timeout)
+
+    async def close(self) -> None:
+        self.stopping.set()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await self.on_close()
+        if self.heartbeat is not None:
+            await self.heartbeat.stop()
+        METRICS.service_up.labels(self.name).set(0)
+        await self.client.close()
+        self.log.info("service stopped")
+
+    async def stop(self) -> None:
+        await self.drain()
+        await self.close()

@@ -1,0 +1,136 @@
+"""Run one or several services in one process, with an optional embedded broker.
+
+``mesh up`` and ``mesh serve NAME`` both come here. SIGINT/SIGTERM drain every
+service (in-flight work finishes or is handed back to the broker), then exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import signal
+from typing import Any
+
+import structlog
+
+from mesh.broker import EmbeddedBroker
+from mesh.client import MeshClient
+from mesh.config import Settings
+from mesh.errors import ConfigError, MeshError
+from mesh.observability import METRICS, write_textfile
+from services.base import Service
+
+# Service name -> "module:Class". `mesh up` runs those whose module exists.
+SERVICES: dict[str, str] = {
+    "sink": "services.sink:Sink",
+    "webhook-egress": "services.webhook_egress:WebhookEgress",
+    "bridge": "services.bridge:Bridge",
+    "health": "services.health:Health",
+}
+ALIASES = {"egress": "webhook-egress"}
+TEXTFILE_INTERVAL_S = 15.0
+
+log = structlog.get_logger("mesh.runner")
+
+
+def canonical(name: str) -> str:
+    return ALIASES.get(name, name)
+
+
+def load_service(name: str) -> type[Service]:
+    name = canonical(name)
+    if name not in SERVICES:
+        raise ConfigError(f"unknown service {name!r}: choose from {', '.join(SERVICES)}")
+    module_name, cls_name = SERVICES[name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise ConfigError(f"service {name!r} is not available in this build") from None
+        raise
+    cls: type[Service] = getattr(module, cls_name)
+    return cls
+
+
+def available_services() -> list[str]:
+    out = []
+    for name in SERVICES:
+        try:
+            load_service(name)
+        except ConfigError:
+            continue
+        out.append(name)
+    return out
+
+
+async def _textfile_loop(settings: Settings) -> None:
+    path = settings.metrics_dir / "mesh.prom"
+    while True:
+        await asyncio.sleep(TEXTFILE_INTERVAL_S)
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(write_textfile, path)
+
+
+async def run(
+    names: list[str],
+    settings: Settings,
+    *,
+    embedded: bool | None = None,
+    ready: asyncio.Event | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Start the broker (if embedded) and the services; block until a signal or ``stop``."""
+    embedded = settings.embedded if embedded is None else embedded
+    classes = [load_service(n) for n in names]
+    broker: EmbeddedBroker | None = None
+    if embedded:
+        broker = EmbeddedBroker(
+            settings.nats_store_dir,
+            port=settings.nats_port,
+            log_file=settings.home / "nats.log",
+        )
+        settings.home.mkdir(parents=True, exist_ok=True)
+        await broker.astart()
+        settings = settings.model_copy(update={"nats_url": broker.url})
+        log.info("embedded nats-server started", url=broker.url, store=str(settings.nats_store_dir))
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    services: list[Service] = []
+    textfile: asyncio.Task[Any] | None = None
+    try:
+        async with MeshClient(settings, name="mesh-init") as c:
+            await c.init()
+        for cls in classes:
+            svc = cls(settings)
+            await svc.start()
+            services.append(svc)
+        textfile = asyncio.create_task(_textfile_loop(settings))
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        log.info("stopping", services=[s.name for s in services])
+    finally:
+        await asyncio.gather(*(s.drain() for s in services), return_exceptions=True)
+        await asyncio.gather(*(s.close() for s in services), return_exceptions=True)
+        if textfile is not None:
+            textfile.cancel()
+        with contextlib.suppress(OSError):
+            write_textfile(settings.metrics_dir / "mesh.prom", METRICS.registry)
+        if broker is not None:
+            await broker.astop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+
+def main_sync(names: list[str], settings: Settings) -> None:
+    try:
+        asyncio.run(run(names, settings))
+    except KeyboardInterrupt:
+        pass
+    except MeshError:
+        raise
