@@ -1,0 +1,59 @@
+"""mesh: an event mesh on NATS JetStream.
+
+What a user program needs: the client, the event and registry models, settings
+and the errors. Everything else is reachable through the submodules.
+"""
+
+from mesh.client import Delivery, MeshClient, Reply
+from mesh.config import Settings, load_settings
+from mesh.envelope import Event
+from mesh.errors import (
+    BrokerError,
+    BrokerUnavailable,
+    ConfigError,
+    Conflict,
+    DecodeError,
+    InvalidName,
+    KeyFileError,
+    MeshError,
+    NotFound,
+    PayloadTooLarge,
+    PortInUse,
+    RequestError,
+    RequestTimeout,
+    StorageError,
+    ValidationError,
+)
+from mesh.registry import Propagation, PropagationMode, RetryPolicy, Target, TargetKind
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BrokerError",
+    "BrokerUnavailable",
+    "ConfigError",
+    "Conflict",
+    "DecodeError",
+    "Delivery",
+    "Event",
+    "InvalidName",
+    "KeyFileError",
+    "MeshClient",
+    "MeshError",
+    "NotFound",
+    "PayloadTooLarge",
+    "PortInUse",
+    "Propagation",
+    "PropagationMode",
+    "Reply",
+    "RequestError",
+    "RequestTimeout",
+    "RetryPolicy",
+    "Settings",
+    "StorageError",
+    "Target",
+    "TargetKind",
+    "ValidationError",
+    "__version__",
+    "load_settings",
+]
