@@ -24,7 +24,7 @@ MAX_TYPE_LEN = 255
 
 def validate_name(name: str, what: str = "name") -> str:
     """A service/target name: one safe subject token."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidName(
             f"invalid {what} {name!r}: use 1-64 of a-z, 0-9, '_' or '-', starting with a letter"
             " or digit"
@@ -37,7 +37,7 @@ def validate_type(event_type: str) -> str:
     if not isinstance(event_type, str) or not event_type or len(event_type) > MAX_TYPE_LEN:
         raise ValidationError(f"invalid event type {event_type!r}: must be 1-255 characters")
     for token in event_type.split("."):
-        if not TYPE_TOKEN_RE.match(token):
+        if not TYPE_TOKEN_RE.fullmatch(token):
             raise ValidationError(
                 f"invalid event type {event_type!r}: tokens are A-Z, a-z, 0-9, '_' or '-',"
                 " separated by dots"
@@ -57,7 +57,7 @@ def validate_pattern(pattern: str) -> str:
             if i != len(tokens) - 1:
                 raise ValidationError(f"invalid type pattern {pattern!r}: '>' must come last")
             continue
-        if not TYPE_TOKEN_RE.match(token):
+        if not TYPE_TOKEN_RE.fullmatch(token):
             raise ValidationError(
                 f"invalid type pattern {pattern!r}: tokens are A-Z, a-z, 0-9, '_', '-', '*' or '>'"
             )
