@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     # Services.
     http_port: int = Field(default=9400, ge=0, le=65535)
     bridge_port: int = Field(default=9401, ge=0, le=65535)
+    bridge_tls_cert: Path | None = None  # with bridge_tls_key: the bridge serves wss://
+    bridge_tls_key: Path | None = None
     allow_private_targets: bool = False
     heartbeat_interval_s: float = 5.0
     drain_timeout_s: float = 10.0
