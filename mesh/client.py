@@ -438,33 +438,39 @@ class MeshClient:
         sub: JetStreamContext.PullSubscription | None = None
         seen_reconnects = self.reconnects
         backoff = 0.1
-        while stop is None or not stop.is_set():
-            if self.nc.is_closed:
-                return
-            try:
-                if sub is None or seen_reconnects != self.reconnects:
-                    if sub is not None:
-                        with contextlib.suppress(Exception):
-                            await sub.unsubscribe()
-                    seen_reconnects = self.reconnects
-                    sub = await self.js.pull_subscribe_bind(consumer, stream=stream)
-                msgs = await sub.fetch(batch, timeout=expires)
-                backoff = 0.1
-            except (nats_errors.TimeoutError, TimeoutError):
-                continue
-            except nats_errors.ConnectionClosedError:
-                return
-            except (nats_errors.Error, js_errors.Error, OSError) as exc:
-                log.debug("pull retry", consumer=consumer, error=str(exc) or type(exc).__name__)
-                if isinstance(exc, js_errors.NotFoundError | js_errors.ServiceUnavailableError):
-                    sub = None
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                if not self.nc.is_connected:
-                    sub = None
-                continue
-            if msgs:
-                yield msgs
+        try:
+            while stop is None or not stop.is_set():
+                if self.nc.is_closed:
+                    return
+                try:
+                    if sub is None or seen_reconnects != self.reconnects:
+                        if sub is not None:
+                            with contextlib.suppress(Exception):
+                                await sub.unsubscribe()
+                        seen_reconnects = self.reconnects
+                        sub = await self.js.pull_subscribe_bind(consumer, stream=stream)
+                    msgs = await sub.fetch(batch, timeout=expires)
+                    backoff = 0.1
+                except (nats_errors.TimeoutError, TimeoutError):
+                    continue
+                except nats_errors.ConnectionClosedError:
+                    return
+                except (nats_errors.Error, js_errors.Error, OSError) as exc:
+                    log.debug("pull retry", consumer=consumer, error=str(exc) or type(exc).__name__)
+                    if isinstance(exc, js_errors.NotFoundError | js_errors.ServiceUnavailableError):
+                        sub = None
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    if not self.nc.is_connected:
+                        sub = None
+                    continue
+                if msgs:
+                    yield msgs
+        finally:
+            # A closed generator (break, aclose) must not leave its inbox subscribed.
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
     async def consume(
         self,
