@@ -89,7 +89,12 @@ def to_jsonable(value: Any) -> Any:
 def encode_data(data: Any, datacontenttype: str | None) -> tuple[bytes, str]:
     """Serialise data; returns ``(body, datacontenttype)``."""
     if isinstance(data, bytes | bytearray | memoryview):
-        return bytes(data), datacontenttype or OCTETS
+        # Raw bytes travel as they are. Event's default type (msgpack) would mislabel
+        # them and the receiver would try to unpack them: bytes are octets unless told
+        # otherwise.
+        if datacontenttype is None or datacontenttype == MSGPACK:
+            datacontenttype = OCTETS
+        return bytes(data), datacontenttype
     if datacontenttype is None:
         datacontenttype = MSGPACK
     try:
@@ -106,7 +111,10 @@ def encode_data(data: Any, datacontenttype: str | None) -> tuple[bytes, str]:
 
 def decode_data(body: bytes, datacontenttype: str) -> Any:
     if not body:
-        return None
+        # Empty bytes and empty text are data too; msgpack and JSON never encode to nothing.
+        if datacontenttype in (MSGPACK, JSON) or datacontenttype.endswith("+json"):
+            return None
+        return "" if datacontenttype.startswith("text/") else b""
     try:
         if datacontenttype == MSGPACK:
             return msgpack.unpackb(body, raw=False, strict_map_key=False, timestamp=0)
