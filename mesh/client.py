@@ -158,8 +158,12 @@ class MeshClient:
         return Provisioner(self.js, self.registry, self.settings)
 
     async def connect(self) -> MeshClient:
+        last_error: list[str] = []
+
         async def on_error(exc: Exception) -> None:
-            log.debug("nats error", error=str(exc) or type(exc).__name__)
+            text = str(exc) or type(exc).__name__
+            last_error.append(text.removeprefix("nats: ").strip("'"))
+            log.debug("nats error", error=text)
 
         async def on_disconnect() -> None:
             self.connected_event.clear()
@@ -175,21 +179,37 @@ class MeshClient:
 
         opts = self.settings.connect_options()
         try:
-            await self.nc.connect(
-                name=self.name,
-                error_cb=on_error,
-                disconnected_cb=on_disconnect,
-                reconnected_cb=on_reconnect,
-                max_reconnect_attempts=-1 if self._reconnect_forever else 3,
-                reconnect_time_wait=0.5,
-                allow_reconnect=True,
-                **opts,
+            # One budget for the whole first connect: a TLS failure can leave nats.py waiting.
+            await asyncio.wait_for(
+                self.nc.connect(
+                    name=self.name,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=on_reconnect,
+                    max_reconnect_attempts=-1 if self._reconnect_forever else 3,
+                    reconnect_time_wait=0.5,
+                    allow_reconnect=True,
+                    **opts,
+                ),
+                timeout=self.settings.connect_timeout * 3 + 2,
             )
         except (nats_errors.NoServersError, OSError, TimeoutError) as exc:
+            where = ", ".join(self.settings.servers)
+            auth = [e for e in last_error if "authorization" in e.lower()]
+            if auth:
+                raise BrokerUnavailable(
+                    f"cannot connect to NATS at {where}: {auth[0]} (check MESH_NATS_USER,"
+                    " MESH_NATS_PASSWORD, MESH_NATS_TOKEN or MESH_NATS_CREDS)"
+                ) from None
+            if any("certificate" in e.lower() for e in last_error):
+                raise BrokerUnavailable(
+                    f"cannot connect to NATS at {where}: TLS certificate not trusted"
+                    " (check MESH_NATS_TLS_CA)"
+                ) from None
             raise BrokerUnavailable(
-                f"cannot connect to NATS at {', '.join(self.settings.servers)}"
-                f" ({type(exc).__name__}): is the broker running (`mesh up`) and MESH_NATS_URL"
-                " right?"
+                f"cannot connect to NATS at {where}"
+                f" ({last_error[-1] if last_error else type(exc).__name__}): is the broker running"
+                " (`mesh up`) and MESH_NATS_URL right?"
             ) from None
         except nats_errors.Error as exc:
             msg = str(exc) or type(exc).__name__

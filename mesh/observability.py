@@ -71,6 +71,8 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     logging.basicConfig(level=max(lvl, logging.WARNING), stream=sys.stderr, force=True)
     # nats.py logs connection noise at ERROR on every reconnect attempt; ours says it once.
     logging.getLogger("nats").setLevel(logging.CRITICAL)
+    # asyncio warns about every TLS peer that hangs up during a refused handshake.
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
 
 
 class Metrics:
