@@ -8,6 +8,7 @@ refused rather than trusted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -60,9 +61,14 @@ class KeyRing:
             if not create:
                 raise KeyFileError(f"key file {path} does not exist (run `mesh init`)")
             ring = cls([_new_key()], path)
-            ring.save()
-            return ring
-        mode = stat.S_IMODE(path.stat().st_mode)
+            if ring._save(exclusive=True):
+                return ring
+            # Another process created the file first: everyone must use its key, or
+            # events encrypted with ours could never be read.
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except OSError as exc:
+            raise KeyFileError(f"key file {path} cannot be read: {exc.strerror}") from None
         if mode & 0o077:
             raise KeyFileError(
                 f"key file {path} is accessible by group or others (mode {mode:o});"
@@ -81,23 +87,44 @@ class KeyRing:
         return cls(keys, path)
 
     def save(self) -> None:
+        self._save(exclusive=False)
+
+    def _save(self, *, exclusive: bool) -> bool:
+        """Write the file atomically; with ``exclusive``, only if it does not exist yet.
+
+        Returns False when ``exclusive`` and another writer got there first.
+        """
         if self.path is None:
             raise KeyFileError("key ring has no file")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.path.parent, 0o700)
+        if not self.path.parent.exists():
+            # A directory we create is ours to lock down; an existing one is left alone.
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.path.parent, 0o700)
         doc = {
             "version": FILE_VERSION,
             "keys": [
                 {"id": k.id, "created": k.created.isoformat(), "key": k.secret} for k in self.keys
             ],
         }
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        # A private temporary name: concurrent writers never share one.
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(doc, fh, indent=2)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if exclusive:
+                try:
+                    os.link(tmp, self.path)  # atomic, and fails if the file exists
+                except FileExistsError:
+                    return False
+            else:
+                os.replace(tmp, self.path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return True
 
     # Use ----------------------------------------------------------------------
 
