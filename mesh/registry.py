@@ -7,6 +7,7 @@ rules (who receives what) are derived here, in one place: ``routes_for``.
 
 from __future__ import annotations
 
+import base64
 import secrets
 import uuid
 from collections.abc import AsyncIterator
@@ -108,7 +109,9 @@ class Propagation(BaseModel):
 
 
 def generate_secret() -> str:
-    return SECRET_PREFIX + secrets.token_urlsafe(24)
+    # Standard Webhooks secrets are whsec_ + *standard* base64 of the key bytes; a urlsafe
+    # alphabet ('-', '_') is silently dropped (or rejected) by the reference verifiers.
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
 def compute_routes(
