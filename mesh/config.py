@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     stream_max_age_days: float = 7.0
     duplicate_window_s: float = 120.0
     max_hops: int = 8
+    # A delivery not acked within this long (at least) goes to another consumer. Tests
+    # lower it to see redelivery quickly; production wants it well above a handler's time.
+    ack_wait_min_s: float = Field(default=30.0, gt=0)
 
     # Storage and secrets.
     db_url: str | None = None
@@ -144,7 +147,7 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Build settings, turning pydantic's error into a one-line ``ConfigError``."""
+    """Build settings, turning pydantic's or TOML's error into a one-line ``ConfigError``."""
     from pydantic import ValidationError as PydValidationError
 
     from mesh.errors import ConfigError
@@ -155,3 +158,6 @@ def load_settings(**overrides: Any) -> Settings:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
         raise ConfigError(f"invalid setting MESH_{loc.upper()}: {first['msg']}") from None
+    except ValueError as exc:  # tomllib.TOMLDecodeError: a mesh.toml that is not TOML
+        path = os.environ.get("MESH_CONFIG", "mesh.toml")
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None

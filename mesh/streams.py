@@ -9,6 +9,7 @@ safe to repeat and to run from several processes at once.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import nats.js.errors as js_errors
@@ -25,7 +26,7 @@ from nats.js.api import (
 )
 
 from mesh.config import Settings
-from mesh.registry import Registry, Target, compute_routes
+from mesh.registry import Registry, Target, TargetKind, compute_routes
 from mesh.subjects import Subjects, reduce_filters
 
 MIN_ACK_WAIT_S = 30.0
@@ -103,13 +104,27 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
         await js.update_stream(cfg)
 
 
-def consumer_config(target: Target, filters: list[str]) -> ConsumerConfig:
+def ack_wait_for(target: Target, min_ack_wait: float = MIN_ACK_WAIT_S) -> float:
+    """How long a delivery may stay unacked before the broker hands it out again.
+
+    A webhook attempt may take the whole request timeout (twice, with slack, so a slow
+    success is not raced by a redelivery); a nats or stream consumer gets ``timeout_s``
+    to handle and ack an event.
+    """
+    if target.kind == TargetKind.WEBHOOK:
+        return max(min_ack_wait, target.timeout_s * 2 + 5)
+    return max(min_ack_wait, target.timeout_s)
+
+
+def consumer_config(
+    target: Target, filters: list[str], min_ack_wait: float = MIN_ACK_WAIT_S
+) -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=target.consumer,
         description=f"deliveries to {target.kind} target {target.name}",
         deliver_policy=DeliverPolicy.NEW,
         ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=max(MIN_ACK_WAIT_S, target.timeout_s * 2 + 5),
+        ack_wait=ack_wait_for(target, min_ack_wait),
         max_deliver=-1,
         filter_subjects=filters,
         max_ack_pending=1 if target.ordered else max(target.max_in_flight * 4, 64),
@@ -139,7 +154,11 @@ class Provisioner:
     ) -> ConsumerInfo:
         if routes is None:
             routes = await self.registry.routes_for(target.name)
-        cfg = consumer_config(target, filters_for(self.subjects, target.name, routes))
+        cfg = consumer_config(
+            target,
+            filters_for(self.subjects, target.name, routes),
+            self.settings.ack_wait_min_s,
+        )
         try:
             existing = await self.js.consumer_info(self.names.events, target.consumer)
         except js_errors.NotFoundError:
@@ -166,7 +185,7 @@ class Provisioner:
                 await self.delete_consumer(name)
         return result
 
-    async def _deliver_consumers(self):  # type: ignore[no-untyped-def]
+    async def _deliver_consumers(self) -> AsyncIterator[str]:
         resp = await self.js._api_request(  # nats.py has no paged consumer-name listing
             f"{self.js._prefix}.CONSUMER.NAMES.{self.names.events}", b"", timeout=5
         )
