@@ -19,6 +19,10 @@ except ImportError:  # pragma: no cover
 
 from mesh.errors import MeshError
 
+# Exit and Abort live in typer.exceptions (vendored click) or click.exceptions (older typer).
+ExitSignal: type[BaseException] = getattr(click_exc, "Exit", typer.Exit)
+AbortSignal: type[BaseException] = getattr(click_exc, "Abort", typer.Abort)
+
 app = typer.Typer(
     name="mesh",
     help="An event mesh on NATS JetStream: publish once, propagate to webhooks, NATS and WebSocket"
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging("console", os.environ.get("MESH_LOG_LEVEL", "warning"))
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="mesh", standalone_mode=False)
+        rv = command.main(args=argv, prog_name="mesh", standalone_mode=False)
     except MeshError as exc:
         fail(str(exc) or type(exc).__name__)
     except click_exc.NoArgsIsHelpError as exc:
@@ -75,9 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     except click_exc.UsageError as exc:
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
         fail(f"{exc.format_message()}{hint}", 2)
-    except click_exc.Exit as exc:
-        raise SystemExit(exc.exit_code) from None
-    except click_exc.Abort:
+    except ExitSignal as exc:
+        raise SystemExit(getattr(exc, "exit_code", 1)) from None
+    except AbortSignal:
         fail("aborted", 130)
     except click_exc.ClickException as exc:
         fail(exc.format_message(), exc.exit_code)
@@ -85,6 +89,9 @@ def main(argv: list[str] | None = None) -> None:
         fail("interrupted", 130)
     except OSError as exc:
         fail(f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}")
+    # Outside standalone mode, `raise typer.Exit(n)` comes back as the return value.
+    if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
+        raise SystemExit(rv)
 
 
 __all__ = ["app", "main"]

@@ -1,0 +1,5 @@
+"""``python -m mesh.cli``: the same as the ``mesh`` command."""
+
+from mesh.cli import main
+
+main()
