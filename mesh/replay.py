@@ -1,0 +1,415 @@
+"""Replay: re-inject a target's past events so that only that target receives them again.
+
+Events are read from the target's *source* subjects (``<prefix>.evt.<source>.>``
+as its propagations route them) starting at a time, with a short-lived
+unacknowledged consumer, and republished on
+``<prefix>.replay.<target>.<source>.<type>``. That subject is in the target's
+``deliver-<target>`` filter and in no other consumer's, so the event goes
+through normal delivery again (fresh attempts, same receivers' dedupe) for that
+target only. It works for a target registered after the events were published.
+
+A replayed message keeps the original headers and (still encrypted) body, hence
+the original ``ce-id``, and carries ``ce-meshreplay: true``. Its
+``Nats-Msg-Id`` is ``replay-<target>-<id>``: different from the original's (or
+the stream would drop it as a duplicate) and the same on every run, so that an
+interrupted replay run again within the duplicate window is stored once; past
+the window receivers still dedupe on the id.
+
+``scan`` (reading a stream range without disturbing anything) is shared with
+the DLQ and key tools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import nats.errors as nats_errors
+import nats.js.errors as js_errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
+
+from mesh import envelope
+from mesh.client import MeshClient
+from mesh.errors import BrokerError, NotFound, ValidationError
+from mesh.registry import route_accepts
+from mesh.subjects import (
+    Subjects,
+    collide,
+    reduce_filters,
+    subject_matches,
+    subsumes,
+    validate_pattern,
+)
+
+SCAN_BATCH = 256
+SCAN_FETCH_TIMEOUT_S = 1.0
+SCAN_INACTIVE_S = 60.0
+PUBLISH_TIMEOUT_S = 10.0
+SAMPLE_SIZE = 20
+
+
+# Reading a stream range ------------------------------------------------------------
+
+
+async def scan(
+    js: JetStreamContext,
+    stream: str,
+    filters: list[str],
+    *,
+    start_time: datetime | None = None,
+    batch: int = SCAN_BATCH,
+    on_total: Callable[[int], None] | None = None,
+) -> AsyncIterator[Msg]:
+    """Yield the stream's messages on ``filters`` from ``start_time`` (or the start).
+
+    Reads through an ephemeral, unacknowledged pull consumer (nothing durable is
+    disturbed) and stops at the stream's last message as it was when the scan
+    began, so writing to the same stream while scanning cannot make it endless.
+    ``on_total`` is told how many messages the range holds (an upper bound).
+    """
+    if not filters:
+        return
+    try:
+        info = await js.stream_info(stream)
+    except js_errors.NotFoundError:
+        raise BrokerError(f"stream {stream} does not exist: run `mesh init`") from None
+    last_seq = info.state.last_seq
+    if not info.state.messages or not last_seq:
+        if on_total:
+            on_total(0)
+        return
+    cfg = ConsumerConfig(
+        description="mesh scan (ephemeral)",
+        deliver_policy=DeliverPolicy.BY_START_TIME if start_time else DeliverPolicy.ALL,
+        opt_start_time=start_time,
+        ack_policy=AckPolicy.NONE,
+        filter_subjects=list(filters),
+        inactive_threshold=SCAN_INACTIVE_S,
+        mem_storage=True,
+        num_replicas=1,
+        max_waiting=1,
+    )
+    try:
+        ci = await js.add_consumer(stream, cfg)
+    except js_errors.Error as exc:
+        raise BrokerError(f"cannot read {stream}: {exc.description or exc}") from None
+    name = ci.name
+    if on_total:
+        on_total(int(ci.num_pending or 0))
+    if not ci.num_pending:
+        with contextlib.suppress(Exception):
+            await js.delete_consumer(stream, name)
+        return
+    sub = await js.pull_subscribe_bind(consumer=name, stream=stream)
+    try:
+        while True:
+            try:
+                msgs = await sub.fetch(batch, timeout=SCAN_FETCH_TIMEOUT_S)
+            except (nats_errors.TimeoutError, TimeoutError):
+                # Nothing came: finished when the consumer has nothing pending.
+                ci = await js.consumer_info(stream, name)
+                if not ci.num_pending:
+                    return
+                continue
+            for msg in msgs:
+                meta = msg.metadata
+                if meta.sequence.stream > last_seq:
+                    return
+                yield msg
+                if meta.sequence.stream >= last_seq or meta.num_pending == 0:
+                    return
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await js.delete_consumer(stream, name)
+
+
+# Replay headers ---------------------------------------------------------------------
+
+
+def event_id_of(headers: Mapping[str, str], seq: int | None) -> str:
+    """The id a receiver sees for this message (as ``envelope.decode`` derives it)."""
+    return headers.get("ce-id") or headers.get(envelope.H_MSG_ID) or f"seq-{seq}"
+
+
+def replay_headers(
+    headers: Mapping[str, str] | None,
+    body: bytes,
+    *,
+    source: str,
+    event_type: str,
+    msg_id: str,
+    seq: int | None = None,
+) -> dict[str, str]:
+    """Headers for the replayed copy: the originals, marked as a replay, with a new msg id.
+
+    A plain message (no ``ce-*`` headers, e.g. from ``nats pub``) gets the
+    CloudEvents attributes its receivers derived before, so that its id and
+    data read the same after the replay.
+    """
+    original = dict(headers or {})
+    out = {
+        k: v
+        for k, v in original.items()
+        if not k.startswith("mesh-dlq-") and not k.lower().startswith("nats-")
+    }
+    if "ce-id" not in out:
+        out.update(
+            {
+                "ce-specversion": envelope.SPECVERSION,
+                "ce-id": event_id_of(original, seq),
+                "ce-source": source,
+                "ce-type": event_type,
+            }
+        )
+        if envelope.H_ENCRYPTION not in out:
+            try:
+                json.loads(body) if body else None
+                out["ce-datacontenttype"] = envelope.JSON
+            except (ValueError, UnicodeDecodeError):
+                out["ce-datacontenttype"] = envelope.OCTETS
+    out[f"ce-{envelope.EXT_REPLAY}"] = "true"
+    out[envelope.H_MSG_ID] = msg_id
+    return out
+
+
+def replay_msg_id(target: str, event_id: str) -> str:
+    return f"replay-{target}-{event_id}"
+
+
+# Replay -----------------------------------------------------------------------------
+
+
+@dataclass
+class ReplayItem:
+    """One event that is (or would be) replayed."""
+
+    seq: int
+    id: str
+    source: str
+    type: str
+    stored_at: datetime
+
+
+@dataclass
+class ReplayProgress:
+    """Where a replay stands, for a progress display."""
+
+    scanned: int = 0
+    total: int = 0  # messages in the range (an upper bound with --until or --types)
+    matched: int = 0
+    published: int = 0
+
+
+@dataclass
+class ReplayResult:
+    target: str
+    since: datetime
+    until: datetime | None
+    types: str | None
+    filters: list[str]
+    dry_run: bool
+    scanned: int = 0
+    matched: int = 0
+    published: int = 0
+    duplicates: int = 0  # already replayed within the duplicate window: stored once
+    skipped: int = 0  # routed by a widened filter only, or looping back to the target
+    sample: list[ReplayItem] = field(default_factory=list)
+
+
+def narrow(route_pattern: str | None, types: str | None) -> str | bool | None:
+    """The type pattern covering ``route_pattern`` AND ``types``.
+
+    Returns the narrower pattern when one contains the other, the route's own
+    pattern when they merely overlap (the exact check happens per event), and
+    ``False`` when no type can match both.
+    """
+    if types is None:
+        return route_pattern
+    if route_pattern is None or subsumes(route_pattern, types):
+        return types
+    if subsumes(types, route_pattern):
+        return route_pattern
+    if collide(route_pattern, types):
+        return route_pattern
+    return False
+
+
+def source_filters(
+    subjects: Subjects, routes: list[tuple[str, str | None]], types: str | None
+) -> list[str]:
+    """The evt subjects to read for a target's routes, narrowed by ``types``."""
+    wanted: list[str] = []
+    for src, pat in routes:
+        n = narrow(pat, types)
+        if n is False:
+            continue
+        wanted.append(subjects.evt_filter(src, n if isinstance(n, str) else None))
+    return reduce_filters(wanted)
+
+
+def _validate_window(since: datetime, until: datetime | None, now: datetime) -> None:
+    if since.tzinfo is None or (until is not None and until.tzinfo is None):
+        raise ValidationError("--since and --until need a time zone (naive times mean UTC)")
+    if since > now:
+        raise ValidationError(f"--since {since.isoformat()} is in the future")
+    if until is not None and until <= since:
+        raise ValidationError(
+            f"--until {until.isoformat()} is not after --since {since.isoformat()}"
+        )
+
+
+async def replay(
+    client: MeshClient,
+    target: str,
+    since: datetime,
+    until: datetime | None = None,
+    types: str | None = None,
+    *,
+    dry_run: bool = False,
+    progress: Callable[[ReplayProgress], None] | None = None,
+    batch: int = SCAN_BATCH,
+    sample_size: int = SAMPLE_SIZE,
+) -> ReplayResult:
+    """Re-inject ``target``'s events stored in ``[since, until]`` on its replay subject.
+
+    Raises ``NotFound`` for an unknown target and when nothing in the window is
+    routed to it, ``ValidationError`` for a bad window or pattern.
+    """
+    now = datetime.now(UTC)
+    _validate_window(since, until, now)
+    if types is not None:
+        validate_pattern(types)
+    await client.target_or_error(target)
+    routes = await client.registry.routes_for(target)
+    if not routes:
+        raise NotFound(
+            f"nothing to replay: no propagation routes events to target {target!r}"
+            " (see `mesh propagation list`)"
+        )
+    filters = source_filters(client.subjects, routes, types)
+    if not filters:
+        raise NotFound(
+            f"nothing to replay: no propagation to target {target!r} carries types {types!r}"
+        )
+    result = ReplayResult(
+        target=target, since=since, until=until, types=types, filters=filters, dry_run=dry_run
+    )
+    state = ReplayProgress()
+
+    def set_total(n: int) -> None:
+        state.total = n
+        if progress:
+            progress(state)
+
+    pending: list[tuple[str, bytes, dict[str, str]]] = []
+    max_hops = client.settings.max_hops
+
+    async def flush() -> None:
+        if not pending:
+            return
+        acks = await _publish_all(client, pending)
+        result.published += sum(0 if a.duplicate else 1 for a in acks)
+        result.duplicates += sum(1 if a.duplicate else 0 for a in acks)
+        state.published = result.published + result.duplicates
+        pending.clear()
+
+    async for msg in scan(
+        client.js, client.names.events, filters, start_time=since, batch=batch, on_total=set_total
+    ):
+        meta = msg.metadata
+        if until is not None and meta.timestamp > until:
+            break
+        result.scanned += 1
+        state.scanned = result.scanned
+        headers = dict(msg.headers or {})
+        try:
+            source, etype, _ = client.subjects.parse_event(msg.subject)
+        except ValidationError:
+            result.skipped += 1
+            continue
+        if types is not None and not subject_matches(types, etype):
+            continue
+        origin = headers.get(f"ce-{envelope.EXT_ORIGIN}") or source
+        try:
+            hops = int(headers.get(f"ce-{envelope.EXT_HOPS}", "0"))
+        except ValueError:
+            hops = 0
+        if not route_accepts(routes, source, etype) or origin == target or hops > max_hops:
+            result.skipped += 1
+            continue
+        event_id = event_id_of(headers, meta.sequence.stream)
+        result.matched += 1
+        state.matched = result.matched
+        if len(result.sample) < sample_size:
+            result.sample.append(
+                ReplayItem(meta.sequence.stream, event_id, source, etype, meta.timestamp)
+            )
+        if not dry_run:
+            out = replay_headers(
+                headers,
+                msg.data,
+                source=source,
+                event_type=etype,
+                msg_id=replay_msg_id(target, event_id),
+                seq=meta.sequence.stream,
+            )
+            pending.append((client.subjects.replay(target, source, etype), msg.data, out))
+            if len(pending) >= batch:
+                await flush()
+        if progress and (result.scanned % 64 == 0):
+            progress(state)
+    await flush()
+    if progress:
+        progress(state)
+    if result.matched == 0:
+        window = f"since {since.isoformat()}" + (f" until {until.isoformat()}" if until else "")
+        raise NotFound(
+            f"nothing to replay: no event for target {target!r} {window}"
+            + (f" matching {types!r}" if types else "")
+        )
+    return result
+
+
+async def _publish_all(
+    client: MeshClient, messages: list[tuple[str, bytes, dict[str, str]]]
+) -> list[PubAck]:
+    """Publish in order, pipelined; every message acknowledged by the stream or an error."""
+    futures: list[asyncio.Future[PubAck]] = []
+    try:
+        for subject, body, headers in messages:
+            futures.append(
+                await client.js.publish_async(
+                    subject, body, headers=headers, wait_stall=PUBLISH_TIMEOUT_S
+                )
+            )
+        return list(await asyncio.wait_for(asyncio.gather(*futures), PUBLISH_TIMEOUT_S))
+    except (TimeoutError, nats_errors.TimeoutError, js_errors.TooManyStalledMsgsError):
+        raise BrokerError("replay publish acknowledgements timed out") from None
+    except js_errors.APIError as exc:
+        raise BrokerError(f"replay publish refused: {exc.description or exc}") from None
+    finally:
+        for f in futures:
+            if not f.done():
+                f.cancel()
+
+
+__all__ = [
+    "ReplayItem",
+    "ReplayProgress",
+    "ReplayResult",
+    "event_id_of",
+    "narrow",
+    "replay",
+    "replay_headers",
+    "replay_msg_id",
+    "scan",
+    "source_filters",
+]
