@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +40,7 @@ from mesh.errors import (
     RequestTimeout,
     ValidationError,
 )
+from mesh.observability import METRICS
 from mesh.records import DeliveryRecord, Outcome, dead_letter_headers
 from mesh.registry import Propagation, PropagationMode, Registry, Target, route_accepts
 from mesh.streams import Provisioner, StreamNames, ensure_streams
@@ -49,7 +49,6 @@ from mesh.subjects import Subjects, validate_name, validate_type
 log = structlog.get_logger("mesh.client")
 
 H_STATUS = "mesh-status"
-ROUTE_REFRESH_MIN_S = 1.0
 
 
 @dataclass
@@ -91,21 +90,29 @@ class Delivery:
 
 
 class RouteCache:
-    """Per-target routes, refreshed on a miss at most once a second."""
+    """Per-target routes, re-read on a miss when the registry changed since.
+
+    A miss is trusted only at the registry revision the routes were read at: an
+    event on a propagation added a moment ago must not be skipped (and acked) by a
+    cache that predates it.
+    """
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self._routes: dict[str, list[tuple[str, str | None]]] = {}
-        self._loaded: dict[str, float] = {}
+        self._revision: dict[str, int] = {}
 
     async def accepts(self, target: str, source: str, event_type: str) -> bool:
         routes = self._routes.get(target)
         if routes is not None and route_accepts(routes, source, event_type):
             return True
-        if time.monotonic() - self._loaded.get(target, 0.0) < ROUTE_REFRESH_MIN_S and routes:
+        # Read the revision before the routes: a change in between makes the next miss
+        # look again rather than trust stale routes.
+        revision = await self.registry.revision()
+        if routes is not None and self._revision.get(target) == revision:
             return False
         self._routes[target] = await self.registry.routes_for(target)
-        self._loaded[target] = time.monotonic()
+        self._revision[target] = revision
         return route_accepts(self._routes[target], source, event_type)
 
 
@@ -187,7 +194,7 @@ class MeshClient:
                     disconnected_cb=on_disconnect,
                     reconnected_cb=on_reconnect,
                     max_reconnect_attempts=-1 if self._reconnect_forever else 3,
-                    reconnect_time_wait=0.5,
+                    reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats.py says int; float works
                     allow_reconnect=True,
                     **opts,
                 ),
@@ -373,6 +380,8 @@ class MeshClient:
             raise BrokerError(f"publish of {event.id} timed out after {timeout}s") from None
         except nats_errors.MaxPayloadError:
             raise PayloadTooLarge(len(body), self.nc.max_payload) from None
+        if not ack.duplicate:
+            METRICS.events_published.labels(event.source).inc()
         return not ack.duplicate
 
     async def publish_many(
@@ -384,6 +393,7 @@ class MeshClient:
     ) -> int:
         """Pipelined publish (publish_async) of many events; returns how many were new."""
         pending: list[asyncio.Future[Any]] = []
+        sources: list[str] = []
         new = 0
         for event in events:
             nats_subject = self.subjects.evt(event.source, event.type)
@@ -392,20 +402,26 @@ class MeshClient:
                 nats_subject, body, headers=headers, wait_stall=timeout
             )
             pending.append(fut)
+            sources.append(event.source)
             if len(pending) >= window:
-                new += await self._settle(pending, timeout)
-                pending = []
-        new += await self._settle(pending, timeout)
+                new += await self._settle(pending, timeout, sources)
+                pending, sources = [], []
+        new += await self._settle(pending, timeout, sources)
         return new
 
     @staticmethod
-    async def _settle(pending: list[asyncio.Future[Any]], timeout: float) -> int:
+    async def _settle(
+        pending: list[asyncio.Future[Any]], timeout: float, sources: list[str]
+    ) -> int:
         if not pending:
             return 0
         try:
             acks = await asyncio.wait_for(asyncio.gather(*pending), timeout)
         except TimeoutError:
             raise BrokerError("publish acknowledgements timed out") from None
+        for ack, source in zip(acks, sources, strict=True):
+            if not ack.duplicate:
+                METRICS.events_published.labels(source).inc()
         return sum(0 if a.duplicate else 1 for a in acks)
 
     # Consuming ----------------------------------------------------------------
@@ -508,11 +524,20 @@ class MeshClient:
         except js_errors.NotFoundError:
             await ensure_streams(self.js, self.settings)
             await self.provisioner.reconcile_target(t)
-        async for msgs in self.pull(consumer, batch=batch, expires=expires, stop=stop):
-            for msg in msgs:
-                delivery = await self._admit(target, msg)
-                if delivery is not None:
-                    yield delivery
+        unseen: list[Msg] = []
+        try:
+            async for msgs in self.pull(consumer, batch=batch, expires=expires, stop=stop):
+                unseen = list(msgs)
+                while unseen:
+                    delivery = await self._admit(target, unseen.pop(0))
+                    if delivery is not None:
+                        yield delivery
+        finally:
+            # Fetched but never handed out (the caller stopped early): give them back now
+            # rather than after ack_wait.
+            for msg in unseen:
+                with contextlib.suppress(Exception):
+                    await msg.nak()
 
     async def _admit(self, target: str, msg: Msg) -> Delivery | None:
         """Decode and check one message; dead-letter or skip what must not be handed out."""
