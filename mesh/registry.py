@@ -179,7 +179,7 @@ class Registry:
                 if entry.value is not None and entry.operation is None:
                     out[entry.key] = entry.value
         finally:
-            await watcher.stop()
+            await watcher.stop()  # type: ignore[no-untyped-call]
         return out
 
     async def _list(self, prefix: str) -> list[bytes]:
@@ -358,6 +358,11 @@ class Registry:
 
     # Routing ----------------------------------------------------------------
 
+    async def revision(self) -> int:
+        """A number that changes whenever anything in the registry changes."""
+        status = await self.kv.status()
+        return int(status.stream_info.state.last_seq or 0)
+
     async def routes_for(self, target: str) -> list[tuple[str, str | None]]:
         targets = {t.name for t in await self.list_targets()}
         return compute_routes(target, await self.list_propagations(), targets)
@@ -381,4 +386,4 @@ class Registry:
                     continue
                 yield entry.key
         finally:
-            await watcher.stop()
+            await watcher.stop()  # type: ignore[no-untyped-call]
