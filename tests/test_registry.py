@@ -1,0 +1,222 @@
+"""Routing rules (pure) and the registry in a real KV bucket."""
+
+from __future__ import annotations
+
+import pytest
+
+from mesh.client import MeshClient
+from mesh.errors import Conflict, InvalidName, NotFound, ValidationError
+from mesh.registry import (
+    Propagation,
+    PropagationMode,
+    Target,
+    TargetKind,
+    compute_routes,
+    route_accepts,
+)
+from mesh.streams import ack_wait_for, filters_for
+from mesh.subjects import Subjects
+from tests.conftest import add_nats_target
+
+UNI = PropagationMode.UNIDIRECTIONAL
+BI = PropagationMode.BIDIRECTIONAL
+MULTI = PropagationMode.MULTICAST
+BROAD = PropagationMode.BROADCAST
+ALL = {"a", "b", "c", "shop"}
+
+
+def P(mode: PropagationMode, source: str, *targets: str, types: str | None = None) -> Propagation:
+    return Propagation(mode=mode, source=source, targets=list(targets), types=types)
+
+
+# compute_routes -----------------------------------------------------------
+
+
+def test_unidirectional_routes() -> None:
+    props = [P(UNI, "shop", "a")]
+    assert compute_routes("a", props, ALL) == [("shop", None)]
+    assert compute_routes("b", props, ALL) == []
+    assert compute_routes("shop", props, ALL) == []
+
+
+def test_multicast_routes() -> None:
+    props = [P(MULTI, "shop", "a", "b", types="order.*")]
+    assert compute_routes("a", props, ALL) == [("shop", "order.*")]
+    assert compute_routes("b", props, ALL) == [("shop", "order.*")]
+    assert compute_routes("c", props, ALL) == []
+
+
+def test_broadcast_routes_every_registered_target_but_the_source() -> None:
+    props = [P(BROAD, "shop")]
+    for t in ("a", "b", "c"):
+        assert compute_routes(t, props, ALL) == [("shop", None)]
+    assert compute_routes("shop", props, ALL) == []
+    assert compute_routes("unregistered", props, ALL) == []
+    # A target registered later is in all_targets then, and routed.
+    assert compute_routes("late", props, ALL | {"late"}) == [("shop", None)]
+
+
+def test_bidirectional_routes_both_ways() -> None:
+    props = [P(BI, "a", "b", types="x.>")]
+    assert compute_routes("b", props, ALL) == [("a", "x.>")]
+    assert compute_routes("a", props, ALL) == [("b", "x.>")]
+    assert compute_routes("c", props, ALL) == []
+
+
+def test_routes_accumulate() -> None:
+    props = [P(UNI, "shop", "a", types="order.*"), P(BROAD, "ops"), P(BI, "a", "b")]
+    routes = compute_routes("a", props, ALL)
+    assert sorted(routes, key=str) == sorted(
+        [("shop", "order.*"), ("ops", None), ("b", None)], key=str
+    )
+    assert route_accepts(routes, "shop", "order.created")
+    assert not route_accepts(routes, "shop", "user.created")
+    assert route_accepts(routes, "ops", "anything.at.all")
+    assert not route_accepts(routes, "crm", "order.created")
+
+
+def test_filters_for() -> None:
+    s = Subjects("mesh")
+    routes = [("shop", "order.*"), ("shop", None), ("ops", "alert")]
+    assert filters_for(s, "a", routes) == [
+        "mesh.evt.ops.alert",
+        "mesh.evt.shop.>",
+        "mesh.replay.a.>",
+    ]
+    assert filters_for(s, "a", []) == ["mesh.replay.a.>"]
+
+
+def test_ack_wait() -> None:
+    hook = Target(name="h", kind=TargetKind.WEBHOOK, url="https://x", timeout_s=30)
+    assert ack_wait_for(hook) == 65
+    assert ack_wait_for(Target(name="n", kind=TargetKind.NATS, timeout_s=1), 2) == 2
+    assert ack_wait_for(Target(name="n", kind=TargetKind.NATS, timeout_s=45), 2) == 45
+
+
+def test_describe() -> None:
+    assert P(UNI, "shop", "a", types="order.*").describe() == "shop -> a [order.*]"
+    assert P(BI, "a", "b").describe() == "a <-> b"
+    assert P(BROAD, "ops").describe() == "ops -> *"
+    assert P(MULTI, "s", "a", "b").describe() == "s -> a,b"
+
+
+# The registry over KV -----------------------------------------------------------
+
+
+async def test_target_crud(client: MeshClient) -> None:
+    reg = client.registry
+    await add_nats_target(client, "billing")
+    t = await reg.get_target("billing")
+    assert (t.name, t.kind, t.consumer) == ("billing", TargetKind.NATS, "deliver-billing")
+    with pytest.raises(Conflict, match="already exists"):
+        await add_nats_target(client, "billing")
+    with pytest.raises(NotFound, match="unknown target 'nope'"):
+        await reg.get_target("nope")
+    with pytest.raises(InvalidName):
+        await reg.get_target("No Such")
+    with pytest.raises(InvalidName):
+        await add_nats_target(client, "Bad.Name")
+    assert [x.name for x in await reg.list_targets()] == ["billing"]
+    await client.remove_target("billing")
+    assert await reg.list_targets() == []
+    with pytest.raises(NotFound):
+        await client.remove_target("billing")
+    # Re-adding a removed name works (KV create over a delete marker).
+    await add_nats_target(client, "billing")
+    assert [x.name for x in await reg.list_targets()] == ["billing"]
+
+
+async def test_webhook_secret_is_sealed(client: MeshClient) -> None:
+    t = Target(name="hook", kind=TargetKind.WEBHOOK, url="http://127.0.0.1:9/x")
+    await client.add_target(t, "whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQ=")
+    entry = await client.registry.kv.get("targets.hook")
+    assert entry.value is not None
+    assert b"c2VjcmV0" not in entry.value
+    stored = await client.registry.get_target("hook")
+    assert client.registry.secrets_for(stored) == ["whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQ="]
+    assert "secret_enc" not in stored.public() and stored.public()["has_secret"]
+    with pytest.raises(ValidationError, match="whsec_"):
+        await client.add_target(
+            Target(name="hook2", kind=TargetKind.WEBHOOK, url="http://127.0.0.1:9/"), "plain"
+        )
+    with pytest.raises(ValidationError, match="--webhook"):
+        await client.add_target(Target(name="hook3", kind=TargetKind.WEBHOOK))
+
+
+async def test_propagation_rules(client: MeshClient) -> None:
+    await add_nats_target(client, "a")
+    await add_nats_target(client, "b")
+    add = client.add_propagation
+    with pytest.raises(NotFound, match="unknown target 'zz'"):
+        await add(UNI, "shop", ["zz"])
+    with pytest.raises(ValidationError, match="exactly one"):
+        await add(UNI, "shop", ["a", "b"])
+    with pytest.raises(ValidationError, match="exactly one"):
+        await add(BI, "a", [])
+    with pytest.raises(ValidationError, match="no --target"):
+        await add(BROAD, "shop", ["a"])
+    with pytest.raises(ValidationError, match="at least one"):
+        await add(MULTI, "shop", [])
+    with pytest.raises(ValidationError, match="itself"):
+        await add(UNI, "a", ["a"])
+    with pytest.raises(NotFound, match="both ends"):
+        await add(BI, "shop", ["a"])
+    with pytest.raises(InvalidName):
+        await add(UNI, "Shop", ["a"])
+    with pytest.raises(ValidationError, match="pattern"):
+        await add(UNI, "shop", ["a"], "order.>.x")
+    p = await add(MULTI, "shop", ["a", "b", "a"], "order.*")
+    assert p.targets == ["a", "b"]
+    with pytest.raises(Conflict, match=p.id):
+        await add(MULTI, "shop", ["b", "a"], "order.*")
+    assert [x.id for x in await client.registry.list_propagations()] == [p.id]
+    assert (await client.registry.get_propagation(p.id)).targets == ["a", "b"]
+    with pytest.raises(NotFound):
+        await client.remove_propagation("000000000000")
+    with pytest.raises(ValidationError):
+        await client.remove_propagation("../etc")
+    # Nothing above left a trace.
+    assert len(await client.registry.list_propagations()) == 1
+
+
+async def test_can_request_only_along_bidirectional(client: MeshClient) -> None:
+    await add_nats_target(client, "a")
+    await add_nats_target(client, "b")
+    await client.add_propagation(UNI, "a", ["b"])
+    assert not await client.registry.can_request("a", "b")
+    await client.add_propagation(BI, "a", ["b"])
+    assert await client.registry.can_request("a", "b")
+    assert await client.registry.can_request("b", "a")
+
+
+async def test_revision_moves_on_every_change(client: MeshClient) -> None:
+    r0 = await client.registry.revision()
+    await add_nats_target(client, "a")
+    r1 = await client.registry.revision()
+    p = await client.add_propagation(BROAD, "ops")
+    r2 = await client.registry.revision()
+    await client.remove_propagation(p.id)
+    r3 = await client.registry.revision()
+    assert r0 < r1 < r2 < r3
+
+
+async def test_an_invalid_entry_does_not_break_listing(client: MeshClient) -> None:
+    await add_nats_target(client, "good")
+    await client.registry.kv.put("targets.broken", b"{not json")
+    await client.registry.kv.put("props.broken", b'{"mode": "sideways"}')
+    assert [t.name for t in await client.registry.list_targets()] == ["good"]
+    assert await client.registry.list_propagations() == []
+    # And reconciling everything still works.
+    assert set(await client.init()) == {"good"}
+
+
+async def test_reconcile_is_idempotent_and_prunes(client: MeshClient) -> None:
+    await add_nats_target(client, "a")
+    await client.add_propagation(BROAD, "ops")
+    first = await client.init()
+    assert first == {"a": ["mesh.evt.ops.>", "mesh.replay.a.>"]}
+    assert await client.init() == first
+    # A consumer left behind by a target removed elsewhere is pruned.
+    await client.registry.kv.delete("targets.a")
+    assert await client.init() == {}
+    assert [n async for n in client.provisioner._deliver_consumers()] == []
