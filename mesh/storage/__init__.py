@@ -44,6 +44,7 @@ __all__ = [
     "Store",
     "Table",
     "WriteResult",
+    "backend_of",
     "open_store",
     "sqlite_path",
 ]
@@ -62,6 +63,27 @@ def sqlite_path(url: str) -> str:
     return path
 
 
+def backend_of(url: str) -> str:
+    """``"sqlite"`` or ``"postgres"`` for a database URL; ``StorageError`` if it is neither.
+
+    Checks the URL without connecting, so a service can refuse a bad setting at
+    once and still start (and retry) while a good database is merely down.
+    """
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError:
+        scheme = ""
+    if scheme == "sqlite":
+        sqlite_path(url)
+        return "sqlite"
+    if scheme in ("postgresql", "postgres"):
+        return "postgres"
+    raise StorageError(
+        f"unsupported database URL {redact_url(url)!r}: use sqlite:///PATH"
+        " or postgresql://USER@HOST/DB"
+    )
+
+
 async def open_store(url: str, **options: Any) -> Store:
     """Connect to the database at ``url``; raise ``StorageError`` with one clear line if not.
 
@@ -70,18 +92,10 @@ async def open_store(url: str, **options: Any) -> Store:
     not touched: call ``migrate()``.
     """
     safe = redact_url(url)
-    try:
-        scheme = urlsplit(url).scheme.lower()
-    except ValueError:
-        scheme = ""
-    if scheme == "sqlite":
+    if backend_of(url) == "sqlite":
         from mesh.storage.sqlite import SqliteStore
 
         return await SqliteStore.open(sqlite_path(url), safe, **options)
-    if scheme in ("postgresql", "postgres"):
-        from mesh.storage.postgres import PostgresStore
+    from mesh.storage.postgres import PostgresStore
 
-        return await PostgresStore.open(url, safe, **options)
-    raise StorageError(
-        f"unsupported database URL {safe!r}: use sqlite:///PATH or postgresql://USER@HOST/DB"
-    )
+    return await PostgresStore.open(url, safe, **options)

@@ -1,0 +1,189 @@
+"""Queries of what the sink stored: ``mesh events`` and ``mesh deliveries --event ID``.
+
+Payloads are ciphertext in the database; they are decrypted here, for display
+only, with the key ring. Without a usable key the data column says so.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import typer
+
+from mesh.cli._common import arun, err_console, parse_time, print_json, print_table, settings
+from mesh.config import Settings
+from mesh.crypto import KeyRing
+from mesh.envelope import OCTETS, decode_data, to_jsonable
+from mesh.errors import MeshError, NotFound
+from mesh.storage import DeliveryRow, EventRow, Store, open_store
+from mesh.subjects import validate_name
+
+DATA_WIDTH = 60
+T = TypeVar("T")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("events")(events)
+    app.command("deliveries")(deliveries)
+
+
+class PayloadReader:
+    """Turns stored payloads back into data; loads the key ring on first need."""
+
+    def __init__(self, s: Settings) -> None:
+        self._settings = s
+        self._ring: KeyRing | None = None
+        self.problem: str | None = None
+
+    def _keyring(self) -> KeyRing | None:
+        if self._ring is None and self.problem is None:
+            try:
+                self._ring = KeyRing.load(self._settings.key_path, create=False)
+            except MeshError as exc:
+                self.problem = str(exc)
+        return self._ring
+
+    def data(self, row: EventRow) -> Any:
+        body = row.payload
+        if row.encrypted:
+            ring = self._keyring()
+            if ring is None:
+                return "<encrypted: no key ring>"
+            try:
+                body = ring.decrypt(body)
+            except MeshError:
+                return "<encrypted: no key in the ring opens it>"
+        try:
+            return to_jsonable(decode_data(body, row.datacontenttype or OCTETS))
+        except MeshError:
+            return to_jsonable(body)
+
+
+def event_doc(row: EventRow, data: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "seq": row.stream_seq,
+        "time": row.time.isoformat(),
+        "source": row.source,
+        "type": row.type,
+        "subject": row.subject,
+        "datacontenttype": row.datacontenttype,
+        "origin": row.origin,
+        "hops": row.hops,
+        "encrypted": row.encrypted,
+        "received_at": row.received_at.isoformat(),
+        "data": data,
+    }
+
+
+def delivery_doc(row: DeliveryRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "event_id": row.event_id,
+        "target": row.target,
+        "attempt": row.attempt,
+        "outcome": row.outcome,
+        "status_code": row.status_code,
+        "latency_ms": row.latency_ms,
+        "error": row.error,
+        "at": row.at.isoformat(),
+        "instance": row.instance,
+    }
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    return text if len(text) <= DATA_WIDTH else text[: DATA_WIDTH - 1] + "…"
+
+
+async def _query(s: Settings, fn: Callable[[Store], Awaitable[T]]) -> T:
+    store = await open_store(s.database_url)
+    try:
+        return await fn(store)
+    finally:
+        await store.close()
+
+
+def events(
+    source: str | None = typer.Option(None, "--source", help="Only events from this source."),
+    type_: str | None = typer.Option(
+        None, "--type", help="An event type or a pattern (order.*, order.>)."
+    ),
+    since: str | None = typer.Option(None, "--since", help="2h, 30m, 7d or an ISO 8601 time."),
+    limit: int = typer.Option(20, "--limit", min=1, max=100_000, help="At most this many."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document, data included."),
+) -> None:
+    """Stored events, newest first, with their data decrypted for display."""
+    s = settings()
+    if source is not None:
+        validate_name(source, "source name")
+    since_time = parse_time(since) if since else None
+
+    async def run(store: Store) -> list[EventRow]:
+        return await store.query_events(source=source, type=type_, since=since_time, limit=limit)
+
+    rows = arun(_query(s, run))
+    reader = PayloadReader(s)
+    docs = [event_doc(r, reader.data(r)) for r in rows]
+    if reader.problem:
+        err_console.print(f"[yellow]payloads not decrypted:[/] {reader.problem}")
+    if as_json:
+        print_json(docs)
+        return
+    print_table(
+        None,
+        ["time", "id", "source", "type", "seq", "data"],
+        [[d["time"], d["id"], d["source"], d["type"], d["seq"], _short(d["data"])] for d in docs],
+    )
+
+
+def deliveries(
+    event_id: str = typer.Option(..., "--event", help="The event id (see `mesh events`)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Every delivery attempt recorded for one event, oldest first."""
+    s = settings()
+
+    async def run(store: Store) -> tuple[EventRow | None, list[DeliveryRow]]:
+        return await store.get_event(event_id), await store.query_deliveries(event_id)
+
+    event, attempts = arun(_query(s, run))
+    if event is None and not attempts:
+        raise NotFound(f"no event {event_id!r} in the database (see `mesh events`)")
+    if as_json:
+        print_json(
+            {
+                "event": None if event is None else event_doc(event, PayloadReader(s).data(event)),
+                "deliveries": [delivery_doc(d) for d in attempts],
+            }
+        )
+        return
+    if event is not None:
+        err_console.print(
+            f"event {event.id}: {event.source} {event.type} at {event.time.isoformat()}"
+        )
+    if not attempts:
+        err_console.print("no delivery attempts recorded")
+        return
+    print_table(
+        None,
+        ["at", "target", "attempt", "outcome", "status", "latency ms", "error", "instance"],
+        [
+            [
+                d.at.isoformat(),
+                d.target,
+                d.attempt,
+                d.outcome,
+                d.status_code,
+                None if d.latency_ms is None else f"{d.latency_ms:.1f}",
+                d.error,
+                d.instance,
+            ]
+            for d in attempts
+        ],
+    )
+
+
+__all__ = ["deliveries", "events", "register"]

@@ -1,0 +1,670 @@
+"""The persistence sink: every event, delivery attempt and dead letter into SQL tables.
+
+Three durable pull consumers (``sink-events``, ``sink-sys``, ``sink-dlq``) are
+fetched in batches; a batch is written in one transaction and its messages are
+acked only after the commit, so a crash anywhere means redelivery, and the
+store's ``ON CONFLICT DO NOTHING`` makes redelivery harmless. Several sinks may
+run at once: the consumers spread the messages between them.
+
+While the database is down the sink holds the batch it has (unacked, kept from
+redelivery with ``in_progress``), retries with a capped exponential backoff and
+fetches nothing more; ``db_ok`` says so for readiness. Payloads are stored as
+they are in JetStream: the sink never decrypts.
+
+It also mirrors the registry (targets and propagations) into the ``services``
+and ``propagations`` tables, with an audit row for each change, and keeps a
+sample of heartbeats in ``health_checks``.
+
+Run alone with ``python -m services.sink`` or ``mesh serve sink``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import nats.js.errors as js_errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from mesh import envelope
+from mesh.config import Settings
+from mesh.errors import DecodeError, MeshError, StorageError
+from mesh.observability import METRICS, HeartbeatInfo
+from mesh.records import DeliveryRecord, parse_dead_letter
+from mesh.registry import Propagation, Target
+from mesh.storage import (
+    DeadLetterRow,
+    DeliveryRow,
+    EventRow,
+    HealthCheckRow,
+    PropagationRow,
+    ServiceRow,
+    Store,
+    backend_of,
+    open_store,
+)
+from mesh.subjects import Subjects
+from services.base import Service
+
+BATCH_SIZE = 500
+FETCH_WAIT_S = 0.5
+ACK_WAIT_S = 15.0  # a crashed sink's batch comes back this soon; long writes send in_progress
+RETRY_BASE_S = 0.2
+RETRY_MAX_S = 10.0
+DB_CHECK_INTERVAL_S = 5.0
+REGISTRY_RESYNC_S = 60.0
+HEALTH_SAMPLE_S = 60.0
+HEALTH_BUFFER = 1000
+AUDIT_ACTOR = "registry"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _seq(msg: Msg) -> int | None:
+    try:
+        return msg.metadata.sequence.stream
+    except Exception:  # not a JetStream message (tests, tools)
+        return None
+
+
+def _stored_at(msg: Msg) -> datetime:
+    """When JetStream stored the message: the same on every redelivery."""
+    try:
+        return msg.metadata.timestamp
+    except Exception:
+        return _now()
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _parse_time(value: str | None, fallback: datetime) -> datetime:
+    if not value:
+        return fallback
+    try:
+        return _aware(datetime.fromisoformat(value.replace("Z", "+00:00")))
+    except ValueError:
+        return fallback
+
+
+def _encrypted(headers: Mapping[str, str] | None) -> bool:
+    return bool((headers or {}).get(envelope.H_ENCRYPTION))
+
+
+# Message -> row --------------------------------------------------------------------
+
+
+def event_row(msg: Msg, subjects: Subjects) -> tuple[EventRow, str | None]:
+    """The row for a message on the events stream, and why it was only partly decodable.
+
+    The CloudEvents attributes are read with ``envelope.decode`` (the encryption
+    header set aside, so nothing is decrypted); a message that fails its checks is
+    still stored with what can be read from its subject and headers.
+    """
+    headers = dict(msg.headers or {})
+    seq = _seq(msg)
+    stored = _stored_at(msg)
+    attrs = {k: v for k, v in headers.items() if k != envelope.H_ENCRYPTION}
+    problem: str | None = None
+    try:
+        ev = envelope.decode(
+            msg.subject, attrs, b"", None, seq=seq, subjects=subjects, decode_body=False
+        )
+        row = EventRow(
+            id=ev.id,
+            stream_seq=seq,
+            subject=msg.subject,
+            source=ev.source,
+            type=ev.type,
+            time=_aware(ev.time) if "ce-time" in headers else stored,
+            datacontenttype=headers.get("ce-datacontenttype"),
+            ce_subject=ev.subject,
+            origin=ev.effective_origin,
+            hops=ev.hops,
+            payload=msg.data,
+            encrypted=_encrypted(headers),
+            received_at=stored,
+        )
+        return row, None
+    except DecodeError as exc:
+        problem = str(exc)
+    try:
+        source, etype, _ = subjects.parse_event(msg.subject)
+    except MeshError:
+        source, etype = "", ""
+    try:
+        hops = int(headers.get(f"ce-{envelope.EXT_HOPS}", "0"))
+    except ValueError:
+        hops = 0
+    row = EventRow(
+        id=headers.get("ce-id") or headers.get(envelope.H_MSG_ID) or f"seq-{seq}",
+        stream_seq=seq,
+        subject=msg.subject,
+        source=headers.get("ce-source") or source,
+        type=headers.get("ce-type") or etype,
+        time=_parse_time(headers.get("ce-time"), stored),
+        datacontenttype=headers.get("ce-datacontenttype"),
+        ce_subject=headers.get("ce-subject"),
+        origin=headers.get(f"ce-{envelope.EXT_ORIGIN}"),
+        hops=max(hops, 0),
+        payload=msg.data,
+        encrypted=_encrypted(headers),
+        received_at=stored,
+    )
+    return row, problem
+
+
+def delivery_row(msg: Msg) -> DeliveryRow:
+    """The row for a delivery-attempt record. Raises ``DecodeError``."""
+    rec = DeliveryRecord.from_bytes(msg.data)
+    try:
+        return DeliveryRow(
+            # The publisher sets Nats-Msg-Id to the record id; prefer it, it is stable.
+            id=(msg.headers or {}).get(envelope.H_MSG_ID) or rec.id,
+            event_id=str(rec.event_id),
+            target=str(rec.target),
+            attempt=int(rec.attempt),
+            outcome=str(rec.outcome),
+            status_code=None if rec.status_code is None else int(rec.status_code),
+            latency_ms=None if rec.latency_ms is None else float(rec.latency_ms),
+            error=rec.error,
+            at=_parse_time(rec.at, _stored_at(msg)),
+            instance=rec.instance,
+        )
+    except (TypeError, ValueError) as exc:
+        raise DecodeError(f"not a delivery record: {exc}") from None
+
+
+def dead_letter_row(msg: Msg, subjects: Subjects) -> tuple[DeadLetterRow, str | None]:
+    """The row for a dead letter; one with unreadable ``mesh-dlq-*`` headers is kept too."""
+    seq = _seq(msg)
+    headers = msg.headers or {}
+    try:
+        dl = parse_dead_letter(headers, msg.data)
+        return (
+            DeadLetterRow(
+                id=dl.id,
+                event_id=dl.event_id,
+                target=dl.target,
+                attempts=dl.attempts,
+                last_error=dl.error,
+                payload=dl.body,
+                encrypted=_encrypted(headers),
+                dead_at=_aware(dl.at),
+                stream_seq=seq,
+            ),
+            None,
+        )
+    except DecodeError as exc:
+        problem = str(exc)
+    target = msg.subject.removeprefix(subjects.dlq("")) if msg.subject else ""
+    row = DeadLetterRow(
+        id=headers.get(envelope.H_MSG_ID) or f"dlq-seq-{seq}",
+        event_id=headers.get("ce-id") or "",
+        target=target,
+        attempts=0,
+        last_error=problem,
+        payload=msg.data,
+        encrypted=_encrypted(headers),
+        dead_at=_stored_at(msg),
+        stream_seq=seq,
+    )
+    return row, problem
+
+
+def service_row(target: Target) -> ServiceRow:
+    config = target.model_dump(
+        mode="json",
+        exclude={
+            "name",
+            "kind",
+            "status",
+            "created_at",
+            "updated_at",
+            "secret_enc",
+            "old_secret_enc",
+        },
+    )
+    config["has_secret"] = target.secret_enc is not None
+    return ServiceRow(
+        name=target.name,
+        kind=str(target.kind),
+        config=config,
+        status=str(target.status),
+        created_at=_aware(target.created_at),
+        updated_at=_aware(target.updated_at),
+    )
+
+
+def propagation_row(prop: Propagation) -> PropagationRow:
+    return PropagationRow(
+        id=prop.id,
+        mode=str(prop.mode),
+        source=prop.source,
+        targets=list(prop.targets),
+        types=prop.types,
+        created_at=_aware(prop.created_at),
+    )
+
+
+# The service ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Feed:
+    """One stream the sink drains."""
+
+    kind: str  # events | sys | dlq
+    stream: str
+    consumer: str
+
+
+class Sink(Service):
+    name: ClassVar[str] = "sink"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        instance: str | None = None,
+        batch_size: int = BATCH_SIZE,
+        fetch_wait: float = FETCH_WAIT_S,
+    ) -> None:
+        super().__init__(settings, instance=instance)
+        self.batch_size = batch_size
+        self.fetch_wait = fetch_wait
+        self.store: Store | None = None
+        self.db_ok = False
+        self.db_error: str | None = None
+        self._db_ready = asyncio.Event()
+        self._store_lock = asyncio.Lock()
+        self._health: deque[HealthCheckRow] = deque(maxlen=HEALTH_BUFFER)
+        self._health_last: dict[tuple[str, str], tuple[float, str]] = {}
+        self._health_sub: Subscription | None = None
+        self._pulls: list[asyncio.Task[Any]] = []
+        self.counts: dict[str, int] = {
+            "events": 0,
+            "deliveries": 0,
+            "dead_letters": 0,
+            "health_checks": 0,
+            "batches": 0,
+            "messages": 0,
+            "undecodable": 0,
+            "terminated": 0,
+            "db_failures": 0,
+        }
+        names = self.client.names
+        self.feeds = (
+            Feed("events", names.events, "sink-events"),
+            Feed("sys", names.sys, "sink-sys"),
+            Feed("dlq", names.dlq, "sink-dlq"),
+        )
+
+    # Lifecycle ----------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        backend_of(self.settings.database_url)  # a malformed URL is a config error: fail now
+        if not await self._open_store():
+            self.log.warning("database unreachable at start; retrying", error=self.db_error)
+        for feed in self.feeds:
+            await self._ensure_consumer(feed)
+        self._health_sub = await self.client.nc.subscribe(
+            self.client.subjects.health_all,
+            cb=self._on_heartbeat,
+            pending_msgs_limit=HEALTH_BUFFER,
+        )
+        self._pulls = [
+            self.spawn(self._pull_loop(feed), name=f"sink-{feed.kind}") for feed in self.feeds
+        ]
+        self.spawn(self._db_loop(), name="sink-db")
+        self.spawn(self._mirror_loop(), name="sink-registry")
+
+    async def on_drain(self, timeout: float) -> None:
+        # Pull loops see ``stopping`` once the batch in hand is written and acked.
+        if self._pulls:
+            await asyncio.wait(self._pulls, timeout=timeout)
+        with contextlib.suppress(StorageError):
+            await self._flush_health()
+
+    async def on_close(self) -> None:
+        if self._health_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._health_sub.unsubscribe()
+        store, self.store = self.store, None
+        if store is not None:
+            await store.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "db_ok": self.db_ok,
+            "db_error": self.db_error,
+            "backend": backend_of(self.settings.database_url),
+            **self.counts,
+        }
+
+    # Database -----------------------------------------------------------------
+
+    async def _open_store(self) -> bool:
+        """Open and migrate the store if it is not open; True when it is usable."""
+        async with self._store_lock:
+            if self.store is not None:
+                return True
+            try:
+                store = await open_store(self.settings.database_url)
+            except StorageError as exc:
+                self._db_down(exc)
+                return False
+            try:
+                await store.migrate()
+            except StorageError as exc:
+                await store.close()
+                self._db_down(exc)
+                return False
+            self.store = store
+            self._db_up()
+            return True
+
+    def _db_up(self) -> None:
+        if not self.db_ok and self.db_error is not None:
+            self.log.info("database reachable again")
+        self.db_ok = True
+        self.db_error = None
+        self._db_ready.set()
+
+    def _db_down(self, exc: BaseException) -> None:
+        if self.db_ok or self.db_error is None:
+            self.log.warning("database unreachable", error=str(exc))
+        self.db_ok = False
+        self.db_error = str(exc)
+        self.counts["db_failures"] += 1
+
+    async def _db_loop(self) -> None:
+        """Open the store if that failed at start; keep ``db_ok`` true to the database;
+        write the sampled heartbeats."""
+        while not self.stopping.is_set():
+            if self.store is None:
+                await self._open_store()
+            else:
+                try:
+                    await self.store.ping()
+                    self._db_up()
+                    await self._flush_health()
+                except StorageError as exc:
+                    self._db_down(exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), DB_CHECK_INTERVAL_S)
+
+    async def _with_db(self, what: str, op: Callable[[Store], Awaitable[Any]]) -> bool:
+        """Run ``op`` until it succeeds, backing off while the database is down.
+
+        Returns False if the sink began stopping first.
+        """
+        delay = RETRY_BASE_S
+        while True:
+            if self.store is None:
+                await self._open_store()
+            store = self.store
+            if store is not None:
+                try:
+                    await op(store)
+                except StorageError as exc:
+                    self._db_down(exc)
+                else:
+                    self._db_up()
+                    return True
+            self.log.debug("retrying database write", what=what, delay=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), delay)
+            if self.stopping.is_set():
+                return False
+            delay = min(delay * 2, RETRY_MAX_S)
+
+    # Feeds ----------------------------------------------------------------------
+
+    async def _ensure_consumer(self, feed: Feed) -> None:
+        config = ConsumerConfig(
+            durable_name=feed.consumer,
+            description=f"persistence sink ({feed.kind})",
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ACK_WAIT_S,
+            max_deliver=-1,
+            max_ack_pending=max(self.batch_size * 8, 1000),
+            max_waiting=512,
+        )
+        try:
+            await self.client.js.add_consumer(feed.stream, config)
+        except js_errors.BadRequestError as exc:
+            # Created by another sink with settings that cannot change: use it as it is.
+            self.log.info("sink consumer kept as found", consumer=feed.consumer, error=str(exc))
+
+    async def _pull_loop(self, feed: Feed) -> None:
+        async for msgs in self.client.pull(
+            feed.consumer,
+            batch=self.batch_size,
+            expires=self.fetch_wait,
+            stream=feed.stream,
+            stop=self.stopping,
+        ):
+            await self.handle_batch(feed.kind, msgs)
+
+    async def handle_batch(self, kind: str, msgs: list[Msg]) -> bool:
+        """Write one fetched batch and ack it; False if stopped before the write landed."""
+        events: list[EventRow] = []
+        deliveries: list[DeliveryRow] = []
+        dead: list[DeadLetterRow] = []
+        keep: list[Msg] = []
+        drop: list[Msg] = []
+        subjects = self.client.subjects
+        for msg in msgs:
+            try:
+                if kind == "events":
+                    row, problem = event_row(msg, subjects)
+                    events.append(row)
+                elif kind == "sys":
+                    deliveries.append(delivery_row(msg))
+                    problem = None
+                else:
+                    dl, problem = dead_letter_row(msg, subjects)
+                    dead.append(dl)
+            except DecodeError as exc:
+                self.counts["undecodable"] += 1
+                self.log.warning("undecodable message dropped", subject=msg.subject, error=str(exc))
+                drop.append(msg)
+                continue
+            if problem is not None:
+                self.counts["undecodable"] += 1
+                self.log.warning("message stored as found", subject=msg.subject, error=problem)
+            keep.append(msg)
+
+        if keep:
+            held = asyncio.create_task(self._hold(keep))
+            try:
+                result = None
+
+                async def write(store: Store) -> None:
+                    nonlocal result
+                    result = await store.write_batch(events, deliveries, dead)
+
+                if not await self._with_db(f"{kind} batch", write):
+                    return False  # unacked: redelivered to this or another sink
+            finally:
+                held.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await held
+            assert result is not None
+            for table in ("events", "deliveries", "dead_letters"):
+                n = getattr(result, table)
+                if n:
+                    self.counts[table] += n
+                    METRICS.sink_rows_written.labels(table).inc(n)
+        await self._settle(keep, drop)
+        self.counts["batches"] += 1
+        self.counts["messages"] += len(msgs)
+        return True
+
+    async def _settle(self, keep: list[Msg], drop: list[Msg]) -> None:
+        # After the commit: an ack that gets lost only means a harmless redelivery.
+        for msg in keep:
+            with contextlib.suppress(Exception):
+                await msg.ack()
+        for msg in drop:
+            with contextlib.suppress(Exception):
+                await msg.term()
+                self.counts["terminated"] += 1
+
+    async def _hold(self, msgs: list[Msg]) -> None:
+        """While a write waits for the database, keep the batch from being redelivered."""
+        while True:
+            await asyncio.sleep(ACK_WAIT_S / 3)
+            for msg in msgs:
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+
+    # Heartbeats -------------------------------------------------------------------
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            info = HeartbeatInfo.parse(msg.data)
+            at = _parse_time(info.at, _now())
+            row = HealthCheckRow(
+                service=str(info.service),
+                instance=str(info.instance),
+                at=at,
+                status=str(info.status),
+                stats=info.stats if isinstance(info.stats, dict) else {},
+            )
+        except (ValueError, TypeError):
+            return
+        # One sample a minute per instance, or any change of status: enough history
+        # without a row every five seconds per service forever.
+        key = (row.service, row.instance)
+        last = self._health_last.get(key)
+        mono = time.monotonic()
+        if last is not None and last[1] == row.status and mono - last[0] < HEALTH_SAMPLE_S:
+            return
+        self._health_last[key] = (mono, row.status)
+        self._health.append(row)
+
+    async def _flush_health(self) -> None:
+        if not self._health or self.store is None:
+            return
+        rows = list(self._health)
+        result = await self.store.write_batch(health_checks=rows)
+        for _ in rows:
+            self._health.popleft()
+        if result.health_checks:
+            self.counts["health_checks"] += result.health_checks
+            METRICS.sink_rows_written.labels("health_checks").inc(result.health_checks)
+
+    # Registry mirror --------------------------------------------------------------
+
+    async def _mirror_loop(self) -> None:
+        """Resync the registry now and then; follow its changes in between."""
+        await self._db_ready.wait()
+        while not self.stopping.is_set():
+            seen_reconnects = self.client.reconnects
+            deadline = time.monotonic() + REGISTRY_RESYNC_S
+            watch = asyncio.create_task(self._follow_registry())
+            try:
+                try:
+                    await self.resync_registry()
+                except Exception as exc:  # NATS or database trouble: next round retries
+                    self.log.warning("registry resync failed", error=str(exc) or repr(exc))
+                # A watcher can go quiet across a server restart: start a new one then.
+                while (
+                    not self.stopping.is_set()
+                    and not watch.done()
+                    and time.monotonic() < deadline
+                    and seen_reconnects == self.client.reconnects
+                ):
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.stopping.wait(), 1.0)
+            finally:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await watch
+            if watch.done() and not self.stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), 1.0)
+
+    async def resync_registry(self) -> None:
+        """Make the tables match the registry: upsert what is there, delete what is not."""
+        if self.store is None:
+            return
+        registry = self.client.registry
+        targets = await registry.list_targets()
+        props = await registry.list_propagations()
+        store = self.store
+        for t in targets:
+            await store.upsert_service(service_row(t), actor=AUDIT_ACTOR)
+        for p in props:
+            await store.upsert_propagation(propagation_row(p), actor=AUDIT_ACTOR)
+        names = {t.name for t in targets}
+        for s in await store.list_services():
+            if s.name not in names:
+                await store.delete_service(s.name, actor=AUDIT_ACTOR)
+        ids = {p.id for p in props}
+        for row in await store.list_propagations():
+            if row.id not in ids:
+                await store.delete_propagation(row.id, actor=AUDIT_ACTOR)
+
+    async def _follow_registry(self) -> None:
+        registry = self.client.registry
+        async for key in registry.watch():
+            store = self.store
+            if store is None:
+                continue
+            kind, _, ident = key.partition(".")
+            try:
+                if kind == "targets":
+                    try:
+                        target = await registry.get_target(ident)
+                    except MeshError:  # gone (or unreadable): not in the mirror either
+                        await store.delete_service(ident, actor=AUDIT_ACTOR)
+                    else:
+                        await store.upsert_service(service_row(target), actor=AUDIT_ACTOR)
+                elif kind == "props":
+                    try:
+                        prop = await registry.get_propagation(ident)
+                    except MeshError:
+                        await store.delete_propagation(ident, actor=AUDIT_ACTOR)
+                    else:
+                        await store.upsert_propagation(propagation_row(prop), actor=AUDIT_ACTOR)
+            except StorageError as exc:
+                # The periodic resync catches up once the database is back.
+                self._db_down(exc)
+
+
+def main() -> None:
+    """``python -m services.sink``: the sink alone, on MESH_NATS_URL and MESH_DB_URL."""
+    from mesh.config import load_settings
+    from mesh.observability import configure_logging
+    from services.runner import main_sync
+
+    settings = load_settings()
+    configure_logging(settings.log_format, settings.log_level)
+    if settings.embedded:
+        settings = settings.model_copy(update={"nats_url": settings.servers[0]})
+    try:
+        main_sync(["sink"], settings)
+    except MeshError as exc:
+        raise SystemExit(f"mesh sink: error: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["Sink", "dead_letter_row", "delivery_row", "event_row", "main"]
