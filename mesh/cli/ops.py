@@ -19,6 +19,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
 from rich.text import Text
 
 from mesh import dlq as dlq_ops
@@ -236,9 +237,14 @@ def dlq_list(
     if not listing.entries:
         console.print("no dead letters" + (f" for {target}" if target else ""))
     else:
-        print_table(
-            f"dead letters ({len(listing.entries)})", ENTRY_COLUMNS, _entry_rows(listing.entries)
-        )
+        table = Table(title=f"dead letters ({len(listing.entries)})", header_style="bold")
+        for col in ENTRY_COLUMNS:
+            # Ids are pasted into `mesh dlq show`: never wrapped or cut.
+            ident = col == "event id"
+            table.add_column(col, no_wrap=ident, min_width=32 if ident else None)
+        for row in _entry_rows(listing.entries):
+            table.add_row(*["" if v is None else str(v) for v in row])
+        console.print(table)
     if listing.unreadable:
         err_console.print(f"{listing.unreadable} message(s) on the DLQ are not dead letters")
 

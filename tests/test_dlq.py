@@ -1,0 +1,148 @@
+"""The dead-letter tools against a real nats-server: list, show, replay, purge."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from mesh import dlq
+from mesh.client import MeshClient
+from mesh.config import Settings
+from tests.conftest import add_nats_target
+from tests.test_replay import backlog, drain, one_line_error, run_cli
+
+
+async def dlq_depth(client: MeshClient, target: str | None = None) -> int:
+    subj = client.subjects.dlq(target) if target else client.subjects.dlq_all
+    info = await client.js.stream_info(client.names.dlq, subjects_filter=subj)
+    return sum((info.state.subjects or {}).values())
+
+
+async def dead_letter_all(client: MeshClient, target: str, n: int, error: str) -> list[str]:
+    """A receiver that gives up on everything: each event goes to the DLQ, then is acked."""
+    ids: list[str] = []
+    it = client.consume(target, batch=32, expires=0.5)
+    try:
+        while len(ids) < n:
+            d = await anext(it)
+            await client.dead_letter(d.msg, target, error, attempts=4)
+            await d.ack()
+            ids.append(d.event.id)
+    finally:
+        await it.aclose()
+    return ids
+
+
+async def test_list_show_replay_leaves_the_dlq(client: MeshClient, settings: Settings) -> None:
+    await add_nats_target(client, "alpha")
+    await add_nats_target(client, "beta")
+    await client.add_propagation("multicast", "shop", ["alpha", "beta"])
+    published = [await client.publish("shop", "order.created", {"n": i}) for i in range(6)]
+    dead = await dead_letter_all(client, "alpha", 6, "connection refused")
+    assert dead == published
+    await drain(client, "beta", 6, quiet=0.2)
+    assert await dlq_depth(client, "alpha") == 6
+
+    listing = await run_cli(settings, "dlq", "list", "--target", "alpha", "--json")
+    assert listing.returncode == 0, listing.stderr
+    docs = json.loads(listing.stdout)
+    assert [d["event_id"] for d in docs] == published
+    assert {(d["target"], d["attempts"], d["error"]) for d in docs} == {
+        ("alpha", 4, "connection refused")
+    }
+    assert all(d["encrypted"] and d["type"] == "order.created" for d in docs)
+
+    table = await run_cli(settings, "dlq", "list")
+    assert table.returncode == 0 and published[0] in table.stdout
+
+    show = await run_cli(settings, "dlq", "show", published[2], "--json")
+    assert show.returncode == 0, show.stderr
+    one = json.loads(show.stdout)
+    assert (one["event_id"], one["headers"]["ce-id"]) == (published[2], published[2])
+    by_seq = await run_cli(settings, "dlq", "show", str(one["seq"]), "--json")
+    assert json.loads(by_seq.stdout)["event_id"] == published[2]
+
+    # The receiver is back: replay sends every dead letter through normal delivery.
+    proc = await run_cli(settings, "dlq", "replay", "--target", "alpha")
+    assert proc.returncode == 0, proc.stderr
+    assert "replayed 6 dead letter(s)" in proc.stdout
+    got = await drain(client, "alpha", 6)
+    assert [e.id for e in got] == published
+    assert all(e.replay for e in got)
+    assert [e.data["n"] for e in got] == list(range(6))
+    assert await dlq_depth(client) == 0
+    assert await backlog(client, "beta") == (0, 0)  # the other target saw nothing again
+
+
+async def test_replay_keeps_dead_letters_it_could_not_republish(client: MeshClient) -> None:
+    await add_nats_target(client, "alpha")
+    await client.add_propagation("unidirectional", "shop", ["alpha"])
+    for i in range(3):
+        await client.publish("shop", "order.created", {"n": i})
+    await dead_letter_all(client, "alpha", 3, "HTTP 503")
+    entries = (await dlq.list_dead_letters(client, "alpha")).entries
+    # No stream takes replayed events now: nothing may leave the DLQ.
+    await client.js.delete_stream(client.names.events)
+    result = await dlq.replay_dead_letters(client, entries)
+    assert result.replayed == 0 and len(result.failed) == 3
+    assert await dlq_depth(client, "alpha") == 3
+
+
+async def test_dead_letters_of_a_removed_target_stay(
+    client: MeshClient, settings: Settings
+) -> None:
+    await add_nats_target(client, "alpha")
+    await client.add_propagation("unidirectional", "shop", ["alpha"])
+    await client.publish("shop", "order.created", {"n": 1})
+    await dead_letter_all(client, "alpha", 1, "timeout")
+    await client.remove_target("alpha")
+    proc = await run_cli(settings, "dlq", "replay", "--target", "alpha")
+    assert proc.returncode == 1
+    assert "target 'alpha' no longer exists" in proc.stderr
+    assert await dlq_depth(client, "alpha") == 1
+
+
+async def test_purge_asks_unless_yes(client: MeshClient, settings: Settings) -> None:
+    await add_nats_target(client, "alpha")
+    await add_nats_target(client, "beta")
+    await client.add_propagation("multicast", "shop", ["alpha", "beta"])
+    for i in range(4):
+        await client.publish("shop", "order.created", {"n": i})
+    await dead_letter_all(client, "alpha", 4, "HTTP 500")
+    await dead_letter_all(client, "beta", 4, "HTTP 500")
+
+    refused = await run_cli(settings, "dlq", "purge", "--target", "alpha")
+    assert "needs confirmation: pass --yes" in one_line_error(refused)
+    assert await dlq_depth(client, "alpha") == 4
+
+    proc = await run_cli(settings, "dlq", "purge", "--target", "alpha", "--yes", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"purged": 4}
+    assert (await dlq_depth(client, "alpha"), await dlq_depth(client, "beta")) == (0, 4)
+
+    since = await run_cli(settings, "dlq", "purge", "--since", "1h", "--yes")
+    assert since.returncode == 0 and "purged 4 dead letter(s)" in since.stdout
+    assert await dlq_depth(client) == 0
+    empty = await run_cli(settings, "dlq", "purge", "--yes")
+    assert empty.returncode == 0 and "no dead letters to purge" in empty.stdout
+
+
+async def test_bad_input_is_one_line_and_non_zero(client: MeshClient, settings: Settings) -> None:
+    await add_nats_target(client, "alpha")
+    cases = [
+        (["dlq", "list", "--target", "nobody"], "unknown target 'nobody'", 1),
+        (["dlq", "list", "--since", "someday"], "invalid time 'someday'", 1),
+        (["dlq", "show", "no-such-id"], "no dead letter 'no-such-id'", 1),
+        (["dlq", "show", "999"], "no dead letter '999'", 1),
+        (["dlq", "replay", "--target", "alpha"], "nothing to replay", 1),
+        (["dlq", "replay", "--target", "Bad!"], "invalid target name", 1),
+        (["dlq", "purge", "--target", "nobody", "--yes"], "unknown target 'nobody'", 1),
+        (["dlq", "frobnicate"], "No such command", 2),
+    ]
+    procs = await asyncio.gather(*(run_cli(settings, *args) for args, _, _ in cases))
+    for (args, expected, code), proc in zip(cases, procs, strict=True):
+        line = one_line_error(proc)
+        assert expected in line, (args, line)
+        assert proc.returncode == code, (args, proc.returncode)
+    empty = await run_cli(settings, "dlq", "list")
+    assert empty.returncode == 0 and "no dead letters" in empty.stdout
