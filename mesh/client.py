@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -464,7 +464,7 @@ class MeshClient:
         expires: float = 2.0,
         stream: str | None = None,
         stop: asyncio.Event | None = None,
-    ) -> AsyncIterator[list[Msg]]:
+    ) -> AsyncGenerator[list[Msg], None]:
         """Fetch batches from a durable consumer forever, surviving broker restarts.
 
         After a reconnect the pull subscription is re-created (nats.py #504:
@@ -515,7 +515,7 @@ class MeshClient:
         batch: int = 10,
         expires: float = 2.0,
         stop: asyncio.Event | None = None,
-    ) -> AsyncIterator[Delivery]:
+    ) -> AsyncGenerator[Delivery, None]:
         """Yield events for a target, at least once: ack each after handling it."""
         t = await self.registry.get_target(target)
         consumer = t.consumer
