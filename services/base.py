@@ -2,17 +2,31 @@
 
 A service owns a MeshClient and its tasks. ``run`` drives one service alone
 (``mesh serve NAME``); ``services.runner`` drives several in one process.
+
+Every started service also
+
+- publishes a heartbeat on ``<prefix>.sys.health.<service>.<instance>`` every
+  ``heartbeat_interval_s`` (its ``stats()`` plus pid and reconnect count);
+- registers as a NATS micro service named ``<prefix>-<service>``, so
+  ``$SRV.PING`` (``nats micro ls``) discovers each instance; its one endpoint,
+  ``<prefix>.sys.status.<service>.<instance>``, answers with the heartbeat.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
 from collections.abc import Coroutine
 from typing import Any, ClassVar
 
 import structlog
+from nats import micro
+from nats.micro.request import Request as MicroRequest
+from nats.micro.service import Service as MicroService
 
+from mesh import __version__
 from mesh.client import MeshClient
 from mesh.config import Settings
 from mesh.observability import METRICS, Heartbeat, new_instance_id
@@ -34,6 +48,7 @@ class Service:
         self.stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.heartbeat: Heartbeat | None = None
+        self.micro: MicroService | None = None
         self.started = False
 
     # Hooks ------------------------------------------------------------------
@@ -50,6 +65,49 @@ class Service:
     def stats(self) -> dict[str, Any]:
         """What the heartbeat carries (JSON-serialisable, no secrets, no payloads)."""
         return {}
+
+    def _heartbeat_stats(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "nats_reconnects": self.client.reconnects,
+            **self.stats(),
+        }
+
+    # Discovery ------------------------------------------------------------------
+
+    @property
+    def micro_name(self) -> str:
+        """The micro service name: ``<prefix>-<service>``, in the characters micro allows."""
+        return re.sub(r"[^A-Za-z0-9_-]", "-", f"{self.settings.prefix}-{self.name}")
+
+    async def _register_micro(self) -> None:
+        async def status(req: MicroRequest) -> None:
+            assert self.heartbeat is not None
+            await req.respond(self.heartbeat.payload())
+
+        try:
+            svc = await micro.add_service(
+                self.client.nc,
+                name=self.micro_name,
+                version=__version__,
+                description=f"mesh {self.name} service",
+                metadata={
+                    "service": self.name,
+                    "instance": self.instance,
+                    "prefix": self.settings.prefix,
+                    "pid": str(os.getpid()),
+                },
+            )
+            await svc.add_endpoint(
+                name="status",
+                subject=f"{self.settings.prefix}.sys.status.{self.name}.{self.instance}",
+                handler=status,
+            )
+        except Exception as exc:
+            # Discovery is a convenience: a service that cannot register still works.
+            self.log.warning("micro service registration failed", error=str(exc))
+            return
+        self.micro = svc
 
     # Lifecycle ----------------------------------------------------------------
 
@@ -73,10 +131,11 @@ class Service:
             self.client.subjects.health(self.name, self.instance),
             self.name,
             self.instance,
-            self.stats,
+            self._heartbeat_stats,
             self.settings.heartbeat_interval_s,
         )
         await self.on_start()
+        await self._register_micro()
         self.heartbeat.start()
         METRICS.service_up.labels(self.name).set(1)
         self.started = True
@@ -85,6 +144,9 @@ class Service:
     async def drain(self, timeout: float | None = None) -> None:
         timeout = self.settings.drain_timeout_s if timeout is None else timeout
         self.stopping.set()
+        if self.heartbeat is not None and self.heartbeat.status == "ok":
+            self.heartbeat.status = "draining"
+            await self.heartbeat.beat()
         try:
             await asyncio.wait_for(self.on_drain(timeout), timeout + 1)
         except TimeoutError:
@@ -99,6 +161,10 @@ class Service:
                 await task
         with contextlib.suppress(Exception):
             await self.on_close()
+        micro_svc, self.micro = self.micro, None
+        if micro_svc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(micro_svc.stop(), 5)
         if self.heartbeat is not None:
             await self.heartbeat.stop()
         METRICS.service_up.labels(self.name).set(0)

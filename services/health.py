@@ -1,0 +1,533 @@
+"""Health, readiness, status, metrics and the dashboard, over HTTP on ``MESH_HTTP_PORT``.
+
+::
+
+    GET /         the dashboard (one page, no external assets, polls /status)
+    GET /healthz  200 while this process runs
+    GET /readyz   200 while NATS, JetStream and the database answer; 503 + JSON reason
+    GET /status   JSON: services (heartbeats), targets (lag, circuit, DLQ, success
+                  rate, throughput), recent failures, database, key age
+    GET /metrics  Prometheus text format
+
+What it knows comes from three places: heartbeats on ``<prefix>.sys.health.>``
+(services, their age and their circuit breakers), delivery-attempt records on
+``<prefix>.sys.delivery.>`` (a sliding window of outcomes), and JetStream itself
+(consumer and DLQ depths, read once a second by a background loop that also
+refreshes the ``mesh_consumer_pending`` and ``mesh_dlq_depth`` gauges).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+from aiohttp import web
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from mesh.config import Settings
+from mesh.crypto import KeyRing
+from mesh.errors import ConfigError, DecodeError, MeshError, StorageError
+from mesh.observability import (
+    CIRCUIT_VALUES,
+    METRICS,
+    DeliveryWindow,
+    HeartbeatInfo,
+    ServiceTracker,
+    scrub_text,
+    worst_circuit,
+)
+from mesh.records import DeliveryRecord
+from mesh.storage import Store, backend_of, open_store, sqlite_path
+from services.base import Service
+from services.dashboard import DASHBOARD_HTML
+
+REFRESH_S = 1.0  # JetStream figures: consumer and DLQ depth, ingress rate
+CHECK_TIMEOUT_S = 2.0  # one readiness probe (NATS round trip, database ping)
+DB_CHECK_S = 2.0  # /status shows a database check at most this old
+KEY_CHECK_S = 10.0  # re-read the key file at most this often
+RATE_HISTORY_S = 10.0  # ingress rate over this many seconds
+DELIVERY_WINDOW_S = 300.0  # success rate over the last five minutes
+MAX_FAILURES_SHOWN = 20
+SUB_PENDING_MSGS = 65_536  # records arriving faster than this are dropped, not queued forever
+
+DASHBOARD_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline';"
+    " connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none';"
+    " frame-ancestors 'none'"
+)
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return scrub_text(text)[:300]
+
+
+class Health(Service):
+    """The health/status HTTP service (``mesh serve health``)."""
+
+    name: ClassVar[str] = "health"
+
+    def __init__(
+        self, settings: Settings, *, instance: str | None = None, host: str | None = None
+    ) -> None:
+        super().__init__(settings, instance=instance)
+        # All interfaces by default (a container publishes the port); MESH_HTTP_HOST narrows it.
+        self.host = host or os.environ.get("MESH_HTTP_HOST") or "0.0.0.0"
+        self.port = settings.http_port
+        self.tracker = ServiceTracker(settings.heartbeat_interval_s)
+        self.window = DeliveryWindow(DELIVERY_WINDOW_S)
+        self.snapshot: dict[str, Any] = {"at": None, "targets": [], "error": "not refreshed yet"}
+        self.database: dict[str, Any] = {"ok": None, "error": "not checked yet"}
+        self._store: Store | None = None
+        self._store_lock = asyncio.Lock()
+        self._subs: list[Subscription] = []
+        self._runner: web.AppRunner | None = None
+        self._ingress: list[tuple[float, int]] = []
+        self._keys: tuple[float, dict[str, Any]] | None = None
+        self._metric_targets: set[str] = set()
+        self._metric_services: set[tuple[str, str]] = set()
+        self.records_seen = 0
+        self.heartbeats_seen = 0
+
+    # Service hooks ------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        nc = self.client.nc
+        subjects = self.client.subjects
+        self._subs.append(
+            await nc.subscribe(
+                subjects.health_all, cb=self._on_heartbeat, pending_msgs_limit=SUB_PENDING_MSGS
+            )
+        )
+        self._subs.append(
+            await nc.subscribe(
+                subjects.delivery_all, cb=self._on_record, pending_msgs_limit=SUB_PENDING_MSGS
+            )
+        )
+        await self.refresh()
+        await self.check_database()
+        self.spawn(self._refresh_loop(), name="health-refresh")
+        self._runner = web.AppRunner(self.make_app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            self._runner = None
+            raise ConfigError(
+                f"cannot listen on {self.host}:{self.port} for the health service"
+                f" ({exc.strerror or exc}): set MESH_HTTP_PORT to a free port"
+            ) from None
+        if self.port == 0:
+            self.port = int(self._runner.addresses[0][1])
+        self.log.info("health http listening", host=self.host, port=self.port)
+
+    async def on_drain(self, timeout: float) -> None:
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
+
+    async def on_close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+        await self._close_store()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "http_port": self.port,
+            "services_seen": len(self.tracker.view()),
+            "records_seen": self.records_seen,
+            "heartbeats_seen": self.heartbeats_seen,
+        }
+
+    # Inputs ----------------------------------------------------------------------------
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            info = HeartbeatInfo.parse(msg.data)
+        except (ValueError, TypeError):
+            return
+        self.heartbeats_seen += 1
+        self.tracker.observe(info)
+
+    async def _on_record(self, msg: Msg) -> None:
+        try:
+            rec = DeliveryRecord.from_bytes(msg.data)
+        except DecodeError:
+            return
+        self.records_seen += 1
+        self.window.observe(
+            str(rec.target),
+            str(rec.outcome),
+            event_id=str(rec.event_id),
+            attempt=int(rec.attempt or 0),
+            status_code=rec.status_code,
+            error=rec.error,
+            at=rec.at,
+        )
+
+    # JetStream figures ----------------------------------------------------------------
+
+    async def _refresh_loop(self) -> None:
+        last_db = time.monotonic()
+        while not self.stopping.is_set():
+            await asyncio.sleep(REFRESH_S)
+            try:
+                await self.refresh()
+            except Exception as exc:  # the loop must outlive any one bad refresh
+                self.snapshot = {**self.snapshot, "error": _short(exc)}
+                self.log.warning("status refresh failed", error=_short(exc))
+            if time.monotonic() - last_db >= DB_CHECK_S:
+                last_db = time.monotonic()
+                await self.check_database()
+
+    async def refresh(self) -> None:
+        """Read targets, consumer and DLQ depths from JetStream; update the gauges."""
+        self._update_service_metrics()
+        nc = self.client.nc
+        if not nc.is_connected:
+            self.snapshot = {**self.snapshot, "error": "NATS is not connected"}
+            return
+        js = self.client.js
+        names = self.client.names
+        targets = await asyncio.wait_for(self.client.registry.list_targets(), CHECK_TIMEOUT_S)
+
+        async def consumer(consumer_name: str) -> Any:
+            return await asyncio.wait_for(
+                js.consumer_info(names.events, consumer_name), CHECK_TIMEOUT_S
+            )
+
+        infos = await asyncio.gather(
+            *(consumer(t.consumer) for t in targets), return_exceptions=True
+        )
+        dlq: dict[str, int] = {}
+        with contextlib.suppress(Exception):
+            dinfo = await asyncio.wait_for(
+                js.stream_info(names.dlq, subjects_filter=self.client.subjects.dlq_all),
+                CHECK_TIMEOUT_S,
+            )
+            for subject, n in (dinfo.state.subjects or {}).items():
+                dlq[subject.rsplit(".", 1)[-1]] = int(n)
+        events_total: int | None = None
+        with contextlib.suppress(Exception):
+            einfo = await asyncio.wait_for(js.stream_info(names.events), CHECK_TIMEOUT_S)
+            events_total = int(einfo.state.last_seq)
+        rows = []
+        for t, info in zip(targets, infos, strict=True):
+            row: dict[str, Any] = {
+                "name": t.name,
+                "kind": str(t.kind),
+                "status": str(t.status),
+                "dlq": dlq.get(t.name, 0),
+            }
+            if isinstance(info, BaseException):
+                row.update(lag=None, pending=None, unacked=None, paused=False)
+                row["error"] = _short(info)
+            else:
+                pending = int(info.num_pending or 0)
+                unacked = int(info.num_ack_pending or 0)
+                row.update(
+                    lag=pending + unacked,
+                    pending=pending,
+                    unacked=unacked,
+                    redelivered=int(info.num_redelivered or 0),
+                    paused=bool(getattr(info, "paused", False)),
+                )
+                METRICS.consumer_pending.labels(t.name).set(pending + unacked)
+            METRICS.dlq_depth.labels(t.name).set(row["dlq"])
+            rows.append(row)
+        current = {t.name for t in targets}
+        for gone in self._metric_targets - current:
+            for gauge in (METRICS.consumer_pending, METRICS.dlq_depth):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(gone)
+        self._metric_targets = current
+        self._update_circuit_metrics(rows)
+        self.snapshot = {
+            "at": _now_iso(),
+            "targets": rows,
+            "events_total": events_total,
+            "events_per_s": self._ingress_rate(events_total),
+            "error": None,
+        }
+
+    def _ingress_rate(self, total: int | None) -> float | None:
+        if total is None:
+            return None
+        now = time.monotonic()
+        self._ingress.append((now, total))
+        self._ingress = [(t, n) for t, n in self._ingress if now - t <= RATE_HISTORY_S]
+        t0, n0 = self._ingress[0]
+        if now - t0 < 0.5:
+            return None
+        return round(max(0, total - n0) / (now - t0), 3)
+
+    def _update_service_metrics(self) -> None:
+        counts = self.tracker.counts()
+        for key in self._metric_services - set(counts):
+            with contextlib.suppress(KeyError):
+                METRICS.service_instances.remove(*key)
+        for (service, state), n in counts.items():
+            METRICS.service_instances.labels(service, state).set(n)
+        self._metric_services = set(counts)
+
+    def _update_circuit_metrics(self, rows: list[dict[str, Any]]) -> None:
+        # In one process with the egress (mesh up), the egress sets the gauge itself
+        # and is fresher than its heartbeats; elsewhere the heartbeats are all we have.
+        if REGISTRY.get_sample_value("mesh_service_up", {"service": "webhook-egress"}) == 1:
+            return
+        for row in rows:
+            state = self._circuit(row)
+            if state in CIRCUIT_VALUES:
+                METRICS.circuit_state.labels(row["name"]).set(CIRCUIT_VALUES[state])
+
+    def _circuit(
+        self, row: dict[str, Any], circuits: dict[str, dict[str, str]] | None = None
+    ) -> Any:
+        circuits = self.tracker.circuits() if circuits is None else circuits
+        states = list(circuits.get(row["name"], {}).values())
+        if row.get("paused"):
+            states.append("open")  # the egress pauses the consumer of an open circuit
+        return worst_circuit(states)
+
+    # Readiness ---------------------------------------------------------------------
+
+    async def check_nats(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        nc = self.client.nc
+        if not nc.is_connected:
+            down = {"ok": False, "error": "NATS is not connected (reconnecting)"}
+            return down, {"ok": False, "error": "NATS is not connected"}
+        nats = {"ok": True, "error": None}
+        try:
+            await asyncio.wait_for(self.client.js.account_info(), CHECK_TIMEOUT_S)
+        except TimeoutError:
+            return nats, {"ok": False, "error": f"JetStream did not answer in {CHECK_TIMEOUT_S}s"}
+        except Exception as exc:
+            return nats, {"ok": False, "error": f"JetStream: {_short(exc)}"}
+        return nats, {"ok": True, "error": None}
+
+    async def check_database(self) -> dict[str, Any]:
+        """Ping the database; a SQLite file must exist in a writable directory."""
+        url = self.settings.database_url
+        result: dict[str, Any] = {"ok": False, "error": None, "backend": None, "checked_at": None}
+        try:
+            backend = backend_of(url)
+            result["backend"] = backend
+            if backend == "sqlite":
+                path = sqlite_path(url)
+                if path != ":memory:":
+                    self._check_sqlite_file(Path(path))
+            async with self._store_lock:
+                if self._store is None:
+                    self._store = await asyncio.wait_for(open_store(url), CHECK_TIMEOUT_S * 2)
+                await asyncio.wait_for(self._store.ping(), CHECK_TIMEOUT_S)
+            result.update(ok=True)
+        except TimeoutError:
+            result["error"] = f"the database did not answer in {CHECK_TIMEOUT_S}s"
+            await self._close_store()
+        except (MeshError, OSError) as exc:
+            result["error"] = _short(exc)
+            await self._close_store()
+        result["checked_at"] = _now_iso()
+        self.database = result
+        return result
+
+    @staticmethod
+    def _check_sqlite_file(path: Path) -> None:
+        # An open SQLite connection keeps answering after its file is gone, so ping
+        # alone would call a deleted or moved database healthy.
+        if not path.is_file():
+            raise StorageError(
+                f"SQLite database {path} does not exist (the sink creates it; or `mesh init`)"
+            )
+        if not os.access(path.parent, os.W_OK | os.X_OK) or not os.access(path, os.W_OK):
+            raise StorageError(f"SQLite database {path} is not writable")
+
+    async def _close_store(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(store.close(), CHECK_TIMEOUT_S)
+
+    async def readiness(self) -> dict[str, Any]:
+        (nats, jetstream), database = await asyncio.gather(self.check_nats(), self.check_database())
+        checks = {"nats": nats, "jetstream": jetstream, "database": database}
+        failing = [f"{name}: {c['error']}" for name, c in checks.items() if not c["ok"]]
+        return {
+            "ready": not failing,
+            "reason": "; ".join(failing) or None,
+            "checks": checks,
+        }
+
+    # Status ------------------------------------------------------------------------------
+
+    def key_status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        if self._keys is not None and now - self._keys[0] < KEY_CHECK_S:
+            return self._keys[1]
+        rotation = self.settings.key_rotation_days
+        doc: dict[str, Any]
+        try:
+            ring = KeyRing.load(self.settings.key_path, create=False)
+        except MeshError as exc:
+            doc = {"ok": False, "error": _short(exc), "rotation_days": rotation, "warning": None}
+        else:
+            primary = ring.primary
+            age_days = (datetime.now(UTC) - primary.created).total_seconds() / 86400
+            warning = None
+            if age_days > rotation:
+                warning = (
+                    f"the primary key is {age_days:.0f} days old, past the {rotation}-day"
+                    " rotation interval: run `mesh keys rotate`"
+                )
+            doc = {
+                "ok": True,
+                "primary_id": primary.id,
+                "created": primary.created.isoformat(),
+                "age_days": round(age_days, 2),
+                "rotation_days": rotation,
+                "keys": len(ring.keys),
+                "warning": warning,
+            }
+        self._keys = (now, doc)
+        return doc
+
+    def status(self) -> dict[str, Any]:
+        services = self.tracker.view()
+        circuits = self.tracker.circuits()
+        targets = []
+        for row in self.snapshot.get("targets", []):
+            name = row["name"]
+            summary = self.window.summary(name)
+            targets.append(
+                {
+                    **row,
+                    "circuit": self._circuit(row, circuits),
+                    "circuit_by_instance": circuits.get(name, {}),
+                    "delivered_per_s": summary["delivered_per_s"],
+                    "success_rate": summary["success_rate"],
+                    "delivered": summary["delivered"],
+                    "failed": summary["failed"],
+                    "attempts": summary["attempts"],
+                    "last_delivered_at": summary["last_delivered_at"],
+                    "last_failed_at": summary["last_failed_at"],
+                }
+            )
+        nc = self.client.nc
+        url = nc.connected_url
+        total_lag = sum(t["lag"] or 0 for t in targets)
+        js_ok = nc.is_connected and self.snapshot.get("error") is None
+        ready = {
+            "nats": nc.is_connected,
+            "jetstream": js_ok,
+            "database": bool(self.database.get("ok")),
+        }
+        return {
+            "generated_at": _now_iso(),
+            "instance": self.instance,
+            "prefix": self.settings.prefix,
+            "broker": {
+                "connected": nc.is_connected,
+                "url": f"{url.scheme}://{url.hostname}:{url.port}" if url else None,
+                "server_version": _version(nc) if nc.is_connected else None,
+                "reconnects": self.client.reconnects,
+            },
+            "ready": {"ok": all(ready.values()), **ready},
+            "refreshed_at": self.snapshot.get("at"),
+            "refresh_error": self.snapshot.get("error"),
+            "events_per_s": self.snapshot.get("events_per_s"),
+            "events_total": self.snapshot.get("events_total"),
+            "heartbeat_interval_s": self.settings.heartbeat_interval_s,
+            "services": services,
+            "targets": targets,
+            "totals": {
+                "lag": total_lag,
+                "dlq": sum(t["dlq"] or 0 for t in targets),
+                "open_circuits": sum(1 for t in targets if t["circuit"] == "open"),
+                "stale_services": sum(1 for s in services if s["stale"]),
+            },
+            "deliveries": self.window.summary(),
+            "recent_failures": self.window.recent_failures(MAX_FAILURES_SHOWN),
+            "database": self.database,
+            "keys": self.key_status(),
+        }
+
+    # HTTP -------------------------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        app = web.Application()
+        app.add_routes(
+            [
+                web.get("/", self.h_dashboard),
+                web.get("/healthz", self.h_healthz),
+                web.get("/readyz", self.h_readyz),
+                web.get("/status", self.h_status),
+                web.get("/metrics", self.h_metrics),
+            ]
+        )
+        return app
+
+    async def h_dashboard(self, _: web.Request) -> web.Response:
+        return web.Response(
+            text=DASHBOARD_HTML,
+            content_type="text/html",
+            headers={
+                "Content-Security-Policy": DASHBOARD_CSP,
+                "Cache-Control": "no-store",
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
+
+    async def h_healthz(self, _: web.Request) -> web.Response:
+        return web.json_response(
+            {"ok": True, "service": self.name, "instance": self.instance},
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def h_readyz(self, _: web.Request) -> web.Response:
+        doc = await self.readiness()
+        return web.json_response(
+            doc, status=200 if doc["ready"] else 503, headers={"Cache-Control": "no-store"}
+        )
+
+    async def h_status(self, _: web.Request) -> web.Response:
+        return web.json_response(
+            self.status(),
+            headers={"Cache-Control": "no-store"},
+            dumps=_dumps,
+        )
+
+    async def h_metrics(self, _: web.Request) -> web.Response:
+        self._update_service_metrics()
+        body = generate_latest(REGISTRY)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _version(nc: Any) -> str | None:
+    try:
+        v = nc.connected_server_version
+        return f"{v.major}.{v.minor}.{v.patch}"
+    except Exception:
+        return None
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, default=str)
+
+
+__all__ = ["Health"]
