@@ -1,0 +1,114 @@
+"""Faults end to end: every published event is delivered at least once and stored exactly once.
+
+The whole pipeline runs for real: a nats-server with file storage, the webhook
+egress and the sink (in-process services), an aiohttp receiver. The receiver
+flaps (500s, stalls past the timeout, connection resets) for the whole run, and
+the broker is SIGKILLed and restarted twice mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+
+from mesh.broker import EmbeddedBroker
+from mesh.client import MeshClient
+from mesh.config import Settings
+from mesh.errors import BrokerError
+from mesh.registry import RetryPolicy, Target, TargetKind
+from mesh.storage import open_store
+from services.sink import Sink
+from services.webhook_egress import WebhookEgress
+from tests.support.receiver import Received, Receiver, Reply
+
+pytestmark = pytest.mark.slow
+
+N_EVENTS = 150
+
+
+async def publish_reliably(c: MeshClient, i: int) -> str:
+    """Never lose on the publisher side: retry with the same id until acked (dedupe)."""
+    event_id = f"fault-{i:04d}"
+    for _ in range(200):
+        try:
+            await c.publish("shop", "order.created", {"i": i}, id=event_id, timeout=1)
+            return event_id
+        except BrokerError:
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"could not publish {event_id}")
+
+
+async def test_flapping_receiver_and_broker_kills(
+    broker: EmbeddedBroker, settings: Settings
+) -> None:
+    rng = random.Random(20261128)
+    answered_ok: set[str] = set()  # ids answered 200 at once (not stalled, not reset)
+
+    def flap(req: Received) -> Reply | None:
+        roll = rng.random()
+        if roll < 0.25:
+            return Reply(500)
+        if roll < 0.32:
+            return Reply(200, delay=1.5)  # past the 0.5 s timeout: counts as a failure
+        if roll < 0.40:
+            return Reply(reset=True)
+        if req.webhook_id:
+            answered_ok.add(req.webhook_id)
+        return None  # the default: 200
+
+    async with Receiver() as rx:
+        rx.handler = flap
+        async with MeshClient(settings, name="faults") as c:
+            await c.init()
+            await c.add_target(
+                Target(
+                    name="crm",
+                    kind=TargetKind.WEBHOOK,
+                    url=rx.url,
+                    timeout_s=0.5,
+                    circuit_open_s=0.5,
+                    retry=RetryPolicy(base_s=0.05, max_delay_s=0.5, max_retries=100),
+                )
+            )
+            await c.add_propagation("unidirectional", "shop", ["crm"])
+            egress = WebhookEgress(settings)
+            sink = Sink(settings)
+            await egress.start()
+            await sink.start()
+            try:
+                published: list[str] = []
+                for chunk in range(3):
+                    for i in range(chunk * N_EVENTS // 3, (chunk + 1) * N_EVENTS // 3):
+                        published.append(await publish_reliably(c, i))
+                    if chunk < 2:
+                        broker.kill()  # SIGKILL mid-stream: unacked work must come back
+                        await asyncio.sleep(0.3)
+                        broker.start()
+
+                def delivered() -> set[str]:
+                    return answered_ok
+
+                deadline = time.monotonic() + 100
+                while not set(published) <= delivered() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.25)
+                missing = set(published) - delivered()
+                assert not missing, f"{len(missing)} events never delivered: {sorted(missing)[:5]}"
+
+                store = await open_store(settings.database_url)
+                try:
+                    deadline = time.monotonic() + 30
+                    while await store.count("events") < N_EVENTS and time.monotonic() < deadline:
+                        await asyncio.sleep(0.25)
+                    await asyncio.sleep(1.0)  # any duplicate write would land by now
+                    assert await store.count("events") == N_EVENTS
+                    ids = {e.id for e in await store.query_events(source="shop", limit=1000)}
+                    assert ids == set(published)
+                    assert await store.count("deliveries") >= N_EVENTS
+                finally:
+                    await store.close()
+            finally:
+                await egress.stop()
+                await sink.stop()
