@@ -211,6 +211,11 @@ async def key_usage(
         (client.names.dlq, [client.subjects.dlq_all]),
     ):
         store_name = f"stream {stream}"
+        try:
+            await client.js.stream_info(stream)
+        except js_errors.NotFoundError:
+            usage.notes.append(f"no stream {stream}: nothing retained there")
+            continue
         usage.counts.setdefault(store_name, {})
         total = 0
 
@@ -463,6 +468,18 @@ async def _commit(store: Store, table: str, rows: list[tuple[str, bytes]]) -> in
 class PruneResult:
     removed: list[str] = field(default_factory=list)
     refused: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def hint(self) -> str:
+        """What the operator can do about the stores that hold the keys back."""
+        held = {s for stores in self.refused.values() for s in stores}
+        out = []
+        if any(s.startswith(("database", "registry")) for s in held):
+            out.append("`mesh keys reencrypt` rewrites database rows and registry secrets")
+        if any(s.startswith("stream") and not s.endswith("_DLQ") for s in held):
+            out.append("retained events keep their key until they age out of the stream")
+        if any(s.endswith("_DLQ") for s in held):
+            out.append("dead letters leave with `mesh dlq replay` or `mesh dlq purge`")
+        return "; ".join(out)
 
     def reasons(self) -> list[str]:
         out = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,6 +38,10 @@ from mesh.cli._common import (
 from mesh.client import MeshClient
 from mesh.errors import BrokerUnavailable, MeshError, NotFound, ValidationError
 from mesh.replay import ReplayProgress, ReplayResult, replay
+
+# One-line messages are never wrapped at the terminal width (they get grepped and pasted).
+say = functools.partial(console.print, soft_wrap=True, highlight=False)
+note = functools.partial(err_console.print, soft_wrap=True, highlight=False)
 
 dlq_app = typer.Typer(help="Dead letters: list, show, replay, purge.", no_args_is_help=True)
 keys_app = typer.Typer(
@@ -129,7 +134,7 @@ def replay_cmd(
         print_json(_replay_doc(result))
         return
     if dry_run:
-        console.print(
+        say(
             f"would replay [bold]{result.matched}[/] event(s) to {target}"
             f" (scanned {result.scanned} on {', '.join(result.filters)})"
         )
@@ -142,14 +147,14 @@ def replay_cmd(
             ],
         )
         if result.matched > len(result.sample):
-            console.print(f"... and {result.matched - len(result.sample)} more")
+            say(f"... and {result.matched - len(result.sample)} more")
         return
     line = f"replayed {result.published} event(s) to {target}"
     if result.duplicates:
         line += f"; {result.duplicates} already replayed within the duplicate window (stored once)"
     if result.skipped:
         line += f"; {result.skipped} skipped (not routed to {target}, or originated there)"
-    console.print(line)
+    say(line)
 
 
 def _replay_doc(r: ReplayResult) -> dict[str, Any]:
@@ -235,7 +240,7 @@ def dlq_list(
         print_json([e.doc() for e in listing.entries])
         return
     if not listing.entries:
-        console.print("no dead letters" + (f" for {target}" if target else ""))
+        say("no dead letters" + (f" for {target}" if target else ""))
     else:
         table = Table(title=f"dead letters ({len(listing.entries)})", header_style="bold")
         for col in ENTRY_COLUMNS:
@@ -246,7 +251,7 @@ def dlq_list(
             table.add_row(*["" if v is None else str(v) for v in row])
         console.print(table)
     if listing.unreadable:
-        err_console.print(f"{listing.unreadable} message(s) on the DLQ are not dead letters")
+        note(f"{listing.unreadable} message(s) on the DLQ are not dead letters")
 
 
 @dlq_app.command("show")
@@ -277,10 +282,10 @@ def dlq_show(
         for k, v in doc.items():
             if k == "headers":
                 for hk, hv in v.items():
-                    console.print(f"  {hk}: {hv}", highlight=False)
+                    say(f"  {hk}: {hv}")
             else:
-                console.print(f"{k:17} {v}", highlight=False)
-        console.print()
+                say(f"{k:17} {v}")
+        say()
 
 
 @dlq_app.command("replay")
@@ -328,15 +333,13 @@ def dlq_replay(
             }
         )
     else:
-        console.print(f"replayed {result.replayed} dead letter(s); they left the DLQ")
+        say(f"replayed {result.replayed} dead letter(s); they left the DLQ")
         for e, why in result.skipped:
-            err_console.print(f"kept {e.event_id} (seq {e.seq}): {why}")
+            note(f"kept {e.event_id} (seq {e.seq}): {why}")
         for e, why in result.failed:
-            err_console.print(f"failed {e.event_id} (seq {e.seq}): {why}")
+            note(f"failed {e.event_id} (seq {e.seq}): {why}")
         for name in sorted(result.disabled_targets):
-            err_console.print(
-                f"target {name} is disabled: its events wait until `mesh target enable {name}`"
-            )
+            note(f"target {name} is disabled: its events wait until `mesh target enable {name}`")
     kept = len(result.failed) + len(result.skipped)
     if kept:
         raise MeshError(f"{kept} dead letter(s) could not be replayed; they stay in the DLQ")
@@ -370,9 +373,9 @@ def dlq_purge(
     if as_json:
         print_json({"purged": n})
     elif n == 0:
-        console.print("no dead letters to purge" + (f" for {target}" if target else ""))
+        say("no dead letters to purge" + (f" for {target}" if target else ""))
     else:
-        console.print(f"purged {n} dead letter(s)")
+        say(f"purged {n} dead letter(s)")
 
 
 # keys -------------------------------------------------------------------------------
@@ -419,11 +422,11 @@ def keys_status(
         print_table(f"keys in {st.file}", cols, rows)
         if used is not None:
             for store, n in used.undecryptable().items():
-                err_console.print(f"{n} token(s) in {store} open with no key in the ring")
-            for note in used.notes:
-                err_console.print(note)
+                note(f"{n} token(s) in {store} open with no key in the ring")
+            for text in used.notes:
+                note(text)
     if st.warning:
-        err_console.print(f"warning: {st.warning}")
+        note(f"warning: {st.warning}")
 
 
 @keys_app.command("rotate")
@@ -439,8 +442,8 @@ def keys_rotate(
     key = key_ops.rotate(s)
     doc: dict[str, Any] = {"primary": key.id}
     if not as_json:
-        console.print(f"new primary key {key.id}; older keys still decrypt")
-        err_console.print("running services and publishers pick up the new key when restarted")
+        say(f"new primary key {key.id}; older keys still decrypt")
+        note("running services and publishers pick up the new key when restarted")
     if reencrypt:
         doc["reencrypt"] = _reencrypt(s, batch_size, restart=False, as_json=as_json).doc()
     if as_json:
@@ -482,16 +485,16 @@ def _reencrypt(s: Any, batch_size: int, *, restart: bool, as_json: bool) -> key_
         raise MeshError("re-encryption interrupted: run `mesh keys reencrypt` to resume") from None
     if not as_json:
         if result.resumed:
-            console.print("resumed an interrupted re-encryption")
+            say("resumed an interrupted re-encryption")
         for table, t in result.tables.items():
-            console.print(
+            say(
                 f"{table}: {t.rewritten} row(s) re-encrypted under {result.primary},"
                 f" {t.current} already were"
                 + (f", {t.undecryptable} open with no key in the ring" if t.undecryptable else "")
             )
-        console.print(f"registry secrets re-sealed: {result.secrets_resealed}")
-        for note in result.notes:
-            err_console.print(note)
+        say(f"registry secrets re-sealed: {result.secrets_resealed}")
+        for text in result.notes:
+            note(text)
     return result
 
 
@@ -511,7 +514,7 @@ def keys_prune(
         if as_json:
             print_json({"removed": [], "refused": {}})
         else:
-            console.print("nothing to prune: the ring holds only the primary key")
+            say("nothing to prune: the ring holds only the primary key")
         return
 
     async def run() -> key_ops.PruneResult:
@@ -533,13 +536,9 @@ def keys_prune(
         print_json({"removed": plan.removed, "refused": plan.refused})
     else:
         for key_id in plan.removed:
-            console.print(f"removed key {key_id}")
+            say(f"removed key {key_id}")
     if plan.refused:
-        hint = (
-            "run `mesh keys reencrypt` for database rows; retained stream messages keep their"
-            " key until they age out, or are purged / replayed from the DLQ"
-        )
-        raise MeshError("; ".join(plan.reasons()) + f" ({hint})")
+        raise MeshError("; ".join(plan.reasons()) + f" ({plan.hint()})")
 
 
 __all__ = ["register"]
