@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
+import nats.errors as nats_errors
 import nats.js.errors as js_errors
 from aiohttp import WSMsgType, web
 from nats.aio.msg import Msg
@@ -71,7 +72,8 @@ class BridgeOptions:
     ack_timeout_s: float = 20.0  # under the consumer's ack_wait (>= 30 s)
     slow_timeout_s: float = 5.0  # queue full / socket stalled this long: close 1013
     close_timeout_s: float = 2.0
-    heartbeat_s: float = 20.0
+    heartbeat_s: float = 20.0  # WebSocket ping
+    tail_heartbeat_s: float = 5.0  # ordered consumer idle heartbeat: 2 missed -> re-created
     max_frame_bytes: int = 1024 * 1024
 
 
@@ -322,6 +324,7 @@ class _Connection:
         self.room = asyncio.Event()
         self.batch = min(self.opts.batch, spec.max_in_flight)
         self.tail_sub: Any = None
+        self.next_seq = 1
         self.tasks: list[asyncio.Task[Any]] = []
         self.reader: asyncio.Task[None] | None = None
         self.records: set[asyncio.Task[Any]] = set()
@@ -378,6 +381,13 @@ class _Connection:
                     await self.send({"error": "send JSON text frames"})
         except _Closing:
             pass
+        except (MeshError, nats_errors.Error, OSError) as exc:
+            # An ack or publish the broker did not take: the client reconnects and retries.
+            self.log.warning("broker error on the socket", error=str(exc) or type(exc).__name__)
+            self.close_soon(CLOSE_ERROR, "broker unavailable; reconnect")
+        except Exception as exc:
+            self.log.error("reader failed", error=repr(exc))
+            self.close_soon(CLOSE_ERROR, "internal error")
 
     def close_soon(self, code: int, reason: str) -> asyncio.Task[None]:
         """Start closing (once); returns the task that finishes it."""
@@ -460,6 +470,10 @@ class _Connection:
             except (ConnectionError, RuntimeError):
                 self.close_soon(CLOSE_GOING_AWAY, "connection lost")
                 return
+            except Exception as exc:
+                self.log.error("writer failed", error=repr(exc))
+                self.close_soon(CLOSE_ERROR, "internal error")
+                return
             self.bridge.counts["frames_out"] += 1
             out.inc()
 
@@ -529,12 +543,20 @@ class _Connection:
                 self.log.warning("dead letter failed", seq=seq, error=str(dlq_exc))
                 await msg.nak(delay=5.0)
                 return None
-            await msg.ack_sync()
+            with contextlib.suppress(Exception):
+                await msg.ack_sync()  # not acked: it is dead-lettered again, which is harmless
             return None
-        reason = await self.client.check_event(target, event)
-        if reason is not None:
-            self._record(event.id, Outcome.SKIPPED, 0, error=reason)
-            await msg.ack_sync()
+        try:
+            reason = await self.client.check_event(target, event)
+            if reason is not None:
+                self._record(event.id, Outcome.SKIPPED, 0, error=reason)
+                await msg.ack_sync()
+                return None
+        except (MeshError, nats_errors.Error, OSError, TimeoutError) as exc:
+            # The registry or the ack did not answer (broker blip): it comes back later.
+            self.log.warning("route check failed", seq=seq, error=str(exc) or type(exc).__name__)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=1.0)
             return None
         doc = event_frame(event, seq)
         doc["attempt"] = int(msg.metadata.num_delivered or 1)
@@ -644,22 +666,42 @@ class _Connection:
 
     # Tail mode ----------------------------------------------------------------
 
-    async def _subscribe_tail(self) -> None:
-        spec = self.spec
-        cfg = ConsumerConfig(filter_subjects=spec.filters, mem_storage=True)
+    async def _tail_start(self) -> int:
+        """The first stream sequence the tail may deliver."""
+        spec, js, stream = self.spec, self.client.js, self.client.names.events
         if spec.since_seq is not None:
-            cfg.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
-            cfg.opt_start_seq = spec.since_seq
-        elif spec.since_time is not None:
-            cfg.deliver_policy = DeliverPolicy.BY_START_TIME
-            cfg.opt_start_time = spec.since_time
-        else:
-            cfg.deliver_policy = DeliverPolicy.NEW
+            return spec.since_seq
+        if spec.since_time is not None:
+            when = spec.since_time.astimezone(UTC).isoformat().replace("+00:00", "Z")
+            try:
+                # nats.py's get_msg has no start_time; the server API does (2.11+).
+                resp = await js._api_request(
+                    f"{js._prefix}.STREAM.MSG.GET.{stream}",
+                    json.dumps({"start_time": when}).encode(),
+                    timeout=5,
+                )
+                return int(resp["message"]["seq"])
+            except js_errors.NotFoundError:
+                pass  # nothing at or after that time: from the next event on
+        info = await js.stream_info(stream)
+        return int(info.state.last_seq) + 1
+
+    async def _subscribe_tail(self) -> None:
+        # Always by start sequence: nats.py re-creates an ordered consumer after a gap or a
+        # broker restart from its last seen sequence, keeping the rest of this config.
+        self.next_seq = await self._tail_start()
+        cfg = ConsumerConfig(
+            filter_subjects=self.spec.filters,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self.next_seq,
+            mem_storage=True,
+        )
         self.tail_sub = await self.client.js.subscribe(
-            spec.filters[0],
+            self.spec.filters[0],
             stream=self.client.names.events,
             config=cfg,
             ordered_consumer=True,
+            idle_heartbeat=self.opts.tail_heartbeat_s,
             cb=self._on_tail_msg,
         )
 
@@ -673,6 +715,11 @@ class _Connection:
         if self.stop.is_set():
             return
         seq = msg.metadata.sequence.stream
+        if seq < self.next_seq:
+            # A re-created ordered consumer that had seen nothing restarts at 1: skip what
+            # this client has had or did not ask for. No repeats, whatever nats.py does.
+            return
+        self.next_seq = seq + 1
         try:
             event = envelope.decode(
                 msg.subject,

@@ -22,9 +22,10 @@ import jwt
 import pytest
 
 from mesh import tokens
+from mesh.broker import EmbeddedBroker
 from mesh.client import MeshClient
 from mesh.config import Settings
-from mesh.errors import KeyFileError
+from mesh.errors import KeyFileError, MeshError
 from mesh.registry import Target, TargetKind
 from services.bridge import Bridge, BridgeOptions
 from tests.conftest import env_for
@@ -695,3 +696,43 @@ async def test_mesh_serve_bridge_process(
     assert d.event.id == ids[1]
     await d.ack()
     await it.aclose()  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+async def test_feed_and_tail_survive_a_broker_restart(
+    make_bridge: Callable[..., Awaitable[Bridge]],
+    settings: Settings,
+    mesh: MeshClient,
+    broker: EmbeddedBroker,
+    http: aiohttp.ClientSession,
+) -> None:
+    b = await make_bridge(tail_heartbeat_s=0.5)
+    tok = token(settings)
+    first = await publish(mesh, 1)
+    feed = await connect(http, b, tok)
+    tail = await connect(http, b, tok, mode="tail", since_seq=1)
+    got = await recv_events(feed, 1)
+    await feed.send_json({"ack": got[0]["seq"]})
+    seen = await recv_events(tail, 1)
+    await broker.astop()
+    await broker.astart()
+    await asyncio.wait_for(mesh.connected_event.wait(), 20)
+    later: list[str] = []
+    deadline = time.monotonic() + 20
+    while len(later) < 2:  # JetStream may need a moment after the restart
+        try:
+            later.append(await mesh.publish("news", "headline", {"after": len(later)}))
+        except MeshError:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+    got += await recv_events(feed, 2, timeout=30)
+    for f in got[1:]:
+        await feed.send_json({"ack": f["seq"]})
+    seen += await recv_events(tail, 2, timeout=30)
+    assert [f["id"] for f in got] == first + later
+    assert [f["id"] for f in seen] == first + later  # resumed: nothing skipped or repeated
+    with pytest.raises(asyncio.TimeoutError):
+        await tail.receive(timeout=1.5)
+    await feed.close()
+    await tail.close()
+    await settled(mesh)
