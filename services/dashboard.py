@@ -3,7 +3,7 @@
 One self-contained page: inline CSS and vanilla JavaScript, no external assets
 (it works offline and under a ``default-src 'none'`` content security policy).
 It polls ``/status`` every 1.5 s and redraws: readiness, ingress and delivery
-rates, per-target throughput, lag (with a sparkline of recent polls), success
+rates, per-target throughput, lag (with a sparkline of the last minute), success
 rate, circuit state and dead letters, the services seen through heartbeats, and
 the latest failed attempts. Every value goes in through ``textContent``, never
 as HTML: error texts come from receivers and must not become markup.
@@ -42,7 +42,7 @@ DASHBOARD_HTML = (
   header .meta { color: var(--muted); font-size: 13px; }
   header .spacer { flex: 1; }
   main { padding: 18px 24px 32px; max-width: 1400px; margin: 0 auto; }
-  .cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 12px; }
+  .cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(200px, 1fr)); gap: 12px; }
   .card {
     background: var(--panel); border: 1px solid var(--line); border-radius: 8px; padding: 10px 14px;
   }
@@ -76,7 +76,7 @@ DASHBOARD_HTML = (
   .bar { display: inline-block; width: 64px; height: 6px; background: var(--line); border-radius: 3px;
     margin-left: 8px; vertical-align: middle; overflow: hidden; }
   .bar > i { display: block; height: 100%; background: var(--ok); }
-  svg.spark { vertical-align: middle; margin-left: 8px; }
+  svg.spark { vertical-align: middle; display: block; }
   .notice { margin-top: 12px; padding: 8px 12px; border-radius: 6px; border: 1px solid var(--warn);
     color: var(--warn); background: rgba(210,153,34,.08); display: none; }
 </style>
@@ -153,7 +153,6 @@ const POLL_MS = """
     + str(POLL_MS)
     + """;
 const HISTORY = 60;
-const lagHistory = new Map();
 
 function $(id) { return document.getElementById(id); }
 function el(tag, cls, text) {
@@ -197,16 +196,25 @@ function sparkline(values) {
   svg.setAttribute("class", "spark");
   svg.setAttribute("width", w); svg.setAttribute("height", h);
   svg.setAttribute("viewBox", "0 0 " + w + " " + h);
+  const bg = document.createElementNS(ns, "rect");
+  bg.setAttribute("width", w); bg.setAttribute("height", h); bg.setAttribute("rx", "3");
+  bg.setAttribute("fill", "#0f1419");
+  svg.appendChild(bg);
   if (values.length < 2) return svg;
   const max = Math.max(1, ...values);
   const step = w / (HISTORY - 1);
   const x0 = w - step * (values.length - 1);
   const pts = values.map((v, i) => (x0 + i * step).toFixed(1) + "," + (h - 2 - (v / max) * (h - 4)).toFixed(1));
+  const color = values[values.length - 1] > 0 ? "#d29922" : "#58a6ff";
+  const area = document.createElementNS(ns, "polygon");
+  area.setAttribute("points", x0.toFixed(1) + "," + h + " " + pts.join(" ") + " " + w + "," + h);
+  area.setAttribute("fill", color);
+  area.setAttribute("fill-opacity", "0.18");
+  svg.appendChild(area);
   const line = document.createElementNS(ns, "polyline");
   line.setAttribute("points", pts.join(" "));
   line.setAttribute("fill", "none");
-  const rising = values[values.length - 1] > values[0];
-  line.setAttribute("stroke", rising ? "#d29922" : "#58a6ff");
+  line.setAttribute("stroke", color);
   line.setAttribute("stroke-width", "1.5");
   svg.appendChild(line);
   return svg;
@@ -227,10 +235,8 @@ function replaceRows(tbody, rows, colspan, emptyText) {
 
 function renderTargets(targets) {
   const rows = targets.map(t => {
-    const hist = lagHistory.get(t.name) || [];
-    if (t.lag !== null && t.lag !== undefined) hist.push(t.lag);
-    while (hist.length > HISTORY) hist.shift();
-    lagHistory.set(t.name, hist);
+    // The server keeps the last minute of samples, one a second: a fresh page has a trend.
+    const hist = (t.lag_history || []).slice(-HISTORY);
     const tr = el("tr");
     tr.dataset.target = t.name;
     tr.appendChild(el("td", "name", t.name));

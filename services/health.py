@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import time
+from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -56,6 +57,7 @@ KEY_CHECK_S = 10.0  # re-read the key file at most this often
 RATE_HISTORY_S = 10.0  # ingress rate over this many seconds
 DELIVERY_WINDOW_S = 300.0  # success rate over the last five minutes
 MAX_FAILURES_SHOWN = 20
+LAG_HISTORY = 60  # samples of each target's lag kept for the dashboard's sparkline
 SUB_PENDING_MSGS = 65_536  # records arriving faster than this are dropped, not queued forever
 
 DASHBOARD_CSP = (
@@ -97,6 +99,7 @@ class Health(Service):
         self._ingress: list[tuple[float, int]] = []
         self._keys: tuple[float, dict[str, Any]] | None = None
         self._metric_targets: set[str] = set()
+        self._lag_history: dict[str, deque[int]] = {}
         self._metric_services: set[tuple[str, str]] = set()
         self.records_seen = 0
         self.heartbeats_seen = 0
@@ -249,9 +252,13 @@ class Health(Service):
                     paused=bool(getattr(info, "paused", False)),
                 )
                 METRICS.consumer_pending.labels(t.name).set(pending + unacked)
+                hist = self._lag_history.setdefault(t.name, deque(maxlen=LAG_HISTORY))
+                hist.append(pending + unacked)
             METRICS.dlq_depth.labels(t.name).set(row["dlq"])
             rows.append(row)
         current = {t.name for t in targets}
+        for gone in set(self._lag_history) - current:
+            del self._lag_history[gone]
         for gone in self._metric_targets - current:
             for gauge in (METRICS.consumer_pending, METRICS.dlq_depth):
                 with contextlib.suppress(KeyError):
@@ -419,6 +426,7 @@ class Health(Service):
                     **row,
                     "circuit": self._circuit(row, circuits),
                     "circuit_by_instance": circuits.get(name, {}),
+                    "lag_history": list(self._lag_history.get(name, ())),
                     "delivered_per_s": summary["delivered_per_s"],
                     "success_rate": summary["success_rate"],
                     "delivered": summary["delivered"],
