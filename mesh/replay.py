@@ -113,10 +113,15 @@ async def scan(
                 msgs = await sub.fetch(batch, timeout=SCAN_FETCH_TIMEOUT_S)
             except (nats_errors.TimeoutError, TimeoutError):
                 # Nothing came: finished when the consumer has nothing pending.
-                ci = await js.consumer_info(stream, name)
+                try:
+                    ci = await js.consumer_info(stream, name)
+                except (nats_errors.Error, js_errors.Error) as exc:
+                    raise _lost(stream, exc) from None
                 if not ci.num_pending:
                     return
                 continue
+            except (nats_errors.Error, js_errors.Error) as exc:
+                raise _lost(stream, exc) from None
             for msg in msgs:
                 meta = msg.metadata
                 if meta.sequence.stream > last_seq:
@@ -129,6 +134,11 @@ async def scan(
             await sub.unsubscribe()
         with contextlib.suppress(Exception):
             await js.delete_consumer(stream, name)
+
+
+def _lost(stream: str, exc: Exception) -> BrokerError:
+    why = getattr(exc, "description", None) or str(exc) or type(exc).__name__
+    return BrokerError(f"reading {stream} was interrupted ({why}); running it again is safe")
 
 
 # Replay headers ---------------------------------------------------------------------

@@ -146,3 +146,54 @@ async def test_bad_input_is_one_line_and_non_zero(client: MeshClient, settings: 
         assert proc.returncode == code, (args, proc.returncode)
     empty = await run_cli(settings, "dlq", "list")
     assert empty.returncode == 0 and "no dead letters" in empty.stdout
+
+
+# With the real webhook egress --------------------------------------------------------
+
+
+async def test_events_dead_lettered_while_the_receiver_was_down_all_arrive(
+    client: MeshClient, settings: Settings
+) -> None:
+    from services.webhook_egress import WebhookEgress
+    from tests.support.receiver import Receiver, add_webhook, delivery_records, fast_policy
+
+    rx = Receiver()  # not started: its port refuses connections
+    await add_webhook(client, "hook", rx.url, retry=fast_policy(max_retries=2))
+    await add_nats_target(client, "other")
+    await client.add_propagation("unidirectional", "shop", ["other"])
+    egress = WebhookEgress(settings, fetch_expires_s=0.5)
+    await egress.start()
+    try:
+        published = [await client.publish("shop", "order.created", {"n": i}) for i in range(5)]
+        deadline = asyncio.get_running_loop().time() + 30
+        while await dlq_depth(client, "hook") < 5:
+            assert asyncio.get_running_loop().time() < deadline, "dead letters did not arrive"
+            await asyncio.sleep(0.1)
+        listing = await dlq.list_dead_letters(client, "hook")
+        assert sorted(e.event_id for e in listing.entries) == sorted(published)
+        assert {e.letter.attempts for e in listing.entries} == {3}
+
+        async with rx:  # the receiver is back
+            proc = await run_cli(settings, "dlq", "replay", "--target", "hook")
+            assert proc.returncode == 0, proc.stderr
+            assert "replayed 5 dead letter(s)" in proc.stdout
+            await rx.wait_for(5, timeout=20, unique=True)
+            assert rx.unique_ids() == set(published)
+            assert all(r.status == 200 for r in rx.requests)
+            assert sorted(r.json()["data"]["n"] for r in rx.requests) == list(range(5))
+        assert await dlq_depth(client) == 0
+        # Fresh attempts: each replayed event went out as attempt 1 of a new series.
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            records = await delivery_records(client, "hook")
+            ok = [r for r in records if r.outcome == "delivered"]
+            if len(ok) >= 5 or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert sorted(r.event_id for r in ok) == sorted(published)
+        assert {r.attempt for r in ok} == {1}
+    finally:
+        await egress.stop()
+    # The nats target saw its own five once, nothing replayed.
+    got = await drain(client, "other", 5, quiet=0.3)
+    assert [e.id for e in got] == published and not any(e.replay for e in got)

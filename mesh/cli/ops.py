@@ -129,7 +129,13 @@ def replay_cmd(
                     c, target, start, end, types, dry_run=dry_run, progress=on_progress
                 )
 
-    result = arun(run())
+    try:
+        result = arun(run())
+    except KeyboardInterrupt:
+        raise MeshError(
+            "replay interrupted: running the same command again is safe (copies already made"
+            " within the stream's duplicate window are stored once; receivers dedupe on the id)"
+        ) from None
     if as_json:
         print_json(_replay_doc(result))
         return
