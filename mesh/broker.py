@@ -95,14 +95,18 @@ class EmbeddedBroker:
             cmd += ["-m", str(self.http_port)]
         return cmd + self.extra_args
 
-    def start(self, timeout: float = 10.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            return
+    def check_port(self) -> None:
+        """Raise PortInUse (naming both settings that fix it) when the port is taken."""
         if not port_free(self.host, self.port):
             raise PortInUse(
                 f"port {self.host}:{self.port} is taken: set MESH_NATS_PORT to a free port for"
                 " the embedded server, or MESH_NATS_URL to use a running nats-server"
             )
+
+    def start(self, timeout: float = 10.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self.check_port()
         self.store_dir.mkdir(parents=True, exist_ok=True)
         cmd = self.command()
         if self.max_payload is not None:

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from mesh.client import MeshClient
 from mesh.config import Settings, load_settings
@@ -111,5 +112,6 @@ def print_table(title: str | None, columns: list[str], rows: list[list[Any]]) ->
     for c in columns:
         table.add_column(c)
     for r in rows:
-        table.add_row(*["" if v is None else str(v) for v in r])
+        # Text, not markup: a URL or pattern with brackets is shown as it is.
+        table.add_row(*[Text("" if v is None else str(v)) for v in r])
     console.print(table)

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
 from mesh.cli._common import (
@@ -59,7 +60,8 @@ def up(
     ),
 ) -> None:
     """Run the mesh: the embedded broker (unless MESH_NATS_URL is set) and every service."""
-    from services.runner import available_services, canonical, main_sync
+    from mesh.broker import EmbeddedBroker
+    from services.runner import available_services, canonical, load_service, main_sync
 
     s = settings()
     configure_logging(s.log_format, s.log_level)
@@ -68,14 +70,19 @@ def up(
         if services
         else available_services()
     )
+    for n in names:
+        load_service(n)  # an unknown name fails here, before anything starts
+    if s.embedded:
+        EmbeddedBroker(s.nats_store_dir, port=s.nats_port).check_port()
     s.home.mkdir(parents=True, exist_ok=True)
     KeyRing.load(s.key_path)
     where = "embedded nats-server on " + s.servers[0] if s.embedded else ", ".join(s.servers)
-    err_console.print(
-        f"[bold]mesh up[/]: {where}; services: {', '.join(names) or 'none'};"
-        f" health http://127.0.0.1:{s.http_port}/ ; bridge ws://127.0.0.1:{s.bridge_port}/v1/stream"
-        " ; Ctrl-C stops"
-    )
+    parts = [f"mesh up: {where}", f"services: {', '.join(names) or 'none'}"]
+    if "health" in names:
+        parts.append(f"health http://127.0.0.1:{s.http_port}/")
+    if "bridge" in names:
+        parts.append(f"bridge ws://127.0.0.1:{s.bridge_port}/v1/stream")
+    err_console.print("; ".join([*parts, "Ctrl-C stops"]), markup=False, soft_wrap=True)
     main_sync(names, s)
 
 
@@ -123,8 +130,8 @@ def init(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         print_json(result)
         return
-    console.print(f"home       {result['home']}")
-    console.print(f"key file   {result['key_file']} (primary {result['primary_key']})")
+    console.print(f"home       {escape(result['home'])}")
+    console.print(f"key file   {escape(result['key_file'])} (primary {result['primary_key']})")
     console.print(f"consumers  {len(result['consumers'])}")
     if result["migrations_applied"] is not None:
         console.print(f"migrations applied now: {result['migrations_applied'] or 'none needed'}")
@@ -135,7 +142,7 @@ def init(as_json: bool = typer.Option(False, "--json")) -> None:
 
 async def gather_status(c: MeshClient) -> dict[str, Any]:
     """Broker, streams and per-target queue depth, read straight from JetStream."""
-    streams = {}
+    streams: dict[str, dict[str, int] | None] = {}
     for name in (c.names.events, c.names.dlq, c.names.sys):
         try:
             info = await c.js.stream_info(name)
@@ -144,8 +151,8 @@ async def gather_status(c: MeshClient) -> dict[str, Any]:
             streams[name] = None
     dlq_depth: dict[str, int] = {}
     try:
-        info = await c.js.stream_info(c.names.dlq, subjects_filter=c.subjects.dlq_all)
-        for subj, n in (info.state.subjects or {}).items():
+        dlq_info = await c.js.stream_info(c.names.dlq, subjects_filter=c.subjects.dlq_all)
+        for subj, n in (dlq_info.state.subjects or {}).items():
             dlq_depth[subj.rsplit(".", 1)[-1]] = n
     except Exception:
         pass
@@ -166,13 +173,18 @@ async def gather_status(c: MeshClient) -> dict[str, Any]:
     return {
         "broker": {
             "url": str(c.nc.connected_url.geturl() if c.nc.connected_url else ""),
-            "server_version": str(c.nc.connected_server_version),
+            "server_version": _version(c),
             "max_payload": c.nc.max_payload,
         },
         "streams": streams,
         "targets": targets,
         "propagations": len(await c.registry.list_propagations()),
     }
+
+
+def _version(c: MeshClient) -> str:
+    v = c.nc.connected_server_version
+    return f"{v.major}.{v.minor}.{v.patch}"
 
 
 def status(as_json: bool = typer.Option(False, "--json")) -> None:
@@ -262,7 +274,7 @@ def target_add(
             doc["secret"] = secrets[0]
         print_json(doc)
         return
-    console.print(f"target [bold]{t.name}[/] added ({t.kind})")
+    console.print(f"target [bold]{t.name}[/] added ({t.kind})")  # names cannot hold markup
     if secrets and not secret:
         console.print(f"signing secret (shown once): {secrets[0]}")
 
@@ -354,7 +366,7 @@ def _propagate(mode: PropagationMode, source: str, targets: list[str], types: st
             return await c.add_propagation(mode, source, targets, types)
 
     p = arun(run())
-    console.print(f"propagation {p.id}: {p.mode} {p.describe()}")
+    console.print(f"propagation {p.id}: {p.mode} {escape(p.describe())}")
 
 
 @propagate_app.command("unidirectional")
@@ -424,7 +436,7 @@ def propagation_remove(prop_id: str = typer.Argument(..., metavar="ID")) -> None
             return await c.remove_propagation(prop_id)
 
     p = arun(run())
-    console.print(f"propagation {p.id} removed ({p.describe()})")
+    console.print(f"propagation {p.id} removed ({escape(p.describe())})")
 
 
 # publish / consume / request / tail --------------------------------------------
@@ -530,7 +542,9 @@ def _event_doc(e: Event) -> dict[str, Any]:
 def consume(
     target: str = typer.Option(..., "--target"),
     count: int | None = typer.Option(None, "--count", min=1, help="Stop after N events."),
-    timeout: float = typer.Option(5.0, "--timeout", help="Stop after S seconds with no event."),
+    timeout: float = typer.Option(
+        5.0, "--timeout", min=0.1, help="Stop after S seconds with no event."
+    ),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
 ) -> None:
     """Read a nats-kind target's feed; each event is acked after it is printed."""
@@ -543,29 +557,43 @@ def consume(
                 raise ValidationError(
                     f"target {target!r} is a webhook target: the egress delivers it"
                 )
-            it = c.consume(target, batch=min(count or 50, 50), expires=min(timeout, 2.0))
-            while count is None or n < count:
-                try:
-                    d = await asyncio.wait_for(anext(it), timeout)
-                except (TimeoutError, StopAsyncIteration):
-                    break
-                doc = _event_doc(d.event)
-                if as_json:
-                    sys.stdout.write(json.dumps(doc, default=str) + "\n")
-                else:
-                    sys.stdout.write(
-                        f"{doc['time']} {doc['source']} {doc['type']} {doc['id']}"
-                        f" {json.dumps(doc['data'], default=str)}\n"
-                    )
-                sys.stdout.flush()
-                await d.ack()
-                n += 1
-            await it.aclose()
+            # The idle timeout stops the feed between fetches (never by cancelling one
+            # mid-flight), and closing the feed hands unprinted events straight back.
+            loop = asyncio.get_running_loop()
+            stop = asyncio.Event()
+            idle = loop.call_later(timeout, stop.set)
+            feed = c.consume(
+                target, batch=min(count or 50, 50), expires=min(timeout, 1.0), stop=stop
+            )
+            try:
+                async with contextlib.aclosing(feed):
+                    async for d in feed:
+                        idle.cancel()
+                        _print_event(d.event, as_json)
+                        await d.ack()
+                        n += 1
+                        if count is not None and n >= count:
+                            break
+                        idle = loop.call_later(timeout, stop.set)
+            finally:
+                idle.cancel()
         return n
 
     n = arun(run())
     if not as_json:
         err_console.print(f"{n} event(s) consumed")
+
+
+def _print_event(e: Event, as_json: bool) -> None:
+    doc = _event_doc(e)
+    if as_json:
+        sys.stdout.write(json.dumps(doc, default=str) + "\n")
+    else:
+        sys.stdout.write(
+            f"{doc['time']} {doc['source']} {doc['type']} {doc['id']}"
+            f" {json.dumps(doc['data'], default=str)}\n"
+        )
+    sys.stdout.flush()
 
 
 def request(
@@ -624,19 +652,11 @@ def tail(
                         subjects=c.subjects,
                     )
                 except MeshError as exc:
-                    err_console.print(f"undecodable message on {msg.subject}: {exc}")
+                    err_console.print(f"undecodable message on {msg.subject}: {exc}", markup=False)
                     continue
                 if target and await c.check_event(target, e) is not None:
                     continue
-                doc = _event_doc(e)
-                if as_json:
-                    sys.stdout.write(json.dumps(doc, default=str) + "\n")
-                else:
-                    sys.stdout.write(
-                        f"{doc['time']} {e.source} {e.type} {e.id}"
-                        f" {json.dumps(doc['data'], default=str)}\n"
-                    )
-                sys.stdout.flush()
+                _print_event(e, as_json)
                 n += 1
                 if count is not None and n >= count:
                     break
