@@ -24,6 +24,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections import deque
@@ -125,20 +126,43 @@ def _add_logger_name(logger: Any, _: str, event_dict: EventDict) -> EventDict:
     return event_dict
 
 
-class _NamedPrintLogger(structlog.PrintLogger):
-    """A PrintLogger that remembers the name it was asked for (``get_logger("mesh.x")``)."""
+class _StderrLogger:
+    """Writes each line to whatever ``sys.stderr`` is at that moment.
 
-    def __init__(self, file: TextIO, name: str) -> None:
-        super().__init__(file)
+    Binding the stream at configure time breaks when it is later replaced and
+    closed (a test's capture, a daemon redirecting stderr): every log call would
+    raise. A line that cannot be written is dropped, never raised into the caller.
+    """
+
+    _lock = threading.Lock()
+
+    def __init__(self, name: str = "") -> None:
         self.name = name
 
+    def msg(self, message: str) -> None:
+        with self._lock, contextlib.suppress(ValueError, OSError):
+            print(message, file=sys.stderr, flush=True)
 
-class _LoggerFactory:
-    def __init__(self, file: TextIO) -> None:
-        self._file = file
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
 
-    def __call__(self, *args: Any) -> _NamedPrintLogger:
-        return _NamedPrintLogger(self._file, str(args[0]) if args else "")
+
+def _logger_factory(*args: Any) -> _StderrLogger:
+    return _StderrLogger(str(args[0]) if args else "")
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stdlib handler on the current ``sys.stderr`` (see ``_StderrLogger``)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        if getattr(self.stream, "closed", False):
+            return
+        super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            super().handleError(record)
 
 
 _HANDLER_MARK = "_mesh_handler"
@@ -182,7 +206,7 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=_LoggerFactory(sys.stderr),
+        logger_factory=_logger_factory,
         cache_logger_on_first_use=False,
     )
     # Library logs (stdlib logging) come out in the same format, through the same redaction.
@@ -199,7 +223,7 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
             renderer,
         ],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(formatter)
     setattr(handler, _HANDLER_MARK, True)
     root = logging.getLogger()

@@ -130,6 +130,25 @@ def test_json_lines_with_bound_delivery_fields_and_no_secrets(
     assert SECRET not in json.dumps(out) and "4111" not in json.dumps(out)
 
 
+def test_logging_follows_stderr_and_survives_a_closed_one(
+    restore_logging: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    first = io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    configure_logging("json", "info")
+    log = structlog.get_logger("mesh.test").bind(target="billing")
+    first.close()  # e.g. a test's capture stream, gone after that test
+    log.info("dropped, not raised")
+    logging.getLogger("lib").warning("dropped too")
+    second = io.StringIO()
+    monkeypatch.setattr("sys.stderr", second)
+    log.info("written")
+    logging.getLogger("lib").warning("also written")
+    assert [d["event"] for d in lines(second.getvalue())] == ["written", "also written"]
+
+
 def test_level_filters(restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("json", "warning")
     log = structlog.get_logger("mesh.test")
