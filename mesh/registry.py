@@ -255,20 +255,29 @@ class Registry:
         return out
 
     async def remove_target(self, name: str) -> list[str]:
-        """Remove a target and its part in propagations; returns ids of removed propagations."""
+        """Remove a target and its part in propagations; returns ids of removed propagations.
+
+        Only the receiving side goes: a propagation with this name as its *source*
+        (which needs no registration) stays, except a bidirectional one, whose two
+        ends are both targets.
+        """
         await self.get_target(name)
         removed = []
         for p in await self.list_propagations():
-            if p.mode == PropagationMode.BROADCAST and p.source != name:
+            if p.mode == PropagationMode.BROADCAST:
+                continue  # reaches whoever is registered; nothing names this target
+            if p.mode == PropagationMode.BIDIRECTIONAL:
+                if name not in (p.source, *p.targets):
+                    continue
+            elif name not in p.targets:
                 continue
-            if p.source == name or name in p.targets:
-                rest = [t for t in p.targets if t != name]
-                if p.mode == PropagationMode.MULTICAST and rest and p.source != name:
-                    p.targets = rest
-                    await self.kv.put(f"props.{p.id}", p.model_dump_json().encode())
-                else:
-                    await self.kv.delete(f"props.{p.id}")
-                    removed.append(p.id)
+            rest = [t for t in p.targets if t != name]
+            if p.mode == PropagationMode.MULTICAST and rest:
+                p.targets = rest
+                await self.kv.put(f"props.{p.id}", p.model_dump_json().encode())
+            else:
+                await self.kv.delete(f"props.{p.id}")
+                removed.append(p.id)
         await self.kv.delete(f"targets.{name}")
         return removed
 

@@ -205,13 +205,20 @@ async def test_removing_a_target_removes_its_consumer_and_propagations(
     await client.add_propagation(UNI, "shop", ["billing"])
     await client.add_propagation(MULTI, "shop", ["billing", "audit"])
     await client.add_propagation(BROAD, "ops")
+    # billing as a *source* needs no registration: these stay when its inbox goes.
+    await client.add_propagation(UNI, "billing", ["audit"])
+    await client.add_propagation(BROAD, "billing")
     removed = await client.remove_target("billing")
     assert len(removed) == 1
     props = await client.registry.list_propagations()
-    assert sorted((p.mode, tuple(p.targets)) for p in props) == [
-        (BROAD, ()),
-        (MULTI, ("audit",)),
+    assert sorted((p.mode, p.source, tuple(p.targets)) for p in props) == [
+        (BROAD, "billing", ()),
+        (BROAD, "ops", ()),
+        (MULTI, "shop", ("audit",)),
+        (UNI, "billing", ("audit",)),
     ]
+    await client.publish("billing", "invoice.sent", 1)
+    assert len(await collect(client, "audit", 1)) == 1
     names = [n async for n in client.provisioner._deliver_consumers()]
     assert names == ["deliver-audit"]
     # The name can be registered again, fresh.

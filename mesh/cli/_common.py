@@ -21,8 +21,9 @@ from mesh.errors import ValidationError
 
 T = TypeVar("T")
 
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: long lines (ids, URLs) stay whole when piped instead of breaking at 80 columns.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def settings() -> Settings:
