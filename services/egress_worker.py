@@ -1,0 +1,646 @@
+"""One webhook target inside the egress: its fetch loop, its deliveries, its circuit.
+
+Flow of one message::
+
+    fetch (only while the circuit lets this instance)  ->  decode  ->  route check
+      -> clearance: circuit closed, or this instance's one half-open probe
+      -> rate-limit token -> a global in-flight slot -> signed POST
+      -> 2xx: ack | 410: disable target, dead letter, ack | refused: dead letter, ack
+      | other failure: nak(delay per policy / Retry-After), or after the last attempt
+        dead letter then ack
+
+The attempt number is the broker's delivery count (``num_delivered``), so retries survive
+crashes: a retry is a delayed redelivery held by the broker, never an in-process sleep.
+Fetches never ask for more than the free in-flight room, so memory stays flat whatever
+the backlog; ordered targets fetch one at a time (their consumer allows one unacked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import nats.js.errors as js_errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from mesh import envelope
+from mesh.client import Reply
+from mesh.envelope import Event
+from mesh.errors import DecodeError
+from mesh.observability import METRICS
+from mesh.records import DeliveryRecord, Outcome
+from mesh.registry import Target, TargetStatus
+from mesh.resilience import (
+    CircuitState,
+    RateLimiter,
+    backoff_delay,
+    is_last_attempt,
+    retry_delay,
+)
+from mesh.signing import Signer
+from mesh.streams import ensure_streams
+from services.egress_circuit import SharedCircuit
+from services.egress_http import AttemptResult, build_body, sign_headers
+
+if TYPE_CHECKING:
+    from services.webhook_egress import WebhookEgress
+
+FETCH_EXPIRES_S = 2.0
+MAX_BATCH = 64
+DLQ_RETRY_S = 5.0  # when the DLQ itself cannot be written, try the message again after this
+WAKE_S = 1.0  # safety net for every wait on a state change
+
+
+def rfc3339_epoch(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+class TargetWorker:
+    """Delivers one target's feed for one egress instance."""
+
+    def __init__(self, egress: WebhookEgress, target: Target) -> None:
+        self.egress = egress
+        self.client = egress.client
+        self.target = target
+        self.name = target.name
+        self.consumer = target.consumer
+        self.stream = egress.client.names.events
+        self.log = egress.log.bind(target=self.name)
+        self.circuit = SharedCircuit(
+            self.name,
+            egress.instance,
+            egress.circuits,
+            threshold=target.circuit_threshold,
+            open_s=target.circuit_open_s,
+            timeout_s=target.timeout_s,
+            pause=self._pause,
+            resume=self._resume,
+        )
+        self.circuit.listeners.append(self._kick)
+        self.limiter: RateLimiter | None = None
+        self.configure_rate()
+        self.in_flight = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.sending: set[asyncio.Task[None]] = set()
+        self.rpc_tasks: set[asyncio.Task[None]] = set()
+        self.halt = asyncio.Event()
+        self.fetch_stop = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._held: dict[int, tuple[Msg, float]] = {}  # id(msg) -> (msg, last keep-alive)
+        self.ack_wait = 30.0
+        self._signer: Signer | None = None
+        self._signer_until = 0.0
+        self.counts = {"delivered": 0, "retried": 0, "dead": 0, "skipped": 0}
+        self._m_attempts = METRICS.delivery_attempts.labels(self.name)
+        self._m_latency = METRICS.delivery_latency.labels(self.name)
+        self._m_e2e = METRICS.end_to_end_latency.labels(self.name)
+        self._m_delivered = METRICS.deliveries.labels(self.name, Outcome.DELIVERED.value)
+        self._m_retry = METRICS.deliveries.labels(self.name, Outcome.RETRY.value)
+        self.main: asyncio.Task[None] | None = None
+        self._bg: list[asyncio.Task[None]] = []
+        self._rpc_sub: Subscription | None = None
+
+    # Configuration ------------------------------------------------------------
+
+    def start(self) -> None:
+        self.main = self.egress.spawn(self.run(), name=f"egress-{self.name}")
+
+    def update(self, target: Target) -> None:
+        """A changed registry entry: new URL, secret, policy, limits... without a restart."""
+        self.target = target
+        self._signer = None
+        self.circuit.configure(target.circuit_threshold, target.circuit_open_s, target.timeout_s)
+        self.configure_rate()
+        self.fetch_stop.set()  # the batch size may have changed: re-plan the fetch
+        self._kick()
+
+    def configure_rate(self) -> None:
+        rate = self.target.rate
+        if rate is None:
+            self.limiter = None
+            return
+        # N instances share the target's rate: each takes rate / N (see webhook_egress).
+        share = rate / max(1, self.egress.instance_count())
+        if self.limiter is None:
+            self.limiter = RateLimiter(share)
+        elif self.limiter.rate != share:
+            self.limiter.set_rate(share)
+
+    def signer(self) -> Signer:
+        now = time.time()
+        if self._signer is None or now >= self._signer_until:
+            target = self.target
+            self._signer = Signer(self.client.registry.secrets_for(target))
+            # Re-read when the old secret's grace period ends.
+            expires = target.old_secret_expires
+            self._signer_until = (
+                expires.timestamp() if expires and expires.timestamp() > now else (now + 3600.0)
+            )
+        return self._signer
+
+    # Fetching -----------------------------------------------------------------
+
+    def _limit(self) -> int:
+        return 1 if self.target.ordered else self.target.max_in_flight
+
+    def _batch(self) -> int:
+        if self.target.ordered or self.circuit.state is CircuitState.HALF_OPEN:
+            return 1
+        return max(1, min(MAX_BATCH, self._limit() // 2))
+
+    def may_fetch(self) -> bool:
+        if self.halt.is_set():
+            return False
+        state = self.circuit.state
+        if state is CircuitState.CLOSED:
+            return True
+        # Half-open: only the lease holder, only for its one probe, only when it holds none.
+        return (
+            state is CircuitState.HALF_OPEN
+            and self.circuit.lease_ok()
+            and not self.circuit.probe_out
+            and self.in_flight == 0
+        )
+
+    def _kick(self) -> None:
+        self._changed.set()
+        if not self.may_fetch():
+            self.fetch_stop.set()
+
+    async def _wait_changed(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), WAKE_S)
+
+    async def run(self) -> None:
+        self._bg = [
+            asyncio.create_task(self._keepalive_loop(), name=f"keepalive-{self.name}"),
+            asyncio.create_task(self._circuit_loop(), name=f"circuit-{self.name}"),
+        ]
+        try:
+            await self._prepare()
+            await self._serve_requests()
+            while not self.halt.is_set():
+                self._changed.clear()
+                if not self.may_fetch():
+                    await self._wait_changed()
+                    continue
+                await self._fetch_round()
+        finally:
+            for task in self._bg:
+                task.cancel()
+            for task in self._bg:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _prepare(self) -> None:
+        """Make sure the consumer exists; load the circuit's shared state."""
+        backoff = 0.5
+        while not self.halt.is_set():
+            try:
+                try:
+                    info = await self.client.js.consumer_info(self.stream, self.consumer)
+                except js_errors.NotFoundError:
+                    await ensure_streams(self.client.js, self.client.settings)
+                    info = await self.client.provisioner.reconcile_target(self.target)
+                self.ack_wait = float(info.config.ack_wait or 30.0)
+                if self.circuit.store is not None:
+                    record, revision = await self.circuit.store.get(self.name)
+                    self.circuit.apply(record, revision)
+                if self.circuit.state is CircuitState.CLOSED and info.paused:
+                    await self._resume()  # paused by an open circuit whose record is gone
+                return
+            except Exception as exc:
+                self.log.warning("target not ready, retrying", error=str(exc) or repr(exc))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _fetch_round(self) -> None:
+        batch = self._batch()
+        self.fetch_stop.clear()
+        if not self.may_fetch():
+            return
+        pulls = self.client.pull(
+            self.consumer, batch=batch, expires=self.egress.fetch_expires_s, stop=self.fetch_stop
+        )
+        async with contextlib.aclosing(pulls):
+            async for msgs in pulls:
+                if self.halt.is_set():
+                    for msg in msgs:  # fetched as we stopped: straight back
+                        await self._hand_back(msg)
+                    return
+                for msg in msgs:
+                    self._dispatch(msg)
+                await self._room(batch)
+                if self.fetch_stop.is_set() or not self.may_fetch() or self._batch() != batch:
+                    return
+
+    async def _room(self, batch: int) -> None:
+        """Wait until another batch fits under the target's in-flight limit."""
+        while not self.halt.is_set():
+            self._changed.clear()
+            if self.in_flight + batch <= self._limit():
+                return
+            await self._wait_changed()
+
+    def _dispatch(self, msg: Msg) -> None:
+        self.in_flight += 1
+        task = asyncio.create_task(self._deliver(msg))
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.sending.discard(task)
+        self.in_flight -= 1
+        self._kick()
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("delivery task failed", error=repr(task.exception()))
+
+    # Delivering ---------------------------------------------------------------
+
+    async def _deliver(self, msg: Msg) -> None:
+        meta = msg.metadata
+        attempt = int(meta.num_delivered or 1)
+        self._held[id(msg)] = (msg, time.monotonic())
+        probe = False
+        try:
+            try:
+                event = envelope.decode(
+                    msg.subject,
+                    msg.headers,
+                    msg.data,
+                    self.egress.keyring,
+                    seq=meta.sequence.stream if meta.sequence else None,
+                    subjects=self.client.subjects,
+                )
+            except DecodeError as exc:
+                await self._dead(msg, None, attempt, f"undecodable: {exc}", Outcome.DEAD)
+                return
+            reason = await self.client.check_event(self.name, event)
+            if reason is not None:
+                await self._skip(msg, event, reason)
+                return
+            target = self.target
+            body, extra = build_body(target, event)
+            probe = await self._clearance()
+            async with self.egress.slots:
+                task = asyncio.current_task()
+                if task is not None:
+                    self.sending.add(task)  # from here on, drain lets it finish
+                headers = sign_headers(self.signer(), event.id, body, extra)
+                assert target.url is not None
+                result = await self.egress.http.post(target.url, body, headers, target.timeout_s)
+            settled_probe, probe = probe, False
+            await self._settle(msg, event, attempt, target, result, settled_probe)
+        except asyncio.CancelledError:
+            if probe:
+                self.circuit.release_probe()
+            self._held.pop(id(msg), None)
+            await self._hand_back(msg)
+            raise
+        except Exception as exc:
+            if probe:
+                self.circuit.release_probe()
+            self._held.pop(id(msg), None)
+            self.log.error(
+                "delivery failed unexpectedly, handing the event back",
+                seq=meta.sequence.stream if meta.sequence else None,
+                attempt=attempt,
+                error=repr(exc),
+            )
+            await self._hand_back(msg, delay=backoff_delay(self.target.retry, attempt))
+        finally:
+            self._held.pop(id(msg), None)
+
+    async def _clearance(self) -> bool:
+        """Wait until the circuit lets this message go; True when it is the probe."""
+        while True:
+            changed = self.circuit.changed()
+            if self.circuit.state is CircuitState.CLOSED:
+                probe = False
+            elif self.circuit.try_probe():
+                probe = True
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), WAKE_S * 5)
+                continue
+            if self.limiter is not None:
+                try:
+                    await self.limiter.acquire()
+                except asyncio.CancelledError:
+                    if probe:
+                        self.circuit.release_probe()
+                    raise
+            if probe:
+                if self.circuit.lease_ok():
+                    return True
+                self.circuit.release_probe()
+            elif self.circuit.state is CircuitState.CLOSED:
+                return False
+
+    async def _settle(
+        self,
+        msg: Msg,
+        event: Event,
+        attempt: int,
+        target: Target,
+        result: AttemptResult,
+        probe: bool,
+    ) -> None:
+        self._held.pop(id(msg), None)
+        self._m_attempts.inc()
+        latency_ms = round(result.latency_s * 1000, 3) if result.status is not None else None
+        if result.status is not None:
+            self._m_latency.observe(result.latency_s)
+        if result.ok:
+            try:
+                await msg.ack()
+            except Exception as exc:  # delivered; a lost ack means a duplicate, not a loss
+                self.log.warning("ack failed", event_id=event.id, error=str(exc))
+            await self.circuit.on_result(True, probe)
+            self.counts["delivered"] += 1
+            self._m_delivered.inc()
+            self._m_e2e.observe(max(0.0, time.time() - event.time.timestamp()))
+            await self.egress.record(
+                DeliveryRecord(
+                    event_id=event.id,
+                    target=self.name,
+                    attempt=attempt,
+                    outcome=Outcome.DELIVERED,
+                    status_code=result.status,
+                    latency_ms=latency_ms,
+                    instance=self.egress.instance,
+                )
+            )
+            return
+        error = result.error or "failed"
+        if result.refused:
+            if probe:
+                self.circuit.release_probe()
+            await self._dead(msg, event, attempt, error, Outcome.DEAD)
+            return
+        if result.gone:
+            if probe:
+                self.circuit.release_probe()
+            await self._disable(event, attempt)
+            await self._dead(
+                msg, event, attempt, "HTTP 410 Gone: target disabled", Outcome.DISABLED, 410
+            )
+            return
+        # The circuit learns first, so an opening pauses the consumer before this nak
+        # can bring the message straight back.
+        await self.circuit.on_result(False, probe)
+        log = self.log.bind(event_id=event.id, attempt=attempt, status=result.status)
+        if is_last_attempt(target.retry, attempt):
+            await self._dead(msg, event, attempt, error, Outcome.DEAD, result.status, latency_ms)
+            return
+        delay = retry_delay(target.retry, attempt, result.retry_after)
+        try:
+            await msg.nak(delay=delay)
+        except Exception as exc:  # the ack wait brings it back anyway
+            log.warning("nak failed", error=str(exc))
+        self.counts["retried"] += 1
+        self._m_retry.inc()
+        log.info("delivery failed, will retry", error=error[:120], retry_in_s=round(delay, 3))
+        await self.egress.record(
+            DeliveryRecord(
+                event_id=event.id,
+                target=self.name,
+                attempt=attempt,
+                outcome=Outcome.RETRY,
+                status_code=result.status,
+                latency_ms=latency_ms,
+                error=error,
+                instance=self.egress.instance,
+            )
+        )
+
+    async def _skip(self, msg: Msg, event: Event, reason: str) -> None:
+        self._held.pop(id(msg), None)
+        await msg.ack()
+        self.counts["skipped"] += 1
+        METRICS.deliveries.labels(self.name, Outcome.SKIPPED.value).inc()
+        await self.egress.record(
+            DeliveryRecord(
+                event_id=event.id,
+                target=self.name,
+                attempt=0,
+                outcome=Outcome.SKIPPED,
+                error=reason,
+                instance=self.egress.instance,
+            )
+        )
+
+    async def _dead(
+        self,
+        msg: Msg,
+        event: Event | None,
+        attempt: int,
+        error: str,
+        outcome: Outcome,
+        status: int | None = None,
+        latency_ms: float | None = None,
+    ) -> None:
+        """Dead-letter, then ack; if the DLQ does not take it, hand the message back."""
+        self._held.pop(id(msg), None)
+        event_id = event.id if event is not None else _header_id(msg)
+        log = self.log.bind(event_id=event_id, attempt=attempt)
+        try:
+            await self.client.dead_letter(msg, self.name, error, attempt)
+        except Exception as exc:
+            log.error("dead letter not stored, handing the event back", error=str(exc))
+            await self._hand_back(msg, delay=DLQ_RETRY_S)
+            return
+        try:
+            await msg.ack_sync()
+        except Exception as exc:  # stored in the DLQ; a redelivery may store it twice
+            log.warning("ack after dead letter failed", error=str(exc))
+        self.counts["dead"] += 1
+        METRICS.deliveries.labels(self.name, outcome.value).inc()
+        log.warning("event dead-lettered", reason=error[:200])
+        await self.egress.record(
+            DeliveryRecord(
+                event_id=event_id,
+                target=self.name,
+                attempt=attempt,
+                outcome=outcome,
+                status_code=status,
+                latency_ms=latency_ms,
+                error=error,
+                instance=self.egress.instance,
+            )
+        )
+
+    async def _disable(self, event: Event, attempt: int) -> None:
+        reason = f"HTTP 410 Gone at {datetime.now(UTC).isoformat(timespec='seconds')}"
+        self.log.warning(
+            "receiver answered 410 Gone: disabling the target", event_id=event.id, attempt=attempt
+        )
+        try:
+            await self.client.registry.set_status(self.name, TargetStatus.DISABLED, reason)
+        except Exception as exc:
+            self.log.error("could not mark the target disabled", error=str(exc))
+        # Stop pulling now; the registry watch would get here too.
+        self.halt.set()
+        self._kick()
+        self.egress.spawn(self.egress.sync_target(self.name), name=f"sync-{self.name}")
+
+    async def _hand_back(self, msg: Msg, delay: float | None = None) -> None:
+        self._held.pop(id(msg), None)
+        with contextlib.suppress(Exception):
+            await msg.nak(delay=delay)
+
+    # Background loops ---------------------------------------------------------
+
+    async def _keepalive_loop(self) -> None:
+        """Messages waiting (circuit, rate limit) or in long requests stay ours."""
+        while True:
+            interval = max(1.0, self.ack_wait / 3)
+            await asyncio.sleep(interval / 2)
+            now = time.monotonic()
+            for key, (msg, since) in list(self._held.items()):
+                if now - since >= interval and key in self._held:
+                    self._held[key] = (msg, now)
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
+
+    async def _circuit_loop(self) -> None:
+        while True:
+            changed = self.circuit.changed()
+            deadline = self.circuit.next_deadline()
+            timeout = 30.0 if deadline is None else max(0.0, deadline - time.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout)
+            try:
+                await self.circuit.tick()
+            except Exception as exc:
+                self.log.warning("circuit tick failed", error=str(exc) or repr(exc))
+                await asyncio.sleep(1.0)
+
+    async def _pause(self, until: float) -> None:
+        try:
+            await self.client.js.pause_consumer(self.stream, self.consumer, rfc3339_epoch(until))
+        except Exception as exc:
+            self.log.warning("could not pause the consumer", error=str(exc) or repr(exc))
+
+    async def _resume(self) -> None:
+        try:
+            await self.client.js.resume_consumer(self.stream, self.consumer)
+        except Exception as exc:
+            self.log.warning("could not resume the consumer", error=str(exc) or repr(exc))
+
+    # Request / reply ------------------------------------------------------------
+
+    async def _serve_requests(self) -> None:
+        if self._rpc_sub is not None:
+            return
+        self._rpc_sub = await self.client.nc.subscribe(
+            self.client.subjects.rpc_filter(self.name), queue=f"rpc-{self.name}", cb=self._on_rpc
+        )
+
+    async def _on_rpc(self, msg: Msg) -> None:
+        if self.halt.is_set():
+            return  # another member of the queue group will not get it; the caller times out
+        if len(self.rpc_tasks) >= self.target.max_in_flight:
+            await self.client.reply(msg, {"error": "target busy"}, 503, self.name)
+            return
+        task = asyncio.create_task(self._answer(msg))
+        self.rpc_tasks.add(task)
+        task.add_done_callback(self.rpc_tasks.discard)
+
+    async def _answer(self, msg: Msg) -> None:
+        """A synchronous signed POST; the reply carries its status and body."""
+        try:
+            try:
+                event = self.client.decode_request(msg)
+            except DecodeError as exc:
+                await self.client.reply(msg, {"error": str(exc)}, 400, self.name)
+                return
+            if event.source == self.name:
+                await self.client.reply(msg, {"error": "a target cannot request itself"}, 400)
+                return
+            if self.circuit.state is not CircuitState.CLOSED:
+                await self.client.reply(
+                    msg, {"error": f"circuit {self.circuit.state.value}"}, 503, self.name
+                )
+                return
+            target = self.target
+            body, extra = build_body(target, event)
+            if self.limiter is not None:
+                await self.limiter.acquire()
+            async with self.egress.slots:
+                headers = sign_headers(self.signer(), event.id, body, extra)
+                assert target.url is not None
+                result = await self.egress.http.post(
+                    target.url, body, headers, target.timeout_s, keep_body=True
+                )
+            reply = _reply_for(result)
+            await self.client.reply(msg, reply.data, reply.status, self.name)
+        except Exception as exc:
+            self.log.warning("request to the target failed", error=repr(exc))
+            with contextlib.suppress(Exception):
+                await self.client.reply(msg, {"error": type(exc).__name__}, 500, self.name)
+
+    # Stopping -------------------------------------------------------------------
+
+    async def stop(self, timeout: float) -> None:
+        """Stop pulling; let requests on the wire finish within ``timeout``; nak the rest."""
+        self.halt.set()
+        self._kick()
+        if self._rpc_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._rpc_sub.unsubscribe()
+            self._rpc_sub = None
+        for task in list(self.tasks - self.sending):
+            task.cancel()  # still waiting for the circuit, a token or a slot: hand back now
+        waiting: set[asyncio.Task[Any]] = set(self.tasks) | set(self.rpc_tasks)
+        if self.main is not None:
+            waiting.add(self.main)
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout)
+        for task in list(self.tasks) + list(self.rpc_tasks):
+            task.cancel()
+        leftovers: set[asyncio.Task[Any]] = set(self.tasks) | set(self.rpc_tasks)
+        if leftovers:
+            await asyncio.wait(leftovers, timeout=2.0)
+        if self.main is not None and not self.main.done():
+            self.main.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.main
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "state": self.circuit.state.value,
+            "in_flight": self.in_flight,
+            "rate_share": self.limiter.rate if self.limiter is not None else None,
+            **self.counts,
+        }
+
+
+def _header_id(msg: Msg) -> str:
+    headers = msg.headers or {}
+    seq = msg.metadata.sequence.stream if msg.metadata.sequence else "?"
+    return headers.get("ce-id") or headers.get("Nats-Msg-Id") or f"seq-{seq}"
+
+
+def _reply_for(result: AttemptResult) -> Reply:
+    if result.refused:
+        return Reply(403, {"error": result.error})
+    if result.status is None:
+        status = 504 if (result.error or "").startswith("timeout") else 502
+        return Reply(status, {"error": result.error})
+    ctype = result.content_type.split(";")[0].strip().lower()
+    data: Any = result.body
+    if ctype == "application/json" or ctype.endswith("+json"):
+        try:
+            data = json.loads(result.body) if result.body else None
+        except ValueError:
+            data = result.body.decode("utf-8", "replace")
+    elif ctype.startswith("text/"):
+        data = result.body.decode("utf-8", "replace")
+    return Reply(result.status, data)

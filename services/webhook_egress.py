@@ -1,0 +1,299 @@
+"""Webhook egress: signed, durable, resilient HTTP delivery to every webhook target.
+
+``mesh serve webhook-egress`` runs it alone; ``mesh up`` runs it with the others. One
+``TargetWorker`` (services/egress_worker.py) per active webhook target pulls the target's
+``deliver-<target>`` consumer; the registry is watched, so targets added, changed,
+disabled or removed take effect without a restart.
+
+Several instances may run against one broker; the consumers spread the work. What is
+per-instance is kept correct when split:
+
+- **Circuit breakers** are shared through a KV bucket with compare-and-set transitions
+  and a probe lease, and an open circuit pauses the target's consumer on the server
+  (services/egress_circuit.py): exactly one probe goes out however many instances run.
+- **Rate limits**: instances see each other through their heartbeats
+  (``<prefix>.sys.health.webhook-egress.*``); each takes ``rate / N`` of a target's rate,
+  N being the instances alive. When one joins, the others answer with a heartbeat at
+  once, so the split adjusts within milliseconds; when one dies, the others notice after
+  three missed heartbeats and the aggregate rate is briefly below the limit, never above.
+- **Ordering**: an ordered target's consumer allows one unacknowledged message, so one
+  request is in flight across all instances.
+
+Graceful stop (SIGTERM): stop pulling, hand back what has not been sent, let requests on
+the wire finish within the drain timeout, hand back the rest (nak), exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any, ClassVar
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from mesh.config import Settings
+from mesh.crypto import KeyRing
+from mesh.errors import DecodeError, NotFound
+from mesh.records import DeliveryRecord
+from mesh.registry import TargetKind, TargetStatus
+from services.base import Service
+from services.egress_circuit import CircuitStore
+from services.egress_http import HttpSender
+from services.egress_worker import FETCH_EXPIRES_S, TargetWorker
+
+DEFAULT_MAX_IN_FLIGHT = 512  # requests on the wire across every target of one instance
+RESYNC_S = 30.0  # full registry re-read, in case a watch went quiet
+PEER_MISSES = 3  # heartbeats an instance may miss before it no longer counts
+
+
+class WebhookEgress(Service):
+    name: ClassVar[str] = "webhook-egress"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        instance: str | None = None,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        fetch_expires_s: float = FETCH_EXPIRES_S,
+    ) -> None:
+        super().__init__(settings, instance=instance)
+        self.max_in_flight = max_in_flight
+        # How long an idle fetch waits at the server; also what a drain may wait for it.
+        self.fetch_expires_s = fetch_expires_s
+        self.slots = asyncio.Semaphore(max_in_flight)
+        self.http = HttpSender(settings.allow_private_targets, limit=max_in_flight)
+        self.workers: dict[str, TargetWorker] = {}
+        self.circuits: CircuitStore | None = None
+        self.keyring: KeyRing | None = None
+        self.peers: dict[str, float] = {}  # other instances -> last heartbeat (monotonic)
+        self._sync_lock = asyncio.Lock()
+        self._peer_sub: Subscription | None = None
+        self._records_failed = 0
+
+    # Lifecycle ----------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        self.keyring = self._load_keyring()
+        events = self.client.names.events
+        bucket = events.removesuffix("_EVENTS") + "_CIRCUITS"
+        self.circuits = await CircuitStore.open(
+            self.client.js, bucket, replicas=self.settings.stream_replicas
+        )
+        self._peer_sub = await self.client.nc.subscribe(
+            self.client.subjects.health(self.name, "*"), cb=self._on_peer
+        )
+        if self.heartbeat is not None:
+            await self.heartbeat.beat()  # announce ourselves before taking any rate share
+        await self.resync()
+        self.spawn(self._watch_registry(), name="egress-registry-watch")
+        self.spawn(self._watch_circuits(), name="egress-circuit-watch")
+        self.spawn(self._housekeeping(), name="egress-housekeeping")
+
+    def _load_keyring(self) -> KeyRing | None:
+        try:
+            return self.client.keyring
+        except Exception:
+            if self.settings.encryption:
+                raise
+            return None
+
+    async def on_drain(self, timeout: float) -> None:
+        workers = list(self.workers.values())
+        await asyncio.gather(*(w.stop(timeout) for w in workers), return_exceptions=True)
+
+    async def on_close(self) -> None:
+        for worker in list(self.workers.values()):
+            await worker.stop(0.1)
+        self.workers.clear()
+        if self._peer_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._peer_sub.unsubscribe()
+        # Let the last delivery records reach the broker.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.client.js.publish_async_completed(), 2.0)
+        await self.http.close()
+
+    # Targets ------------------------------------------------------------------
+
+    async def resync(self) -> None:
+        """Bring the workers in line with every target in the registry."""
+        targets = await self.client.registry.list_targets()
+        names = {t.name for t in targets}
+        for t in targets:
+            await self.sync_target(t.name)
+        for name in list(self.workers):
+            if name not in names:
+                await self.sync_target(name)
+
+    async def sync_target(self, name: str) -> None:
+        """Start, update or stop the worker of one target after a registry change."""
+        async with self._sync_lock:
+            if self.stopping.is_set():
+                return
+            try:
+                target = await self.client.registry.get_target(name)
+            except NotFound:
+                await self._retire(name, forget=True)
+                return
+            except DecodeError as exc:
+                self.log.error("unreadable target entry", target=name, error=str(exc))
+                return
+            wanted = (
+                target.kind == TargetKind.WEBHOOK
+                and target.status == TargetStatus.ACTIVE
+                and bool(target.url)
+            )
+            worker = self.workers.get(name)
+            if not wanted:
+                await self._retire(name)
+                return
+            if worker is not None and worker.halt.is_set():
+                await self._retire(name)
+                worker = None
+            if worker is None:
+                worker = TargetWorker(self, target)
+                self.workers[name] = worker
+                worker.start()
+                self.log.info("delivering to target", target=name)
+            elif target.model_dump() != worker.target.model_dump():
+                worker.update(target)
+                self.log.info("target updated", target=name)
+
+    async def _retire(self, name: str, forget: bool = False) -> None:
+        worker = self.workers.pop(name, None)
+        if worker is None:
+            return
+        await worker.stop(self.settings.drain_timeout_s)
+        if forget:
+            await worker.circuit.forget()
+        self.log.info("stopped delivering to target", target=name)
+
+    async def _watch_registry(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                async for key in self.client.registry.watch():
+                    if key.startswith("targets."):
+                        await self.sync_target(key.removeprefix("targets."))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.log.warning("registry watch interrupted", error=str(exc) or repr(exc))
+            await asyncio.sleep(1.0)
+
+    async def _watch_circuits(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                assert self.circuits is not None
+                async for key, record, revision in self.circuits.watch():
+                    worker = self.workers.get(key)
+                    if worker is not None:
+                        worker.circuit.apply(record, revision)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.log.warning("circuit watch interrupted", error=str(exc) or repr(exc))
+            await asyncio.sleep(1.0)
+
+    async def _housekeeping(self) -> None:
+        last_resync = time.monotonic()
+        while not self.stopping.is_set():
+            await asyncio.sleep(max(0.5, self.settings.heartbeat_interval_s))
+            self._expire_peers()
+            if time.monotonic() - last_resync >= RESYNC_S:
+                last_resync = time.monotonic()
+                try:
+                    await self.resync()
+                except Exception as exc:
+                    self.log.warning("registry resync failed", error=str(exc) or repr(exc))
+
+    # Peers (for rate shares) --------------------------------------------------
+
+    def instance_count(self) -> int:
+        return 1 + len(self.peers)
+
+    async def _on_peer(self, msg: Msg) -> None:
+        try:
+            doc = json.loads(msg.data)
+            instance = str(doc["instance"])
+            status = str(doc.get("status", "ok"))
+        except (ValueError, KeyError, TypeError):
+            return
+        if instance == self.instance:
+            return
+        before = self.instance_count()
+        if status == "stopped":
+            self.peers.pop(instance, None)
+        else:
+            new = instance not in self.peers
+            self.peers[instance] = time.monotonic()
+            if new and self.heartbeat is not None and not self.stopping.is_set():
+                await self.heartbeat.beat()  # so the newcomer counts us right away
+        if self.instance_count() != before:
+            self._reshare()
+
+    def _expire_peers(self) -> None:
+        horizon = time.monotonic() - PEER_MISSES * self.settings.heartbeat_interval_s
+        gone = [i for i, seen in self.peers.items() if seen < horizon]
+        for instance in gone:
+            del self.peers[instance]
+        if gone:
+            self._reshare()
+
+    def _reshare(self) -> None:
+        for worker in self.workers.values():
+            worker.configure_rate()
+
+    # Records ------------------------------------------------------------------
+
+    async def record(self, rec: DeliveryRecord) -> None:
+        """Publish a delivery-attempt record, pipelined (its ack is checked, not awaited)."""
+        try:
+            fut = await self.client.js.publish_async(
+                self.client.subjects.delivery(rec.target),
+                rec.to_bytes(),
+                headers={"Nats-Msg-Id": rec.id},
+                wait_stall=5.0,
+            )
+        except Exception as exc:
+            self._record_failed(rec, exc)
+            return
+        fut.add_done_callback(lambda f: self._record_done(rec, f))
+
+    def _record_done(self, rec: DeliveryRecord, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            self._record_failed(rec, exc)
+
+    def _record_failed(self, rec: DeliveryRecord, exc: BaseException) -> None:
+        self._records_failed += 1
+        self.log.warning(
+            "delivery record not published",
+            target=rec.target,
+            event_id=rec.event_id,
+            error=str(exc) or type(exc).__name__,
+        )
+
+    # Heartbeat ----------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        workers = dict(self.workers)
+        per_target = {name: w.stats() for name, w in workers.items()}
+        totals = {
+            key: sum(int(s[key]) for s in per_target.values())
+            for key in ("delivered", "retried", "dead", "skipped")
+        }
+        return {
+            "circuits": {name: w.circuit.state.value for name, w in workers.items()},
+            "in_flight": sum(w.in_flight for w in workers.values()),
+            "max_in_flight": self.max_in_flight,
+            "targets": per_target,
+            "instances": self.instance_count(),
+            "records_failed": self._records_failed,
+            **totals,
+        }
