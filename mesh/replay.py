@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,10 +48,11 @@ from mesh.subjects import (
     validate_pattern,
 )
 
-SCAN_BATCH = 256
+SCAN_BATCH = 512
 SCAN_FETCH_TIMEOUT_S = 1.0
 SCAN_INACTIVE_S = 60.0
 PUBLISH_TIMEOUT_S = 10.0
+PUBLISH_WINDOW = 1024
 SAMPLE_SIZE = 20
 
 
@@ -319,64 +321,67 @@ async def replay(
         if progress:
             progress(state)
 
-    pending: list[tuple[str, bytes, dict[str, str]]] = []
+    pipe = _Pipeline(client.js)
     max_hops = client.settings.max_hops
 
-    async def flush() -> None:
-        if not pending:
-            return
-        acks = await _publish_all(client, pending)
-        result.published += sum(0 if a.duplicate else 1 for a in acks)
-        result.duplicates += sum(1 if a.duplicate else 0 for a in acks)
+    def count(new: int, dup: int) -> None:
+        result.published += new
+        result.duplicates += dup
         state.published = result.published + result.duplicates
-        pending.clear()
 
-    async for msg in scan(
-        client.js, client.names.events, filters, start_time=since, batch=batch, on_total=set_total
-    ):
-        meta = msg.metadata
-        if until is not None and meta.timestamp > until:
-            break
-        result.scanned += 1
-        state.scanned = result.scanned
-        headers = dict(msg.headers or {})
-        try:
-            source, etype, _ = client.subjects.parse_event(msg.subject)
-        except ValidationError:
-            result.skipped += 1
-            continue
-        if types is not None and not subject_matches(types, etype):
-            continue
-        origin = headers.get(f"ce-{envelope.EXT_ORIGIN}") or source
-        try:
-            hops = int(headers.get(f"ce-{envelope.EXT_HOPS}", "0"))
-        except ValueError:
-            hops = 0
-        if not route_accepts(routes, source, etype) or origin == target or hops > max_hops:
-            result.skipped += 1
-            continue
-        event_id = event_id_of(headers, meta.sequence.stream)
-        result.matched += 1
-        state.matched = result.matched
-        if len(result.sample) < sample_size:
-            result.sample.append(
-                ReplayItem(meta.sequence.stream, event_id, source, etype, meta.timestamp)
-            )
-        if not dry_run:
-            out = replay_headers(
-                headers,
-                msg.data,
-                source=source,
-                event_type=etype,
-                msg_id=replay_msg_id(target, event_id),
-                seq=meta.sequence.stream,
-            )
-            pending.append((client.subjects.replay(target, source, etype), msg.data, out))
-            if len(pending) >= batch:
-                await flush()
-        if progress and (result.scanned % 64 == 0):
-            progress(state)
-    await flush()
+    try:
+        async for msg in scan(
+            client.js,
+            client.names.events,
+            filters,
+            start_time=since,
+            batch=batch,
+            on_total=set_total,
+        ):
+            meta = msg.metadata
+            if until is not None and meta.timestamp > until:
+                break
+            result.scanned += 1
+            state.scanned = result.scanned
+            headers = dict(msg.headers or {})
+            try:
+                source, etype, _ = client.subjects.parse_event(msg.subject)
+            except ValidationError:
+                result.skipped += 1
+                continue
+            if types is not None and not subject_matches(types, etype):
+                continue
+            origin = headers.get(f"ce-{envelope.EXT_ORIGIN}") or source
+            try:
+                hops = int(headers.get(f"ce-{envelope.EXT_HOPS}", "0"))
+            except ValueError:
+                hops = 0
+            if not route_accepts(routes, source, etype) or origin == target or hops > max_hops:
+                result.skipped += 1
+                continue
+            event_id = event_id_of(headers, meta.sequence.stream)
+            result.matched += 1
+            state.matched = result.matched
+            if len(result.sample) < sample_size:
+                result.sample.append(
+                    ReplayItem(meta.sequence.stream, event_id, source, etype, meta.timestamp)
+                )
+            if not dry_run:
+                out = replay_headers(
+                    headers,
+                    msg.data,
+                    source=source,
+                    event_type=etype,
+                    msg_id=replay_msg_id(target, event_id),
+                    seq=meta.sequence.stream,
+                )
+                subject = client.subjects.replay(target, source, etype)
+                count(*await pipe.publish(subject, msg.data, out))
+            if progress and (result.scanned % 64 == 0):
+                progress(state)
+        count(*await pipe.finish())
+    finally:
+        pipe.abandon()  # an error or an interrupt: nothing outstanding is waited for
     if progress:
         progress(state)
     if result.matched == 0:
@@ -388,27 +393,56 @@ async def replay(
     return result
 
 
-async def _publish_all(
-    client: MeshClient, messages: list[tuple[str, bytes, dict[str, str]]]
-) -> list[PubAck]:
-    """Publish in order, pipelined; every message acknowledged by the stream or an error."""
-    futures: list[asyncio.Future[PubAck]] = []
-    try:
-        for subject, body, headers in messages:
-            futures.append(
-                await client.js.publish_async(
-                    subject, body, headers=headers, wait_stall=PUBLISH_TIMEOUT_S
-                )
+class _Pipeline:
+    """Publishes in order with up to ``window`` acknowledgements outstanding.
+
+    Every message is acknowledged by the stream (counted new or duplicate) or the
+    replay fails with a ``BrokerError``; nothing is reported done before its ack.
+    """
+
+    def __init__(self, js: JetStreamContext, window: int = PUBLISH_WINDOW) -> None:
+        self.js = js
+        self.window = window
+        self.futures: deque[asyncio.Future[PubAck]] = deque()
+
+    async def publish(self, subject: str, body: bytes, headers: dict[str, str]) -> tuple[int, int]:
+        try:
+            fut = await self.js.publish_async(
+                subject, body, headers=headers, wait_stall=PUBLISH_TIMEOUT_S
             )
-        return list(await asyncio.wait_for(asyncio.gather(*futures), PUBLISH_TIMEOUT_S))
-    except (TimeoutError, nats_errors.TimeoutError, js_errors.TooManyStalledMsgsError):
-        raise BrokerError("replay publish acknowledgements timed out") from None
-    except js_errors.APIError as exc:
-        raise BrokerError(f"replay publish refused: {exc.description or exc}") from None
-    finally:
-        for f in futures:
-            if not f.done():
-                f.cancel()
+        except js_errors.TooManyStalledMsgsError:
+            raise BrokerError("replay publish acknowledgements timed out") from None
+        self.futures.append(fut)
+        if len(self.futures) < self.window:
+            return 0, 0
+        return await self._settle(len(self.futures) // 2)
+
+    async def finish(self) -> tuple[int, int]:
+        return await self._settle(len(self.futures))
+
+    async def _settle(self, n: int) -> tuple[int, int]:
+        new = dup = 0
+        try:
+            for _ in range(n):
+                ack = await asyncio.wait_for(self.futures[0], PUBLISH_TIMEOUT_S)
+                self.futures.popleft()
+                if ack.duplicate:
+                    dup += 1
+                else:
+                    new += 1
+        except (TimeoutError, nats_errors.TimeoutError):
+            self.abandon()
+            raise BrokerError("replay publish acknowledgements timed out") from None
+        except js_errors.APIError as exc:
+            self.abandon()
+            raise BrokerError(f"replay publish refused: {exc.description or exc}") from None
+        return new, dup
+
+    def abandon(self) -> None:
+        while self.futures:
+            fut = self.futures.popleft()
+            if not fut.done():
+                fut.cancel()
 
 
 __all__ = [

@@ -19,12 +19,28 @@ from mesh.registry import Target, TargetKind
 from mesh.storage import Store, Table, open_store
 from services.sink import Sink
 from tests.conftest import add_nats_target
+from tests.support import PG_SKIP_REASON, pg_dsn, pg_schema
 from tests.test_replay import drain, one_line_error, run_cli
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def db_settings(
+    request: pytest.FixtureRequest, settings: Settings
+) -> AsyncIterator[Settings]:
+    """The test's settings with its database: SQLite in the home, or a scratch PG schema."""
+    if request.param == "sqlite":
+        yield settings
+        return
+    dsn = pg_dsn()
+    if dsn is None:
+        pytest.skip(PG_SKIP_REASON)
+    async with pg_schema(dsn) as url:
+        yield settings.model_copy(update={"db_url": url})
+
+
 @pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[Store]:
-    s = await open_store(settings.database_url)
+async def store(db_settings: Settings) -> AsyncIterator[Store]:
+    s = await open_store(db_settings.database_url)
     await s.migrate()
     try:
         yield s
@@ -95,8 +111,9 @@ async def test_rotate_old_events_decrypt_new_ones_use_the_new_key(
 
 
 async def test_reencrypt_resumes_and_leaves_no_row_under_the_old_key(
-    client: MeshClient, settings: Settings, store: Store
+    client: MeshClient, db_settings: Settings, store: Store
 ) -> None:
+    settings = db_settings
     await populate(client, settings, store, n=25, dead=4)
     old = client.keyring
     plain = {k: old.decrypt(v) for k, v in (await stored_payloads(store)).items()}
@@ -140,8 +157,9 @@ async def test_reencrypt_resumes_and_leaves_no_row_under_the_old_key(
 
 @pytest.mark.slow
 async def test_prune_refuses_while_anything_stored_needs_the_key(
-    client: MeshClient, settings: Settings, store: Store
+    client: MeshClient, db_settings: Settings, store: Store
 ) -> None:
+    settings = db_settings
     await populate(client, settings, store, n=6, dead=2)
     await client.add_target(
         Target(name="hook", kind=TargetKind.WEBHOOK, url="https://example.com/hook")

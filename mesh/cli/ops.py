@@ -6,7 +6,7 @@ import functools
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import typer
@@ -53,6 +53,17 @@ def register(app: typer.Typer) -> None:
     app.command("replay")(replay_cmd)
     app.add_typer(dlq_app, name="dlq")
     app.add_typer(keys_app, name="keys")
+
+
+def show_table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
+    """A table whose id columns are never wrapped or cut (they get pasted into commands)."""
+    table = Table(title=title, header_style="bold")
+    for col in columns:
+        ident = col.endswith("id")
+        table.add_column(col, no_wrap=ident, min_width=32 if ident else None)
+    for row in rows:
+        table.add_row(*["" if v is None else str(v) for v in row])
+    console.print(table)
 
 
 # Progress -----------------------------------------------------------------------------
@@ -144,11 +155,11 @@ def replay_cmd(
             f"would replay [bold]{result.matched}[/] event(s) to {target}"
             f" (scanned {result.scanned} on {', '.join(result.filters)})"
         )
-        print_table(
+        show_table(
             None,
-            ["seq", "stored at", "source", "type", "id"],
+            ["seq", "stored at (UTC)", "source", "type", "event id"],
             [
-                [i.seq, i.stored_at.isoformat(timespec="seconds"), i.source, i.type, i.id]
+                [i.seq, f"{i.stored_at:%Y-%m-%d %H:%M:%S}", i.source, i.type, i.id]
                 for i in result.sample
             ],
         )
@@ -216,14 +227,22 @@ def _entry_rows(entries: list[dlq_ops.DlqEntry]) -> list[list[Any]]:
             e.target,
             f"{e.source or '?'} {e.type or '?'}",
             e.letter.attempts,
-            e.letter.at.isoformat(timespec="seconds"),
+            f"{e.letter.at.astimezone(UTC):%Y-%m-%d %H:%M:%S}",
             e.letter.error,
         ]
         for e in entries
     ]
 
 
-ENTRY_COLUMNS = ["seq", "event id", "target", "source/type", "attempts", "dead at", "last error"]
+ENTRY_COLUMNS = [
+    "seq",
+    "event id",
+    "target",
+    "source/type",
+    "attempts",
+    "dead at (UTC)",
+    "last error",
+]
 
 
 @dlq_app.command("list")
@@ -248,14 +267,9 @@ def dlq_list(
     if not listing.entries:
         say("no dead letters" + (f" for {target}" if target else ""))
     else:
-        table = Table(title=f"dead letters ({len(listing.entries)})", header_style="bold")
-        for col in ENTRY_COLUMNS:
-            # Ids are pasted into `mesh dlq show`: never wrapped or cut.
-            ident = col == "event id"
-            table.add_column(col, no_wrap=ident, min_width=32 if ident else None)
-        for row in _entry_rows(listing.entries):
-            table.add_row(*["" if v is None else str(v) for v in row])
-        console.print(table)
+        show_table(
+            f"dead letters ({len(listing.entries)})", ENTRY_COLUMNS, _entry_rows(listing.entries)
+        )
     if listing.unreadable:
         note(f"{listing.unreadable} message(s) on the DLQ are not dead letters")
 
