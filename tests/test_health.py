@@ -36,7 +36,7 @@ from mesh.storage import open_store
 from services.base import Service
 from services.health import Health
 from tests.conftest import env_for
-from tests.support import PG_SKIP_REASON, pg_dsn, pg_schema, pg_target, via
+from tests.support import pg_schema, pg_target, via
 from tests.support.proxy import TCPProxy
 from tests.support.receiver import Receiver
 
@@ -121,6 +121,23 @@ async def run_cli(env: dict[str, str], cwd: Path, *args: str) -> tuple[int, str,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def srv_ping(c: MeshClient, wait: float = 1.0) -> set[str]:
+    """Names of the micro services answering ``$SRV.PING`` within ``wait`` seconds."""
+    inbox = c.nc.new_inbox()
+    names: set[str] = set()
+
+    async def collect(msg: Any) -> None:
+        names.add(json.loads(msg.data)["name"])
+
+    sub = await c.nc.subscribe(inbox, cb=collect)
+    try:
+        await c.nc.publish("$SRV.PING", b"", reply=inbox)
+        await asyncio.sleep(wait)
+    finally:
+        await sub.unsubscribe()
+    return names
 
 
 def target_row(status: dict[str, Any], name: str) -> dict[str, Any] | None:
@@ -312,12 +329,11 @@ async def test_readyz_turns_503_while_the_sqlite_database_is_gone(
 
 @pytest.mark.slow
 @pytest.mark.postgres
-async def test_readyz_turns_503_while_postgres_is_unreachable(hsettings: Settings) -> None:
-    dsn = pg_dsn()
-    if dsn is None:
-        pytest.skip(PG_SKIP_REASON)
-    host, port = pg_target(dsn)
-    async with pg_schema(dsn) as url, TCPProxy(host, port) as proxy:
+async def test_readyz_turns_503_while_postgres_is_unreachable(
+    hsettings: Settings, pg_dsn: str
+) -> None:
+    host, port = pg_target(pg_dsn)
+    async with pg_schema(pg_dsn) as url, TCPProxy(host, port) as proxy:
         await migrate(url)
         s = hsettings.model_copy(update={"db_url": via(url, "127.0.0.1", proxy.port)})
         h = Health(s, host="127.0.0.1")
@@ -597,6 +613,12 @@ async def test_no_secret_or_payload_in_any_log_line(settings: Settings, tmp_path
             _, page = await http_get(settings.http_port, "/")
             _, metrics = await http_get(settings.http_port, "/metrics")
             assert marker not in page + metrics and secret not in page + metrics
+            # Every service of `mesh up` answers $SRV.PING.
+            from services.runner import available_services
+
+            async with MeshClient(settings, name="ping") as c:
+                found = await srv_ping(c)
+            assert {f"mesh-{name}" for name in available_services()} <= found
         finally:
             code = await finish(proc, signal.SIGTERM)
     assert code == 0, up_log.read_text()[-3000:]
