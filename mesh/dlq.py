@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -90,6 +90,33 @@ def _entry(client: MeshClient, seq: int, headers: dict[str, str] | None, body: b
     return DlqEntry(seq=seq, letter=letter, source=source, type=etype)
 
 
+async def iter_dead_letters(
+    client: MeshClient,
+    target: str | None = None,
+    since: datetime | None = None,
+    *,
+    listing: DlqListing | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> AsyncIterator[DlqEntry]:
+    """Dead letters oldest first, read as they come (memory stays bounded).
+
+    Messages on the DLQ subjects that are not dead letters are counted in
+    ``listing.unreadable``; ``on_total`` hears how many messages the range holds.
+    """
+    async for msg in scan(
+        client.js,
+        client.names.dlq,
+        [_filter(client, target)],
+        start_time=since,
+        on_total=on_total,
+    ):
+        try:
+            yield _entry(client, msg.metadata.sequence.stream, msg.headers, msg.data)
+        except DecodeError:
+            if listing is not None:
+                listing.unreadable += 1
+
+
 async def list_dead_letters(
     client: MeshClient,
     target: str | None = None,
@@ -98,12 +125,7 @@ async def list_dead_letters(
 ) -> DlqListing:
     """Dead letters oldest first, for one target or all, stored at or after ``since``."""
     listing = DlqListing()
-    async for msg in scan(client.js, client.names.dlq, [_filter(client, target)], start_time=since):
-        try:
-            entry = _entry(client, msg.metadata.sequence.stream, msg.headers, msg.data)
-        except DecodeError:
-            listing.unreadable += 1
-            continue
+    async for entry in iter_dead_letters(client, target, since, listing=listing):
         listing.entries.append(entry)
         if limit is not None and len(listing.entries) >= limit:
             break
@@ -126,8 +148,7 @@ async def find(client: MeshClient, ident: str) -> list[DlqEntry]:
                 return [_entry(client, raw.seq, raw.headers, raw.data or b"")]
             except DecodeError:
                 raise NotFound(f"DLQ message {seq} is not a dead letter") from None
-    listing = await list_dead_letters(client)
-    found = [e for e in listing.entries if ident in (e.letter.id, e.event_id)]
+    found = [e async for e in iter_dead_letters(client) if ident in (e.letter.id, e.event_id)]
     if not found:
         raise NotFound(f"no dead letter {ident!r} (see `mesh dlq list`)")
     return found
@@ -136,12 +157,22 @@ async def find(client: MeshClient, ident: str) -> list[DlqEntry]:
 # Replay -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Kept:
+    """A dead letter left in the DLQ, and why."""
+
+    event_id: str
+    seq: int
+    target: str
+    reason: str
+
+
 @dataclass
 class DlqReplayResult:
     replayed: int = 0  # republished and deleted from the DLQ
     duplicates: int = 0  # of those, copies the events stream had already stored
-    failed: list[tuple[DlqEntry, str]] = field(default_factory=list)  # left in the DLQ
-    skipped: list[tuple[DlqEntry, str]] = field(default_factory=list)  # left in the DLQ
+    failed: list[Kept] = field(default_factory=list)  # could not be republished or deleted
+    skipped: list[Kept] = field(default_factory=list)  # no target to send them to
     disabled_targets: set[str] = field(default_factory=set)
 
 
@@ -149,18 +180,28 @@ def dlq_replay_msg_id(entry: DlqEntry) -> str:
     return f"dlq-replay-{entry.letter.id}"
 
 
+def _kept(e: DlqEntry, reason: str) -> Kept:
+    return Kept(e.event_id, e.seq, e.target, reason)
+
+
 async def replay_dead_letters(
     client: MeshClient,
-    entries: list[DlqEntry],
+    entries: AsyncIterable[DlqEntry] | Iterable[DlqEntry],
     *,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int], None] | None = None,
     batch: int = REPLAY_BATCH,
 ) -> DlqReplayResult:
-    """Send dead letters back through their targets' normal delivery, then drop them."""
+    """Send dead letters back through their targets' normal delivery, then drop them.
+
+    Works through ``entries`` a batch at a time; ``progress`` hears how many
+    were handled so far.
+    """
     result = DlqReplayResult()
     targets: dict[str, Target | None] = {}
-    ready: list[DlqEntry] = []
-    for e in entries:
+    done = 0
+    chunk: list[DlqEntry] = []
+
+    async def admit(e: DlqEntry) -> bool:
         if e.target not in targets:
             try:
                 targets[e.target] = await client.registry.get_target(e.target)
@@ -168,40 +209,62 @@ async def replay_dead_letters(
                 targets[e.target] = None
         t = targets[e.target]
         if t is None:
-            result.skipped.append((e, f"target {e.target!r} no longer exists"))
-        elif e.source is None or e.type is None:
-            result.skipped.append((e, "the original subject names no source and type"))
-        else:
-            if t.status == TargetStatus.DISABLED:
-                result.disabled_targets.add(t.name)
-            ready.append(e)
-    done = 0
-    for i in range(0, len(ready), batch):
-        chunk = ready[i : i + batch]
-        outcomes = await asyncio.gather(
-            *(_publish(client, e) for e in chunk), return_exceptions=True
-        )
-        acked: list[DlqEntry] = []
-        for e, out in zip(chunk, outcomes, strict=True):
-            if isinstance(out, BaseException):
-                result.failed.append((e, _why(out)))
-            else:
-                acked.append(e)
-                if out:
-                    result.duplicates += 1
-        # Only now, with the copies stored, do the dead letters go.
-        deletions = await asyncio.gather(
-            *(_delete(client, e.seq) for e in acked), return_exceptions=True
-        )
-        for e, out in zip(acked, deletions, strict=True):
-            if isinstance(out, BaseException):
-                result.failed.append((e, f"replayed but not deleted from the DLQ: {_why(out)}"))
-            else:
-                result.replayed += 1
+            result.skipped.append(_kept(e, f"target {e.target!r} no longer exists"))
+            return False
+        if e.source is None or e.type is None:
+            result.skipped.append(_kept(e, "the original subject names no source and type"))
+            return False
+        if t.status == TargetStatus.DISABLED:
+            result.disabled_targets.add(t.name)
+        return True
+
+    async def flush() -> None:
+        nonlocal done
+        await _replay_chunk(client, chunk, result)
         done += len(chunk)
+        chunk.clear()
         if progress:
-            progress(done, len(ready))
+            progress(done)
+
+    async for e in _aiter(entries):
+        if await admit(e):
+            chunk.append(e)
+        else:
+            done += 1
+        if len(chunk) >= batch:
+            await flush()
+    await flush()
     return result
+
+
+async def _aiter(items: AsyncIterable[DlqEntry] | Iterable[DlqEntry]) -> AsyncIterator[DlqEntry]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
+
+
+async def _replay_chunk(client: MeshClient, chunk: list[DlqEntry], result: DlqReplayResult) -> None:
+    outcomes = await asyncio.gather(*(_publish(client, e) for e in chunk), return_exceptions=True)
+    acked: list[DlqEntry] = []
+    for e, out in zip(chunk, outcomes, strict=True):
+        if isinstance(out, BaseException):
+            result.failed.append(_kept(e, _why(out)))
+        else:
+            acked.append(e)
+            if out:
+                result.duplicates += 1
+    # Only now, with the copies stored, do the dead letters go.
+    deletions = await asyncio.gather(
+        *(_delete(client, e.seq) for e in acked), return_exceptions=True
+    )
+    for e, out in zip(acked, deletions, strict=True):
+        if isinstance(out, BaseException):
+            result.failed.append(_kept(e, f"replayed but not deleted from the DLQ: {_why(out)}"))
+        else:
+            result.replayed += 1
 
 
 async def _publish(client: MeshClient, entry: DlqEntry) -> bool:
@@ -301,9 +364,11 @@ __all__ = [
     "DlqEntry",
     "DlqListing",
     "DlqReplayResult",
+    "Kept",
     "PurgePlan",
     "dlq_replay_msg_id",
     "find",
+    "iter_dead_letters",
     "list_dead_letters",
     "plan_purge",
     "purge",

@@ -197,3 +197,28 @@ async def test_events_dead_lettered_while_the_receiver_was_down_all_arrive(
     # The nats target saw its own five once, nothing replayed.
     got = await drain(client, "other", 5, quiet=0.3)
     assert [e.id for e in got] == published and not any(e.replay for e in got)
+
+
+async def test_replay_by_id_and_a_replayed_event_dead_lettered_again(
+    client: MeshClient, settings: Settings
+) -> None:
+    await add_nats_target(client, "alpha")
+    await client.add_propagation("unidirectional", "shop", ["alpha"])
+    ids = [await client.publish("shop", "order.created", {"n": i}) for i in range(3)]
+    await dead_letter_all(client, "alpha", 3, "HTTP 502")
+    proc = await run_cli(settings, "dlq", "replay", "--id", ids[1], "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["replayed"] == 1
+    assert sorted(e.event_id for e in (await dlq.list_dead_letters(client)).entries) == sorted(
+        [ids[0], ids[2]]
+    )
+    # The replayed copy fails again: dead-lettered from its replay subject, it still
+    # replays to the same target with the same id.
+    assert await dead_letter_all(client, "alpha", 1, "HTTP 502 again") == [ids[1]]
+    again = [e for e in (await dlq.list_dead_letters(client)).entries if e.event_id == ids[1]]
+    assert again[0].letter.original_subject.startswith("mesh.replay.alpha.shop.")
+    result = await dlq.replay_dead_letters(client, dlq.iter_dead_letters(client, "alpha"))
+    assert (result.replayed, result.failed, result.skipped) == (3, [], [])
+    got = await drain(client, "alpha", 3)
+    assert sorted(e.id for e in got) == sorted(ids) and all(e.replay for e in got)
+    assert await dlq_depth(client) == 0

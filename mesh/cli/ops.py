@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -321,46 +322,51 @@ def dlq_replay(
     async def run() -> dlq_ops.DlqReplayResult:
         async with connected() as c:
             await _check_target(c, target)
-            listing = await dlq_ops.list_dead_letters(c, target, start)
-            entries = listing.entries
-            if ident:
-                wanted = set(ident)
-                entries = [e for e in entries if e.event_id in wanted or e.letter.id in wanted]
-            if not entries:
-                raise NotFound(
-                    "nothing to replay: no dead letters"
-                    + (f" for {target}" if target else "")
-                    + (f" since {start.isoformat()}" if start else "")
-                    + (f" with id {', '.join(ident)}" if ident else "")
-                )
+            wanted = set(ident)
             with progress_bar("dlq replay") as update:
+                total = 0
+
+                def on_total(n: int) -> None:
+                    nonlocal total
+                    total = n
+                    update("", 0, n)
+
+                async def entries() -> AsyncIterator[dlq_ops.DlqEntry]:
+                    async for e in dlq_ops.iter_dead_letters(c, target, start, on_total=on_total):
+                        if not wanted or e.event_id in wanted or e.letter.id in wanted:
+                            yield e
+
                 return await dlq_ops.replay_dead_letters(
-                    c, entries, progress=lambda d, t: update("", d, t)
+                    c, entries(), progress=lambda done: update("", done, total)
                 )
 
     result = arun(run())
+    kept = len(result.failed) + len(result.skipped)
+    if result.replayed + kept == 0:
+        raise NotFound(
+            "nothing to replay: no dead letters"
+            + (f" for {target}" if target else "")
+            + (f" since {start.isoformat()}" if start else "")
+            + (f" with id {', '.join(ident)}" if ident else "")
+        )
     if as_json:
         print_json(
             {
                 "replayed": result.replayed,
                 "duplicates": result.duplicates,
-                "failed": [
-                    {"event_id": e.event_id, "seq": e.seq, "error": w} for e, w in result.failed
-                ],
-                "skipped": [
-                    {"event_id": e.event_id, "seq": e.seq, "reason": w} for e, w in result.skipped
-                ],
+                "failed": [asdict(k) for k in result.failed],
+                "skipped": [asdict(k) for k in result.skipped],
+                "disabled_targets": sorted(result.disabled_targets),
             }
         )
     else:
         say(f"replayed {result.replayed} dead letter(s); they left the DLQ")
-        for e, why in result.skipped:
-            note(f"kept {e.event_id} (seq {e.seq}): {why}")
-        for e, why in result.failed:
-            note(f"failed {e.event_id} (seq {e.seq}): {why}")
+        for k in result.skipped:
+            note(f"kept {k.event_id} (seq {k.seq}): {k.reason}")
+        for k in result.failed:
+            note(f"failed {k.event_id} (seq {k.seq}): {k.reason}")
         for name in sorted(result.disabled_targets):
             note(f"target {name} is disabled: its events wait until `mesh target enable {name}`")
-    kept = len(result.failed) + len(result.skipped)
     if kept:
         raise MeshError(f"{kept} dead letter(s) could not be replayed; they stay in the DLQ")
 
