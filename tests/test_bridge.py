@@ -28,6 +28,7 @@ from mesh.config import Settings
 from mesh.errors import KeyFileError, MeshError
 from mesh.registry import Target, TargetKind
 from services.bridge import Bridge, BridgeOptions
+from services.bridge_session import FrameCache
 from tests.conftest import env_for
 
 TEST_OPTIONS = {
@@ -171,6 +172,20 @@ def test_token_claims_and_refusals() -> None:
         tokens.verify(key, foreign, "screens")
     with pytest.raises(tokens.TokenError, match="well-formed"):
         tokens.verify(key, "not.a.jwt", "screens")
+
+
+def test_frame_cache_is_bounded_in_items_and_bytes() -> None:
+    cache = FrameCache(max_items=3, max_bytes=800)
+    for seq in range(5):
+        cache.put(("t", seq), "x" * 10)
+    assert len(cache) == 3 and cache.get(("t", 0)) is None and cache.get(("t", 4)) == ("x" * 10,)
+    cache.put(("t", 9), None)  # "not for this target" is remembered too
+    assert cache.get(("t", 9)) == (None,)
+    cache.put(("t", 10), "y" * 99)
+    cache.put(("t", 11), "y" * 99)
+    assert cache.size <= 800
+    cache.put(("t", 12), "z" * 101)  # over an eighth of the budget: not cached at all
+    assert cache.get(("t", 12)) is None
 
 
 # Credentials -------------------------------------------------------------------------
@@ -349,6 +364,26 @@ async def test_tail_resumes_without_skips_or_repeats(
     # A tail reads without consuming: the feed still has every event.
     info = await mesh.js.consumer_info(mesh.names.events, "deliver-screens")
     assert info.num_pending == len(ids) + 1
+
+
+async def test_live_tails_share_a_reader_and_start_when_they_join(
+    bridge: Bridge, settings: Settings, mesh: MeshClient, http: aiohttp.ClientSession
+) -> None:
+    tok = token(settings)
+    await publish(mesh, 1)  # before anyone listens: no live tail gets it
+    a = await connect(http, bridge, tok, mode="tail")
+    early = await publish(mesh, 2)
+    assert [f["id"] for f in await recv_events(a, 2)] == early
+    b = await connect(http, bridge, tok, mode="tail")
+    assert bridge.stats()["shared_tails"] == 1
+    late = await publish(mesh, 1)
+    assert [f["id"] for f in await recv_events(a, 1)] == late
+    assert [f["id"] for f in await recv_events(b, 1)] == late
+    with pytest.raises(asyncio.TimeoutError):
+        await b.receive(timeout=0.5)
+    await a.close()
+    await b.close()
+    await eventually(lambda: bridge.stats()["shared_tails"] == 0)
 
 
 async def test_tail_from_a_time(
@@ -536,12 +571,14 @@ async def test_200_clients_on_one_broadcast_all_receive_every_event(
             *(connect(http, bridge, tok, mode="tail") for _ in range(25))
         )
     assert bridge.stats()["open"] == 200
+    assert bridge.stats()["shared_tails"] == 1  # one consumer feeds them all
     ids = await publish(mesh, 5)
     results = await asyncio.gather(*(recv_events(ws, 5, timeout=60) for ws in sockets))
     for frames in results:
         assert [f["id"] for f in frames] == ids
     await asyncio.gather(*(ws.close() for ws in sockets))
     await eventually(lambda: bridge.stats()["open"] == 0, timeout=30)
+    assert bridge.stats()["shared_tails"] == 0
 
 
 # TLS ----------------------------------------------------------------------------------------------
