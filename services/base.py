@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import os
 import re
+import warnings
 from collections.abc import Coroutine
 from typing import Any, ClassVar
 
@@ -86,18 +87,21 @@ class Service:
             await req.respond(self.heartbeat.payload())
 
         try:
-            svc = await micro.add_service(
-                self.client.nc,
-                name=self.micro_name,
-                version=__version__,
-                description=f"mesh {self.name} service",
-                metadata={
-                    "service": self.name,
-                    "instance": self.instance,
-                    "prefix": self.settings.prefix,
-                    "pid": str(os.getpid()),
-                },
-            )
+            # nats.micro stamps times with datetime.utcnow(), deprecated from Python 3.12.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                svc = await micro.add_service(
+                    self.client.nc,
+                    name=self.micro_name,
+                    version=__version__,
+                    description=f"mesh {self.name} service",
+                    metadata={
+                        "service": self.name,
+                        "instance": self.instance,
+                        "prefix": self.settings.prefix,
+                        "pid": str(os.getpid()),
+                    },
+                )
             await svc.add_endpoint(
                 name="status",
                 subject=f"{self.settings.prefix}.sys.status.{self.name}.{self.instance}",
@@ -134,7 +138,15 @@ class Service:
             self._heartbeat_stats,
             self.settings.heartbeat_interval_s,
         )
-        await self.on_start()
+        try:
+            await self.on_start()
+        except BaseException:
+            # Half started (a port taken, say): release the tasks and the connection
+            # before the error goes up; no "stopped" heartbeat for a service never seen.
+            self.heartbeat = None
+            with contextlib.suppress(Exception):
+                await self.close()
+            raise
         await self._register_micro()
         self.heartbeat.start()
         METRICS.service_up.labels(self.name).set(1)

@@ -30,6 +30,7 @@ from mesh.broker import EmbeddedBroker, free_port
 from mesh.client import MeshClient
 from mesh.config import Settings
 from mesh.crypto import KeyRing
+from mesh.errors import ConfigError
 from mesh.records import DeliveryRecord, Outcome
 from mesh.registry import RetryPolicy, Target, TargetKind
 from mesh.storage import open_store
@@ -216,6 +217,28 @@ async def test_healthz_readyz_and_status(health: Health, client: MeshClient) -> 
     assert st["keys"]["age_days"] < 1 and st["keys"]["rotation_days"] == 90
     assert "secret" not in json.dumps(st["keys"])
     assert st["broker"]["connected"] is True and st["ready"]["ok"] is True
+
+
+async def test_a_taken_port_is_one_clear_error(hsettings: Settings, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        s = hsettings.model_copy(update={"http_port": port})
+        h = Health(s, host="127.0.0.1")
+        with pytest.raises(ConfigError, match=f"127.0.0.1:{port}.*MESH_HTTP_PORT"):
+            await h.start()
+        # Nothing half-started is left behind: no connection, no task.
+        assert h.client.nc.is_closed and not h._tasks
+
+        env = {**env_for(s), "MESH_HTTP_PORT": str(port), "MESH_HTTP_HOST": "127.0.0.1"}
+        code, _, err = await run_cli(env, tmp_path, "serve", "health")
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("{")]
+    assert lines == [lines[0]] and lines[0].startswith("mesh: error: cannot listen on")
+    assert "Traceback" not in err
 
 
 async def test_status_warns_about_an_old_primary_key(hsettings: Settings) -> None:
