@@ -70,19 +70,14 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _seq(msg: Msg) -> int | None:
+def _position(msg: Msg) -> tuple[int | None, datetime]:
+    """Stream sequence, and when JetStream stored the message (the same on every
+    redelivery, so a stored row does not depend on when the sink read it)."""
     try:
-        return msg.metadata.sequence.stream
+        meta = msg.metadata  # parsed from the reply subject on every access
+        return meta.sequence.stream, meta.timestamp
     except Exception:  # not a JetStream message (tests, tools)
-        return None
-
-
-def _stored_at(msg: Msg) -> datetime:
-    """When JetStream stored the message: the same on every redelivery."""
-    try:
-        return msg.metadata.timestamp
-    except Exception:
-        return _now()
+        return None, _now()
 
 
 def _aware(value: datetime) -> datetime:
@@ -113,8 +108,7 @@ def event_row(msg: Msg, subjects: Subjects) -> tuple[EventRow, str | None]:
     still stored with what can be read from its subject and headers.
     """
     headers = dict(msg.headers or {})
-    seq = _seq(msg)
-    stored = _stored_at(msg)
+    seq, stored = _position(msg)
     attrs = {k: v for k, v in headers.items() if k != envelope.H_ENCRYPTION}
     problem: str | None = None
     try:
@@ -179,7 +173,7 @@ def delivery_row(msg: Msg) -> DeliveryRow:
             status_code=None if rec.status_code is None else int(rec.status_code),
             latency_ms=None if rec.latency_ms is None else float(rec.latency_ms),
             error=rec.error,
-            at=_parse_time(rec.at, _stored_at(msg)),
+            at=_parse_time(rec.at, _position(msg)[1]),
             instance=rec.instance,
         )
     except (TypeError, ValueError) as exc:
@@ -188,7 +182,7 @@ def delivery_row(msg: Msg) -> DeliveryRow:
 
 def dead_letter_row(msg: Msg, subjects: Subjects) -> tuple[DeadLetterRow, str | None]:
     """The row for a dead letter; one with unreadable ``mesh-dlq-*`` headers is kept too."""
-    seq = _seq(msg)
+    seq, stored = _position(msg)
     headers = msg.headers or {}
     try:
         dl = parse_dead_letter(headers, msg.data)
@@ -217,7 +211,7 @@ def dead_letter_row(msg: Msg, subjects: Subjects) -> tuple[DeadLetterRow, str | 
         last_error=problem,
         payload=msg.data,
         encrypted=_encrypted(headers),
-        dead_at=_stored_at(msg),
+        dead_at=stored,
         stream_seq=seq,
     )
     return row, problem
@@ -450,14 +444,32 @@ class Sink(Service):
             self.log.info("sink consumer kept as found", consumer=feed.consumer, error=str(exc))
 
     async def _pull_loop(self, feed: Feed) -> None:
-        async for msgs in self.client.pull(
-            feed.consumer,
-            batch=self.batch_size,
-            expires=self.fetch_wait,
-            stream=feed.stream,
-            stop=self.stopping,
-        ):
-            await self.handle_batch(feed.kind, msgs)
+        """Fetch the next batch while the last one is written: throughput is the slower of
+        the two, not their sum. At most two batches are in hand (one writing, one queued)."""
+        queue: asyncio.Queue[list[Msg] | None] = asyncio.Queue(maxsize=1)
+
+        async def fetch() -> None:
+            try:
+                async for msgs in self.client.pull(
+                    feed.consumer,
+                    batch=self.batch_size,
+                    expires=self.fetch_wait,
+                    stream=feed.stream,
+                    stop=self.stopping,
+                ):
+                    await queue.put(msgs)
+            finally:
+                await queue.put(None)
+
+        fetcher = asyncio.create_task(fetch(), name=f"sink-fetch-{feed.kind}")
+        try:
+            while (msgs := await queue.get()) is not None:
+                if not await self.handle_batch(feed.kind, msgs):
+                    break  # stopping with the database down: the rest is redelivered
+        finally:
+            fetcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await fetcher
 
     async def handle_batch(self, kind: str, msgs: list[Msg]) -> bool:
         """Write one fetched batch and ack it; False if stopped before the write landed."""

@@ -31,7 +31,7 @@ from mesh.registry import PropagationMode, Target, TargetKind
 from mesh.storage import Store, Table, open_store
 from services.sink import Sink
 from tests.conftest import env_for
-from tests.support import PG_SKIP_REASON, pg_dsn, pg_schema, pg_target, via
+from tests.support import pg_target, scratch_db, via
 from tests.support.proxy import TCPProxy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,13 +40,8 @@ MARKER = "PLAINTEXT-CANARY-7f3a"
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'sink.db'}"
-        return
-    dsn = pg_dsn()
-    if dsn is None:
-        pytest.skip(PG_SKIP_REASON)
-    async with pg_schema(dsn) as url:
+    """A URL of an empty database of each backend."""
+    async with scratch_db(request.param, tmp_path) as url:
         yield url
 
 
@@ -279,12 +274,9 @@ async def test_sigkill_mid_stream_then_restart_loses_and_duplicates_nothing(
 @pytest.mark.postgres
 @pytest.mark.slow
 async def test_database_cut_loses_and_duplicates_nothing(
-    client: MeshClient, settings: Settings
+    client: MeshClient, settings: Settings, tmp_path: Path
 ) -> None:
-    dsn = pg_dsn()
-    if dsn is None:
-        pytest.skip(PG_SKIP_REASON)
-    async with pg_schema(dsn) as url, TCPProxy(*pg_target(url)) as proxy:
+    async with scratch_db("postgres", tmp_path) as url, TCPProxy(*pg_target(url)) as proxy:
         cut_url = via(url, "127.0.0.1", proxy.port)
         svc = Sink(settings.model_copy(update={"db_url": cut_url}), batch_size=50, fetch_wait=0.2)
         await svc.start()

@@ -25,7 +25,7 @@ from mesh.storage import (
     WriteResult,
     open_store,
 )
-from tests.support import PG_SKIP_REASON, pg_dsn, pg_schema, pg_target, via
+from tests.support import pg_target, scratch_db, via
 from tests.support.proxy import TCPProxy
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -34,13 +34,7 @@ T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A URL of an empty database of each backend."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'mesh.db'}"
-        return
-    dsn = pg_dsn()
-    if dsn is None:
-        pytest.skip(PG_SKIP_REASON)
-    async with pg_schema(dsn) as url:
+    async with scratch_db(request.param, tmp_path) as url:
         yield url
 
 
@@ -407,11 +401,8 @@ async def test_postgres_unreachable_is_one_clear_line() -> None:
 
 
 @pytest.fixture
-async def pg_url() -> AsyncIterator[str]:
-    dsn = pg_dsn()
-    if dsn is None:
-        pytest.skip(PG_SKIP_REASON)
-    async with pg_schema(dsn) as url:
+async def pg_url(tmp_path: Path) -> AsyncIterator[str]:
+    async with scratch_db("postgres", tmp_path) as url:
         yield url
 
 

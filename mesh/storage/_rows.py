@@ -8,8 +8,8 @@ travel as text both ways.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
+from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
 from mesh.storage._common import dump_json, load_json
@@ -29,22 +29,31 @@ TIME_FIELDS = frozenset({"time", "received_at", "at", "dead_at", "created_at", "
 JSON_FIELDS = frozenset({"stats", "config", "targets", "before", "after"})
 
 
-@dataclass(frozen=True, slots=True)
 class RowSpec(Generic[R]):
-    table: str
-    cls: type[R]
-    fields: tuple[str, ...]
-    key: tuple[str, ...]
+    """One table's row class, columns (= field names) and natural key."""
 
-    @property
-    def columns(self) -> str:
-        return ", ".join(self.fields)
-
-    def key_of(self, row: R, ts: Callable[[datetime], Any]) -> tuple[Any, ...]:
-        return tuple(_encode(getattr(row, f), ts) for f in self.key)
+    def __init__(self, table: str, cls: type[R], fields: tuple[str, ...], key: tuple[str, ...]):
+        self.table = table
+        self.cls = cls
+        self.fields = fields
+        self.key = key
+        self.columns = ", ".join(fields)
+        # Encoding is on the sink's hot path: one attrgetter call per row, and
+        # conversions only where a column needs one.
+        self._values = attrgetter(*fields)
+        self._times = tuple(i for i, f in enumerate(fields) if f in TIME_FIELDS)
+        self._jsons = tuple(i for i, f in enumerate(fields) if f in JSON_FIELDS)
+        self._key = tuple(fields.index(k) for k in key)
 
     def encode(self, row: R, ts: Callable[[datetime], Any]) -> tuple[Any, ...]:
-        return tuple(_encode(getattr(row, f), ts) for f in self.fields)
+        values = list(self._values(row))
+        for i in self._times:
+            if values[i] is not None:
+                values[i] = ts(values[i])
+        for i in self._jsons:
+            if values[i] is not None:
+                values[i] = dump_json(values[i])
+        return tuple(values)
 
     def prepare(self, rows: Iterable[R], ts: Callable[[datetime], Any]) -> list[tuple[Any, ...]]:
         """Encoded rows for a batch insert: the first row per key, sorted by key.
@@ -54,9 +63,8 @@ class RowSpec(Generic[R]):
         """
         seen: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         for row in rows:
-            key = self.key_of(row, ts)
-            if key not in seen:
-                seen[key] = self.encode(row, ts)
+            values = self.encode(row, ts)
+            seen.setdefault(tuple(values[i] for i in self._key), values)
         return [seen[k] for k in sorted(seen)]
 
     def decode(self, record: Sequence[Any], dt: Callable[[Any], datetime]) -> R:
@@ -73,14 +81,6 @@ class RowSpec(Generic[R]):
                     value = bool(value)
             values[name] = value
         return self.cls(**values)
-
-
-def _encode(value: Any, ts: Callable[[datetime], Any]) -> Any:
-    if isinstance(value, datetime):
-        return ts(value)
-    if isinstance(value, dict | list):
-        return dump_json(value)
-    return value
 
 
 EVENTS = RowSpec(

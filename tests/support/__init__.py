@@ -6,6 +6,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 PG_DSN_VAR = "MESH_TEST_PG_DSN"
@@ -14,7 +15,7 @@ PG_SKIP_REASON = (
 )
 
 
-def pg_dsn() -> str | None:
+def env_pg_dsn() -> str | None:
     return os.environ.get(PG_DSN_VAR) or None
 
 
@@ -55,3 +56,21 @@ async def pg_schema(dsn: str) -> AsyncIterator[str]:
             await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         finally:
             await conn.close()
+
+
+@asynccontextmanager
+async def scratch_db(backend: str, tmp_path: Path) -> AsyncIterator[str]:
+    """The URL of an empty database: a file under ``tmp_path``, or a scratch PG schema.
+
+    PostgreSQL skips the test, with the reason, when ``MESH_TEST_PG_DSN`` is unset.
+    """
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'mesh.db'}"
+        return
+    import pytest
+
+    dsn = env_pg_dsn()
+    if dsn is None:
+        pytest.skip(PG_SKIP_REASON)
+    async with pg_schema(dsn) as url:
+        yield url
