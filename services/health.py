@@ -119,7 +119,7 @@ class Health(Service):
                 subjects.delivery_all, cb=self._on_record, pending_msgs_limit=SUB_PENDING_MSGS
             )
         )
-        await self.refresh()
+        await self._refresh_once()
         await self.check_database()
         self.spawn(self._refresh_loop(), name="health-refresh")
         self._runner = web.AppRunner(self.make_app(), access_log=None)
@@ -171,30 +171,41 @@ class Health(Service):
     async def _on_record(self, msg: Msg) -> None:
         try:
             rec = DeliveryRecord.from_bytes(msg.data)
-        except DecodeError:
+            status_code = int(rec.status_code) if rec.status_code is not None else None
+            attempt = int(rec.attempt or 0)
+        except (DecodeError, ValueError, TypeError):
             return
         self.records_seen += 1
         self.window.observe(
             str(rec.target),
             str(rec.outcome),
             event_id=str(rec.event_id),
-            attempt=int(rec.attempt or 0),
-            status_code=rec.status_code,
-            error=rec.error,
-            at=rec.at,
+            attempt=attempt,
+            status_code=status_code,
+            error=str(rec.error) if rec.error is not None else None,
+            at=str(rec.at) if rec.at else None,
         )
 
     # JetStream figures ----------------------------------------------------------------
+
+    async def _refresh_once(self) -> None:
+        before = self.snapshot.get("error")
+        try:
+            await self.refresh()
+        except Exception as exc:  # the loop must outlive any one bad refresh
+            self.snapshot = {**self.snapshot, "error": _short(exc) or type(exc).__name__}
+        after = self.snapshot.get("error")
+        # Say it when it changes, not once a second for as long as it lasts.
+        if after != before and after is not None:
+            self.log.warning("status refresh failed", error=after)
+        elif after is None and before not in (None, "not refreshed yet"):
+            self.log.info("status refresh recovered")
 
     async def _refresh_loop(self) -> None:
         last_db = time.monotonic()
         while not self.stopping.is_set():
             await asyncio.sleep(REFRESH_S)
-            try:
-                await self.refresh()
-            except Exception as exc:  # the loop must outlive any one bad refresh
-                self.snapshot = {**self.snapshot, "error": _short(exc)}
-                self.log.warning("status refresh failed", error=_short(exc))
+            await self._refresh_once()
             if time.monotonic() - last_db >= DB_CHECK_S:
                 last_db = time.monotonic()
                 await self.check_database()

@@ -464,6 +464,11 @@ async def test_status_success_rate_and_failures_from_delivery_records(
     health: Health, client: MeshClient
 ) -> None:
     await client.add_target(Target(name="r-queue", kind=TargetKind.NATS))
+    # Garbage on the record and heartbeat subjects is ignored, not fatal.
+    bad = b'{"event_id": "x", "target": "r-queue", "attempt": "two", "outcome": "retry"}'
+    for junk in (b"not json", bad):
+        await client.nc.publish("mesh.sys.delivery.r-queue", junk)
+        await client.nc.publish("mesh.sys.health.x.y", junk)
     for i in range(3):
         await client.record(DeliveryRecord(f"ok-{i}", "r-queue", 1, Outcome.DELIVERED))
     await client.record(
