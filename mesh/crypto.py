@@ -4,6 +4,12 @@ Payloads are encrypted with the primary key before they enter JetStream; every
 key in the ring can decrypt, so a rotation never strands old data. The file is
 JSON, created 0600 in a 0700 directory; a file readable by group or others is
 refused rather than trusted.
+
+A long-running process follows the file: when ``mesh keys rotate`` (or
+``prune``) rewrote it, the ring adopts the new keys, at once when a token does
+not open with the keys it has, and within ``RELOAD_CHECK_S`` before encrypting,
+so that events from fresh publishers never dead-letter in old services and old
+services move on to the new primary.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import json
 import os
 import secrets
 import stat
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +29,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from mesh.errors import DecodeError, KeyFileError
 
 FILE_VERSION = 1
+RELOAD_CHECK_S = 5.0  # how often encrypt looks whether the key file changed
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,8 @@ class KeyRing:
         self.keys = list(keys)
         self.path = path
         self._multi = MultiFernet([k.fernet() for k in self.keys])
+        self._stamp = self._file_stamp()
+        self._checked = time.monotonic()
 
     # Loading and saving ----------------------------------------------------
 
@@ -124,6 +134,38 @@ class KeyRing:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+        self._stamp = self._file_stamp()
+        return True
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        if self.path is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def refresh(self, *, force: bool = False) -> bool:
+        """Adopt the key file's keys if another process changed it; True when it did.
+
+        Without ``force`` the file is looked at no more than every ``RELOAD_CHECK_S``.
+        A file that fails to load is not adopted: the keys in hand keep working.
+        """
+        if self.path is None:
+            return False
+        now = time.monotonic()
+        if not force and now - self._checked < RELOAD_CHECK_S:
+            return False
+        self._checked = now
+        stamp = self._file_stamp()
+        if stamp is None or stamp == self._stamp:
+            return False
+        try:
+            fresh = KeyRing.load(self.path, create=False)
+        except KeyFileError:
+            return False
+        self.keys, self._multi, self._stamp = fresh.keys, fresh._multi, fresh._stamp
         return True
 
     # Use ----------------------------------------------------------------------
@@ -133,13 +175,19 @@ class KeyRing:
         return self.keys[0]
 
     def encrypt(self, plaintext: bytes) -> bytes:
+        self.refresh()
         return self.primary.fernet().encrypt(plaintext)
 
     def decrypt(self, token: bytes) -> bytes:
         try:
             return self._multi.decrypt(token)
         except InvalidToken:
-            raise DecodeError("payload cannot be decrypted with any key in the ring") from None
+            pass
+        # Perhaps encrypted under a key added since we loaded the file.
+        if self.refresh(force=True):
+            with contextlib.suppress(InvalidToken):
+                return self._multi.decrypt(token)
+        raise DecodeError("payload cannot be decrypted with any key in the ring")
 
     def key_id_for(self, token: bytes) -> str | None:
         """Which key encrypted this token (None if none of ours)."""
