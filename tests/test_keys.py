@@ -19,7 +19,7 @@ from mesh.registry import Target, TargetKind
 from mesh.storage import Store, Table, open_store
 from services.sink import Sink
 from tests.conftest import add_nats_target
-from tests.support import PG_SKIP_REASON, pg_dsn, pg_schema
+from tests.support import pg_schema
 from tests.test_replay import drain, one_line_error, run_cli
 
 
@@ -31,9 +31,7 @@ async def db_settings(
     if request.param == "sqlite":
         yield settings
         return
-    dsn = pg_dsn()
-    if dsn is None:
-        pytest.skip(PG_SKIP_REASON)
+    dsn = request.getfixturevalue("pg_dsn")  # skips when PostgreSQL is not configured
     async with pg_schema(dsn) as url:
         yield settings.model_copy(update={"db_url": url})
 
@@ -108,6 +106,32 @@ async def test_rotate_old_events_decrypt_new_ones_use_the_new_key(
         assert ring.key_id_for(second.data) == new_key
         got = await drain(fresh, "alpha", 2)
     assert [(e.id, e.data) for e in got] == [(before, {"n": 1}), (after, {"n": 2})]
+
+
+async def test_a_running_consumer_follows_a_rotation_made_elsewhere(
+    client: MeshClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service that loaded the ring before `mesh keys rotate` neither dead-letters new
+    events nor keeps encrypting under the old key."""
+    import mesh.crypto
+
+    await add_nats_target(client, "alpha")
+    await client.add_propagation("unidirectional", "shop", ["alpha"])
+    old_key = client.keyring.primary.id
+    assert (await run_cli(settings, "keys", "rotate")).returncode == 0
+    async with MeshClient(settings, name="fresh-publisher") as fresh:
+        new_key = fresh.keyring.primary.id
+        sent = await fresh.publish("shop", "order.created", {"n": 1})
+    assert new_key != old_key
+    got = await drain(client, "alpha", 1)  # the long-lived client, ring loaded before
+    assert [(e.id, e.data) for e in got] == [(sent, {"n": 1})]
+    info = await client.js.stream_info(client.names.dlq)
+    assert info.state.messages == 0
+    monkeypatch.setattr(mesh.crypto, "RELOAD_CHECK_S", 0.0)
+    await client.publish("shop", "order.created", {"n": 2})
+    last = await client.js.get_msg(client.names.events, 2)
+    assert last.data is not None
+    assert KeyRing.load(settings.key_path).key_id_for(last.data) == new_key
 
 
 async def test_reencrypt_resumes_and_leaves_no_row_under_the_old_key(
