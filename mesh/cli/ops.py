@@ -469,7 +469,10 @@ def keys_rotate(
     doc: dict[str, Any] = {"primary": key.id}
     if not as_json:
         say(f"new primary key {key.id}; older keys still decrypt")
-        note("running services and publishers pick up the new key when restarted")
+        note(
+            f"processes using {s.key_path} follow it by themselves (new events use the new"
+            " key within seconds); copy the file to any other machine that shares this mesh"
+        )
     if reencrypt:
         doc["reencrypt"] = _reencrypt(s, batch_size, restart=False, as_json=as_json).doc()
     if as_json:
