@@ -236,6 +236,8 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     logging.getLogger("nats").setLevel(logging.CRITICAL)
     # One line per HTTP request is noise next to the metrics; errors still come through.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # asyncio warns about every TLS peer that hangs up during a refused handshake.
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
 
 
 def delivery_logger(log: Any, event_id: str, target: str, attempt: int) -> Any:
