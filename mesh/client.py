@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -223,21 +224,32 @@ class MeshClient:
             raise BrokerUnavailable(f"cannot connect to NATS: {msg}") from None
         self.connected_event.set()
         self._js = self.nc.jetstream(timeout=10)
-        try:
-            self._registry = await Registry.open(
-                self._js,
-                self._keyring_or_none(),
-                self.names.registry,
-                replicas=self.settings.stream_replicas,
-            )
-        except nats_errors.NoRespondersError:
-            await self.close()
-            raise BrokerUnavailable(
-                "the NATS server has no JetStream (start it with -js)"
-            ) from None
-        except (js_errors.APIError, nats_errors.TimeoutError) as exc:
-            await self.close()
-            raise BrokerError(f"cannot open the registry: {exc}") from None
+        # A cluster that has just started may still be electing its JetStream leader:
+        # services wait for it (up to 60 s); a CLI command gives up sooner.
+        deadline = time.monotonic() + (60.0 if self._reconnect_forever else 10.0)
+        while True:
+            try:
+                self._registry = await Registry.open(
+                    self._js,
+                    self._keyring_or_none(),
+                    self.names.registry,
+                    replicas=self.settings.stream_replicas,
+                )
+                break
+            except nats_errors.NoRespondersError:
+                await self.close()
+                raise BrokerUnavailable(
+                    "the NATS server has no JetStream (start it with -js)"
+                ) from None
+            except (js_errors.APIError, nats_errors.TimeoutError) as exc:
+                if time.monotonic() < deadline and (
+                    isinstance(exc, nats_errors.TimeoutError | js_errors.ServiceUnavailableError)
+                ):
+                    log.info("waiting for JetStream", error=str(exc) or type(exc).__name__)
+                    await asyncio.sleep(0.5)
+                    continue
+                await self.close()
+                raise BrokerError(f"cannot open the registry: {exc}") from None
         self._routes = RouteCache(self._registry)
         return self
 
