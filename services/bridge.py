@@ -13,7 +13,9 @@ Modes:
   ``max_in_flight`` unacked frames per connection.
 - ``tail``: an ordered read of the target's filter subjects from
   ``since_seq=N`` (the first frame has seq >= N: resume with last seq + 1) or
-  ``since_time=ISO``, or from now. Nothing to ack.
+  ``since_time=ISO`` (the first event stored at or after it), or from now.
+  Nothing to ack; ``seq`` is the stream sequence. Live tails of one target share
+  one ordered consumer; a tail from a point has its own.
 
 Frames out: ``{"seq", "id", "source", "type", "time", "data"}`` (feed adds
 ``attempt``); ``{"published": {...}}`` and ``{"error": ...}`` answer the
@@ -33,6 +35,7 @@ import ssl
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
+import nats.errors as nats_errors
 import nats.js.errors as js_errors
 from aiohttp import web
 
@@ -244,8 +247,8 @@ class Bridge(Service):
                 info = await client.provisioner.reconcile_target(t)
         except NotFound:
             raise _Refused(404, f"unknown target {target!r}") from None
-        except (MeshError, js_errors.Error, OSError, TimeoutError) as exc:
-            self.log.warning("admission failed", target=target, error=str(exc))
+        except (MeshError, nats_errors.Error, OSError, TimeoutError) as exc:
+            self.log.warning("admission failed", target=target, error=str(exc) or repr(exc))
             raise _Refused(503, "the broker is not reachable; try again") from None
         if not web.WebSocketResponse().can_prepare(request):
             raise _Refused(426, "this endpoint speaks WebSocket only")

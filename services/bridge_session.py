@@ -130,8 +130,8 @@ class Session:
             # Joined before the upgrade: what is published once the client is in, it gets.
             try:
                 self.tail = await self.bridge.join_tail(self)
-            except (MeshError, js_errors.Error, OSError, TimeoutError) as exc:
-                self.log.warning("tail subscription failed", error=str(exc))
+            except (MeshError, nats_errors.Error, OSError, TimeoutError) as exc:
+                self.log.warning("tail subscription failed", error=str(exc) or repr(exc))
                 return web.json_response({"error": "cannot open the tail; try again"}, status=503)
         try:
             await self.ws.prepare(self.request)
@@ -197,6 +197,11 @@ class Session:
     async def _shutdown(self) -> None:
         self.stop.set()
         self.room.set()
+        # Unblock a producer waiting for queue space (a shared tail reader must not wait
+        # out slow_timeout for a client that is leaving). Feed frames dropped here are in
+        # flight and nak'ed below; a tail client resumes by sequence.
+        while not self.queue.empty():
+            self.queue.get_nowait()
         # 1. Stop producing: feed finishes its fetch (naking what it brings), tail unsubscribes.
         await self._leave_tail()
         producers = [t for t in self.tasks if t.get_name() == "bridge-feed"]

@@ -555,6 +555,34 @@ async def test_tail_client_with_a_full_queue_is_closed_1013(
     await slow.close()
 
 
+async def test_a_slow_live_tail_does_not_hold_back_the_others(
+    make_bridge: Callable[..., Awaitable[Bridge]],
+    settings: Settings,
+    mesh: MeshClient,
+    http: aiohttp.ClientSession,
+) -> None:
+    b = await make_bridge(send_queue=2, slow_timeout_s=0.5)
+    tok = token(settings)
+    slow = await connect(http, b, tok, mode="tail")
+    fast = await connect(http, b, tok, mode="tail")
+    assert b.stats()["shared_tails"] == 1
+    reading = asyncio.create_task(recv_events(fast, 40, timeout=60))
+    blob = "x" * (256 * 1024)
+    for i in range(40):
+        await mesh.publish("news", "big", {"i": i, "blob": blob})
+    assert [f["data"]["i"] for f in await reading] == list(range(40))
+    await eventually(lambda: b.stats()["slow_closes"] == 1, timeout=20)
+    got = 0
+    while True:
+        msg = await slow.receive(timeout=5)
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            break
+        got += 1
+    assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1013)
+    assert got < 40
+    await fast.close()
+
+
 # Fan-out --------------------------------------------------------------------------------------
 
 
