@@ -243,7 +243,10 @@ class HttpSender:
                     result.body = answer
                 if not 200 <= status < 300:
                     result.retry_after = parse_retry_after(resp.headers.get("retry-after"))
-                    snippet = answer[:ERROR_SNIPPET].decode("utf-8", "replace").strip()
+                    # One line for the DLQ and the tables: whitespace collapsed, bounded.
+                    snippet = " ".join(
+                        answer[: ERROR_SNIPPET * 4].decode("utf-8", "replace").split()
+                    )[:ERROR_SNIPPET]
                     reason = resp.reason or ""
                     result.error = f"HTTP {status} {reason}".strip() + (
                         f": {snippet}" if snippet else ""
