@@ -97,6 +97,7 @@ class Health(Service):
         self._subs: list[Subscription] = []
         self._runner: web.AppRunner | None = None
         self._ingress: list[tuple[float, int]] = []
+        self._broker_url: str | None = None
         self._keys: tuple[float, dict[str, Any]] | None = None
         self._metric_targets: set[str] = set()
         self._lag_history: dict[str, deque[int]] = {}
@@ -215,8 +216,17 @@ class Health(Service):
         self._update_service_metrics()
         nc = self.client.nc
         if not nc.is_connected:
-            self.snapshot = {**self.snapshot, "error": "NATS is not connected"}
+            # Keep the last figures (marked by the error), but no rate: nothing is measured.
+            self.snapshot = {
+                **self.snapshot,
+                "events_per_s": None,
+                "error": "NATS is not connected",
+            }
+            self._ingress.clear()
             return
+        url = nc.connected_url
+        if url is not None:
+            self._broker_url = f"{url.scheme}://{url.hostname}:{url.port}"
         js = self.client.js
         names = self.client.names
         targets = await asyncio.wait_for(self.client.registry.list_targets(), CHECK_TIMEOUT_S)
@@ -448,7 +458,6 @@ class Health(Service):
                 }
             )
         nc = self.client.nc
-        url = nc.connected_url
         total_lag = sum(t["lag"] or 0 for t in targets)
         js_ok = nc.is_connected and self.snapshot.get("error") is None
         ready = {
@@ -462,7 +471,7 @@ class Health(Service):
             "prefix": self.settings.prefix,
             "broker": {
                 "connected": nc.is_connected,
-                "url": f"{url.scheme}://{url.hostname}:{url.port}" if url else None,
+                "url": self._broker_url,
                 "server_version": _version(nc) if nc.is_connected else None,
                 "reconnects": self.client.reconnects,
             },
