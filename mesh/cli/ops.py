@@ -61,7 +61,10 @@ def show_table(title: str | None, columns: list[str], rows: list[list[Any]]) -> 
     table = Table(title=title, header_style="bold")
     for col in columns:
         ident = col.endswith("id")
-        table.add_column(col, no_wrap=ident, min_width=32 if ident else None)
+        if col == "last error":  # the full text is in `mesh dlq show ID`
+            table.add_column(col, no_wrap=True, overflow="ellipsis", max_width=60)
+        else:
+            table.add_column(col, no_wrap=ident, min_width=32 if ident else None)
     for row in rows:
         table.add_row(*["" if v is None else str(v) for v in row])
     console.print(table)
