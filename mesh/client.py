@@ -139,6 +139,7 @@ class MeshClient:
         self._registry: Registry | None = None
         self._routes: RouteCache | None = None
         self.reconnects = 0
+        self._closing = False
         self.connected_event = asyncio.Event()
 
     # Lifecycle ----------------------------------------------------------------
@@ -175,7 +176,8 @@ class MeshClient:
 
         async def on_disconnect() -> None:
             self.connected_event.clear()
-            log.info("nats disconnected")
+            if not self._closing:  # our own close is not news
+                log.info("nats disconnected")
 
         async def on_reconnect() -> None:
             self.reconnects += 1
@@ -269,6 +271,7 @@ class MeshClient:
     async def close(self) -> None:
         if self.nc.is_closed:
             return
+        self._closing = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.nc.drain(), 5)
         with contextlib.suppress(Exception):
