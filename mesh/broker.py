@@ -8,6 +8,9 @@ SIGTERM -> wait -> SIGKILL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import os
 import shutil
 import signal
 import socket
@@ -73,6 +76,7 @@ class EmbeddedBroker:
         self.extra_args = extra_args or []
         self.log_file = log_file
         self.proc: subprocess.Popen[bytes] | None = None
+        self._lock_fd: int | None = None
 
     @property
     def url(self) -> str:
@@ -108,17 +112,26 @@ class EmbeddedBroker:
             return
         self.check_port()
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_store()
         cmd = self.command()
         if self.max_payload is not None:
             conf = self.store_dir.parent / f"nats-{self.port}.conf"
             conf.write_text(f"max_payload: {self.max_payload}\n")
             cmd += ["-c", str(conf)]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        except OSError:
+            self._unlock_store()
+            raise
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise BrokerError(f"nats-server exited with code {self.proc.returncode} at start")
+                code = self.proc.returncode
+                self.proc = None
+                self._unlock_store()
+                where = f" (see {self.log_file})" if self.log_file else ""
+                raise BrokerError(f"nats-server exited with code {code} at start{where}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2) as s:
                     if s.recv(4).startswith(b"INFO"):
@@ -130,14 +143,17 @@ class EmbeddedBroker:
 
     def stop(self, timeout: float = 10.0) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            if proc is None or proc.poll() is not None:
+                return
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        finally:
+            self._unlock_store()
 
     def kill(self) -> None:
         """SIGKILL, for fault tests."""
@@ -145,6 +161,33 @@ class EmbeddedBroker:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+        self._unlock_store()
+
+    # Two servers on one JetStream store would corrupt it: one embedded broker per store.
+
+    def _lock_store(self) -> None:
+        if self._lock_fd is not None:
+            return
+        path = self.store_dir / ".mesh-broker.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise BrokerError(
+                f"another mesh{f' (pid {holder})' if holder else ''} runs an embedded nats-server on"
+                f" {self.store_dir}: stop it, or give this one another MESH_HOME"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _unlock_store(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)  # closing releases the flock
 
     @property
     def running(self) -> bool:

@@ -12,7 +12,7 @@ import pytest
 from mesh.broker import EmbeddedBroker, find_nats_server, free_port, port_free
 from mesh.client import MeshClient
 from mesh.config import Settings
-from mesh.errors import ConfigError, PortInUse
+from mesh.errors import BrokerError, ConfigError, PortInUse
 from services import runner
 
 
@@ -120,3 +120,19 @@ def test_unknown_service() -> None:
     assert runner.canonical("egress") == "webhook-egress"
     for name in runner.available_services():
         assert runner.load_service(name).name
+
+
+def test_one_broker_per_store(tmp_path: Path) -> None:
+    """Two servers on one JetStream store would corrupt it: the second is refused."""
+    first = EmbeddedBroker(tmp_path / "nats", port=free_port())
+    first.start()
+    try:
+        second = EmbeddedBroker(tmp_path / "nats", port=free_port())
+        with pytest.raises(BrokerError, match=r"another mesh .* runs an embedded nats-server"):
+            second.start()
+        assert not second.running
+    finally:
+        first.stop()
+    # Once the first is gone, the store is free again.
+    second.start()
+    second.stop()
