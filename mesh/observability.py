@@ -326,21 +326,38 @@ class MeshOnly(Collector):
     them would collide, so the textfile carries only ours.
     """
 
-    def __init__(self, registry: CollectorRegistry = REGISTRY, prefix: str = "mesh_") -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry = REGISTRY,
+        prefix: str = "mesh_",
+        labels: dict[str, str] | None = None,
+    ) -> None:
         self.registry = registry
         self.prefix = prefix
+        self.labels = labels or {}
 
     def collect(self) -> Iterable[Metric]:
         for family in self.registry.collect():
             if family.name.startswith(self.prefix):
+                if self.labels:
+                    family.samples = [
+                        s._replace(labels={**s.labels, **self.labels}) for s in family.samples
+                    ]
                 yield family
 
 
-def write_textfile(path: Path, registry: CollectorRegistry = REGISTRY) -> None:
-    """node_exporter textfile format, written atomically (temp file + rename)."""
+def write_textfile(
+    path: Path, registry: CollectorRegistry = REGISTRY, labels: dict[str, str] | None = None
+) -> None:
+    """node_exporter textfile format, written atomically (temp file + rename).
+
+    ``labels`` are added to every sample: separate processes sharing one
+    textfile directory write one file each, told apart by a label, because
+    node_exporter refuses the same series from two files.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_to_textfile(str(path), MeshOnly(registry))
+    write_to_textfile(str(path), MeshOnly(registry, labels=labels))
 
 
 # Heartbeats ----------------------------------------------------------------------

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import importlib
 import signal
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -64,12 +65,27 @@ def available_services() -> list[str]:
     return out
 
 
-async def _textfile_loop(settings: Settings) -> None:
-    path = settings.metrics_dir / "mesh.prom"
+def textfile_target(
+    settings: Settings, names: list[str], embedded: bool
+) -> tuple[Path, dict[str, str]]:
+    """Where this process writes its metrics textfile, and the label that tells it apart.
+
+    ``mesh up`` (everything in one process) writes ``mesh.prom``; a process
+    running only some services (``mesh serve NAME``) writes ``mesh-NAME.prom``
+    with ``mesh_process="NAME"`` on every sample, so several processes sharing
+    one MESH_HOME never overwrite each other or repeat a series.
+    """
+    if embedded or not names:
+        return settings.metrics_dir / "mesh.prom", {}
+    label = "+".join(names)
+    return settings.metrics_dir / f"mesh-{'-'.join(names)}.prom", {"mesh_process": label}
+
+
+async def _textfile_loop(path: Path, labels: dict[str, str]) -> None:
     while True:
         await asyncio.sleep(TEXTFILE_INTERVAL_S)
         with contextlib.suppress(OSError):
-            await asyncio.to_thread(write_textfile, path)
+            await asyncio.to_thread(write_textfile, path, METRICS.registry, labels)
 
 
 async def run(
@@ -83,6 +99,9 @@ async def run(
     """Start the broker (if embedded) and the services; block until a signal or ``stop``."""
     embedded = settings.embedded if embedded is None else embedded
     classes = [load_service(n) for n in names]
+    textfile_path, textfile_labels = textfile_target(
+        settings, [canonical(n) for n in names], embedded
+    )
     broker: EmbeddedBroker | None = None
     if embedded:
         broker = EmbeddedBroker(
@@ -108,7 +127,7 @@ async def run(
             svc = cls(settings)
             await svc.start()
             services.append(svc)
-        textfile = asyncio.create_task(_textfile_loop(settings))
+        textfile = asyncio.create_task(_textfile_loop(textfile_path, textfile_labels))
         if ready is not None:
             ready.set()
         await stop.wait()
@@ -119,7 +138,7 @@ async def run(
         if textfile is not None:
             textfile.cancel()
         with contextlib.suppress(OSError):
-            write_textfile(settings.metrics_dir / "mesh.prom", METRICS.registry)
+            write_textfile(textfile_path, METRICS.registry, textfile_labels)
         if broker is not None:
             await broker.astop()
         for sig in (signal.SIGINT, signal.SIGTERM):

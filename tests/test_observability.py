@@ -392,7 +392,8 @@ async def test_runner_writes_the_textfile_periodically_and_atomically(
 
     monkeypatch.setattr(runner, "TEXTFILE_INTERVAL_S", 0.2)
     s = settings.model_copy(update={"http_port": 0})
-    path = s.metrics_dir / "mesh.prom"
+    # One service in its own process: its own file, every sample labelled with the process.
+    path = s.metrics_dir / "mesh-health.prom"
     ready, stop = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(runner.run(["health"], s, embedded=False, ready=ready, stop=stop))
     try:
@@ -411,12 +412,15 @@ async def test_runner_writes_the_textfile_periodically_and_atomically(
             await asyncio.sleep(0.05)
         assert path.stat().st_mtime_ns >= first
         text = path.read_text()
-        assert 'mesh_events_published_total{source="runner-textfile"} 7.0' in text
-        assert 'mesh_service_up{service="health"} 1.0' in text
-        leftovers = [p for p in os.listdir(path.parent) if p != "mesh.prom"]
-        assert not [p for p in leftovers if not p.startswith("mesh.prom.")]
+        assert (
+            'mesh_events_published_total{mesh_process="health",source="runner-textfile"} 7.0'
+            in text
+        )
+        assert 'mesh_service_up{mesh_process="health",service="health"} 1.0' in text
+        leftovers = [p for p in os.listdir(path.parent) if p != path.name]
+        assert not [p for p in leftovers if not p.startswith(path.name + ".")]
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
     # The final write on the way out records the service as down.
-    assert 'mesh_service_up{service="health"} 0.0' in path.read_text()
+    assert 'mesh_service_up{mesh_process="health",service="health"} 0.0' in path.read_text()
