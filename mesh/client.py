@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter, deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,7 @@ from mesh.subjects import Subjects, validate_name, validate_type
 log = structlog.get_logger("mesh.client")
 
 H_STATUS = "mesh-status"
+PUBLISH_CHUNK = 64  # messages publish_many hands to the connection per loop turn
 
 
 @dataclass
@@ -403,41 +405,80 @@ class MeshClient:
         self,
         events: list[Event],
         *,
-        window: int = 256,
+        window: int = 1024,
         timeout: float = 10.0,
     ) -> int:
-        """Pipelined publish (publish_async) of many events; returns how many were new."""
-        pending: list[asyncio.Future[Any]] = []
-        sources: list[str] = []
-        new = 0
-        for event in events:
-            nats_subject = self.subjects.evt(event.source, event.type)
-            headers, body = self._message(event, nats_subject)
-            fut = await self.js.publish_async(
-                nats_subject, body, headers=headers, wait_stall=timeout
-            )
-            pending.append(fut)
-            sources.append(event.source)
-            if len(pending) >= window:
-                new += await self._settle(pending, timeout, sources)
-                pending, sources = [], []
-        new += await self._settle(pending, timeout, sources)
-        return new
+        """Pipelined publish of many events; returns how many were new (not duplicates).
+
+        At most ``window`` acknowledgements are outstanding. Messages go to the connection
+        in chunks without yielding in between, so one socket write carries a chunk (with
+        a stall timeout, nats.py's ``publish_async`` yields, and so writes, per message).
+        Raises ``BrokerError`` when the broker refuses a message or stops answering;
+        everything published before that stays published.
+        """
+        window = max(1, window)
+        chunk = min(PUBLISH_CHUNK, window)
+        outstanding: deque[tuple[asyncio.Future[Any], str]] = deque()
+        new: Counter[str] = Counter()
+        js = self.js
+        try:
+            for start in range(0, len(events), chunk):
+                messages = []
+                for event in events[start : start + chunk]:
+                    nats_subject = self.subjects.evt(event.source, event.type)
+                    headers, body = self._message(event, nats_subject)
+                    messages.append((nats_subject, headers, body, event.source))
+                excess = len(outstanding) + len(messages) - window
+                if excess > 0:
+                    await self._collect(outstanding, excess, timeout, new)
+                try:
+                    async with asyncio.timeout(timeout):
+                        for nats_subject, headers, body, source in messages:
+                            fut = await js.publish_async(nats_subject, body, headers=headers)
+                            outstanding.append((fut, source))
+                except (TimeoutError, js_errors.TooManyStalledMsgsError):
+                    raise BrokerError(f"publish stalled for {timeout}s") from None
+                except nats_errors.MaxPayloadError:
+                    raise PayloadTooLarge(len(body), self.nc.max_payload) from None
+                await asyncio.sleep(0)  # the flusher writes this chunk in one go
+            await self._collect(outstanding, len(outstanding), timeout, new)
+        finally:
+            for fut, _ in outstanding:  # after an error: no "exception never retrieved"
+                fut.add_done_callback(_retrieve)
+            for source, n in new.items():
+                METRICS.events_published.labels(source).inc(n)
+        return sum(new.values())
 
     @staticmethod
-    async def _settle(
-        pending: list[asyncio.Future[Any]], timeout: float, sources: list[str]
-    ) -> int:
-        if not pending:
-            return 0
-        try:
-            acks = await asyncio.wait_for(asyncio.gather(*pending), timeout)
-        except TimeoutError:
-            raise BrokerError("publish acknowledgements timed out") from None
-        for ack, source in zip(acks, sources, strict=True):
-            if not ack.duplicate:
-                METRICS.events_published.labels(source).inc()
-        return sum(0 if a.duplicate else 1 for a in acks)
+    async def _collect(
+        outstanding: deque[tuple[asyncio.Future[Any], str]],
+        n: int,
+        timeout: float,
+        new: Counter[str],
+    ) -> None:
+        """Wait for the oldest ``n`` acknowledgements; count the new events by source."""
+        if n <= 0:
+            return
+        oldest = [outstanding.popleft() for _ in range(n)]
+        _, late = await asyncio.wait([fut for fut, _ in oldest], timeout=timeout)
+        error: BrokerError | None = None
+        if late:
+            error = BrokerError(f"{len(late)} publish acknowledgements timed out after {timeout}s")
+        for fut, source in oldest:
+            if error is not None:
+                fut.add_done_callback(_retrieve)
+                continue
+            exc = fut.exception()
+            if isinstance(exc, js_errors.NoStreamResponseError):
+                error = BrokerError(
+                    "no stream stores mesh events: run `mesh init` (or `mesh up`) first"
+                )
+            elif exc is not None:
+                error = BrokerError(f"publish refused: {exc}")
+            elif not fut.result().duplicate:
+                new[source] += 1
+        if error is not None:
+            raise error
 
     # Consuming ----------------------------------------------------------------
 
@@ -692,3 +733,9 @@ class MeshClient:
             return await self.registry.get_target(name)
         except NotFound:
             raise NotFound(f"unknown target {name!r} (see `mesh target list`)") from None
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a future's exception as seen (asyncio logs unretrieved ones)."""
+    if not fut.cancelled():
+        fut.exception()

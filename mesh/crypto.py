@@ -61,6 +61,9 @@ class KeyRing:
         self._multi = MultiFernet([k.fernet() for k in self.keys])
         self._stamp = self._file_stamp()
         self._checked = time.monotonic()
+        # The primary's Fernet, built once per primary (not per event): hot path.
+        self._enc_key: Key | None = None
+        self._enc: Fernet | None = None
 
     # Loading and saving ----------------------------------------------------
 
@@ -176,7 +179,10 @@ class KeyRing:
 
     def encrypt(self, plaintext: bytes) -> bytes:
         self.refresh()
-        return self.primary.fernet().encrypt(plaintext)
+        key = self.keys[0]
+        if self._enc is None or self._enc_key is not key:
+            self._enc, self._enc_key = key.fernet(), key
+        return self._enc.encrypt(plaintext)
 
     def decrypt(self, token: bytes) -> bytes:
         try:
