@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -46,8 +46,10 @@ from mesh.storage import (
     EventRow,
     HealthCheckRow,
     PropagationRow,
+    RowsRefused,
     ServiceRow,
     Store,
+    WriteResult,
     backend_of,
     open_store,
 )
@@ -64,6 +66,8 @@ REGISTRY_RESYNC_S = 60.0
 HEALTH_SAMPLE_S = 60.0
 HEALTH_BUFFER = 1000
 AUDIT_ACTOR = "registry"
+
+Row = EventRow | DeliveryRow | DeadLetterRow
 
 
 def _now() -> datetime:
@@ -296,6 +300,7 @@ class Sink(Service):
             "messages": 0,
             "undecodable": 0,
             "terminated": 0,
+            "refused": 0,
             "db_failures": 0,
         }
         names = self.client.names
@@ -399,11 +404,15 @@ class Sink(Service):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), DB_CHECK_INTERVAL_S)
 
-    async def _with_db(self, what: str, op: Callable[[Store], Awaitable[Any]]) -> bool:
-        """Run ``op`` until it succeeds, backing off while the database is down.
+    async def _write(self, rows: list[Row]) -> WriteResult | None:
+        """Write rows of one feed until it works, backing off while the database is down.
 
-        Returns False if the sink began stopping first.
+        Returns None if the sink began stopping first. ``RowsRefused`` (the database
+        is up but will never take these rows) is raised, not retried.
         """
+        events = [r for r in rows if isinstance(r, EventRow)]
+        deliveries = [r for r in rows if isinstance(r, DeliveryRow)]
+        dead = [r for r in rows if isinstance(r, DeadLetterRow)]
         delay = RETRY_BASE_S
         while True:
             if self.store is None:
@@ -411,18 +420,42 @@ class Sink(Service):
             store = self.store
             if store is not None:
                 try:
-                    await op(store)
+                    result = await store.write_batch(events, deliveries, dead)
+                except RowsRefused:
+                    raise
                 except StorageError as exc:
                     self._db_down(exc)
                 else:
                     self._db_up()
-                    return True
-            self.log.debug("retrying database write", what=what, delay=delay)
+                    return result
+            self.log.debug("retrying database write", rows=len(rows), delay=delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), delay)
             if self.stopping.is_set():
-                return False
+                return None
             delay = min(delay * 2, RETRY_MAX_S)
+
+    async def _write_each(
+        self, items: list[tuple[Msg, Row]], refused: list[Msg]
+    ) -> WriteResult | None:
+        """Row by row, to find the ones the database refuses; their messages go to ``refused``."""
+        total = WriteResult()
+        for msg, row in items:
+            try:
+                result = await self._write([row])
+            except RowsRefused as exc:
+                self.counts["refused"] += 1
+                self.log.error(
+                    "row refused by the database; message dropped",
+                    subject=msg.subject,
+                    error=str(exc),
+                )
+                refused.append(msg)
+                continue
+            if result is None:
+                return None
+            total += result
+        return total
 
     # Feeds ----------------------------------------------------------------------
 
@@ -471,25 +504,21 @@ class Sink(Service):
             with contextlib.suppress(asyncio.CancelledError):
                 await fetcher
 
-    async def handle_batch(self, kind: str, msgs: list[Msg]) -> bool:
-        """Write one fetched batch and ack it; False if stopped before the write landed."""
-        events: list[EventRow] = []
-        deliveries: list[DeliveryRow] = []
-        dead: list[DeadLetterRow] = []
-        keep: list[Msg] = []
+    def _rows(self, kind: str, msgs: list[Msg]) -> tuple[list[tuple[Msg, Row]], list[Msg]]:
+        """Each message with its row, and the messages that make no row at all."""
+        items: list[tuple[Msg, Row]] = []
         drop: list[Msg] = []
         subjects = self.client.subjects
         for msg in msgs:
+            row: Row
+            problem: str | None = None
             try:
                 if kind == "events":
                     row, problem = event_row(msg, subjects)
-                    events.append(row)
                 elif kind == "sys":
-                    deliveries.append(delivery_row(msg))
-                    problem = None
+                    row = delivery_row(msg)
                 else:
-                    dl, problem = dead_letter_row(msg, subjects)
-                    dead.append(dl)
+                    row, problem = dead_letter_row(msg, subjects)
             except DecodeError as exc:
                 self.counts["undecodable"] += 1
                 self.log.warning("undecodable message dropped", subject=msg.subject, error=str(exc))
@@ -498,30 +527,32 @@ class Sink(Service):
             if problem is not None:
                 self.counts["undecodable"] += 1
                 self.log.warning("message stored as found", subject=msg.subject, error=problem)
-            keep.append(msg)
+            items.append((msg, row))
+        return items, drop
 
-        if keep:
-            held = asyncio.create_task(self._hold(keep))
-            try:
-                result = None
-
-                async def write(store: Store) -> None:
-                    nonlocal result
-                    result = await store.write_batch(events, deliveries, dead)
-
-                if not await self._with_db(f"{kind} batch", write):
-                    return False  # unacked: redelivered to this or another sink
-            finally:
-                held.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await held
-            assert result is not None
-            for table in ("events", "deliveries", "dead_letters"):
-                n = getattr(result, table)
+    async def handle_batch(self, kind: str, msgs: list[Msg]) -> bool:
+        """Write one fetched batch and ack it; False if stopped before the write landed."""
+        items, drop = self._rows(kind, msgs)
+        if items:
+            async with self._holding([m for m, _ in items]):
+                try:
+                    result = await self._write([row for _, row in items])
+                except RowsRefused as exc:
+                    # One bad row must not block the feed: find it, drop it, keep the rest.
+                    self.log.warning("batch refused; writing row by row", feed=kind, error=str(exc))
+                    result = await self._write_each(items, drop)
+            if result is None:
+                return False  # unacked: redelivered to this or another sink
+            for table, n in (
+                ("events", result.events),
+                ("deliveries", result.deliveries),
+                ("dead_letters", result.dead_letters),
+            ):
                 if n:
                     self.counts[table] += n
                     METRICS.sink_rows_written.labels(table).inc(n)
-        await self._settle(keep, drop)
+        dropped = {id(m) for m in drop}
+        await self._settle([m for m, _ in items if id(m) not in dropped], drop)
         self.counts["batches"] += 1
         self.counts["messages"] += len(msgs)
         return True
@@ -536,13 +567,24 @@ class Sink(Service):
                 await msg.term()
                 self.counts["terminated"] += 1
 
-    async def _hold(self, msgs: list[Msg]) -> None:
-        """While a write waits for the database, keep the batch from being redelivered."""
-        while True:
-            await asyncio.sleep(ACK_WAIT_S / 3)
-            for msg in msgs:
-                with contextlib.suppress(Exception):
-                    await msg.in_progress()
+    @contextlib.asynccontextmanager
+    async def _holding(self, msgs: list[Msg]) -> AsyncIterator[None]:
+        """While a write waits for the database, keep its batch from being redelivered."""
+
+        async def hold() -> None:
+            while True:
+                await asyncio.sleep(ACK_WAIT_S / 3)
+                for msg in msgs:
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
+
+        task = asyncio.create_task(hold())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     # Heartbeats -------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from mesh.client import MeshClient
 from mesh.config import Settings
 from mesh.records import DeliveryRecord, Outcome, dead_letter_headers
 from mesh.registry import PropagationMode, Target, TargetKind
-from mesh.storage import Store, Table, open_store
+from mesh.storage import RowsRefused, Store, Table, open_store
 from services.sink import Sink
 from tests.conftest import env_for
 from tests.support import pg_target, scratch_db, via
@@ -190,6 +190,32 @@ async def test_undecodable_messages_are_kept_or_dropped_never_retried(
     await wait_for(lambda: _true(sink.counts["terminated"] == 1), 10, "the bad record termed")
     info = await js.consumer_info(client.names.sys, "sink-sys")
     assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_a_row_the_database_refuses_is_dropped_the_rest_stored(
+    client: MeshClient, sink: Sink, store: Store
+) -> None:
+    assert sink.store is not None
+    real = sink.store.write_batch
+
+    async def picky(events: Any = (), *rest: Any, **named: Any) -> Any:
+        events = list(events)
+        if any(e.id == "e-000003" for e in events):
+            raise RowsRefused("database write refused: poison")
+        return await real(events, *rest, **named)
+
+    sink.store.write_batch = picky  # type: ignore[method-assign]
+    await publish(client, 10)
+    await wait_count(store, Table.EVENTS, 9)
+    await wait_for(lambda: _true(sink.counts["refused"] == 1), 10, "the refusal")
+    assert await store.get_event("e-000003") is None
+    assert await store.count(Table.EVENTS) == 9
+
+    async def settled() -> bool:
+        info = await client.js.consumer_info(client.names.events, "sink-events")
+        return info.num_ack_pending == 0 and info.num_pending == 0
+
+    await wait_for(settled, 10, "every message acked or termed")
 
 
 async def _true(value: bool) -> bool:

@@ -19,6 +19,7 @@ from mesh.storage import (
     EventRow,
     HealthCheckRow,
     PropagationRow,
+    RowsRefused,
     ServiceRow,
     Store,
     Table,
@@ -172,6 +173,16 @@ async def test_rows_round_trip_with_utc_times(store: Store) -> None:
     assert got.encrypted is True
     assert (got.stream_seq, got.ce_subject, got.origin, got.hops) == (7, "o-7", "shop", 1)
     assert await store.get_event("nope") is None
+
+
+async def test_rows_the_database_cannot_take_are_refused_not_retried(store: Store) -> None:
+    with pytest.raises(RowsRefused, match="refused"):
+        await store.write_batch([event(1), event(2, subject=None)])
+    assert await store.count(Table.EVENTS) == 0  # the whole batch rolled back
+    if store.backend == "postgres":
+        with pytest.raises(RowsRefused):
+            await store.write_batch([event(3, source="nul\x00byte")])
+    assert (await store.write_batch([event(1)])).events == 1
 
 
 async def test_naive_times_are_refused(store: Store) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from mesh.errors import StorageError
-from mesh.storage._common import redact_url
+from mesh.storage._common import RowsRefused, redact_url
 from mesh.storage.base import Store
 from mesh.storage.models import (
     AuditRow,
@@ -40,6 +40,7 @@ __all__ = [
     "EventRow",
     "HealthCheckRow",
     "PropagationRow",
+    "RowsRefused",
     "ServiceRow",
     "Store",
     "Table",

@@ -10,11 +10,17 @@ from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from mesh.errors import ValidationError
+from mesh.errors import StorageError, ValidationError
 from mesh.storage.models import PAYLOAD_TABLES, Table
 from mesh.subjects import validate_pattern
 
 _MIGRATION_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+class RowsRefused(StorageError):
+    """The database is reachable but refuses the rows themselves (a NOT NULL or
+    encoding violation, a value it cannot store). Retrying the same rows cannot
+    help, unlike every other ``StorageError``."""
 
 
 @dataclass(frozen=True, slots=True)

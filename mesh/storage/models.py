@@ -140,3 +140,11 @@ class WriteResult:
     @property
     def total(self) -> int:
         return self.events + self.deliveries + self.dead_letters + self.health_checks
+
+    def __add__(self, other: WriteResult) -> WriteResult:
+        return WriteResult(
+            self.events + other.events,
+            self.deliveries + other.deliveries,
+            self.dead_letters + other.dead_letters,
+            self.health_checks + other.health_checks,
+        )

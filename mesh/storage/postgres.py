@@ -21,6 +21,7 @@ import asyncpg
 from mesh.errors import StorageError
 from mesh.storage import _registry as reg
 from mesh.storage._common import (
+    RowsRefused,
     check_limit,
     check_table,
     dump_json,
@@ -182,6 +183,8 @@ class PostgresStore:
             raise StorageError(
                 f"database unreachable ({self.url}) during {action}: {reason}"
             ) from exc
+        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+            raise RowsRefused(f"database {action} refused ({self.url}): {first_line(exc)}") from exc
         except asyncpg.PostgresError as exc:
             raise StorageError(f"database {action} failed ({self.url}): {first_line(exc)}") from exc
 

@@ -23,6 +23,7 @@ import aiosqlite
 from mesh.errors import StorageError
 from mesh.storage import _registry as reg
 from mesh.storage._common import (
+    RowsRefused,
     check_limit,
     check_table,
     dump_json,
@@ -175,6 +176,8 @@ class SqliteStore:
     def _errors(self, action: str) -> Iterator[None]:
         try:
             yield
+        except (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError) as exc:
+            raise RowsRefused(f"sqlite {action} refused ({self.path}): {first_line(exc)}") from exc
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"sqlite {action} failed ({self.path}): {first_line(exc)}") from exc
 
