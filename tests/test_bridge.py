@@ -26,6 +26,7 @@ from mesh.broker import EmbeddedBroker
 from mesh.client import MeshClient
 from mesh.config import Settings
 from mesh.errors import KeyFileError, MeshError
+from mesh.observability import METRICS
 from mesh.registry import Target, TargetKind
 from services.bridge import Bridge, BridgeOptions
 from services.bridge_session import FrameCache
@@ -121,6 +122,10 @@ async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.05)
+
+
+def metric(name: str, **labels: str) -> float:
+    return METRICS.registry.get_sample_value(name, labels) or 0.0
 
 
 async def settled(client: MeshClient, consumer: str = "deliver-screens") -> None:
@@ -251,6 +256,9 @@ async def test_valid_token_streams_in_header_or_query(
 ) -> None:
     ids = await publish(mesh, 3)
     tok = token(settings)
+    out_before = metric("mesh_bridge_frames_total", direction="out")
+    in_before = metric("mesh_bridge_frames_total", direction="in")
+    open_before = metric("mesh_bridge_connections")
     ws = await http.ws_connect(bridge.url, params={"target": "screens", "token": tok})
     frames = await recv_events(ws, 3)
     assert [f["id"] for f in frames] == ids
@@ -258,9 +266,13 @@ async def test_valid_token_streams_in_header_or_query(
     assert set(first) >= {"seq", "id", "source", "type", "time", "data", "attempt"}
     assert (first["source"], first["type"], first["data"]) == ("news", "headline", {"n": 0})
     assert first["seq"] < frames[1]["seq"] < frames[2]["seq"]
+    assert metric("mesh_bridge_connections") == open_before + 1
     await ws.send_json({"ack": [f["seq"] for f in frames]})
     await ws.close()
     await settled(mesh)
+    await eventually(lambda: metric("mesh_bridge_connections") == open_before)
+    assert metric("mesh_bridge_frames_total", direction="out") == out_before + 3
+    assert metric("mesh_bridge_frames_total", direction="in") == in_before + 1
 
 
 # Feed: at least once -----------------------------------------------------------------
@@ -502,11 +514,13 @@ async def test_slow_client_is_closed_1013_without_loss(
     http: aiohttp.ClientSession,
 ) -> None:
     b = await make_bridge(ack_timeout_s=0.5)
+    slow_before = metric("mesh_bridge_slow_closes_total")
     ids = await publish(mesh, 12)
     tok = token(settings)
     slow = await connect(http, b, tok)
     # It never reads (and so never acks) until the bridge gives up on it.
     await eventually(lambda: b.stats()["slow_closes"] == 1)
+    assert metric("mesh_bridge_slow_closes_total") == slow_before + 1
     buffered = []
     while True:
         msg = await slow.receive(timeout=5)
