@@ -45,16 +45,8 @@ from mesh.registry import TargetKind
 from mesh.subjects import validate_name
 from mesh.tokens import TokenClaims, TokenError, key_path, load_key, verify
 from services.base import Service
-from services.bridge_session import (
-    CLOSE_GOING_AWAY,
-    FEED,
-    TAIL,
-    BridgeOptions,
-    FrameCache,
-    Session,
-    Spec,
-    TailReader,
-)
+from services.bridge_session import CLOSE_GOING_AWAY, FEED, TAIL, BridgeOptions, Session, Spec
+from services.bridge_tail import FrameCache, TailReader
 
 PATH = "/v1/stream"
 

@@ -1,4 +1,4 @@
-"""One bridge client (``Session``) and the ordered reads that feed tails (``TailReader``).
+"""One bridge client: ``Session``.
 
 A session owns three tasks: a producer (the feed's pull loop, or a tail reader
 calling ``offer``), a writer draining the bounded send queue into the socket,
@@ -14,14 +14,12 @@ import contextlib
 import json
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import nats.errors as nats_errors
-import nats.js.errors as js_errors
 from aiohttp import WSMsgType, web
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from mesh import envelope
 from mesh.envelope import Event
@@ -32,6 +30,7 @@ from mesh.tokens import TokenClaims
 
 if TYPE_CHECKING:
     from services.bridge import Bridge
+    from services.bridge_tail import TailReader
 
 FEED = "feed"
 TAIL = "tail"
@@ -482,151 +481,3 @@ class Session:
         tail, self.tail = self.tail, None
         if tail is not None:
             await self.bridge.leave_tail(tail, self)
-
-
-class FrameCache:
-    """Tail frames by (target, seq), bounded in count and bytes, oldest out first.
-
-    Shared by every reader of a bridge: clients resuming from the same point (all
-    of them after a bridge restart, say) cost one decrypt, decode and encoding.
-    A None frame means "not for this target".
-    """
-
-    def __init__(self, max_items: int = 4096, max_bytes: int = 32 * 1024 * 1024) -> None:
-        self.max_items = max_items
-        self.max_bytes = max_bytes
-        self.size = 0
-        self._items: dict[tuple[str, int], str | None] = {}
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, key: tuple[str, int]) -> tuple[str | None] | None:
-        if key not in self._items:
-            return None
-        return (self._items[key],)
-
-    def put(self, key: tuple[str, int], frame: str | None) -> None:
-        if key in self._items or (frame is not None and len(frame) > self.max_bytes // 8):
-            return
-        self._items[key] = frame
-        self.size += len(frame or "")
-        while self._items and (len(self._items) > self.max_items or self.size > self.max_bytes):
-            old = self._items.pop(next(iter(self._items)))
-            self.size -= len(old or "")
-
-
-class TailReader:
-    """An ordered consumer over a target's filter subjects, fanned out to sessions.
-
-    Live tails of a target share one (one consumer, one decode and one JSON
-    encoding per event however many clients listen); a tail resuming from a
-    sequence or a time has its own.
-    """
-
-    def __init__(self, bridge: Bridge, target: str, filters: list[str], *, shared: bool) -> None:
-        self.bridge = bridge
-        self.client = bridge.client
-        self.target = target
-        self.filters = filters
-        self.shared = shared
-        self.sessions: set[Session] = set()
-        self.floor = 1
-        self.sub: Any = None
-        self.log = bridge.log.bind(target=target, tail="shared" if shared else "own")
-
-    @property
-    def key(self) -> tuple[str, tuple[str, ...]]:
-        return (self.target, tuple(self.filters))
-
-    async def start_for(self, since_seq: int | None, since_time: datetime | None) -> int:
-        """The first stream sequence to deliver: given, found by time, or the next one."""
-        js, stream = self.client.js, self.client.names.events
-        if since_seq is not None:
-            return since_seq
-        if since_time is not None:
-            when = since_time.astimezone(UTC).isoformat().replace("+00:00", "Z")
-            try:
-                # nats.py's get_msg has no start_time; the server API does (2.11+).
-                resp = await js._api_request(
-                    f"{js._prefix}.STREAM.MSG.GET.{stream}",
-                    json.dumps({"start_time": when}).encode(),
-                    timeout=5,
-                )
-                return int(resp["message"]["seq"])
-            except js_errors.NotFoundError:
-                pass  # nothing at or after that time: from the next event on
-        info = await js.stream_info(stream)
-        return int(info.state.last_seq) + 1
-
-    async def open(self, start: int) -> None:
-        # Always by start sequence: nats.py re-creates an ordered consumer after a gap or a
-        # broker restart from its last seen sequence, keeping the rest of this config.
-        self.floor = start
-        cfg = ConsumerConfig(
-            filter_subjects=self.filters,
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=start,
-            mem_storage=True,
-        )
-        self.sub = await self.client.js.subscribe(
-            self.filters[0],
-            stream=self.client.names.events,
-            config=cfg,
-            ordered_consumer=True,
-            idle_heartbeat=self.bridge.options.tail_heartbeat_s,
-            cb=self._on_msg,
-        )
-
-    async def close(self) -> None:
-        sub, self.sub = self.sub, None
-        if sub is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-
-    async def _frame(self, msg: Msg, seq: int) -> str | None:
-        """The frame for a message, or None when the target must not see it."""
-        try:
-            event = envelope.decode(
-                msg.subject,
-                msg.headers,
-                msg.data,
-                self.client._keyring_or_none(),
-                seq=seq,
-                subjects=self.client.subjects,
-            )
-        except DecodeError as exc:
-            self.log.warning("undecodable event skipped in tail", seq=seq, error=str(exc))
-            return None
-        try:
-            if await self.client.check_event(self.target, event) is not None:
-                return None
-        except (MeshError, nats_errors.Error, OSError, TimeoutError) as exc:
-            # A tail is a read of the target's subjects: show it rather than skip it.
-            self.log.warning("route check failed; delivered", seq=seq, error=str(exc))
-        return to_json(event_frame(event, seq))
-
-    async def _on_msg(self, msg: Msg) -> None:
-        seq = msg.metadata.sequence.stream
-        if seq < self.floor:
-            # A re-created ordered consumer that had seen nothing restarts at 1: skip what
-            # was delivered or not asked for. No repeats, whatever nats.py does.
-            return
-        self.floor = seq + 1
-        if not self.sessions:
-            return
-        key = (self.target, seq)
-        cached = self.bridge.frames.get(key)
-        if cached is not None:
-            frame = cached[0]
-        else:
-            frame = await self._frame(msg, seq)
-            self.bridge.frames.put(key, frame)
-        if frame is None:
-            return
-        for session in list(self.sessions):
-            try:
-                await session.offer(seq, frame)
-            except Exception as exc:
-                self.log.error("tail offer failed", error=repr(exc))
-                session.close_soon(CLOSE_ERROR, "internal error")

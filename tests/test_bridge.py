@@ -29,7 +29,7 @@ from mesh.errors import KeyFileError, MeshError
 from mesh.observability import METRICS
 from mesh.registry import Target, TargetKind
 from services.bridge import Bridge, BridgeOptions
-from services.bridge_session import FrameCache
+from services.bridge_tail import FrameCache
 from tests.conftest import env_for
 
 TEST_OPTIONS = {
