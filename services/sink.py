@@ -282,6 +282,7 @@ class Sink(Service):
         super().__init__(settings, instance=instance)
         self.batch_size = batch_size
         self.fetch_wait = fetch_wait
+        self.db_check_interval = DB_CHECK_INTERVAL_S
         self.store: Store | None = None
         self.db_ok = False
         self.db_error: str | None = None
@@ -374,6 +375,15 @@ class Sink(Service):
             self._db_up()
             return True
 
+    async def _drop_store(self) -> None:
+        """Forget a store that failed its check; the next write or check opens a new one
+        (a fresh pool, or a SQLite file created again if it was deleted)."""
+        async with self._store_lock:
+            store, self.store = self.store, None
+        if store is not None:
+            with contextlib.suppress(Exception):
+                await store.close()
+
     def _db_up(self) -> None:
         if not self.db_ok and self.db_error is not None:
             self.log.info("database reachable again")
@@ -401,8 +411,9 @@ class Sink(Service):
                     await self._flush_health()
                 except StorageError as exc:
                     self._db_down(exc)
+                    await self._drop_store()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), DB_CHECK_INTERVAL_S)
+                await asyncio.wait_for(self.stopping.wait(), self.db_check_interval)
 
     async def _write(self, rows: list[Row]) -> WriteResult | None:
         """Write rows of one feed until it works, backing off while the database is down.

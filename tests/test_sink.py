@@ -31,7 +31,7 @@ from mesh.registry import PropagationMode, Target, TargetKind
 from mesh.storage import RowsRefused, Store, Table, open_store
 from services.sink import Sink
 from tests.conftest import env_for
-from tests.support import pg_target, scratch_db, via
+from tests.support import pg_target, remove_files, scratch_db, via
 from tests.support.proxy import TCPProxy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -413,6 +413,29 @@ async def test_heartbeats_sampled_into_health_checks(sink: Sink, store: Store) -
 
     await wait_for(stored, 15, "a heartbeat row")
     assert sink.stats()["db_ok"] is True
+
+
+async def test_sqlite_file_deleted_while_running_is_created_again(
+    client: MeshClient, settings: Settings, tmp_path: Path
+) -> None:
+    db = tmp_path / "again.db"
+    svc = Sink(settings.model_copy(update={"db_url": f"sqlite:///{db}"}), fetch_wait=0.2)
+    svc.db_check_interval = 0.2
+    await svc.start()
+    try:
+        await publish(client, 5)
+        await wait_for(lambda: _true(svc.counts["events"] == 5), 15, "the first events")
+        remove_files(tmp_path, "again.db")
+        await wait_for(lambda: _true(db.exists()), 15, "the file to be created again")
+        await publish(client, 5, start=5)
+        async with await open_store(f"sqlite:///{db}") as fresh:
+            await fresh.migrate()  # the sink may not have got to it yet
+            await wait_count(fresh, Table.EVENTS, 5)
+            assert {e.id for e in await fresh.query_events()} == {
+                f"e-{i:06d}" for i in range(5, 10)
+            }
+    finally:
+        await svc.stop()
 
 
 async def test_bad_database_url_fails_at_start(settings: Settings) -> None:

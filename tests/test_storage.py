@@ -26,7 +26,7 @@ from mesh.storage import (
     WriteResult,
     open_store,
 )
-from tests.support import pg_target, scratch_db, via
+from tests.support import pg_target, remove_files, scratch_db, via
 from tests.support.proxy import TCPProxy
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -385,6 +385,20 @@ async def test_sqlite_memory_and_relative_paths(
     async with await open_store("sqlite:///data/rel.db") as rel:
         await rel.migrate()
     assert (tmp_path / "data" / "rel.db").exists()
+
+
+async def test_sqlite_file_removed_underneath_is_an_error_not_a_silent_loss(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "gone.db"
+    async with await open_store(f"sqlite:///{db}") as s:
+        await s.migrate()
+        await s.write_batch([event(1)])
+        remove_files(tmp_path, "gone.db")
+        with pytest.raises(StorageError, match="removed or replaced"):
+            await s.ping()
+        with pytest.raises(StorageError, match="removed or replaced"):
+            await s.write_batch([event(2)])
 
 
 async def test_close_twice_and_use_after_close(db_url: str) -> None:

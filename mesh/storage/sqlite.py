@@ -9,6 +9,7 @@ Reads use a second connection, which WAL lets run beside the writer.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
@@ -108,6 +109,7 @@ class SqliteStore:
         # coroutine's BEGIN..COMMIT from interleaving with another's.
         self._write_lock = asyncio.Lock()
         self._closed = False
+        self._file_id: tuple[int, int] | None = None
 
     @classmethod
     async def open(cls, path: str, url: str, **options: Any) -> SqliteStore:
@@ -139,6 +141,7 @@ class SqliteStore:
             else:
                 self._reader = await self._open_connection()
                 await self._reader.execute("PRAGMA query_only=ON")
+                self._file_id = self._stat()
 
     async def _open_connection(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
@@ -186,10 +189,24 @@ class SqliteStore:
             raise StorageError(f"store {self.url} is closed")
         return conn
 
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _check_file(self) -> None:
+        # An open connection keeps working on a file that was deleted or replaced:
+        # every write would then vanish. Refuse instead, so the caller reopens.
+        if self._file_id is not None and self._stat() != self._file_id:
+            raise StorageError(f"the database file {self.path} was removed or replaced")
+
     @asynccontextmanager
     async def _write(self, action: str) -> AsyncIterator[aiosqlite.Connection]:
         async with self._write_lock:
             conn = self._conn(self._writer)
+            self._check_file()
             with self._errors(action):
                 await conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -235,6 +252,7 @@ class SqliteStore:
         return [r[0] for r in await self._fetch("SELECT version FROM schema_migrations ORDER BY 1")]
 
     async def ping(self) -> None:
+        self._check_file()
         await self._fetch("SELECT 1")
 
     # Sink writes ----------------------------------------------------------

@@ -15,6 +15,12 @@ PG_SKIP_REASON = (
 )
 
 
+def remove_files(directory: Path, prefix: str) -> None:
+    """Delete a SQLite database with its -wal and -shm files, as an operator might."""
+    for path in directory.glob(prefix + "*"):
+        path.unlink()
+
+
 def env_pg_dsn() -> str | None:
     return os.environ.get(PG_DSN_VAR) or None
 
