@@ -640,6 +640,7 @@ class MeshClient:
         timeout: float = 5.0,
     ) -> Reply:
         """Ask ``target`` and wait for its answer (needs a bidirectional propagation)."""
+        validate_name(source, "source name")
         validate_name(target, "target name")
         await self.registry.get_target(target)
         if not await self.registry.can_request(source, target):
@@ -672,6 +673,11 @@ class MeshClient:
     def decode_request(self, msg: Msg) -> Event:
         headers = msg.headers or {}
         source = headers.get("ce-source", "")
+        try:
+            validate_name(source, "source name")
+        except ValidationError:
+            # Requests need to say who asks: a reply goes to a known source.
+            raise DecodeError(f"a request needs a valid ce-source header, not {source!r}") from None
         event_type = msg.subject.split(".", len(self.subjects.prefix.split(".")) + 2)[-1]
         return envelope.decode(
             self.subjects.evt(source, event_type),

@@ -322,3 +322,27 @@ async def test_close_twice_is_harmless(settings: Settings) -> None:
     c = await MeshClient(settings).connect()
     await c.close()
     await c.close()
+
+
+async def test_a_request_without_a_source_is_refused(client: MeshClient) -> None:
+    await add_nats_target(client, "a")
+    await add_nats_target(client, "b")
+    await client.add_propagation(BI, "a", ["b"])
+    handled: list[Event] = []
+
+    async def answer(e: Event) -> int:
+        handled.append(e)
+        return 1
+
+    sub = await client.serve_requests("b", answer)
+    try:
+        # A bare NATS request (no ce-* headers): answered 400, never handed to the handler.
+        msg = await client.nc.request("mesh.rpc.b.ping", b"{}", timeout=5)
+        assert msg.headers is not None and msg.headers["mesh-status"] == "400"
+        reply = client._read_reply(msg)
+        assert "ce-source" in reply.data["error"]
+        with pytest.raises(ValidationError, match="invalid source name"):
+            await client.request("Bad!", "b", "ping")
+        assert handled == []
+    finally:
+        await sub.unsubscribe()
