@@ -242,6 +242,9 @@ MESH_NATS_URL=nats://127.0.0.1:4222
 # MESH_KEY_FILE=$DATA_DIR/keys/encryption.key
 # MESH_HTTP_PORT=9400
 # MESH_BRIDGE_PORT=9401
+# Health/dashboard and bridge listen on loopback unless told otherwise:
+# MESH_HTTP_HOST=0.0.0.0
+# MESH_BRIDGE_HOST=0.0.0.0
 # MESH_ALLOW_PRIVATE_TARGETS=0
 # MESH_DRAIN_TIMEOUT_S=10
 # MESH_LOG_LEVEL=info

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     # Services.
     http_port: int = Field(default=9400, ge=0, le=65535)
     bridge_port: int = Field(default=9401, ge=0, le=65535)
+    # Loopback by default: a laptop's dashboard is not for the network. Containers and
+    # servers set 0.0.0.0 (docker-compose.yml does).
+    http_host: str = "127.0.0.1"
+    bridge_host: str = "127.0.0.1"
     bridge_tls_cert: Path | None = None  # with bridge_tls_key: the bridge serves wss://
     bridge_tls_key: Path | None = None
     allow_private_targets: bool = False

@@ -115,7 +115,8 @@ class Bridge(Service):
         app.router.add_get(PATH, self._handle)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
-        site = web.TCPSite(runner, self.options.host, self.settings.bridge_port, ssl_context=ctx)
+        host = self.options.host or self.settings.bridge_host
+        site = web.TCPSite(runner, host, self.settings.bridge_port, ssl_context=ctx)
         try:
             await site.start()
         except OSError as exc:

@@ -86,7 +86,7 @@ class Health(Service):
     ) -> None:
         super().__init__(settings, instance=instance)
         # All interfaces by default (a container publishes the port); MESH_HTTP_HOST narrows it.
-        self.host = host or os.environ.get("MESH_HTTP_HOST") or "0.0.0.0"
+        self.host = host or settings.http_host
         self.port = settings.http_port
         self.tracker = ServiceTracker(settings.heartbeat_interval_s)
         self.window = DeliveryWindow(DELIVERY_WINDOW_S)
