@@ -174,15 +174,22 @@ async def scratch_mesh(encryption: bool = True) -> AsyncIterator[Scratch]:
         log_level="warning",
     )
     mesh = Scratch(tmp, broker, settings)
+    keep = bool(os.environ.get("MESH_BENCH_KEEP"))
     try:
         async with mesh.client("bench-init") as c:
             await c.init()
         yield mesh
+    except BaseException:
+        keep = True  # the logs (egress.log, nats.log) say what went wrong
+        raise
     finally:
         for proc in mesh.procs:
             stop_process(proc)
         await broker.astop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if keep:
+            print(f"  (scratch directory kept: {tmp})", flush=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # Processes --------------------------------------------------------------------------
