@@ -348,7 +348,13 @@ class MeshClient:
         headers, body = envelope.encode(
             event, self.keyring if self.settings.encryption else None, self.settings.encryption
         )
-        size = len(body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + len(nats_subject)
+        size = (
+            len(body)
+            + len(nats_subject)
+            + sum(map(len, headers))
+            + sum(map(len, headers.values()))
+            + 4 * len(headers)
+        )
         max_payload = self.nc.max_payload or 1024 * 1024
         if size > max_payload:
             raise PayloadTooLarge(size, max_payload)

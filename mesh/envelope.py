@@ -36,6 +36,11 @@ EXT_ORIGIN = "meshorigin"
 EXT_HOPS = "meshhops"
 EXT_REPLAY = "meshreplay"
 
+# Header names built once (hot path).
+H_ORIGIN = f"ce-{EXT_ORIGIN}"
+H_HOPS = f"ce-{EXT_HOPS}"
+H_REPLAY = f"ce-{EXT_REPLAY}"
+
 _CORE_ATTRS = ("id", "source", "type", "specversion", "time", "datacontenttype", "subject")
 
 
@@ -143,13 +148,13 @@ def encode(
         "ce-type": event.type,
         "ce-time": event.time.isoformat(),
         "ce-datacontenttype": ctype,
-        f"ce-{EXT_ORIGIN}": event.effective_origin,
-        f"ce-{EXT_HOPS}": str(event.hops),
+        H_ORIGIN: event.origin or event.source,
+        H_HOPS: str(event.hops),
     }
     if event.subject:
         headers["ce-subject"] = event.subject
     if event.replay:
-        headers[f"ce-{EXT_REPLAY}"] = "true"
+        headers[H_REPLAY] = "true"
     for name, value in event.extensions.items():
         headers[f"ce-{name}"] = value
     if encrypt and keyring is not None:
