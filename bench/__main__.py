@@ -114,8 +114,12 @@ PARSERS: dict[str, Callable[[list[str]], list[Result]]] = {
 
 
 def run_script(name: str, quick: bool, extra: list[str]) -> int:
-    cmd = [sys.executable, str(ROOT / "bench" / f"{name}.py"), *script_args(name, quick), *extra]
+    script = ROOT / "bench" / f"{name}.py"
+    cmd = [sys.executable, str(script), *script_args(name, quick), *extra]
     header(f"{name}: {' '.join(['bench/' + name + '.py', *cmd[2:]])}")
+    if not script.exists():
+        print(f"  bench/{name}.py is not in this tree", flush=True)
+        return 1
     lines: list[str] = []
     proc = subprocess.Popen(
         cmd,
