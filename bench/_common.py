@@ -150,6 +150,7 @@ class Scratch:
     broker: EmbeddedBroker
     settings: Settings
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    profiles: list[Path] = field(default_factory=list)
 
     def env(self, **extra: str) -> dict[str, str]:
         return env_for(self.settings, **extra)
@@ -186,6 +187,9 @@ async def scratch_mesh(encryption: bool = True) -> AsyncIterator[Scratch]:
         for proc in mesh.procs:
             stop_process(proc)
         await broker.astop()
+        for path in mesh.profiles:
+            if path.exists():
+                print(f"\n-- profile of the egress ({path.name})\n{path.read_text()}", flush=True)
         if keep:
             print(f"  (scratch directory kept: {tmp})", flush=True)
         else:
@@ -205,14 +209,20 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
             proc.wait()
 
 
-def start_egress(mesh: Scratch, **extra_env: str) -> subprocess.Popen[bytes]:
-    """``mesh serve webhook-egress`` as its own process (stderr in the scratch dir)."""
+def start_egress(mesh: Scratch, profile: bool = False, **extra_env: str) -> subprocess.Popen[bytes]:
+    """``mesh serve webhook-egress`` as its own process (stderr in the scratch dir).
+
+    With ``profile`` it runs under pyinstrument (``pip install pyinstrument``), whose
+    report is written to ``egress-profile.txt`` in the scratch directory when it stops.
+    """
     log = open(mesh.tmp / "egress.log", "ab")  # noqa: SIM115 (owned by the child)
+    cmd = [sys.executable, "-m", "mesh.cli", "serve", "webhook-egress"]
+    if profile:
+        out = mesh.tmp / "egress-profile.txt"
+        cmd = [sys.executable, "-m", "pyinstrument", "--no-color", "-o", str(out), *cmd[1:]]
+        mesh.profiles.append(out)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mesh.cli", "serve", "webhook-egress"],
-        env=mesh.env(**extra_env),
-        stdout=subprocess.DEVNULL,
-        stderr=log,
+        cmd, env=mesh.env(**extra_env), stdout=subprocess.DEVNULL, stderr=log, cwd=str(ROOT)
     )
     log.close()
     mesh.procs.append(proc)

@@ -98,7 +98,7 @@ async def run(args: argparse.Namespace) -> list[Result]:
         rx = Receiver(port)
         await rx.wait_up()
         raw = await raw_posts(rx.url("raw"), deliveries, IN_FLIGHT)
-        egress = start_egress(mesh)
+        egress = start_egress(mesh, profile=args.profile)
         rates: dict[int, float] = {}
         try:
             for n in ns:
@@ -127,6 +127,9 @@ async def run(args: argparse.Namespace) -> list[Result]:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--profile", action="store_true", help="run the egress under pyinstrument, print its report"
+    )
     p.add_argument("--targets", default="1,10,50", help="comma-separated N values")
     p.add_argument("--deliveries", type=int, default=None, help="deliveries per N")
 
