@@ -57,6 +57,8 @@ from mesh.storage.models import (
 )
 
 DEFAULT_BUSY_TIMEOUT_MS = 10_000
+# Bound parameters per statement: SQLITE_MAX_VARIABLE_NUMBER's default (999 before 3.32).
+_MAX_VARIABLES = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
 
 _BOOTSTRAP = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -203,11 +205,18 @@ class SqliteStore:
             raise StorageError(f"the database file {self.path} was removed or replaced")
 
     @asynccontextmanager
-    async def _write(self, action: str) -> AsyncIterator[aiosqlite.Connection]:
+    async def _write(
+        self, action: str, *, transaction: bool = True
+    ) -> AsyncIterator[aiosqlite.Connection]:
+        """The writer connection, in a ``BEGIN IMMEDIATE`` transaction unless the caller
+        runs a single statement (which SQLite makes atomic by itself)."""
         async with self._write_lock:
             conn = self._conn(self._writer)
             self._check_file()
             with self._errors(action):
+                if not transaction:
+                    yield conn
+                    return
                 await conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield conn
@@ -272,16 +281,25 @@ class SqliteStore:
         ]
         if not any(rows for _, rows in batches):
             return WriteResult()
+        # Many rows per INSERT, not executemany: sqlite3 releases and retakes the GIL
+        # around every statement step, and with a busy event loop each retake can
+        # wait a whole switch interval. One statement needs no BEGIN/COMMIT either.
+        statements: list[tuple[int, str, list[Any]]] = []
+        for i, (spec, rows) in enumerate(batches):
+            width = len(spec.fields)
+            step = max(1, _MAX_VARIABLES // width)
+            for start in range(0, len(rows), step):
+                chunk = rows[start : start + step]
+                values = ", ".join([f"({_marks(width)})"] * len(chunk))
+                sql = f"INSERT INTO {spec.table} ({spec.columns}) VALUES {values}"
+                statements.append(
+                    (i, sql + " ON CONFLICT DO NOTHING", [v for r in chunk for v in r])
+                )
         counts = [0, 0, 0, 0]
-        async with self._write("write") as conn:
-            for i, (spec, rows) in enumerate(batches):
-                if rows:
-                    cursor = await conn.executemany(
-                        f"INSERT INTO {spec.table} ({spec.columns})"
-                        f" VALUES ({_marks(len(spec.fields))}) ON CONFLICT DO NOTHING",
-                        rows,
-                    )
-                    counts[i] = max(cursor.rowcount, 0)
+        async with self._write("write", transaction=len(statements) > 1) as conn:
+            for i, sql, params in statements:
+                cursor = await conn.execute(sql, params)
+                counts[i] += max(cursor.rowcount, 0)
         return WriteResult(*counts)
 
     # Queries --------------------------------------------------------------
