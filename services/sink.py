@@ -33,10 +33,11 @@ import nats.js.errors as js_errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from pydantic import ValidationError as PydanticValidationError
 
 from mesh import envelope
 from mesh.config import Settings
-from mesh.errors import DecodeError, MeshError, StorageError
+from mesh.errors import DecodeError, MeshError, NotFound, StorageError, ValidationError
 from mesh.observability import METRICS, HeartbeatInfo
 from mesh.records import DeliveryRecord, parse_dead_letter
 from mesh.registry import Propagation, Target
@@ -68,6 +69,8 @@ HEALTH_BUFFER = 1000
 AUDIT_ACTOR = "registry"
 
 Row = EventRow | DeliveryRow | DeadLetterRow
+# A registry key whose entry is gone or cannot be read is not mirrored.
+_UNREADABLE = (NotFound, DecodeError, ValidationError, PydanticValidationError)
 
 
 def _now() -> datetime:
@@ -626,7 +629,12 @@ class Sink(Service):
         if not self._health or self.store is None:
             return
         rows = list(self._health)
-        result = await self.store.write_batch(health_checks=rows)
+        try:
+            result = await self.store.write_batch(health_checks=rows)
+        except RowsRefused as exc:
+            # A heartbeat sample is expendable; a refused one must not come back forever.
+            self.log.warning("heartbeat samples refused by the database", error=str(exc))
+            result = WriteResult()
         for _ in rows:
             self._health.popleft()
         if result.health_checks:
@@ -696,14 +704,14 @@ class Sink(Service):
                 if kind == "targets":
                     try:
                         target = await registry.get_target(ident)
-                    except MeshError:  # gone (or unreadable): not in the mirror either
+                    except _UNREADABLE:  # gone, or unreadable: not mirrored either
                         await store.delete_service(ident, actor=AUDIT_ACTOR)
                     else:
                         await store.upsert_service(service_row(target), actor=AUDIT_ACTOR)
                 elif kind == "props":
                     try:
                         prop = await registry.get_propagation(ident)
-                    except MeshError:
+                    except _UNREADABLE:
                         await store.delete_propagation(ident, actor=AUDIT_ACTOR)
                     else:
                         await store.upsert_propagation(propagation_row(prop), actor=AUDIT_ACTOR)
