@@ -24,9 +24,8 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import nats.js.errors as js_errors
@@ -35,27 +34,30 @@ from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError as PydanticValidationError
 
-from mesh import envelope
 from mesh.config import Settings
 from mesh.errors import DecodeError, MeshError, NotFound, StorageError, ValidationError
-from mesh.observability import METRICS, HeartbeatInfo
-from mesh.records import DeliveryRecord, parse_dead_letter
-from mesh.registry import Propagation, Target
+from mesh.observability import METRICS
 from mesh.storage import (
     DeadLetterRow,
     DeliveryRow,
     EventRow,
     HealthCheckRow,
-    PropagationRow,
     RowsRefused,
-    ServiceRow,
     Store,
     WriteResult,
     backend_of,
     open_store,
 )
-from mesh.subjects import Subjects
 from services.base import Service
+from services.sink_rows import (
+    Row,
+    dead_letter_row,
+    delivery_row,
+    event_row,
+    health_row,
+    propagation_row,
+    service_row,
+)
 
 BATCH_SIZE = 500
 FETCH_WAIT_S = 0.5
@@ -68,195 +70,8 @@ HEALTH_SAMPLE_S = 60.0
 HEALTH_BUFFER = 1000
 AUDIT_ACTOR = "registry"
 
-Row = EventRow | DeliveryRow | DeadLetterRow
 # A registry key whose entry is gone or cannot be read is not mirrored.
 _UNREADABLE = (NotFound, DecodeError, ValidationError, PydanticValidationError)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _position(msg: Msg) -> tuple[int | None, datetime]:
-    """Stream sequence, and when JetStream stored the message (the same on every
-    redelivery, so a stored row does not depend on when the sink read it)."""
-    try:
-        meta = msg.metadata  # parsed from the reply subject on every access
-        return meta.sequence.stream, meta.timestamp
-    except Exception:  # not a JetStream message (tests, tools)
-        return None, _now()
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def _parse_time(value: str | None, fallback: datetime) -> datetime:
-    if not value:
-        return fallback
-    try:
-        return _aware(datetime.fromisoformat(value.replace("Z", "+00:00")))
-    except ValueError:
-        return fallback
-
-
-def _encrypted(headers: Mapping[str, str] | None) -> bool:
-    return bool((headers or {}).get(envelope.H_ENCRYPTION))
-
-
-# Message -> row --------------------------------------------------------------------
-
-
-def event_row(msg: Msg, subjects: Subjects) -> tuple[EventRow, str | None]:
-    """The row for a message on the events stream, and why it was only partly decodable.
-
-    The CloudEvents attributes are read with ``envelope.decode`` (the encryption
-    header set aside, so nothing is decrypted); a message that fails its checks is
-    still stored with what can be read from its subject and headers.
-    """
-    headers = dict(msg.headers or {})
-    seq, stored = _position(msg)
-    attrs = {k: v for k, v in headers.items() if k != envelope.H_ENCRYPTION}
-    problem: str | None = None
-    try:
-        ev = envelope.decode(
-            msg.subject, attrs, b"", None, seq=seq, subjects=subjects, decode_body=False
-        )
-        row = EventRow(
-            id=ev.id,
-            stream_seq=seq,
-            subject=msg.subject,
-            source=ev.source,
-            type=ev.type,
-            time=_aware(ev.time) if "ce-time" in headers else stored,
-            datacontenttype=headers.get("ce-datacontenttype"),
-            ce_subject=ev.subject,
-            origin=ev.effective_origin,
-            hops=ev.hops,
-            payload=msg.data,
-            encrypted=_encrypted(headers),
-            received_at=stored,
-        )
-        return row, None
-    except DecodeError as exc:
-        problem = str(exc)
-    try:
-        source, etype, _ = subjects.parse_event(msg.subject)
-    except MeshError:
-        source, etype = "", ""
-    try:
-        hops = int(headers.get(f"ce-{envelope.EXT_HOPS}", "0"))
-    except ValueError:
-        hops = 0
-    row = EventRow(
-        id=headers.get("ce-id") or headers.get(envelope.H_MSG_ID) or f"seq-{seq}",
-        stream_seq=seq,
-        subject=msg.subject,
-        source=headers.get("ce-source") or source,
-        type=headers.get("ce-type") or etype,
-        time=_parse_time(headers.get("ce-time"), stored),
-        datacontenttype=headers.get("ce-datacontenttype"),
-        ce_subject=headers.get("ce-subject"),
-        origin=headers.get(f"ce-{envelope.EXT_ORIGIN}"),
-        hops=max(hops, 0),
-        payload=msg.data,
-        encrypted=_encrypted(headers),
-        received_at=stored,
-    )
-    return row, problem
-
-
-def delivery_row(msg: Msg) -> DeliveryRow:
-    """The row for a delivery-attempt record. Raises ``DecodeError``."""
-    rec = DeliveryRecord.from_bytes(msg.data)
-    try:
-        return DeliveryRow(
-            # The publisher sets Nats-Msg-Id to the record id; prefer it, it is stable.
-            id=(msg.headers or {}).get(envelope.H_MSG_ID) or rec.id,
-            event_id=str(rec.event_id),
-            target=str(rec.target),
-            attempt=int(rec.attempt),
-            outcome=str(rec.outcome),
-            status_code=None if rec.status_code is None else int(rec.status_code),
-            latency_ms=None if rec.latency_ms is None else float(rec.latency_ms),
-            error=rec.error,
-            at=_parse_time(rec.at, _position(msg)[1]),
-            instance=rec.instance,
-        )
-    except (TypeError, ValueError) as exc:
-        raise DecodeError(f"not a delivery record: {exc}") from None
-
-
-def dead_letter_row(msg: Msg, subjects: Subjects) -> tuple[DeadLetterRow, str | None]:
-    """The row for a dead letter; one with unreadable ``mesh-dlq-*`` headers is kept too."""
-    seq, stored = _position(msg)
-    headers = msg.headers or {}
-    try:
-        dl = parse_dead_letter(headers, msg.data)
-        return (
-            DeadLetterRow(
-                id=dl.id,
-                event_id=dl.event_id,
-                target=dl.target,
-                attempts=dl.attempts,
-                last_error=dl.error,
-                payload=dl.body,
-                encrypted=_encrypted(headers),
-                dead_at=_aware(dl.at),
-                stream_seq=seq,
-            ),
-            None,
-        )
-    except DecodeError as exc:
-        problem = str(exc)
-    target = msg.subject.removeprefix(subjects.dlq("")) if msg.subject else ""
-    row = DeadLetterRow(
-        id=headers.get(envelope.H_MSG_ID) or f"dlq-seq-{seq}",
-        event_id=headers.get("ce-id") or "",
-        target=target,
-        attempts=0,
-        last_error=problem,
-        payload=msg.data,
-        encrypted=_encrypted(headers),
-        dead_at=stored,
-        stream_seq=seq,
-    )
-    return row, problem
-
-
-def service_row(target: Target) -> ServiceRow:
-    config = target.model_dump(
-        mode="json",
-        exclude={
-            "name",
-            "kind",
-            "status",
-            "created_at",
-            "updated_at",
-            "secret_enc",
-            "old_secret_enc",
-        },
-    )
-    config["has_secret"] = target.secret_enc is not None
-    return ServiceRow(
-        name=target.name,
-        kind=str(target.kind),
-        config=config,
-        status=str(target.status),
-        created_at=_aware(target.created_at),
-        updated_at=_aware(target.updated_at),
-    )
-
-
-def propagation_row(prop: Propagation) -> PropagationRow:
-    return PropagationRow(
-        id=prop.id,
-        mode=str(prop.mode),
-        source=prop.source,
-        targets=list(prop.targets),
-        types=prop.types,
-        created_at=_aware(prop.created_at),
-    )
 
 
 # The service ----------------------------------------------------------------------
@@ -604,15 +419,7 @@ class Sink(Service):
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:
-            info = HeartbeatInfo.parse(msg.data)
-            at = _parse_time(info.at, _now())
-            row = HealthCheckRow(
-                service=str(info.service),
-                instance=str(info.instance),
-                at=at,
-                status=str(info.status),
-                stats=info.stats if isinstance(info.stats, dict) else {},
-            )
+            row = health_row(msg.data)
         except (ValueError, TypeError):
             return
         # One sample a minute per instance, or any change of status: enough history
@@ -740,4 +547,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["Sink", "dead_letter_row", "delivery_row", "event_row", "main"]
+__all__ = ["Sink", "main"]

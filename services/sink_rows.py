@@ -1,0 +1,236 @@
+"""Messages and registry entries -> the sink's rows.
+
+Pure functions, no I/O: each reads what it can from a NATS message (subject,
+headers, JetStream metadata) and returns the row to store. Payloads are copied
+as they are; nothing is decrypted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+from nats.aio.msg import Msg
+
+from mesh import envelope
+from mesh.errors import DecodeError, MeshError
+from mesh.observability import HeartbeatInfo
+from mesh.records import DeliveryRecord, parse_dead_letter
+from mesh.registry import Propagation, Target
+from mesh.storage import (
+    DeadLetterRow,
+    DeliveryRow,
+    EventRow,
+    HealthCheckRow,
+    PropagationRow,
+    ServiceRow,
+)
+from mesh.subjects import Subjects
+
+Row = EventRow | DeliveryRow | DeadLetterRow
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _position(msg: Msg) -> tuple[int | None, datetime]:
+    """Stream sequence, and when JetStream stored the message (the same on every
+    redelivery, so a stored row does not depend on when the sink read it)."""
+    try:
+        meta = msg.metadata  # parsed from the reply subject on every access
+        return meta.sequence.stream, meta.timestamp
+    except Exception:  # not a JetStream message (tests, tools)
+        return None, _now()
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _parse_time(value: str | None, fallback: datetime) -> datetime:
+    if not value:
+        return fallback
+    try:
+        return _aware(datetime.fromisoformat(value.replace("Z", "+00:00")))
+    except ValueError:
+        return fallback
+
+
+def _encrypted(headers: Mapping[str, str] | None) -> bool:
+    return bool((headers or {}).get(envelope.H_ENCRYPTION))
+
+
+def event_row(msg: Msg, subjects: Subjects) -> tuple[EventRow, str | None]:
+    """The row for a message on the events stream, and why it was only partly decodable.
+
+    The CloudEvents attributes are read with ``envelope.decode`` (the encryption
+    header set aside, so nothing is decrypted); a message that fails its checks is
+    still stored with what can be read from its subject and headers.
+    """
+    headers = dict(msg.headers or {})
+    seq, stored = _position(msg)
+    attrs = {k: v for k, v in headers.items() if k != envelope.H_ENCRYPTION}
+    problem: str | None = None
+    try:
+        ev = envelope.decode(
+            msg.subject, attrs, b"", None, seq=seq, subjects=subjects, decode_body=False
+        )
+        row = EventRow(
+            id=ev.id,
+            stream_seq=seq,
+            subject=msg.subject,
+            source=ev.source,
+            type=ev.type,
+            time=_aware(ev.time) if "ce-time" in headers else stored,
+            datacontenttype=headers.get("ce-datacontenttype"),
+            ce_subject=ev.subject,
+            origin=ev.effective_origin,
+            hops=ev.hops,
+            payload=msg.data,
+            encrypted=_encrypted(headers),
+            received_at=stored,
+        )
+        return row, None
+    except DecodeError as exc:
+        problem = str(exc)
+    try:
+        source, etype, _ = subjects.parse_event(msg.subject)
+    except MeshError:
+        source, etype = "", ""
+    try:
+        hops = int(headers.get(f"ce-{envelope.EXT_HOPS}", "0"))
+    except ValueError:
+        hops = 0
+    row = EventRow(
+        id=headers.get("ce-id") or headers.get(envelope.H_MSG_ID) or f"seq-{seq}",
+        stream_seq=seq,
+        subject=msg.subject,
+        source=headers.get("ce-source") or source,
+        type=headers.get("ce-type") or etype,
+        time=_parse_time(headers.get("ce-time"), stored),
+        datacontenttype=headers.get("ce-datacontenttype"),
+        ce_subject=headers.get("ce-subject"),
+        origin=headers.get(f"ce-{envelope.EXT_ORIGIN}"),
+        hops=max(hops, 0),
+        payload=msg.data,
+        encrypted=_encrypted(headers),
+        received_at=stored,
+    )
+    return row, problem
+
+
+def delivery_row(msg: Msg) -> DeliveryRow:
+    """The row for a delivery-attempt record. Raises ``DecodeError``."""
+    rec = DeliveryRecord.from_bytes(msg.data)
+    try:
+        return DeliveryRow(
+            # The publisher sets Nats-Msg-Id to the record id; prefer it, it is stable.
+            id=(msg.headers or {}).get(envelope.H_MSG_ID) or rec.id,
+            event_id=str(rec.event_id),
+            target=str(rec.target),
+            attempt=int(rec.attempt),
+            outcome=str(rec.outcome),
+            status_code=None if rec.status_code is None else int(rec.status_code),
+            latency_ms=None if rec.latency_ms is None else float(rec.latency_ms),
+            error=rec.error,
+            at=_parse_time(rec.at, _position(msg)[1]),
+            instance=rec.instance,
+        )
+    except (TypeError, ValueError) as exc:
+        raise DecodeError(f"not a delivery record: {exc}") from None
+
+
+def dead_letter_row(msg: Msg, subjects: Subjects) -> tuple[DeadLetterRow, str | None]:
+    """The row for a dead letter; one with unreadable ``mesh-dlq-*`` headers is kept too."""
+    seq, stored = _position(msg)
+    headers = msg.headers or {}
+    try:
+        dl = parse_dead_letter(headers, msg.data)
+        return (
+            DeadLetterRow(
+                id=dl.id,
+                event_id=dl.event_id,
+                target=dl.target,
+                attempts=dl.attempts,
+                last_error=dl.error,
+                payload=dl.body,
+                encrypted=_encrypted(headers),
+                dead_at=_aware(dl.at),
+                stream_seq=seq,
+            ),
+            None,
+        )
+    except DecodeError as exc:
+        problem = str(exc)
+    target = msg.subject.removeprefix(subjects.dlq("")) if msg.subject else ""
+    row = DeadLetterRow(
+        id=headers.get(envelope.H_MSG_ID) or f"dlq-seq-{seq}",
+        event_id=headers.get("ce-id") or "",
+        target=target,
+        attempts=0,
+        last_error=problem,
+        payload=msg.data,
+        encrypted=_encrypted(headers),
+        dead_at=stored,
+        stream_seq=seq,
+    )
+    return row, problem
+
+
+def health_row(body: bytes) -> HealthCheckRow:
+    """The row for a heartbeat message. Raises ``ValueError`` or ``TypeError``."""
+    info = HeartbeatInfo.parse(body)
+    return HealthCheckRow(
+        service=str(info.service),
+        instance=str(info.instance),
+        at=_parse_time(info.at, _now()),
+        status=str(info.status),
+        stats=info.stats if isinstance(info.stats, dict) else {},
+    )
+
+
+def service_row(target: Target) -> ServiceRow:
+    config = target.model_dump(
+        mode="json",
+        exclude={
+            "name",
+            "kind",
+            "status",
+            "created_at",
+            "updated_at",
+            "secret_enc",
+            "old_secret_enc",
+        },
+    )
+    config["has_secret"] = target.secret_enc is not None
+    return ServiceRow(
+        name=target.name,
+        kind=str(target.kind),
+        config=config,
+        status=str(target.status),
+        created_at=_aware(target.created_at),
+        updated_at=_aware(target.updated_at),
+    )
+
+
+def propagation_row(prop: Propagation) -> PropagationRow:
+    return PropagationRow(
+        id=prop.id,
+        mode=str(prop.mode),
+        source=prop.source,
+        targets=list(prop.targets),
+        types=prop.types,
+        created_at=_aware(prop.created_at),
+    )
+
+
+__all__ = [
+    "Row",
+    "dead_letter_row",
+    "delivery_row",
+    "event_row",
+    "health_row",
+    "propagation_row",
+    "service_row",
+]
