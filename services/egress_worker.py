@@ -31,7 +31,7 @@ from nats.aio.subscription import Subscription
 from mesh import envelope
 from mesh.client import Reply
 from mesh.envelope import Event
-from mesh.errors import DecodeError
+from mesh.errors import DecodeError, ValidationError
 from mesh.observability import METRICS
 from mesh.records import DeliveryRecord, Outcome
 from mesh.registry import Target, TargetStatus
@@ -84,7 +84,10 @@ class TargetWorker:
         self.circuit.listeners.append(self._kick)
         self.limiter: RateLimiter | None = None
         self.configure_rate()
-        self.in_flight = 0
+        self.held = 0  # messages fetched and not yet finished
+        self.on_wire = 0  # requests in progress
+        self.http_slots = asyncio.Semaphore(self._limit())
+        self._slots_for = self._limit()
         self.tasks: set[asyncio.Task[None]] = set()
         self.sending: set[asyncio.Task[None]] = set()
         self.rpc_tasks: set[asyncio.Task[None]] = set()
@@ -116,6 +119,10 @@ class TargetWorker:
         self._signer = None
         self.circuit.configure(target.circuit_threshold, target.circuit_open_s, target.timeout_s)
         self.configure_rate()
+        if self._limit() != self._slots_for:
+            # New waiters use the new limit; requests already out finish under the old one.
+            self.http_slots = asyncio.Semaphore(self._limit())
+            self._slots_for = self._limit()
         self.fetch_stop.set()  # the batch size may have changed: re-plan the fetch
         self._kick()
 
@@ -164,7 +171,7 @@ class TargetWorker:
             state is CircuitState.HALF_OPEN
             and self.circuit.lease_ok()
             and not self.circuit.probe_out
-            and self.in_flight == 0
+            and self.held == 0
         )
 
     def _kick(self) -> None:
@@ -174,7 +181,8 @@ class TargetWorker:
 
     async def _wait_changed(self) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), WAKE_S)
+            async with asyncio.timeout(WAKE_S):
+                await self._changed.wait()
 
     async def run(self) -> None:
         self._bg = [
@@ -240,15 +248,16 @@ class TargetWorker:
                     return
 
     async def _room(self, batch: int) -> None:
-        """Wait until another batch fits under the target's in-flight limit."""
+        """Wait until the next batch fits: at most ``limit`` requests on the wire plus one
+        batch fetched ahead, so a freed slot never waits for a fetch round trip."""
         while not self.halt.is_set():
             self._changed.clear()
-            if self.in_flight + batch <= self._limit():
+            if self.held <= self._limit():
                 return
             await self._wait_changed()
 
     def _dispatch(self, msg: Msg) -> None:
-        self.in_flight += 1
+        self.held += 1
         task = asyncio.create_task(self._deliver(msg))
         self.tasks.add(task)
         task.add_done_callback(self._done)
@@ -256,8 +265,10 @@ class TargetWorker:
     def _done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
         self.sending.discard(task)
-        self.in_flight -= 1
-        self._kick()
+        self.held -= 1
+        # Wake the fetch loop only when it may act: room for a batch, or nothing held.
+        if self.held == self._limit() or self.held == 0:
+            self._kick()
         if not task.cancelled() and task.exception() is not None:
             self.log.error("delivery task failed", error=repr(task.exception()))
 
@@ -281,20 +292,38 @@ class TargetWorker:
             except DecodeError as exc:
                 await self._dead(msg, None, attempt, f"undecodable: {exc}", Outcome.DEAD)
                 return
+            except Exception as exc:  # garbage can trip any decoder: never retry it forever
+                why = f"undecodable: {type(exc).__name__}: {exc}"
+                await self._dead(msg, None, attempt, why, Outcome.DEAD)
+                return
             reason = await self.client.check_event(self.name, event)
             if reason is not None:
                 await self._skip(msg, event, reason)
                 return
             target = self.target
             body, extra = build_body(target, event)
+            try:
+                signer = self.signer()
+            except (ValidationError, DecodeError) as exc:
+                # A secret that cannot be used is a configuration error: park the target
+                # (its events stay queued) rather than burn attempts or dead-letter them.
+                await self._disable(f"cannot sign: {exc}")
+                await self._hand_back(msg)
+                return
             probe = await self._clearance()
-            async with self.egress.slots:
+            async with self.http_slots, self.egress.slots:
                 task = asyncio.current_task()
                 if task is not None:
                     self.sending.add(task)  # from here on, drain lets it finish
-                headers = sign_headers(self.signer(), event.id, body, extra)
+                headers = sign_headers(signer, event.id, body, extra)
                 assert target.url is not None
-                result = await self.egress.http.post(target.url, body, headers, target.timeout_s)
+                self.on_wire += 1
+                try:
+                    result = await self.egress.http.post(
+                        target.url, body, headers, target.timeout_s
+                    )
+                finally:
+                    self.on_wire -= 1
             settled_probe, probe = probe, False
             await self._settle(msg, event, attempt, target, result, settled_probe)
         except asyncio.CancelledError:
@@ -327,7 +356,8 @@ class TargetWorker:
                 probe = True
             else:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), WAKE_S * 5)
+                    async with asyncio.timeout(WAKE_S * 5):
+                        await changed.wait()
                 continue
             if self.limiter is not None:
                 try:
@@ -387,7 +417,13 @@ class TargetWorker:
         if result.gone:
             if probe:
                 self.circuit.release_probe()
-            await self._disable(event, attempt)
+            self.log.warning(
+                "receiver answered 410 Gone: disabling the target",
+                event_id=event.id,
+                attempt=attempt,
+            )
+            when = datetime.now(UTC).isoformat(timespec="seconds")
+            await self._disable(f"HTTP 410 Gone at {when}")
             await self._dead(
                 msg, event, attempt, "HTTP 410 Gone: target disabled", Outcome.DISABLED, 410
             )
@@ -476,11 +512,8 @@ class TargetWorker:
             )
         )
 
-    async def _disable(self, event: Event, attempt: int) -> None:
-        reason = f"HTTP 410 Gone at {datetime.now(UTC).isoformat(timespec='seconds')}"
-        self.log.warning(
-            "receiver answered 410 Gone: disabling the target", event_id=event.id, attempt=attempt
-        )
+    async def _disable(self, reason: str) -> None:
+        self.log.warning("disabling the target", reason=reason)
         try:
             await self.client.registry.set_status(self.name, TargetStatus.DISABLED, reason)
         except Exception as exc:
@@ -492,6 +525,11 @@ class TargetWorker:
 
     async def _hand_back(self, msg: Msg, delay: float | None = None) -> None:
         self._held.pop(id(msg), None)
+        if self.halt.is_set():
+            # Stopping: a pull request of ours may still be open at the server for up to
+            # one fetch window; an immediate redelivery could land in it, after we stopped
+            # reading, and wait out the ack wait. Come back once it has expired.
+            delay = max(delay or 0.0, self.egress.fetch_expires_s + 0.1)
         with contextlib.suppress(Exception):
             await msg.nak(delay=delay)
 
@@ -515,7 +553,8 @@ class TargetWorker:
             deadline = self.circuit.next_deadline()
             timeout = 30.0 if deadline is None else max(0.0, deadline - time.time())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await changed.wait()
             try:
                 await self.circuit.tick()
             except Exception as exc:
@@ -545,7 +584,8 @@ class TargetWorker:
 
     async def _on_rpc(self, msg: Msg) -> None:
         if self.halt.is_set():
-            return  # another member of the queue group will not get it; the caller times out
+            await self.client.reply(msg, {"error": "egress stopping"}, 503, self.name)
+            return
         if len(self.rpc_tasks) >= self.target.max_in_flight:
             await self.client.reply(msg, {"error": "target busy"}, 503, self.name)
             return
@@ -596,18 +636,20 @@ class TargetWorker:
             with contextlib.suppress(Exception):
                 await self._rpc_sub.unsubscribe()
             self._rpc_sub = None
+        await asyncio.sleep(0)  # let just-dispatched tasks start, so a cancel reaches their handler
         for task in list(self.tasks - self.sending):
             task.cancel()  # still waiting for the circuit, a token or a slot: hand back now
         waiting: set[asyncio.Task[Any]] = set(self.tasks) | set(self.rpc_tasks)
         if self.main is not None:
             waiting.add(self.main)
+        grace = min(0.5, timeout / 2)  # kept back to hand the stragglers back
         if waiting:
-            await asyncio.wait(waiting, timeout=timeout)
+            await asyncio.wait(waiting, timeout=max(0.0, timeout - grace))
         for task in list(self.tasks) + list(self.rpc_tasks):
-            task.cancel()
+            task.cancel()  # past the deadline: cancelled requests are nak-ed
         leftovers: set[asyncio.Task[Any]] = set(self.tasks) | set(self.rpc_tasks)
         if leftovers:
-            await asyncio.wait(leftovers, timeout=2.0)
+            await asyncio.wait(leftovers, timeout=max(grace, 0.1))
         if self.main is not None and not self.main.done():
             self.main.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -616,7 +658,8 @@ class TargetWorker:
     def stats(self) -> dict[str, Any]:
         return {
             "state": self.circuit.state.value,
-            "in_flight": self.in_flight,
+            "in_flight": self.on_wire,
+            "held": self.held,
             "rate_share": self.limiter.rate if self.limiter is not None else None,
             **self.counts,
         }

@@ -4,6 +4,7 @@ retries, dead letters, 410, SSRF, request/reply, live registry changes."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -14,6 +15,7 @@ from mesh.client import MeshClient
 from mesh.config import Settings
 from mesh.registry import Target, TargetKind, TargetStatus
 from mesh.resilience import backoff_bounds
+from services.egress_http import HttpSender
 from services.webhook_egress import WebhookEgress
 from tests.support.receiver import (
     Receiver,
@@ -23,6 +25,7 @@ from tests.support.receiver import (
     delivery_records,
     eventually,
     fast_policy,
+    new_secret,
 )
 
 FETCH_S = 0.5  # short idle fetches: a stop waits for the one in progress
@@ -298,3 +301,43 @@ async def test_request_reply_is_a_signed_synchronous_post(
     rx.script(Reply(503, body=b"busy"))
     reply = await client.request("app", "hook", "price.get", {}, timeout=5)
     assert reply.status == 503
+
+
+async def test_resolver_refuses_private_answers_at_connect_time(rx: Receiver) -> None:
+    """A host that passed the destination check but resolves privately when connecting
+    (DNS rebinding) is refused by the session's resolver."""
+    sender = HttpSender(allow_private=False)
+    url = f"http://localhost:{rx.port}/hook"
+    # Pretend the check already passed (as with a public answer a moment earlier).
+    sender.guard._cache[("http", "localhost", rx.port)] = (time.monotonic() + 60, None)
+    try:
+        result = await sender.post(url, b"{}", {"content-type": "application/json"}, 2.0)
+    finally:
+        await sender.close()
+    assert result.refused
+    assert "private/loopback/link-local" in (result.error or "")
+    assert rx.requests == []
+
+
+async def test_unusable_secret_parks_the_target_without_losing_events(
+    client: MeshClient, rx: Receiver, egress: WebhookEgress
+) -> None:
+    await add_webhook(client, "hook", rx.url, secret="whsec_a")  # not valid base64
+    event_id = await client.publish("shop", "a.b", {"kept": True})
+    target = await eventually(lambda: _disabled(client, "hook"))
+    assert "cannot sign" in (target.status_reason or "")
+    assert rx.requests == []
+    assert await dead_letters(client, "hook") == []
+    good = new_secret()
+    target.secret_enc = client.registry._seal(good)
+    target.status = TargetStatus.ACTIVE
+    target.status_reason = None
+    await client.registry.put_target(target)
+    (req,) = await rx.wait_for(1)
+    assert req.webhook_id == event_id
+    Webhook(good).verify(req.body, req.headers)
+
+
+async def _disabled(client: MeshClient, name: str) -> Target | None:
+    target = await client.registry.get_target(name)
+    return target if target.status == TargetStatus.DISABLED else None

@@ -1,0 +1,355 @@
+"""Webhook egress throughput and latency, against raw aiohttp POSTs, in the same run.
+
+    python bench/egress.py [--quick] [--events N] [--concurrency C] [--rate R] [--rounds K]
+                           [--instances I] [--profile]
+
+1. A receiver (aiohttp, its own process) records each request's arrival time.
+2. Egress: N events are published to a fresh broker, then ``mesh serve webhook-egress``
+   (its own process) delivers the backlog to the receiver with ``max_in_flight = C``.
+   Deliveries/s = N / (last arrival - first arrival).
+3. Raw: the same N bodies POSTed by one aiohttp session at concurrency C, measured the
+   same way at the same receiver.
+4. Latency: with the egress running, events are published at a steady R/s; publish-to-
+   receipt latency p50/p99 from the publisher's clock and the receiver's (same machine).
+
+``--profile`` runs the egress in this process under cProfile for the throughput step and
+prints the top functions instead of starting a subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mesh.broker import EmbeddedBroker, free_port  # noqa: E402
+from mesh.client import MeshClient  # noqa: E402
+from mesh.config import Settings  # noqa: E402
+from mesh.registry import Target, TargetKind  # noqa: E402
+from mesh.signing import signature_headers  # noqa: E402
+
+# Receiver process ---------------------------------------------------------------
+
+
+def run_receiver(port: int) -> None:
+    arrivals: dict[str, float] = {}
+    count = [0]
+
+    async def hook(request: web.Request) -> web.Response:
+        await request.read()
+        arrivals[request.headers.get("webhook-id", str(count[0]))] = time.time()
+        count[0] += 1
+        return web.Response(status=200)
+
+    async def stats(_: web.Request) -> web.Response:
+        return web.json_response({"count": count[0], "arrivals": arrivals})
+
+    async def reset(_: web.Request) -> web.Response:
+        arrivals.clear()
+        count[0] = 0
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    app.router.add_get("/stats", stats)
+    app.router.add_post("/reset", reset)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+class ReceiverClient:
+    def __init__(self, port: int) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+
+    async def call(self, method: str, path: str) -> Any:
+        async with aiohttp.ClientSession() as s, s.request(method, self.base + path) as r:
+            return await r.json()
+
+    async def reset(self) -> None:
+        await self.call("POST", "/reset")
+
+    async def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("GET", "/stats")
+        return result
+
+    async def wait_count(self, n: int, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = await self.stats()
+            if st["count"] >= n:
+                return st
+            if time.monotonic() > deadline:
+                raise SystemExit(f"receiver got {st['count']} of {n} within {timeout:.0f}s")
+            await asyncio.sleep(0.1)
+
+
+def rate_of(arrivals: dict[str, float]) -> float:
+    times = sorted(arrivals.values())
+    if len(times) < 2:
+        return 0.0
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return values[k]
+
+
+# Steps --------------------------------------------------------------------------
+
+CPU: dict[str, list[float]] = {}  # CPU microseconds per delivery, by sender, per round
+
+
+async def start_egress_process(env: dict[str, str]) -> asyncio.subprocess.Process:
+    mesh = os.path.join(os.path.dirname(sys.executable), "mesh")
+    return await asyncio.create_subprocess_exec(
+        mesh,
+        "serve",
+        "webhook-egress",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
+async def stop_process(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 20)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def egress_throughput(
+    client: MeshClient,
+    rx: ReceiverClient,
+    env: dict[str, str],
+    settings: Settings,
+    n: int,
+    profile: bool,
+    instances: int,
+) -> float:
+    await rx.reset()
+    events = [client.build("shop", "order.created", {"i": i, "pad": "x" * 200}) for i in range(n)]
+    await client.publish_many(events)
+    if profile:
+        import cProfile
+        import pstats
+
+        from services.webhook_egress import WebhookEgress
+
+        svc = WebhookEgress(settings)
+        prof = cProfile.Profile()
+        prof.enable()
+        await svc.start()
+        st = await rx.wait_count(n, timeout=300)
+        prof.disable()
+        await svc.stop()
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        return rate_of(st["arrivals"])
+    import psutil
+
+    procs = [await start_egress_process(env) for _ in range(instances)]
+    try:
+        await rx.wait_count(1, timeout=60)
+        ps = [psutil.Process(p.pid) for p in procs]
+        cpu0 = sum(sum(p.cpu_times()[:2]) for p in ps)
+        first = (await rx.stats())["count"]
+        st = await rx.wait_count(n, timeout=300)
+        cpu1 = sum(sum(p.cpu_times()[:2]) for p in ps)
+        CPU.setdefault("egress", []).append((cpu1 - cpu0) / max(1, st["count"] - first) * 1e6)
+    finally:
+        await asyncio.gather(*(stop_process(p) for p in procs))
+    return rate_of(st["arrivals"])
+
+
+async def raw_throughput(rx: ReceiverClient, url: str, n: int, concurrency: int) -> float:
+    await rx.reset()
+    secret = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldY"
+    bodies = []
+    for i in range(n):
+        body = json.dumps(
+            {
+                "type": "order.created",
+                "timestamp": "2025-01-01T00:00:00Z",
+                "data": {"i": i, "pad": "x" * 200},
+            },
+            separators=(",", ":"),
+        ).encode()
+        headers = signature_headers(f"raw-{i}", body, secret)
+        headers["content-type"] = "application/json"
+        bodies.append((body, headers))
+    queue: asyncio.Queue[tuple[bytes, dict[str, str]]] = asyncio.Queue()
+    for item in bodies:
+        queue.put_nowait(item)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            while True:
+                try:
+                    body, headers = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                async with session.post(url, data=body, headers=headers) as resp:
+                    await resp.read()
+
+        cpu0 = time.process_time()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        CPU.setdefault("raw", []).append((time.process_time() - cpu0) / n * 1e6)
+    st = await rx.wait_count(n, timeout=60)
+    return rate_of(st["arrivals"])
+
+
+async def latency(
+    client: MeshClient, rx: ReceiverClient, env: dict[str, str], rate: float, seconds: float
+) -> list[float]:
+    await rx.reset()
+    proc = await start_egress_process(env)
+    try:
+        # Warm up: the egress is running and delivering before we measure.
+        await client.publish("shop", "warm.up", {})
+        await rx.wait_count(1, timeout=30)
+        await rx.reset()
+        sent: dict[str, float] = {}
+        total = int(rate * seconds)
+        start = time.monotonic()
+        for i in range(total):
+            due = start + i / rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            event = client.build("shop", "order.created", {"i": i, "pad": "x" * 200})
+            sent[event.id] = time.time()
+            await client.publish_event(event)
+        st = await rx.wait_count(total, timeout=60)
+    finally:
+        await stop_process(proc)
+    arrivals: dict[str, float] = st["arrivals"]
+    return [(arrivals[i] - t) * 1000 for i, t in sent.items() if i in arrivals]
+
+
+async def main(args: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
+    broker = EmbeddedBroker(tmp / "nats", port=free_port(), log_file=tmp / "nats.log")
+    await broker.astart()
+    rx_port = free_port()
+    rx_proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--receiver", str(rx_port)
+    )
+    settings = Settings(home=tmp / "home", nats_url=broker.url, allow_private_targets=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update(
+        {
+            "MESH_HOME": str(settings.home),
+            "MESH_NATS_URL": broker.url,
+            "MESH_ALLOW_PRIVATE_TARGETS": "1",
+            "MESH_HTTP_PORT": str(free_port()),
+            "MESH_LOG_LEVEL": "warning",
+            "MESH_LOG_FORMAT": "json",
+        }
+    )
+    rx = ReceiverClient(rx_port)
+    url = f"http://127.0.0.1:{rx_port}/hook"
+    try:
+        for _ in range(100):
+            try:
+                await rx.stats()
+                break
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.05)
+        async with MeshClient(settings, name="bench") as client:
+            await client.init()
+            target = Target(
+                name="bench", kind=TargetKind.WEBHOOK, url=url, max_in_flight=args.concurrency
+            )
+            await client.add_target(target)
+            await client.add_propagation("unidirectional", "shop", ["bench"])
+            n = args.events
+            c = args.concurrency
+            print(
+                f"events={n} concurrency={c} rounds={args.rounds} egress instances="
+                f"{args.instances} (receiver in its own process)"
+            )
+            raws: list[float] = []
+            egs: list[float] = []
+            for r in range(args.rounds):
+                # Alternate the order so drift in machine load does not favour one side.
+                steps = ["raw", "egress"] if r % 2 == 0 else ["egress", "raw"]
+                for step in steps:
+                    if step == "raw":
+                        raws.append(await raw_throughput(rx, url, n, c))
+                    else:
+                        egs.append(
+                            await egress_throughput(
+                                client, rx, env, settings, n, args.profile, args.instances
+                            )
+                        )
+                print(f"  round {r + 1}: raw {raws[-1]:7.0f}/s  egress {egs[-1]:7.0f}/s")
+            raw, eg = statistics.median(raws), statistics.median(egs)
+            print(f"raw aiohttp POSTs : {raw:8.0f} deliveries/s (median)")
+            print(f"webhook egress    : {eg:8.0f} deliveries/s (median)")
+            print(f"ratio             : {eg / raw:8.2f}   (aim >= 0.8)")
+            if CPU:
+                print(
+                    f"sender CPU per delivery: raw {statistics.median(CPU.get('raw', [0])):.0f} us,"
+                    f" egress {statistics.median(CPU.get('egress', [0])):.0f} us"
+                    " (all egress processes)"
+                )
+            if not args.profile:
+                lat = await latency(client, rx, env, args.rate, args.seconds)
+                print(
+                    f"latency at {args.rate:.0f}/s for {args.seconds:.0f}s ({len(lat)} events):"
+                    f" p50 {pct(lat, 50):.1f} ms, p99 {pct(lat, 99):.1f} ms,"
+                    f" mean {statistics.fmean(lat):.1f} ms"
+                )
+    finally:
+        await stop_process(rx_proc)
+        await broker.astop()
+
+
+def cli() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small run (about 15 s)")
+    p.add_argument("--events", type=int, default=None)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--rate", type=float, default=200.0, help="events/s for the latency run")
+    p.add_argument("--seconds", type=float, default=None)
+    p.add_argument("--rounds", type=int, default=None, help="raw/egress rounds (median)")
+    p.add_argument("--instances", type=int, default=1, help="egress processes")
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--receiver", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.receiver:
+        run_receiver(args.receiver)
+        return
+    if args.events is None:
+        args.events = 1000 if args.quick else 5000
+    if args.seconds is None:
+        args.seconds = 3.0 if args.quick else 10.0
+    if args.rounds is None:
+        args.rounds = 1 if args.quick or args.profile else 3
+    asyncio.run(main(args))
+
+
+if __name__ == "__main__":
+    cli()
