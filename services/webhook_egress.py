@@ -71,6 +71,7 @@ class WebhookEgress(Service):
         self.keyring: KeyRing | None = None
         self.peers: dict[str, float] = {}  # other instances -> last heartbeat (monotonic)
         self._sync_lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()
         self._peer_sub: Subscription | None = None
         self._records_failed = 0
 
@@ -103,12 +104,18 @@ class WebhookEgress(Service):
 
     async def on_drain(self, timeout: float) -> None:
         workers = list(self.workers.values())
-        await asyncio.gather(*(w.stop(timeout) for w in workers), return_exceptions=True)
+        await asyncio.gather(
+            *(w.stop(timeout) for w in workers), *self._retiring, return_exceptions=True
+        )
 
     async def on_close(self) -> None:
         for worker in list(self.workers.values()):
             await worker.stop(0.1)
         self.workers.clear()
+        if self._retiring:
+            _, late = await asyncio.wait(set(self._retiring), timeout=1.0)
+            for task in late:
+                task.cancel()
         if self._peer_sub is not None:
             with contextlib.suppress(Exception):
                 await self._peer_sub.unsubscribe()
@@ -137,7 +144,7 @@ class WebhookEgress(Service):
             try:
                 target = await self.client.registry.get_target(name)
             except NotFound:
-                await self._retire(name, forget=True)
+                self._retire(name, forget=True)
                 return
             except DecodeError as exc:
                 self.log.error("unreadable target entry", target=name, error=str(exc))
@@ -149,10 +156,10 @@ class WebhookEgress(Service):
             )
             worker = self.workers.get(name)
             if not wanted:
-                await self._retire(name)
+                self._retire(name)
                 return
             if worker is not None and worker.halt.is_set():
-                await self._retire(name)
+                self._retire(name)
                 worker = None
             if worker is None:
                 worker = TargetWorker(self, target)
@@ -163,14 +170,21 @@ class WebhookEgress(Service):
                 worker.update(target)
                 self.log.info("target updated", target=name)
 
-    async def _retire(self, name: str, forget: bool = False) -> None:
+    def _retire(self, name: str, forget: bool = False) -> None:
+        """Stop a target's worker in the background: its in-flight requests may take a
+        while, and other targets' changes must not wait for them."""
         worker = self.workers.pop(name, None)
         if worker is None:
             return
+        task = asyncio.create_task(self._stop_worker(worker, forget), name=f"retire-{name}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _stop_worker(self, worker: TargetWorker, forget: bool) -> None:
         await worker.stop(self.settings.drain_timeout_s)
         if forget:
             await worker.circuit.forget()
-        self.log.info("stopped delivering to target", target=name)
+        self.log.info("stopped delivering to target", target=worker.name)
 
     async def _watch_registry(self) -> None:
         while not self.stopping.is_set():

@@ -202,6 +202,30 @@ async def test_rate_limit_holds(settings: Settings, client: MeshClient, rx: Rece
         await egress.stop()
 
 
+@pytest.mark.slow
+async def test_rate_limit_holds_across_two_instances(
+    settings: Settings, client: MeshClient, rx: Receiver
+) -> None:
+    rate = 20.0
+    await add_webhook(client, "hook", rx.url, rate=rate, max_in_flight=32)
+    a = await start_egress(settings)
+    b = await start_egress(settings)
+    try:
+        # Each instance takes half the target's rate once they have seen each other.
+        await eventually(lambda: a.instance_count() == b.instance_count() == 2)
+        assert a.stats()["targets"]["hook"]["rate_share"] == rate / 2
+        await client.publish_many([client.build("shop", "a.b", {"i": i}) for i in range(60)])
+        reqs = await rx.wait_for(60, timeout=30)
+        observed = (len(reqs) - 1) / (reqs[-1].at - reqs[0].at)
+        assert abs(observed - rate) <= rate * 0.10, f"observed {observed:.2f}/s for {rate}/s"
+        assert a.stats()["delivered"] > 0 and b.stats()["delivered"] > 0, "both did work"
+        # One stops (its last heartbeat says so): the other takes the whole rate again.
+        await b.stop()
+        await eventually(lambda: a.stats()["targets"]["hook"]["rate_share"] == rate)
+    finally:
+        await asyncio.gather(a.stop(), b.stop())
+
+
 # Stopping and crashing ----------------------------------------------------------
 
 
