@@ -175,9 +175,10 @@ class EmbeddedBroker:
         except OSError:
             holder = os.read(fd, 32).decode(errors="replace").strip()
             os.close(fd)
+            who = f"another mesh (pid {holder})" if holder else "another mesh"
             raise BrokerError(
-                f"another mesh{f' (pid {holder})' if holder else ''} runs an embedded nats-server on"
-                f" {self.store_dir}: stop it, or give this one another MESH_HOME"
+                f"{who} runs an embedded nats-server on {self.store_dir}:"
+                " stop it, or give this one another MESH_HOME"
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
