@@ -4,55 +4,49 @@ Flow of one message::
 
     fetch (only while the circuit lets this instance)  ->  decode  ->  route check
       -> clearance: circuit closed, or this instance's one half-open probe
-      -> rate-limit token -> a global in-flight slot -> signed POST
-      -> 2xx: ack | 410: disable target, dead letter, ack | refused: dead letter, ack
-      | other failure: nak(delay per policy / Retry-After), or after the last attempt
-        dead letter then ack
+      -> rate-limit token -> a target slot and an egress-wide slot -> signed POST
+      -> settled (services/egress_outcomes.py): ack, nak(delay), or dead letter then ack
 
 The attempt number is the broker's delivery count (``num_delivered``), so retries survive
 crashes: a retry is a delayed redelivery held by the broker, never an in-process sleep.
-Fetches never ask for more than the free in-flight room, so memory stays flat whatever
-the backlog; ordered targets fetch one at a time (their consumer allows one unacked).
+At most ``max_in_flight`` requests of a target are on the wire and one more batch is
+fetched ahead, so memory stays flat whatever the backlog; an ordered target's consumer
+allows one unacknowledged message, so it has one request out, in order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import nats.js.errors as js_errors
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
 from mesh import envelope
-from mesh.client import Reply
-from mesh.envelope import Event
 from mesh.errors import DecodeError, ValidationError
 from mesh.observability import METRICS
-from mesh.records import DeliveryRecord, Outcome
-from mesh.registry import Target, TargetStatus
+from mesh.records import Outcome
+from mesh.registry import Target
 from mesh.resilience import (
     CircuitState,
     RateLimiter,
     backoff_delay,
-    is_last_attempt,
-    retry_delay,
 )
 from mesh.signing import Signer
 from mesh.streams import ensure_streams
 from services.egress_circuit import SharedCircuit
-from services.egress_http import AttemptResult, build_body, sign_headers
+from services.egress_http import build_body, sign_headers
+from services.egress_outcomes import Outcomes
+from services.egress_rpc import RequestResponder
 
 if TYPE_CHECKING:
     from services.webhook_egress import WebhookEgress
 
 FETCH_EXPIRES_S = 2.0
 MAX_BATCH = 64
-DLQ_RETRY_S = 5.0  # when the DLQ itself cannot be written, try the message again after this
 WAKE_S = 1.0  # safety net for every wait on a state change
 
 
@@ -60,7 +54,7 @@ def rfc3339_epoch(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
-class TargetWorker:
+class TargetWorker(Outcomes):
     """Delivers one target's feed for one egress instance."""
 
     def __init__(self, egress: WebhookEgress, target: Target) -> None:
@@ -90,7 +84,6 @@ class TargetWorker:
         self._slots_for = self._limit()
         self.tasks: set[asyncio.Task[None]] = set()
         self.sending: set[asyncio.Task[None]] = set()
-        self.rpc_tasks: set[asyncio.Task[None]] = set()
         self.halt = asyncio.Event()
         self.fetch_stop = asyncio.Event()
         self._changed = asyncio.Event()
@@ -106,7 +99,7 @@ class TargetWorker:
         self._m_retry = METRICS.deliveries.labels(self.name, Outcome.RETRY.value)
         self.main: asyncio.Task[None] | None = None
         self._bg: list[asyncio.Task[None]] = []
-        self._rpc_sub: Subscription | None = None
+        self.rpc = RequestResponder(self)
 
     # Configuration ------------------------------------------------------------
 
@@ -191,7 +184,7 @@ class TargetWorker:
         ]
         try:
             await self._prepare()
-            await self._serve_requests()
+            await self.rpc.start()
             while not self.halt.is_set():
                 self._changed.clear()
                 if not self.may_fetch():
@@ -310,20 +303,29 @@ class TargetWorker:
                 await self._disable(f"cannot sign: {exc}")
                 await self._hand_back(msg)
                 return
-            probe = await self._clearance()
-            async with self.http_slots, self.egress.slots:
-                task = asyncio.current_task()
-                if task is not None:
-                    self.sending.add(task)  # from here on, drain lets it finish
-                headers = sign_headers(signer, event.id, body, extra)
-                assert target.url is not None
-                self.on_wire += 1
-                try:
-                    result = await self.egress.http.post(
-                        target.url, body, headers, target.timeout_s
-                    )
-                finally:
-                    self.on_wire -= 1
+            while True:
+                probe = await self._clearance()
+                async with self.http_slots, self.egress.slots:
+                    # Waiting for a slot takes time: the circuit may have opened (or the
+                    # probe lease run short) meanwhile. Nothing goes out unless still clear.
+                    if not self._still_clear(probe):
+                        if probe:
+                            self.circuit.release_probe()
+                        probe = False
+                        continue
+                    task = asyncio.current_task()
+                    if task is not None:
+                        self.sending.add(task)  # from here on, drain lets it finish
+                    headers = sign_headers(signer, event.id, body, extra)
+                    assert target.url is not None
+                    self.on_wire += 1
+                    try:
+                        result = await self.egress.http.post(
+                            target.url, body, headers, target.timeout_s
+                        )
+                    finally:
+                        self.on_wire -= 1
+                break
             settled_probe, probe = probe, False
             await self._settle(msg, event, attempt, target, result, settled_probe)
         except asyncio.CancelledError:
@@ -373,165 +375,10 @@ class TargetWorker:
             elif self.circuit.state is CircuitState.CLOSED:
                 return False
 
-    async def _settle(
-        self,
-        msg: Msg,
-        event: Event,
-        attempt: int,
-        target: Target,
-        result: AttemptResult,
-        probe: bool,
-    ) -> None:
-        self._held.pop(id(msg), None)
-        self._m_attempts.inc()
-        latency_ms = round(result.latency_s * 1000, 3) if result.status is not None else None
-        if result.status is not None:
-            self._m_latency.observe(result.latency_s)
-        if result.ok:
-            try:
-                await msg.ack()
-            except Exception as exc:  # delivered; a lost ack means a duplicate, not a loss
-                self.log.warning("ack failed", event_id=event.id, error=str(exc))
-            await self.circuit.on_result(True, probe)
-            self.counts["delivered"] += 1
-            self._m_delivered.inc()
-            self._m_e2e.observe(max(0.0, time.time() - event.time.timestamp()))
-            await self.egress.record(
-                DeliveryRecord(
-                    event_id=event.id,
-                    target=self.name,
-                    attempt=attempt,
-                    outcome=Outcome.DELIVERED,
-                    status_code=result.status,
-                    latency_ms=latency_ms,
-                    instance=self.egress.instance,
-                )
-            )
-            return
-        error = result.error or "failed"
-        if result.refused:
-            if probe:
-                self.circuit.release_probe()
-            await self._dead(msg, event, attempt, error, Outcome.DEAD)
-            return
-        if result.gone:
-            if probe:
-                self.circuit.release_probe()
-            self.log.warning(
-                "receiver answered 410 Gone: disabling the target",
-                event_id=event.id,
-                attempt=attempt,
-            )
-            when = datetime.now(UTC).isoformat(timespec="seconds")
-            await self._disable(f"HTTP 410 Gone at {when}")
-            await self._dead(
-                msg, event, attempt, "HTTP 410 Gone: target disabled", Outcome.DISABLED, 410
-            )
-            return
-        # The circuit learns first, so an opening pauses the consumer before this nak
-        # can bring the message straight back.
-        await self.circuit.on_result(False, probe)
-        log = self.log.bind(event_id=event.id, attempt=attempt, status=result.status)
-        if is_last_attempt(target.retry, attempt):
-            await self._dead(msg, event, attempt, error, Outcome.DEAD, result.status, latency_ms)
-            return
-        delay = retry_delay(target.retry, attempt, result.retry_after)
-        try:
-            await msg.nak(delay=delay)
-        except Exception as exc:  # the ack wait brings it back anyway
-            log.warning("nak failed", error=str(exc))
-        self.counts["retried"] += 1
-        self._m_retry.inc()
-        log.info("delivery failed, will retry", error=error[:120], retry_in_s=round(delay, 3))
-        await self.egress.record(
-            DeliveryRecord(
-                event_id=event.id,
-                target=self.name,
-                attempt=attempt,
-                outcome=Outcome.RETRY,
-                status_code=result.status,
-                latency_ms=latency_ms,
-                error=error,
-                instance=self.egress.instance,
-            )
-        )
-
-    async def _skip(self, msg: Msg, event: Event, reason: str) -> None:
-        self._held.pop(id(msg), None)
-        await msg.ack()
-        self.counts["skipped"] += 1
-        METRICS.deliveries.labels(self.name, Outcome.SKIPPED.value).inc()
-        await self.egress.record(
-            DeliveryRecord(
-                event_id=event.id,
-                target=self.name,
-                attempt=0,
-                outcome=Outcome.SKIPPED,
-                error=reason,
-                instance=self.egress.instance,
-            )
-        )
-
-    async def _dead(
-        self,
-        msg: Msg,
-        event: Event | None,
-        attempt: int,
-        error: str,
-        outcome: Outcome,
-        status: int | None = None,
-        latency_ms: float | None = None,
-    ) -> None:
-        """Dead-letter, then ack; if the DLQ does not take it, hand the message back."""
-        self._held.pop(id(msg), None)
-        event_id = event.id if event is not None else _header_id(msg)
-        log = self.log.bind(event_id=event_id, attempt=attempt)
-        try:
-            await self.client.dead_letter(msg, self.name, error, attempt)
-        except Exception as exc:
-            log.error("dead letter not stored, handing the event back", error=str(exc))
-            await self._hand_back(msg, delay=DLQ_RETRY_S)
-            return
-        try:
-            await msg.ack_sync()
-        except Exception as exc:  # stored in the DLQ; a redelivery may store it twice
-            log.warning("ack after dead letter failed", error=str(exc))
-        self.counts["dead"] += 1
-        METRICS.deliveries.labels(self.name, outcome.value).inc()
-        log.warning("event dead-lettered", reason=error[:200])
-        await self.egress.record(
-            DeliveryRecord(
-                event_id=event_id,
-                target=self.name,
-                attempt=attempt,
-                outcome=outcome,
-                status_code=status,
-                latency_ms=latency_ms,
-                error=error,
-                instance=self.egress.instance,
-            )
-        )
-
-    async def _disable(self, reason: str) -> None:
-        self.log.warning("disabling the target", reason=reason)
-        try:
-            await self.client.registry.set_status(self.name, TargetStatus.DISABLED, reason)
-        except Exception as exc:
-            self.log.error("could not mark the target disabled", error=str(exc))
-        # Stop pulling now; the registry watch would get here too.
-        self.halt.set()
-        self._kick()
-        self.egress.spawn(self.egress.sync_target(self.name), name=f"sync-{self.name}")
-
-    async def _hand_back(self, msg: Msg, delay: float | None = None) -> None:
-        self._held.pop(id(msg), None)
-        if self.halt.is_set():
-            # Stopping: a pull request of ours may still be open at the server for up to
-            # one fetch window; an immediate redelivery could land in it, after we stopped
-            # reading, and wait out the ack wait. Come back once it has expired.
-            delay = max(delay or 0.0, self.egress.fetch_expires_s + 0.1)
-        with contextlib.suppress(Exception):
-            await msg.nak(delay=delay)
+    def _still_clear(self, probe: bool) -> bool:
+        if probe:
+            return self.circuit.lease_ok()
+        return self.circuit.state is CircuitState.CLOSED
 
     # Background loops ---------------------------------------------------------
 
@@ -573,81 +420,25 @@ class TargetWorker:
         except Exception as exc:
             self.log.warning("could not resume the consumer", error=str(exc) or repr(exc))
 
-    # Request / reply ------------------------------------------------------------
-
-    async def _serve_requests(self) -> None:
-        if self._rpc_sub is not None:
-            return
-        self._rpc_sub = await self.client.nc.subscribe(
-            self.client.subjects.rpc_filter(self.name), queue=f"rpc-{self.name}", cb=self._on_rpc
-        )
-
-    async def _on_rpc(self, msg: Msg) -> None:
-        if self.halt.is_set():
-            await self.client.reply(msg, {"error": "egress stopping"}, 503, self.name)
-            return
-        if len(self.rpc_tasks) >= self.target.max_in_flight:
-            await self.client.reply(msg, {"error": "target busy"}, 503, self.name)
-            return
-        task = asyncio.create_task(self._answer(msg))
-        self.rpc_tasks.add(task)
-        task.add_done_callback(self.rpc_tasks.discard)
-
-    async def _answer(self, msg: Msg) -> None:
-        """A synchronous signed POST; the reply carries its status and body."""
-        try:
-            try:
-                event = self.client.decode_request(msg)
-            except DecodeError as exc:
-                await self.client.reply(msg, {"error": str(exc)}, 400, self.name)
-                return
-            if event.source == self.name:
-                await self.client.reply(msg, {"error": "a target cannot request itself"}, 400)
-                return
-            if self.circuit.state is not CircuitState.CLOSED:
-                await self.client.reply(
-                    msg, {"error": f"circuit {self.circuit.state.value}"}, 503, self.name
-                )
-                return
-            target = self.target
-            body, extra = build_body(target, event)
-            if self.limiter is not None:
-                await self.limiter.acquire()
-            async with self.egress.slots:
-                headers = sign_headers(self.signer(), event.id, body, extra)
-                assert target.url is not None
-                result = await self.egress.http.post(
-                    target.url, body, headers, target.timeout_s, keep_body=True
-                )
-            reply = _reply_for(result)
-            await self.client.reply(msg, reply.data, reply.status, self.name)
-        except Exception as exc:
-            self.log.warning("request to the target failed", error=repr(exc))
-            with contextlib.suppress(Exception):
-                await self.client.reply(msg, {"error": type(exc).__name__}, 500, self.name)
-
     # Stopping -------------------------------------------------------------------
 
     async def stop(self, timeout: float) -> None:
         """Stop pulling; let requests on the wire finish within ``timeout``; nak the rest."""
         self.halt.set()
         self._kick()
-        if self._rpc_sub is not None:
-            with contextlib.suppress(Exception):
-                await self._rpc_sub.unsubscribe()
-            self._rpc_sub = None
+        await self.rpc.stop()
         await asyncio.sleep(0)  # let just-dispatched tasks start, so a cancel reaches their handler
         for task in list(self.tasks - self.sending):
             task.cancel()  # still waiting for the circuit, a token or a slot: hand back now
-        waiting: set[asyncio.Task[Any]] = set(self.tasks) | set(self.rpc_tasks)
+        waiting: set[asyncio.Task[Any]] = set(self.tasks) | set(self.rpc.tasks)
         if self.main is not None:
             waiting.add(self.main)
         grace = min(0.5, timeout / 2)  # kept back to hand the stragglers back
         if waiting:
             await asyncio.wait(waiting, timeout=max(0.0, timeout - grace))
-        for task in list(self.tasks) + list(self.rpc_tasks):
+        for task in list(self.tasks) + list(self.rpc.tasks):
             task.cancel()  # past the deadline: cancelled requests are nak-ed
-        leftovers: set[asyncio.Task[Any]] = set(self.tasks) | set(self.rpc_tasks)
+        leftovers: set[asyncio.Task[Any]] = set(self.tasks) | set(self.rpc.tasks)
         if leftovers:
             await asyncio.wait(leftovers, timeout=max(grace, 0.1))
         if self.main is not None and not self.main.done():
@@ -663,27 +454,3 @@ class TargetWorker:
             "rate_share": self.limiter.rate if self.limiter is not None else None,
             **self.counts,
         }
-
-
-def _header_id(msg: Msg) -> str:
-    headers = msg.headers or {}
-    seq = msg.metadata.sequence.stream if msg.metadata.sequence else "?"
-    return headers.get("ce-id") or headers.get("Nats-Msg-Id") or f"seq-{seq}"
-
-
-def _reply_for(result: AttemptResult) -> Reply:
-    if result.refused:
-        return Reply(403, {"error": result.error})
-    if result.status is None:
-        status = 504 if (result.error or "").startswith("timeout") else 502
-        return Reply(status, {"error": result.error})
-    ctype = result.content_type.split(";")[0].strip().lower()
-    data: Any = result.body
-    if ctype == "application/json" or ctype.endswith("+json"):
-        try:
-            data = json.loads(result.body) if result.body else None
-        except ValueError:
-            data = result.body.decode("utf-8", "replace")
-    elif ctype.startswith("text/"):
-        data = result.body.decode("utf-8", "replace")
-    return Reply(result.status, data)

@@ -289,7 +289,7 @@ async def test_request_reply_is_a_signed_synchronous_post(
     await client.add_target(Target(name="app", kind=TargetKind.NATS))
     secret = await add_webhook(client, "hook", rx.url, source="other")
     await client.add_propagation("bidirectional", "app", ["hook"])
-    await eventually(lambda: "hook" in egress.workers and egress.workers["hook"]._rpc_sub)
+    await eventually(lambda: "hook" in egress.workers and egress.workers["hook"].rpc.sub)
     rx.script(Reply(201, headers={"content-type": "application/json"}, body=b'{"quote": 42}'))
     reply = await client.request("app", "hook", "price.get", {"sku": "x"}, timeout=5)
     assert reply.status == 201

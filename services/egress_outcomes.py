@@ -1,0 +1,223 @@
+"""What becomes of a message after a delivery attempt (mixed into ``TargetWorker``).
+
+- 2xx: ack, record ``delivered``.
+- refused by the SSRF guard: dead letter (the reason), ack; never retried.
+- 410 Gone: mark the target disabled in the registry, dead letter, ack.
+- anything else: the circuit learns of the failure first, then the message is nak-ed
+  with the policy's delay (or the receiver's ``Retry-After``, whichever is longer);
+  after the last attempt it is dead-lettered, then acked.
+
+Every attempt leaves one ``DeliveryRecord``. A dead letter that cannot be stored is not
+acked: the message is handed back and comes again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from nats.aio.msg import Msg
+
+from mesh.envelope import Event
+from mesh.observability import METRICS
+from mesh.records import DeliveryRecord, Outcome
+from mesh.registry import Target, TargetStatus
+from mesh.resilience import is_last_attempt, retry_delay
+from services.egress_http import AttemptResult
+
+if TYPE_CHECKING:
+    from mesh.client import MeshClient
+    from services.egress_circuit import SharedCircuit
+    from services.webhook_egress import WebhookEgress
+
+DLQ_RETRY_S = 5.0  # when the DLQ itself cannot be written, try the message again after this
+
+
+class Outcomes:
+    """Settling messages; the state it uses belongs to ``TargetWorker``."""
+
+    name: str
+    egress: WebhookEgress
+    client: MeshClient
+    circuit: SharedCircuit
+    log: Any
+    halt: asyncio.Event
+    counts: dict[str, int]
+    _held: dict[int, tuple[Msg, float]]
+    _m_attempts: Any
+    _m_latency: Any
+    _m_e2e: Any
+    _m_delivered: Any
+    _m_retry: Any
+
+    def _kick(self) -> None:
+        raise NotImplementedError
+
+    async def _settle(
+        self,
+        msg: Msg,
+        event: Event,
+        attempt: int,
+        target: Target,
+        result: AttemptResult,
+        probe: bool,
+    ) -> None:
+        self._held.pop(id(msg), None)
+        self._m_attempts.inc()
+        latency_ms = round(result.latency_s * 1000, 3) if result.status is not None else None
+        if result.status is not None:
+            self._m_latency.observe(result.latency_s)
+        if result.ok:
+            try:
+                await msg.ack()
+            except Exception as exc:  # delivered; a lost ack means a duplicate, not a loss
+                self.log.warning("ack failed", event_id=event.id, error=str(exc))
+            await self.circuit.on_result(True, probe)
+            self.counts["delivered"] += 1
+            self._m_delivered.inc()
+            self._m_e2e.observe(max(0.0, time.time() - event.time.timestamp()))
+            await self.egress.record(
+                DeliveryRecord(
+                    event_id=event.id,
+                    target=self.name,
+                    attempt=attempt,
+                    outcome=Outcome.DELIVERED,
+                    status_code=result.status,
+                    latency_ms=latency_ms,
+                    instance=self.egress.instance,
+                )
+            )
+            return
+        error = result.error or "failed"
+        if result.refused:
+            if probe:
+                self.circuit.release_probe()
+            await self._dead(msg, event, attempt, error, Outcome.DEAD)
+            return
+        if result.gone:
+            if probe:
+                self.circuit.release_probe()
+            self.log.warning(
+                "receiver answered 410 Gone: disabling the target",
+                event_id=event.id,
+                attempt=attempt,
+            )
+            when = datetime.now(UTC).isoformat(timespec="seconds")
+            await self._disable(f"HTTP 410 Gone at {when}")
+            await self._dead(
+                msg, event, attempt, "HTTP 410 Gone: target disabled", Outcome.DISABLED, 410
+            )
+            return
+        # The circuit learns first, so an opening pauses the consumer before this nak
+        # can bring the message straight back.
+        await self.circuit.on_result(False, probe)
+        log = self.log.bind(event_id=event.id, attempt=attempt, status=result.status)
+        if is_last_attempt(target.retry, attempt):
+            await self._dead(msg, event, attempt, error, Outcome.DEAD, result.status, latency_ms)
+            return
+        delay = retry_delay(target.retry, attempt, result.retry_after)
+        try:
+            await msg.nak(delay=delay)
+        except Exception as exc:  # the ack wait brings it back anyway
+            log.warning("nak failed", error=str(exc))
+        self.counts["retried"] += 1
+        self._m_retry.inc()
+        log.info("delivery failed, will retry", error=error[:120], retry_in_s=round(delay, 3))
+        await self.egress.record(
+            DeliveryRecord(
+                event_id=event.id,
+                target=self.name,
+                attempt=attempt,
+                outcome=Outcome.RETRY,
+                status_code=result.status,
+                latency_ms=latency_ms,
+                error=error,
+                instance=self.egress.instance,
+            )
+        )
+
+    async def _skip(self, msg: Msg, event: Event, reason: str) -> None:
+        self._held.pop(id(msg), None)
+        await msg.ack()
+        self.counts["skipped"] += 1
+        METRICS.deliveries.labels(self.name, Outcome.SKIPPED.value).inc()
+        await self.egress.record(
+            DeliveryRecord(
+                event_id=event.id,
+                target=self.name,
+                attempt=0,
+                outcome=Outcome.SKIPPED,
+                error=reason,
+                instance=self.egress.instance,
+            )
+        )
+
+    async def _dead(
+        self,
+        msg: Msg,
+        event: Event | None,
+        attempt: int,
+        error: str,
+        outcome: Outcome,
+        status: int | None = None,
+        latency_ms: float | None = None,
+    ) -> None:
+        """Dead-letter, then ack; if the DLQ does not take it, hand the message back."""
+        self._held.pop(id(msg), None)
+        event_id = event.id if event is not None else _header_id(msg)
+        log = self.log.bind(event_id=event_id, attempt=attempt)
+        try:
+            await self.client.dead_letter(msg, self.name, error, attempt)
+        except Exception as exc:
+            log.error("dead letter not stored, handing the event back", error=str(exc))
+            await self._hand_back(msg, delay=DLQ_RETRY_S)
+            return
+        try:
+            await msg.ack_sync()
+        except Exception as exc:  # stored in the DLQ; a redelivery may store it twice
+            log.warning("ack after dead letter failed", error=str(exc))
+        self.counts["dead"] += 1
+        METRICS.deliveries.labels(self.name, outcome.value).inc()
+        log.warning("event dead-lettered", reason=error[:200])
+        await self.egress.record(
+            DeliveryRecord(
+                event_id=event_id,
+                target=self.name,
+                attempt=attempt,
+                outcome=outcome,
+                status_code=status,
+                latency_ms=latency_ms,
+                error=error,
+                instance=self.egress.instance,
+            )
+        )
+
+    async def _disable(self, reason: str) -> None:
+        self.log.warning("disabling the target", reason=reason)
+        try:
+            await self.client.registry.set_status(self.name, TargetStatus.DISABLED, reason)
+        except Exception as exc:
+            self.log.error("could not mark the target disabled", error=str(exc))
+        # Stop pulling now; the registry watch would get here too.
+        self.halt.set()
+        self._kick()
+        self.egress.spawn(self.egress.sync_target(self.name), name=f"sync-{self.name}")
+
+    async def _hand_back(self, msg: Msg, delay: float | None = None) -> None:
+        self._held.pop(id(msg), None)
+        if self.halt.is_set():
+            # Stopping: a pull request of ours may still be open at the server for up to
+            # one fetch window; an immediate redelivery could land in it, after we stopped
+            # reading, and wait out the ack wait. Come back once it has expired.
+            delay = max(delay or 0.0, self.egress.fetch_expires_s + 0.1)
+        with contextlib.suppress(Exception):
+            await msg.nak(delay=delay)
+
+
+def _header_id(msg: Msg) -> str:
+    headers = msg.headers or {}
+    seq = msg.metadata.sequence.stream if msg.metadata.sequence else "?"
+    return headers.get("ce-id") or headers.get("Nats-Msg-Id") or f"seq-{seq}"
