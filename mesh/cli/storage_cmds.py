@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import typer
+from rich.table import Table
 
-from mesh.cli._common import arun, err_console, parse_time, print_json, print_table, settings
+from mesh.cli._common import arun, console, err_console, parse_time, print_json, settings
 from mesh.config import Settings
 from mesh.crypto import KeyRing
 from mesh.envelope import OCTETS, decode_data, to_jsonable
@@ -20,7 +22,7 @@ from mesh.errors import MeshError, NotFound
 from mesh.storage import DeliveryRow, EventRow, Store, open_store
 from mesh.subjects import validate_name
 
-DATA_WIDTH = 60
+DATA_WIDTH = 40
 T = TypeVar("T")
 
 
@@ -93,6 +95,23 @@ def delivery_doc(row: DeliveryRow) -> dict[str, Any]:
     }
 
 
+def _table(columns: list[str], rows: list[list[Any]]) -> None:
+    """Like ``print_table``, but ids and times are never cut: they are what one copies."""
+    table = Table(header_style="bold")
+    for name in columns:
+        whole = name in ("id", "time", "at")
+        width = max((len(str(r[columns.index(name)])) for r in rows), default=0)
+        table.add_column(name, no_wrap=whole, min_width=width if whole else None)
+    for row in rows:
+        table.add_row(*["" if v is None else str(v) for v in row])
+    console.print(table)
+
+
+def _when(value: datetime) -> str:
+    # Table cells are narrow: seconds in UTC are enough there; --json has the full time.
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def _short(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
     return text if len(text) <= DATA_WIDTH else text[: DATA_WIDTH - 1] + "…"
@@ -132,10 +151,12 @@ def events(
     if as_json:
         print_json(docs)
         return
-    print_table(
-        None,
+    _table(
         ["time", "id", "source", "type", "seq", "data"],
-        [[d["time"], d["id"], d["source"], d["type"], d["seq"], _short(d["data"])] for d in docs],
+        [
+            [_when(r.time), r.id, r.source, r.type, r.stream_seq, _short(d["data"])]
+            for r, d in zip(rows, docs, strict=True)
+        ],
     )
 
 
@@ -167,12 +188,11 @@ def deliveries(
     if not attempts:
         err_console.print("no delivery attempts recorded")
         return
-    print_table(
-        None,
+    _table(
         ["at", "target", "attempt", "outcome", "status", "latency ms", "error", "instance"],
         [
             [
-                d.at.isoformat(),
+                _when(d.at),
                 d.target,
                 d.attempt,
                 d.outcome,
