@@ -67,7 +67,7 @@ def run_receiver(port: int) -> None:
     app.router.add_post("/hook", hook)
     app.router.add_get("/stats", stats)
     app.router.add_post("/reset", reset)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, shutdown_timeout=1)
 
 
 class ReceiverClient:
@@ -114,6 +114,7 @@ def pct(values: list[float], q: float) -> float:
 # Steps --------------------------------------------------------------------------
 
 CPU: dict[str, list[float]] = {}  # CPU microseconds per delivery, by sender, per round
+BROKER_PROC: list[Any] = []  # psutil.Process of the nats-server
 
 
 async def start_egress_process(env: dict[str, str]) -> asyncio.subprocess.Process:
@@ -173,10 +174,15 @@ async def egress_throughput(
         await rx.wait_count(1, timeout=60)
         ps = [psutil.Process(p.pid) for p in procs]
         cpu0 = sum(sum(p.cpu_times()[:2]) for p in ps)
+        broker_cpu0 = sum(BROKER_PROC[0].cpu_times()[:2]) if BROKER_PROC else 0.0
         first = (await rx.stats())["count"]
         st = await rx.wait_count(n, timeout=300)
         cpu1 = sum(sum(p.cpu_times()[:2]) for p in ps)
-        CPU.setdefault("egress", []).append((cpu1 - cpu0) / max(1, st["count"] - first) * 1e6)
+        done = max(1, st["count"] - first)
+        CPU.setdefault("egress", []).append((cpu1 - cpu0) / done * 1e6)
+        if BROKER_PROC:
+            broker_cpu = sum(BROKER_PROC[0].cpu_times()[:2]) - broker_cpu0
+            CPU.setdefault("broker", []).append(broker_cpu / done * 1e6)
     finally:
         await asyncio.gather(*(stop_process(p) for p in procs))
     return rate_of(st["arrivals"])
@@ -252,6 +258,10 @@ async def main(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
     broker = EmbeddedBroker(tmp / "nats", port=free_port(), log_file=tmp / "nats.log")
     await broker.astart()
+    if broker.proc is not None:
+        import psutil
+
+        BROKER_PROC.append(psutil.Process(broker.proc.pid))
     rx_port = free_port()
     rx_proc = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--receiver", str(rx_port)
@@ -313,7 +323,8 @@ async def main(args: argparse.Namespace) -> None:
                 print(
                     f"sender CPU per delivery: raw {statistics.median(CPU.get('raw', [0])):.0f} us,"
                     f" egress {statistics.median(CPU.get('egress', [0])):.0f} us"
-                    " (all egress processes)"
+                    " (all egress processes), nats-server during the egress run"
+                    f" {statistics.median(CPU.get('broker', [0])):.0f} us"
                 )
             if not args.profile:
                 lat = await latency(client, rx, env, args.rate, args.seconds)

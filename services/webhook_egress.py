@@ -270,7 +270,9 @@ class WebhookEgress(Service):
                 self.client.subjects.delivery(rec.target),
                 _record_bytes(rec),
                 headers={"Nats-Msg-Id": rec.id},
-                wait_stall=5.0,
+                # No stall timeout: a timed wait costs a task per record; a stalled broker
+                # holds the delivery here, which stops fetching (backpressure).
+                wait_stall=None,
             )
         except Exception as exc:
             self._record_failed(rec, exc)

@@ -54,7 +54,7 @@ def circuit_gauge(target: str) -> float | None:
 async def test_circuit_opens_probes_once_and_closes(
     settings: Settings, client: MeshClient, rx: Receiver
 ) -> None:
-    open_s = 1.0
+    open_s = 1.5
     await add_webhook(
         client,
         "hook",
@@ -74,12 +74,12 @@ async def test_circuit_opens_probes_once_and_closes(
         assert circuit_gauge("hook") == 2
         info = await client.js.consumer_info(client.names.events, "deliver-hook")
         assert info.paused, "an open circuit pauses the target's consumer on the server"
-        await asyncio.sleep(0.3)  # requests already on the wire land
+        await asyncio.sleep(0.5)  # requests already on the wire land
         before = len(rx.requests)
         last_before = rx.requests[-1].at
 
         # First probe after the open period: alone, and it fails -> open again.
-        (probe1,) = (await rx.wait_for(before + 1, timeout=5))[before:]
+        probe1 = (await rx.wait_for(before + 1, timeout=5))[before]
         assert probe1.at - last_before >= open_s - 0.1, "no request while the circuit is open"
         await asyncio.sleep(0.5)
         assert len(rx.requests) == before + 1, "exactly one probe in half-open"
@@ -87,7 +87,7 @@ async def test_circuit_opens_probes_once_and_closes(
 
         # Second probe succeeds -> closed -> the backlog flows.
         rx.set_default(Reply(200))
-        (probe2,) = (await rx.wait_for(before + 2, timeout=5))[before + 1 :]
+        probe2 = (await rx.wait_for(before + 2, timeout=5))[before + 1]
         assert probe2.at - probe1.at >= open_s - 0.1
         await rx.wait_for(10, unique=True, where=lambda r: r.status == 200, timeout=10)
         assert {r.webhook_id for r in rx.requests if r.status == 200} == ids
@@ -115,7 +115,7 @@ async def _records_for_all(client: MeshClient, ids: set[str]) -> list | None:
 async def test_two_instances_send_exactly_one_probe(
     settings: Settings, client: MeshClient, rx: Receiver
 ) -> None:
-    open_s = 1.0
+    open_s = 1.5
     await add_webhook(
         client,
         "hook",
@@ -135,12 +135,14 @@ async def test_two_instances_send_exactly_one_probe(
             lambda: a.stats()["circuits"]["hook"] == b.stats()["circuits"]["hook"] == "open",
             timeout=10,
         )
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.5)  # requests already on the wire land
         before = len(rx.requests)
+        last_before = rx.requests[-1].at
         # Two half-open windows, each with exactly one probe from one of the two instances.
-        probes = (await rx.wait_for(before + 2, timeout=6))[before:]
+        probes = (await rx.wait_for(before + 2, timeout=8))[before : before + 2]
         await asyncio.sleep(0.5)
         assert len(rx.requests) == before + 2, [round(r.at - probes[0].at, 2) for r in rx.requests]
+        assert probes[0].at - last_before >= open_s - 0.1, "no request while open"
         assert probes[1].at - probes[0].at >= open_s - 0.1
         rx.set_default(Reply(200))
         await rx.wait_for(12, unique=True, where=lambda r: r.status == 200, timeout=15)
