@@ -51,6 +51,8 @@ from mesh.subjects import Subjects, validate_name, validate_type
 log = structlog.get_logger("mesh.client")
 
 H_STATUS = "mesh-status"
+# Consecutive failed fetches (not timeouts) before the pull subscription is re-created.
+PULL_RESUBSCRIBE_AFTER = 5
 PUBLISH_CHUNK = 64  # messages publish_many hands to the connection per loop turn
 
 
@@ -529,38 +531,45 @@ class MeshClient:
     ) -> AsyncGenerator[list[Msg], None]:
         """Fetch batches from a durable consumer forever, surviving broker restarts.
 
-        After a reconnect the pull subscription is re-created (nats.py #504:
-        pull subscriptions can go quiet after a server restart).
+        Every fetch sends a fresh pull request, so a loop survives a server
+        restart (nats.py #504 is a pull subscription that waits on a request the
+        restarted server forgot). The subscription itself is kept across
+        reconnects: nats.py re-subscribes its inbox, and a new inbox would strand
+        whatever the server sends to a request made through the old one until
+        ack_wait. It is re-created only when the consumer is gone or fetches keep
+        failing.
         """
         stream = stream or self.names.events
         sub: JetStreamContext.PullSubscription | None = None
-        seen_reconnects = self.reconnects
         backoff = 0.1
+        failures = 0
         try:
             while stop is None or not stop.is_set():
                 if self.nc.is_closed:
                     return
                 try:
-                    if sub is None or seen_reconnects != self.reconnects:
-                        if sub is not None:
-                            with contextlib.suppress(Exception):
-                                await sub.unsubscribe()
-                        seen_reconnects = self.reconnects
+                    if sub is None:
                         sub = await self.js.pull_subscribe_bind(consumer, stream=stream)
                     msgs = await sub.fetch(batch, timeout=expires)
                     backoff = 0.1
+                    failures = 0
                 except (nats_errors.TimeoutError, TimeoutError):
                     continue
                 except nats_errors.ConnectionClosedError:
                     return
                 except (nats_errors.Error, js_errors.Error, OSError) as exc:
                     log.debug("pull retry", consumer=consumer, error=str(exc) or type(exc).__name__)
-                    if isinstance(exc, js_errors.NotFoundError | js_errors.ServiceUnavailableError):
+                    failures += 1
+                    gone = isinstance(
+                        exc, js_errors.NotFoundError | js_errors.ServiceUnavailableError
+                    )
+                    if sub is not None and (gone or failures >= PULL_RESUBSCRIBE_AFTER):
+                        with contextlib.suppress(Exception):
+                            await sub.unsubscribe()
                         sub = None
+                        failures = 0
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
-                    if not self.nc.is_connected:
-                        sub = None
                     continue
                 if msgs:
                     yield msgs
