@@ -29,6 +29,7 @@ from mesh.records import DeliveryRecord, Outcome
 from mesh.tokens import TokenClaims
 
 if TYPE_CHECKING:
+    from mesh.client import MeshClient
     from services.bridge import Bridge
     from services.bridge_tail import TailReader
 
@@ -90,6 +91,18 @@ def event_frame(event: Event, seq: int) -> dict[str, Any]:
         "time": event.time.isoformat(),
         "data": event.json_data(),
     }
+
+
+def decode_msg(client: MeshClient, msg: Msg, seq: int) -> Event:
+    """The event in a message of the events stream, opened with the client's keys."""
+    return envelope.decode(
+        msg.subject,
+        msg.headers,
+        msg.data,
+        client._keyring_or_none(),
+        seq=seq,
+        subjects=client.subjects,
+    )
 
 
 class Session:
@@ -330,14 +343,7 @@ class Session:
         seq = msg.metadata.sequence.stream
         target = self.spec.target
         try:
-            event = envelope.decode(
-                msg.subject,
-                msg.headers,
-                msg.data,
-                self.client._keyring_or_none(),
-                seq=seq,
-                subjects=self.client.subjects,
-            )
+            event = decode_msg(self.client, msg, seq)
         except DecodeError as exc:
             attempts = int(msg.metadata.num_delivered or 1)
             try:

@@ -17,9 +17,8 @@ import nats.js.errors as js_errors
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from mesh import envelope
 from mesh.errors import DecodeError, MeshError
-from services.bridge_session import CLOSE_ERROR, event_frame, to_json
+from services.bridge_session import CLOSE_ERROR, decode_msg, event_frame, to_json
 
 if TYPE_CHECKING:
     from services.bridge import Bridge
@@ -129,14 +128,7 @@ class TailReader:
     async def _frame(self, msg: Msg, seq: int) -> str | None:
         """The frame for a message, or None when the target must not see it."""
         try:
-            event = envelope.decode(
-                msg.subject,
-                msg.headers,
-                msg.data,
-                self.client._keyring_or_none(),
-                seq=seq,
-                subjects=self.client.subjects,
-            )
+            event = decode_msg(self.client, msg, seq)
         except DecodeError as exc:
             self.log.warning("undecodable event skipped in tail", seq=seq, error=str(exc))
             return None
