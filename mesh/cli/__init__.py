@@ -35,8 +35,12 @@ app = typer.Typer(
 
 COMMAND_MODULES = (
     "mesh.cli.core",
+    "mesh.cli.registry_cmds",
+    "mesh.cli.event_cmds",
     "mesh.cli.storage_cmds",
-    "mesh.cli.ops",
+    "mesh.cli.replay_cmds",
+    "mesh.cli.dlq_cmds",
+    "mesh.cli.keys_cmds",
     "mesh.cli.bridge_cmds",
 )
 

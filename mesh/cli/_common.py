@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import sys
 from collections.abc import AsyncIterator, Coroutine
@@ -11,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -24,6 +26,9 @@ T = TypeVar("T")
 # soft_wrap: long lines (ids, URLs) stay whole when piped instead of breaking at 80 columns.
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
+# One-line messages are never wrapped at the terminal width (they get grepped and pasted).
+say = functools.partial(console.print, soft_wrap=True, highlight=False)
+note = functools.partial(err_console.print, soft_wrap=True, highlight=False)
 
 
 def settings() -> Settings:
@@ -116,3 +121,25 @@ def print_table(title: str | None, columns: list[str], rows: list[list[Any]]) ->
         # Text, not markup: a URL or pattern with brackets is shown as it is.
         table.add_row(*[Text("" if v is None else str(v)) for v in r])
     console.print(table)
+
+
+def show_table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
+    """A table whose id columns are never wrapped or cut (they get pasted into commands)."""
+    table = Table(title=title, header_style="bold")
+    for col in columns:
+        ident = col.endswith("id")
+        if col == "last error":  # the full text is in `mesh dlq show ID`
+            table.add_column(col, no_wrap=True, overflow="ellipsis", max_width=60)
+        else:
+            table.add_column(col, no_wrap=ident, min_width=32 if ident else None)
+    for row in rows:
+        table.add_row(*["" if v is None else str(v) for v in row])
+    console.print(table)
+
+
+def confirm(doing: str, question: str) -> None:
+    """Ask ``question`` on a terminal (abort on no); elsewhere refuse: ``doing`` needs --yes."""
+    if not sys.stdin.isatty():
+        raise ValidationError(f"{doing} needs confirmation: pass --yes")
+    if not typer.confirm(question, default=False):
+        raise typer.Abort()

@@ -1,0 +1,259 @@
+"""Registry commands: target, propagate, propagation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from rich.markup import escape
+
+from mesh.cli._common import (
+    arun,
+    connected,
+    console,
+    print_json,
+    print_table,
+)
+from mesh.errors import ValidationError
+from mesh.registry import PropagationMode, RetryPolicy, Target, TargetKind
+from mesh.subjects import validate_name
+
+target_app = typer.Typer(help="Manage targets (webhook, nats and stream receivers).")
+propagate_app = typer.Typer(help="Link a source to targets: choose a mode.")
+propagation_app = typer.Typer(help="List and remove propagations.")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(target_app, name="target")
+    app.add_typer(propagate_app, name="propagate")
+    app.add_typer(propagation_app, name="propagation")
+
+
+# targets ----------------------------------------------------------------------
+
+
+@target_app.command("add")
+def target_add(
+    name: str = typer.Argument(..., help="Target name: a-z, 0-9, '_' and '-'."),
+    webhook: str | None = typer.Option(None, "--webhook", help="Deliver by HTTP POST to URL."),
+    kind: TargetKind | None = typer.Option(
+        None, "--kind", help="nats | stream (webhook: --webhook)"
+    ),
+    secret: str | None = typer.Option(None, "--secret", help="whsec_... (generated if omitted)"),
+    timeout: float = typer.Option(30.0, "--timeout", help="Per-request timeout, seconds."),
+    rate: float | None = typer.Option(None, "--rate", help="Max deliveries per second."),
+    max_retries: int = typer.Option(5, "--max-retries"),
+    max_in_flight: int = typer.Option(16, "--max-in-flight"),
+    ordered: bool = typer.Option(False, "--ordered", help="Strict publish order, one in flight."),
+    fmt: str = typer.Option("standard", "--format", help="standard | cloudevents"),
+    retry_base: float = typer.Option(1.0, "--retry-base", help="First retry delay, seconds."),
+    retry_max_delay: float = typer.Option(300.0, "--retry-max-delay"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Register a target."""
+    validate_name(name, "target name")
+    if webhook and kind not in (None, TargetKind.WEBHOOK):
+        raise ValidationError("--webhook and --kind nats|stream exclude each other")
+    if not webhook and kind in (None, TargetKind.WEBHOOK):
+        raise ValidationError("give --webhook URL, or --kind nats|stream")
+    if fmt not in ("standard", "cloudevents"):
+        raise ValidationError("--format is standard or cloudevents")
+    try:
+        target = Target(
+            name=name,
+            kind=TargetKind.WEBHOOK if webhook else kind,  # type: ignore[arg-type]
+            url=webhook,
+            timeout_s=timeout,
+            rate=rate,
+            max_in_flight=max_in_flight,
+            ordered=ordered,
+            format=fmt,  # type: ignore[arg-type]
+            retry=RetryPolicy(
+                max_retries=max_retries, base_s=retry_base, max_delay_s=retry_max_delay
+            ),
+        )
+    except Exception as exc:  # pydantic ValidationError: first problem, one line
+        errs = getattr(exc, "errors", None)
+        if errs:
+            e = errs()[0]
+            raise ValidationError(f"{'.'.join(map(str, e['loc']))}: {e['msg']}") from None
+        raise
+
+    async def run() -> tuple[Target, list[str]]:
+        async with connected() as c:
+            t = await c.add_target(target, secret)
+            return t, c.registry.secrets_for(t)
+
+    t, secrets = arun(run())
+    if as_json:
+        doc = t.public()
+        if secrets and not secret:
+            doc["secret"] = secrets[0]
+        print_json(doc)
+        return
+    console.print(f"target [bold]{t.name}[/] added ({t.kind})")  # names cannot hold markup
+    if secrets and not secret:
+        console.print(f"signing secret (shown once): {secrets[0]}")
+
+
+@target_app.command("list")
+def target_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List targets (secrets are never shown)."""
+
+    async def run() -> list[Target]:
+        async with connected() as c:
+            return await c.registry.list_targets()
+
+    targets = arun(run())
+    if as_json:
+        print_json([t.public() for t in targets])
+        return
+    print_table(
+        "targets",
+        ["name", "kind", "url", "status", "rate", "ordered", "retries", "timeout"],
+        [
+            [
+                t.name,
+                t.kind,
+                t.url or "",
+                t.status + (f" ({t.status_reason})" if t.status_reason else ""),
+                t.rate or "",
+                "yes" if t.ordered else "",
+                t.retry.max_retries,
+                f"{t.timeout_s:g}s",
+            ]
+            for t in targets
+        ],
+    )
+
+
+@target_app.command("remove")
+def target_remove(name: str) -> None:
+    """Remove a target (and its part in propagations)."""
+
+    async def run() -> list[str]:
+        async with connected() as c:
+            return await c.remove_target(name)
+
+    removed = arun(run())
+    console.print(
+        f"target {name} removed"
+        + (f"; propagations removed: {', '.join(removed)}" if removed else "")
+    )
+
+
+@target_app.command("enable")
+def target_enable(name: str) -> None:
+    """Re-enable a target that a 410 (or an operator) disabled."""
+    from mesh.registry import TargetStatus
+
+    async def run() -> None:
+        async with connected() as c:
+            await c.registry.set_status(name, TargetStatus.ACTIVE, None)
+
+    arun(run())
+    console.print(f"target {name} enabled")
+
+
+@target_app.command("rotate-secret")
+def target_rotate_secret(
+    name: str,
+    grace: str = typer.Option("24h", "--grace", help="How long the old secret keeps signing."),
+) -> None:
+    """New signing secret; old and new both sign during the grace period."""
+    from mesh.cli._common import parse_duration
+
+    period = parse_duration(grace)
+
+    async def run() -> str:
+        async with connected() as c:
+            return await c.registry.rotate_secret(name, period)
+
+    new = arun(run())
+    console.print(f"new signing secret for {name} (shown once): {new}")
+    console.print(f"the old secret also signs for {grace}")
+
+
+# propagations -----------------------------------------------------------------
+
+
+def _propagate(mode: PropagationMode, source: str, targets: list[str], types: str | None) -> None:
+    async def run() -> Any:
+        async with connected() as c:
+            return await c.add_propagation(mode, source, targets, types)
+
+    p = arun(run())
+    console.print(f"propagation {p.id}: {p.mode} {escape(p.describe())}")
+
+
+@propagate_app.command("unidirectional")
+def propagate_uni(
+    source: str = typer.Option(..., "--source"),
+    target: str = typer.Option(..., "--target"),
+    types: str | None = typer.Option(None, "--types", help="Event type pattern, e.g. order.*"),
+) -> None:
+    """Source -> one target."""
+    _propagate(PropagationMode.UNIDIRECTIONAL, source, [target], types)
+
+
+@propagate_app.command("bidirectional")
+def propagate_bi(
+    source: str = typer.Option(..., "--source"),
+    target: str = typer.Option(..., "--target"),
+    types: str | None = typer.Option(None, "--types"),
+) -> None:
+    """A <-> B: events both ways, request/reply both ways."""
+    _propagate(PropagationMode.BIDIRECTIONAL, source, [target], types)
+
+
+@propagate_app.command("multicast")
+def propagate_multi(
+    source: str = typer.Option(..., "--source"),
+    target: list[str] = typer.Option(..., "--target", help="Repeat for each target."),
+    types: str | None = typer.Option(None, "--types"),
+) -> None:
+    """Source -> a listed set of targets."""
+    _propagate(PropagationMode.MULTICAST, source, target, types)
+
+
+@propagate_app.command("broadcast")
+def propagate_broad(
+    source: str = typer.Option(..., "--source"),
+    types: str | None = typer.Option(None, "--types"),
+) -> None:
+    """Source -> every target, including targets added later."""
+    _propagate(PropagationMode.BROADCAST, source, [], types)
+
+
+@propagation_app.command("list")
+def propagation_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List propagations."""
+
+    async def run() -> list[Any]:
+        async with connected() as c:
+            return await c.registry.list_propagations()
+
+    props = arun(run())
+    if as_json:
+        print_json([p.model_dump(mode="json") for p in props])
+        return
+    print_table(
+        "propagations",
+        ["id", "mode", "route", "types"],
+        [[p.id, p.mode, p.describe(), p.types or "*"] for p in props],
+    )
+
+
+@propagation_app.command("remove")
+def propagation_remove(prop_id: str = typer.Argument(..., metavar="ID")) -> None:
+    """Remove a propagation; delivery along it stops at once."""
+
+    async def run() -> Any:
+        async with connected() as c:
+            return await c.remove_propagation(prop_id)
+
+    p = arun(run())
+    console.print(f"propagation {p.id} removed ({escape(p.describe())})")
+
+
+__all__ = ["register"]
