@@ -1,4 +1,5 @@
-"""Shared fixtures: a real nats-server on a free port, settings in a temp home, a client."""
+"""Shared fixtures: a real nats-server on a free port, settings in a temp home, a client,
+an empty database of each backend and a store on it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from mesh.broker import EmbeddedBroker, free_port
 from mesh.client import MeshClient
 from mesh.config import Settings
 from mesh.registry import Target, TargetKind
+from mesh.storage import Store
+from tests.support import migrated_store, scratch_db
 
 PG_DSN_ENV = "MESH_TEST_PG_DSN"
 
@@ -79,5 +82,21 @@ async def add_nats_target(client: MeshClient, name: str) -> Target:
 def pg_dsn() -> str:
     dsn = os.environ.get(PG_DSN_ENV)
     if not dsn:
-        pytest.skip(f"PostgreSQL tests need {PG_DSN_ENV} (e.g. postgresql://postgres@127.0.0.1/test)")
+        pytest.skip(
+            f"PostgreSQL tests need {PG_DSN_ENV} (e.g. postgresql://postgres@127.0.0.1/test)"
+        )
     return dsn
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A URL of an empty database of each backend."""
+    async with scratch_db(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    """An open, migrated store on ``db_url``."""
+    async with migrated_store(db_url) as s:
+        yield s

@@ -31,6 +31,7 @@ from mesh.registry import Target, TargetKind
 from services.bridge import Bridge, BridgeOptions
 from services.bridge_tail import FrameCache
 from tests.conftest import env_for
+from tests.support import eventually
 
 TEST_OPTIONS = {
     "host": "127.0.0.1",
@@ -115,13 +116,6 @@ async def recv_events(
 
 async def publish(client: MeshClient, n: int, source: str = "news") -> list[str]:
     return [await client.publish(source, "headline", {"n": i}) for i in range(n)]
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 def metric(name: str, **labels: str) -> float:

@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from mesh.broker import EmbeddedBroker, free_port
 from mesh.client import MeshClient
 from mesh.config import Settings
 from tests.conftest import env_for
+from tests.support.cli import MESH, mesh, ok, one_line_error
 from tests.support.feeds import eventually, stream_count
 
 COMMANDS = [
@@ -34,41 +34,6 @@ COMMANDS = [
     "request",
     "tail",
 ]
-MESH = [sys.executable, "-m", "mesh.cli"]
-
-
-async def mesh(
-    env: dict[str, str], *args: str, stdin: str | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run,
-        [*MESH, *args],
-        env=env,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def ok(p: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert p.returncode == 0, f"rc={p.returncode}\nstdout: {p.stdout}\nstderr: {p.stderr}"
-    assert "Traceback" not in p.stdout + p.stderr, p.stderr
-    return p
-
-
-def one_line_error(p: subprocess.CompletedProcess[str], *needles: str) -> str:
-    """Non-zero exit, exactly one line on stderr, no traceback; returns the line."""
-    out = p.stdout + p.stderr
-    assert p.returncode != 0, f"expected failure, got 0\nstdout: {p.stdout}"
-    assert "Traceback" not in out, out
-    lines = [line for line in p.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, f"want one line on stderr, got: {p.stderr!r}"
-    line = lines[0]
-    assert line.startswith("mesh: error: "), line
-    for n in needles:
-        assert n in line, (n, line)
-    return line
 
 
 @pytest.fixture
@@ -396,7 +361,7 @@ async def test_up_runs_the_mesh_and_stops_on_sigterm(
                 raise AssertionError(f"mesh up exited: {log.read_text()}")
             return (await mesh(up_env, "status", "--json")).returncode == 0
 
-        await eventually(ready, timeout=60, every=0.5)
+        await eventually(ready, timeout=60, interval=0.5)
         ok(await mesh(up_env, "target", "add", "billing", "--kind", "nats"))
         ok(await mesh(up_env, "propagate", "broadcast", "--source", "ops"))
         ok(await mesh(up_env, "publish", "--source", "ops", "--type", "hello", "--data", "1"))

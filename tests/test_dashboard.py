@@ -10,13 +10,10 @@ in ``test-artifacts/dashboard.png``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import json
 import re
 import shutil
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -29,10 +26,9 @@ from mesh.broker import free_port
 from mesh.client import MeshClient
 from mesh.config import Settings
 from mesh.registry import RetryPolicy, Target, TargetKind
-from mesh.storage import open_store
-from services.base import Service
 from services.dashboard import DASHBOARD_HTML
 from services.health import Health
+from tests.support import eventually, migrate, running
 from tests.support.receiver import Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,30 +151,6 @@ async def get(port: int, path: str) -> tuple[int, dict[str, str], str]:
         return resp.status, dict(resp.headers), await resp.text()
 
 
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-
-
-@contextlib.asynccontextmanager
-async def running(*services: Service) -> AsyncIterator[None]:
-    started: list[Service] = []
-    try:
-        for svc in services:
-            await svc.start()
-            started.append(svc)
-        yield
-    finally:
-        for svc in reversed(started):
-            await svc.stop()
-
-
 # The page itself ------------------------------------------------------------------------
 
 
@@ -222,9 +194,7 @@ async def test_dashboard_shows_live_figures_in_headless_chromium(
     s = settings.model_copy(
         update={"heartbeat_interval_s": 1.0, "db_url": f"sqlite:///{tmp_path / 'mesh.db'}"}
     )
-    store = await open_store(s.database_url)
-    await store.migrate()
-    await store.close()
+    await migrate(s.database_url)
     fast = RetryPolicy(base_s=0.05, max_delay_s=0.2, max_retries=100)
     async with Receiver() as rx:
         await client.add_target(Target(name="billing", kind=TargetKind.WEBHOOK, url=rx.url))
@@ -261,7 +231,7 @@ async def test_dashboard_shows_live_figures_in_headless_chromium(
                 )
                 return st if ok else None
 
-            await eventually(settled, 45, "a settled mesh in /status")
+            await eventually(settled, 45, "a settled mesh in /status", interval=0.2)
             url = f"http://127.0.0.1:{health.port}/"
             html = await chromium(
                 "--virtual-time-budget=5000", "--dump-dom", url, profile=tmp_path / "chrome"

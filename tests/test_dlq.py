@@ -9,7 +9,8 @@ from mesh import dlq
 from mesh.client import MeshClient
 from mesh.config import Settings
 from tests.conftest import add_nats_target
-from tests.test_replay import backlog, drain, one_line_error, run_cli
+from tests.support.cli import assert_one_line_errors, one_line_error, run_cli
+from tests.test_replay import backlog, drain
 
 
 async def dlq_depth(client: MeshClient, target: str | None = None) -> int:
@@ -139,11 +140,7 @@ async def test_bad_input_is_one_line_and_non_zero(client: MeshClient, settings: 
         (["dlq", "purge", "--target", "nobody", "--yes"], "unknown target 'nobody'", 1),
         (["dlq", "frobnicate"], "No such command", 2),
     ]
-    procs = await asyncio.gather(*(run_cli(settings, *args) for args, _, _ in cases))
-    for (args, expected, code), proc in zip(cases, procs, strict=True):
-        line = one_line_error(proc)
-        assert expected in line, (args, line)
-        assert proc.returncode == code, (args, proc.returncode)
+    await assert_one_line_errors(settings, cases)
     empty = await run_cli(settings, "dlq", "list")
     assert empty.returncode == 0 and "no dead letters" in empty.stdout
 

@@ -10,7 +10,7 @@ payload.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,11 @@ from mesh.crypto import KeyRing
 from mesh.errors import ConfigError
 from mesh.records import DeliveryRecord, Outcome
 from mesh.registry import RetryPolicy, Target, TargetKind
-from mesh.storage import open_store
 from services.base import Service
 from services.health import Health
+from tests import support
 from tests.conftest import env_for
-from tests.support import pg_schema, pg_target, via
+from tests.support import migrate, pg_schema, pg_target, running, via
 from tests.support.proxy import TCPProxy
 from tests.support.receiver import Receiver
 
@@ -49,14 +49,6 @@ NEEDS_EGRESS = pytest.mark.skipif(
 
 
 # Helpers -------------------------------------------------------------------------
-
-
-async def migrate(url: str) -> None:
-    store = await open_store(url)
-    try:
-        await store.migrate()
-    finally:
-        await store.close()
 
 
 async def http_get(port: int, path: str) -> tuple[int, str]:
@@ -72,18 +64,8 @@ async def get_json(port: int, path: str) -> tuple[int, Any]:
     return status, json.loads(text)
 
 
-async def eventually(
-    check: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.2
-) -> Any:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+# Each poll is an HTTP request or a database read: every 0.2 s is often enough.
+eventually = functools.partial(support.eventually, interval=0.2)
 
 
 def spawn(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -165,19 +147,6 @@ def hsettings(settings: Settings, tmp_path: Path) -> Settings:
             "db_url": f"sqlite:///{tmp_path / 'db' / 'mesh.db'}",
         }
     )
-
-
-@contextlib.asynccontextmanager
-async def running(*services: Service) -> AsyncIterator[None]:
-    started: list[Service] = []
-    try:
-        for svc in services:
-            await svc.start()
-            started.append(svc)
-        yield
-    finally:
-        for svc in reversed(started):
-            await svc.stop()
 
 
 @pytest.fixture

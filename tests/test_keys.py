@@ -16,11 +16,12 @@ from mesh.client import MeshClient
 from mesh.config import Settings
 from mesh.crypto import KeyRing
 from mesh.registry import Target, TargetKind
-from mesh.storage import Store, Table, open_store
+from mesh.storage import Store, Table
 from services.sink import Sink
 from tests.conftest import add_nats_target
-from tests.support import pg_schema
-from tests.test_replay import drain, one_line_error, run_cli
+from tests.support import migrated_store, pg_schema
+from tests.support.cli import assert_one_line_errors, one_line_error, run_cli
+from tests.test_replay import drain
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -38,12 +39,8 @@ async def db_settings(
 
 @pytest.fixture
 async def store(db_settings: Settings) -> AsyncIterator[Store]:
-    s = await open_store(db_settings.database_url)
-    await s.migrate()
-    try:
+    async with migrated_store(db_settings.database_url) as s:
         yield s
-    finally:
-        await s.close()
 
 
 async def wait_rows(store: Store, table: Table, n: int, timeout: float = 30.0) -> None:
@@ -272,9 +269,5 @@ async def test_bad_input_is_one_line_and_non_zero(settings: Settings, tmp_path: 
         (["keys", "reencrypt", "--batch-size", "0"], "--batch-size", 2),
         (["keys", "spin"], "No such command", 2),
     ]
-    procs = await asyncio.gather(*(run_cli(settings, *args) for args, _, _ in cases))
-    for (args, expected, code), proc in zip(cases, procs, strict=True):
-        line = one_line_error(proc)
-        assert expected in line, (args, line)
-        assert proc.returncode == code, (args, proc.returncode)
+    await assert_one_line_errors(settings, cases)
     assert [k.id for k in KeyRing.load(settings.key_path).keys] == [ring.primary.id, old]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,38 +14,10 @@ from mesh.envelope import Event
 from mesh.errors import NotFound, ValidationError
 from mesh.replay import ReplayProgress, narrow, replay, replay_headers, source_filters
 from mesh.subjects import Subjects
-from tests.conftest import add_nats_target, env_for
+from tests.conftest import add_nats_target
+from tests.support.cli import assert_one_line_errors, one_line_error, run_cli
 
 # Helpers shared with test_dlq.py and test_keys.py ----------------------------------
-
-
-def mesh_cli() -> list[str]:
-    return [sys.executable, "-m", "mesh.cli"]
-
-
-async def run_cli(
-    settings: Settings, *args: str, stdin: str = ""
-) -> subprocess.CompletedProcess[str]:
-    """Run the `mesh` command in a subprocess against the test's mesh."""
-    return await asyncio.to_thread(
-        subprocess.run,
-        [*mesh_cli(), *args],
-        env=env_for(settings),
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=60,
-    )
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    """The single error line a failed command prints (and no traceback)."""
-    assert proc.returncode != 0, proc.stdout
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("mesh: error: "), lines[0]
-    return lines[0]
 
 
 async def drain(
@@ -324,10 +294,6 @@ async def test_cli_bad_input_is_one_line_and_non_zero(
         (["--target", "lonely", "--since", "1h"], "no propagation routes"),
         (["--target", "alpha", "--since", "1h", "--types", "a..b"], "invalid type pattern"),
     ]
-    procs = await asyncio.gather(*(run_cli(settings, "replay", *args) for args, _ in cases))
-    for (args, expected), proc in zip(cases, procs, strict=True):
-        line = one_line_error(proc)
-        assert expected in line, (args, line)
-        assert proc.returncode == 1, (args, proc.returncode)
+    await assert_one_line_errors(settings, [(["replay", *a], text, 1) for a, text in cases])
     missing = await run_cli(settings, "replay", "--since", "1h")
     assert missing.returncode == 2 and "--target" in one_line_error(missing)

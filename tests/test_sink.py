@@ -8,13 +8,13 @@ stored in plaintext.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,33 +31,16 @@ from mesh.registry import PropagationMode, Target, TargetKind
 from mesh.storage import RowsRefused, Store, Table, open_store
 from services.sink import Sink
 from tests.conftest import env_for
-from tests.support import pg_target, remove_files, scratch_db, via
+from tests.support import eventually, pg_target, remove_files, scratch_db, via
 from tests.support.proxy import TCPProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "PLAINTEXT-CANARY-7f3a"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A URL of an empty database of each backend."""
-    async with scratch_db(request.param, tmp_path) as url:
-        yield url
-
-
 @pytest.fixture
 def sink_settings(settings: Settings, db_url: str) -> Settings:
     return settings.model_copy(update={"db_url": db_url, "heartbeat_interval_s": 0.5})
-
-
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    s = await open_store(db_url)
-    await s.migrate()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 @pytest.fixture
@@ -70,15 +53,8 @@ async def sink(sink_settings: Settings, client: MeshClient) -> AsyncIterator[Sin
         await svc.stop()
 
 
-async def wait_for(
-    check: Callable[[], Awaitable[bool]], timeout: float = 30.0, what: str = "condition"
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+# Each poll is a database read or a look at the sink: every 0.1 s is often enough.
+wait_for = functools.partial(eventually, interval=0.1)
 
 
 async def wait_count(store: Store, table: Table, n: int, timeout: float = 30.0) -> None:
@@ -187,7 +163,7 @@ async def test_undecodable_messages_are_kept_or_dropped_never_retried(
     [dl] = await store.query_dead_letters()
     assert (dl.id, dl.target, dl.payload) == ("raw-dlq", "erp", b"gAAAA-token")
 
-    await wait_for(lambda: _true(sink.counts["terminated"] == 1), 10, "the bad record termed")
+    await wait_for(lambda: sink.counts["terminated"] == 1, 10, "the bad record termed")
     info = await js.consumer_info(client.names.sys, "sink-sys")
     assert info.num_ack_pending == 0 and info.num_pending == 0
 
@@ -207,7 +183,7 @@ async def test_a_row_the_database_refuses_is_dropped_the_rest_stored(
     sink.store.write_batch = picky  # type: ignore[method-assign]
     await publish(client, 10)
     await wait_count(store, Table.EVENTS, 9)
-    await wait_for(lambda: _true(sink.counts["refused"] == 1), 10, "the refusal")
+    await wait_for(lambda: sink.counts["refused"] == 1, 10, "the refusal")
     assert await store.get_event("e-000003") is None
     assert await store.count(Table.EVENTS) == 9
 
@@ -216,10 +192,6 @@ async def test_a_row_the_database_refuses_is_dropped_the_rest_stored(
         return info.num_ack_pending == 0 and info.num_pending == 0
 
     await wait_for(settled, 10, "every message acked or termed")
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 # No plaintext at rest ------------------------------------------------------------------
@@ -313,7 +285,7 @@ async def test_database_cut_loses_and_duplicates_nothing(
 
             proxy.trigger_connectivity_loss()
             await publish(client, 300, start=200)
-            await wait_for(lambda: _true(not svc.db_ok), 15, "the sink to notice")
+            await wait_for(lambda: not svc.db_ok, 15, "the sink to notice")
             await asyncio.sleep(1.0)
             assert await direct.count(Table.EVENTS) == 200
             info = await client.js.consumer_info(client.names.events, "sink-events")
@@ -321,7 +293,7 @@ async def test_database_cut_loses_and_duplicates_nothing(
 
             proxy.restore_connectivity()
             await wait_count(direct, Table.EVENTS, 500, timeout=60)
-            await wait_for(lambda: _true(svc.db_ok), 15, "db_ok again")
+            await wait_for(lambda: svc.db_ok, 15, "db_ok again")
             await asyncio.sleep(0.5)
             assert await direct.count(Table.EVENTS) == 500
             ids = {e.id for e in await direct.query_events(limit=1000)}
@@ -340,8 +312,8 @@ async def test_pull_loops_survive_a_broker_restart(
     broker.stop()
     await asyncio.sleep(0.5)
     await broker.astart()
-    await wait_for(lambda: _true(client.nc.is_connected), 30, "the test client to reconnect")
-    await wait_for(lambda: _true(sink.client.nc.is_connected), 30, "the sink to reconnect")
+    await wait_for(lambda: client.nc.is_connected, 30, "the test client to reconnect")
+    await wait_for(lambda: sink.client.nc.is_connected, 30, "the sink to reconnect")
     for attempt in range(20):
         try:
             await publish(client, 50, start=50)
@@ -424,9 +396,9 @@ async def test_sqlite_file_deleted_while_running_is_created_again(
     await svc.start()
     try:
         await publish(client, 5)
-        await wait_for(lambda: _true(svc.counts["events"] == 5), 15, "the first events")
+        await wait_for(lambda: svc.counts["events"] == 5, 15, "the first events")
         remove_files(tmp_path, "again.db")
-        await wait_for(lambda: _true(db.exists()), 15, "the file to be created again")
+        await wait_for(lambda: db.exists(), 15, "the file to be created again")
         await publish(client, 5, start=5)
         async with await open_store(f"sqlite:///{db}") as fresh:
             await fresh.migrate()  # the sink may not have got to it yet

@@ -32,23 +32,6 @@ from tests.support.proxy import TCPProxy
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A URL of an empty database of each backend."""
-    async with scratch_db(request.param, tmp_path) as url:
-        yield url
-
-
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    s = await open_store(db_url)
-    await s.migrate()
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
 def event(n: int, **kw: Any) -> EventRow:
     values: dict[str, Any] = dict(
         id=f"evt-{n:05d}",

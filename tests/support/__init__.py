@@ -1,18 +1,61 @@
-"""Helpers shared by test modules: the fault-injection proxy, scratch PostgreSQL schemas."""
+"""Helpers shared by test modules: polling, running services, scratch databases."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import secrets
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from mesh.storage import Store
+    from services.base import Service
 
 PG_DSN_VAR = "MESH_TEST_PG_DSN"
 PG_SKIP_REASON = (
     f"PostgreSQL tests need {PG_DSN_VAR} (e.g. postgresql://postgres@127.0.0.1:5432/test)"
 )
+
+
+async def eventually(
+    check: Callable[[], Any],
+    timeout: float = 10.0,
+    what: str = "condition",
+    *,
+    interval: float = 0.05,
+) -> Any:
+    """Poll ``check`` (plain or async) until it returns something truthy, and return that;
+    fail naming ``what`` and the last value after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        last = check()
+        if inspect.isawaitable(last):
+            last = await last
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+        await asyncio.sleep(interval)
+
+
+@asynccontextmanager
+async def running(*services: Service) -> AsyncIterator[None]:
+    """Start the services in order; stop those started, in reverse, on the way out."""
+    started: list[Service] = []
+    try:
+        for svc in services:
+            await svc.start()
+            started.append(svc)
+        yield
+    finally:
+        for svc in reversed(started):
+            await svc.stop()
 
 
 def remove_files(directory: Path, prefix: str) -> None:
@@ -80,3 +123,22 @@ async def scratch_db(backend: str, tmp_path: Path) -> AsyncIterator[str]:
         pytest.skip(PG_SKIP_REASON)
     async with pg_schema(dsn) as url:
         yield url
+
+
+@asynccontextmanager
+async def migrated_store(url: str) -> AsyncIterator[Store]:
+    """An open store on ``url`` with the schema in place; closed on the way out."""
+    from mesh.storage import open_store
+
+    store = await open_store(url)
+    try:
+        await store.migrate()
+        yield store
+    finally:
+        await store.close()
+
+
+async def migrate(url: str) -> None:
+    """Put the schema in place in the database at ``url``."""
+    async with migrated_store(url):
+        pass

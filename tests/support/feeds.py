@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
 
 from mesh.client import MeshClient
 from mesh.envelope import Event
+from tests.support import eventually as eventually  # re-exported for the feed tests
 
 
 async def collect(
@@ -51,16 +50,3 @@ async def queued(client: MeshClient, target: str) -> int:
 async def stream_count(client: MeshClient, stream: str | None = None) -> int:
     info = await client.js.stream_info(stream or client.names.events)
     return int(info.state.messages)
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout: float = 10.0, every: float = 0.05
-) -> None:
-    """Poll ``check`` until it is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if await check():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(every)

@@ -29,6 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from mesh.broker import free_port
+from tests.support import eventually as eventually  # re-exported for the egress tests
 
 
 @dataclass
@@ -273,20 +274,3 @@ async def delivery_records(client: Any, target: str) -> list[Any]:
 
     msgs = await read_stream(client, client.names.sys, client.subjects.delivery(target))
     return [DeliveryRecord.from_bytes(m.data) for m in msgs]
-
-
-async def eventually(
-    check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05
-) -> Any:
-    """Poll an (async or plain) check until it returns something truthy; raise on timeout."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = check()
-        if asyncio.iscoroutine(last):
-            last = await last
-        if last:
-            return last
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
-        await asyncio.sleep(interval)
