@@ -82,12 +82,12 @@ def parse_sink(lines: list[str]) -> list[Result]:
     out: list[Result] = []
     raw = re.search(rf"raw fetch\+ack\s+{NUM} events/s", text)
     for label in ("sqlite", "postgresql"):
-        m = re.search(rf"sink -> {label}.*?\s{NUM} events/s", text)
+        m = re.search(rf"sink -> {label}.*?\s{NUM} events/s\s+ratio ([\d.]+)", text)
         if raw and m:
             out.append(
                 Result(
                     "sink", f"sink -> {label}", _num(m[1]), "events/s",
-                    _num(raw[1]), "fetch+ack", ">= 0.7",
+                    _num(raw[1]), "fetch+ack", ">= 0.7", reported_ratio=float(m[2]),
                 )
             )  # fmt: skip
     return out

@@ -53,9 +53,12 @@ class Result:
     aim: str = ""
     higher_is_better: bool = True
     note: str = ""
+    reported_ratio: float | None = None  # as a script printed it (e.g. a median of pairs)
 
     @property
     def ratio(self) -> float | None:
+        if self.reported_ratio is not None:
+            return self.reported_ratio
         if self.baseline is None or not self.baseline or not self.value:
             return None
         return self.value / self.baseline
