@@ -133,7 +133,7 @@ def show_table(title: str | None, columns: list[str], rows: list[list[Any]]) -> 
         else:
             table.add_column(col, no_wrap=ident, min_width=32 if ident else None)
     for row in rows:
-        table.add_row(*["" if v is None else str(v) for v in row])
+        table.add_row(*[Text("" if v is None else str(v)) for v in row])
     console.print(table)
 
 

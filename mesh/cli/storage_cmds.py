@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from mesh.cli._common import arun, console, err_console, parse_time, print_json, settings
 from mesh.config import Settings
@@ -103,7 +104,7 @@ def _table(columns: list[str], rows: list[list[Any]]) -> None:
         width = max((len(str(r[columns.index(name)])) for r in rows), default=0)
         table.add_column(name, no_wrap=whole, min_width=width if whole else None)
     for row in rows:
-        table.add_row(*["" if v is None else str(v) for v in row])
+        table.add_row(*[Text("" if v is None else str(v)) for v in row])
     console.print(table)
 
 
