@@ -43,6 +43,7 @@ from mesh.errors import (
     ValidationError,
 )
 from mesh.observability import METRICS
+from mesh.pullfeed import PullFeed
 from mesh.records import DeliveryRecord, Outcome, dead_letter_headers
 from mesh.registry import Propagation, PropagationMode, Registry, Target, route_accepts
 from mesh.streams import Provisioner, StreamNames, ensure_streams
@@ -159,6 +160,11 @@ class MeshClient:
         if self._js is None:
             raise BrokerError("not connected")
         return self._js
+
+    @property
+    def _api_prefix(self) -> str:
+        # nats.py keeps the JetStream API prefix (domain) private; "$JS.API" by default.
+        return str(getattr(self.js, "_prefix", "$JS.API"))
 
     @property
     def registry(self) -> Registry:
@@ -537,10 +543,11 @@ class MeshClient:
         reconnects: nats.py re-subscribes its inbox, and a new inbox would strand
         whatever the server sends to a request made through the old one until
         ack_wait. It is re-created only when the consumer is gone or fetches keep
-        failing.
+        failing. Fetching goes through ``PullFeed`` (mesh/pullfeed.py): nats.py's
+        ``fetch`` protocol without its two tasks per message.
         """
         stream = stream or self.names.events
-        sub: JetStreamContext.PullSubscription | None = None
+        sub: PullFeed | None = None
         backoff = 0.1
         failures = 0
         try:
@@ -549,7 +556,7 @@ class MeshClient:
                     return
                 try:
                     if sub is None:
-                        sub = await self.js.pull_subscribe_bind(consumer, stream=stream)
+                        sub = await PullFeed(self.nc, stream, consumer, self._api_prefix).open()
                     msgs = await sub.fetch(batch, timeout=expires)
                     backoff = 0.1
                     failures = 0
@@ -564,8 +571,7 @@ class MeshClient:
                         exc, js_errors.NotFoundError | js_errors.ServiceUnavailableError
                     )
                     if sub is not None and (gone or failures >= PULL_RESUBSCRIBE_AFTER):
-                        with contextlib.suppress(Exception):
-                            await sub.unsubscribe()
+                        await sub.close()
                         sub = None
                         failures = 0
                     await asyncio.sleep(backoff)
@@ -574,10 +580,10 @@ class MeshClient:
                 if msgs:
                     yield msgs
         finally:
-            # A closed generator (break, aclose) must not leave its inbox subscribed.
+            # A closed generator (break, aclose) must not leave its inbox subscribed;
+            # what was delivered to it and never handed out goes back at once.
             if sub is not None:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+                await sub.close()
 
     async def consume(
         self,
@@ -610,18 +616,28 @@ class MeshClient:
                 with contextlib.suppress(Exception):
                     await msg.nak()
 
+    def decode(self, msg: Msg, seq: int | None = None) -> Event:
+        """The event in a message of the events stream, opened with this client's keys.
+
+        ``seq`` defaults to the stream sequence in the message's JetStream metadata.
+        Raises DecodeError.
+        """
+        if seq is None and msg.reply:
+            with contextlib.suppress(Exception):  # not a JetStream delivery: no sequence
+                seq = msg.metadata.sequence.stream if msg.metadata.sequence else None
+        return envelope.decode(
+            msg.subject,
+            msg.headers,
+            msg.data,
+            self._keyring_or_none(),
+            seq=seq,
+            subjects=self.subjects,
+        )
+
     async def _admit(self, target: str, msg: Msg) -> Delivery | None:
         """Decode and check one message; dead-letter or skip what must not be handed out."""
-        seq = msg.metadata.sequence.stream if msg.metadata.sequence else None
         try:
-            event = envelope.decode(
-                msg.subject,
-                msg.headers,
-                msg.data,
-                self._keyring_or_none(),
-                seq=seq,
-                subjects=self.subjects,
-            )
+            event = self.decode(msg)
         except DecodeError as exc:
             attempts = int(msg.metadata.num_delivered or 1)
             await self.dead_letter(msg, target, f"undecodable: {exc}", attempts)

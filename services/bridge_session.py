@@ -95,14 +95,7 @@ def event_frame(event: Event, seq: int) -> dict[str, Any]:
 
 def decode_msg(client: MeshClient, msg: Msg, seq: int) -> Event:
     """The event in a message of the events stream, opened with the client's keys."""
-    return envelope.decode(
-        msg.subject,
-        msg.headers,
-        msg.data,
-        client._keyring_or_none(),
-        seq=seq,
-        subjects=client.subjects,
-    )
+    return client.decode(msg, seq)
 
 
 class Session:

@@ -221,8 +221,6 @@ def tail(
     """Follow new events live (nothing is acked: tailing never disturbs delivery)."""
     from nats.js.api import DeliverPolicy
 
-    from mesh import envelope
-
     async def run() -> None:
         async with connected() as c:
             subj = c.subjects.evt_filter(source) if source else c.subjects.evt_all
@@ -237,14 +235,7 @@ def tail(
             err_console.print(f"tailing {subj}" + (f" for target {target}" if target else ""))
             async for msg in sub.messages:
                 try:
-                    e = envelope.decode(
-                        msg.subject,
-                        msg.headers,
-                        msg.data,
-                        c._keyring_or_none(),
-                        seq=msg.metadata.sequence.stream,
-                        subjects=c.subjects,
-                    )
+                    e = c.decode(msg)
                 except MeshError as exc:
                     err_console.print(f"undecodable message on {msg.subject}: {exc}", markup=False)
                     continue
