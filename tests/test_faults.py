@@ -112,3 +112,85 @@ async def test_flapping_receiver_and_broker_kills(
             finally:
                 await egress.stop()
                 await sink.stop()
+
+
+async def test_bridge_sigkill_mid_stream_loses_nothing(
+    broker: EmbeddedBroker, settings: Settings
+) -> None:
+    """A feed client acks half, the bridge process is SIGKILLed, a new bridge hands out the rest."""
+    import subprocess
+    import sys
+
+    import aiohttp
+
+    from mesh import tokens
+    from tests.conftest import env_for
+
+    s = settings.model_copy(update={"ack_wait_min_s": 2.0})
+    env = {**env_for(s), "MESH_ACK_WAIT_MIN_S": "2"}
+    async with MeshClient(s, name="bridge-faults") as c:
+        await c.init()
+        await c.add_target(Target(name="screens", kind=TargetKind.STREAM, timeout_s=2))
+        await c.add_propagation("unidirectional", "news", ["screens"])
+        ids = [await c.publish("news", "headline", {"n": i}) for i in range(20)]
+        tok = tokens.issue(tokens.load_key(tokens.key_path(s)), "screens")
+        url = f"ws://127.0.0.1:{s.bridge_port}/v1/stream"
+
+        def start() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                [sys.executable, "-m", "mesh.cli", "serve", "bridge"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+
+        async def connect(http: aiohttp.ClientSession) -> aiohttp.ClientWebSocketResponse:
+            last: Exception | None = None
+            for _ in range(100):
+                try:
+                    return await http.ws_connect(
+                        url, params={"target": "screens"},
+                        headers={"Authorization": f"Bearer {tok}"},
+                    )  # fmt: skip
+                except aiohttp.ClientError as exc:
+                    last = exc
+                    await asyncio.sleep(0.2)
+            raise AssertionError(f"bridge never listened: {last}")
+
+        acked: set[str] = set()
+        proc = start()
+        try:
+            async with aiohttp.ClientSession() as http:
+                ws = await connect(http)
+                while len(acked) < 10:
+                    doc = await ws.receive_json(timeout=10)
+                    await ws.send_json({"ack": doc["seq"]})
+                    acked.add(doc["id"])
+                await asyncio.sleep(0.3)  # let the last acks reach the broker
+                proc.kill()  # SIGKILL with frames in flight and unacked
+                proc.wait()
+                await ws.close()
+
+                proc = start()
+                ws = await connect(http)
+
+                async def drained() -> bool:
+                    info = await c.js.consumer_info(c.names.events, "deliver-screens")
+                    return (info.num_pending, info.num_ack_pending) == (0, 0)
+
+                # Read (and ack) until every id arrived and the consumer holds nothing:
+                # redeliveries of frames whose acks died with the bridge come too.
+                deadline = time.monotonic() + 40
+                while not (set(ids) <= acked and await drained()):
+                    assert time.monotonic() < deadline, f"missing {set(ids) - acked}"
+                    try:
+                        doc = await ws.receive_json(timeout=1)
+                    except TimeoutError:
+                        continue
+                    await ws.send_json({"ack": doc["seq"]})
+                    acked.add(doc["id"])
+                await ws.close()
+        finally:
+            proc.kill()
+            proc.wait()
+        assert set(ids) <= acked, f"lost {len(set(ids) - acked)} of {len(ids)}"
