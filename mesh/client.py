@@ -43,7 +43,6 @@ from mesh.errors import (
     ValidationError,
 )
 from mesh.observability import METRICS
-from mesh.pullfeed import PullFeed
 from mesh.records import DeliveryRecord, Outcome, dead_letter_headers
 from mesh.registry import Propagation, PropagationMode, Registry, Target, route_accepts
 from mesh.streams import Provisioner, StreamNames, ensure_streams
@@ -160,11 +159,6 @@ class MeshClient:
         if self._js is None:
             raise BrokerError("not connected")
         return self._js
-
-    @property
-    def _api_prefix(self) -> str:
-        # nats.py keeps the JetStream API prefix (domain) private; "$JS.API" by default.
-        return str(getattr(self.js, "_prefix", "$JS.API"))
 
     @property
     def registry(self) -> Registry:
@@ -543,11 +537,10 @@ class MeshClient:
         reconnects: nats.py re-subscribes its inbox, and a new inbox would strand
         whatever the server sends to a request made through the old one until
         ack_wait. It is re-created only when the consumer is gone or fetches keep
-        failing. Fetching goes through ``PullFeed`` (mesh/pullfeed.py): nats.py's
-        ``fetch`` protocol without its two tasks per message.
+        failing.
         """
         stream = stream or self.names.events
-        sub: PullFeed | None = None
+        sub: JetStreamContext.PullSubscription | None = None
         backoff = 0.1
         failures = 0
         try:
@@ -556,7 +549,7 @@ class MeshClient:
                     return
                 try:
                     if sub is None:
-                        sub = await PullFeed(self.nc, stream, consumer, self._api_prefix).open()
+                        sub = await self.js.pull_subscribe_bind(consumer, stream=stream)
                     msgs = await sub.fetch(batch, timeout=expires)
                     backoff = 0.1
                     failures = 0
@@ -571,7 +564,8 @@ class MeshClient:
                         exc, js_errors.NotFoundError | js_errors.ServiceUnavailableError
                     )
                     if sub is not None and (gone or failures >= PULL_RESUBSCRIBE_AFTER):
-                        await sub.close()
+                        with contextlib.suppress(Exception):
+                            await sub.unsubscribe()
                         sub = None
                         failures = 0
                     await asyncio.sleep(backoff)
@@ -580,10 +574,10 @@ class MeshClient:
                 if msgs:
                     yield msgs
         finally:
-            # A closed generator (break, aclose) must not leave its inbox subscribed;
-            # what was delivered to it and never handed out goes back at once.
+            # A closed generator (break, aclose) must not leave its inbox subscribed.
             if sub is not None:
-                await sub.close()
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
     async def consume(
         self,
