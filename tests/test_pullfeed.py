@@ -1,0 +1,89 @@
+"""PullFeed: nats.py's fetch protocol without a task per message (real nats-server)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats.errors as nats_errors
+import nats.js.errors as js_errors
+import pytest
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from mesh.client import MeshClient
+from mesh.pullfeed import PullFeed
+
+
+async def consumer(client: MeshClient, name: str, ack_wait: float = 30) -> None:
+    await client.js.add_consumer(
+        client.names.events,
+        ConsumerConfig(durable_name=name, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait),
+    )
+
+
+async def test_batches_are_bounded_and_ackable(client: MeshClient) -> None:
+    await consumer(client, "feed")
+    events = [client.build("shop", "order.created", {"i": i}) for i in range(25)]
+    await client.publish_many(events)
+    feed = await PullFeed(client.nc, client.names.events, "feed").open()
+    try:
+        got = []
+        while len(got) < 25:
+            msgs = await feed.fetch(10, timeout=2)
+            assert 1 <= len(msgs) <= 10
+            for msg in msgs:
+                await msg.ack()
+            got.extend(msgs)
+        ids = [client.decode(m).id for m in got]
+        assert ids == [e.id for e in events]
+        assert got[-1].metadata.sequence.stream == 25
+        with pytest.raises(nats_errors.TimeoutError):
+            await feed.fetch(5, timeout=0.3)  # nothing left: the server's 408 ends it
+    finally:
+        await feed.close()
+
+
+async def test_a_message_published_during_a_fetch_comes_at_once(client: MeshClient) -> None:
+    await consumer(client, "feed")
+    feed = await PullFeed(client.nc, client.names.events, "feed").open()
+    try:
+        fetch = asyncio.create_task(feed.fetch(64, timeout=5))
+        await asyncio.sleep(0.2)
+        started = asyncio.get_running_loop().time()
+        await client.publish("shop", "order.created", {"n": 1})
+        msgs = await fetch
+        assert len(msgs) == 1
+        assert asyncio.get_running_loop().time() - started < 2  # not the whole expiry
+    finally:
+        await feed.close()
+
+
+async def test_close_hands_back_what_was_never_handed_out(client: MeshClient) -> None:
+    await consumer(client, "feed")
+    await client.publish_many([client.build("shop", "a.b", {"i": i}) for i in range(3)])
+    feed = await PullFeed(client.nc, client.names.events, "feed").open()
+    msgs = await feed.fetch(1, timeout=2)
+    assert len(msgs) == 1
+    await msgs[0].ack()
+    # Messages that arrive for nobody (a request made outside fetch) are kept, not lost.
+    await client.nc.publish(feed.subject, b'{"batch": 2}', reply=feed.inbox)
+    for _ in range(100):
+        if len(feed._kept) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert len(feed._kept) == 2
+    await feed.close()  # naks them: redelivered now, not after ack_wait (30 s)
+    again = await PullFeed(client.nc, client.names.events, "feed").open()
+    try:
+        redelivered = await again.fetch(5, timeout=2)
+        assert [m.metadata.num_delivered for m in redelivered] == [2, 2]
+    finally:
+        await again.close()
+
+
+async def test_a_missing_consumer_is_service_unavailable(client: MeshClient) -> None:
+    feed = await PullFeed(client.nc, client.names.events, "nobody").open()
+    try:
+        with pytest.raises(js_errors.ServiceUnavailableError):
+            await feed.fetch(5, timeout=1)
+    finally:
+        await feed.close()
