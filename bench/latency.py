@@ -121,6 +121,7 @@ async def run_relay(nats_url: str, stream: str, url: str) -> None:
     import aiohttp
     import nats
     import nats.errors
+    from nats.aio.msg import Msg
 
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
@@ -132,7 +133,7 @@ async def run_relay(nats_url: str, stream: str, url: str) -> None:
     tasks: set[asyncio.Task[None]] = set()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
 
-        async def one(msg: nats.aio.msg.Msg) -> None:
+        async def one(msg: Msg) -> None:
             headers = {
                 "webhook-id": (msg.headers or {}).get("Nats-Msg-Id", ""),
                 "content-type": "application/octet-stream",
@@ -189,7 +190,7 @@ async def run(args: argparse.Namespace) -> list[Result]:
 
         def secs(rate: float) -> float:
             if seconds:
-                return seconds
+                return float(seconds)
             # Enough events for a p99.9 (>= 1000) in the full run.
             if args.quick:
                 return 6.0 if rate <= 100 else 3.0
