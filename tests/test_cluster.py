@@ -19,8 +19,8 @@ from aiohttp import web
 from mesh.broker import EmbeddedBroker, free_port
 from mesh.client import MeshClient
 from mesh.config import Settings
-from mesh.errors import BrokerError
 from mesh.registry import RetryPolicy, Target, TargetKind
+from tests.support import publish_reliably
 
 pytestmark = pytest.mark.slow
 
@@ -83,18 +83,6 @@ async def _wait_for_jetstream(c: MeshClient, deadline: float) -> None:
             await asyncio.sleep(0.25)
 
 
-async def _publish_with_retry(c: MeshClient, i: int) -> str:
-    """A publisher that never loses an event: retry with the same id (dedupe makes it safe)."""
-    event_id = f"evt-{i:05d}"
-    for _ in range(120):
-        try:
-            await c.publish("shop", "order.created", {"i": i}, id=event_id, timeout=2)
-            return event_id
-        except BrokerError:
-            await asyncio.sleep(0.25)
-    raise AssertionError(f"event {event_id} could not be published")
-
-
 async def test_deliveries_survive_a_node_kill(cluster: Cluster, tmp_path: Path) -> None:
     from services.webhook_egress import WebhookEgress
 
@@ -141,13 +129,19 @@ async def test_deliveries_survive_a_node_kill(cluster: Cluster, tmp_path: Path) 
         egress = WebhookEgress(settings)
         await egress.start()
         try:
-            published = [await _publish_with_retry(c, i) for i in range(N_EVENTS // 3)]
+            published = [
+                await publish_reliably(c, f"evt-{i:05d}", {"i": i}, attempts=120, timeout=2)
+                for i in range(N_EVENTS // 3)
+            ]
 
             # Kill the node that leads the events stream, mid-stream.
             leader = (await c.js.stream_info(c.names.events)).cluster.leader
             victim = next(i for i, n in enumerate(cluster.nodes) if f"n{i}" == leader)
             cluster.nodes[victim].kill()
-            published += [await _publish_with_retry(c, i) for i in range(N_EVENTS // 3, N_EVENTS)]
+            published += [
+                await publish_reliably(c, f"evt-{i:05d}", {"i": i}, attempts=120, timeout=2)
+                for i in range(N_EVENTS // 3, N_EVENTS)
+            ]
 
             deadline = time.monotonic() + 90
             while len(seen & set(published)) < N_EVENTS and time.monotonic() < deadline:

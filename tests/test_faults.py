@@ -17,28 +17,16 @@ import pytest
 from mesh.broker import EmbeddedBroker
 from mesh.client import MeshClient
 from mesh.config import Settings
-from mesh.errors import BrokerError
 from mesh.registry import RetryPolicy, Target, TargetKind
 from mesh.storage import open_store
 from services.sink import Sink
 from services.webhook_egress import WebhookEgress
+from tests.support import publish_reliably
 from tests.support.receiver import Received, Receiver, Reply
 
 pytestmark = pytest.mark.slow
 
 N_EVENTS = 150
-
-
-async def publish_reliably(c: MeshClient, i: int) -> str:
-    """Never lose on the publisher side: retry with the same id until acked (dedupe)."""
-    event_id = f"fault-{i:04d}"
-    for _ in range(200):
-        try:
-            await c.publish("shop", "order.created", {"i": i}, id=event_id, timeout=1)
-            return event_id
-        except BrokerError:
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"could not publish {event_id}")
 
 
 async def test_flapping_receiver_and_broker_kills(
@@ -82,7 +70,7 @@ async def test_flapping_receiver_and_broker_kills(
                 published: list[str] = []
                 for chunk in range(3):
                     for i in range(chunk * N_EVENTS // 3, (chunk + 1) * N_EVENTS // 3):
-                        published.append(await publish_reliably(c, i))
+                        published.append(await publish_reliably(c, f"fault-{i:04d}", {"i": i}))
                     if chunk < 2:
                         broker.kill()  # SIGKILL mid-stream: unacked work must come back
                         await asyncio.sleep(0.3)

@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+from mesh.errors import BrokerError
+
 if TYPE_CHECKING:
+    from mesh.client import MeshClient
     from mesh.storage import Store
     from services.base import Service
 
@@ -142,3 +145,19 @@ async def migrate(url: str) -> None:
     """Put the schema in place in the database at ``url``."""
     async with migrated_store(url):
         pass
+
+
+async def publish_reliably(
+    client: MeshClient, event_id: str, data: Any, *, attempts: int = 200, timeout: float = 1.0
+) -> str:
+    """The publisher's side of never losing an event: retry with the same id until acked.
+
+    A retry after a lost acknowledgement is stored once (the id is the dedupe key).
+    """
+    for _ in range(attempts):
+        try:
+            await client.publish("shop", "order.created", data, id=event_id, timeout=timeout)
+            return event_id
+        except BrokerError:
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"event {event_id} could not be published")
