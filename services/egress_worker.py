@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 import nats.js.errors as js_errors
 from nats.aio.msg import Msg
 
-from mesh import envelope
 from mesh.errors import DecodeError, ValidationError
 from mesh.observability import METRICS
 from mesh.records import Outcome
@@ -274,14 +273,7 @@ class TargetWorker(Outcomes):
         probe = False
         try:
             try:
-                event = envelope.decode(
-                    msg.subject,
-                    msg.headers,
-                    msg.data,
-                    self.egress.keyring,
-                    seq=meta.sequence.stream if meta.sequence else None,
-                    subjects=self.client.subjects,
-                )
+                event = self.client.decode(msg, meta.sequence.stream if meta.sequence else None)
             except DecodeError as exc:
                 await self._dead(msg, None, attempt, f"undecodable: {exc}", Outcome.DEAD)
                 return

@@ -35,7 +35,6 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from mesh.config import Settings
-from mesh.crypto import KeyRing
 from mesh.errors import DecodeError, NotFound
 from mesh.records import DeliveryRecord
 from mesh.registry import TargetKind, TargetStatus
@@ -68,7 +67,6 @@ class WebhookEgress(Service):
         self.http = HttpSender(settings.allow_private_targets, limit=max_in_flight)
         self.workers: dict[str, TargetWorker] = {}
         self.circuits: CircuitStore | None = None
-        self.keyring: KeyRing | None = None
         self.peers: dict[str, float] = {}  # other instances -> last heartbeat (monotonic)
         self._sync_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
@@ -78,7 +76,7 @@ class WebhookEgress(Service):
     # Lifecycle ----------------------------------------------------------------
 
     async def on_start(self) -> None:
-        self.keyring = self._load_keyring()
+        self.client._keyring_or_none()  # a missing or bad key file stops the start, not a delivery
         events = self.client.names.events
         bucket = events.removesuffix("_EVENTS") + "_CIRCUITS"
         self.circuits = await CircuitStore.open(
@@ -93,14 +91,6 @@ class WebhookEgress(Service):
         self.spawn(self._watch_registry(), name="egress-registry-watch")
         self.spawn(self._watch_circuits(), name="egress-circuit-watch")
         self.spawn(self._housekeeping(), name="egress-housekeeping")
-
-    def _load_keyring(self) -> KeyRing | None:
-        try:
-            return self.client.keyring
-        except Exception:
-            if self.settings.encryption:
-                raise
-            return None
 
     async def on_drain(self, timeout: float) -> None:
         workers = list(self.workers.values())
