@@ -759,6 +759,23 @@ class MeshClient:
 
     # Helpers ------------------------------------------------------------------
 
+    async def dlq_depths(self) -> dict[str, int]:
+        """Dead letters retained, per target."""
+        info = await self.js.stream_info(self.names.dlq, subjects_filter=self.subjects.dlq_all)
+        return {s.rsplit(".", 1)[-1]: int(n) for s, n in (info.state.subjects or {}).items()}
+
+    async def queue_depth(self, target: Target) -> dict[str, Any]:
+        """A target's queue: lag = pending (not yet delivered) + unacked (in flight)."""
+        ci = await self.js.consumer_info(self.names.events, target.consumer)
+        pending, unacked = int(ci.num_pending or 0), int(ci.num_ack_pending or 0)
+        return {
+            "lag": pending + unacked,
+            "pending": pending,
+            "unacked": unacked,
+            "redelivered": int(ci.num_redelivered or 0),
+            "paused": bool(getattr(ci, "paused", False)),
+        }
+
     async def target_or_error(self, name: str) -> Target:
         try:
             return await self.registry.get_target(name)

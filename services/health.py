@@ -231,22 +231,13 @@ class Health(Service):
         names = self.client.names
         targets = await asyncio.wait_for(self.client.registry.list_targets(), CHECK_TIMEOUT_S)
 
-        async def consumer(consumer_name: str) -> Any:
-            return await asyncio.wait_for(
-                js.consumer_info(names.events, consumer_name), CHECK_TIMEOUT_S
-            )
-
         infos = await asyncio.gather(
-            *(consumer(t.consumer) for t in targets), return_exceptions=True
+            *(asyncio.wait_for(self.client.queue_depth(t), CHECK_TIMEOUT_S) for t in targets),
+            return_exceptions=True,
         )
         dlq: dict[str, int] = {}
         with contextlib.suppress(Exception):
-            dinfo = await asyncio.wait_for(
-                js.stream_info(names.dlq, subjects_filter=self.client.subjects.dlq_all),
-                CHECK_TIMEOUT_S,
-            )
-            for subject, n in (dinfo.state.subjects or {}).items():
-                dlq[subject.rsplit(".", 1)[-1]] = int(n)
+            dlq = await asyncio.wait_for(self.client.dlq_depths(), CHECK_TIMEOUT_S)
         events_total: int | None = None
         with contextlib.suppress(Exception):
             einfo = await asyncio.wait_for(js.stream_info(names.events), CHECK_TIMEOUT_S)
@@ -263,18 +254,10 @@ class Health(Service):
                 row.update(lag=None, pending=None, unacked=None, paused=False)
                 row["error"] = _short(info)
             else:
-                pending = int(info.num_pending or 0)
-                unacked = int(info.num_ack_pending or 0)
-                row.update(
-                    lag=pending + unacked,
-                    pending=pending,
-                    unacked=unacked,
-                    redelivered=int(info.num_redelivered or 0),
-                    paused=bool(getattr(info, "paused", False)),
-                )
-                METRICS.consumer_pending.labels(t.name).set(pending + unacked)
+                row.update(info)
+                METRICS.consumer_pending.labels(t.name).set(info["lag"])
                 hist = self._lag_history.setdefault(t.name, deque(maxlen=LAG_HISTORY))
-                hist.append(pending + unacked)
+                hist.append(info["lag"])
             METRICS.dlq_depth.labels(t.name).set(row["dlq"])
             rows.append(row)
         current = {t.name for t in targets}

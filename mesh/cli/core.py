@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import typer
@@ -128,22 +129,13 @@ async def gather_status(c: MeshClient) -> dict[str, Any]:
         except Exception:
             streams[name] = None
     dlq_depth: dict[str, int] = {}
-    try:
-        dlq_info = await c.js.stream_info(c.names.dlq, subjects_filter=c.subjects.dlq_all)
-        for subj, n in (dlq_info.state.subjects or {}).items():
-            dlq_depth[subj.rsplit(".", 1)[-1]] = n
-    except Exception:
-        pass
+    with contextlib.suppress(Exception):
+        dlq_depth = await c.dlq_depths()
     targets = []
     for t in await c.registry.list_targets():
         row: dict[str, Any] = {"name": t.name, "kind": str(t.kind), "status": str(t.status)}
         try:
-            ci = await c.js.consumer_info(c.names.events, t.consumer)
-            row["pending"] = ci.num_pending
-            row["unacked"] = ci.num_ack_pending
-            row["lag"] = (ci.num_pending or 0) + (ci.num_ack_pending or 0)
-            row["redelivered"] = ci.num_redelivered
-            row["paused"] = bool(getattr(ci, "paused", False))
+            row.update(await c.queue_depth(t))
         except Exception:
             row["lag"] = None
         row["dlq"] = dlq_depth.get(t.name, 0)
