@@ -14,7 +14,7 @@ from mesh.client import MeshClient
 from mesh.config import Settings
 from mesh.registry import Target, TargetKind
 from mesh.storage import Store
-from tests.support import migrated_store, scratch_db
+from tests.support import migrated_store, scratch_db, watchdog
 
 PG_DSN_ENV = "MESH_TEST_PG_DSN"
 
@@ -26,6 +26,23 @@ def _isolate_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if key.startswith("MESH_") and key != PG_DSN_ENV:
             monkeypatch.delenv(key)
     monkeypatch.setenv("MESH_CONFIG", str(tmp_path / "no-mesh.toml"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """A hung test prints where its coroutines wait, shortly before pytest-timeout fires."""
+    marker = item.get_closest_marker("timeout")
+    limit = (
+        float(marker.args[0])
+        if marker and marker.args
+        else float(item.config.getini("timeout") or 0)
+    )
+    timer = watchdog.start(max(limit - 5, 1)) if limit else None
+    try:
+        return (yield)
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ async def dead_letter_all(client: MeshClient, target: str, n: int, error: str) -
     it = client.consume(target, batch=32, expires=0.5)
     try:
         while len(ids) < n:
-            d = await anext(it)
+            d = await asyncio.wait_for(anext(it), 20)
             await client.dead_letter(d.msg, target, error, attempts=4)
             await d.ack()
             ids.append(d.event.id)
