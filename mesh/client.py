@@ -43,6 +43,7 @@ from mesh.errors import (
     ValidationError,
 )
 from mesh.observability import METRICS
+from mesh.pullfeed import PullFeed
 from mesh.records import DeliveryRecord, Outcome, dead_letter_headers
 from mesh.registry import Propagation, PropagationMode, Registry, Target, route_accepts
 from mesh.streams import Provisioner, StreamNames, ensure_streams
@@ -540,7 +541,7 @@ class MeshClient:
         failing.
         """
         stream = stream or self.names.events
-        sub: JetStreamContext.PullSubscription | None = None
+        feed: PullFeed | None = None
         backoff = 0.1
         failures = 0
         try:
@@ -548,9 +549,9 @@ class MeshClient:
                 if self.nc.is_closed:
                     return
                 try:
-                    if sub is None:
-                        sub = await self.js.pull_subscribe_bind(consumer, stream=stream)
-                    msgs = await sub.fetch(batch, timeout=expires)
+                    if feed is None:
+                        feed = await PullFeed(self.nc, stream, consumer).open()
+                    msgs = await feed.fetch(batch, timeout=expires)
                     backoff = 0.1
                     failures = 0
                 except (nats_errors.TimeoutError, TimeoutError):
@@ -563,10 +564,9 @@ class MeshClient:
                     gone = isinstance(
                         exc, js_errors.NotFoundError | js_errors.ServiceUnavailableError
                     )
-                    if sub is not None and (gone or failures >= PULL_RESUBSCRIBE_AFTER):
-                        with contextlib.suppress(Exception):
-                            await sub.unsubscribe()
-                        sub = None
+                    if feed is not None and (gone or failures >= PULL_RESUBSCRIBE_AFTER):
+                        await feed.close()
+                        feed = None
                         failures = 0
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
@@ -574,10 +574,10 @@ class MeshClient:
                 if msgs:
                     yield msgs
         finally:
-            # A closed generator (break, aclose) must not leave its inbox subscribed.
-            if sub is not None:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+            # A closed generator (break, aclose) must not leave its inbox subscribed; what
+            # arrived for it and was never handed out goes back (nak) at once.
+            if feed is not None:
+                await feed.close()
 
     async def consume(
         self,
