@@ -107,19 +107,35 @@ class RouteCache:
         self.registry = registry
         self._routes: dict[str, list[tuple[str, str | None]]] = {}
         self._revision: dict[str, int] = {}
+        self._first: dict[str, asyncio.Lock] = {}
 
     async def accepts(self, target: str, source: str, event_type: str) -> bool:
         routes = self._routes.get(target)
         if routes is not None and route_accepts(routes, source, event_type):
             return True
+        if routes is None:
+            # The first read of a target's routes, once: a whole fetched batch misses
+            # together (an egress starting on a backlog), and each event reading the
+            # registry for itself cost a status request and two KV listings apiece.
+            async with self._first.setdefault(target, asyncio.Lock()):
+                if target not in self._routes:
+                    await self._read(target)
+            routes = self._routes[target]
+            if route_accepts(routes, source, event_type):
+                return True
         # Read the revision before the routes: a change in between makes the next miss
         # look again rather than trust stale routes.
         revision = await self.registry.revision()
-        if routes is not None and self._revision.get(target) == revision:
+        if self._revision.get(target) == revision:
             return False
+        await self._read(target, revision)
+        return route_accepts(self._routes[target], source, event_type)
+
+    async def _read(self, target: str, revision: int | None = None) -> None:
+        if revision is None:
+            revision = await self.registry.revision()
         self._routes[target] = await self.registry.routes_for(target)
         self._revision[target] = revision
-        return route_accepts(self._routes[target], source, event_type)
 
 
 class MeshClient:
