@@ -150,7 +150,8 @@ async def test_two_instances_send_exactly_one_probe(
         await eventually(
             lambda: a.stats()["circuits"]["hook"] == b.stats()["circuits"]["hook"] == "closed"
         )
-        assert a.stats()["delivered"] + b.stats()["delivered"] >= 12
+        # The receiver counts a request when it arrives; an instance counts it once settled.
+        await eventually(lambda: a.stats()["delivered"] + b.stats()["delivered"] >= 12)
     finally:
         await asyncio.gather(a.stop(), b.stop())
 
