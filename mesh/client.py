@@ -95,6 +95,21 @@ class Delivery:
         await self.msg.term()
 
 
+def raise_if_cancelled() -> None:
+    """Raise CancelledError when this task was asked to stop, even if the request was lost.
+
+    nats.py waits for messages through ``asyncio.wait_for``, which on Python 3.11 drops a
+    cancellation that races with the awaited thing finishing (CPython gh-86296): a fetch
+    cancelled just as its 408 "request timeout" arrives returns as a timeout. A loop that
+    retries on timeouts would then run on, and the caller that cancelled it (``wait_for``
+    around ``anext``, a service stopping) would wait for it forever. ``Task.cancelling()``
+    still counts the request.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class RouteCache:
     """Per-target routes, re-read on a miss when the registry changed since.
 
@@ -571,6 +586,7 @@ class MeshClient:
                     backoff = 0.1
                     failures = 0
                 except (nats_errors.TimeoutError, TimeoutError):
+                    raise_if_cancelled()
                     continue
                 except nats_errors.ConnectionClosedError:
                     return

@@ -36,7 +36,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 
 from mesh import envelope
-from mesh.client import MeshClient
+from mesh.client import MeshClient, raise_if_cancelled
 from mesh.errors import BrokerError, NotFound, ValidationError
 from mesh.registry import route_accepts
 from mesh.subjects import (
@@ -114,6 +114,7 @@ async def scan(
             try:
                 msgs = await sub.fetch(batch, timeout=SCAN_FETCH_TIMEOUT_S)
             except (nats_errors.TimeoutError, TimeoutError):
+                raise_if_cancelled()
                 # Nothing came: finished when the consumer has nothing pending.
                 try:
                     ci = await js.consumer_info(stream, name)

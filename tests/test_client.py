@@ -4,12 +4,15 @@ redelivery, broker restarts, size limits, request/reply errors."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
 import pytest
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from mesh.broker import EmbeddedBroker, free_port
 from mesh.client import MeshClient
@@ -346,3 +349,33 @@ async def test_a_request_without_a_source_is_refused(client: MeshClient) -> None
         assert handled == []
     finally:
         await sub.unsubscribe()
+
+
+async def test_a_cancelled_pull_stops_even_when_the_cancellation_is_swallowed(
+    client: MeshClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Python 3.11 nats.py's fetch can turn a cancellation that races its 408 into a
+    plain timeout (asyncio.wait_for, CPython gh-86296). ``pull`` retries timeouts; it must
+    still stop, or whoever cancelled it (``wait_for`` around ``anext``) waits forever.
+    CI once hung 120 s in a test this way."""
+    await add_nats_target(client, "alpha")
+    fetches_after_cancel = 0
+
+    async def fetch_that_swallows(self: object, batch: int = 1, timeout: float = 5) -> list[Msg]:
+        nonlocal fetches_after_cancel
+        task = asyncio.current_task()
+        assert task is not None
+        if task.cancelling():
+            fetches_after_cancel += 1
+            if fetches_after_cancel > 20:
+                raise RuntimeError("pull kept fetching after it was cancelled")
+        # What the race does: the cancellation is gone, a timeout is raised.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(timeout)
+        raise nats.errors.TimeoutError
+
+    monkeypatch.setattr(JetStreamContext.PullSubscription, "fetch", fetch_that_swallows)
+    feed = client.pull("deliver-alpha", expires=0.05)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(anext(feed), 0.2)
+    assert fetches_after_cancel == 0
