@@ -14,6 +14,8 @@ waits for room: backpressure). A message that is refused (no stream, an API erro
 not acknowledged within ``ack_timeout`` is published again, up to ``attempts`` times in
 all, with the same headers: a ``Nats-Msg-Id`` makes the stream drop the copy of one that
 was stored after all. What still fails is handed to ``on_failure`` (the caller logs it).
+Overdue acknowledgements are looked for when the next message is published, while the
+window is full and in ``flush``; ``close`` reports what is still unacknowledged.
 """
 
 from __future__ import annotations
