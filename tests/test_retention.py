@@ -6,11 +6,19 @@ Rows carry explicit times around a fixed cutoff instead of waiting for them to a
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from subprocess import CompletedProcess
 from typing import Any
 
 import pytest
+import structlog
+from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
+from mesh.config import Settings
 from mesh.errors import ValidationError
 from mesh.storage import (
     DeadLetterRow,
@@ -22,6 +30,10 @@ from mesh.storage import (
     Table,
     open_store,
 )
+from services.sink import Sink
+from services.sink_retention import Retention
+from tests.support import eventually, running
+from tests.support.cli import mesh, ok, one_line_error
 
 CUT = datetime(2024, 6, 1, tzinfo=UTC)
 OLD = CUT - timedelta(days=10)
@@ -210,3 +222,142 @@ async def test_prune_refuses_naive_cutoffs_and_empty_batches(store: Store) -> No
         await store.prune(events_before=datetime(2024, 1, 1))
     with pytest.raises(ValidationError, match="at least 1"):
         await store.prune(events_before=CUT, batch_size=0)
+
+
+# The sink ------------------------------------------------------------------------------
+
+
+def pruned_metric(table: str) -> float:
+    return REGISTRY.get_sample_value("mesh_sink_rows_pruned_total", {"table": table}) or 0.0
+
+
+async def test_sink_prunes_by_its_settings_soon_after_start(
+    settings: Settings, db_url: str, store: Store
+) -> None:
+    now = datetime.now(UTC)
+    await store.write_batch(
+        events=[event("old", now - timedelta(days=31)), event("new", now - timedelta(days=29))],
+        deliveries=[
+            attempt("a-old", "old", now - timedelta(days=31)),
+            attempt("a-new", "new", now - timedelta(days=29)),
+        ],
+        health_checks=[health(1, now - timedelta(days=8)), health(2, now - timedelta(days=6))],
+        dead_letters=[dead("d-old", now - timedelta(days=400))],
+    )
+    before = {t: pruned_metric(t) for t in ("events", "deliveries", "health_checks")}
+    sink = Sink(settings.model_copy(update={"db_url": db_url}), fetch_wait=0.2)
+    sink.retention.first_delay = 0  # defaults: events 30 d, heartbeats 7 d, dead letters kept
+    async with running(sink):
+        await eventually(lambda: sink.retention.prunes, 15, "the first prune")
+    assert await ids(store, "events") == {"new"}
+    assert await delivery_ids(store, "old", "new") == {"a-new"}
+    # The 8-day-old sample went, the 6-day-old one stayed (the sink adds its own new ones).
+    week, five_days = now - timedelta(days=7), now - timedelta(days=5)
+    assert (await store.prune(health_checks_before=week, dry_run=True)).health_checks == 0
+    assert (await store.prune(health_checks_before=five_days, dry_run=True)).health_checks == 1
+    assert await ids(store, "dead_letters") == {"d-old"}
+    assert sink.retention.pruned == 3
+    assert pruned_metric("events") - before["events"] == 1
+    assert pruned_metric("deliveries") - before["deliveries"] == 1
+    assert pruned_metric("health_checks") - before["health_checks"] == 1
+
+
+async def test_retention_zero_keeps_everything(store: Store) -> None:
+    await seed(store)
+    before = {t: await store.count(t) for t in Table}
+    forever = Settings(
+        event_retention_days=0, health_retention_days="", dead_letter_retention_days=0
+    )
+    with capture_logs() as logs:
+        retention = Retention(forever, lambda: store, asyncio.Event(), structlog.get_logger())
+        assert not retention.enabled  # the sink starts no prune task at all
+        result = await retention.prune_once(now=NEW + timedelta(days=10_000))
+    assert result is not None and result.total == 0
+    assert {t: await store.count(t) for t in Table} == before
+    [line] = [entry for entry in logs if entry["event"] == "pruned"]
+    assert line["events"] == line["deliveries"] == line["health_checks"] == 0
+
+
+# mesh events prune ---------------------------------------------------------------------
+
+
+async def cli(capsys: pytest.CaptureFixture[str], *args: str) -> CompletedProcess[str]:
+    """``mesh ARGS`` in this process (a subprocess costs a second of imports each), off the
+    event loop: the command runs its own. Settings come from the environment."""
+    from mesh.cli import main
+
+    def call() -> int:
+        try:
+            main(list(args))
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else 1
+        return 0
+
+    code = await asyncio.to_thread(call)
+    out, err = capsys.readouterr()
+    return CompletedProcess(list(args), code, out, err)
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MESH_DB_URL", db_url)
+
+
+@pytest.mark.usefixtures("cli_env")
+async def test_cli_prune_dry_run_confirmation_and_yes(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await seed(store)
+    before = {t: await store.count(t) for t in Table}
+    cut = CUT.isoformat()
+
+    dry = ok(await cli(capsys, "events", "prune", "--older-than", cut, "--dry-run", "--json"))
+    doc = json.loads(dry.stdout)
+    assert doc["dry_run"] is True and doc["cutoffs"]["events"] == cut
+    assert doc["counts"] == {"events": 2, "deliveries": 3}
+    assert {t: await store.count(t) for t in Table} == before
+
+    # No terminal to ask on and no --yes: refused, nothing deleted.
+    refused = await cli(capsys, "events", "prune", "--older-than", cut)
+    one_line_error(refused, "pass --yes", "2 event(s), 3 delivery attempt(s)")
+    assert {t: await store.count(t) for t in Table} == before
+
+    done = ok(
+        await cli(
+            capsys, "events", "prune", "--older-than", cut, "--health-older-than", cut, "--yes"
+        )
+    )
+    assert "pruned 2 event(s), 3 delivery attempt(s), 2 heartbeat sample(s)" in done.stdout
+    assert await store.count(Table.EVENTS) == before[Table.EVENTS] - 2
+    assert await store.count(Table.DEAD_LETTERS) == before[Table.DEAD_LETTERS]
+
+    again = ok(await cli(capsys, "events", "prune", "--older-than", cut, "--yes", "--json"))
+    assert json.loads(again.stdout)["counts"] == {"events": 0, "deliveries": 0}
+
+    # The bare group still lists events.
+    listed = ok(await cli(capsys, "events", "--json", "--limit", "100"))
+    assert {e["id"] for e in json.loads(listed.stdout)} == await ids(store, "events")
+
+
+async def test_cli_prune_bad_input_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MESH_HOME", str(tmp_path / "home"))
+    cases = [
+        ([], "nothing to prune", 1),
+        (["--older-than", "30"], "--older-than: invalid time '30'", 1),
+        (["--older-than", "0d"], "invalid duration '0d'", 1),
+        (["--health-older-than", "2999-01-01T00:00:00Z"], "is in the future", 1),
+        (["--older-than", "30d", "--batch-size", "0"], "--batch-size", 2),
+    ]
+    for args, expected, code in cases:
+        proc = await cli(capsys, "events", "prune", *args)
+        one_line_error(proc, expected)
+        assert proc.returncode == code, (args, proc.returncode)
+    assert not (tmp_path / "home").exists()  # refused before touching the database
+
+    # And through the real entry point once: no traceback, one line, exit 1.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update(MESH_HOME=str(tmp_path / "home"), MESH_CONFIG=str(tmp_path / "none.toml"))
+    one_line_error(await mesh(env, "events", "prune", "--older-than", "soon"), "--older-than")
