@@ -85,9 +85,11 @@ class Settings(BaseSettings):
     log_level: str = "info"
 
     @field_validator(
-        "event_retention_days", "health_retention_days", "dead_letter_retention_days",
+        "event_retention_days",
+        "health_retention_days",
+        "dead_letter_retention_days",
         mode="before",
-    )  # fmt: skip
+    )
     @classmethod
     def _empty_is_forever(cls, value: Any) -> Any:
         return 0.0 if value is None or (isinstance(value, str) and not value.strip()) else value

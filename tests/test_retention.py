@@ -361,3 +361,23 @@ async def test_cli_prune_bad_input_is_one_line(
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     env.update(MESH_HOME=str(tmp_path / "home"), MESH_CONFIG=str(tmp_path / "none.toml"))
     one_line_error(await mesh(env, "events", "prune", "--older-than", "soon"), "--older-than")
+
+
+def test_retention_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mesh.config import load_settings
+    from mesh.errors import ConfigError
+
+    defaults = load_settings()
+    assert (defaults.event_retention_days, defaults.health_retention_days) == (30, 7)
+    assert defaults.dead_letter_retention_days == 0
+    assert defaults.retention_cutoffs(CUT) == {
+        "events_before": CUT - timedelta(days=30),
+        "health_checks_before": CUT - timedelta(days=7),
+        "dead_letters_before": None,
+    }
+    monkeypatch.setenv("MESH_EVENT_RETENTION_DAYS", "")
+    monkeypatch.setenv("MESH_HEALTH_RETENTION_DAYS", "0")
+    assert not load_settings().retention_enabled
+    monkeypatch.setenv("MESH_HEALTH_RETENTION_DAYS", "-1")
+    with pytest.raises(ConfigError, match="MESH_HEALTH_RETENTION_DAYS"):
+        load_settings()
