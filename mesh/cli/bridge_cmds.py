@@ -21,7 +21,7 @@ from mesh.cli._common import (
 from mesh.errors import ValidationError
 from mesh.revocations import Revocation, RevocationKind, RevocationStore, check_reason, who
 from mesh.subjects import validate_name
-from mesh.tokens import issue, key_path, load_key, validate_jti, verify
+from mesh.tokens import MAX_TTL, issue, key_path, load_key, validate_jti, verify
 
 token_app = typer.Typer(help="Credentials for the WebSocket bridge.")
 
@@ -48,6 +48,8 @@ def issue_cmd(
     for source in publish_as:
         validate_name(source, "source name")
     lifetime = parse_duration(ttl)
+    if lifetime > MAX_TTL:
+        raise ValidationError(f"--ttl is at most {MAX_TTL.days}d: a token lives that long at most")
     s = settings()
 
     async def check() -> None:
