@@ -238,12 +238,15 @@ class RevocationView:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def apply(self, rev: Revocation, now: datetime | None = None) -> None:
+    def apply(self, rev: Revocation, now: datetime | None = None) -> bool:
+        """Take an entry in; True if it is news (not seen before in this form)."""
         now = now or datetime.now(UTC)
+        news = self._entries.get(rev.key) != rev
         self._entries[rev.key] = rev
         # Expired entries vanish from the bucket without a marker: forget them here too.
         for key in [k for k, r in self._entries.items() if r.kept_until < now]:
             del self._entries[key]
+        return news
 
     def refusal(self, claims: TokenClaims) -> Revocation | None:
         for key in (f"jti.{claims.jti}", f"target.{claims.target}"):

@@ -206,12 +206,23 @@ class Bridge(Service):
 
     async def _follow_revocations(self) -> None:
         assert self.revocations is not None
+        loading = True
         try:
             async for rev in self.revocations.watch():
                 if rev is None:
+                    if loading:
+                        self.log.info("revocations in force", count=len(self.revoked))
+                    loading = False
                     self.revocations_seen.set()
                     continue
-                self.revoked.apply(rev)
+                if self.revoked.apply(rev) and not loading:
+                    # The token itself is never known here, let alone logged: its id is.
+                    self.log.info(
+                        "bridge token revocation received",
+                        revocation=rev.key,
+                        reason=rev.reason,
+                        by=rev.by,
+                    )
                 for session in list(self._conns):
                     self.close_if_revoked(session, rev)
         except (MeshError, nats_errors.Error, OSError, TimeoutError) as exc:
