@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
+import nats.errors as nats_errors
 import nats.js.errors as js_errors
 import structlog
 from nats.js import JetStreamContext
@@ -33,7 +34,7 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel
 from pydantic import ValidationError as PydValidationError
 
-from mesh.errors import ValidationError
+from mesh.errors import BrokerError, ValidationError
 from mesh.subjects import validate_name
 from mesh.tokens import LEEWAY_S, MAX_TTL, TokenClaims, validate_jti
 
@@ -116,12 +117,18 @@ class RevocationStore:
         ttl = max(1.0, (rev.kept_until - now).total_seconds())
         # A put with a TTL: nats.py's KeyValue.put takes none (create does, but only for a
         # new key, and a target's entry is moved on by a later --all).
-        await self.js.publish(
-            f"$KV.{self.bucket}.{rev.key}",
-            rev.model_dump_json().encode(),
-            stream=f"KV_{self.bucket}",
-            msg_ttl=ttl,
-        )
+        try:
+            await self.js.publish(
+                f"$KV.{self.bucket}.{rev.key}",
+                rev.model_dump_json().encode(),
+                stream=f"KV_{self.bucket}",
+                msg_ttl=ttl,
+            )
+        except (nats_errors.Error, TimeoutError) as exc:
+            # e.g. a server before 2.11, which knows no per-message TTL
+            raise BrokerError(
+                f"cannot store the revocation in {self.bucket}: {str(exc) or type(exc).__name__}"
+            ) from None
 
     async def revoke_token(
         self,
