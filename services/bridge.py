@@ -105,7 +105,6 @@ class Bridge(Service):
         self._accepting = False
         self.revocations: RevocationStore | None = None
         self.revoked = RevocationView()  # what the watch has seen, for sessions already in
-        self.revocations_seen = asyncio.Event()  # the watch has read the bucket once
         self.counts = {
             "connections": 0,
             "frames_in": 0,
@@ -213,7 +212,6 @@ class Bridge(Service):
                     if loading:
                         self.log.info("revocations in force", count=len(self.revoked))
                     loading = False
-                    self.revocations_seen.set()
                     continue
                 if self.revoked.apply(rev) and not loading:
                     # The token itself is never known here, let alone logged: its id is.
