@@ -285,3 +285,23 @@ async def test_a_revocation_goes_once_its_token_has_expired(mesh: MeshClient) ->
         return {r.id for r in await store.list()} == {"2" * 32}
 
     await eventually(only_the_live_one, timeout=15, what="the expired entry to go")
+
+
+async def test_a_session_admitted_while_a_revocation_lands_is_closed(
+    bridge: Bridge, settings: Settings, http: aiohttp.ClientSession
+) -> None:
+    # The bucket read at admission found nothing, but the watch has the revocation by the
+    # time the session registers (written in between): the session closes itself.
+    tok = token(settings)
+    now = dt.datetime.now(dt.UTC)
+    bridge.revoked.apply(
+        Revocation(
+            kind=RevocationKind.TOKEN,
+            id=claims_of(settings, tok).jti,
+            reason="raced",
+            revoked_at=now,
+            kept_until=now + dt.timedelta(hours=1),
+        )
+    )
+    ws = await connect(http, bridge, tok, mode="tail")
+    assert await closed_with(ws) == "token revoked: raced"
