@@ -14,12 +14,15 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 import jwt
+import nats.errors as nats_errors
 import pytest
 
 from mesh import tokens
+from mesh.broker import EmbeddedBroker
 from mesh.cli import main as cli_main
 from mesh.client import MeshClient
 from mesh.config import Settings
+from mesh.errors import MeshError
 from mesh.registry import Target, TargetKind
 from mesh.revocations import Revocation, RevocationKind, RevocationStore, RevocationView
 from services.bridge import Bridge
@@ -305,3 +308,30 @@ async def test_a_session_admitted_while_a_revocation_lands_is_closed(
     )
     ws = await connect(http, bridge, tok, mode="tail")
     assert await closed_with(ws) == "token revoked: raced"
+
+
+@pytest.mark.slow
+async def test_revocation_after_a_broker_restart_still_closes_sessions(
+    make_bridge: Callable[..., Awaitable[Bridge]],
+    settings: Settings,
+    mesh: MeshClient,
+    broker: EmbeddedBroker,
+    http: aiohttp.ClientSession,
+) -> None:
+    b = await make_bridge(tail_heartbeat_s=0.5)
+    tok = token(settings)
+    ws = await connect(http, b, tok, mode="tail")
+    store = await store_of(mesh)
+    await broker.astop()
+    await broker.astart()
+    await asyncio.wait_for(mesh.connected_event.wait(), 20)
+    await eventually(lambda: b.client.reconnects >= 1, timeout=20, what="the bridge to reconnect")
+    deadline = time.monotonic() + 20
+    while True:  # JetStream may need a moment after the restart
+        try:
+            await store.revoke_token(claims_of(settings, tok).jti, reason="after restart")
+            break
+        except (MeshError, nats_errors.Error) as exc:
+            assert time.monotonic() < deadline, exc
+            await asyncio.sleep(0.2)
+    assert await closed_with(ws, timeout=30) == "token revoked: after restart"
