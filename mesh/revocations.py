@@ -72,7 +72,9 @@ class Revocation(BaseModel):
         why = f": {self.reason}" if self.reason else ""
         if self.kind == RevocationKind.TOKEN:
             return f"token revoked{why}"
-        return f"token revoked (all tokens of target {self.id} issued before it){why}"
+        assert self.not_before is not None
+        cut = self.not_before.astimezone(UTC).isoformat(timespec="seconds")
+        return f"token revoked (target {self.id}: all tokens issued before {cut}){why}"
 
 
 def who() -> str:
