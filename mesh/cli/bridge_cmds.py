@@ -83,7 +83,7 @@ def issue_cmd(
 @token_app.command("revoke")
 def revoke_cmd(
     jti: str | None = typer.Argument(
-        None, help="The token's id (jti), printed by `mesh token issue`."
+        None, metavar="JTI", help="The token's id (jti), printed by `mesh token issue`."
     ),
     target: str | None = typer.Option(
         None, "--target", help="With --all: the target whose tokens to revoke."
@@ -91,7 +91,9 @@ def revoke_cmd(
     all_tokens: bool = typer.Option(
         False, "--all", help="Revoke every token of --target issued before now."
     ),
-    reason: str = typer.Option("", "--reason", help="Why (shown to refused clients, audited)."),
+    reason: str = typer.Option(
+        "", "--reason", help="Why: kept with the revocation, logged, and sent to refused clients."
+    ),
 ) -> None:
     """Revoke one bridge token, or every token of a target; bridges close their sessions."""
     if jti is not None and (target is not None or all_tokens):
