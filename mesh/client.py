@@ -43,6 +43,7 @@ from mesh.errors import (
     ValidationError,
 )
 from mesh.observability import METRICS
+from mesh.pullfeed import PullFeed
 from mesh.records import DeliveryRecord, Outcome, dead_letter_headers
 from mesh.registry import Propagation, PropagationMode, Registry, Target, route_accepts
 from mesh.streams import Provisioner, StreamNames, ensure_streams
@@ -121,19 +122,35 @@ class RouteCache:
         self.registry = registry
         self._routes: dict[str, list[tuple[str, str | None]]] = {}
         self._revision: dict[str, int] = {}
+        self._first: dict[str, asyncio.Lock] = {}
 
     async def accepts(self, target: str, source: str, event_type: str) -> bool:
         routes = self._routes.get(target)
         if routes is not None and route_accepts(routes, source, event_type):
             return True
+        if routes is None:
+            # The first read of a target's routes, once: a whole fetched batch misses
+            # together (an egress starting on a backlog), and each event reading the
+            # registry for itself cost a status request and two KV listings apiece.
+            async with self._first.setdefault(target, asyncio.Lock()):
+                if target not in self._routes:
+                    await self._read(target)
+            routes = self._routes[target]
+            if route_accepts(routes, source, event_type):
+                return True
         # Read the revision before the routes: a change in between makes the next miss
         # look again rather than trust stale routes.
         revision = await self.registry.revision()
-        if routes is not None and self._revision.get(target) == revision:
+        if self._revision.get(target) == revision:
             return False
+        await self._read(target, revision)
+        return route_accepts(self._routes[target], source, event_type)
+
+    async def _read(self, target: str, revision: int | None = None) -> None:
+        if revision is None:
+            revision = await self.registry.revision()
         self._routes[target] = await self.registry.routes_for(target)
         self._revision[target] = revision
-        return route_accepts(self._routes[target], source, event_type)
 
 
 class MeshClient:
@@ -555,7 +572,7 @@ class MeshClient:
         failing.
         """
         stream = stream or self.names.events
-        sub: JetStreamContext.PullSubscription | None = None
+        feed: PullFeed | None = None
         backoff = 0.1
         failures = 0
         try:
@@ -563,9 +580,9 @@ class MeshClient:
                 if self.nc.is_closed:
                     return
                 try:
-                    if sub is None:
-                        sub = await self.js.pull_subscribe_bind(consumer, stream=stream)
-                    msgs = await sub.fetch(batch, timeout=expires)
+                    if feed is None:
+                        feed = await PullFeed(self.nc, stream, consumer).open()
+                    msgs = await feed.fetch(batch, timeout=expires)
                     backoff = 0.1
                     failures = 0
                 except (nats_errors.TimeoutError, TimeoutError):
@@ -579,10 +596,9 @@ class MeshClient:
                     gone = isinstance(
                         exc, js_errors.NotFoundError | js_errors.ServiceUnavailableError
                     )
-                    if sub is not None and (gone or failures >= PULL_RESUBSCRIBE_AFTER):
-                        with contextlib.suppress(Exception):
-                            await sub.unsubscribe()
-                        sub = None
+                    if feed is not None and (gone or failures >= PULL_RESUBSCRIBE_AFTER):
+                        await feed.close()
+                        feed = None
                         failures = 0
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
@@ -590,10 +606,10 @@ class MeshClient:
                 if msgs:
                     yield msgs
         finally:
-            # A closed generator (break, aclose) must not leave its inbox subscribed.
-            if sub is not None:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+            # A closed generator (break, aclose) must not leave its inbox subscribed; what
+            # arrived for it and was never handed out goes back (nak) at once.
+            if feed is not None:
+                await feed.close()
 
     async def consume(
         self,

@@ -7,10 +7,11 @@ working directory, or the file named by ``MESH_CONFIG``), then defaults.
 from __future__ import annotations
 
 import os
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -54,6 +55,20 @@ class Settings(BaseSettings):
     encryption: bool = True
     key_rotation_days: int = 90
 
+    # Retention: the sink deletes older rows every prune_interval_s (and soon after it
+    # starts), prune_batch rows per transaction. 0 (or empty) keeps a table forever.
+    # Events with their delivery attempts: a month answers "what happened to order X"
+    # well past any retry or replay window (MESH_EVENTS keeps 7 days).
+    event_retention_days: float = Field(default=30.0, ge=0)
+    # Heartbeat samples (one a minute per instance, more on status changes): a week
+    # covers an incident review; older samples are noise.
+    health_retention_days: float = Field(default=7.0, ge=0)
+    # Dead letters: kept. A dead letter is undelivered work, and once MESH_DLQ ages it
+    # out (30 days) the row may be the last copy of the event.
+    dead_letter_retention_days: float = Field(default=0.0, ge=0)
+    prune_interval_s: float = Field(default=3600.0, gt=0)
+    prune_batch: int = Field(default=1000, ge=1, le=50_000)
+
     # Services.
     http_port: int = Field(default=9400, ge=0, le=65535)
     bridge_port: int = Field(default=9401, ge=0, le=65535)
@@ -68,6 +83,16 @@ class Settings(BaseSettings):
     drain_timeout_s: float = 10.0
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
+
+    @field_validator(
+        "event_retention_days",
+        "health_retention_days",
+        "dead_letter_retention_days",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_forever(cls, value: Any) -> Any:
+        return 0.0 if value is None or (isinstance(value, str) and not value.strip()) else value
 
     @model_validator(mode="after")
     def _derive_paths(self) -> Settings:
@@ -122,6 +147,24 @@ class Settings(BaseSettings):
     @property
     def metrics_dir(self) -> Path:
         return self.home / "metrics"
+
+    @property
+    def retention_enabled(self) -> bool:
+        return any(
+            (self.event_retention_days, self.health_retention_days, self.dead_letter_retention_days)
+        )
+
+    def retention_cutoffs(self, now: datetime) -> dict[str, datetime | None]:
+        """``Store.prune`` keyword arguments for the retention periods, as of ``now``."""
+
+        def cutoff(days: float) -> datetime | None:
+            return now - timedelta(days=days) if days > 0 else None
+
+        return {
+            "events_before": cutoff(self.event_retention_days),
+            "health_checks_before": cutoff(self.health_retention_days),
+            "dead_letters_before": cutoff(self.dead_letter_retention_days),
+        }
 
     def connect_options(self) -> dict[str, Any]:
         """Keyword arguments for ``nats.connect`` (credentials and TLS passed through)."""

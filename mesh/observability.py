@@ -294,6 +294,12 @@ class Metrics:
         self.sink_rows_written = Counter(
             "mesh_sink_rows_written", "Rows written by the sink", ["table"], registry=registry
         )
+        self.sink_rows_pruned = Counter(
+            "mesh_sink_rows_pruned",
+            "Rows deleted by the sink's retention",
+            ["table"],
+            registry=registry,
+        )
         self.bridge_connections = Gauge(
             "mesh_bridge_connections", "Open WebSocket connections", registry=registry
         )

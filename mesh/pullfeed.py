@@ -14,12 +14,11 @@ A message that arrives after its fetch gave up (a late answer to an expired requ
 is kept and handed out first by the next fetch, never dropped; ``close`` gives back
 (naks) whatever is still kept.
 
-Not yet used by ``MeshClient.pull``: wired in, it halves fetch CPU (56 -> 27 us per
-message, docs/PERFORMANCE.md) and passes the client, fault and propagation tests, but
-two egress instances sharing a rate-limited target then split a burst unevenly (one
-fetches ahead up to its in-flight limit plus a batch, 48 events at 10/s, while the
-other idles), and test_rate_limit_holds_across_two_instances sees 13-16/s for 20/s.
-The egress should bound what it holds by its rate share first.
+``MeshClient.pull`` (so the egress, the sink, the bridge feeds and ``mesh consume``)
+fetches through it: it halves fetch CPU (56 -> 27 us per message, docs/PERFORMANCE.md).
+It was held back until the egress bounded what a rate-limited worker holds by its rate
+share (services/egress_worker.py, ``RATE_AHEAD_S``): with the faster fetch, two
+instances sharing a rate-limited target otherwise split a burst unevenly.
 """
 
 from __future__ import annotations

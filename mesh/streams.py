@@ -26,10 +26,13 @@ from nats.js.api import (
 )
 
 from mesh.config import Settings
+from mesh.errors import NotFound
 from mesh.registry import Registry, Target, TargetKind, compute_routes
 from mesh.subjects import Subjects, reduce_filters
 
 MIN_ACK_WAIT_S = 30.0
+# A reconcile that saw the registry change under it reads and applies it again, this often.
+RECONCILE_ROUNDS = 5
 
 
 @dataclass(frozen=True)
@@ -154,8 +157,27 @@ class Provisioner:
     async def reconcile_target(
         self, target: Target, routes: list[tuple[str, str | None]] | None = None
     ) -> ConsumerInfo:
-        if routes is None:
-            routes = await self.registry.routes_for(target.name)
+        """Create or update ``target``'s consumer from the registry (or from ``routes``).
+
+        Reading the registry and writing the consumer are two steps, and other processes
+        reconcile too (the CLI after each change, a service finding a consumer missing).
+        A reconcile whose reading went stale meanwhile (a propagation added in between,
+        and its own reconcile already applied) would write the old filters over the new
+        ones, and the target would silently stop receiving. So the registry revision is
+        compared after the write: when it moved, the registry is read and applied again.
+        """
+        if routes is not None:
+            return await self._apply(target, routes)
+        for _ in range(RECONCILE_ROUNDS):
+            revision = await self.registry.revision()
+            info = await self._apply(target, await self.registry.routes_for(target.name))
+            if await self.registry.revision() == revision:
+                return info
+            with contextlib.suppress(NotFound):  # a removed target is reconcile_all's
+                target = await self.registry.get_target(target.name)
+        return info
+
+    async def _apply(self, target: Target, routes: list[tuple[str, str | None]]) -> ConsumerInfo:
         cfg = consumer_config(
             target,
             filters_for(self.subjects, target.name, routes),
@@ -174,13 +196,25 @@ class Provisioner:
         return await self.js.add_consumer(self.names.events, cfg)
 
     async def reconcile_all(self) -> dict[str, list[str]]:
-        """Bring every deliver-* consumer in line; returns target -> filters."""
+        """Bring every deliver-* consumer in line; returns target -> filters.
+
+        Like ``reconcile_target``, done again when the registry changed meanwhile.
+        """
+        result: dict[str, list[str]] = {}
+        for _ in range(RECONCILE_ROUNDS):
+            revision = await self.registry.revision()
+            result = await self._reconcile_all_once()
+            if await self.registry.revision() == revision:
+                break
+        return result
+
+    async def _reconcile_all_once(self) -> dict[str, list[str]]:
         targets = await self.registry.list_targets()
         props = await self.registry.list_propagations()
         names = {t.name for t in targets}
         result: dict[str, list[str]] = {}
         for t in targets:
-            info = await self.reconcile_target(t, compute_routes(t.name, props, names))
+            info = await self._apply(t, compute_routes(t.name, props, names))
             result[t.name] = list(info.config.filter_subjects or [])
         async for name in self._deliver_consumers():
             if name.removeprefix("deliver-") not in names:

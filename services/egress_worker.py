@@ -11,13 +11,17 @@ The attempt number is the broker's delivery count (``num_delivered``), so retrie
 crashes: a retry is a delayed redelivery held by the broker, never an in-process sleep.
 At most ``max_in_flight`` requests of a target are on the wire and one more batch is
 fetched ahead, so memory stays flat whatever the backlog; an ordered target's consumer
-allows one unacknowledged message, so it has one request out, in order.
+allows one unacknowledged message, so it has one request out, in order. A rate-limited
+target's worker holds no more than ``RATE_AHEAD_S`` of its rate share (at least two
+messages): what it holds only waits for tokens, and instances sharing the target must
+not take a burst from each other (one holding 48 events at 10/s while the other idles).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -46,6 +50,9 @@ if TYPE_CHECKING:
 
 FETCH_EXPIRES_S = 2.0
 MAX_BATCH = 64
+# A rate-limited worker holds at most this many seconds of its rate share (at least two
+# messages, one being sent and one waiting for its token): a fetch takes milliseconds.
+RATE_AHEAD_S = 0.1
 WAKE_S = 1.0  # safety net for every wait on a state change
 
 
@@ -75,17 +82,18 @@ class TargetWorker(Outcomes):
             resume=self._resume,
         )
         self.circuit.listeners.append(self._kick)
+        self.halt = asyncio.Event()
+        self.fetch_stop = asyncio.Event()
+        self._changed = asyncio.Event()
         self.limiter: RateLimiter | None = None
         self.configure_rate()
         self.held = 0  # messages fetched and not yet finished
+        self._fetch_at = 0  # the fetch loop waits for held <= this
         self.on_wire = 0  # requests in progress
         self.http_slots = asyncio.Semaphore(self._limit())
         self._slots_for = self._limit()
         self.tasks: set[asyncio.Task[None]] = set()
         self.sending: set[asyncio.Task[None]] = set()
-        self.halt = asyncio.Event()
-        self.fetch_stop = asyncio.Event()
-        self._changed = asyncio.Event()
         self._held: dict[int, tuple[Msg, float]] = {}  # id(msg) -> (msg, last keep-alive)
         self.ack_wait = 30.0
         self._signer: Signer | None = None
@@ -129,6 +137,7 @@ class TargetWorker(Outcomes):
             self.limiter = RateLimiter(share)
         elif self.limiter.rate != share:
             self.limiter.set_rate(share)
+            self._changed.set()  # what the worker may hold changed: re-plan the fetch
 
     def signer(self) -> Signer:
         now = time.time()
@@ -147,10 +156,26 @@ class TargetWorker(Outcomes):
     def _limit(self) -> int:
         return 1 if self.target.ordered else self.target.max_in_flight
 
+    def _rate_hold(self) -> int | None:
+        """At most this many messages held for a rate-limited target (None: no limit)."""
+        if self.limiter is None:
+            return None
+        return max(2, math.ceil(self.limiter.rate * RATE_AHEAD_S))
+
     def _batch(self) -> int:
         if self.target.ordered or self.circuit.state is CircuitState.HALF_OPEN:
             return 1
-        return max(1, min(MAX_BATCH, self._limit() // 2))
+        hold = self._rate_hold()
+        cap = self._limit() if hold is None else min(self._limit(), hold)
+        return max(1, min(MAX_BATCH, cap // 2))
+
+    def _fetch_below(self, batch: int) -> int:
+        """Fetch the next batch once at most this many messages are held: ``limit`` on
+        the wire plus one batch ahead, or a rate-limited target's hold less a batch."""
+        hold = self._rate_hold()
+        if hold is None:
+            return self._limit()
+        return max(0, min(self._limit(), hold - batch))
 
     def may_fetch(self) -> bool:
         if self.halt.is_set():
@@ -241,10 +266,12 @@ class TargetWorker(Outcomes):
 
     async def _room(self, batch: int) -> None:
         """Wait until the next batch fits: at most ``limit`` requests on the wire plus one
-        batch fetched ahead, so a freed slot never waits for a fetch round trip."""
+        batch fetched ahead, so a freed slot never waits for a fetch round trip (for a
+        rate-limited target, at most its rate hold)."""
         while not self.halt.is_set():
             self._changed.clear()
-            if self.held <= self._limit():
+            self._fetch_at = self._fetch_below(batch)
+            if self.held <= self._fetch_at:
                 return
             await self._wait_changed()
 
@@ -259,7 +286,7 @@ class TargetWorker(Outcomes):
         self.sending.discard(task)
         self.held -= 1
         # Wake the fetch loop only when it may act: room for a batch, or nothing held.
-        if self.held == self._limit() or self.held == 0:
+        if self.held == self._fetch_at or self.held == 0:
             self._kick()
         if not task.cancelled() and task.exception() is not None:
             self.log.error("delivery task failed", error=repr(task.exception()))

@@ -12,8 +12,9 @@ fetches nothing more; ``db_ok`` says so for readiness. Payloads are stored as
 they are in JetStream: the sink never decrypts.
 
 It also mirrors the registry (targets and propagations) into the ``services``
-and ``propagations`` tables, with an audit row for each change, and keeps a
-sample of heartbeats in ``health_checks``.
+and ``propagations`` tables, with an audit row for each change, keeps a
+sample of heartbeats in ``health_checks``, and prunes rows past their retention
+period (``services.sink_retention``).
 
 Run alone with ``python -m services.sink`` or ``mesh serve sink``.
 """
@@ -49,6 +50,7 @@ from mesh.storage import (
     open_store,
 )
 from services.base import Service
+from services.sink_retention import Retention
 from services.sink_rows import (
     Row,
     dead_letter_row,
@@ -110,6 +112,7 @@ class Sink(Service):
         self._health_last: dict[tuple[str, str], tuple[float, str]] = {}
         self._health_sub: Subscription | None = None
         self._pulls: list[asyncio.Task[Any]] = []
+        self.retention = Retention(settings, lambda: self.store, self.stopping, self.log)
         self.counts: dict[str, int] = {
             "events": 0,
             "deliveries": 0,
@@ -147,6 +150,8 @@ class Sink(Service):
         ]
         self.spawn(self._db_loop(), name="sink-db")
         self.spawn(self._mirror_loop(), name="sink-registry")
+        if self.retention.enabled:
+            self.spawn(self.retention.run(), name="sink-retention")
 
     async def on_drain(self, timeout: float) -> None:
         # Pull loops see ``stopping`` once the batch in hand is written and acked.
@@ -169,6 +174,7 @@ class Sink(Service):
             "db_error": self.db_error,
             "backend": backend_of(self.settings.database_url),
             **self.counts,
+            "pruned": self.retention.pruned,
         }
 
     # Database -----------------------------------------------------------------

@@ -36,6 +36,7 @@ from nats.aio.subscription import Subscription
 
 from mesh.config import Settings
 from mesh.errors import DecodeError, NotFound
+from mesh.pubpipe import PubPipe
 from mesh.records import DeliveryRecord
 from mesh.registry import TargetKind, TargetStatus
 from services.base import Service
@@ -71,12 +72,14 @@ class WebhookEgress(Service):
         self._sync_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
         self._peer_sub: Subscription | None = None
+        self._records: PubPipe | None = None
         self._records_failed = 0
 
     # Lifecycle ----------------------------------------------------------------
 
     async def on_start(self) -> None:
         self.client._keyring_or_none()  # a missing or bad key file stops the start, not a delivery
+        self._records = await PubPipe(self.client.nc, on_failure=self._record_failed).open()
         events = self.client.names.events
         bucket = events.removesuffix("_EVENTS") + "_CIRCUITS"
         self.circuits = await CircuitStore.open(
@@ -110,8 +113,10 @@ class WebhookEgress(Service):
             with contextlib.suppress(Exception):
                 await self._peer_sub.unsubscribe()
         # Let the last delivery records reach the broker.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.client.js.publish_async_completed(), 2.0)
+        if self._records is not None:
+            with contextlib.suppress(Exception):
+                await self._records.flush(2.0)
+            await self._records.close()
         await self.http.close()
 
     # Targets ------------------------------------------------------------------
@@ -254,35 +259,31 @@ class WebhookEgress(Service):
     # Records ------------------------------------------------------------------
 
     async def record(self, rec: DeliveryRecord) -> None:
-        """Publish a delivery-attempt record, pipelined (its ack is checked, not awaited)."""
+        """Publish a delivery-attempt record, pipelined: its acknowledgement is checked in
+        the background (mesh/pubpipe.py: a refused or unacknowledged record is published
+        again, the same ``Nats-Msg-Id`` keeping it single). Waits only while 1,024 records
+        are unacknowledged: a stalled broker holds the delivery here, which stops fetching
+        (backpressure)."""
+        pipe = self._records
         try:
-            fut = await self.client.js.publish_async(
+            if pipe is None:
+                raise RuntimeError("the egress is not started")
+            await pipe.publish(
                 self.client.subjects.delivery(rec.target),
                 _record_bytes(rec),
-                headers={"Nats-Msg-Id": rec.id},
-                # No stall timeout: a timed wait costs a task per record; a stalled broker
-                # holds the delivery here, which stops fetching (backpressure).
-                wait_stall=None,
+                {"Nats-Msg-Id": rec.id},
+                rec,
             )
         except Exception as exc:
-            self._record_failed(rec, exc)
-            return
-        fut.add_done_callback(lambda f: self._record_done(rec, f))
+            self._record_failed(rec, str(exc) or type(exc).__name__)
 
-    def _record_done(self, rec: DeliveryRecord, fut: asyncio.Future[Any]) -> None:
-        if fut.cancelled():
-            return
-        exc = fut.exception()
-        if exc is not None:
-            self._record_failed(rec, exc)
-
-    def _record_failed(self, rec: DeliveryRecord, exc: BaseException) -> None:
+    def _record_failed(self, rec: DeliveryRecord, error: str) -> None:
         self._records_failed += 1
         self.log.warning(
             "delivery record not published",
             target=rec.target,
             event_id=rec.event_id,
-            error=str(exc) or type(exc).__name__,
+            error=error,
         )
 
     # Heartbeat ----------------------------------------------------------------

@@ -12,7 +12,6 @@ from pathlib import Path
 import nats
 import pytest
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 from mesh.broker import EmbeddedBroker, free_port
 from mesh.client import MeshClient
@@ -28,6 +27,7 @@ from mesh.errors import (
     RequestTimeout,
     ValidationError,
 )
+from mesh.pullfeed import PullFeed
 from mesh.registry import PropagationMode, Target, TargetKind
 from tests.conftest import add_nats_target
 from tests.support.feeds import collect, eventually, queued, stream_count
@@ -374,7 +374,9 @@ async def test_a_cancelled_pull_stops_even_when_the_cancellation_is_swallowed(
             await asyncio.sleep(timeout)
         raise nats.errors.TimeoutError
 
-    monkeypatch.setattr(JetStreamContext.PullSubscription, "fetch", fetch_that_swallows)
+    # pull fetches through PullFeed (its own wait cannot drop a cancellation, but the
+    # guard must hold whatever fetch it uses).
+    monkeypatch.setattr(PullFeed, "fetch", fetch_that_swallows)
     feed = client.pull("deliver-alpha", expires=0.05)
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(anext(feed), 0.2)

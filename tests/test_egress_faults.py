@@ -150,7 +150,8 @@ async def test_two_instances_send_exactly_one_probe(
         await eventually(
             lambda: a.stats()["circuits"]["hook"] == b.stats()["circuits"]["hook"] == "closed"
         )
-        assert a.stats()["delivered"] + b.stats()["delivered"] >= 12
+        # The receiver counts a request when it arrives; an instance counts it once settled.
+        await eventually(lambda: a.stats()["delivered"] + b.stats()["delivered"] >= 12)
     finally:
         await asyncio.gather(a.stop(), b.stop())
 
@@ -201,6 +202,33 @@ async def test_rate_limit_holds(settings: Settings, client: MeshClient, rx: Rece
             window = [x for x in reqs if r.at <= x.at < r.at + 1.0]
             assert len(window) <= rate * 1.1 + 2, (round(r.at - start, 2), len(window))
     finally:
+        await egress.stop()
+
+
+async def test_a_rate_limited_worker_holds_no_more_than_its_rate_allows(
+    settings: Settings, client: MeshClient, rx: Receiver
+) -> None:
+    # 10/s: what it holds waits for tokens, so it holds max(2, 10/s * 0.1 s) = 2 at most,
+    # leaving the rest of a burst to other instances (not 32 in flight plus a batch).
+    await add_webhook(client, "hook", rx.url, rate=10.0, max_in_flight=32)
+    await client.publish_many([client.build("shop", "a.b", {"i": i}) for i in range(12)])
+    egress = await start_egress(settings)
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            worker = egress.workers.get("hook")
+            if worker is not None:
+                peak = max(peak, worker.held)
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await rx.wait_for(12, unique=True, timeout=20)
+        assert 1 <= peak <= 2, peak
+    finally:
+        watcher.cancel()
         await egress.stop()
 
 

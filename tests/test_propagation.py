@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from mesh.client import MeshClient, Reply
+from mesh.config import Settings
 from mesh.envelope import Event
 from mesh.registry import PropagationMode
 from tests.conftest import add_nats_target
@@ -244,3 +247,31 @@ async def test_over_the_hop_limit_is_skipped(client: MeshClient) -> None:
     await client.js.publish("mesh.evt.shop.x", b"1", headers=headers)
     ok = await client.publish("shop", "x", 2)
     assert [e.id for e in await collect(client, "billing", 1)] == [ok]
+
+
+async def test_a_stale_reconcile_does_not_undo_a_newer_one(
+    client: MeshClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service reconciling a consumer (it found it missing) read the registry just
+    before a propagation was added elsewhere, whose own reconcile then applied first:
+    the stale write must not leave the target without the new filters. (Seen as a
+    freshly added target that received nothing, under load.)"""
+    await targets(client, "billing")
+    target = await client.registry.get_target("billing")
+    read_routes = client.registry.routes_for
+    changed = False
+
+    async def stale_read(name: str) -> list[tuple[str, str | None]]:
+        nonlocal changed
+        routes = await read_routes(name)
+        if not changed:
+            changed = True
+            async with MeshClient(settings, name="elsewhere") as other:
+                await other.add_propagation(UNI, "shop", ["billing"])  # writes, reconciles
+        return routes
+
+    monkeypatch.setattr(client.registry, "routes_for", stale_read)
+    await client.provisioner.reconcile_target(target)
+    assert changed
+    event_id = await client.publish("shop", "order.created", 1)
+    assert [e.id for e in await collect(client, "billing", 1)] == [event_id]

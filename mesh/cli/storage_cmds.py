@@ -1,4 +1,5 @@
-"""Queries of what the sink stored: ``mesh events`` and ``mesh deliveries --event ID``.
+"""What the sink stored: ``mesh events``, ``mesh deliveries --event ID`` and
+``mesh events prune``.
 
 Payloads are ciphertext in the database; they are decrypted here, for display
 only, with the key ring. Without a usable key the data column says so.
@@ -15,20 +16,33 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from mesh.cli._common import arun, console, err_console, parse_time, print_json, settings
+from mesh.cli._common import (
+    arun,
+    confirm,
+    console,
+    err_console,
+    parse_time,
+    print_json,
+    say,
+    settings,
+)
 from mesh.config import Settings
 from mesh.crypto import KeyRing
 from mesh.envelope import OCTETS, decode_data, to_jsonable
-from mesh.errors import MeshError, NotFound
-from mesh.storage import DeliveryRow, EventRow, Store, open_store
+from mesh.errors import MeshError, NotFound, ValidationError
+from mesh.storage import DeliveryRow, EventRow, PruneResult, Store, open_store
 from mesh.subjects import validate_name
 
 DATA_WIDTH = 40
 T = TypeVar("T")
 
+# A group whose bare form still lists events: `mesh events [--source S ...]`, and
+# `mesh events prune ...` beside it.
+events_app = typer.Typer(add_completion=False)
+
 
 def register(app: typer.Typer) -> None:
-    app.command("events")(events)
+    app.add_typer(events_app, name="events")
     app.command("deliveries")(deliveries)
 
 
@@ -126,7 +140,9 @@ async def _query(s: Settings, fn: Callable[[Store], Awaitable[T]]) -> T:
         await store.close()
 
 
+@events_app.callback(invoke_without_command=True)
 def events(
+    ctx: typer.Context,
     source: str | None = typer.Option(None, "--source", help="Only events from this source."),
     type_: str | None = typer.Option(
         None, "--type", help="An event type or a pattern (order.*, order.>)."
@@ -135,7 +151,12 @@ def events(
     limit: int = typer.Option(20, "--limit", min=1, max=100_000, help="At most this many."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document, data included."),
 ) -> None:
-    """Stored events, newest first, with their data decrypted for display."""
+    """Stored events, newest first, with their data decrypted for display.
+
+    `mesh events prune` deletes old ones.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     s = settings()
     if source is not None:
         validate_name(source, "source name")
@@ -207,4 +228,108 @@ def deliveries(
     )
 
 
-__all__ = ["deliveries", "events", "register"]
+# Retention -------------------------------------------------------------------------
+
+_PRUNED = {
+    "events": "event(s)",
+    "deliveries": "delivery attempt(s)",
+    "health_checks": "heartbeat sample(s)",
+    "dead_letters": "dead letter(s)",
+}
+
+
+def _cutoff(option: str, text: str | None, now: datetime) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        when = parse_time(text, now)
+    except ValidationError as exc:
+        raise ValidationError(f"{option}: {exc}") from None
+    if when > now:
+        raise ValidationError(
+            f"{option} {text!r} is in the future: that would delete everything;"
+            " give an age (30d) or a past time"
+        )
+    return when
+
+
+@events_app.command("prune")
+def prune(
+    older_than: str | None = typer.Option(
+        None,
+        "--older-than",
+        help="Events stored before this (30d, 12h or an ISO 8601 time), with their delivery"
+        " attempts; an event with an attempt after it stays.",
+    ),
+    health_older_than: str | None = typer.Option(
+        None, "--health-older-than", help="Heartbeat samples (health_checks) before this."
+    ),
+    dead_letters_older_than: str | None = typer.Option(
+        None,
+        "--dead-letters-older-than",
+        help="Dead-letter rows before this (the MESH_DLQ stream is `mesh dlq purge`).",
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", min=1, max=50_000, help="Rows per transaction (MESH_PRUNE_BATCH)."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Count what would go; delete nothing."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Delete stored rows older than a cutoff, in batches (asks first unless --yes).
+
+    The sink does this by itself by MESH_EVENT_RETENTION_DAYS and
+    MESH_HEALTH_RETENTION_DAYS; the audit log is never pruned.
+    """
+    s = settings()
+    now = datetime.now(UTC)
+    events_before = _cutoff("--older-than", older_than, now)
+    health_before = _cutoff("--health-older-than", health_older_than, now)
+    dead_before = _cutoff("--dead-letters-older-than", dead_letters_older_than, now)
+    cutoffs = {"events": events_before, "health_checks": health_before, "dead_letters": dead_before}
+    if all(c is None for c in cutoffs.values()):
+        raise ValidationError(
+            "nothing to prune: give --older-than, --health-older-than or --dead-letters-older-than"
+        )
+    asked = [t for t in _PRUNED if cutoffs["events" if t == "deliveries" else t] is not None]
+
+    def listed(result: PruneResult) -> str:
+        counts = result.as_dict()
+        return ", ".join(f"{counts[t]} {_PRUNED[t]}" for t in asked)
+
+    async def run(store: Store) -> PruneResult:
+        async def go(dry: bool) -> PruneResult:
+            return await store.prune(
+                events_before=events_before,
+                health_checks_before=health_before,
+                dead_letters_before=dead_before,
+                batch_size=batch_size or s.prune_batch,
+                dry_run=dry,
+            )
+
+        if dry_run or not yes:
+            plan = await go(True)
+            if dry_run or plan.total == 0:
+                return plan
+            confirm(f"pruning {listed(plan)}", f"delete {listed(plan)} for good?")
+        return await go(False)
+
+    result = arun(_query(s, run))
+    if as_json:
+        print_json(
+            {
+                "dry_run": dry_run,
+                "cutoffs": {k: None if v is None else v.isoformat() for k, v in cutoffs.items()},
+                "counts": {t: result.as_dict()[t] for t in asked},
+            }
+        )
+        return
+    if result.total == 0:
+        say("nothing to prune: no rows older than the cutoff")
+    elif dry_run:
+        say(f"would prune {listed(result)}")
+    else:
+        say(f"pruned {listed(result)}")
+
+
+__all__ = ["deliveries", "events", "prune", "register"]

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 from mesh.errors import StorageError
 from mesh.storage import _registry as reg
 from mesh.storage._common import check_limit, check_table, dump_json, load_migrations, type_regex
+from mesh.storage._prune import DEFAULT_BATCH, Pruner
 from mesh.storage._rows import (
     AUDIT,
     BATCH_SPECS,
@@ -37,6 +38,7 @@ from mesh.storage.models import (
     EventRow,
     HealthCheckRow,
     PropagationRow,
+    PruneResult,
     ServiceRow,
     Table,
     WriteResult,
@@ -155,6 +157,9 @@ class SqlStore(ABC, Generic[C]):
 
     async def _lock_key(self, conn: C, spec: RowSpec[Any], key: str) -> None:
         """Serialise writers of one registry row beyond what the transaction already does."""
+
+    async def _lock_prune(self, conn: C) -> None:
+        """Serialise the batches of concurrent prunes beyond what the transaction does."""
 
     # Schema ---------------------------------------------------------------
 
@@ -378,6 +383,24 @@ class SqlStore(ABC, Generic[C]):
 
     async def query_audit(self, entity: str | None = None, limit: int = 100) -> list[AuditRow]:
         return await self._select(AUDIT, "entity", entity, "id DESC", limit)
+
+    # Retention ------------------------------------------------------------
+
+    async def prune(
+        self,
+        *,
+        events_before: datetime | None = None,
+        health_checks_before: datetime | None = None,
+        dead_letters_before: datetime | None = None,
+        batch_size: int = DEFAULT_BATCH,
+        dry_run: bool = False,
+    ) -> PruneResult:
+        return await Pruner(self, batch_size).run(
+            events_before=events_before,
+            health_checks_before=health_checks_before,
+            dead_letters_before=dead_letters_before,
+            dry_run=dry_run,
+        )
 
     # Key rotation ---------------------------------------------------------
 

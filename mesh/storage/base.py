@@ -14,6 +14,7 @@ from mesh.storage.models import (
     EventRow,
     HealthCheckRow,
     PropagationRow,
+    PruneResult,
     ServiceRow,
     Table,
     WriteResult,
@@ -119,6 +120,25 @@ class Store(Protocol):
 
     async def query_audit(self, entity: str | None = None, limit: int = 100) -> list[AuditRow]:
         """Newest first."""
+        ...
+
+    async def prune(
+        self,
+        *,
+        events_before: datetime | None = None,
+        health_checks_before: datetime | None = None,
+        dead_letters_before: datetime | None = None,
+        batch_size: int = 1000,
+        dry_run: bool = False,
+    ) -> PruneResult:
+        """Delete rows older than each cutoff given (``None``: that table is kept); return
+        the counts, or in a dry run what would go, per table.
+
+        Events age by ``received_at`` and go with their delivery attempts, but stay
+        while any attempt is newer than the cutoff; deliveries without a stored event
+        age by ``at``. Each transaction deletes at most ``batch_size`` rows of a
+        table. The audit log is never pruned. Safe to run from several processes.
+        """
         ...
 
     def iter_payloads(

@@ -148,3 +148,25 @@ class WriteResult:
             self.dead_letters + other.dead_letters,
             self.health_checks + other.health_checks,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    """Rows deleted (or, in a dry run, that would be) by one ``prune``, per table."""
+
+    events: int = 0
+    deliveries: int = 0
+    dead_letters: int = 0
+    health_checks: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.events + self.deliveries + self.dead_letters + self.health_checks
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "events": self.events,
+            "deliveries": self.deliveries,
+            "dead_letters": self.dead_letters,
+            "health_checks": self.health_checks,
+        }

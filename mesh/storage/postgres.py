@@ -24,6 +24,8 @@ from mesh.storage.models import WriteResult
 
 #: ``pg_advisory_xact_lock`` key that serialises migrations ("mesh" in ASCII).
 MIGRATION_LOCK = 0x6D657368
+#: ``pg_advisory_xact_lock`` key that makes concurrent prunes take turns per batch ("mesp").
+PRUNE_LOCK = 0x6D657370
 
 DEFAULT_POOL_SIZE = 10
 DEFAULT_CONNECT_TIMEOUT = 5.0
@@ -183,6 +185,12 @@ class PostgresStore(SqlStore[asyncpg.Connection]):
         # Two sinks mirroring the same registry change: the second waits, then
         # finds the row as the first left it and writes no second audit row.
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"{spec.table}:{key}")
+
+    async def _lock_prune(self, conn: asyncpg.Connection) -> None:
+        # Two prunes deleting overlapping batches would otherwise wait on each other's
+        # row locks in different orders (a deadlock); in turns, the second finds the
+        # rows gone. Held for one short batch transaction only.
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", PRUNE_LOCK)
 
     # Schema ---------------------------------------------------------------
 
