@@ -41,6 +41,7 @@ class StreamNames:
     dlq: str
     sys: str
     registry: str
+    revoked: str  # KV bucket of revoked bridge tokens (mesh/revocations.py)
 
     @classmethod
     def for_prefix(cls, prefix: str) -> StreamNames:
@@ -50,6 +51,7 @@ class StreamNames:
             dlq=f"{base}_DLQ",
             sys=f"{base}_SYS",
             registry=f"{base}_REGISTRY",
+            revoked=f"{base}_REVOKED",
         )
 
 

@@ -6,9 +6,14 @@ group or others is refused, as the key ring is). Claims::
 
     sub      the target the token opens (feed or tail)
     pub      sources the holder may publish as (default: the target itself)
-    iat exp  issued / expires (seconds since the epoch)
-    jti      a unique id, for audit logs
+    iat exp  issued / expires (seconds since the epoch, to the millisecond, so that
+             ``mesh token revoke --target T --all`` tells tokens issued just before
+             it from those issued just after)
+    jti      a unique id (32 hex digits): logs name it, ``mesh token revoke JTI`` takes it
     iss aud  "mesh" / "mesh-bridge": a token minted for something else is refused
+
+A token lives at most ``MAX_TTL`` (the bridge refuses a longer-lived one), so a
+revocation kept that long (``mesh/revocations.py``) outlives every token it covers.
 
 The bridge checks a token before upgrading a connection; every refusal is a
 ``TokenError`` whose message is the reason sent back with the HTTP 401.
@@ -17,6 +22,7 @@ The bridge checks a token before upgrading a connection; every refusal is a
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import stat
 import uuid
@@ -37,8 +43,10 @@ AUDIENCE = "mesh-bridge"
 KEY_FILE_NAME = "bridge.key"
 KEY_BYTES = 32
 DEFAULT_TTL = timedelta(hours=1)
+MAX_TTL = timedelta(days=366)
 # Clocks of the issuing machine and the bridge may differ a little.
 LEEWAY_S = 5.0
+_JTI = re.compile(r"[0-9a-f]{32}")
 
 
 class TokenError(MeshError):
@@ -55,6 +63,16 @@ class TokenClaims:
 
     def may_publish_as(self, source: str) -> bool:
         return source in self.publish_as
+
+
+def validate_jti(jti: str) -> str:
+    """A token id as ``issue`` makes them (32 lowercase hex digits), or ``TokenError``."""
+    if not _JTI.fullmatch(jti):
+        raise TokenError(
+            f"invalid token id {jti[:40]!r}: a token id is 32 hex digits"
+            " (printed by `mesh token issue`)"
+        )
+    return jti
 
 
 # The signing key ------------------------------------------------------------
@@ -118,17 +136,20 @@ def issue(
     validate_name(target, "target name")
     if ttl.total_seconds() <= 0:
         raise TokenError("a token's time to live must be positive")
+    if ttl > MAX_TTL:
+        raise TokenError(f"a token's time to live is at most {MAX_TTL.days} days")
     sources = list(dict.fromkeys(publish_as)) if publish_as else [target]
     for s in sources:
         validate_name(s, "source name")
     now = now or datetime.now(UTC)
+    issued = round(now.timestamp(), 3)
     claims = {
         "iss": ISSUER,
         "aud": AUDIENCE,
         "sub": target,
         "pub": sources,
-        "iat": int(now.timestamp()),
-        "exp": int((now + ttl).timestamp()),
+        "iat": issued,
+        "exp": round(issued + ttl.total_seconds(), 3),
         "jti": uuid.uuid4().hex,
     }
     return jwt.encode(claims, key, algorithm=ALGORITHM)
@@ -175,6 +196,9 @@ def verify(key: bytes, token: str, target: str, *, now: datetime | None = None) 
         raise TokenError("token expired")
     if sub != target:
         raise TokenError(f"token is not valid for target {target!r}")
+    if (expires - issued).total_seconds() > MAX_TTL.total_seconds() + LEEWAY_S:
+        # A revocation is kept MAX_TTL: a longer-lived token would outlive it.
+        raise TokenError(f"invalid token: lives longer than {MAX_TTL.days} days")
     return TokenClaims(
         target=sub,
         publish_as=tuple(pub),

@@ -22,6 +22,12 @@ Frames out: ``{"seq", "id", "source", "type", "time", "data"}`` (feed adds
 client. Frames in: ``{"ack": seq}``, ``{"nak": seq}``,
 ``{"publish": {"type", "data", "source"?, "id"?, "ref"?}}``.
 
+Revocation: a token revoked with ``mesh token revoke`` (an entry in the
+``<PREFIX>_REVOKED`` bucket, written by any process) is refused with a 401 and
+the reason; the bridge watches the bucket and closes the live sessions of a
+revoked token with 1008 (policy violation) and the reason, naking their unacked
+frames first, as any close does.
+
 Backpressure: frames go through a bounded queue to one writer. A client whose
 queue stays full, whose socket stops taking data, or (feed) whose oldest frame
 stays unacked too long is closed with 1013 (try again later); its unacked
@@ -31,6 +37,7 @@ frames are nak'ed first, so it loses nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -42,10 +49,19 @@ from aiohttp import web
 from mesh.config import Settings
 from mesh.errors import ConfigError, MeshError, NotFound, PortInUse
 from mesh.registry import TargetKind
+from mesh.revocations import Revocation, RevocationStore, RevocationView
 from mesh.subjects import validate_name
 from mesh.tokens import TokenClaims, TokenError, key_path, load_key, verify
 from services.base import Service
-from services.bridge_session import CLOSE_GOING_AWAY, FEED, TAIL, BridgeOptions, Session, Spec
+from services.bridge_session import (
+    CLOSE_GOING_AWAY,
+    CLOSE_REVOKED,
+    FEED,
+    TAIL,
+    BridgeOptions,
+    Session,
+    Spec,
+)
 from services.bridge_tail import FrameCache, TailReader
 
 PATH = "/v1/stream"
@@ -87,7 +103,15 @@ class Bridge(Service):
         self._hub_lock = asyncio.Lock()
         self.frames = FrameCache()
         self._accepting = False
-        self.counts = {"connections": 0, "frames_in": 0, "frames_out": 0, "slow_closes": 0}
+        self.revocations: RevocationStore | None = None
+        self.revoked = RevocationView()  # what the watch has seen, for sessions already in
+        self.counts = {
+            "connections": 0,
+            "frames_in": 0,
+            "frames_out": 0,
+            "slow_closes": 0,
+            "revoked_closes": 0,
+        }
 
     @property
     def url(self) -> str:
@@ -111,6 +135,10 @@ class Bridge(Service):
     async def on_start(self) -> None:
         self._key = load_key(key_path(self.settings))
         ctx = self._ssl_context()
+        self.revocations = await RevocationStore.open(
+            self.client.js, self.client.names.revoked, self.settings.stream_replicas
+        )
+        self.spawn(self._watch_revocations(), name="bridge-revocations")
         app = web.Application()
         app.router.add_get(PATH, self._handle)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
@@ -149,6 +177,66 @@ class Bridge(Service):
 
     def stats(self) -> dict[str, Any]:
         return {"open": len(self._conns), "shared_tails": len(self._hubs), **self.counts}
+
+    # Revocations ------------------------------------------------------------------
+
+    async def _watch_revocations(self) -> None:
+        """Follow the revocation bucket; a new watcher after a reconnect (one can go quiet
+        across a server restart, and its first read closes what was revoked meanwhile)."""
+        while not self.stopping.is_set():
+            seen_reconnects = self.client.reconnects
+            watch = asyncio.create_task(self._follow_revocations(), name="bridge-revoked-watch")
+            try:
+                while (
+                    not self.stopping.is_set()
+                    and not watch.done()
+                    and seen_reconnects == self.client.reconnects
+                ):
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.stopping.wait(), 1.0)
+                ended = watch.done()
+            finally:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await watch
+            if ended and not self.stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), 1.0)
+
+    async def _follow_revocations(self) -> None:
+        assert self.revocations is not None
+        loading = True
+        try:
+            async for rev in self.revocations.watch():
+                if rev is None:
+                    if loading:
+                        self.log.info("revocations in force", count=len(self.revoked))
+                    loading = False
+                    continue
+                if self.revoked.apply(rev) and not loading:
+                    # The token itself is never known here, let alone logged: its id is.
+                    self.log.info(
+                        "bridge token revocation received",
+                        revocation=rev.key,
+                        reason=rev.reason,
+                        by=rev.by,
+                    )
+                for session in list(self._conns):
+                    self.close_if_revoked(session, rev)
+        except (MeshError, nats_errors.Error, OSError, TimeoutError) as exc:
+            # Admission still reads the bucket itself; the loop above starts a new watch.
+            self.log.warning("revocation watch failed", error=str(exc) or repr(exc))
+
+    def close_if_revoked(self, session: Session, rev: Revocation | None = None) -> bool:
+        """Close a session whose token ``rev`` (or any revocation seen) covers."""
+        claims = session.spec.claims
+        rev = rev if rev is not None else self.revoked.refusal(claims)
+        if rev is None or not rev.covers(claims) or session.closer is not None:
+            return False
+        self.counts["revoked_closes"] += 1
+        session.log.info("session closed: token revoked", jti=claims.jti, revocation=rev.key)
+        session.close_soon(CLOSE_REVOKED, rev.describe())
+        return True
 
     # Tails ------------------------------------------------------------------------
 
@@ -208,6 +296,7 @@ class Bridge(Service):
         except MeshError as exc:
             raise _Refused(400, str(exc)) from None
         claims = self._authenticate(request, target)
+        await self._check_revoked(claims)
         mode = q.get("mode", FEED)
         if mode not in (FEED, TAIL):
             raise _Refused(400, f"unknown mode {mode[:20]!r}: use feed or tail")
@@ -258,6 +347,19 @@ class Bridge(Service):
             max_in_flight=max(1, min(self.options.max_in_flight, cap)),
             ack_timeout_s=min(self.options.ack_timeout_s, ack_wait * 2 / 3),
         )
+
+    async def _check_revoked(self, claims: TokenClaims) -> None:
+        assert self.revocations is not None
+        try:
+            # The bucket itself, not the watched view: a revocation made a moment ago
+            # elsewhere is honoured even if this bridge's watch has not seen it yet.
+            rev = await self.revocations.refusal(claims)
+        except (MeshError, nats_errors.Error, OSError, TimeoutError) as exc:
+            self.log.warning("revocation check failed", error=str(exc) or repr(exc))
+            raise _Refused(503, "the broker is not reachable; try again") from None
+        if rev is not None:
+            self.log.info("revoked token refused", target=claims.target, jti=claims.jti)
+            raise _Refused(401, rev.describe())
 
     def _authenticate(self, request: web.Request, target: str) -> TokenClaims:
         header = request.headers.get("Authorization", "")

@@ -38,6 +38,7 @@ TAIL = "tail"
 CLOSE_SLOW = 1013  # try again later
 CLOSE_GOING_AWAY = 1001
 CLOSE_ERROR = 1011
+CLOSE_REVOKED = 1008  # policy violation: the session's token was revoked
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,9 @@ class Session:
         self.bridge._conns.add(self)
         self.bridge.counts["connections"] += 1
         METRICS.bridge_connections.inc()
-        self.log.info("client connected", peer=self.request.remote)
+        self.log.info("client connected", peer=self.request.remote, jti=self.spec.claims.jti)
+        # Revoked between admission and now: the watch may have passed before we were in.
+        self.bridge.close_if_revoked(self)
         self.tasks.append(asyncio.create_task(self._writer(), name="bridge-writer"))
         if self.spec.mode == FEED:
             self.tasks.append(asyncio.create_task(self._feed(), name="bridge-feed"))
@@ -233,7 +236,9 @@ class Session:
         if self.ws.prepared and not self.ws.closed:
             try:
                 async with asyncio.timeout(self.opts.close_timeout_s + 1.0):
-                    await self.ws.close(code=self.code, message=self.reason.encode()[:120])
+                    # A close frame's reason is at most 123 bytes; cut on a character.
+                    reason = self.reason.encode()[:120].decode(errors="ignore").encode()
+                    await self.ws.close(code=self.code, message=reason)
             except (TimeoutError, Exception):
                 if self.request.transport is not None:
                     self.request.transport.abort()

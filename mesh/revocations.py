@@ -1,0 +1,265 @@
+"""Revoked bridge tokens, kept in a JetStream KV bucket (``<PREFIX>_REVOKED``).
+
+Two kinds of entry, each a ``Revocation`` as JSON::
+
+    jti.<jti>        one token, by its id (``mesh token revoke JTI``)
+    target.<name>    every token of a target issued before ``not_before``
+                     (``mesh token revoke --target T --all``; a later one moves it on)
+
+No list of issued tokens is kept. Each entry is written with a per-message TTL
+(``Nats-TTL``, nats-server 2.11+) and goes by itself once no token it covers can
+still be valid: a token's own expiry when it is known, else ``tokens.MAX_TTL``,
+the longest a token may live.
+
+The bridge reads the entries of a token before letting a client in
+(``refusal``), and watches the bucket to close live sessions whose token is
+revoked, whichever process wrote the entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import socket
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+
+import nats.errors as nats_errors
+import nats.js.errors as js_errors
+import structlog
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+from pydantic import BaseModel
+from pydantic import ValidationError as PydValidationError
+
+from mesh.errors import BrokerError, ValidationError
+from mesh.subjects import validate_name
+from mesh.tokens import LEEWAY_S, MAX_TTL, TokenClaims, validate_jti
+
+log = structlog.get_logger("mesh.tokens")
+
+MAX_REASON = 200
+
+
+class RevocationKind(StrEnum):
+    TOKEN = "token"  # one token, by jti
+    TARGET = "target"  # every token of a target issued before not_before
+
+
+class Revocation(BaseModel):
+    kind: RevocationKind
+    id: str  # the jti, or the target name
+    reason: str = ""
+    revoked_at: datetime
+    kept_until: datetime  # when the entry expires: no token it covers is valid by then
+    by: str = ""
+    not_before: datetime | None = None  # target: tokens issued before this are revoked
+
+    @property
+    def key(self) -> str:
+        return f"{'jti' if self.kind == RevocationKind.TOKEN else 'target'}.{self.id}"
+
+    def covers(self, claims: TokenClaims) -> bool:
+        if self.kind == RevocationKind.TOKEN:
+            return claims.jti == self.id
+        assert self.not_before is not None
+        return claims.target == self.id and claims.issued_at < self.not_before
+
+    def describe(self) -> str:
+        """The reason a client is given (401 body, close frame): short, never the token."""
+        why = f": {self.reason}" if self.reason else ""
+        if self.kind == RevocationKind.TOKEN:
+            return f"token revoked{why}"
+        assert self.not_before is not None
+        cut = self.not_before.astimezone(UTC).isoformat(timespec="seconds")
+        return f"token revoked (target {self.id}: all tokens issued before {cut}){why}"
+
+
+def who() -> str:
+    """``user@host`` of the process revoking, for the audit trail."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry in some containers
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def check_reason(reason: str) -> str:
+    reason = reason.strip()
+    if len(reason) > MAX_REASON:
+        raise ValidationError(f"--reason is at most {MAX_REASON} characters")
+    if any(not c.isprintable() for c in reason):
+        raise ValidationError("--reason must be one line of printable text")
+    return reason
+
+
+class RevocationStore:
+    """The bucket of revocations."""
+
+    def __init__(self, js: JetStreamContext, kv: KeyValue, bucket: str) -> None:
+        self.js = js
+        self.kv = kv
+        self.bucket = bucket
+
+    @classmethod
+    async def open(cls, js: JetStreamContext, bucket: str, replicas: int = 1) -> RevocationStore:
+        try:
+            kv = await js.key_value(bucket)
+        except js_errors.BucketNotFoundError:
+            try:
+                # nats.py creates the bucket's stream with per-message TTLs allowed.
+                kv = await js.create_key_value(bucket=bucket, history=1, replicas=replicas)
+            except js_errors.BadRequestError:
+                kv = await js.key_value(bucket)  # another process created it first
+        return cls(js, kv, bucket)
+
+    async def _put(self, rev: Revocation, now: datetime) -> None:
+        ttl = max(1.0, (rev.kept_until - now).total_seconds())
+        # A put with a TTL: nats.py's KeyValue.put takes none (create does, but only for a
+        # new key, and a target's entry is moved on by a later --all).
+        try:
+            await self.js.publish(
+                f"$KV.{self.bucket}.{rev.key}",
+                rev.model_dump_json().encode(),
+                stream=f"KV_{self.bucket}",
+                msg_ttl=ttl,
+            )
+        except (nats_errors.Error, TimeoutError) as exc:
+            # e.g. a server before 2.11, which knows no per-message TTL
+            raise BrokerError(
+                f"cannot store the revocation in {self.bucket}: {str(exc) or type(exc).__name__}"
+            ) from None
+
+    async def revoke_token(
+        self,
+        jti: str,
+        *,
+        reason: str = "",
+        by: str = "",
+        expires_at: datetime | None = None,
+        now: datetime | None = None,
+    ) -> tuple[Revocation, bool]:
+        """Revoke one token; returns the entry and whether it is new (not revoked before)."""
+        validate_jti(jti)
+        now = now or datetime.now(UTC)
+        found = await self.get(f"jti.{jti}")
+        if found is not None:
+            return found, False
+        until = expires_at if expires_at is not None else now + MAX_TTL
+        rev = Revocation(
+            kind=RevocationKind.TOKEN,
+            id=jti,
+            reason=check_reason(reason),
+            revoked_at=now,
+            kept_until=until + timedelta(seconds=LEEWAY_S),
+            by=by,
+        )
+        await self._put(rev, now)
+        log.info("bridge token revoked", jti=jti, reason=rev.reason, by=by)
+        return rev, True
+
+    async def revoke_target(
+        self, target: str, *, reason: str = "", by: str = "", now: datetime | None = None
+    ) -> Revocation:
+        """Revoke every token of ``target`` issued before ``now``."""
+        validate_name(target, "target name")
+        now = now or datetime.now(UTC)
+        rev = Revocation(
+            kind=RevocationKind.TARGET,
+            id=target,
+            reason=check_reason(reason),
+            revoked_at=now,
+            kept_until=now + MAX_TTL + timedelta(seconds=LEEWAY_S),
+            by=by,
+            not_before=now,
+        )
+        await self._put(rev, now)
+        log.info(
+            "bridge tokens of a target revoked",
+            target=target,
+            not_before=now.isoformat(),
+            reason=rev.reason,
+            by=by,
+        )
+        return rev
+
+    async def get(self, key: str) -> Revocation | None:
+        try:
+            entry = await self.kv.get(key)
+        except js_errors.KeyNotFoundError:  # also deleted or purged
+            return None
+        return parse(entry.value)
+
+    async def refusal(self, claims: TokenClaims) -> Revocation | None:
+        """The revocation covering a token, read from the bucket (not a cache), or None."""
+        for key in (f"jti.{claims.jti}", f"target.{claims.target}"):
+            rev = await self.get(key)
+            if rev is not None and rev.covers(claims):
+                return rev
+        return None
+
+    async def list(self) -> list[Revocation]:
+        out = []
+        async for rev in self.watch(initial_only=True):
+            if rev is not None:
+                out.append(rev)
+        return sorted(out, key=lambda r: r.revoked_at)
+
+    async def watch(self, *, initial_only: bool = False) -> AsyncIterator[Revocation | None]:
+        """Every entry (first the current ones, then None, then each new one) until cancelled."""
+        watcher = await self.kv.watchall(ignore_deletes=True)
+        try:
+            async for entry in watcher:
+                if entry is None:  # end of the current values
+                    yield None
+                    if initial_only:
+                        return
+                    continue
+                if entry.operation is not None:
+                    continue
+                rev = parse(entry.value)
+                if rev is None:
+                    log.warning("unreadable revocation entry skipped", key=entry.key)
+                    continue
+                yield rev
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+
+def parse(raw: bytes | None) -> Revocation | None:
+    if not raw:
+        return None
+    try:
+        return Revocation.model_validate_json(raw)
+    except (PydValidationError, json.JSONDecodeError):
+        return None
+
+
+class RevocationView:
+    """The revocations a process has seen through a watch, for checks without a round trip."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Revocation] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def apply(self, rev: Revocation, now: datetime | None = None) -> bool:
+        """Take an entry in; True if it is news (not seen before in this form)."""
+        now = now or datetime.now(UTC)
+        news = self._entries.get(rev.key) != rev
+        self._entries[rev.key] = rev
+        # Expired entries vanish from the bucket without a marker: forget them here too.
+        for key in [k for k, r in self._entries.items() if r.kept_until < now]:
+            del self._entries[key]
+        return news
+
+    def refusal(self, claims: TokenClaims) -> Revocation | None:
+        for key in (f"jti.{claims.jti}", f"target.{claims.target}"):
+            rev = self._entries.get(key)
+            if rev is not None and rev.covers(claims):
+                return rev
+        return None
