@@ -21,6 +21,7 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 from pydantic import ValidationError as PydValidationError
 
+from mesh.buckets import open_bucket
 from mesh.crypto import KeyRing
 from mesh.errors import Conflict, DecodeError, NotFound, ValidationError
 from mesh.subjects import subject_matches, validate_name, validate_pattern
@@ -151,11 +152,7 @@ class Registry:
     async def open(
         cls, js: JetStreamContext, keyring: KeyRing | None, bucket: str, replicas: int = 1
     ) -> Registry:
-        try:
-            kv = await js.key_value(bucket)
-        except js_errors.BucketNotFoundError:
-            kv = await js.create_key_value(bucket=bucket, history=10, replicas=replicas)
-        return cls(kv, keyring)
+        return cls(await open_bucket(js, bucket, history=10, replicas=replicas), keyring)
 
     # Low level ----------------------------------------------------------------
 

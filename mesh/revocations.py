@@ -34,6 +34,7 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel
 from pydantic import ValidationError as PydValidationError
 
+from mesh.buckets import open_bucket
 from mesh.errors import BrokerError, ValidationError
 from mesh.subjects import validate_name
 from mesh.tokens import LEEWAY_S, MAX_TTL, TokenClaims, validate_jti
@@ -105,14 +106,8 @@ class RevocationStore:
 
     @classmethod
     async def open(cls, js: JetStreamContext, bucket: str, replicas: int = 1) -> RevocationStore:
-        try:
-            kv = await js.key_value(bucket)
-        except js_errors.BucketNotFoundError:
-            try:
-                # nats.py creates the bucket's stream with per-message TTLs allowed.
-                kv = await js.create_key_value(bucket=bucket, history=1, replicas=replicas)
-            except js_errors.BadRequestError:
-                kv = await js.key_value(bucket)  # another process created it first
+        # nats.py creates the bucket's stream with per-message TTLs allowed.
+        kv = await open_bucket(js, bucket, history=1, replicas=replicas)
         return cls(js, kv, bucket)
 
     async def _put(self, rev: Revocation, now: datetime) -> None:

@@ -38,6 +38,7 @@ import structlog
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from mesh.buckets import open_bucket
 from mesh.observability import METRICS
 from mesh.resilience import CircuitBreaker, CircuitState
 
@@ -88,14 +89,7 @@ class CircuitStore:
 
     @classmethod
     async def open(cls, js: JetStreamContext, bucket: str, replicas: int = 1) -> CircuitStore:
-        try:
-            kv = await js.key_value(bucket)
-        except js_errors.BucketNotFoundError:
-            try:
-                kv = await js.create_key_value(bucket=bucket, history=1, replicas=replicas)
-            except js_errors.BadRequestError:
-                kv = await js.key_value(bucket)  # another instance created it first
-        return cls(kv)
+        return cls(await open_bucket(js, bucket, history=1, replicas=replicas))
 
     async def get(self, key: str) -> tuple[CircuitRecord, int | None]:
         try:
