@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Self
 
 
 def utcnow() -> datetime:
@@ -129,8 +129,8 @@ class AuditRow:
 
 
 @dataclass(frozen=True, slots=True)
-class WriteResult:
-    """Rows actually inserted by one ``write_batch``; duplicates are not counted."""
+class TableCounts:
+    """A number of rows per table of the sink."""
 
     events: int = 0
     deliveries: int = 0
@@ -141,27 +141,13 @@ class WriteResult:
     def total(self) -> int:
         return self.events + self.deliveries + self.dead_letters + self.health_checks
 
-    def __add__(self, other: WriteResult) -> WriteResult:
-        return WriteResult(
+    def __add__(self, other: Self) -> Self:
+        return type(self)(
             self.events + other.events,
             self.deliveries + other.deliveries,
             self.dead_letters + other.dead_letters,
             self.health_checks + other.health_checks,
         )
-
-
-@dataclass(frozen=True, slots=True)
-class PruneResult:
-    """Rows deleted (or, in a dry run, that would be) by one ``prune``, per table."""
-
-    events: int = 0
-    deliveries: int = 0
-    dead_letters: int = 0
-    health_checks: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.events + self.deliveries + self.dead_letters + self.health_checks
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -170,3 +156,13 @@ class PruneResult:
             "dead_letters": self.dead_letters,
             "health_checks": self.health_checks,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult(TableCounts):
+    """Rows actually inserted by one ``write_batch``; duplicates are not counted."""
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult(TableCounts):
+    """Rows deleted (or, in a dry run, that would be) by one ``prune``, per table."""
