@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import structlog
 from prometheus_client import REGISTRY
-from structlog.testing import capture_logs
+from structlog.testing import LogCapture
 
 from mesh.config import Settings
 from mesh.errors import ValidationError
@@ -268,13 +268,18 @@ async def test_retention_zero_keeps_everything(store: Store) -> None:
     forever = Settings(
         event_retention_days=0, health_retention_days="", dead_letter_retention_days=0
     )
-    with capture_logs() as logs:
-        retention = Retention(forever, lambda: store, asyncio.Event(), structlog.get_logger())
-        assert not retention.enabled  # the sink starts no prune task at all
-        result = await retention.prune_once(now=NEW + timedelta(days=10_000))
+    # A logger of its own: the global configuration may filter info lines (another test
+    # configured logging at a higher level), and capture_logs keeps that filter.
+    logs = LogCapture()
+    log = structlog.wrap_logger(
+        None, processors=[logs], wrapper_class=structlog.make_filtering_bound_logger(0)
+    )
+    retention = Retention(forever, lambda: store, asyncio.Event(), log)
+    assert not retention.enabled  # the sink starts no prune task at all
+    result = await retention.prune_once(now=NEW + timedelta(days=10_000))
     assert result is not None and result.total == 0
     assert {t: await store.count(t) for t in Table} == before
-    [line] = [entry for entry in logs if entry["event"] == "pruned"]
+    [line] = [entry for entry in logs.entries if entry["event"] == "pruned"]
     assert line["events"] == line["deliveries"] == line["health_checks"] == 0
 
 
