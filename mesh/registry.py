@@ -7,6 +7,7 @@ rules (who receives what) are derived here, in one place: ``routes_for``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import secrets
 import uuid
@@ -144,40 +145,47 @@ def route_accepts(routes: list[tuple[str, str | None]], source: str, event_type:
 class Registry:
     """The registry over a KV bucket."""
 
-    def __init__(self, kv: KeyValue, keyring: KeyRing | None) -> None:
+    def __init__(
+        self, kv: KeyValue, keyring: KeyRing | None, js: JetStreamContext, bucket: str
+    ) -> None:
         self.kv = kv
         self.keyring = keyring
+        self._js = js
+        self._stream = f"KV_{bucket}"
+        self._key_prefix = f"$KV.{bucket}."
 
     @classmethod
     async def open(
         cls, js: JetStreamContext, keyring: KeyRing | None, bucket: str, replicas: int = 1
     ) -> Registry:
-        return cls(await open_bucket(js, bucket, history=10, replicas=replicas), keyring)
+        kv = await open_bucket(js, bucket, history=10, replicas=replicas)
+        return cls(kv, keyring, js, bucket)
 
     # Low level ----------------------------------------------------------------
 
     async def _get(self, key: str) -> tuple[bytes, int] | None:
         try:
             entry = await self.kv.get(key)
-        except js_errors.KeyNotFoundError:
+        except (js_errors.KeyNotFoundError, js_errors.KeyDeletedError):  # never, or no more
             return None
         if entry.value is None:
             return None
         return entry.value, entry.revision or 0
 
     async def _snapshot(self) -> dict[str, bytes]:
-        """Every live key and value, read through one watcher."""
-        watcher = await self.kv.watchall(ignore_deletes=True)
-        out: dict[str, bytes] = {}
-        try:
-            async for entry in watcher:
-                if entry is None:  # end of the initial values
-                    break
-                if entry.value is not None and entry.operation is None:
-                    out[entry.key] = entry.value
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
-        return out
+        """Every live key and its value: the bucket's subjects, then each key's last value.
+
+        Not through a KV watcher. nats.py's watcher can signal "end of the initial values"
+        before they arrived (its consumer-info reply may overtake the pushed messages), so
+        a registry could read as empty, and ``reconcile_all`` then deleted every target's
+        consumer (seen in a soak: 85 events skipped by a consumer re-created with deliver
+        policy "new"). Each watcher also left an ephemeral consumer on the bucket's stream
+        for five minutes, and the server refuses new ones past a thousand.
+        """
+        info = await self._js.stream_info(self._stream, subjects_filter=self._key_prefix + ">")
+        keys = [subject.removeprefix(self._key_prefix) for subject in info.state.subjects or {}]
+        values = await asyncio.gather(*(self._get(key) for key in keys))
+        return {key: got[0] for key, got in zip(keys, values, strict=True) if got is not None}
 
     async def _list(self, prefix: str) -> list[bytes]:
         snap = await self._snapshot()

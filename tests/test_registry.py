@@ -220,3 +220,22 @@ async def test_reconcile_is_idempotent_and_prunes(client: MeshClient) -> None:
     await client.registry.kv.delete("targets.a")
     assert await client.init() == {}
     assert [n async for n in client.provisioner._deliver_consumers()] == []
+
+
+async def test_listing_reads_every_key_and_leaves_no_consumer_behind(client: MeshClient) -> None:
+    """Listings read the bucket's subjects and each key's last value. (They used a KV
+    watcher, which could report the end of the initial values before they arrived, so a
+    registry read as empty and reconcile_all deleted every consumer; and each left an
+    ephemeral consumer for five minutes, of which the server allows a thousand.)"""
+    for name in ("alpha", "beta", "gamma"):
+        await add_nats_target(client, name)
+    await client.add_propagation("multicast", "shop", ["alpha", "beta", "gamma"])
+    await client.remove_target("beta")  # a deleted key is skipped, not an error
+    stream = f"KV_{client.names.registry}"
+    before = (await client.js.stream_info(stream)).state.consumer_count
+    for _ in range(50):
+        assert [t.name for t in await client.registry.list_targets()] == ["alpha", "gamma"]
+        assert [p.targets for p in await client.registry.list_propagations()] == [
+            ["alpha", "gamma"]
+        ]
+    assert (await client.js.stream_info(stream)).state.consumer_count == before
