@@ -26,7 +26,7 @@ from nats.js.api import (
 )
 
 from mesh.config import Settings
-from mesh.errors import NotFound
+from mesh.errors import DecodeError, NotFound, ValidationError
 from mesh.registry import Registry, Target, TargetKind, compute_routes
 from mesh.subjects import Subjects, reduce_filters
 
@@ -217,9 +217,23 @@ class Provisioner:
             info = await self._apply(t, compute_routes(t.name, props, names))
             result[t.name] = list(info.config.filter_subjects or [])
         async for name in self._deliver_consumers():
-            if name.removeprefix("deliver-") not in names:
+            target = name.removeprefix("deliver-")
+            if target not in names and not await self._target_exists(target):
                 await self.delete_consumer(name)
         return result
+
+    async def _target_exists(self, name: str) -> bool:
+        """Asked once more, by key, before a consumer is deleted: deleting drops what is
+        queued for the target, and a listing that missed it must not cost that."""
+        try:
+            await self.registry.get_target(name)
+        except NotFound:
+            return False
+        except ValidationError:
+            return False  # not a name a target can have
+        except DecodeError:
+            return True  # an entry is there, unreadable: keep what is queued for it
+        return True
 
     async def _deliver_consumers(self) -> AsyncIterator[str]:
         resp = await self.js._api_request(  # nats.py has no paged consumer-name listing
