@@ -1,6 +1,8 @@
-"""Opening a JetStream key-value bucket, creating it when it does not exist yet."""
+"""JetStream key-value buckets: opening (creating when missing) and reading safely."""
 
 from __future__ import annotations
+
+import asyncio
 
 import nats.js.errors as js_errors
 from nats.js import JetStreamContext
@@ -23,3 +25,31 @@ async def open_bucket(
         return await js.create_key_value(bucket=bucket, history=history, replicas=replicas)
     except js_errors.BadRequestError:
         return await js.key_value(bucket)
+
+
+async def read(kv: KeyValue, key: str) -> tuple[bytes, int] | None:
+    """A key's value and revision; None when it was never written, or was deleted, purged
+    or expired (nats.py raises KeyDeletedError for those, which is no KeyNotFoundError)."""
+    try:
+        entry = await kv.get(key)
+    except (js_errors.KeyNotFoundError, js_errors.KeyDeletedError):
+        return None
+    if entry.value is None:
+        return None
+    return entry.value, entry.revision or 0
+
+
+async def read_all(js: JetStreamContext, kv: KeyValue, bucket: str) -> dict[str, bytes]:
+    """Every live key of a bucket and its value: the bucket's subjects, then each key.
+
+    Not through a KV watcher. nats.py's watcher can signal "end of the initial values"
+    before they arrived (its consumer-info reply may overtake the pushed messages), so a
+    bucket could read as empty (the registry did, and ``reconcile_all`` deleted every
+    target's consumer); each watcher also leaves an ephemeral consumer on the bucket's
+    stream for five minutes, and the server refuses new ones past a thousand.
+    """
+    prefix = f"$KV.{bucket}."
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=prefix + ">")
+    keys = [subject.removeprefix(prefix) for subject in info.state.subjects or {}]
+    values = await asyncio.gather(*(read(kv, key) for key in keys))
+    return {key: got[0] for key, got in zip(keys, values, strict=True) if got is not None}

@@ -7,7 +7,6 @@ rules (who receives what) are derived here, in one place: ``routes_for``.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import secrets
 import uuid
@@ -22,7 +21,7 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 from pydantic import ValidationError as PydValidationError
 
-from mesh.buckets import open_bucket
+from mesh.buckets import open_bucket, read, read_all
 from mesh.crypto import KeyRing
 from mesh.errors import Conflict, DecodeError, NotFound, ValidationError
 from mesh.subjects import subject_matches, validate_name, validate_pattern
@@ -151,8 +150,7 @@ class Registry:
         self.kv = kv
         self.keyring = keyring
         self._js = js
-        self._stream = f"KV_{bucket}"
-        self._key_prefix = f"$KV.{bucket}."
+        self._bucket = bucket
 
     @classmethod
     async def open(
@@ -164,28 +162,11 @@ class Registry:
     # Low level ----------------------------------------------------------------
 
     async def _get(self, key: str) -> tuple[bytes, int] | None:
-        try:
-            entry = await self.kv.get(key)
-        except (js_errors.KeyNotFoundError, js_errors.KeyDeletedError):  # never, or no more
-            return None
-        if entry.value is None:
-            return None
-        return entry.value, entry.revision or 0
+        return await read(self.kv, key)
 
     async def _snapshot(self) -> dict[str, bytes]:
-        """Every live key and its value: the bucket's subjects, then each key's last value.
-
-        Not through a KV watcher. nats.py's watcher can signal "end of the initial values"
-        before they arrived (its consumer-info reply may overtake the pushed messages), so
-        a registry could read as empty, and ``reconcile_all`` then deleted every target's
-        consumer (seen in a soak: 85 events skipped by a consumer re-created with deliver
-        policy "new"). Each watcher also left an ephemeral consumer on the bucket's stream
-        for five minutes, and the server refuses new ones past a thousand.
-        """
-        info = await self._js.stream_info(self._stream, subjects_filter=self._key_prefix + ">")
-        keys = [subject.removeprefix(self._key_prefix) for subject in info.state.subjects or {}]
-        values = await asyncio.gather(*(self._get(key) for key in keys))
-        return {key: got[0] for key, got in zip(keys, values, strict=True) if got is not None}
+        """Every live key and its value (mesh/buckets.py: not through a KV watcher)."""
+        return await read_all(self._js, self.kv, self._bucket)
 
     async def _list(self, prefix: str) -> list[bytes]:
         snap = await self._snapshot()

@@ -27,14 +27,13 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 import nats.errors as nats_errors
-import nats.js.errors as js_errors
 import structlog
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from pydantic import BaseModel
 from pydantic import ValidationError as PydValidationError
 
-from mesh.buckets import open_bucket
+from mesh.buckets import open_bucket, read, read_all
 from mesh.errors import BrokerError, ValidationError
 from mesh.subjects import validate_name
 from mesh.tokens import LEEWAY_S, MAX_TTL, TokenClaims, validate_jti
@@ -181,11 +180,8 @@ class RevocationStore:
         return rev
 
     async def get(self, key: str) -> Revocation | None:
-        try:
-            entry = await self.kv.get(key)
-        except js_errors.KeyNotFoundError:  # also deleted or purged
-            return None
-        return parse(entry.value)
+        got = await read(self.kv, key)  # None also when deleted, purged or expired
+        return parse(got[0]) if got is not None else None
 
     async def refusal(self, claims: TokenClaims) -> Revocation | None:
         """The revocation covering a token, read from the bucket (not a cache), or None."""
@@ -196,21 +192,23 @@ class RevocationStore:
         return None
 
     async def list(self) -> list[Revocation]:
+        """The revocations in force (read key by key: see mesh/buckets.read_all)."""
         out = []
-        async for rev in self.watch(initial_only=True):
-            if rev is not None:
-                out.append(rev)
+        for key, raw in (await read_all(self.js, self.kv, self.bucket)).items():
+            rev = parse(raw)
+            if rev is None:
+                log.warning("unreadable revocation entry skipped", key=key)
+                continue
+            out.append(rev)
         return sorted(out, key=lambda r: r.revoked_at)
 
-    async def watch(self, *, initial_only: bool = False) -> AsyncIterator[Revocation | None]:
+    async def watch(self) -> AsyncIterator[Revocation | None]:
         """Every entry (first the current ones, then None, then each new one) until cancelled."""
         watcher = await self.kv.watchall(ignore_deletes=True)
         try:
             async for entry in watcher:
                 if entry is None:  # end of the current values
                     yield None
-                    if initial_only:
-                        return
                     continue
                 if entry.operation is not None:
                     continue

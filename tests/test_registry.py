@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from mesh.buckets import read, read_all
 from mesh.client import MeshClient
 from mesh.errors import Conflict, InvalidName, NotFound, ValidationError
 from mesh.registry import (
@@ -239,3 +240,13 @@ async def test_listing_reads_every_key_and_leaves_no_consumer_behind(client: Mes
             ["alpha", "gamma"]
         ]
     assert (await client.js.stream_info(stream)).state.consumer_count == before
+
+
+async def test_a_deleted_key_reads_as_absent(client: MeshClient) -> None:
+    kv = client.registry.kv
+    await kv.put("scratch.key", b"value")
+    got = await read(kv, "scratch.key")
+    assert got is not None and got[0] == b"value"
+    await kv.delete("scratch.key")  # nats.py's get raises KeyDeletedError, not KeyNotFound
+    assert await read(kv, "scratch.key") is None
+    assert "scratch.key" not in await read_all(client.js, kv, client.names.registry)
