@@ -223,6 +223,7 @@ async def test_cli_revocation_reaches_every_running_bridge(
     one_line_error(malformed, "invalid token id 'xyz'", "32 hex digits")
     one_line_error(ghost, "unknown target 'ghost'")
     assert await (await store_of(mesh)).list() == []
+    assert "no revoked tokens" in ok(await run_cli(settings, "token", "list-revoked")).stdout
 
     on_one = await connect(http, one, doc["token"])
     on_two = await connect(http, two, doc["token"], mode="tail")

@@ -146,6 +146,9 @@ def list_revoked_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         print_json([r.model_dump(mode="json") for r in revs])
         return
+    if not revs:
+        say("no revoked tokens")
+        return
     # A target's entry revokes what was issued before it was made: "revoked" says when.
     rows = [
         [str(r.kind), r.id, _iso(r.revoked_at), r.reason, r.kept_until.date().isoformat()]
