@@ -25,7 +25,7 @@ so the counts of all of them add up to what was deleted.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -85,65 +85,75 @@ class Pruner(Generic[C]):
 
     async def _prune_events(self, cut: Any) -> tuple[int, int]:
         s = self.store
-        events = deliveries = 0
+
+        async def delete(conn: C, rows: list[Sequence[Any]]) -> tuple[int, int]:
+            # Marks in text order: SQLite's "?" are positional.
+            p = s._params()
+            ids = _marks(p, [r[1] for r in rows])
+            old = p(cut)
+            recent = _RECENT_ATTEMPT.format(cut=p(cut))
+            gone = await s._fetch_on(
+                conn,
+                f"DELETE FROM events WHERE id IN ({ids}) AND received_at < {old}"
+                f" AND NOT EXISTS ({recent}) RETURNING id",
+                *p.values,
+            )
+            if not gone:
+                return 0, 0
+            p = s._params()
+            attempts = await s._fetch_on(
+                conn,
+                f"DELETE FROM deliveries WHERE event_id IN"
+                f" ({_marks(p, [r[0] for r in gone])}) AND at < {p(cut)} RETURNING 1",
+                *p.values,
+            )
+            return len(gone), len(attempts)
+
+        return await self._walk("events", "received_at", cut, delete)
+
+    async def _prune_orphan_deliveries(self, cut: Any) -> int:
+        s = self.store
+
+        async def delete(conn: C, rows: list[Sequence[Any]]) -> tuple[int, int]:
+            p = s._params()
+            gone = await s._fetch_on(
+                conn,
+                f"DELETE FROM deliveries WHERE id IN ({_marks(p, [r[1] for r in rows])})"
+                f" AND at < {p(cut)} AND NOT EXISTS"
+                " (SELECT 1 FROM events e WHERE e.id = deliveries.event_id) RETURNING 1",
+                *p.values,
+            )
+            return 0, len(gone)
+
+        _, deleted = await self._walk("deliveries", "at", cut, delete)
+        return deleted
+
+    async def _walk(
+        self,
+        table: str,
+        column: str,
+        cut: Any,
+        delete: Callable[[C, list[Sequence[Any]]], Awaitable[tuple[int, int]]],
+    ) -> tuple[int, int]:
+        """Walk ``table``'s rows older than ``cut`` in ``(column, id)`` order, a batch per
+        transaction, handing each batch to ``delete``; returns the sums of what it deleted."""
+        s = self.store
+        first = second = 0
         after: Sequence[Any] | None = None
         while True:
-            async with s._write("prune events") as conn:
+            async with s._write(f"prune {table}") as conn:
                 await s._lock_prune(conn)
-                rows = await self._candidates(conn, "events", "received_at", cut, after)
+                rows = await self._candidates(conn, table, column, cut, after)
                 if not rows:
                     break
-                # Marks in text order: SQLite's "?" are positional.
-                p = s._params()
-                ids = _marks(p, [r[1] for r in rows])
-                old = p(cut)
-                recent = _RECENT_ATTEMPT.format(cut=p(cut))
-                gone = await s._fetch_on(
-                    conn,
-                    f"DELETE FROM events WHERE id IN ({ids}) AND received_at < {old}"
-                    f" AND NOT EXISTS ({recent}) RETURNING id",
-                    *p.values,
-                )
-                if gone:
-                    p = s._params()
-                    attempts = await s._fetch_on(
-                        conn,
-                        f"DELETE FROM deliveries WHERE event_id IN"
-                        f" ({_marks(p, [r[0] for r in gone])}) AND at < {p(cut)} RETURNING 1",
-                        *p.values,
-                    )
-                    events += len(gone)
-                    deliveries += len(attempts)
+                a, b = await delete(conn, rows)
+                first += a
+                second += b
             if len(rows) < self.batch_size:
                 break
             after = rows[-1]
             await asyncio.sleep(0)  # let the sink's writes in between batches
-        return events, deliveries
-
-    async def _prune_orphan_deliveries(self, cut: Any) -> int:
-        s = self.store
-        deleted = 0
-        after: Sequence[Any] | None = None
-        while True:
-            async with s._write("prune deliveries") as conn:
-                await s._lock_prune(conn)
-                rows = await self._candidates(conn, "deliveries", "at", cut, after)
-                if not rows:
-                    break
-                p = s._params()
-                gone = await s._fetch_on(
-                    conn,
-                    f"DELETE FROM deliveries WHERE id IN ({_marks(p, [r[1] for r in rows])})"
-                    f" AND at < {p(cut)} AND NOT EXISTS"
-                    " (SELECT 1 FROM events e WHERE e.id = deliveries.event_id) RETURNING 1",
-                    *p.values,
-                )
-                deleted += len(gone)
-            if len(rows) < self.batch_size:
-                break
-            after = rows[-1]
-            await asyncio.sleep(0)
-        return deleted
+        return first, second
 
     async def _candidates(
         self, conn: C, table: str, column: str, cut: Any, after: Sequence[Any] | None
