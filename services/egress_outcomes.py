@@ -79,17 +79,7 @@ class Outcomes:
             self.counts["delivered"] += 1
             self._m_delivered.inc()
             self._m_e2e.observe(max(0.0, time.time() - event.time.timestamp()))
-            await self.egress.record(
-                DeliveryRecord(
-                    event_id=event.id,
-                    target=self.name,
-                    attempt=attempt,
-                    outcome=Outcome.DELIVERED,
-                    status_code=result.status,
-                    latency_ms=latency_ms,
-                    instance=self.egress.instance,
-                )
-            )
+            await self._record(event.id, attempt, Outcome.DELIVERED, result.status, latency_ms)
             return
         error = result.error or "failed"
         if result.refused:
@@ -126,34 +116,14 @@ class Outcomes:
         self.counts["retried"] += 1
         self._m_retry.inc()
         log.info("delivery failed, will retry", error=error[:120], retry_in_s=round(delay, 3))
-        await self.egress.record(
-            DeliveryRecord(
-                event_id=event.id,
-                target=self.name,
-                attempt=attempt,
-                outcome=Outcome.RETRY,
-                status_code=result.status,
-                latency_ms=latency_ms,
-                error=error,
-                instance=self.egress.instance,
-            )
-        )
+        await self._record(event.id, attempt, Outcome.RETRY, result.status, latency_ms, error)
 
     async def _skip(self, msg: Msg, event: Event, reason: str) -> None:
         self._held.pop(id(msg), None)
         await msg.ack()
         self.counts["skipped"] += 1
         METRICS.deliveries.labels(self.name, Outcome.SKIPPED.value).inc()
-        await self.egress.record(
-            DeliveryRecord(
-                event_id=event.id,
-                target=self.name,
-                attempt=0,
-                outcome=Outcome.SKIPPED,
-                error=reason,
-                instance=self.egress.instance,
-            )
-        )
+        await self._record(event.id, 0, Outcome.SKIPPED, error=reason)
 
     async def _dead(
         self,
@@ -182,6 +152,18 @@ class Outcomes:
         self.counts["dead"] += 1
         METRICS.deliveries.labels(self.name, outcome.value).inc()
         log.warning("event dead-lettered", reason=error[:200])
+        await self._record(event_id, attempt, outcome, status, latency_ms, error)
+
+    async def _record(
+        self,
+        event_id: str,
+        attempt: int,
+        outcome: Outcome,
+        status: int | None = None,
+        latency_ms: float | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Publish the record of one attempt at this target by this instance."""
         await self.egress.record(
             DeliveryRecord(
                 event_id=event_id,
