@@ -168,9 +168,34 @@ class Registry:
         """Every live key and its value (mesh/buckets.py: not through a KV watcher)."""
         return await read_all(self._js, self.kv, self._bucket)
 
-    async def _list(self, prefix: str) -> list[bytes]:
-        snap = await self._snapshot()
+    @staticmethod
+    def _values(snap: dict[str, bytes], prefix: str) -> list[bytes]:
         return [v for k, v in sorted(snap.items()) if k.startswith(prefix + ".")]
+
+    @classmethod
+    def _targets(cls, snap: dict[str, bytes]) -> list[Target]:
+        out = []
+        for raw in cls._values(snap, "targets"):
+            try:
+                out.append(Target.model_validate_json(raw))
+            except PydValidationError:
+                continue  # an invalid entry is skipped, not fatal for everyone
+        return out
+
+    @classmethod
+    def _propagations(cls, snap: dict[str, bytes]) -> list[Propagation]:
+        out = []
+        for raw in cls._values(snap, "props"):
+            try:
+                out.append(Propagation.model_validate_json(raw))
+            except PydValidationError:
+                continue
+        return sorted(out, key=lambda p: p.created_at)
+
+    async def targets_and_propagations(self) -> tuple[list[Target], list[Propagation]]:
+        """Both lists from one reading of the bucket (half the reads of asking for each)."""
+        snap = await self._snapshot()
+        return self._targets(snap), self._propagations(snap)
 
     # Secrets ----------------------------------------------------------------
 
@@ -232,13 +257,7 @@ class Registry:
         return target
 
     async def list_targets(self) -> list[Target]:
-        out = []
-        for raw in await self._list("targets"):
-            try:
-                out.append(Target.model_validate_json(raw))
-            except PydValidationError:
-                continue  # an invalid entry is skipped, not fatal for everyone
-        return out
+        return self._targets(await self._snapshot())
 
     async def remove_target(self, name: str) -> list[str]:
         """Remove a target and its part in propagations; returns ids of removed propagations.
@@ -338,13 +357,7 @@ class Registry:
         return Propagation.model_validate_json(found[0])
 
     async def list_propagations(self) -> list[Propagation]:
-        out = []
-        for raw in await self._list("props"):
-            try:
-                out.append(Propagation.model_validate_json(raw))
-            except PydValidationError:
-                continue
-        return sorted(out, key=lambda p: p.created_at)
+        return self._propagations(await self._snapshot())
 
     async def remove_propagation(self, prop_id: str) -> Propagation:
         prop = await self.get_propagation(prop_id)
@@ -359,8 +372,8 @@ class Registry:
         return int(status.stream_info.state.last_seq or 0)
 
     async def routes_for(self, target: str) -> list[tuple[str, str | None]]:
-        targets = {t.name for t in await self.list_targets()}
-        return compute_routes(target, await self.list_propagations(), targets)
+        targets, props = await self.targets_and_propagations()
+        return compute_routes(target, props, {t.name for t in targets})
 
     async def can_request(self, source: str, target: str) -> bool:
         """Request/reply is allowed along bidirectional propagations, either way."""

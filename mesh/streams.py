@@ -209,8 +209,7 @@ class Provisioner:
         return result
 
     async def _reconcile_all_once(self) -> dict[str, list[str]]:
-        targets = await self.registry.list_targets()
-        props = await self.registry.list_propagations()
+        targets, props = await self.registry.targets_and_propagations()
         names = {t.name for t in targets}
         result: dict[str, list[str]] = {}
         for t in targets:

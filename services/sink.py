@@ -490,8 +490,7 @@ class Sink(Service):
         if self.store is None:
             return
         registry = self.client.registry
-        targets = await registry.list_targets()
-        props = await registry.list_propagations()
+        targets, props = await registry.targets_and_propagations()
         store = self.store
         for t in targets:
             await store.upsert_service(service_row(t), actor=AUDIT_ACTOR)
