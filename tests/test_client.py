@@ -12,6 +12,7 @@ from pathlib import Path
 import nats
 import pytest
 from nats.aio.msg import Msg
+from nats.js.api import DiscardPolicy
 
 from mesh.broker import EmbeddedBroker, free_port
 from mesh.client import MeshClient
@@ -381,3 +382,33 @@ async def test_a_cancelled_pull_stops_even_when_the_cancellation_is_swallowed(
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(anext(feed), 0.2)
     assert fetches_after_cancel == 0
+
+
+async def test_publish_without_a_stream_says_run_init(settings: Settings) -> None:
+    async with MeshClient(settings, name="t") as c:  # never `init`: no stream yet
+        with pytest.raises(BrokerError, match="no stream stores mesh events"):
+            await c.publish("shop", "x", 1)
+
+
+async def test_publish_nobody_acknowledges_times_out(client: MeshClient) -> None:
+    # A plain subscriber answers nothing: the publish must give up at its timeout.
+    await client.js.delete_stream(client.names.events)
+    sub = await client.nc.subscribe(client.subjects.evt("shop", "x"))
+    try:
+        with pytest.raises(BrokerError, match=r"timed out after 0\.3s"):
+            await client.publish("shop", "x", 1, timeout=0.3)
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_publish_refused_by_the_stream_is_an_error(client: MeshClient) -> None:
+    # A stream that takes one message and refuses the next (discard new).
+    info = await client.js.stream_info(client.names.events)
+    config = info.config
+    config.max_msgs = 1
+    config.discard = DiscardPolicy.NEW
+    await client.js.update_stream(config)
+    await client.publish("shop", "x", 1)
+    with pytest.raises(BrokerError, match=r"refused: .*maximum messages"):
+        await client.publish("shop", "x", 2)
+    assert await stream_count(client) == 1
