@@ -1,64 +1,35 @@
-"""The HTTP side of the webhook egress: request bodies, signing, one shared session, the
+"""The HTTP side of the webhook egress: request bodies, signing, one shared client, the
 SSRF guard, and turning a response (or its absence) into an ``AttemptResult``.
 
 The SSRF guard works twice: ``check_destination`` (cached for a few seconds) refuses a
 URL whose host resolves to a private, loopback or link-local address before anything is
-sent, and the session's resolver refuses such addresses again at connect time, so a DNS
-answer that changes between the check and the connection (rebinding) is caught too.
-IP-literal hosts never reach a resolver; the first check covers them.
+sent, and the client (``services.egress_http1``) checks every address again when it
+connects and connects to the checked one, so a DNS answer that changes between the check
+and the connection (rebinding) is caught too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import socket
+import ssl
 import time
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
-
 from mesh.envelope import JSON, MSGPACK, Event
-from mesh.netguard import DestinationRefused, check_destination, is_forbidden
+from mesh.netguard import DestinationRefused, check_destination
 from mesh.registry import Target
 from mesh.resilience import parse_retry_after
 from mesh.signing import Signer
+from services.egress_http1 import Http1Client, RefusedAddress
 
 USER_AGENT = "mesh-webhook/0.1"
 MAX_RESPONSE_BYTES = 256 * 1024  # read at most this much of an answer
 ERROR_SNIPPET = 200  # characters of a failed answer kept in the error text
 CHECK_TTL_S = 10.0  # how long a destination check is trusted
-DNS_TTL_S = 10
-
-
-class RefusedAddress(OSError):
-    """Raised by the resolver; an OSError so aiohttp wraps it as a connector error."""
-
-
-class GuardedResolver(AbstractResolver):
-    """Resolves like aiohttp's default, then refuses private/loopback/link-local answers."""
-
-    def __init__(self) -> None:
-        self._inner = DefaultResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        infos = await self._inner.resolve(host, port, family)
-        for info in infos:
-            if is_forbidden(info["host"]):
-                raise RefusedAddress(
-                    f"destination {host!r} resolves to a private/loopback/link-local address"
-                    f" ({info['host']}); set MESH_ALLOW_PRIVATE_TARGETS=1 to allow it"
-                )
-        return infos
-
-    async def close(self) -> None:
-        await self._inner.close()
 
 
 @dataclass(slots=True)
@@ -155,60 +126,27 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _refused_cause(exc: BaseException) -> RefusedAddress | None:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, RefusedAddress):
-            return seen
-        os_error = getattr(seen, "os_error", None)
-        if isinstance(os_error, RefusedAddress):
-            return os_error
-        seen = seen.__cause__
-    return None
-
-
-async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while size < limit:
-        chunk = await resp.content.read(limit - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
-
-
 class HttpSender:
-    """One aiohttp session for every target: pooled keep-alive connections, no cookies."""
+    """One lean HTTP/1.1 client for every target: pooled keep-alive connections, no
+    cookies, no redirects, the SSRF guard before and at connect time."""
 
-    def __init__(self, allow_private: bool, limit: int = 512) -> None:
+    def __init__(
+        self, allow_private: bool, limit: int = 512, *, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.guard = DestinationGuard(allow_private)
         self.allow_private = allow_private
         self.limit = limit
-        self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=self.limit,
-                limit_per_host=0,
-                ttl_dns_cache=DNS_TTL_S,
-                resolver=None if self.allow_private else GuardedResolver(),
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                trust_env=False,
-                headers={"user-agent": USER_AGENT},
-            )
-        return self._session
+        self.client = Http1Client(
+            limit=limit,
+            allow_private=allow_private,
+            max_body=MAX_RESPONSE_BYTES,
+            user_agent=USER_AGENT,
+            ssl_context=ssl_context,
+        )
 
     async def close(self) -> None:
-        session, self._session = self._session, None
-        if session is not None and not session.closed:
-            await session.close()
+        self.client.close()
+        await asyncio.sleep(0)  # let the transports finish closing
 
     async def post(
         self,
@@ -225,44 +163,36 @@ class HttpSender:
             return AttemptResult(error=refusal, refused=True)
         started = time.monotonic()
         try:
-            async with self.session.post(
-                url,
-                data=body,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=timeout),
-                allow_redirects=False,
-            ) as resp:
-                answer = await _read_limited(resp, MAX_RESPONSE_BYTES)
-                status = resp.status
-                result = AttemptResult(
-                    status=status,
-                    latency_s=time.monotonic() - started,
-                    content_type=resp.headers.get("content-type", ""),
-                )
-                if keep_body:
-                    result.body = answer
-                if not 200 <= status < 300:
-                    result.retry_after = parse_retry_after(resp.headers.get("retry-after"))
-                    # One line for the DLQ and the tables: whitespace collapsed, bounded.
-                    snippet = " ".join(
-                        answer[: ERROR_SNIPPET * 4].decode("utf-8", "replace").split()
-                    )[:ERROR_SNIPPET]
-                    reason = resp.reason or ""
-                    result.error = f"HTTP {status} {reason}".strip() + (
-                        f": {snippet}" if snippet else ""
-                    )
-                return result
+            async with asyncio.timeout(timeout):
+                resp = await self.client.post(url, body, headers)
         except TimeoutError:
             return AttemptResult(
                 error=f"timeout after {timeout:g}s", latency_s=time.monotonic() - started
             )
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
-            refused = _refused_cause(exc)
-            if refused is not None:
-                return AttemptResult(error=str(refused), refused=True)
+        except RefusedAddress as exc:
+            return AttemptResult(error=str(exc), refused=True)
+        except (OSError, ValueError) as exc:
             return AttemptResult(
                 error=f"connection error: {_describe(exc)}", latency_s=time.monotonic() - started
             )
+        status = resp.status
+        result = AttemptResult(
+            status=status,
+            latency_s=time.monotonic() - started,
+            content_type=resp.headers.get("content-type", ""),
+        )
+        if keep_body:
+            result.body = resp.body
+        if not 200 <= status < 300:
+            result.retry_after = parse_retry_after(resp.headers.get("retry-after"))
+            # One line for the DLQ and the tables: whitespace collapsed, bounded.
+            snippet = " ".join(resp.body[: ERROR_SNIPPET * 4].decode("utf-8", "replace").split())[
+                :ERROR_SNIPPET
+            ]
+            result.error = f"HTTP {status} {resp.reason}".strip() + (
+                f": {snippet}" if snippet else ""
+            )
+        return result
 
 
 def sign_headers(
