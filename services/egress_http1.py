@@ -182,6 +182,7 @@ class _Connection(asyncio.Protocol):
     def close(self, *, abort: bool = False) -> None:
         self.closed = True
         self.reusable = False
+        self._on_lost(self)
         if self.transport is not None:
             if abort:
                 self.transport.abort()
