@@ -215,6 +215,7 @@ class _Connection(asyncio.Protocol):
                 truncated=truncated,
             )
         )
+        self._start()  # the answer is handed over: later bytes must not touch it
 
     def _fail(self, exc: BaseException) -> None:
         waiter = self._waiting()
@@ -266,6 +267,10 @@ class _Connection(asyncio.Protocol):
         )
 
     # httptools callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._waiting() is None:
+            self.close(abort=True)  # a second answer to one request: out of step
 
     def on_status(self, status: bytes) -> None:
         self._reason += status

@@ -333,6 +333,15 @@ async def test_http10_without_keep_alive_is_not_reused() -> None:
     assert srv.connections == 2
 
 
+async def test_an_extra_answer_makes_the_connection_unusable() -> None:
+    async with Raw(lambda n, _: (OK_KEEP + OK_KEEP, False)) as srv:
+        c = client()
+        await c.post(srv.url, b"", {})
+        await c.post(srv.url, b"", {})
+        c.close()
+    assert srv.connections == 2
+
+
 async def test_100_continue_is_skipped() -> None:
     reply = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\ndone"
     async with Raw(lambda n, _: (reply, False)) as srv:
