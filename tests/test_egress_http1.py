@@ -416,6 +416,26 @@ async def test_userinfo_becomes_basic_auth() -> None:
     assert srv.requests[0].headers["host"] == srv.url.split("/")[2]
 
 
+async def test_ipv6_literal_host() -> None:
+    seen: list[bytes] = []
+
+    def answer(n: int, request: bytes) -> tuple[bytes, bool]:
+        seen.append(request)
+        return OK_KEEP, False
+
+    port = free_port()
+    try:
+        server = await asyncio.start_server(Raw(answer)._serve, "::1", port)
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    async with server:
+        c = client()
+        resp = await c.post(f"http://[::1]:{port}/hook", b"", {})
+        c.close()
+    assert resp.status == 200
+    assert f"Host: [::1]:{port}\r\n".encode() in seen[0]
+
+
 # Failures -------------------------------------------------------------------------
 
 
