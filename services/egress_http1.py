@@ -183,6 +183,11 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self.reusable = False
         self._on_lost(self)
+        waiter = self._waiting()
+        if waiter is not None:
+            # We closed it under a request (the client is closing): not a stale
+            # connection, so no retry.
+            waiter.set_exception(ConnectionAbortedError("the client closed the connection"))
         if self.transport is not None:
             if abort:
                 self.transport.abort()

@@ -442,7 +442,7 @@ async def test_ipv6_literal_host() -> None:
 async def test_timeout_closes_the_connection() -> None:
     async def slow(request: web.Request) -> web.Response:
         if request.query.get("slow"):
-            await asyncio.sleep(5)
+            await asyncio.sleep(1.5)
         return web.Response(text="ok")
 
     async with app_server(slow) as srv:
@@ -455,6 +455,24 @@ async def test_timeout_closes_the_connection() -> None:
         assert (await sender.post(srv.url, b"", {}, 5)).ok
         await sender.close()
     assert srv.connections == 2
+
+
+async def test_closing_the_client_fails_requests_in_flight_without_a_retry() -> None:
+    async def slow(request: web.Request) -> web.Response:
+        if request.query.get("slow"):
+            await asyncio.sleep(1.5)
+        return web.Response(text="ok")
+
+    async with app_server(slow) as srv:
+        c = client()
+        await c.post(srv.url, b"", {})
+        pending = asyncio.ensure_future(c.post(srv.url + "?slow=1", b"", {}))
+        await eventually(lambda: len(srv.requests) == 2)
+        c.close()
+        with pytest.raises(ConnectionAbortedError):
+            await pending
+        assert c.connections == 0
+    assert srv.connections == 1
 
 
 async def test_connection_refused() -> None:
