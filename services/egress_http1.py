@@ -3,7 +3,8 @@
 
 Why not aiohttp's client here: per delivery it cost about a quarter of the egress's CPU
 (issue #10); this does the little a webhook POST needs for a third of that. aiohttp stays
-for everything else.
+for everything else. This module is the pool, resolution and the SSRF check; the wire
+(request head, one connection's protocol and parser) is ``services.egress_http1_wire``.
 
 - Pool: idle keep-alive connections per (scheme, host, port), reused last-in first-out,
   closed after ``IDLE_TIMEOUT_S``; at most ``limit`` connections in all (a request waits
@@ -24,295 +25,41 @@ Errors are ``OSError`` (connect, TLS, lost connection, refused address), ``Value
 from __future__ import annotations
 
 import asyncio
-import base64
-import ipaddress
 import socket
 import ssl
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from urllib.parse import quote, unquote, urlsplit
-
-import httptools
+from collections.abc import Mapping
 
 from mesh.netguard import is_forbidden
+from services.egress_http1_wire import (
+    Connection,
+    InvalidResponse,
+    Key,
+    Response,
+    ServerDisconnected,
+    Target,
+    parse_url,
+    request_head,
+)
+
+__all__ = [
+    "DNS_TTL_S",
+    "IDLE_TIMEOUT_S",
+    "SWEEP_INTERVAL_S",
+    "Http1Client",
+    "InvalidResponse",
+    "RefusedAddress",
+    "Response",
+    "ServerDisconnected",
+]
 
 IDLE_TIMEOUT_S = 30.0  # an idle keep-alive connection older than this is closed
 SWEEP_INTERVAL_S = 10.0  # how often idle connections are looked at
 DNS_TTL_S = 10.0  # how long a resolution is trusted
 _CACHE_MAX = 4096  # parsed URLs / resolutions kept before the cache starts over
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-_FRAMING = frozenset({"content-length", "transfer-encoding"})  # we frame the body ourselves
-
-Key = tuple[str, str, int]
 
 
 class RefusedAddress(OSError):
     """A host resolved to a private/loopback/link-local address (SSRF guard)."""
-
-
-class ServerDisconnected(ConnectionError):
-    """The connection ended before a full answer; ``received``: some of it had arrived."""
-
-    def __init__(self, message: str, *, received: bool) -> None:
-        super().__init__(message)
-        self.received = received
-
-
-class InvalidResponse(ConnectionError):
-    """The answer was not valid HTTP/1.x."""
-
-
-@dataclass(slots=True)
-class Response:
-    status: int
-    reason: str
-    headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
-    body: bytes  # at most max_body bytes
-    truncated: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class _Target:
-    """What one URL means on the wire, parsed once."""
-
-    key: Key
-    host: str  # for DNS and SNI: no brackets, IDNA-encoded
-    port: int
-    tls: bool
-    literal: bool  # an IP address: never resolved
-    request_line: str
-    defaults: tuple[tuple[str, str], ...]  # (lower-case name, header line) unless given
-
-
-def _parse(url: str, user_agent: str) -> _Target:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in _DEFAULT_PORTS:
-        raise ValueError(f"unsupported URL scheme {parts.scheme!r}")
-    host = parts.hostname
-    if not host:
-        raise ValueError(f"no host in URL {url!r}")
-    if not host.isascii():
-        host = host.encode("idna").decode("ascii")
-    port = parts.port or _DEFAULT_PORTS[scheme]
-    try:
-        ipaddress.ip_address(host.split("%")[0])
-        literal = True
-    except ValueError:
-        literal = False
-    path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
-    if parts.query:
-        path += "?" + quote(parts.query, safe="/%:@!$&'()*+,;=-._~?")
-    authority = f"[{host}]" if ":" in host else host
-    if port != _DEFAULT_PORTS[scheme]:
-        authority += f":{port}"
-    defaults = [("host", f"Host: {authority}\r\n"), ("user-agent", f"User-Agent: {user_agent}\r\n")]
-    if parts.username is not None:
-        userinfo = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-        token = base64.b64encode(userinfo.encode()).decode("ascii")
-        defaults.append(("authorization", f"Authorization: Basic {token}\r\n"))
-    return _Target(
-        key=(scheme, host, port),
-        host=host,
-        port=port,
-        tls=scheme == "https",
-        literal=literal,
-        request_line=f"POST {path} HTTP/1.1\r\n",
-        defaults=tuple(defaults),
-    )
-
-
-def _head(target: _Target, headers: Mapping[str, str], length: int) -> bytes:
-    lines = [target.request_line]
-    given: set[str] = set()
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower in _FRAMING:
-            continue
-        given.add(lower)
-        lines.append(f"{name}: {value}\r\n")
-    lines.extend(line for lower, line in target.defaults if lower not in given)
-    lines.append(f"Content-Length: {length}\r\n\r\n")
-    text = "".join(lines)
-    # Every line ends in exactly one CRLF (the last in two): any other CR, LF or a NUL
-    # came from a header and would let it inject headers or a request of its own.
-    if text.count("\n") != len(lines) + 1 or text.count("\r") != len(lines) + 1 or "\0" in text:
-        for name, value in headers.items():
-            if any(c in name or c in value for c in "\r\n\0"):
-                raise ValueError(f"header {name!r}: CR, LF or NUL in its name or value")
-        raise ValueError("CR, LF or NUL in the URL")
-    return text.encode()
-
-
-class _Connection(asyncio.Protocol):
-    """One HTTP/1.1 connection: one request at a time, the answer parsed as it arrives."""
-
-    def __init__(self, key: Key, max_body: int, on_lost: Callable[[_Connection], None]) -> None:
-        self.key = key
-        self._max_body = max_body
-        self._on_lost = on_lost
-        self._parser = httptools.HttpResponseParser(self)
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self.reusable = False  # the last answer was complete and the server keeps alive
-        self.idle_since = 0.0
-        self._waiter: asyncio.Future[Response] | None = None
-        self._received = False
-        self._reason = b""
-        self._headers: dict[str, str] = {}
-        self._body: list[bytes] = []
-        self._size = 0
-        self._headers_done = False
-        self._interim = False
-        self._keep_alive = False
-
-    # The request ---------------------------------------------------------------------
-
-    def send(self, head: bytes, body: bytes) -> asyncio.Future[Response]:
-        transport = self.transport
-        if self.closed or transport is None or transport.is_closing():
-            raise ServerDisconnected("connection closed before the request", received=False)
-        self._waiter = asyncio.get_running_loop().create_future()
-        self._received = False
-        self.reusable = False
-        self._start()
-        transport.write(head + body)
-        return self._waiter
-
-    def close(self, *, abort: bool = False) -> None:
-        self.closed = True
-        self.reusable = False
-        self._on_lost(self)
-        waiter = self._waiting()
-        if waiter is not None:
-            # We closed it under a request (the client is closing): not a stale
-            # connection, so no retry.
-            waiter.set_exception(ConnectionAbortedError("the client closed the connection"))
-        if self.transport is not None:
-            if abort:
-                self.transport.abort()
-            else:
-                self.transport.close()
-
-    def _start(self) -> None:
-        self._reason = b""
-        self._headers = {}
-        self._body = []
-        self._size = 0
-        self._headers_done = False
-        self._interim = False
-
-    def _waiting(self) -> asyncio.Future[Response] | None:
-        waiter = self._waiter
-        return None if waiter is None or waiter.done() else waiter
-
-    def _finish(self, *, reusable: bool, truncated: bool = False) -> None:
-        waiter = self._waiting()
-        if waiter is None:
-            return
-        self.reusable = reusable and not self.closed
-        waiter.set_result(
-            Response(
-                status=self._parser.get_status_code(),
-                reason=self._reason.decode("latin-1").strip(),
-                headers=self._headers,
-                body=b"".join(self._body),
-                truncated=truncated,
-            )
-        )
-        self._start()  # the answer is handed over: later bytes must not touch it
-
-    def _fail(self, exc: BaseException) -> None:
-        waiter = self._waiting()
-        if waiter is not None:
-            waiter.set_exception(exc)
-        self.close(abort=True)
-
-    # asyncio.Protocol ------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        if self._waiting() is None:
-            # Bytes nobody asked for (while idle, or after we stopped reading): the
-            # connection is out of step with the server and cannot be trusted again.
-            self.close(abort=True)
-            return
-        self._received = True
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(InvalidResponse("unexpected protocol upgrade"))
-        except httptools.HttpParserError as exc:
-            self._fail(InvalidResponse(f"invalid HTTP response: {exc}"))
-
-    def eof_received(self) -> bool | None:
-        return None  # close our side too; connection_lost follows
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.reusable = False
-        self._on_lost(self)
-        if self._waiting() is None:
-            return
-        framed = "content-length" in self._headers or "chunked" in self._headers.get(
-            "transfer-encoding", ""
-        )
-        if exc is None and self._headers_done and not self._interim and not framed:
-            self._finish(reusable=False)  # read-until-close body: EOF ends it
-            return
-        why = f": {type(exc).__name__}: {exc}" if exc is not None else ""
-        self._fail(
-            ServerDisconnected(
-                f"server closed the connection before a full response{why}",
-                received=self._received,
-            )
-        )
-
-    # httptools callbacks ----------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        if self._waiting() is None:
-            self.close(abort=True)  # a second answer to one request: out of step
-
-    def on_status(self, status: bytes) -> None:
-        self._reason += status
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
-        old = self._headers.get(key)
-        self._headers[key] = text if old is None else f"{old}, {text}"
-
-    def on_headers_complete(self) -> None:
-        self._headers_done = True
-        self._interim = self._parser.get_status_code() < 200
-        if not self._interim:
-            # Asked here: after the message llhttp has moved on and forgets.
-            self._keep_alive = self._parser.should_keep_alive()
-
-    def on_body(self, chunk: bytes) -> None:
-        if self._waiting() is None:
-            return
-        room = self._max_body - self._size
-        if len(chunk) > room:
-            # Longer than we keep: take what fits, stop reading, never drain the rest.
-            if room > 0:
-                self._body.append(chunk[:room])
-                self._size += room
-            self._finish(reusable=False, truncated=True)
-            self.close(abort=True)
-            return
-        self._body.append(chunk)
-        self._size += len(chunk)
-
-    def on_message_complete(self) -> None:
-        if self._interim:
-            self._start()  # 100 Continue and friends: the real answer follows
-            return
-        self._finish(reusable=self._keep_alive)
 
 
 class Http1Client:
@@ -333,11 +80,11 @@ class Http1Client:
         self.user_agent = user_agent
         self._ssl_context = ssl_context
         self._slots = asyncio.Semaphore(limit)
-        self._idle: dict[Key, list[_Connection]] = {}
+        self._idle: dict[Key, list[Connection]] = {}
         self._idle_count = 0  # entries in _idle (some may have closed meanwhile)
         self._busy = 0  # connections held by requests, connecting ones included
-        self._conns: set[_Connection] = set()
-        self._targets: dict[str, _Target] = {}
+        self._conns: set[Connection] = set()
+        self._targets: dict[str, Target] = {}
         self._dns: dict[tuple[str, int], tuple[float, list[str]]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -349,11 +96,11 @@ class Http1Client:
     async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Response:
         target = self._targets.get(url)
         if target is None:
-            target = _parse(url, self.user_agent)
+            target = parse_url(url, self.user_agent)
             if len(self._targets) >= _CACHE_MAX:
                 self._targets.clear()
             self._targets[url] = target
-        head = _head(target, headers, len(body))
+        head = request_head(target, headers, len(body))
         async with self._slots:
             conn = self._take_idle(target.key)
             if conn is None:
@@ -378,7 +125,7 @@ class Http1Client:
 
     # Connections ----------------------------------------------------------------------
 
-    async def _exchange(self, conn: _Connection, head: bytes, body: bytes) -> Response:
+    async def _exchange(self, conn: Connection, head: bytes, body: bytes) -> Response:
         try:
             response = await conn.send(head, body)
         except BaseException:
@@ -392,7 +139,7 @@ class Http1Client:
             conn.close(abort=response.truncated)
         return response
 
-    def _take_idle(self, key: Key) -> _Connection | None:
+    def _take_idle(self, key: Key) -> Connection | None:
         stack = self._idle.get(key)
         if not stack:
             return None
@@ -409,7 +156,7 @@ class Http1Client:
             return conn
         return None
 
-    def _put_idle(self, conn: _Connection) -> None:
+    def _put_idle(self, conn: Connection) -> None:
         loop = asyncio.get_running_loop()
         conn.idle_since = loop.time()
         self._idle.setdefault(conn.key, []).append(conn)
@@ -445,7 +192,7 @@ class Http1Client:
         if not stack:
             del self._idle[oldest]
 
-    async def _connect(self, target: _Target) -> _Connection:
+    async def _connect(self, target: Target) -> Connection:
         # We hold a slot, so the others hold at most limit - 1 connections; idle ones
         # (to any host) give way until there is room for ours.
         while self._idle_count and self._busy + self._idle_count >= self.limit:
@@ -457,7 +204,7 @@ class Http1Client:
             self._busy -= 1
             raise
 
-    async def _open(self, target: _Target) -> _Connection:
+    async def _open(self, target: Target) -> Connection:
         loop = asyncio.get_running_loop()
         addresses = await self._resolve(target)
         tls = self._tls() if target.tls else None
@@ -465,7 +212,7 @@ class Http1Client:
         for address in addresses:
             try:
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(target.key, self.max_body, self._conns.discard),
+                    lambda: Connection(target.key, self.max_body, self._conns.discard),
                     address,
                     target.port,
                     ssl=tls,
@@ -480,7 +227,7 @@ class Http1Client:
             return conn
         raise error or OSError(f"no address for {target.host!r}")
 
-    async def _resolve(self, target: _Target) -> list[str]:
+    async def _resolve(self, target: Target) -> list[str]:
         host = target.host
         if target.literal:
             addresses = [host]
