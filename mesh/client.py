@@ -544,14 +544,14 @@ class MeshClient:
     async def record(self, rec: DeliveryRecord) -> None:
         """Publish a delivery-attempt record (best effort: a failure is logged, not raised)."""
         try:
-            await self.js.publish(
-                self.subjects.delivery(rec.target),
-                rec.to_bytes(),
-                headers={"Nats-Msg-Id": rec.id},
-                timeout=5,
+            ack = await self._acked.publish(
+                self.subjects.delivery(rec.target), rec.to_bytes(), {"Nats-Msg-Id": rec.id}, 5.0
             )
+            error = ack_error(ack)
         except Exception as exc:
-            log.warning("delivery record not published", target=rec.target, error=str(exc))
+            error = str(exc) or type(exc).__name__
+        if error is not None:
+            log.warning("delivery record not published", target=rec.target, error=error)
 
     async def dead_letter(self, msg: Msg, target: str, error: str, attempts: int) -> None:
         """Copy a message to the DLQ with its reason. Raises if the DLQ did not take it."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nats
 import pytest
+import structlog.testing
 from nats.aio.msg import Msg
 from nats.js.api import DiscardPolicy
 
@@ -29,6 +30,7 @@ from mesh.errors import (
     ValidationError,
 )
 from mesh.pullfeed import PullFeed
+from mesh.records import DeliveryRecord, Outcome
 from mesh.registry import PropagationMode, Target, TargetKind
 from tests.conftest import add_nats_target
 from tests.support.feeds import collect, eventually, queued, stream_count
@@ -412,3 +414,11 @@ async def test_publish_refused_by_the_stream_is_an_error(client: MeshClient) -> 
     with pytest.raises(BrokerError, match=r"refused: .*maximum messages"):
         await client.publish("shop", "x", 2)
     assert await stream_count(client) == 1
+
+
+async def test_a_refused_delivery_record_is_logged_not_raised(settings: Settings) -> None:
+    async with MeshClient(settings, name="t") as c:  # never `init`: no MESH_SYS stream
+        with structlog.testing.capture_logs() as logs:
+            await c.record(DeliveryRecord("e1", "t1", 1, Outcome.DELIVERED))
+    [line] = [e for e in logs if e["event"] == "delivery record not published"]
+    assert line["target"] == "t1" and "503" in line["error"]
