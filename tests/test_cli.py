@@ -57,10 +57,11 @@ async def test_help_lists_the_commands(env: dict[str, str]) -> None:
     for c in COMMANDS:
         assert f" {c} " in p.stdout, c
     # Bare `mesh` shows the help too (exit 2, like any usage error).
-    bare = await mesh(env)
+    groups = ("target", "propagate", "propagation")
+    bare, *helps = await asyncio.gather(mesh(env), *(mesh(env, g, "--help") for g in groups))
     assert bare.returncode == 2 and "Usage" in bare.stdout + bare.stderr
-    for group in ("target", "propagate", "propagation"):
-        assert "Usage" in ok(await mesh(env, group, "--help")).stdout
+    for group_help in helps:
+        assert "Usage" in ok(group_help).stdout
 
 
 @pytest.mark.slow
@@ -281,8 +282,10 @@ async def test_bad_input_is_one_line_and_harms_nothing(
         (["serve", "nonsense"], ["unknown service"]),
         (["nonsense"], ["No such command"]),
     ]
-    for args, needles in cases:
-        p = await mesh(env, *args, stdin="")
+    # Independent refusals: run at once (each is a second of imports in a subprocess).
+    procs = await asyncio.gather(*(mesh(env, *args, stdin="") for args, _ in cases))
+    for (args, needles), p in zip(cases, procs, strict=True):
+        assert p.args[len(MESH) :] == args
         one_line_error(p, *needles)
     # stdin JSON errors name stdin.
     one_line_error(
