@@ -32,6 +32,7 @@ from services.bridge import Bridge, BridgeOptions
 from services.bridge_tail import FrameCache
 from tests.conftest import env_for
 from tests.support import eventually
+from tests.support.tls import self_signed
 
 TEST_OPTIONS = {
     "host": "127.0.0.1",
@@ -621,44 +622,6 @@ async def test_200_clients_on_one_broadcast_all_receive_every_event(
 # TLS ----------------------------------------------------------------------------------------------
 
 
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp / "bridge.crt", tmp / "bridge-tls.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    return cert_path, key_path
-
-
 async def test_tls_when_a_certificate_is_configured(
     make_bridge: Callable[..., Awaitable[Bridge]],
     settings: Settings,
@@ -668,7 +631,7 @@ async def test_tls_when_a_certificate_is_configured(
 ) -> None:
     import ssl
 
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path, "127.0.0.1")
     b = await make_bridge(
         settings.model_copy(update={"bridge_tls_cert": cert, "bridge_tls_key": key})
     )

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime as dt
-import ipaddress
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -23,6 +21,7 @@ from services import egress_http1
 from services.egress_http import MAX_RESPONSE_BYTES, HttpSender
 from services.egress_http1 import Http1Client, RefusedAddress
 from tests.support import eventually
+from tests.support.tls import self_signed
 
 JSON = {"content-type": "application/json"}
 
@@ -504,43 +503,6 @@ async def test_ssrf_guard_refuses_a_name_resolving_to_loopback() -> None:
 # TLS ------------------------------------------------------------------------------
 
 
-def _self_signed(tmp: Path, name: str) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.UTC)
-    try:
-        alt: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(name))
-    except ValueError:
-        alt = x509.DNSName(name)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp / f"{name}.crt", tmp / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 def _server_tls(cert: Path, key: Path) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
@@ -548,7 +510,7 @@ def _server_tls(cert: Path, key: Path) -> ssl.SSLContext:
 
 
 async def test_https_with_a_trusted_certificate(tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path, "localhost")
+    cert, key = self_signed(tmp_path, "localhost")
     async with app_server(ok, tls=_server_tls(cert, key), host="localhost") as srv:
         sender = HttpSender(
             allow_private=True, ssl_context=ssl.create_default_context(cafile=str(cert))
@@ -564,7 +526,7 @@ async def test_https_with_a_trusted_certificate(tmp_path: Path) -> None:
 
 
 async def test_https_certificate_checks(tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path, "localhost")
+    cert, key = self_signed(tmp_path, "localhost")
     async with app_server(ok, tls=_server_tls(cert, key)) as srv:
         trusting = HttpSender(
             allow_private=True, ssl_context=ssl.create_default_context(cafile=str(cert))
