@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 
 import nats.errors as nats_errors
 import nats.js.errors as js_errors
 import pytest
+from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from mesh.client import MeshClient
@@ -74,7 +77,13 @@ async def test_close_hands_back_what_was_never_handed_out(client: MeshClient) ->
     await feed.close()  # naks them: redelivered now, not after ack_wait (30 s)
     again = await PullFeed(client.nc, client.names.events, "feed").open()
     try:
-        redelivered = await again.fetch(5, timeout=2)
+        # The naks reach the consumer asynchronously: a no-wait fetch may find one ready
+        # before the other. Both must be back well inside the ack wait (30 s).
+        redelivered: list[Msg] = []
+        deadline = time.monotonic() + 5
+        while len(redelivered) < 2 and time.monotonic() < deadline:
+            with contextlib.suppress(nats_errors.TimeoutError):
+                redelivered += await again.fetch(5, timeout=1)
         assert [m.metadata.num_delivered for m in redelivered] == [2, 2]
     finally:
         await again.close()
