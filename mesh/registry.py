@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import nats.js.errors as js_errors
 from nats.js import JetStreamContext
@@ -31,6 +31,9 @@ SECRET_PREFIX = "whsec_"
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class TargetKind(StrEnum):
@@ -169,28 +172,25 @@ class Registry:
         return await read_all(self._js, self.kv, self._bucket)
 
     @staticmethod
-    def _values(snap: dict[str, bytes], prefix: str) -> list[bytes]:
-        return [v for k, v in sorted(snap.items()) if k.startswith(prefix + ".")]
-
-    @classmethod
-    def _targets(cls, snap: dict[str, bytes]) -> list[Target]:
+    def _parsed(snap: dict[str, bytes], prefix: str, model: type[_M]) -> list[_M]:
+        """The entries under ``prefix``, in key order; an invalid one is skipped, not fatal
+        for everyone."""
         out = []
-        for raw in cls._values(snap, "targets"):
-            try:
-                out.append(Target.model_validate_json(raw))
-            except PydValidationError:
-                continue  # an invalid entry is skipped, not fatal for everyone
+        for key, raw in sorted(snap.items()):
+            if key.startswith(prefix + "."):
+                try:
+                    out.append(model.model_validate_json(raw))
+                except PydValidationError:
+                    continue
         return out
 
     @classmethod
+    def _targets(cls, snap: dict[str, bytes]) -> list[Target]:
+        return cls._parsed(snap, "targets", Target)
+
+    @classmethod
     def _propagations(cls, snap: dict[str, bytes]) -> list[Propagation]:
-        out = []
-        for raw in cls._values(snap, "props"):
-            try:
-                out.append(Propagation.model_validate_json(raw))
-            except PydValidationError:
-                continue
-        return sorted(out, key=lambda p: p.created_at)
+        return sorted(cls._parsed(snap, "props", Propagation), key=lambda p: p.created_at)
 
     async def targets_and_propagations(self) -> tuple[list[Target], list[Propagation]]:
         """Both lists from one reading of the bucket (half the reads of asking for each)."""
