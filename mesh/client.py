@@ -43,7 +43,7 @@ from mesh.errors import (
     ValidationError,
 )
 from mesh.observability import METRICS
-from mesh.pubpipe import AckedPublisher, ack_duplicate, ack_error
+from mesh.pubpipe import AckedPublisher, ack_duplicate, ack_error, no_stream
 from mesh.pullfeed import PullFeed
 from mesh.records import DeliveryRecord, Outcome, dead_letter_headers
 from mesh.registry import Propagation, PropagationMode, Registry, Target, route_accepts
@@ -435,12 +435,10 @@ class MeshClient:
             raise BrokerError(f"publish of {event.id} timed out after {timeout}s") from None
         except nats_errors.MaxPayloadError:
             raise PayloadTooLarge(len(body), self.nc.max_payload) from None
+        if no_stream(ack):
+            raise BrokerError("no stream stores mesh events: run `mesh init` (or `mesh up`) first")
         error = ack_error(ack)
         if error is not None:
-            if error.startswith("status 503"):  # no responders: no stream on the subject
-                raise BrokerError(
-                    "no stream stores mesh events: run `mesh init` (or `mesh up`) first"
-                )
             raise BrokerError(f"publish of {event.id} refused: {error}")
         duplicate = ack_duplicate(ack)
         if not duplicate:

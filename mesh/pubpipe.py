@@ -128,7 +128,7 @@ class PubPipe:
         item = self._settled(msg.subject[len(self._prefix) :])
         if item is None:
             return  # expired already (and published again, or reported)
-        error = _ack_error(msg)
+        error = ack_error(msg)
         if error is not None:
             await self._again(item, error)
 
@@ -193,11 +193,17 @@ class PubPipe:
                     self.on_failure(lost.tag, "not acknowledged before close")
 
 
-def _ack_error(msg: Msg) -> str | None:
+def no_stream(msg: Msg) -> bool:
+    """The answer was 503 no responders: no stream listens on the subject."""
+    headers = msg.headers
+    return headers is not None and headers.get("Status") == "503"
+
+
+def ack_error(msg: Msg) -> str | None:
     """None for a JetStream acknowledgement; otherwise what went wrong."""
     headers = msg.headers
     if headers and headers.get("Status"):
-        # 503: no stream listens on the subject (no responders).
+        # 503: no stream listens on the subject (no responders, see ``no_stream``).
         status = headers["Status"]
         return f"status {status} {headers.get('Description', '')}".strip()
     data = msg.data
@@ -261,11 +267,6 @@ class AckedPublisher:
                 return await future
         finally:
             self._waiting.pop(token, None)
-
-
-def ack_error(msg: Msg) -> str | None:
-    """None for a JetStream acknowledgement; otherwise what went wrong."""
-    return _ack_error(msg)
 
 
 def ack_duplicate(msg: Msg) -> bool:
