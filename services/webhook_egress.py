@@ -270,7 +270,7 @@ class WebhookEgress(Service):
                 raise RuntimeError("the egress is not started")
             await pipe.publish(
                 self.client.subjects.delivery(rec.target),
-                _record_bytes(rec),
+                rec.to_bytes(),
                 {"Nats-Msg-Id": rec.id},
                 rec,
             )
@@ -304,8 +304,3 @@ class WebhookEgress(Service):
             "records_failed": self._records_failed,
             **totals,
         }
-
-
-def _record_bytes(rec: DeliveryRecord) -> bytes:
-    # DeliveryRecord.to_bytes without dataclasses.asdict's deep copy (hot path; flat fields).
-    return json.dumps(vars(rec), separators=(",", ":")).encode()
