@@ -46,6 +46,14 @@ def is_forbidden(addr: str) -> bool:
     )
 
 
+def forbidden_reason(host: str, addr: str) -> str:
+    """Why ``host`` is refused when it resolved to the forbidden ``addr``."""
+    return (
+        f"destination {host!r} resolves to a private/loopback/link-local address"
+        f" ({addr}); set MESH_ALLOW_PRIVATE_TARGETS=1 to allow it"
+    )
+
+
 async def check_destination(url: str, allow_private: bool) -> None:
     """Raise DestinationRefused when the URL's host resolves to a forbidden address."""
     if allow_private:
@@ -59,7 +67,4 @@ async def check_destination(url: str, allow_private: bool) -> None:
     for info in infos:
         addr = str(info[4][0])
         if is_forbidden(addr):
-            raise DestinationRefused(
-                f"destination {host!r} resolves to a private/loopback/link-local address"
-                f" ({addr}); set MESH_ALLOW_PRIVATE_TARGETS=1 to allow it"
-            )
+            raise DestinationRefused(forbidden_reason(host, addr))

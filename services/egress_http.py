@@ -134,8 +134,6 @@ class HttpSender:
         self, allow_private: bool, limit: int = 512, *, ssl_context: ssl.SSLContext | None = None
     ) -> None:
         self.guard = DestinationGuard(allow_private)
-        self.allow_private = allow_private
-        self.limit = limit
         self.client = Http1Client(
             limit=limit,
             allow_private=allow_private,

@@ -29,7 +29,7 @@ import socket
 import ssl
 from collections.abc import Mapping
 
-from mesh.netguard import is_forbidden
+from mesh.netguard import forbidden_reason, is_forbidden
 from services.egress_http1_wire import (
     Connection,
     InvalidResponse,
@@ -246,10 +246,7 @@ class Http1Client:
         if not self.allow_private:
             for address in addresses:
                 if is_forbidden(address):
-                    raise RefusedAddress(
-                        f"destination {host!r} resolves to a private/loopback/link-local"
-                        f" address ({address}); set MESH_ALLOW_PRIVATE_TARGETS=1 to allow it"
-                    )
+                    raise RefusedAddress(forbidden_reason(host, address))
         return addresses
 
     def _tls(self) -> ssl.SSLContext:
