@@ -178,17 +178,17 @@ async def egress_throughput(
     try:
         await rx.wait_count(1, timeout=60)
         ps = [psutil.Process(p.pid) for p in procs]
-        cpu0 = sum(sum(p.cpu_times()[:2]) for p in ps)
+        cpu0 = _cpu_s(ps)
         broker_cpu0 = _cpu_s(BROKER_PROC)
         rx_cpu0 = _cpu_s(RECEIVER_PROC)
         first = (await rx.stats())["count"]
         st = await rx.wait_count(n, timeout=300)
-        cpu1 = sum(sum(p.cpu_times()[:2]) for p in ps)
+        cpu1 = _cpu_s(ps)
         done = max(1, st["count"] - first)
         CPU.setdefault("egress", []).append((cpu1 - cpu0) / done * 1e6)
         CPU.setdefault("receiver-egress", []).append((_cpu_s(RECEIVER_PROC) - rx_cpu0) / done * 1e6)
         if BROKER_PROC:
-            broker_cpu = sum(BROKER_PROC[0].cpu_times()[:2]) - broker_cpu0
+            broker_cpu = _cpu_s(BROKER_PROC) - broker_cpu0
             CPU.setdefault("broker", []).append(broker_cpu / done * 1e6)
     finally:
         await asyncio.gather(*(stop_process(p) for p in procs))
