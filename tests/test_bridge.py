@@ -28,8 +28,8 @@ from mesh.config import Settings
 from mesh.errors import KeyFileError, MeshError
 from mesh.observability import METRICS
 from mesh.registry import Target, TargetKind
-from services.bridge import Bridge, BridgeOptions
-from services.bridge_tail import FrameCache
+from services.bridge.service import Bridge, BridgeOptions
+from services.bridge.tail import FrameCache
 from tests.conftest import env_for
 from tests.support import eventually
 from tests.support.tls import self_signed
