@@ -189,7 +189,7 @@ async def test_dashboard_shows_live_figures_in_headless_chromium(
     settings: Settings, client: MeshClient, tmp_path: Path
 ) -> None:
     from services.egress.service import WebhookEgress
-    from services.sink import Sink
+    from services.sink.service import Sink
 
     s = settings.model_copy(
         update={"heartbeat_interval_s": 1.0, "db_url": f"sqlite:///{tmp_path / 'mesh.db'}"}

@@ -20,7 +20,7 @@ from mesh.config import Settings
 from mesh.registry import RetryPolicy, Target, TargetKind
 from mesh.storage import open_store
 from services.egress.service import WebhookEgress
-from services.sink import Sink
+from services.sink.service import Sink
 from tests.support import publish_reliably
 from tests.support.receiver import Received, Receiver, Reply
 

@@ -357,7 +357,7 @@ async def test_readyz_turns_503_while_postgres_is_unreachable(
 async def test_metrics_parse_and_carry_the_mesh_families_after_traffic(
     hsettings: Settings, client: MeshClient
 ) -> None:
-    from services.sink import Sink
+    from services.sink.service import Sink
 
     await migrate(hsettings.database_url)
     await client.add_target(Target(name="m-queue", kind=TargetKind.NATS))
