@@ -26,8 +26,8 @@ from mesh.broker import free_port
 from mesh.client import MeshClient
 from mesh.config import Settings
 from mesh.registry import RetryPolicy, Target, TargetKind
-from services.dashboard import DASHBOARD_HTML
-from services.health import Health
+from services.health.dashboard import DASHBOARD_HTML
+from services.health.service import Health
 from tests.support import eventually, migrate, running
 from tests.support.receiver import Receiver
 

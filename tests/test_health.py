@@ -34,7 +34,7 @@ from mesh.errors import ConfigError
 from mesh.records import DeliveryRecord, Outcome
 from mesh.registry import RetryPolicy, Target, TargetKind
 from services.base import Service
-from services.health import Health
+from services.health.service import Health
 from tests import support
 from tests.conftest import env_for
 from tests.support import migrate, pg_schema, pg_target, running, via

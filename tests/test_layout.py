@@ -236,7 +236,6 @@ def test_mesh_loads_services_only_by_name_from_the_cli() -> None:
     assert names == DYNAMIC_LOADS
 
 
-@pytest.mark.xfail(reason="issue #15: services are flat files until issue #15", strict=True)
 def test_each_service_is_a_package() -> None:
     missing = []
     for svc, (pkg, cls) in SERVICE_PACKAGES.items():
