@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any
 import nats.js.errors as js_errors
 from nats.aio.msg import Msg
 
-from mesh.errors import DecodeError, ValidationError
+from mesh.errors import DecodeError
 from mesh.observability import METRICS
 from mesh.records import Outcome
-from mesh.registry import Target
+from mesh.registry import Target, TargetKind
 from mesh.resilience import (
     CircuitState,
     RateLimiter,
@@ -41,7 +41,7 @@ from mesh.resilience import (
 from mesh.signing import Signer
 from mesh.streams import ensure_streams
 from services.egress.circuit import SharedCircuit
-from services.egress.http.sender import build_body, sign_headers
+from services.egress.drivers import Driver, make_driver
 from services.egress.outcomes import Outcomes
 from services.egress.rpc import RequestResponder
 
@@ -107,6 +107,7 @@ class TargetWorker(Outcomes):
         self.main: asyncio.Task[None] | None = None
         self._bg: list[asyncio.Task[None]] = []
         self.rpc = RequestResponder(self)
+        self.driver = self._make_driver(target)
 
     # Configuration ------------------------------------------------------------
 
@@ -118,6 +119,11 @@ class TargetWorker(Outcomes):
         self.target = target
         self._signer = None
         self.circuit.configure(target.circuit_threshold, target.circuit_open_s, target.timeout_s)
+        if self.driver.update(target):
+            # A new URL or options: new sends use a new driver; the old one closes once
+            # its sends are done (a close mid-send would fail them for nothing).
+            old, self.driver = self.driver, self._make_driver(target)
+            self.egress.spawn(_close_later(old, target.timeout_s), name=f"close-{self.name}")
         self.configure_rate()
         if self._limit() != self._slots_for:
             # New waiters use the new limit; requests already out finish under the old one.
@@ -125,6 +131,12 @@ class TargetWorker(Outcomes):
             self._slots_for = self._limit()
         self.fetch_stop.set()  # the batch size may have changed: re-plan the fetch
         self._kick()
+
+    def _make_driver(self, target: Target) -> Driver:
+        url = ""
+        if target.kind != TargetKind.WEBHOOK:
+            url = self.client.registry.destination_url(target)
+        return make_driver(target, url, self.egress.http, self.signer)
 
     def configure_rate(self) -> None:
         rate = self.target.rate
@@ -208,7 +220,8 @@ class TargetWorker(Outcomes):
         ]
         try:
             await self._prepare()
-            await self.rpc.start()
+            if self.target.kind == TargetKind.WEBHOOK:
+                await self.rpc.start()  # request/reply is HTTP's alone
             while not self.halt.is_set():
                 self._changed.clear()
                 if not self.may_fetch():
@@ -221,6 +234,9 @@ class TargetWorker(Outcomes):
             for task in self._bg:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            if self.tasks:  # sends still out (stop's deadline handles them)
+                await asyncio.wait(set(self.tasks), timeout=self.target.timeout_s)
+            await self.driver.close()
 
     async def _prepare(self) -> None:
         """Make sure the consumer exists; load the circuit's shared state."""
@@ -313,13 +329,12 @@ class TargetWorker(Outcomes):
                 await self._skip(msg, event, reason)
                 return
             target = self.target
-            body, extra = build_body(target, event)
-            try:
-                signer = self.signer()
-            except (ValidationError, DecodeError) as exc:
-                # A secret that cannot be used is a configuration error: park the target
+            driver = self.driver
+            problem = driver.ready()
+            if problem is not None:
+                # A configuration error (a secret that cannot be used): park the target
                 # (its events stay queued) rather than burn attempts or dead-letter them.
-                await self._disable(f"cannot sign: {exc}")
+                await self._disable(problem)
                 await self._hand_back(msg)
                 return
             while True:
@@ -335,13 +350,9 @@ class TargetWorker(Outcomes):
                     task = asyncio.current_task()
                     if task is not None:
                         self.sending.add(task)  # from here on, drain lets it finish
-                    headers = sign_headers(signer, event.id, body, extra)
-                    assert target.url is not None
                     self.on_wire += 1
                     try:
-                        result = await self.egress.http.post(
-                            target.url, body, headers, target.timeout_s
-                        )
+                        result = await driver.send(event)
                     finally:
                         self.on_wire -= 1
                 break
@@ -473,3 +484,8 @@ class TargetWorker(Outcomes):
             "rate_share": self.limiter.rate if self.limiter is not None else None,
             **self.counts,
         }
+
+
+async def _close_later(driver: Driver, after: float) -> None:
+    await asyncio.sleep(after)
+    await driver.close()
