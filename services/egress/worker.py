@@ -478,6 +478,7 @@ class TargetWorker(Outcomes):
 
     def stats(self) -> dict[str, Any]:
         return {
+            "kind": self.target.kind.value,
             "state": self.circuit.state.value,
             "in_flight": self.on_wire,
             "held": self.held,

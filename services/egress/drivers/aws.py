@@ -93,7 +93,11 @@ class _AwsDriver(Driver):
         return super().is_permanent(exc)
 
     def drops_connection(self, exc: Exception) -> bool:
-        return False  # the client's pool makes new connections by itself
+        from botocore.exceptions import ClientError
+
+        # An answer keeps the client; anything else (a cut connection can leave
+        # aiohttp's pool in a state that only hangs) makes a new one.
+        return not isinstance(exc, ClientError)
 
 
 def _permanent_code(response: dict[str, Any]) -> bool:
