@@ -10,7 +10,6 @@ its ``--transform`` followed by the target's. Compiled expressions are cached by
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from dataclasses import dataclass
 from datetime import UTC
@@ -18,7 +17,7 @@ from functools import lru_cache
 from typing import Any
 
 from mesh.cesql import Expression, compile_expression
-from mesh.envelope import JSON, Event
+from mesh.envelope import JSON, Event, to_jsonable
 from mesh.errors import ExpressionError
 from mesh.registry import Registry, Rule
 from mesh.transform import TransformFailed, compile_transform
@@ -108,7 +107,7 @@ def check_filter(rule: Rule, event: Event) -> str | None:
 def transformed(event: Event, texts: list[str], size: int) -> Event:
     """A copy of ``event`` with its data run through each transform in turn.
     Raises TransformFailed."""
-    data = event.json_data()
+    data = event.data
     for text in texts:
         try:
             t = compile_transform(text)
@@ -116,7 +115,11 @@ def transformed(event: Event, texts: list[str], size: int) -> Event:
             raise TransformFailed(f"transform does not compile: {exc}") from None
         data = t.apply(data, size)
         size = 0  # the bound on the first input covers what it can grow to
-    return dataclasses.replace(event, data=data, datacontenttype=JSON)
+    out = object.__new__(Event)  # a shallow copy: copy.copy costs 3x as much here
+    out.__dict__.update(event.__dict__)
+    out.data = to_jsonable(data)  # bytes picked from the input become text, as elsewhere
+    out.datacontenttype = JSON
+    return out
 
 
 class RouteCache:
