@@ -65,16 +65,17 @@ class _Counting(TreeInterpreter):
     def __init__(self) -> None:
         super().__init__(Options())
         self.left = 0
+        self._methods: dict[str, Any] = {}
 
     def visit(self, node: Any, *args: Any, **kwargs: Any) -> Any:
         self.left -= 1
         if self.left < 0:
             raise TransformFailed("transform stopped: more than the allowed evaluation steps")
         kind = node["type"]
-        method = self._method_cache.get(kind)
+        method = self._methods.get(kind)
         if method is None:
             method = getattr(self, "visit_" + kind, self.default_visit)
-            self._method_cache[kind] = method
+            self._methods[kind] = method
         return method(node, *args, **kwargs)
 
 
