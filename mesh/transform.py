@@ -72,7 +72,7 @@ class _Counting(TreeInterpreter):
         if self.left < 0:
             raise TransformFailed("transform stopped: more than the allowed evaluation steps")
         kind = node["type"]
-        method = self._methods.get(kind)
+        method: Any = self._methods.get(kind)
         if method is None:
             method = getattr(self, "visit_" + kind, self.default_visit)
             self._methods[kind] = method
