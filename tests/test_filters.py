@@ -4,6 +4,8 @@ conformance table directly; here a sample of it goes through the broker)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import random
 import re
 from collections.abc import AsyncIterator
@@ -202,3 +204,40 @@ async def test_egress_filters_reshapes_and_dead_letters_failed_transforms(
 async def _at_least(coro: Any, n: int) -> list[Any] | None:
     found = await coro
     return found if len(found) >= n else None
+
+
+async def test_cli_filter_and_transform(client: MeshClient, settings: Settings) -> None:
+    """Both flags through the CLI, checked at creation; refusals are one line, exit 1."""
+    from tests.conftest import env_for
+    from tests.support.cli import mesh, ok, one_line_error
+
+    env = env_for(settings)
+    wide = {**env, "COLUMNS": "300"}
+    await add_nats_target(client, "billing")
+    uni = ["propagate", "unidirectional", "--source", "shop", "--target", "billing"]
+    added, shaped = await asyncio.gather(
+        mesh(env, *uni, "--filter", "data.total > 100", "--transform", "{t: total}"),
+        mesh(env, "target", "add", "shaped", "--kind", "nats", "--transform", "{total: total}"),
+    )
+    assert "filter: data.total > 100" in ok(added).stdout
+    ok(shaped)
+    refusals = [
+        (["--filter", "data.total >"], ["ParseError", "end of expression"]),
+        (["--filter", "LENGTH(type)"], ["must be a condition", "Integer"]),
+        (["--filter", "ABS(1, 2) = 1"], ["MissingFunctionError"]),
+        (["--transform", "{a: }"], ["JMESPath"]),
+    ]
+    *procs, bad_target, listed, table = await asyncio.gather(
+        *(mesh(env, *uni, *extra) for extra, _ in refusals),
+        mesh(env, "target", "add", "x", "--kind", "nats", "--transform", "["),
+        mesh(env, "propagation", "list", "--json"),
+        mesh(wide, "propagation", "list"),
+    )
+    for (_, needles), proc in zip(refusals, procs, strict=True):
+        one_line_error(proc, *needles)
+    one_line_error(bad_target, "JMESPath")
+    docs = json.loads(ok(listed).stdout)
+    assert [(d["filter"], d["transform"]) for d in docs] == [("data.total > 100", "{t: total}")]
+    assert "data.total > 100" in ok(table).stdout and "{t: total}" in table.stdout
+    assert (await client.registry.get_target("shaped")).transform == "{total: total}"
+    assert len(await client.registry.list_propagations()) == 1

@@ -13,6 +13,7 @@ and ``data['odd key']`` the fields inside it (case preserved).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from lark import Lark, Token, Transformer, v_args
@@ -76,7 +77,12 @@ STRING: /'(\\.|''|[^'\\])*'/s | /"(\\.|""|[^"\\])*"/s
 %ignore WS
 """
 
-_PARSER = Lark(GRAMMAR, parser="lalr", maybe_placeholders=False)
+
+@lru_cache(maxsize=1)
+def _parser() -> Lark:
+    # Built on first use: building the LALR tables costs ~0.1 s, which every ``mesh``
+    # command would otherwise pay at import.
+    return Lark(GRAMMAR, parser="lalr", maybe_placeholders=False)
 
 
 class SyntaxProblem(ValueError):
@@ -232,7 +238,7 @@ class _ToTree(Transformer[Token, Node]):
 def parse(text: str) -> Node:
     """Parse CESQL text; raises SyntaxProblem with a one-line reason."""
     try:
-        tree = _PARSER.parse(text)
+        tree = _parser().parse(text)
         node = _ToTree().transform(tree)
     except UnexpectedCharacters as exc:
         char = text[exc.pos_in_stream] if exc.pos_in_stream is not None else "?"
