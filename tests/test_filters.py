@@ -241,3 +241,40 @@ async def test_cli_filter_and_transform(client: MeshClient, settings: Settings) 
     assert "data.total > 100" in ok(table).stdout and "{t: total}" in table.stdout
     assert (await client.registry.get_target("shaped")).transform == "{total: total}"
     assert len(await client.registry.list_propagations()) == 1
+
+
+async def test_bridge_feed_filters_reshapes_and_dead_letters(
+    client: MeshClient, settings: Settings
+) -> None:
+    """The bridge's feed: filtered-out events are skipped (acked, recorded), a failing
+    transform is dead-lettered, the rest arrive reshaped."""
+    import aiohttp
+
+    from mesh.registry import Target, TargetKind
+    from services.bridge import Bridge, BridgeOptions
+    from tests.test_bridge import TEST_OPTIONS, connect, recv_events, token
+
+    await client.add_target(Target(name="screens", kind=TargetKind.STREAM))
+    await client.add_propagation(
+        UNI, "wire", ["screens"], filter="data.n >= 2", transform="{m: abs(n)}"
+    )
+    bridge = Bridge(settings, options=BridgeOptions(**TEST_OPTIONS))
+    await bridge.start()
+    try:
+        ids = [await client.publish("wire", "headline", {"n": n}) for n in (0, 1, 2, 3)]
+        bad = await client.publish("wire", "headline", {"n": "7"})  # >= 2 as CESQL, not abs()
+        async with aiohttp.ClientSession() as http:
+            ws = await connect(http, bridge, token(settings))
+            frames = await recv_events(ws, 2)
+            assert [(f["id"], f["data"]) for f in frames] == [
+                (ids[2], {"m": 2}),
+                (ids[3], {"m": 3}),
+            ]
+            await ws.send_json({"ack": [f["seq"] for f in frames]})
+            dead = await eventually(lambda: _at_least(dead_letters(client, "screens"), 1))
+            assert dead[0].headers.get("ce-id") == bad and "abs()" in dead[0].error
+            await ws.close()
+        skipped = await eventually(lambda: _skipped(client, "screens", 2))
+        assert {r.event_id for r in skipped} == set(ids[:2])
+    finally:
+        await bridge.stop()
