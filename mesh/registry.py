@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any, Literal, TypeVar
 
 import nats.js.errors as js_errors
@@ -130,6 +131,9 @@ class Rule:
     prop: str
     filter: str | None = None
     transform: str | None = None
+    # What the consumer's subject filter may narrow to: ``types``, else a type the filter
+    # implies (``type = 'x'``: mesh/cesql type_pattern), so the server drops the rest.
+    narrow: str | None = None
 
     def takes(self, source: str, event_type: str) -> bool:
         return self.source == source and (
@@ -172,15 +176,24 @@ def compute_rules(target: str, props: list[Propagation], all_targets: set[str]) 
         elif target in p.targets and target != p.source:
             source = p.source
         if source is not None:
-            rules.append(Rule(source, p.types, p.id, p.filter, p.transform))
+            narrow = p.types or (_implied_types(p.filter) if p.filter else None)
+            rules.append(Rule(source, p.types, p.id, p.filter, p.transform, narrow))
     return rules
+
+
+@lru_cache(maxsize=512)
+def _implied_types(filter: str) -> str | None:
+    from mesh.cesql import type_pattern
+
+    return type_pattern(filter)
 
 
 def compute_routes(
     target: str, props: list[Propagation], all_targets: set[str]
 ) -> list[tuple[str, str | None]]:
-    """(source, type pattern or None) pairs whose events ``target`` receives."""
-    return [(r.source, r.types) for r in compute_rules(target, props, all_targets)]
+    """(source, type pattern or None) pairs whose events ``target`` receives (consumer
+    subjects and replays read these; a filter's implied type narrows them)."""
+    return [(r.source, r.narrow) for r in compute_rules(target, props, all_targets)]
 
 
 def route_accepts(routes: list[tuple[str, str | None]], source: str, event_type: str) -> bool:

@@ -95,3 +95,25 @@ def test_like_without_wildcards_is_equality(s: str, t: str) -> None:
     got, errors = compile_expression(f"'{value}' LIKE '{pattern}'").evaluate(DictInput({}))
     assert not errors
     assert got == (s == t)
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("type = 'order.created'", "order.created"),
+        ("'x.y' = type AND data.n > 1", "x.y"),
+        ("data.n > 1 AND TYPE LIKE 'order.%'", "order.>"),
+        ("type LIKE 'order.created'", "order.created"),
+        ("type LIKE 'ord%'", None),  # 'ord%' also matches 'order.x': no whole-token form
+        ("type LIKE 'a_b'", None),
+        ("type = 'a' OR data.n = 1", None),  # not implied: OR
+        ("NOT type = 'a'", None),
+        ("type <> 'a'", None),
+        ("type = 'a..b'", None),  # not a valid type: no narrowing
+        ("type = ", None),
+    ],
+)
+def test_type_pattern_only_when_implied(text: str, pattern: str | None) -> None:
+    from mesh.cesql import type_pattern
+
+    assert type_pattern(text) == pattern

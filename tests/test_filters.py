@@ -278,3 +278,24 @@ async def test_bridge_feed_filters_reshapes_and_dead_letters(
         assert {r.event_id for r in skipped} == set(ids[:2])
     finally:
         await bridge.stop()
+
+
+async def test_a_filter_naming_one_type_narrows_the_consumer_on_the_server(
+    client: MeshClient,
+) -> None:
+    """`type = 'x'` (a top-level AND clause) becomes the consumer's subject filter: the
+    server never hands the target other types; the rest of the filter runs in-process."""
+    from tests.support.feeds import queued
+
+    await add_nats_target(client, "t")
+    await client.add_propagation(UNI, "shop", ["t"], filter="data.n > 0 AND type = 'order.created'")
+    info = await client.js.consumer_info(client.names.events, "deliver-t")
+    subjects = set(info.config.filter_subjects or [info.config.filter_subject])
+    assert "mesh.evt.shop.order.created" in subjects
+    assert not any(s.startswith("mesh.evt.shop.>") for s in subjects)
+    await client.publish("shop", "order.paid", {"n": 1})
+    await client.publish("shop", "user.created", {"n": 1})
+    assert await queued(client, "t") == 0
+    kept = await client.publish("shop", "order.created", {"n": 1})
+    await client.publish("shop", "order.created", {"n": 0})
+    assert [e.id for e in await collect(client, "t", 1)] == [kept]

@@ -16,13 +16,13 @@ from __future__ import annotations
 from typing import Any
 
 from mesh.cesql._compile import Compiled, CompileProblem, Input, compile_node
-from mesh.cesql._syntax import SyntaxProblem, parse
+from mesh.cesql._syntax import Attr, Binary, Like, Lit, Node, SyntaxProblem, parse
 from mesh.cesql._values import BOOL, MISSING, CesqlError, Kind, Value
 from mesh.errors import ExpressionError
 
 MAX_LENGTH = 4096  # characters of expression text
 
-__all__ = ["CesqlError", "Expression", "Input", "Kind", "compile_expression"]
+__all__ = ["CesqlError", "Expression", "Input", "Kind", "compile_expression", "type_pattern"]
 
 
 class Expression:
@@ -80,3 +80,50 @@ def compile_expression(text: str, *, condition: bool = False) -> Expression:
 def evaluate(text: str, inp: Input) -> tuple[Any, list[CesqlError]]:
     """Compile and evaluate once (tests, the CLI's checks)."""
     return compile_expression(text).evaluate(inp)
+
+
+def type_pattern(text: str) -> str | None:
+    """A NATS-style type pattern every event passing ``text`` must match, when the
+    expression says so plainly: a top-level ``AND`` clause ``type = 'a.b'`` gives
+    ``a.b``, ``type LIKE 'a.%'`` gives ``a.>``. None otherwise (or when it does not parse).
+    Consumers narrow their subjects with it, so the server drops what the filter would."""
+    from mesh.errors import ValidationError
+    from mesh.subjects import validate_pattern
+
+    try:
+        node = parse(text)
+    except SyntaxProblem:
+        return None
+    for clause in _and_clauses(node):
+        pattern = _clause_pattern(clause)
+        if pattern is None:
+            continue
+        try:
+            return validate_pattern(pattern)
+        except ValidationError:
+            continue
+    return None
+
+
+def _and_clauses(node: Node) -> list[Node]:
+    if isinstance(node, Binary) and node.op == "AND":
+        return _and_clauses(node.left) + _and_clauses(node.right)
+    return [node]
+
+
+def _clause_pattern(node: Node) -> str | None:
+    if isinstance(node, Binary) and node.op == "=":
+        pair = (node.left, node.right)
+        for a, b in (pair, pair[::-1]):
+            if a == Attr("type") and isinstance(b, Lit) and isinstance(b.value, str):
+                return b.value if not set(b.value) & {"*", ">"} else None
+        return None
+    if isinstance(node, Like) and not node.negated and node.operand == Attr("type"):
+        p = node.pattern
+        if "_" in p or "\\" in p or "*" in p or ">" in p:
+            return None
+        if "%" not in p:
+            return p
+        if p.count("%") == 1 and p.endswith(".%"):
+            return p[:-1] + ">"
+    return None
