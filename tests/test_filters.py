@@ -18,7 +18,7 @@ from mesh.client import MeshClient
 from mesh.config import Settings
 from mesh.errors import ExpressionError
 from mesh.registry import PropagationMode
-from services.webhook_egress import WebhookEgress
+from services.egress.service import WebhookEgress
 from tests.cesql_cases import CASES
 from tests.conftest import add_nats_target
 from tests.support.feeds import collect
@@ -251,7 +251,7 @@ async def test_bridge_feed_filters_reshapes_and_dead_letters(
     import aiohttp
 
     from mesh.registry import Target, TargetKind
-    from services.bridge import Bridge, BridgeOptions
+    from services.bridge.service import Bridge, BridgeOptions
     from tests.test_bridge import TEST_OPTIONS, connect, recv_events, token
 
     await client.add_target(Target(name="screens", kind=TargetKind.STREAM))
