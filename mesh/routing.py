@@ -139,8 +139,11 @@ class RouteCache:
         self._read_at: dict[str, float] = {}
         self._first: dict[str, asyncio.Lock] = {}
 
-    async def rules(self, target: str, source: str, event_type: str) -> list[Rule]:
-        """The target's rules taking this source and type (empty: none)."""
+    async def rules(
+        self, target: str, source: str, event_type: str, *, trust_miss: bool = False
+    ) -> list[Rule]:
+        """The target's rules taking this source and type (empty: none). With
+        ``trust_miss`` a miss is not re-checked against the registry (replays)."""
         rules = self._rules.get(target)
         if rules is None:
             # The first read of a target's rules, once: a whole fetched batch misses
@@ -157,7 +160,7 @@ class RouteCache:
             self._read_at[target] = time.monotonic()
             rules = self._rules[target]
         found = [r for r in rules if r.takes(source, event_type)]
-        if found:
+        if found or trust_miss:
             return found
         # Read the revision before the rules: a change in between makes the next miss
         # look again rather than trust stale rules.
@@ -189,7 +192,8 @@ class RouteCache:
         still reshaped: by the first rule whose filter passes, else the first rule for its
         source and type. ``size`` is the event's encoded size (the transforms' bound).
         """
-        rules = await self.rules(target, event.source, event.type)
+        # A replay is delivered whatever the rules say: its miss needs no registry read.
+        rules = await self.rules(target, event.source, event.type, trust_miss=event.replay)
         chosen: Rule | None = None
         reasons: list[str] = []
         for rule in rules:
