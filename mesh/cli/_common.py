@@ -20,6 +20,7 @@ from rich.text import Text
 from mesh.client import MeshClient
 from mesh.config import Settings, load_settings
 from mesh.errors import ValidationError
+from mesh.serverinfo import warn_without_services
 
 T = TypeVar("T")
 
@@ -29,6 +30,10 @@ err_console = Console(stderr=True, soft_wrap=True)
 # One-line messages are never wrapped at the terminal width (they get grepped and pasted).
 say = functools.partial(console.print, soft_wrap=True, highlight=False)
 note = functools.partial(err_console.print, soft_wrap=True, highlight=False)
+
+
+# `mesh --quiet` (or MESH_QUIET=1): no warning when no mesh service is running.
+QUIET = False
 
 
 def settings() -> Settings:
@@ -46,6 +51,10 @@ async def connected(s: Settings | None = None, name: str = "mesh-cli") -> AsyncI
     s = s.model_copy(update={"connect_timeout": min(s.connect_timeout, 3.0)})
     client = MeshClient(s, name=name, reconnect_forever=False)
     await client.connect()
+    if not (s.quiet or QUIET):
+        await warn_without_services(
+            client.nc, s.prefix, lambda line: note(f"mesh: warning: {line}")
+        )
     try:
         yield client
     finally:
