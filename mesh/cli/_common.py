@@ -6,7 +6,7 @@ import asyncio
 import functools
 import json
 import sys
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,9 +14,8 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
+from mesh.cli._tables import Col, render
 from mesh.client import MeshClient
 from mesh.config import Settings, load_settings
 from mesh.errors import ValidationError
@@ -122,28 +121,30 @@ def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
 
 
-def print_table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
-    table = Table(title=title, header_style="bold")
-    for c in columns:
-        table.add_column(c)
-    for r in rows:
-        # Text, not markup: a URL or pattern with brackets is shown as it is.
-        table.add_row(*[Text("" if v is None else str(v)) for v in r])
-    console.print(table)
+def print_table(title: str | None, columns: Sequence[Col | str], rows: list[list[Any]]) -> None:
+    """A table fitted to the terminal (see ``mesh.cli._tables``); says on stderr when it
+    left columns out or shortened ids."""
+    plan = render(console, title, columns, rows)
+    if len(plan.cols) < len(columns) and rows:
+        dropped = [c if isinstance(c, str) else c.name for c in columns]
+        for col in plan.cols:
+            dropped.remove(col.name)
+        empty = [c for i, c in enumerate(dropped) if not _has_content(rows, columns, c)]
+        narrow = [c for c in dropped if c not in empty]
+        if narrow:
+            note(f"(left out to fit {console.width} columns: {', '.join(narrow)}; --json has all)")
+    if plan.cut_ids:
+        note("(ids shortened to fit; --json has them whole)")
 
 
-def show_table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
-    """A table whose id columns are never wrapped or cut (they get pasted into commands)."""
-    table = Table(title=title, header_style="bold")
-    for col in columns:
-        ident = col.endswith("id")
-        if col == "last error":  # the full text is in `mesh dlq show ID`
-            table.add_column(col, no_wrap=True, overflow="ellipsis", max_width=60)
-        else:
-            table.add_column(col, no_wrap=ident, min_width=32 if ident else None)
-    for row in rows:
-        table.add_row(*[Text("" if v is None else str(v)) for v in row])
-    console.print(table)
+def _has_content(rows: list[list[Any]], columns: Sequence[Col | str], name: str) -> bool:
+    names = [c if isinstance(c, str) else c.name for c in columns]
+    i = names.index(name)
+    return any(str(r[i] if r[i] is not None else "").strip() for r in rows)
+
+
+# Every table fits the terminal the same way; the old name stays for the id-heavy ones.
+show_table = print_table
 
 
 def confirm(doing: str, question: str) -> None:

@@ -8,12 +8,22 @@ import typer
 
 from mesh.cli._common import arun, connected, parse_time, print_json, say, show_table
 from mesh.cli._progress import progress_bar
+from mesh.cli._tables import Col
 from mesh.errors import MeshError
 from mesh.replay import ReplayProgress, ReplayResult, replay
 
 
 def register(app: typer.Typer) -> None:
     app.command("replay")(replay_cmd)
+
+
+REPLAY_COLUMNS = [
+    Col("seq", keep=2),
+    Col("stored at (UTC)", keep=1),
+    Col("source", keep=0),
+    Col("type", keep=0, flex=True),
+    Col("event id", keep=0, ident=True),
+]
 
 
 def replay_cmd(
@@ -56,7 +66,7 @@ def replay_cmd(
         )
         show_table(
             None,
-            ["seq", "stored at (UTC)", "source", "type", "event id"],
+            REPLAY_COLUMNS,
             [
                 [i.seq, f"{i.stored_at:%Y-%m-%d %H:%M:%S}", i.source, i.type, i.id]
                 for i in result.sample
