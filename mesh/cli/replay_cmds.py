@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import typer
@@ -38,8 +39,15 @@ def replay_cmd(
     start = parse_time(since)
     end = parse_time(until) if until is not None else None
 
+    queued: list[int] = []  # the target's queue before the replay, when it can be read
+
     async def run() -> ReplayResult:
         async with connected() as c:
+            if not dry_run:
+                with contextlib.suppress(Exception):
+                    queued.append(
+                        int((await c.queue_depth(await c.target_or_error(target)))["lag"])
+                    )
             with progress_bar("replay" if not dry_run else "scan") as update:
 
                 def on_progress(p: ReplayProgress) -> None:
@@ -57,7 +65,7 @@ def replay_cmd(
             " within the stream's duplicate window are stored once; receivers dedupe on the id)"
         ) from None
     if as_json:
-        print_json(_replay_doc(result))
+        print_json(_replay_doc(result) | {"already_queued": queued[0] if queued else None})
         return
     if dry_run:
         say(
@@ -80,6 +88,12 @@ def replay_cmd(
         line += f"; {result.duplicates} already replayed within the duplicate window (stored once)"
     if result.skipped:
         line += f"; {result.skipped} skipped (not routed to {target}, or originated there)"
+    if queued:
+        # What the next consume sees: the replayed copies and what was waiting before them.
+        line += (
+            f"; {queued[0]} were already queued for {target}"
+            f" ({queued[0] + result.published} in all)"
+        )
     say(line)
 
 
