@@ -14,6 +14,7 @@ from mesh.cli._tables import Col, layout, render
 from mesh.cli.bridge_cmds import REVOKED_COLUMNS
 from mesh.cli.core import STATUS_COLUMNS
 from mesh.cli.dlq_cmds import ENTRY_COLUMNS
+from mesh.cli.keys_cmds import KEY_COLUMNS
 from mesh.cli.registry_cmds import PROPAGATION_COLUMNS, TARGET_COLUMNS
 from mesh.cli.replay_cmds import REPLAY_COLUMNS
 from mesh.cli.storage_cmds import DELIVERY_COLUMNS, EVENT_COLUMNS
@@ -65,6 +66,19 @@ TABLES: dict[str, tuple[list[Col], list[list[Any]]]] = {
         [
             [uuid.uuid4().hex[:12], "multicast", "shop -> billing, warehouse, audit", "order.*"],
             [uuid.uuid4().hex[:12], "broadcast", "ops -> every target", "*"],
+        ],
+    ),
+    "keys status --usage": (
+        KEY_COLUMNS,
+        [
+            [
+                "k20261207030405-0a1b2c",
+                "primary",
+                "2026-12-07T03:04:05+00:00",
+                "0.1",
+                "events 1200, dead_letters 3, registry 4",
+            ],
+            ["k20260901000000-ffee00", "old (read only)", "2026-09-01T00:00:00+00:00", "97.1", "-"],
         ],
     ),
     "status": (STATUS_COLUMNS, [["crm", "webhook", "active", "open", 3, 1, 2]]),

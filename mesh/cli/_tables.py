@@ -52,7 +52,9 @@ class Col:
 def guess(name: str) -> Col:
     """A column spec from its name, for tables that give plain names."""
     low = name.lower()
-    if low == "id" or low.endswith(" id") or low == "key":
+    if low == "key":  # key ids share their date prefix: shown whole
+        return Col(name, keep=0)
+    if low == "id" or low.endswith(" id"):
         return Col(name, keep=0, ident=True)
     if low in ("data", "last error", "error", "reason", "url", "route", "types", "still protects"):
         return Col(name, keep=1, flex=True)
