@@ -67,8 +67,14 @@ async def test_list_show_replay_leaves_the_dlq(client: MeshClient, settings: Set
     assert show.returncode == 0, show.stderr
     one = json.loads(show.stdout)
     assert (one["event_id"], one["headers"]["ce-id"]) == (published[2], published[2])
-    by_seq = await run_cli(settings, "dlq", "show", str(one["seq"]), "--json")
+    by_seq, by_prefix, too_short = await asyncio.gather(
+        run_cli(settings, "dlq", "show", str(one["seq"]), "--json"),
+        run_cli(settings, "dlq", "show", published[2][:8], "--json"),  # as 80 columns show it
+        run_cli(settings, "dlq", "show", published[2][:7], "--json"),
+    )
     assert json.loads(by_seq.stdout)["event_id"] == published[2]
+    assert json.loads(by_prefix.stdout)["event_id"] == published[2], by_prefix.stderr
+    one_line_error(too_short, "no dead letter")
 
     # The receiver is back: replay sends every dead letter through normal delivery.
     proc = await run_cli(settings, "dlq", "replay", "--target", "alpha")

@@ -4,8 +4,8 @@ Each column says how it may give way when the table is too wide:
 
 - ``keep``: 0 is never dropped; higher numbers are dropped first (ties: the rightmost);
 - ``ident``: an id, shown whole when it fits, else cut to a prefix of at least
-  ``ID_PREFIX`` characters (``--json`` has it whole, and commands taking an id accept
-  the full value);
+  ``ID_PREFIX`` characters (``--json`` has it whole; ``mesh dlq show`` takes the
+  prefix, other commands the whole id);
 - ``flex``: free text (data, errors, reasons), cut with an ellipsis, never below
   ``FLEX_MIN`` characters.
 
