@@ -17,6 +17,7 @@ from mesh.serverinfo import MIN_SERVER_VERSION, parse_version, refusal
 from tests.conftest import env_for
 from tests.support import migrate, running
 from tests.support.cli import mesh, ok, one_line_error
+from tests.support.inproc import mesh_inproc
 
 
 def test_versions() -> None:
@@ -77,11 +78,12 @@ async def fake_server(version: str, jetstream: bool = True) -> AsyncIterator[tup
 async def test_an_old_server_is_refused_before_anything_is_made(tmp_path: Path) -> None:
     async with fake_server("2.9.25") as (port, seen):
         env = env_for(Settings(home=tmp_path / "home", nats_url=f"nats://127.0.0.1:{port}"))
-        procs = await asyncio.gather(
-            mesh(env, "target", "add", "billing", "--kind", "nats"),
-            mesh(env, "token", "list-revoked"),
-            mesh(env, "status"),
-        )
+        # One as a user runs it (a subprocess), the rest in this process (no 1 s of imports).
+        procs = [
+            await mesh(env, "target", "add", "billing", "--kind", "nats"),
+            await mesh_inproc(env, "token", "list-revoked"),
+            await mesh_inproc(env, "status"),
+        ]
     for p in procs:
         line = one_line_error(p, "nats-server 2.9.25", f"127.0.0.1:{port}", "2.11 or newer")
         assert "per-message TTL" in line
@@ -93,7 +95,7 @@ async def test_an_old_server_is_refused_before_anything_is_made(tmp_path: Path) 
 async def test_a_server_without_jetstream_is_refused(tmp_path: Path) -> None:
     async with fake_server("2.11.4", jetstream=False) as (port, _):
         env = env_for(Settings(home=tmp_path / "home", nats_url=f"nats://127.0.0.1:{port}"))
-        one_line_error(await mesh(env, "target", "list"), "has no JetStream", "-js")
+        one_line_error(await mesh_inproc(env, "target", "list"), "has no JetStream", "-js")
 
 
 WARNING = "mesh: warning: no mesh services are running on nats://127.0.0.1:{port}:"
@@ -104,11 +106,9 @@ async def test_no_services_warning_and_quiet(settings: Settings, tmp_path: Path)
     env = {k: v for k, v in env_for(settings).items() if k != "MESH_QUIET"}
     port = settings.nats_url.rsplit(":", 1)[1] if settings.nats_url else ""
     warning = WARNING.format(port=port)
-    loud, flag, by_env = await asyncio.gather(
-        mesh(env, "target", "list"),
-        mesh(env, "--quiet", "target", "list"),
-        mesh({**env, "MESH_QUIET": "1"}, "target", "list"),
-    )
+    loud = await mesh(env, "target", "list")
+    flag = await mesh_inproc(env, "--quiet", "target", "list")
+    by_env = await mesh_inproc({**env, "MESH_QUIET": "1"}, "target", "list")
     ok(loud)
     lines = [line for line in loud.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(warning), loud.stderr
@@ -123,5 +123,5 @@ async def test_no_services_warning_and_quiet(settings: Settings, tmp_path: Path)
     s = settings.model_copy(update={"db_url": f"sqlite:///{tmp_path / 'db' / 'mesh.db'}"})
     await migrate(s.database_url)
     async with running(Health(s, host="127.0.0.1")):
-        calm = ok(await mesh(env, "target", "list"))
+        calm = ok(await mesh_inproc(env, "target", "list"))
     assert "warning" not in calm.stderr, calm.stderr

@@ -129,8 +129,7 @@ def print_table(title: str | None, columns: Sequence[Col | str], rows: list[list
         dropped = [c if isinstance(c, str) else c.name for c in columns]
         for col in plan.cols:
             dropped.remove(col.name)
-        empty = [c for i, c in enumerate(dropped) if not _has_content(rows, columns, c)]
-        narrow = [c for c in dropped if c not in empty]
+        narrow = [c for c in dropped if _has_content(rows, columns, c)]  # not just empty
         if narrow:
             note(f"(left out to fit {console.width} columns: {', '.join(narrow)}; --json has all)")
     if plan.cut_ids:
@@ -141,10 +140,6 @@ def _has_content(rows: list[list[Any]], columns: Sequence[Col | str], name: str)
     names = [c if isinstance(c, str) else c.name for c in columns]
     i = names.index(name)
     return any(str(r[i] if r[i] is not None else "").strip() for r in rows)
-
-
-# Every table fits the terminal the same way; the old name stays for the id-heavy ones.
-show_table = print_table
 
 
 def confirm(doing: str, question: str) -> None:

@@ -14,9 +14,9 @@ from mesh.cli._common import (
     note,
     parse_duration,
     print_json,
+    print_table,
     say,
     settings,
-    show_table,
 )
 from mesh.cli._tables import Col
 from mesh.errors import ValidationError
@@ -164,7 +164,7 @@ def list_revoked_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
         [str(r.kind), r.id, _iso(r.revoked_at), r.reason, r.kept_until.date().isoformat()]
         for r in revs
     ]
-    show_table(
+    print_table(
         "revoked bridge tokens",
         REVOKED_COLUMNS,
         rows,

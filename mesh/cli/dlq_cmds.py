@@ -17,8 +17,8 @@ from mesh.cli._common import (
     note,
     parse_time,
     print_json,
+    print_table,
     say,
-    show_table,
 )
 from mesh.cli._progress import progress_bar
 from mesh.cli._tables import Col
@@ -97,7 +97,7 @@ def dlq_list(
     if not listing.entries:
         say("no dead letters" + (f" for {target}" if target else ""))
     else:
-        show_table(
+        print_table(
             f"dead letters ({len(listing.entries)})", ENTRY_COLUMNS, _entry_rows(listing.entries)
         )
     if listing.unreadable:

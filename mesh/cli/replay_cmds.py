@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from mesh.cli._common import arun, connected, parse_time, print_json, say, show_table
+from mesh.cli._common import arun, connected, parse_time, print_json, print_table, say
 from mesh.cli._progress import progress_bar
 from mesh.cli._tables import Col
 from mesh.errors import MeshError
@@ -72,7 +72,7 @@ def replay_cmd(
             f"would replay [bold]{result.matched}[/] event(s) to {target}"
             f" (scanned {result.scanned} on {', '.join(result.filters)})"
         )
-        show_table(
+        print_table(
             None,
             REPLAY_COLUMNS,
             [
