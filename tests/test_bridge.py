@@ -267,7 +267,7 @@ async def test_unknown_target_and_close_codes_as_the_docs_say(
 ) -> None:
     """docs/WEBSOCKET.md: the credential first, so an unknown target is a 404 only with a
     valid token naming it; and its close codes are the bridge's."""
-    from services import bridge_session
+    from services.bridge import session as bridge_session
 
     refusals = doc_table("### Refusals before the upgrade")
     assert "unknown target" in refusals[404] and "another target" in refusals[401]

@@ -9,7 +9,7 @@ import time
 from mesh.cli._circuits import circuit_label
 from mesh.client import MeshClient
 from mesh.config import Settings
-from services.webhook_egress import WebhookEgress
+from services.egress import WebhookEgress
 from tests.conftest import add_nats_target, env_for
 from tests.support import eventually, running
 from tests.support.inproc import mesh_inproc
