@@ -113,8 +113,7 @@ def transformed(event: Event, texts: list[str], size: int) -> Event:
             t = compile_transform(text)
         except ExpressionError as exc:
             raise TransformFailed(f"transform does not compile: {exc}") from None
-        data = t.apply(data, size)
-        size = 0  # the bound on the first input covers what it can grow to
+        data, size = t.run(data, size)
     out = object.__new__(Event)  # a shallow copy: copy.copy costs 3x as much here
     out.__dict__.update(event.__dict__)
     out.data = to_jsonable(data)  # bytes picked from the input become text, as elsewhere

@@ -106,6 +106,11 @@ class Transform:
 
     def apply(self, data: Any, size: int, *, steps: int = MAX_STEPS) -> Any:
         """The transformed data; ``size`` is the size of the input's encoding in bytes."""
+        return self.run(data, size, steps=steps)[0]
+
+    def run(self, data: Any, size: int, *, steps: int = MAX_STEPS) -> tuple[Any, int]:
+        """The transformed data and the size of its JSON in bytes (the next transform's
+        ``size`` when transforms are chained)."""
         work = self.growth * (size + len(self.text))
         if work > MAX_WORK:
             raise TransformFailed(
@@ -122,14 +127,16 @@ class Transform:
         except (TypeError, ValueError, ArithmeticError, RecursionError, MemoryError) as exc:
             raise TransformFailed(f"transform failed: {type(exc).__name__}: {exc}") from None
         try:
-            out = len(json.dumps(result, separators=(",", ":"), ensure_ascii=False, default=str))
+            # ASCII JSON: its length in characters is its size in bytes, and at least
+            # the UTF-8 size receivers get.
+            out = len(json.dumps(result, separators=(",", ":"), default=str))
         except (TypeError, ValueError, RecursionError) as exc:
             raise TransformFailed(f"transform result is not JSON: {exc}") from None
         if out > MAX_OUTPUT:
             raise TransformFailed(
                 f"transform result of {out} bytes exceeds the {MAX_OUTPUT} byte bound"
             )
-        return result
+        return result, out
 
 
 @lru_cache(maxsize=512)

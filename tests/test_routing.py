@@ -131,3 +131,16 @@ def test_event_input_attributes(name: str, value: Any) -> None:
         extensions={"myext": "v"},
     )
     assert EventInput(ev).attribute(name) == value
+
+
+async def test_a_chained_transform_is_bounded_by_what_the_first_produced() -> None:
+    """The target's transform runs on the propagation's output: its work bound counts
+    that output's size, not the original event's."""
+    wide = "[" + ", ".join(["@"] * 150) + "]"  # growth 150
+    rules = [Rule("a", None, "p1", transform="[p, p, p, p, p]")]
+    cache = RouteCache(Rules(rules, own=wide))  # type: ignore[arg-type]
+    small = await cache.verdict("t", Event(source="a", type="x", data={"p": "y"}), size=10)
+    assert small.event is not None and len(small.event.data) == 150
+    pad = "y" * 100_000  # 100 kB in, ~500 kB after the first: 150 x that is over 64 MiB
+    big = await cache.verdict("t", Event(source="a", type="x", data={"p": pad}), size=100_000)
+    assert big.dead is not None and "work bound" in big.dead
