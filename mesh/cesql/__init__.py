@@ -13,8 +13,6 @@ folds the constant parts, ``_functions`` holds the built-ins. Beyond the spec, `
 
 from __future__ import annotations
 
-from typing import Any
-
 from mesh.cesql._compile import Compiled, CompileProblem, Input, compile_node
 from mesh.cesql._syntax import Attr, Binary, Like, Lit, Node, SyntaxProblem, parse
 from mesh.cesql._values import BOOL, MISSING, CesqlError, Kind, Value
@@ -75,11 +73,6 @@ def compile_expression(text: str, *, condition: bool = False) -> Expression:
             f"a filter must be a condition (Boolean); this expression is {compiled.type}"
         )
     return Expression(text, compiled)
-
-
-def evaluate(text: str, inp: Input) -> tuple[Any, list[CesqlError]]:
-    """Compile and evaluate once (tests, the CLI's checks)."""
-    return compile_expression(text).evaluate(inp)
 
 
 def type_pattern(text: str) -> str | None:
