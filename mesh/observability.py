@@ -253,8 +253,14 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.registry = registry
+        # Only what this process's MeshClient published (the bridge's WebSocket publishes
+        # in `mesh up`), not every event on the stream: the name says so. `mesh status`
+        # and /status count the stream.
         self.events_published = Counter(
-            "mesh_events_published", "Events published", ["source"], registry=registry
+            "mesh_client_events_published",
+            "Events published by this process (not by the CLI or other clients)",
+            ["source"],
+            registry=registry,
         )
         self.deliveries = Counter(
             "mesh_deliveries", "Delivery outcomes", ["target", "outcome"], registry=registry
@@ -635,6 +641,9 @@ class DeliveryWindow:
         self.clock = clock
         self._targets: dict[str, _TargetWindow] = {}
         self.failures: deque[dict[str, Any]] = deque(maxlen=max_failures)
+        # Skipped events (filters, loops, hop limit) with their reason: "why didn't my
+        # endpoint get this?" answered on the dashboard.
+        self.skips: deque[dict[str, Any]] = deque(maxlen=max_failures)
 
     def observe(
         self,
@@ -677,6 +686,14 @@ class DeliveryWindow:
             )
         else:
             bucket.skipped += 1
+            self.skips.append(
+                {
+                    "at": at,
+                    "target": target,
+                    "event_id": event_id,
+                    "reason": (error or "")[:MAX_ERROR_CHARS] or None,
+                }
+            )
         self._trim(tw, second)
 
     def _trim(self, tw: _TargetWindow, now_second: int) -> None:
@@ -725,6 +742,10 @@ class DeliveryWindow:
         """Newest first."""
         rows = [f for f in reversed(self.failures) if target is None or f["target"] == target]
         return rows[:limit]
+
+    def recent_skips(self, limit: int = 20) -> list[dict[str, Any]]:
+        """Newest first."""
+        return list(reversed(self.skips))[:limit]
 
 
 def monotonic_ms() -> float:

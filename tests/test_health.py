@@ -405,7 +405,7 @@ async def test_metrics_parse_and_carry_the_mesh_families_after_traffic(
             s = await eventually(scraped, 30, "mesh_ metrics after traffic")
     names = {name for name, _ in s}
     for family in (
-        "mesh_events_published_total",
+        "mesh_client_events_published_total",
         "mesh_consumer_pending",
         "mesh_dlq_depth",
         "mesh_sink_rows_written_total",
@@ -413,7 +413,7 @@ async def test_metrics_parse_and_carry_the_mesh_families_after_traffic(
         "mesh_bridge_connections",
     ):
         assert family in names, family
-    assert (sample(s, "mesh_events_published_total", source="m-shop") or 0) >= 4
+    assert (sample(s, "mesh_client_events_published_total", source="m-shop") or 0) >= 4
     assert sample(s, "mesh_dlq_depth", target="m-queue") == 1
     assert sample(s, "mesh_service_up", service="health") == 1
     assert sample(s, "mesh_service_up", service="sink") == 1
@@ -443,6 +443,8 @@ async def test_status_success_rate_and_failures_from_delivery_records(
     await client.record(
         DeliveryRecord("bad-1", "r-queue", 2, Outcome.RETRY, status_code=502, error="HTTP 502")
     )
+    why = "filter of propagation p1 (data.n > 1) is false"
+    await client.record(DeliveryRecord("skip-1", "r-queue", 0, Outcome.SKIPPED, error=why))
 
     async def counted() -> Any:
         _, st = await get_json(health.port, "/status")
@@ -457,6 +459,15 @@ async def test_status_success_rate_and_failures_from_delivery_records(
     (failure,) = [f for f in st["recent_failures"] if f["target"] == "r-queue"]
     assert failure["event_id"] == "bad-1" and failure["attempt"] == 2
     assert failure["status_code"] == 502 and failure["error"] == "HTTP 502"
+    skips = await eventually(
+        lambda: _skips(health.port), 10, "the skipped record in /status recent_skips"
+    )
+    assert [(s["event_id"], s["reason"]) for s in skips] == [("skip-1", why)]
+
+
+async def _skips(port: int) -> list[Any] | None:
+    _, st = await get_json(port, "/status")
+    return [s for s in st["recent_skips"] if s["target"] == "r-queue"] or None
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from mesh.cli._common import (
     print_table,
 )
 from mesh.cli._destinations import pick_destination
+from mesh.cli._tables import Col
 from mesh.errors import ValidationError
 from mesh.registry import PropagationMode, RetryPolicy, Target, TargetKind
 from mesh.subjects import validate_name
@@ -82,6 +83,9 @@ def target_add(
         None, "--endpoint-url", help="sqs/s3: a compatible endpoint (MinIO...)."
     ),
     region: str | None = typer.Option(None, "--region", help="sqs/s3: AWS region."),
+    transform: str | None = typer.Option(
+        None, "--transform", help="JMESPath reshaping the data delivered to this target."
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Register a target."""
@@ -124,6 +128,7 @@ def target_add(
             max_in_flight=max_in_flight,
             ordered=ordered,
             format=fmt,  # type: ignore[arg-type]
+            transform=transform,
             retry=RetryPolicy(
                 max_retries=max_retries, base_s=retry_base, max_delay_s=retry_max_delay
             ),
@@ -152,6 +157,18 @@ def target_add(
         console.print(f"signing secret (shown once): {secrets[0]}")
 
 
+TARGET_COLUMNS = [
+    Col("name", keep=0),
+    Col("kind", keep=0),
+    Col("url", keep=1, flex=True),
+    Col("status", keep=0, flex=True),
+    Col("rate", keep=3),
+    Col("ordered", keep=3),
+    Col("retries", keep=2),
+    Col("timeout", keep=2),
+]
+
+
 @target_app.command("list")
 def target_list(as_json: bool = typer.Option(False, "--json")) -> None:
     """List targets (secrets are never shown)."""
@@ -166,7 +183,7 @@ def target_list(as_json: bool = typer.Option(False, "--json")) -> None:
         return
     print_table(
         "targets",
-        ["name", "kind", "url", "status", "rate", "ordered", "retries", "timeout"],
+        TARGET_COLUMNS,
         [
             [
                 t.name,
@@ -233,13 +250,30 @@ def target_rotate_secret(
 # propagations -----------------------------------------------------------------
 
 
-def _propagate(mode: PropagationMode, source: str, targets: list[str], types: str | None) -> None:
+FILTER_HELP = 'CloudEvents SQL over attributes and data, e.g. "data.total > 100".'
+TRANSFORM_HELP = 'JMESPath reshaping the delivered data, e.g. "{id: order.id}".'
+
+
+def _propagate(
+    mode: PropagationMode,
+    source: str,
+    targets: list[str],
+    types: str | None,
+    filter: str | None,
+    transform: str | None,
+) -> None:
     async def run() -> Any:
         async with connected() as c:
-            return await c.add_propagation(mode, source, targets, types)
+            return await c.add_propagation(
+                mode, source, targets, types, filter=filter, transform=transform
+            )
 
     p = arun(run())
     console.print(f"propagation {p.id}: {p.mode} {escape(p.describe())}")
+    if p.filter:
+        console.print(f"  filter: {escape(p.filter)}")
+    if p.transform:
+        console.print(f"  transform: {escape(p.transform)}")
 
 
 @propagate_app.command("unidirectional")
@@ -247,9 +281,11 @@ def propagate_uni(
     source: str = typer.Option(..., "--source"),
     target: str = typer.Option(..., "--target"),
     types: str | None = typer.Option(None, "--types", help="Event type pattern, e.g. order.*"),
+    filter: str | None = typer.Option(None, "--filter", help=FILTER_HELP),
+    transform: str | None = typer.Option(None, "--transform", help=TRANSFORM_HELP),
 ) -> None:
     """Source -> one target."""
-    _propagate(PropagationMode.UNIDIRECTIONAL, source, [target], types)
+    _propagate(PropagationMode.UNIDIRECTIONAL, source, [target], types, filter, transform)
 
 
 @propagate_app.command("bidirectional")
@@ -257,9 +293,11 @@ def propagate_bi(
     source: str = typer.Option(..., "--source"),
     target: str = typer.Option(..., "--target"),
     types: str | None = typer.Option(None, "--types"),
+    filter: str | None = typer.Option(None, "--filter", help=FILTER_HELP),
+    transform: str | None = typer.Option(None, "--transform", help=TRANSFORM_HELP),
 ) -> None:
     """A <-> B: events both ways, request/reply both ways."""
-    _propagate(PropagationMode.BIDIRECTIONAL, source, [target], types)
+    _propagate(PropagationMode.BIDIRECTIONAL, source, [target], types, filter, transform)
 
 
 @propagate_app.command("multicast")
@@ -267,18 +305,32 @@ def propagate_multi(
     source: str = typer.Option(..., "--source"),
     target: list[str] = typer.Option(..., "--target", help="Repeat for each target."),
     types: str | None = typer.Option(None, "--types"),
+    filter: str | None = typer.Option(None, "--filter", help=FILTER_HELP),
+    transform: str | None = typer.Option(None, "--transform", help=TRANSFORM_HELP),
 ) -> None:
     """Source -> a listed set of targets."""
-    _propagate(PropagationMode.MULTICAST, source, target, types)
+    _propagate(PropagationMode.MULTICAST, source, target, types, filter, transform)
 
 
 @propagate_app.command("broadcast")
 def propagate_broad(
     source: str = typer.Option(..., "--source"),
     types: str | None = typer.Option(None, "--types"),
+    filter: str | None = typer.Option(None, "--filter", help=FILTER_HELP),
+    transform: str | None = typer.Option(None, "--transform", help=TRANSFORM_HELP),
 ) -> None:
     """Source -> every target, including targets added later."""
-    _propagate(PropagationMode.BROADCAST, source, [], types)
+    _propagate(PropagationMode.BROADCAST, source, [], types, filter, transform)
+
+
+PROPAGATION_COLUMNS = [
+    Col("id", keep=0, ident=True),
+    Col("mode", keep=0),
+    Col("route", keep=0, flex=True),
+    Col("types", keep=1, flex=True),
+    Col("filter", keep=1, flex=True),
+    Col("transform", keep=2, flex=True),
+]
 
 
 @propagation_app.command("list")
@@ -295,8 +347,11 @@ def propagation_list(as_json: bool = typer.Option(False, "--json")) -> None:
         return
     print_table(
         "propagations",
-        ["id", "mode", "route", "types"],
-        [[p.id, p.mode, p.describe(), p.types or "*"] for p in props],
+        PROPAGATION_COLUMNS,
+        [
+            [p.id, p.mode, p.describe(), p.types or "*", p.filter or "", p.transform or ""]
+            for p in props
+        ],
     )
 
 
