@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import string
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field
@@ -149,3 +150,22 @@ def redact(url: str) -> str:
     user = parts.username or ""
     netloc = f"{user}:{REDACTED}@{host}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class _DestinationTarget(Protocol):
+    @property
+    def kind(self) -> str: ...
+
+    url: str | None
+    url_enc: str | None
+    options: DestinationOptions | None
+
+
+def seal_destination(target: _DestinationTarget, seal: Callable[[str], str]) -> None:
+    """Check a new destination target; keep its whole URL sealed, show it redacted."""
+    if not target.url:
+        raise ValidationError(f"a {target.kind} target needs --{target.kind} URL")
+    target.options = target.options or DestinationOptions()
+    validate_destination(target.kind, target.url, target.options)
+    target.url_enc = seal(target.url)
+    target.url = redact(target.url)

@@ -27,7 +27,7 @@ from pydantic import ValidationError as PydValidationError
 
 from mesh.buckets import open_bucket, read, read_all
 from mesh.crypto import KeyRing
-from mesh.destinations import EXTRAS, DestinationOptions, redact, validate_destination
+from mesh.destinations import EXTRAS, DestinationOptions, seal_destination
 from mesh.errors import Conflict, DecodeError, NotFound, ValidationError
 from mesh.subjects import subject_matches, validate_name, validate_pattern
 
@@ -45,7 +45,6 @@ class TargetKind(StrEnum):
     WEBHOOK = "webhook"
     NATS = "nats"
     STREAM = "stream"
-    # Destinations beyond HTTP (mesh/destinations.py), delivered by the egress's drivers.
     AMQP = "amqp"
     MQTT = "mqtt"
     REDIS = "redis"
@@ -298,11 +297,7 @@ class Registry:
 
     def destination_url(self, target: Target) -> str:
         """The full URL of a non-HTTP destination, credentials included (never log it)."""
-        if target.url_enc:
-            return self._unseal(target.url_enc)
-        if target.url is None:
-            raise DecodeError(f"target {target.name!r} has no URL")
-        return target.url
+        return self._unseal(target.url_enc) if target.url_enc else (target.url or "")
 
     # Targets ----------------------------------------------------------------
 
@@ -319,12 +314,7 @@ class Registry:
                 raise ValidationError("a webhook secret must start with 'whsec_'")
             target.secret_enc = self._seal(secret or generate_secret())
         elif target.kind in DESTINATION_KINDS:
-            if not target.url:
-                raise ValidationError(f"a {target.kind} target needs --{target.kind} URL")
-            target.options = target.options or DestinationOptions()
-            validate_destination(target.kind, target.url, target.options)
-            target.url_enc = self._seal(target.url)
-            target.url = redact(target.url)
+            seal_destination(target, self._seal)
         try:
             await self.kv.create(f"targets.{target.name}", target.model_dump_json().encode())
         except js_errors.KeyWrongLastSequenceError:

@@ -104,22 +104,27 @@ async def test_thousand_events_arrive_as_published_through_an_outage(
             client,
             "dest",
             d,
-            max_in_flight=8 if emulated else 64,
+            max_in_flight=16 if emulated else 64,
             timeout_s=10.0 if emulated else 3.0,
         )
         published = events(1000)
         assert await client.publish_many(published) == 1000
 
-        async def some_arrived() -> bool:
-            await d.poll()
-            return len(d.received.ids) >= 200
+        async def arrived(n: int) -> bool:
+            return await d.count() >= n
 
-        await eventually(some_arrived, 30, "the first 200 events")
+        await eventually(lambda: arrived(200), 60, "the first 200 events", interval=0.2)
         d.proxy.trigger_connectivity_loss()  # the destination goes away mid-stream
         await asyncio.sleep(1.0)
         d.proxy.restore_connectivity()
         want = {e.id for e in published}
-        await eventually(lambda: received_all(d, want), 240, "all 1000 events", interval=0.5)
+        try:
+            await eventually(lambda: arrived(1000), 240, "1000 arrivals", interval=0.5)
+            await eventually(lambda: received_all(d, want), 60, "all 1000 events", interval=0.5)
+        except AssertionError:
+            missing = want - set(d.received.ids)
+            stats = egress.stats()["targets"].get("dest")
+            raise AssertionError(f"{len(missing)} events missing; egress: {stats}") from None
         # Every id, each with the data it was published with; nothing else.
         assert set(d.received.ids) == want
         for e in published:
