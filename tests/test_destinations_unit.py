@@ -187,3 +187,21 @@ async def test_sqs_batch_sends_by_tens(moto: MotoServer) -> None:
             )
             seen += [m["MessageAttributes"]["ce-id"]["StringValue"] for m in answer["Messages"]]
         assert sorted(seen) == sorted(e.id for e in events)
+
+
+def test_a_missing_extra_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from mesh.cli._destinations import pick_destination
+    from mesh.destinations import missing_extra
+
+    assert missing_extra("amqp") is None  # the test extra installs every driver
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "aio_pika" else real(name)
+    )
+    line = "the amqp driver needs aio_pika: pip install 'mesh[amqp]'"
+    assert missing_extra("amqp") == line
+    with pytest.raises(ValidationError, match=r"pip install 'mesh\[amqp\]'"):
+        pick_destination({"amqp": "amqp://h/"}, {"exchange": "x"})
+    assert pick_destination({"mqtt": "mqtt://h"}, {})[0] == "mqtt"  # type: ignore[index]
