@@ -16,7 +16,7 @@ from mesh.client import MeshClient
 from mesh.config import Settings
 from services.api import Api
 from services.api.openapi import build_document, dumps
-from services.api.service import route_table
+from services.api.routes import route_table
 from tests.support.api import Http, api_running, make_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +39,8 @@ def test_checked_in_openapi_is_current() -> None:
     generated = dumps(build_document(route_table()))
     checked_in = (ROOT / "docs" / "openapi.json").read_text()
     assert generated == checked_in, (
-        "docs/openapi.json is stale: regenerate with `mesh api openapi > docs/openapi.json`"
+        "docs/openapi.json is stale: regenerate it with"
+        " `python scripts/openapi.py > docs/openapi.json`"
     )
 
 
