@@ -6,6 +6,7 @@ test_api_schema.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from mesh.client import MeshClient
 from mesh.config import Settings
 from services.api import Api
+from services.api.auth import CACHE_S
 from services.api.openapi import build_document, dumps
 from services.api.routes import route_table
 from tests.support.api import Http, api_running, make_key
@@ -178,3 +180,43 @@ async def test_bad_input_is_a_problem_never_a_500(http: Http, client: MeshClient
         "POST", "/v1/events", {"source": "BAD NAME", "type": "x"}, key=admin
     )
     assert status == 422 and body["errors"][0]["loc"] == ["body", "source"]
+
+
+# The CLI ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_apikey_cli_create_list_revoke(
+    settings: Settings, client: MeshClient, http: Http
+) -> None:
+    from tests.support.cli import ok, one_line_error, run_cli
+
+    made = ok(await run_cli(settings, "apikey", "create", "--name", "ci", "--scope", "read"))
+    key = made.stdout.strip()
+    assert key.startswith("mk_") and len(made.stdout.splitlines()) == 1
+    assert key not in made.stderr and "shown once" in made.stderr
+    key_id = key.split("_")[1]
+    assert (await http.call("GET", "/v1/targets", key=key))[0] == 200
+
+    listed = ok(await run_cli(settings, "apikey", "list", "--json"))
+    [doc] = json.loads(listed.stdout)
+    assert (doc["id"], doc["name"], doc["scope"], doc["state"]) == (key_id, "ci", "read", "active")
+    assert "hash" not in doc and key.split("_", 2)[2] not in listed.stdout
+
+    timed = ok(
+        await run_cli(
+            settings, "apikey", "create", "--name", "t", "--scope", "admin", "--expires", "90d"
+        )
+    )
+    assert timed.stdout.startswith("mk_") and "expires 20" in timed.stderr
+
+    ok(await run_cli(settings, "apikey", "revoke", key_id))
+    again = ok(await run_cli(settings, "apikey", "revoke", key_id))
+    assert "already" in again.stdout
+    one_line_error(await run_cli(settings, "apikey", "revoke", "0123456789ab"), "unknown API key")
+    one_line_error(
+        await run_cli(settings, "apikey", "create", "--name", "x", "--scope", "root"), "root"
+    )
+    await asyncio.sleep(CACHE_S + 0.2)  # a verified key is remembered for CACHE_S at most
+    status, _, body = await http.call("GET", "/v1/targets", key=key)
+    assert status == 401 and body["detail"] == "API key revoked"
