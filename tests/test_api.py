@@ -155,6 +155,8 @@ async def test_bad_input_is_a_problem_never_a_500(http: Http, client: MeshClient
             {"json_body": {"source": "s", "type": "t", "data": "x" * 2_000_000}},
         ),
         ("POST", "/v1/events:batch", {"json_body": {"events": []}}),
+        ("POST", "/v1/events", {"json_body": {"source": "s", "type": "t", "data": 10**30}}),
+        ("POST", "/v1/events", {"data": b'{"source": "s", "type": "t", "data": NaN}'}),
         ("POST", "/v1/events", {"data": b"{}", "headers": {"Content-Type": "text/plain"}}),
         ("POST", "/v1/targets", {"json_body": {"name": "x", "kind": "webhook"}}),
         ("POST", "/v1/targets", {"json_body": {"name": "x", "kind": "webhook", "url": "ftp://a"}}),

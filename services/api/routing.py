@@ -141,6 +141,12 @@ def adapter(tp: Any) -> TypeAdapter[Any]:
     return found
 
 
+def _not_json(name: str) -> Any:
+    # Python's json reads NaN and Infinity; they are not JSON, and nothing downstream
+    # (the events' JSON views, the webhook bodies) could write them back.
+    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
+
+
 async def _parse_body(request: web.Request, model: Any) -> Any:
     ctype = request.content_type
     if ctype not in ("application/json", "application/octet-stream") and not ctype.endswith(
@@ -151,7 +157,7 @@ async def _parse_body(request: web.Request, model: Any) -> Any:
     if not raw:
         raise ApiProblem(BAD_REQUEST, "a JSON body is required")
     try:
-        doc = json.loads(raw)
+        doc = json.loads(raw, parse_constant=_not_json)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         msg = getattr(exc, "msg", "not UTF-8")
         raise ApiProblem(BAD_REQUEST, f"malformed JSON: {msg}") from None
