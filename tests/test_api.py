@@ -222,3 +222,30 @@ async def test_apikey_cli_create_list_revoke(
     await asyncio.sleep(CACHE_S + 0.2)  # a verified key is remembered for CACHE_S at most
     status, _, body = await http.call("GET", "/v1/targets", key=key)
     assert status == 401 and body["detail"] == "API key revoked"
+
+
+async def test_tls_when_a_certificate_is_configured(
+    settings: Settings, client: MeshClient, tmp_path: Path
+) -> None:
+    import ssl
+
+    import aiohttp
+
+    from mesh.errors import ConfigError
+    from tests.support.tls import self_signed
+
+    cert, key_file = self_signed(tmp_path, "127.0.0.1")
+    _, key = await make_key(client, "read")
+    async with api_running(settings, api_tls_cert=cert, api_tls_key=key_file) as api:
+        assert api.url.startswith("https://")
+        ctx = ssl.create_default_context(cafile=str(cert))
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(
+                api.url + "/v1/targets", ssl=ctx, headers={"Authorization": f"Bearer {key}"}
+            ) as resp,
+        ):
+            assert resp.status == 200 and await resp.json() == []
+    with pytest.raises(ConfigError, match="MESH_API_TLS_CERT and MESH_API_TLS_KEY"):
+        async with api_running(settings, api_tls_cert=cert):
+            pass
