@@ -204,6 +204,8 @@ async def test_apikey_cli_create_list_revoke(
     [doc] = json.loads(listed.stdout)
     assert (doc["id"], doc["name"], doc["scope"], doc["state"]) == (key_id, "ci", "read", "active")
     assert "hash" not in doc and key.split("_", 2)[2] not in listed.stdout
+    table = ok(await run_cli(settings, "apikey", "list")).stdout
+    assert key_id in table and "active" in table and key.split("_", 2)[2] not in table
 
     timed = ok(
         await run_cli(
