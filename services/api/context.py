@@ -16,6 +16,7 @@ class ApiContext(Protocol):
     settings: Settings
     client: MeshClient
     document: dict[str, Any]
+    document_text: str  # the document as served (built once)
 
     @property
     def auth(self) -> Auth: ...

@@ -20,7 +20,7 @@ from mesh.errors import ConfigError
 from services.api.audit import Auditor
 from services.api.auth import Auth
 from services.api.idempotency import IdempotencyStore
-from services.api.openapi import build_document
+from services.api.openapi import build_document, dumps
 from services.api.problems import problem_middleware
 from services.api.routes import route_table
 from services.base import Service
@@ -43,6 +43,7 @@ class Api(Service):
         self.port = settings.api_port
         self.table = route_table()
         self.document = build_document(self.table)
+        self.document_text = dumps(self.document)
         self._runner: web.AppRunner | None = None
         self._auth: Auth | None = None
         self._idem: IdempotencyStore | None = None
