@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from mesh.client import MeshClient
     from mesh.config import Settings
+    from mesh.storage import Store
     from services.api.audit import Auditor
     from services.api.auth import Auth
     from services.api.idempotency import IdempotencyStore
@@ -26,3 +27,7 @@ class ApiContext(Protocol):
 
     @property
     def audit(self) -> Auditor: ...
+
+    async def store(self) -> Store:
+        """The sink's database (read side), opened on first use."""
+        ...

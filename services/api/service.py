@@ -9,6 +9,8 @@ requests in flight finish; ``close`` releases the listener.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ssl
 from typing import Any, ClassVar
 
@@ -17,6 +19,7 @@ from aiohttp import web
 from mesh.apikeys import ApiKeyStore
 from mesh.config import Settings
 from mesh.errors import ConfigError
+from mesh.storage import Store, open_store
 from services.api.audit import Auditor
 from services.api.auth import Auth
 from services.api.idempotency import IdempotencyStore
@@ -48,7 +51,8 @@ class Api(Service):
         self._auth: Auth | None = None
         self._idem: IdempotencyStore | None = None
         self._audit: Auditor | None = None
-        self.requests = 0
+        self._store: Store | None = None
+        self._store_lock = asyncio.Lock()
 
     # What handlers use ---------------------------------------------------------------
 
@@ -66,6 +70,14 @@ class Api(Service):
     def audit(self) -> Auditor:
         assert self._audit is not None, "the API is not started"
         return self._audit
+
+    async def store(self) -> Store:
+        """The sink's database, opened on first use (for the read endpoints); the API
+        never writes it. A failure is a ``StorageError`` (503)."""
+        async with self._store_lock:
+            if self._store is None:
+                self._store = await open_store(self.settings.database_url)
+            return self._store
 
     @property
     def scheme(self) -> str:
@@ -128,6 +140,10 @@ class Api(Service):
 
     async def on_close(self) -> None:
         await self.on_drain(0)
+        store, self._store = self._store, None
+        if store is not None:
+            with contextlib.suppress(Exception):
+                await store.close()
 
     def stats(self) -> dict[str, Any]:
         return {"api_port": self.port}
