@@ -17,7 +17,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args, get_origin
 
 from aiohttp import web
 from pydantic import BaseModel, TypeAdapter
@@ -171,14 +171,20 @@ async def _parse_body(request: web.Request, model: Any) -> Any:
         ) from None
 
 
+def _is_list(annotation: Any) -> bool:
+    """``list[X]``, or ``list[X] | None``."""
+    if get_origin(annotation) in (list, tuple, set):
+        return True
+    return any(get_origin(a) in (list, tuple, set) for a in get_args(annotation))
+
+
 def _parse_query(request: web.Request, model: type[BaseModel]) -> BaseModel:
     # Repeated parameters become lists; a model field that is not a list takes the last.
     doc: dict[str, Any] = {}
     for k in set(request.query.keys()):
         values = request.query.getall(k)
-        annotation = model.model_fields.get(k)
-        is_list = annotation is not None and "list" in str(annotation.annotation)
-        doc[k] = values if is_list else values[-1]
+        field = model.model_fields.get(k)
+        doc[k] = values if field is not None and _is_list(field.annotation) else values[-1]
     try:
         return model.model_validate(doc)
     except PydValidationError as exc:
