@@ -147,7 +147,15 @@ def _not_json(name: str) -> Any:
     raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
 
 
+def body_optional(model: Any) -> bool:
+    """A body model whose every field has a default may be left out (``{}``)."""
+    fields = getattr(model, "model_fields", None)
+    return fields is not None and not any(f.is_required() for f in fields.values())
+
+
 async def _parse_body(request: web.Request, model: Any) -> Any:
+    if not request.body_exists and body_optional(model):
+        return adapter(model).validate_python({})
     ctype = request.content_type
     if ctype not in ("application/json", "application/octet-stream") and not ctype.endswith(
         "+json"
@@ -155,6 +163,8 @@ async def _parse_body(request: web.Request, model: Any) -> Any:
         raise ApiProblem(UNSUPPORTED_MEDIA, f"send application/json, not {ctype!r}")
     raw = await request.read()  # over client_max_size: aiohttp raises 413
     if not raw:
+        if body_optional(model):
+            return adapter(model).validate_python({})
         raise ApiProblem(BAD_REQUEST, "a JSON body is required")
     try:
         doc = json.loads(raw, parse_constant=_not_json)
