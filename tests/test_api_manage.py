@@ -190,3 +190,15 @@ async def test_bridge_tokens_and_status(
     logs = "".join(capfd.readouterr())
     assert "service started" in logs
     assert issued["token"] not in logs and admin not in logs and read not in logs
+
+
+async def test_an_audit_record_that_cannot_be_stored_is_an_error(settings: Settings) -> None:
+    from mesh.errors import BrokerError
+    from services.api.audit import Auditor
+
+    # a prefix with no streams: no JetStream stream takes mesh.sys.audit.* there
+    async with MeshClient(settings.model_copy(update={"prefix": "nostreams"})) as bare:
+        with pytest.raises(
+            BrokerError, match=r"target\.create of target:x was made, but its audit"
+        ):
+            await Auditor(bare).record("apikey:0123456789ab", "target.create", "target:x")
