@@ -26,8 +26,9 @@ import re
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Protocol
 
 from mesh.broker import EmbeddedBroker
 
@@ -80,6 +81,14 @@ def sweep_stale() -> None:
             pass
 
 
+class Disk(Protocol):
+    """A node's store that can lose power (``tests/faults/lazyfs.LazyMount``)."""
+
+    def start(self) -> None: ...
+    def power_loss(self) -> None: ...
+    def stop(self) -> None: ...
+
+
 class NetnsBroker(EmbeddedBroker):
     """A nats-server started inside a network namespace (``ip netns exec`` execs it, so the
     child's pid is the server's and kill() reaches it)."""
@@ -98,8 +107,22 @@ class NetnsBroker(EmbeddedBroker):
 class NetCluster:
     """``size`` nats-servers, one per namespace, routed over one link per pair of nodes."""
 
-    def __init__(self, root: Path, size: int = 3, *, cluster_name: str = "meshfaults") -> None:
+    def __init__(
+        self,
+        root: Path,
+        size: int = 3,
+        *,
+        cluster_name: str = "meshfaults",
+        disk: Callable[[Path, Path], Disk] | None = None,
+    ) -> None:
+        """``disk(backing, mountpoint)``, when given, puts each node's store on a disk that
+        ``crash`` can take the power from."""
         self.root = root
+        self.disks: list[Disk] = (
+            [disk(root / f"n{i}" / "disk", root / f"n{i}" / "mnt") for i in range(size)]
+            if disk
+            else []
+        )
         self.size = size
         self.cluster_name = cluster_name
         self.token = secrets.token_hex(3)
@@ -150,6 +173,8 @@ class NetCluster:
         self._up = True
         try:
             self._build_network()
+            for d in self.disks:
+                d.start()
             self.nodes = [self._broker(i) for i in range(self.size)]
             for node in self.nodes:
                 node.start()
@@ -199,7 +224,7 @@ class NetCluster:
         )
         return NetnsBroker(
             self.netns[i],
-            self.root / self.name(i),
+            self.root / self.name(i) / ("mnt" if self.disks else "store"),
             self.client_addrs[i],
             log_file=self.root / f"{self.name(i)}.log",
             extra_args=[
@@ -215,6 +240,9 @@ class NetCluster:
         for node in self.nodes:
             with contextlib.suppress(Exception):
                 node.stop(timeout=5)
+        for d in self.disks:
+            with contextlib.suppress(Exception):
+                d.stop()
         for outer in self._client_links:
             _run("ip", "link", "del", outer, check=False)
         for ns in self.netns:
@@ -234,6 +262,13 @@ class NetCluster:
 
     def restart(self, i: int) -> None:
         self.nodes[i].start(timeout=20)
+
+    def crash(self, i: int) -> None:
+        """SIGKILL node ``i``; with disks, its unsynced writes are lost too (power failure)."""
+        self.nodes[i].kill()
+        if self.disks:
+            self.disks[i].power_loss()
+            self.disks[i].start()
 
     # Faults ----------------------------------------------------------------------------
 

@@ -62,19 +62,26 @@ class Workload:
         self._tasks: list[asyncio.Task[None]] = []
         self._clients: list[MeshClient] = []
 
-    async def setup(self) -> None:
-        """Streams (R3 from the settings), the target and its propagation."""
-        async with MeshClient(self.settings, name="faults-setup") as c:
-            for _ in range(60):  # a fresh cluster may still be electing its meta leader
-                try:
+    async def setup(self, timeout: float = 60.0) -> None:
+        """Streams (R3 from the settings), the target and its propagation.
+
+        Retried as a whole: on a cluster that has just started, a bucket or stream create
+        that timed out may still be applying, so the next look can find it missing and the
+        next create refused (``open_bucket`` then raises BucketNotFoundError).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                async with MeshClient(self.settings, name="faults-setup") as c:
                     await c.init()
-                    break
-                except Exception:
-                    await asyncio.sleep(0.5)
-            else:
-                await c.init()
-            await c.add_target(Target(name=TARGET, kind=TargetKind.NATS, timeout_s=5))
-            await c.add_propagation("unidirectional", SOURCE, [TARGET])
+                    await c.add_target(Target(name=TARGET, kind=TargetKind.NATS, timeout_s=5))
+                    await c.add_propagation("unidirectional", SOURCE, [TARGET])
+                return
+            except Exception as exc:
+                self.progress.errors[f"setup {type(exc).__name__}"] += 1
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
 
     async def start(self) -> None:
         for pub, url in self.publisher_urls.items():
