@@ -21,7 +21,9 @@ from mesh.broker import EmbeddedBroker, find_nats_server, free_port
 from mesh.config import Settings, load_settings
 from mesh.durability import LAZY_WARNING, SyncMode, broker_sync
 from mesh.errors import ConfigError
-from tests.support import eventually
+from mesh.storage import Store, open_store
+from mesh.storage.sqlite import SqliteStore
+from tests.support import eventually, migrated_store
 from tests.support.cli import MESH, mesh
 
 
@@ -151,3 +153,32 @@ async def test_mesh_up_lazy_warns_and_status_says_lazy(tmp_path: Path) -> None:
             proc.kill()
             await proc.wait()
     assert LAZY_WARNING in log.read_text()
+
+
+# --- the sink's database ----------------------------------------------------------------
+
+
+async def test_the_stores_commit_durably(store: Store) -> None:
+    """SQLite runs WAL + synchronous=FULL; PostgreSQL runs synchronous_commit on (default)."""
+    assert await store.durability_warnings() == []
+
+
+async def test_sqlite_below_full_is_reported(tmp_path: Path) -> None:
+    async with migrated_store(f"sqlite:///{tmp_path / 'm.db'}") as store:
+        assert isinstance(store, SqliteStore)
+        assert store._writer is not None
+        await store._writer.execute("PRAGMA synchronous=NORMAL")
+        (warning,) = await store.durability_warnings()
+    assert "synchronous is 1, not FULL" in warning
+
+
+@pytest.mark.postgres
+async def test_postgres_synchronous_commit_off_is_reported(pg_dsn: str) -> None:
+    # asyncpg turns extra query parameters into session settings.
+    sep = "&" if "?" in pg_dsn else "?"
+    store = await open_store(f"{pg_dsn}{sep}synchronous_commit=off")
+    try:
+        (warning,) = await store.durability_warnings()
+    finally:
+        await store.close()
+    assert "synchronous_commit is off" in warning
