@@ -138,14 +138,21 @@ class PubPipe:
         return item
 
     async def _on_ack(self, msg: Msg) -> None:
-        item = self._settled(msg.subject[len(self._prefix) :])
+        token = msg.subject[len(self._prefix) :]
+        item = self._pending.get(token)
         if item is None:
             return  # expired already (and published again, or reported)
         error = ack_error(msg)
+        if error is None and item.on_stored is not None:
+            # Settled only after it: ``flush`` then also waits for what waited on this.
+            try:
+                await item.on_stored()
+            finally:
+                self._settled(token)
+            return
+        self._settled(token)
         if error is not None:
             await self._again(item, error)
-        elif item.on_stored is not None:
-            await item.on_stored()
 
     async def _again(self, item: _Pending, error: str) -> None:
         if item.attempt < self.attempts and self._sub is not None:
