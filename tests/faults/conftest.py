@@ -3,11 +3,17 @@ first meta leader); each test gets its own streams (a prefix) and a whole cluste
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
+from mesh.durability import SyncMode
 from tests.faults.netns import NetCluster, unavailable_reason
+
+# MESH_TEST_FAULTS_SYNC=lazy runs the cluster with nats-server's lazy fsync (the opt-out):
+# then the crash tests are expected to fail, which shows the harness can see the loss.
+SYNC_VAR = "MESH_TEST_FAULTS_SYNC"
 
 
 def _disk() -> type | None:
@@ -24,7 +30,8 @@ def netcluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetCluster]
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
-    cluster = NetCluster(tmp_path_factory.mktemp("netcluster"), disk=_disk())
+    sync = SyncMode(os.environ.get(SYNC_VAR, SyncMode.ALWAYS))
+    cluster = NetCluster(tmp_path_factory.mktemp("netcluster"), disk=_disk(), sync=sync)
     cluster.start()
     try:
         yield cluster

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Protocol
 
 from mesh.broker import EmbeddedBroker
+from mesh.durability import SyncMode
 
 NS_PREFIX = "meshf"
 CLIENT_PORT = 4222
@@ -114,10 +115,12 @@ class NetCluster:
         *,
         cluster_name: str = "meshfaults",
         disk: Callable[[Path, Path], Disk] | None = None,
+        sync: SyncMode = SyncMode.ALWAYS,
     ) -> None:
         """``disk(backing, mountpoint)``, when given, puts each node's store on a disk that
-        ``crash`` can take the power from."""
+        ``crash`` can take the power from; ``sync`` is the brokers' fsync mode."""
         self.root = root
+        self.sync = sync
         self.disks: list[Disk] = (
             [disk(root / f"n{i}" / "disk", root / f"n{i}" / "mnt") for i in range(size)]
             if disk
@@ -227,6 +230,7 @@ class NetCluster:
             self.root / self.name(i) / ("mnt" if self.disks else "store"),
             self.client_addrs[i],
             log_file=self.root / f"{self.name(i)}.log",
+            sync=self.sync,
             extra_args=[
                 "--name", self.name(i),
                 "--cluster_name", self.cluster_name,
