@@ -31,6 +31,7 @@ from mesh.broker import EmbeddedBroker, free_port
 from mesh.client import MeshClient
 from mesh.config import Settings
 from mesh.durability import SyncMode
+from mesh.observability import configure_logging
 from mesh.streams import StreamNames
 from tests.faults.checker import Report, check
 from tests.faults.lazyfs import LazyMount
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"cannot run: {why}", file=sys.stderr)
         return 2
+    configure_logging("console", "warning")  # reconnect chatter after each power loss
     started = time.monotonic()
     with workdir(args.keep) as root:
         results = asyncio.run(run(root, SyncMode(args.sync), args.rounds, args.seconds, args.rate))
