@@ -107,7 +107,11 @@ async def run_scenario(
     fault: Callable[[Scene], Awaitable[None]],
 ) -> Report:
     settings = settings_for(cluster, tmp_path, prefix)
-    work = Workload(settings, {f"p{i}": cluster.url_of(i) for i in range(cluster.size)})
+    work = Workload(
+        settings,
+        {f"p{i}": cluster.url_of(i) for i in range(cluster.size)},
+        sink_db=tmp_path / "sink.db",
+    )
     await work.setup()
     async with MeshClient(settings, name="faults-observer") as observer:
         stream_leader, consumer_leader = await leaders(observer)
@@ -125,6 +129,7 @@ async def run_scenario(
             resumed = min(after.values()) >= RESUME_ACKS
             work.stop_publishing()
             missing = await work.wait_consumed(timeout=60 if resumed else 5)
+            unsunk = await work.wait_sunk(timeout=30 if resumed else 5)
             consumed_s = time.monotonic() - healed_at
             not_current = await wait_current(observer, timeout=60 if resumed else 5)
             try:
@@ -141,7 +146,12 @@ async def run_scenario(
 
     report = check(
         acked=work.progress.acked,
-        observed={"stream": in_stream, f"consumer:{TARGET}": work.progress.received},
+        observed={
+            "stream": in_stream,
+            f"consumer:{TARGET}": work.progress.received,
+            "sink.events": work.sink_ids(),
+        },
+        unordered={"sink.events"},
     )
     disks = "lazyfs (unsynced writes lost on crash)" if cluster.disks else "plain"
     print(f"\n[{prefix}] broker sync {cluster.sync}, disks {disks}")
@@ -161,6 +171,7 @@ async def run_scenario(
     assert not stalled, f"publishers on the quorum's side made no progress: {stalled}"
     assert resumed, f"publishing did not resume: {after}"
     assert not missing, f"{len(missing)} acknowledged events never consumed"
+    assert not unsunk, f"{len(unsunk)} acknowledged events never stored by the sink"
     assert not_current is None, not_current
     assert sum(len(ids) for ids in work.progress.acked.values()) > 0
     return report

@@ -5,22 +5,30 @@ publishers of the cut-off side) that publishes ``<name>-<n>`` ids at a steady pa
 retries one id, with the same id, until it is acknowledged: the id is the dedupe key, so a
 retry after a lost ack is stored once. The consumer reads a ``nats`` target's feed through
 every node's URL and acks each event after recording it; a feed that breaks (a registry
-read or an ack lost in a partition) is opened again, as a service would.
+read or an ack lost in a partition) is opened again, as a service would. The persistence
+sink runs in-process (SQLite) against every node's URL and is started again after a
+failed start, as its systemd unit would restart it (``Restart=on-failure``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from mesh.client import MeshClient
 from mesh.config import Settings
 from mesh.registry import Target, TargetKind
+
+if TYPE_CHECKING:
+    from services.sink import Sink
 
 SOURCE = "shop"
 TARGET = "audit"
@@ -51,9 +59,16 @@ class Workload:
     ``wait_consumed`` and ``close``."""
 
     def __init__(
-        self, settings: Settings, publisher_urls: dict[str, str], *, interval: float = 0.05
+        self,
+        settings: Settings,
+        publisher_urls: dict[str, str],
+        *,
+        interval: float = 0.05,
+        sink_db: Path | None = None,
     ) -> None:
         self.settings = settings
+        self.sink_db = sink_db
+        self._sink: Sink | None = None
         self.publisher_urls = publisher_urls
         self.interval = interval
         self.progress = Progress()
@@ -91,6 +106,49 @@ class Workload:
             self._tasks.append(asyncio.create_task(self._publish(client, pub)))
         consumer = await self._client("consumer", self.settings.nats_url or "")
         self._tasks.append(asyncio.create_task(self._consume(consumer)))
+        if self.sink_db is not None:
+            self._tasks.append(asyncio.create_task(self._run_sink(self.sink_db)))
+
+    async def _run_sink(self, db: Path) -> None:
+        """The sink, started again after a failed start (a service's unit restarts it)."""
+        from services.sink import Sink
+
+        settings = self.settings.model_copy(update={"db_url": f"sqlite:///{db}"})
+        while self._sink is None:
+            sink = Sink(settings)
+            try:
+                await sink.start()
+                self._sink = sink
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await sink.stop()
+                raise
+            except Exception as exc:
+                self.progress.errors[f"sink start {type(exc).__name__}"] += 1
+                with contextlib.suppress(Exception):
+                    await sink.stop()
+                await asyncio.sleep(0.5)
+
+    def sink_ids(self) -> list[str]:
+        """The ids in the sink's ``events`` table (none before the table exists)."""
+        if self.sink_db is None or not self.sink_db.exists():
+            return []
+        try:
+            with contextlib.closing(
+                sqlite3.connect(f"file:{self.sink_db}?mode=ro", uri=True, timeout=5)
+            ) as db:
+                return [r[0] for r in db.execute("SELECT id FROM events")]
+        except sqlite3.Error:
+            return []
+
+    async def wait_sunk(self, timeout: float) -> set[str]:
+        """Wait until the sink's table has every acknowledged id; return those missing."""
+        deadline = time.monotonic() + timeout
+        while True:
+            missing = self.progress.all_acked() - set(await asyncio.to_thread(self.sink_ids))
+            if not missing or time.monotonic() > deadline:
+                return missing
+            await asyncio.sleep(0.3)
 
     async def _client(self, name: str, url: str) -> MeshClient:
         client = MeshClient(self.settings.model_copy(update={"nats_url": url}), name=name)
@@ -166,6 +224,9 @@ class Workload:
         for client in self._clients:
             with contextlib.suppress(Exception):
                 await client.close()
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            await sink.stop()
 
 
 async def stream_ids(c: MeshClient, timeout: float = 30.0) -> list[str]:
