@@ -315,6 +315,16 @@ class NetCluster:
     def delay(self, a: int, b: int, ms: int) -> None:
         raise NotImplementedError("link delay needs tc netem (sch_netem), not in this kernel")
 
+    def reaches(self, a: int, b: int, timeout: float = 1.0) -> bool:
+        """Whether a TCP connection from node ``a``'s namespace to ``b``'s route port opens."""
+        probe = f"exec 3<>/dev/tcp/{self.link_addr(b, a)}/{ROUTE_PORT}"
+        done = subprocess.run(
+            ["ip", "netns", "exec", self.netns[a], "timeout", str(timeout), "bash", "-c", probe],
+            capture_output=True,
+            check=False,
+        )
+        return done.returncode == 0
+
     @property
     def cuts(self) -> set[frozenset[int]]:
         return set(self._cut)

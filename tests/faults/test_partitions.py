@@ -11,15 +11,17 @@ every acknowledged id must be in the events stream and at the consumer: 0 lost. 
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 import pytest
 
-from tests.faults.netns import NetCluster
+from tests.faults.netns import CLIENT_PORT, NetCluster
 from tests.faults.scenario import Scene, full_only, run_scenario
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
+LOSS_PCT = 20
 FAULT_S = 8.0  # about an election (4-9 s): the majority's new leader is usually seen
 
 
@@ -60,6 +62,32 @@ async def partition_bridge(scene: Scene) -> None:
     scene.cluster.heal_all()
 
 
+def test_a_cut_drops_exactly_that_link(cluster: NetCluster) -> None:
+    """Partitions are real at the network level: a cut stops TCP between those two nodes
+    only, clients in the root namespace still reach every node, and a heal restores it."""
+    pairs = [(a, b) for a in range(cluster.size) for b in range(cluster.size) if a != b]
+    assert all(cluster.reaches(a, b) for a, b in pairs)
+    cluster.cut(0, 1)
+    try:
+        reach = {(a, b): cluster.reaches(a, b, timeout=0.5) for a, b in pairs}
+        assert reach == {(a, b): {a, b} != {0, 1} for a, b in pairs}
+        for i in range(cluster.size):
+            with socket.create_connection((cluster.client_addrs[i], CLIENT_PORT), timeout=2):
+                pass
+    finally:
+        cluster.heal(0, 1)
+    assert cluster.reaches(0, 1) and cluster.reaches(1, 0)
+
+
+async def lossy_links(scene: Scene) -> None:
+    scene.what.append(f"{LOSS_PCT}% of packets dropped on every link for {FAULT_S:.0f}s")
+    for a in range(scene.cluster.size):
+        for b in range(a + 1, scene.cluster.size):
+            scene.cluster.lossy(a, b, LOSS_PCT)
+    await asyncio.sleep(FAULT_S)
+    scene.cluster.heal_all()
+
+
 @full_only  # the leader and bridge cases cover a minority's side too
 async def test_partition_minority(cluster: NetCluster, tmp_path: Path) -> None:
     await run_scenario(cluster, tmp_path, "pmin", partition_minority)
@@ -71,3 +99,8 @@ async def test_partition_leader(cluster: NetCluster, tmp_path: Path) -> None:
 
 async def test_partition_bridge(cluster: NetCluster, tmp_path: Path) -> None:
     await run_scenario(cluster, tmp_path, "pbridge", partition_bridge)
+
+
+@full_only
+async def test_lossy_links(cluster: NetCluster, tmp_path: Path) -> None:
+    await run_scenario(cluster, tmp_path, "ploss", lossy_links)

@@ -93,7 +93,7 @@ class Workload:
                     await c.add_propagation("unidirectional", SOURCE, [TARGET])
                 return
             except Exception as exc:
-                self.progress.errors[f"setup {type(exc).__name__}"] += 1
+                self.progress.errors[f"setup {type(exc).__name__}: {str(exc)[:120]}"] += 1
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.5)
