@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -77,6 +78,10 @@ def sweep_stale() -> None:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
+            # Its nats-servers outlived it: they are this harness's own, stop them too.
+            for child in _run("ip", "netns", "pids", m.group(1), check=False).split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(child), signal.SIGKILL)
             _run("ip", "netns", "del", m.group(1), check=False)
         except PermissionError:
             pass
@@ -119,6 +124,8 @@ class NetCluster:
     ) -> None:
         """``disk(backing, mountpoint)``, when given, puts each node's store on a disk that
         ``crash`` can take the power from; ``sync`` is the brokers' fsync mode."""
+        if not 2 <= size <= 4:
+            raise ValueError(f"a cluster of 2 to 4 nodes (one /28 of client links), not {size}")
         self.root = root
         self.sync = sync
         self.disks: list[Disk] = (
@@ -135,7 +142,6 @@ class NetCluster:
         self._cut: set[frozenset[int]] = set()
         self._loss: dict[frozenset[int], int] = {}
         self.nodes: list[NetnsBroker] = []
-        self._up = False
 
     # Addresses ------------------------------------------------------------------------
 
@@ -173,7 +179,6 @@ class NetCluster:
 
     def start(self) -> None:
         sweep_stale()
-        self._up = True
         try:
             self._build_network()
             for d in self.disks:
@@ -252,7 +257,6 @@ class NetCluster:
         for ns in self.netns:
             _run("ip", "netns", "del", ns, check=False)
         self._client_links.clear()
-        self._up = False
 
     def __enter__(self) -> NetCluster:
         self.start()

@@ -162,7 +162,7 @@ async def run_scenario(
     )
     print(
         f"[{prefix}] acks during the fault: {during}, received during it: {received_during};"
-        f" acks after: {after}; all consumed {consumed_s:.1f}s after recovery"
+        f" acks after: {after}; all consumed and stored {consumed_s:.1f}s after recovery"
     )
     print(f"[{prefix}] errors retried: {dict(work.progress.errors)}")
     print(report)

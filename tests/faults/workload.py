@@ -226,7 +226,8 @@ class Workload:
                 await client.close()
         sink, self._sink = self._sink, None
         if sink is not None:
-            await sink.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(sink.stop(), 30)
 
 
 async def stream_ids(c: MeshClient, timeout: float = 30.0) -> list[str]:
