@@ -46,10 +46,10 @@ def test_lazyfs_drops_exactly_the_unsynced_writes(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(240)
 async def test_sync_always_loses_no_acknowledged_event(tmp_path: Path) -> None:
-    results = await run(tmp_path, SyncMode.ALWAYS, rounds=3, publish_s=1.0, rate=200)
+    results = await run(tmp_path, SyncMode.ALWAYS, rounds=2, publish_s=1.0, rate=200)
     for r in results:
         print(f"round {r.round}: acked {r.acked_total}\n{r.report}")
-    assert len(results) == 3
+    assert len(results) == 2
     assert results[-1].acked_total > 100  # the load was real
     for r in results:
         assert r.report["stream"].lost == 0, str(r.report)
