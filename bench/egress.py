@@ -298,7 +298,7 @@ async def one_mode(args: argparse.Namespace, sync: SyncMode, tag: str = "") -> f
     """The whole run on a broker in ``sync`` mode; the egress's median deliveries/s."""
 
     def out(line: str) -> None:
-        out(f"[{tag}] {line}" if tag else line, flush=True)
+        print(f"[{tag}] {line}" if tag else line, flush=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
     broker = EmbeddedBroker(tmp / "nats", port=free_port(), log_file=tmp / "nats.log", sync=sync)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
+from mesh.client import MeshClient
 from mesh.config import Settings
 from mesh.errors import ValidationError
 from mesh.netguard import (
@@ -16,7 +15,8 @@ from mesh.netguard import (
     is_forbidden,
     validate_url,
 )
-from tests.support.cli import ok, one_line_error, run_cli
+from mesh.registry import Target, TargetKind
+from tests.support.cli import one_line_error, run_cli
 
 
 @pytest.mark.parametrize(
@@ -101,10 +101,15 @@ def test_names_and_public_literals_wait_for_the_egress(url: str) -> None:
     check_literal(url, allow_private=False)
 
 
-async def test_mesh_target_add_refuses_a_loopback_webhook(settings: Settings) -> None:
+async def test_mesh_target_add_refuses_a_loopback_webhook(
+    settings: Settings, client: MeshClient
+) -> None:
     strict = settings.model_copy(update={"allow_private_targets": False})
     p = await run_cli(strict, "target", "add", "hook", "--webhook", "http://127.0.0.1:9/x")
     one_line_error(p, forbidden_reason("127.0.0.1", "127.0.0.1"))
-    p = await run_cli(strict, "target", "list", "--json")
-    assert json.loads(p.stdout) == []
-    ok(await run_cli(settings, "target", "add", "hook", "--webhook", "http://127.0.0.1:9/x"))
+    assert await client.registry.list_targets() == []
+    # Allowed (the fixture's settings): registered as before.
+    await client.add_target(
+        Target(name="hook", kind=TargetKind.WEBHOOK, url="http://127.0.0.1:9/x")
+    )
+    assert [t.name for t in await client.registry.list_targets()] == ["hook"]
