@@ -20,13 +20,16 @@ from tests.faults.scenario import Scene, full_only, run_scenario, wait_current
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 DOWN_S = 2.0
+PARTITION_S = 4.0
 
 
-async def crash(scene: Scene, nodes: list[int]) -> None:
+async def crash(scene: Scene, nodes: list[int], *, then_heal: bool = False) -> None:
     kind = "kill -9 + lost unsynced writes" if scene.cluster.disks else "kill -9"
     scene.what.append(f"{kind}: {', '.join(f'n{i}' for i in nodes)}")
     for i in nodes:
         scene.cluster.crash(i)
+    if then_heal:
+        scene.cluster.heal_all()
     await asyncio.sleep(DOWN_S)
     for i in nodes:
         await asyncio.to_thread(scene.cluster.restart, i)
@@ -52,6 +55,22 @@ async def test_restart_one_at_a_time(cluster: NetCluster, tmp_path: Path) -> Non
 
 async def test_restart_two_at_once(cluster: NetCluster, tmp_path: Path) -> None:
     await run_scenario(cluster, tmp_path, "rtwo", two_at_once)
+
+
+async def partition_then_crash(scene: Scene) -> None:
+    """Jepsen's combination: a follower is cut off and falls behind while the other two
+    go on; those two then lose power together and the partition heals. Only their disks
+    held the newest acknowledged events."""
+    behind = scene.followers[1]
+    scene.what.append(f"isolate n{behind} for {PARTITION_S:.0f}s")
+    scene.cluster.isolate(behind)
+    await asyncio.sleep(PARTITION_S)
+    await crash(scene, [scene.stream_leader, scene.followers[0]], then_heal=True)
+
+
+@full_only
+async def test_partition_then_crash_of_the_majority(cluster: NetCluster, tmp_path: Path) -> None:
+    await run_scenario(cluster, tmp_path, "rpart", partition_then_crash)
 
 
 async def all_at_once(scene: Scene) -> None:
