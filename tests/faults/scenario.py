@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from nats.js import errors as js_errors
 
 from mesh.client import MeshClient
 from mesh.config import Settings
@@ -100,6 +101,23 @@ async def wait_current(c: MeshClient, timeout: float = 60.0) -> str | None:
         await asyncio.sleep(0.25)
 
 
+async def read_stream(c: MeshClient, scene: Scene, timeout: float = 30.0) -> list[str]:
+    """The stream's ids; a transient refusal (503, a timeout) is asked again, a stream that
+    is gone reads as empty (everything in it is lost) and says so."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await stream_ids(c)
+        except js_errors.NotFoundError as exc:
+            scene.what.append(f"stream gone: {exc}")
+            return []
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                scene.what.append(f"stream unreadable: {type(exc).__name__}: {exc}")
+                return []
+            await asyncio.sleep(0.5)
+
+
 async def run_scenario(
     cluster: NetCluster,
     tmp_path: Path,
@@ -132,11 +150,7 @@ async def run_scenario(
             unsunk = await work.wait_sunk(timeout=30 if resumed else 5)
             consumed_s = time.monotonic() - healed_at
             not_current = await wait_current(observer, timeout=60 if resumed else 5)
-            try:
-                in_stream = await stream_ids(observer)
-            except Exception as exc:  # the stream itself is gone: everything in it is lost
-                scene.what.append(f"stream unreadable: {type(exc).__name__}: {exc}")
-                in_stream = []
+            in_stream = await read_stream(observer, scene)
         finally:
             await work.close()
         try:

@@ -252,4 +252,6 @@ async def stream_ids(c: MeshClient, timeout: float = 30.0) -> list[str]:
                     ids.append((msg.headers or {}).get("Nats-Msg-Id", ""))
     finally:
         await sub.unsubscribe()
+    if len(ids) < total:  # a short read is no evidence of loss: the caller asks again
+        raise TimeoutError(f"read {len(ids)} of the stream's {total} messages in {timeout:.0f}s")
     return ids
