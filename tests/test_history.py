@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 
 from mesh.errors import ValidationError
+from mesh.history import response_excerpt
 from mesh.storage import MAX_PAGE, Page, Store
 from mesh.storage._history import decode_cursor, encode_cursor
 from tests.test_storage import T0, delivery, event
@@ -138,3 +139,11 @@ def test_cursor_round_trip_and_opacity() -> None:
     cursor = encode_cursor("events", at, "evt-1")
     assert decode_cursor("events", cursor) == (at, "evt-1")
     assert "evt-1" not in cursor and "=" not in cursor
+
+
+def test_response_excerpt_from_the_egress_error_text() -> None:
+    assert response_excerpt("HTTP 500 Internal Server Error: db down: retry") == "db down: retry"
+    assert response_excerpt("HTTP 404 Not Found") is None
+    assert response_excerpt("timeout after 5s") is None
+    assert response_excerpt("connection error: refused: HTTP 500 x: y") is None
+    assert response_excerpt(None) is None
