@@ -14,7 +14,11 @@ from mesh.config import Settings
 from mesh.crypto import KeyRing
 from mesh.envelope import OCTETS, decode_data, to_jsonable
 from mesh.errors import MeshError
+from mesh.records import Outcome
 from mesh.storage import DeliveryRow, EventRow
+
+#: Outcomes of an attempt that failed (skipped and circuit-open attempts sent nothing).
+FAILURE_OUTCOMES = frozenset({Outcome.RETRY.value, Outcome.DEAD.value, Outcome.DISABLED.value})
 
 # The webhook egress writes a failed answer as "HTTP <status> <reason>: <body excerpt>".
 _HTTP_ERROR = re.compile(r"^HTTP \d{3}[^:]*: (?P<excerpt>.+)$", re.DOTALL)
