@@ -117,6 +117,19 @@ async def iter_dead_letters(
                 listing.unreadable += 1
 
 
+async def check_target(client: MeshClient, target: str | None) -> None:
+    """An unknown target is ``NotFound`` unless dead letters for it remain."""
+    if target is None:
+        return
+    try:
+        await client.target_or_error(target)
+    except NotFound:
+        subject = _filter(client, target)
+        info = await client.js.stream_info(client.names.dlq, subjects_filter=subject)
+        if not info.state.subjects:
+            raise
+
+
 async def list_dead_letters(
     client: MeshClient,
     target: str | None = None,
@@ -366,6 +379,7 @@ __all__ = [
     "DlqReplayResult",
     "Kept",
     "PurgePlan",
+    "check_target",
     "dlq_replay_msg_id",
     "find",
     "iter_dead_letters",

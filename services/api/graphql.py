@@ -22,7 +22,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import strawberry
 from aiohttp import web
@@ -33,12 +33,24 @@ from strawberry.extensions import MaskErrors, MaxTokensLimiter, QueryDepthLimite
 from strawberry.scalars import JSON
 from strawberry.types import ExecutionContext
 
+from mesh.apikeys import Scope
 from mesh.errors import MeshError
-from mesh.history import FAILURE_OUTCOMES, PayloadReader, response_excerpt
+from mesh.history import FAILURE_OUTCOMES, response_excerpt
 from mesh.registry import Propagation as PropagationModel
 from mesh.registry import PropagationMode
 from mesh.registry import Target as TargetModel
 from mesh.storage import DeliveryRow, EventRow, Page, Store
+from services.api.history_store import History
+from services.api.problems import (
+    BAD_REQUEST,
+    METHOD_NOT_ALLOWED,
+    NOT_FOUND,
+    UNSUPPORTED_MEDIA,
+    ApiProblem,
+)
+
+if TYPE_CHECKING:
+    from services.api.service import Api
 
 MAX_DEPTH = 8
 MAX_TOKENS = 2000
@@ -49,17 +61,20 @@ Snapshot = tuple[list[TargetModel], list[PropagationModel]]
 
 @dataclass
 class GraphContext:
-    """What resolvers read, one per request; the registry is read once per request."""
+    """What resolvers read, one per request; the registry is read once per request, the
+    database opened only by a query that needs it."""
 
     registry: Callable[[], Awaitable[Snapshot]]
-    store: Store
-    reader: PayloadReader
+    history: Callable[[], Awaitable[History]]
     _snapshot: asyncio.Task[Snapshot] | None = field(default=None, repr=False)
 
     async def snapshot(self) -> Snapshot:
         if self._snapshot is None:
             self._snapshot = asyncio.ensure_future(self.registry())
         return await self._snapshot
+
+    async def store(self) -> Store:
+        return (await self.history()).store
 
 
 def _ctx(info: strawberry.Info) -> GraphContext:
@@ -111,7 +126,7 @@ class Delivery:
 
     @strawberry.field(description="The event attempted, if the sink stored it.")
     async def event(self, info: strawberry.Info) -> Event | None:
-        row = await _ctx(info).store.get_event(self.event_id)
+        row = await (await _ctx(info).store()).get_event(self.event_id)
         return None if row is None else Event.of(row)
 
 
@@ -148,12 +163,13 @@ class Event:
         )
 
     @strawberry.field(description="The event's data, decoded (and decrypted) as JSON.")
-    def data(self, info: strawberry.Info) -> JSON | None:
-        return _ctx(info).reader.data(self.row)  # type: ignore[no-any-return]
+    async def data(self, info: strawberry.Info) -> JSON | None:
+        reader = (await _ctx(info).history()).reader
+        return reader.data(self.row)  # type: ignore[no-any-return]
 
     @strawberry.field(description="Every delivery attempt for this event, oldest first.")
     async def deliveries(self, info: strawberry.Info) -> list[Delivery]:
-        return [Delivery.of(r) for r in await _ctx(info).store.query_deliveries(self.id)]
+        return [Delivery.of(r) for r in await (await _ctx(info).store()).query_deliveries(self.id)]
 
 
 @strawberry.type
@@ -258,7 +274,7 @@ class Target:
     async def recent_failures(
         self, info: strawberry.Info, limit: int = DEFAULT_FAILURES
     ) -> list[Delivery] | None:
-        page = await _ctx(info).store.list_deliveries(
+        page = await (await _ctx(info).store()).list_deliveries(
             target=self.name, outcomes=FAILURE_OUTCOMES, limit=limit
         )
         return [Delivery.of(r) for r in page.items]
@@ -273,7 +289,7 @@ class Target:
         first: int = 50,
         after: str | None = None,
     ) -> DeliveryPage | None:
-        page = await _ctx(info).store.list_deliveries(
+        page = await (await _ctx(info).store()).list_deliveries(
             target=self.name, outcomes=outcomes, since=since, until=until, cursor=after, limit=first
         )
         return DeliveryPage.of(page)
@@ -303,7 +319,7 @@ class Query:
 
     @strawberry.field
     async def event(self, info: strawberry.Info, id: str) -> Event | None:
-        row = await _ctx(info).store.get_event(id)
+        row = await (await _ctx(info).store()).get_event(id)
         return None if row is None else Event.of(row)
 
     @strawberry.field(description="Stored events, newest first; `type` may be a pattern.")
@@ -317,7 +333,7 @@ class Query:
         first: int = 50,
         after: str | None = None,
     ) -> EventPage | None:
-        page = await _ctx(info).store.list_events(
+        page = await (await _ctx(info).store()).list_events(
             source=source, type=type, since=since, until=until, cursor=after, limit=first
         )
         return EventPage(items=[Event.of(r) for r in page.items], next_cursor=page.next_cursor)
@@ -334,7 +350,7 @@ class Query:
         first: int = 50,
         after: str | None = None,
     ) -> DeliveryPage | None:
-        page = await _ctx(info).store.list_deliveries(
+        page = await (await _ctx(info).store()).list_deliveries(
             target=target,
             outcomes=outcomes,
             event_id=event_id,
@@ -347,8 +363,10 @@ class Query:
 
 
 def _masked(error: GraphQLError) -> bool:
-    # A MeshError says what was wrong with the question; anything else stays private.
-    return not isinstance(error.original_error, MeshError)
+    # Syntax and validation errors (no original) and MeshErrors say what was wrong with the
+    # question; any other exception stays private.
+    original = error.original_error
+    return original is not None and not isinstance(original, MeshError)
 
 
 class _Schema(strawberry.Schema):
@@ -357,9 +375,7 @@ class _Schema(strawberry.Schema):
     ) -> None:
         # Syntax, validation and MeshErrors are the caller's: they are in the answer, and a
         # log line with a traceback each would bury the real faults.
-        super().process_errors(
-            [e for e in errors if e.original_error is not None and _masked(e)], execution_context
-        )
+        super().process_errors([e for e in errors if _masked(e)], execution_context)
 
 
 schema = _Schema(
@@ -371,10 +387,15 @@ schema = _Schema(
     ],
 )
 
+PATH = "/v1/graphql"
 #: Builds a request's context after checking its key; raises the API's problems.
 ContextSource = Callable[[web.Request], Awaitable[GraphContext]]
 #: Turns a transport error (malformed body, wrong method) into the API's problem.
 ProblemFor = Callable[[int, str], Exception]
+_TRANSPORT = {400: BAD_REQUEST, 404: NOT_FOUND, 405: METHOD_NOT_ALLOWED, 415: UNSUPPORTED_MEDIA}
+
+
+CONTEXT_KEY = web.RequestKey("mesh.graphql", GraphContext)
 
 
 class MeshGraphQLView(GraphQLView[dict[str, Any], None]):
@@ -387,7 +408,7 @@ class MeshGraphQLView(GraphQLView[dict[str, Any], None]):
         self._problem = problem
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
-        request["mesh.graphql"] = await self._source(request)
+        request[CONTEXT_KEY] = await self._source(request)
         try:
             return await self.run(request=request)
         except HTTPException as exc:
@@ -396,7 +417,23 @@ class MeshGraphQLView(GraphQLView[dict[str, Any], None]):
     async def get_context(
         self, request: web.Request, response: web.Response | web.WebSocketResponse
     ) -> dict[str, Any]:
-        return {"mesh": request["mesh.graphql"], "request": request}
+        return {"mesh": request[CONTEXT_KEY], "request": request}
+
+
+def _problem(status: int, reason: str) -> Exception:
+    return ApiProblem(_TRANSPORT.get(status, BAD_REQUEST), reason)
+
+
+def install(app: web.Application, api: Api) -> None:
+    """Serve ``PATH`` on ``app`` (GET and POST) for keys with the ``read`` scope."""
+
+    async def source(request: web.Request) -> GraphContext:
+        await api.auth.check(request, Scope.READ)
+        return GraphContext(api.client.registry.targets_and_propagations, api.history.get)
+
+    view = MeshGraphQLView(source, _problem)
+    app.router.add_route("GET", PATH, view)
+    app.router.add_route("POST", PATH, view)
 
 
 def sdl() -> str:
@@ -404,4 +441,4 @@ def sdl() -> str:
     return str(schema)
 
 
-__all__ = ["GraphContext", "MeshGraphQLView", "schema", "sdl"]
+__all__ = ["PATH", "GraphContext", "MeshGraphQLView", "install", "schema", "sdl"]

@@ -18,8 +18,10 @@ from aiohttp import web
 from mesh.apikeys import ApiKeyStore
 from mesh.config import Settings
 from mesh.errors import ConfigError
+from services.api import graphql
 from services.api.audit import Auditor
 from services.api.auth import Auth
+from services.api.history_store import HistoryAccess
 from services.api.idempotency import IdempotencyStore
 from services.api.openapi import build_document
 from services.api.problems import problem_middleware
@@ -32,6 +34,7 @@ ROUTE_MODULES = (
     "services.api.routes_events",
     "services.api.routes_targets",
     "services.api.routes_admin",
+    "services.api.routes_history",
 )
 # A batch of 1,000 events of a few KiB each fits; one event is capped by the broker's
 # max_payload (PayloadTooLarge -> 413) long before this.
@@ -62,6 +65,7 @@ class Api(Service):
         self._auth: Auth | None = None
         self._idem: IdempotencyStore | None = None
         self._audit: Auditor | None = None
+        self.history = HistoryAccess(settings)
         self.requests = 0
 
     # What handlers use ---------------------------------------------------------------
@@ -107,6 +111,7 @@ class Api(Service):
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[problem_middleware], client_max_size=MAX_BODY)
         self.table.install(app, self)
+        graphql.install(app, self)
         return app
 
     async def on_start(self) -> None:
@@ -142,6 +147,7 @@ class Api(Service):
 
     async def on_close(self) -> None:
         await self.on_drain(0)
+        await self.history.close()
 
     def stats(self) -> dict[str, Any]:
         return {"api_port": self.port}

@@ -1,0 +1,461 @@
+"""History and recovery: events and delivery attempts from the sink's tables, dead letters,
+replays.
+
+- ``GET /v1/events``, ``GET /v1/deliveries``: filtered, newest first, cursor-paged
+  (``Store.list_events``/``list_deliveries``: keyset on ``(time, id)``; pass a page's
+  ``next_cursor`` as ``cursor``).
+- ``GET /v1/events/{id}``: one event with every attempt (what ``mesh deliveries``
+  shows; the same documents, ``mesh.history``).
+- ``/v1/dead-letters``: list, show, retry one or a filtered set, purge; the DLQ
+  stream through ``mesh.dlq``, exactly as ``mesh dlq`` does.
+- ``POST /v1/targets/{name}/replay``: ``mesh.replay.replay`` from a time or a stream
+  sequence range, as ``mesh replay`` does.
+
+Reads need the ``read`` scope; retries, purges and replays ``admin``, and are audited.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any
+
+from pydantic import AwareDatetime, BaseModel, Field, model_validator
+
+from mesh import dlq
+from mesh.apikeys import Scope
+from mesh.errors import NotFound, ValidationError
+from mesh.history import delivery_doc, event_doc
+from mesh.replay import replay
+from mesh.storage import MAX_PAGE
+from services.api.routing import NAME_PATTERN, Call, Param, Route, RouteTable
+
+EVENT_ID = r"^\S{1,128}$"
+NAME_PARAM = Param("name", "path", "The target's name", pattern=NAME_PATTERN)
+EVENT_PARAM = Param("id", "path", "The event id", pattern=EVENT_ID)
+LETTER_PARAM = Param(
+    "ident", "path", "A dead letter id, an event id or a DLQ sequence", pattern=EVENT_ID
+)
+Limit = Field(default=50, ge=1, le=MAX_PAGE, description="At most this many rows")
+Cursor = Field(default=None, max_length=512, description="A page's next_cursor: the next page")
+Since = Field(default=None, description="From this time on (ISO 8601 with a zone)")
+Until = Field(default=None, description="Before this time (ISO 8601 with a zone)")
+
+
+# Models -----------------------------------------------------------------------------
+
+
+class EventOut(BaseModel):
+    id: str
+    seq: int | None
+    time: datetime
+    source: str
+    type: str
+    subject: str
+    datacontenttype: str | None
+    origin: str | None
+    hops: int
+    encrypted: bool
+    received_at: datetime
+    data: Any = Field(description="The data, decrypted and decoded for display")
+
+
+class DeliveryOut(BaseModel):
+    id: str
+    event_id: str
+    target: str
+    attempt: int
+    outcome: str = Field(description="delivered, retry, dead, disabled, skipped or circuit_open")
+    status_code: int | None
+    latency_ms: float | None
+    error: str | None
+    response_excerpt: str | None = Field(
+        description="The start of the receiver's answer to a failed attempt, if it sent one"
+    )
+    at: datetime
+    instance: str | None
+
+
+class EventPage(BaseModel):
+    items: list[EventOut]
+    next_cursor: str | None = Field(description="Pass as cursor for the next page; null: last")
+
+
+class DeliveryPage(BaseModel):
+    items: list[DeliveryOut]
+    next_cursor: str | None = Field(description="Pass as cursor for the next page; null: last")
+
+
+class EventDetail(BaseModel):
+    event: EventOut | None = Field(description="Null when only attempts were stored")
+    deliveries: list[DeliveryOut] = Field(description="Every attempt, oldest first")
+
+
+class EventsQuery(BaseModel):
+    source: str | None = Field(default=None, pattern=NAME_PATTERN)
+    type: str | None = Field(
+        default=None, max_length=255, description="A type or a pattern: order.*, order.>"
+    )
+    since: AwareDatetime | None = Since
+    until: AwareDatetime | None = Until
+    cursor: str | None = Cursor
+    limit: int = Limit
+
+
+class DeliveriesQuery(BaseModel):
+    target: str | None = Field(default=None, pattern=NAME_PATTERN)
+    outcome: list[str] | None = Field(
+        default=None, description="Only these outcomes (repeat the parameter)"
+    )
+    event_id: str | None = Field(default=None, max_length=128)
+    since: AwareDatetime | None = Since
+    until: AwareDatetime | None = Until
+    cursor: str | None = Cursor
+    limit: int = Limit
+
+
+class DeadLetterOut(BaseModel):
+    seq: int = Field(description="The DLQ stream sequence")
+    dlq_id: str
+    event_id: str
+    target: str
+    source: str | None
+    type: str | None
+    attempts: int
+    error: str
+    at: datetime
+    original_subject: str
+    encrypted: bool
+    size: int
+
+
+class DeadLetterList(BaseModel):
+    items: list[DeadLetterOut] = Field(description="Oldest first")
+    unreadable: int = Field(description="Messages on the DLQ that are not dead letters")
+
+
+class DeadLettersQuery(BaseModel):
+    target: str | None = Field(default=None, pattern=NAME_PATTERN)
+    since: AwareDatetime | None = Since
+    limit: int = Field(default=100, ge=1, le=MAX_PAGE)
+
+
+class RetryIn(BaseModel):
+    target: str | None = Field(default=None, pattern=NAME_PATTERN)
+    since: AwareDatetime | None = Since
+    ids: list[str] = Field(
+        default_factory=list, max_length=1000, description="Only these event / dead letter ids"
+    )
+
+
+class KeptOut(BaseModel):
+    event_id: str
+    seq: int
+    target: str
+    reason: str
+
+
+class RetryOut(BaseModel):
+    replayed: int = Field(description="Sent back to delivery and removed from the DLQ")
+    duplicates: int
+    failed: list[KeptOut] = Field(description="Left in the DLQ: could not be republished")
+    skipped: list[KeptOut] = Field(description="Left in the DLQ: no target to send them to")
+    disabled_targets: list[str] = Field(description="Targets that hold their events until resumed")
+
+
+class PurgeQuery(BaseModel):
+    target: str | None = Field(default=None, pattern=NAME_PATTERN)
+    since: AwareDatetime | None = Since
+    all: bool = Field(default=False, description="Required to purge every target's dead letters")
+
+
+class Purged(BaseModel):
+    purged: int
+
+
+class ReplayIn(BaseModel):
+    since: AwareDatetime | None = Field(default=None, description="Replay from this time")
+    until: AwareDatetime | None = Field(default=None, description="...up to this time")
+    from_seq: int | None = Field(default=None, ge=1, description="Or from this stream sequence")
+    to_seq: int | None = Field(default=None, ge=1, description="...up to this one, inclusive")
+    types: str | None = Field(default=None, max_length=255, description="Only matching types")
+    dry_run: bool = Field(default=False, description="Count and sample, publish nothing")
+
+    @model_validator(mode="after")
+    def _one_window(self) -> ReplayIn:
+        if (self.since is None) == (self.from_seq is None):
+            raise ValueError("give either since (a time) or from_seq (a stream sequence)")
+        return self
+
+
+class ReplayItemOut(BaseModel):
+    seq: int
+    id: str
+    source: str
+    type: str
+    stored_at: datetime
+
+
+class ReplayOut(BaseModel):
+    target: str
+    since: datetime | None
+    until: datetime | None
+    from_seq: int | None
+    to_seq: int | None
+    types: str | None
+    filters: list[str]
+    dry_run: bool
+    scanned: int
+    matched: int
+    published: int
+    duplicates: int = Field(description="Already replayed within the duplicate window")
+    skipped: int
+    sample: list[ReplayItemOut] = Field(description="The first events matched")
+
+
+# Handlers ---------------------------------------------------------------------------
+
+
+async def list_events(call: Call) -> EventPage:
+    q: EventsQuery = call.query
+    h = await call.api.history.get()
+    page = await h.store.list_events(
+        source=q.source, type=q.type, since=q.since, until=q.until, cursor=q.cursor, limit=q.limit
+    )
+    items = [EventOut.model_validate(event_doc(r, h.reader.data(r))) for r in page.items]
+    return EventPage(items=items, next_cursor=page.next_cursor)
+
+
+async def get_event(call: Call) -> EventDetail:
+    event_id = call.params["id"]
+    h = await call.api.history.get()
+    row = await h.store.get_event(event_id)
+    attempts = await h.store.query_deliveries(event_id)
+    if row is None and not attempts:
+        raise NotFound(f"no event {event_id!r} in the database")
+    return EventDetail(
+        event=None if row is None else EventOut.model_validate(event_doc(row, h.reader.data(row))),
+        deliveries=[DeliveryOut.model_validate(delivery_doc(d)) for d in attempts],
+    )
+
+
+async def list_deliveries(call: Call) -> DeliveryPage:
+    q: DeliveriesQuery = call.query
+    h = await call.api.history.get()
+    page = await h.store.list_deliveries(
+        target=q.target,
+        outcomes=q.outcome,
+        event_id=q.event_id,
+        since=q.since,
+        until=q.until,
+        cursor=q.cursor,
+        limit=q.limit,
+    )
+    items = [DeliveryOut.model_validate(delivery_doc(d)) for d in page.items]
+    return DeliveryPage(items=items, next_cursor=page.next_cursor)
+
+
+async def list_dead_letters(call: Call) -> DeadLetterList:
+    q: DeadLettersQuery = call.query
+    client = call.api.client
+    await dlq.check_target(client, q.target)
+    listing = await dlq.list_dead_letters(client, q.target, q.since, q.limit)
+    return DeadLetterList(
+        items=[DeadLetterOut.model_validate(e.doc()) for e in listing.entries],
+        unreadable=listing.unreadable,
+    )
+
+
+async def get_dead_letter(call: Call) -> list[DeadLetterOut]:
+    found = await dlq.find(call.api.client, call.params["ident"])
+    return [DeadLetterOut.model_validate(e.doc()) for e in found]
+
+
+async def _retry(call: Call, entries: Any, what: dict[str, Any]) -> RetryOut:
+    result = await dlq.replay_dead_letters(call.api.client, entries)
+    out = RetryOut(
+        replayed=result.replayed,
+        duplicates=result.duplicates,
+        failed=[KeptOut.model_validate(asdict(k)) for k in result.failed],
+        skipped=[KeptOut.model_validate(asdict(k)) for k in result.skipped],
+        disabled_targets=sorted(result.disabled_targets),
+    )
+    await call.api.audit.record(call.actor, "dlq.retry", "dlq", what, out.model_dump(mode="json"))
+    return out
+
+
+async def retry_dead_letter(call: Call) -> RetryOut:
+    ident = call.params["ident"]
+    found = await dlq.find(call.api.client, ident)
+    return await _retry(call, found, {"ident": ident})
+
+
+async def retry_dead_letters(call: Call) -> RetryOut:
+    body: RetryIn = call.body
+    client = call.api.client
+    await dlq.check_target(client, body.target)
+    wanted = set(body.ids)
+    entries = [
+        e
+        async for e in dlq.iter_dead_letters(client, body.target, body.since)
+        if not wanted or e.event_id in wanted or e.letter.id in wanted
+    ]
+    return await _retry(call, entries, body.model_dump(mode="json"))
+
+
+async def purge_dead_letters(call: Call) -> Purged:
+    q: PurgeQuery = call.query
+    if q.target is None and q.since is None and not q.all:
+        raise ValidationError("purging every dead letter needs all=true (or give target/since)")
+    client = call.api.client
+    await dlq.check_target(client, q.target)
+    plan = await dlq.plan_purge(client, q.target, q.since)
+    purged = await dlq.purge(client, plan)
+    if purged:
+        await call.api.audit.record(
+            call.actor, "dlq.purge", "dlq", q.model_dump(mode="json"), {"purged": purged}
+        )
+    return Purged(purged=purged)
+
+
+async def replay_target(call: Call) -> ReplayOut:
+    body: ReplayIn = call.body
+    name = call.params["name"]
+    result = await replay(
+        call.api.client,
+        name,
+        body.since,
+        body.until,
+        body.types,
+        from_seq=body.from_seq,
+        to_seq=body.to_seq,
+        dry_run=body.dry_run,
+    )
+    out = ReplayOut.model_validate(asdict(result))
+    if not body.dry_run:
+        doc = out.model_dump(mode="json", exclude={"sample"})
+        await call.api.audit.record(call.actor, "target.replay", f"target:{name}", None, doc)
+    return out
+
+
+# Routes -----------------------------------------------------------------------------
+
+
+def register(table: RouteTable) -> None:
+    h, d = ("history",), ("dead letters",)
+    table.extend(
+        [
+            Route(
+                "GET",
+                "/v1/events",
+                list_events,
+                "List stored events",
+                h,
+                Scope.READ,
+                "listEvents",
+                query=EventsQuery,
+                response=EventPage,
+                description="Newest first, filtered; page with next_cursor.",
+            ),
+            Route(
+                "GET",
+                "/v1/events/{id}",
+                get_event,
+                "One event with every delivery attempt",
+                h,
+                Scope.READ,
+                "getEvent",
+                response=EventDetail,
+                problems=(404,),
+                params=(EVENT_PARAM,),
+            ),
+            Route(
+                "GET",
+                "/v1/deliveries",
+                list_deliveries,
+                "List delivery attempts",
+                h,
+                Scope.READ,
+                "listDeliveries",
+                query=DeliveriesQuery,
+                response=DeliveryPage,
+                description="Newest first, filtered; page with next_cursor.",
+            ),
+            Route(
+                "GET",
+                "/v1/dead-letters",
+                list_dead_letters,
+                "List dead letters",
+                d,
+                Scope.READ,
+                "listDeadLetters",
+                query=DeadLettersQuery,
+                response=DeadLetterList,
+                problems=(404,),
+            ),
+            Route(
+                "GET",
+                "/v1/dead-letters/{ident}",
+                get_dead_letter,
+                "Dead letters with this id, event id or DLQ sequence",
+                d,
+                Scope.READ,
+                "getDeadLetter",
+                response=list[DeadLetterOut],
+                problems=(404,),
+                params=(LETTER_PARAM,),
+            ),
+            Route(
+                "POST",
+                "/v1/dead-letters/{ident}/retry",
+                retry_dead_letter,
+                "Retry one dead letter",
+                d,
+                Scope.ADMIN,
+                "retryDeadLetter",
+                response=RetryOut,
+                problems=(404,),
+                params=(LETTER_PARAM,),
+                description="Sends it back through normal delivery; it leaves the DLQ.",
+            ),
+            Route(
+                "POST",
+                "/v1/dead-letters:retry",
+                retry_dead_letters,
+                "Retry a filtered set of dead letters",
+                d,
+                Scope.ADMIN,
+                "retryDeadLetters",
+                body=RetryIn,
+                response=RetryOut,
+                problems=(404,),
+            ),
+            Route(
+                "DELETE",
+                "/v1/dead-letters",
+                purge_dead_letters,
+                "Purge dead letters",
+                d,
+                Scope.ADMIN,
+                "purgeDeadLetters",
+                query=PurgeQuery,
+                response=Purged,
+                problems=(404,),
+                description="Deletes them for good; without target or since, needs all=true.",
+            ),
+            Route(
+                "POST",
+                "/v1/targets/{name}/replay",
+                replay_target,
+                "Replay a target's past events",
+                ("targets",),
+                Scope.ADMIN,
+                "replayTarget",
+                body=ReplayIn,
+                response=ReplayOut,
+                problems=(404,),
+                params=(NAME_PARAM,),
+                description="From a time window or a stream sequence range; original ids.",
+            ),
+        ]
+    )
