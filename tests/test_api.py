@@ -50,9 +50,7 @@ def test_document_is_openapi_31_with_every_route() -> None:
     assert {"publishEvent", "publishEvents", "createTarget", "updateTarget", "getStatus"} <= ops
     # every $ref resolves
     text = json.dumps(doc)
-    for name in {
-        part.split('"')[0] for part in text.split('"#/components/schemas/')[1:]
-    }:
+    for name in {part.split('"')[0] for part in text.split('"#/components/schemas/')[1:]}:
         assert name in doc["components"]["schemas"], name
 
 
@@ -64,3 +62,118 @@ async def test_served_document_and_docs_page(http: Http) -> None:
     assert status == 200 and headers["Content-Type"].startswith("text/html")
     assert "publishEvent" in page and "urn:mesh:problem:validation" in page
     assert "http://" not in page.replace("http://www.w3.org", "")  # nothing fetched from outside
+
+
+# Keys and scopes -------------------------------------------------------------------
+
+
+async def test_keys_wrong_expired_revoked_and_scopes(
+    api: Api, http: Http, client: MeshClient
+) -> None:
+    from datetime import timedelta
+
+    from mesh.apikeys import ApiKeyStore
+
+    _, read = await make_key(client, "read")
+    _, publish = await make_key(client, "publish")
+    admin_id, admin = await make_key(client, "admin")
+    _, expired = await make_key(client, "admin", ttl=timedelta(milliseconds=1))
+
+    # no key, a malformed one, a wrong secret for a real id, an expired one: 401
+    status, headers, body = await http.call("GET", "/v1/targets")
+    assert status == 401 and headers["Content-Type"].startswith(PROBLEM)
+    assert body["type"] == "urn:mesh:problem:unauthorized"
+    assert headers["WWW-Authenticate"].startswith("Bearer")
+    assert (await http.call("GET", "/v1/targets", key="nonsense"))[0] == 401
+    forged = admin[:-4] + ("AAAA" if not admin.endswith("AAAA") else "BBBB")
+    status, _, body = await http.call("GET", "/v1/targets", key=forged)
+    assert status == 401 and body["detail"] == "unknown API key"
+    status, _, body = await http.call("GET", "/v1/targets", key=expired)
+    assert status == 401 and body["detail"] == "API key expired"
+
+    target = {"name": "orders", "kind": "nats"}
+    # read can read, cannot change anything
+    assert (await http.call("GET", "/v1/targets", key=read))[0] == 200
+    for method, path, doc in [
+        ("POST", "/v1/targets", target),
+        ("POST", "/v1/events", {"source": "shop", "type": "order.created"}),
+        ("POST", "/v1/propagations", {"mode": "broadcast", "source": "shop"}),
+        ("POST", "/v1/tokens", {"target": "orders"}),
+        ("DELETE", "/v1/targets/orders", None),
+    ]:
+        status, _, body = await http.call(method, path, doc, key=read)
+        assert status == 403, (method, path, status, body)
+        assert body["type"] == "urn:mesh:problem:forbidden"
+    # publish can publish and read, not manage
+    status, _, body = await http.call(
+        "POST", "/v1/events", {"source": "shop", "type": "order.created"}, key=publish
+    )
+    assert status == 202 and body["id"]
+    assert (await http.call("POST", "/v1/targets", target, key=publish))[0] == 403
+    # admin can do all
+    status, _, body = await http.call("POST", "/v1/targets", target, key=admin)
+    assert status == 201, body
+    assert (await client.registry.get_target("orders")).name == "orders"
+
+    # revoked: 401 (within the verification cache's lifetime)
+    store = await ApiKeyStore.open(client.js, client.names.apikeys)
+    await store.revoke(admin_id)
+    api.auth._cache.clear()  # what CACHE_S seconds do on their own
+    status, _, body = await http.call("GET", "/v1/targets", key=admin)
+    assert status == 401 and body["detail"] == "API key revoked"
+
+
+async def test_rate_limit_answers_429_with_retry_after(http: Http, client: MeshClient) -> None:
+    _, key = await make_key(client, "read", rate=2)
+    statuses = [(await http.call("GET", "/v1/targets", key=key))[:2] for _ in range(6)]
+    codes = [s for s, _ in statuses]
+    assert codes[0] == 200 and 429 in codes
+    limited = next(h for s, h in statuses if s == 429)
+    assert int(limited["Retry-After"]) >= 1
+
+
+# Problems for bad input ---------------------------------------------------------------
+
+
+async def test_bad_input_is_a_problem_never_a_500(http: Http, client: MeshClient) -> None:
+    _, admin = await make_key(client, "admin")
+    cases: list[tuple[str, str, dict[str, object]]] = [
+        ("POST", "/v1/events", {"data": b"{not json"}),
+        ("POST", "/v1/events", {"data": b"[1, 2]"}),
+        ("POST", "/v1/events", {"data": b""}),
+        ("POST", "/v1/events", {"data": '"' + "[" * 100_000}),
+        ("POST", "/v1/events", {"json_body": {"source": "BAD NAME", "type": "x"}}),
+        ("POST", "/v1/events", {"json_body": {"source": "shop", "type": "a..b"}}),
+        ("POST", "/v1/events", {"json_body": {"source": 5, "type": ["x"]}}),
+        ("POST", "/v1/events", {"data": b"x" * (17 * 1024 * 1024)}),
+        (
+            "POST",
+            "/v1/events",
+            {"json_body": {"source": "s", "type": "t", "data": "x" * 2_000_000}},
+        ),
+        ("POST", "/v1/events:batch", {"json_body": {"events": []}}),
+        ("POST", "/v1/events", {"data": b"{}", "headers": {"Content-Type": "text/plain"}}),
+        ("POST", "/v1/targets", {"json_body": {"name": "x", "kind": "webhook"}}),
+        ("POST", "/v1/targets", {"json_body": {"name": "x", "kind": "webhook", "url": "ftp://a"}}),
+        ("GET", "/v1/targets/NOT..A..NAME", {}),
+        ("GET", "/v1/targets/missing", {}),
+        ("PATCH", "/v1/targets/missing", {"json_body": {"timeout_s": -1}}),
+        ("DELETE", "/v1/propagations/nope", {}),
+        ("POST", "/v1/propagations", {"json_body": {"mode": "sideways", "source": "a"}}),
+        ("POST", "/v1/propagations", {"json_body": {"mode": "unidirectional", "source": "a"}}),
+        ("POST", "/v1/tokens/zz/revoke", {"json_body": {}}),
+        ("PUT", "/v1/targets", {}),
+        ("GET", "/v1/nothing-here", {}),
+    ]
+    for method, path, kwargs in cases:
+        status, headers, body = await http.call(method, path, key=admin, **kwargs)  # type: ignore[arg-type]
+        assert 400 <= status < 500, (method, path, kwargs.keys(), status, body)
+        assert headers["Content-Type"].startswith(PROBLEM), (method, path, headers)
+        assert body["status"] == status and body["type"].startswith("urn:mesh:problem:")
+        assert "Traceback" not in json.dumps(body)
+    status, _, body = await http.call("GET", "/v1/targets/missing", key=admin)
+    assert (status, body["type"]) == (404, "urn:mesh:problem:not-found")
+    status, _, body = await http.call(
+        "POST", "/v1/events", {"source": "BAD NAME", "type": "x"}, key=admin
+    )
+    assert status == 422 and body["errors"][0]["loc"] == ["body", "source"]

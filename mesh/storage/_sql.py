@@ -352,28 +352,48 @@ class SqlStore(HistoryQueries, ABC, Generic[C]):
         return before
 
     async def append_audit(
-        self, actor: str, action: str, entity: str, before: Any, after: Any
-    ) -> int:
+        self,
+        actor: str,
+        action: str,
+        entity: str,
+        before: Any,
+        after: Any,
+        *,
+        ref: str | None = None,
+        at: datetime | None = None,
+    ) -> int | None:
         # One statement: atomic without a transaction of its own.
         async with self._write("audit", transaction=False) as conn:
-            return await self._audit(conn, actor, action, entity, before, after)
+            return await self._audit(conn, actor, action, entity, before, after, ref=ref, at=at)
 
     async def _audit(
-        self, conn: C, actor: str, action: str, entity: str, before: Any, after: Any
-    ) -> int:
-        fields = ("at", "actor", "action", "entity", "before", "after")
+        self,
+        conn: C,
+        actor: str,
+        action: str,
+        entity: str,
+        before: Any,
+        after: Any,
+        *,
+        ref: str | None = None,
+        at: datetime | None = None,
+    ) -> int | None:
+        fields = ("at", "actor", "action", "entity", "before", "after", "ref")
         rows = await self._fetch_on(
             conn,
             f"INSERT INTO audit_log ({', '.join(fields)})"
-            f" VALUES ({self._value_marks(fields)}) RETURNING id",
-            self._ts(utcnow()),
+            f" VALUES ({self._value_marks(fields)})"
+            + (" ON CONFLICT (ref) DO NOTHING" if ref is not None else "")
+            + " RETURNING id",
+            self._ts(at or utcnow()),
             actor,
             action,
             entity,
             None if before is None else dump_json(before),
             None if after is None else dump_json(after),
+            ref,
         )
-        return int(rows[0][0])
+        return int(rows[0][0]) if rows else None
 
     async def query_audit(self, entity: str | None = None, limit: int = 100) -> list[AuditRow]:
         return await self._select(AUDIT, "entity", entity, "id DESC", limit)

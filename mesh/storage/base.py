@@ -144,9 +144,18 @@ class Store(Protocol):
     ) -> PropagationRow | None: ...
 
     async def append_audit(
-        self, actor: str, action: str, entity: str, before: Any, after: Any
-    ) -> int:
-        """Append one audit row; return its id."""
+        self,
+        actor: str,
+        action: str,
+        entity: str,
+        before: Any,
+        after: Any,
+        *,
+        ref: str | None = None,
+        at: datetime | None = None,
+    ) -> int | None:
+        """Append one audit row; return its id. With ``ref`` (the id of the record it
+        comes from) a second row with the same ref is not added: None."""
         ...
 
     async def query_audit(self, entity: str | None = None, limit: int = 100) -> list[AuditRow]:

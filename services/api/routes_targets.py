@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import inspect
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 from pydantic import BaseModel, Field, create_model
+from pydantic import ValidationError as PydValidationError
 
 from mesh.apikeys import Scope
 from mesh.netguard import validate_url
@@ -26,7 +27,8 @@ from mesh.registry import (
 )
 from mesh.registry import PropagationMode as Mode
 from mesh.subjects import validate_name
-from services.api.routing import NAME_PATTERN, Call, Param, Reply, Route, RouteTable
+from services.api.problems import INVALID, ApiProblem
+from services.api.routing import NAME_PATTERN, Call, Param, Reply, Route, RouteTable, field_errors
 
 _SECRETS = {"secret_enc", "old_secret_enc"}
 _BOOKKEEPING = {"old_secret_expires", "status", "status_reason", "created_at", "updated_at"}
@@ -50,7 +52,9 @@ def _fields(model: type[BaseModel], skip: set[str], *, optional: bool = False) -
         if name in skip:
             continue
         if optional:
-            out[name] = (Optional[f.annotation], Field(default=None, description=f.description))  # noqa: UP045
+            # The constraints (gt, le, ...) stay on the value; None means "unchanged".
+            inner = Annotated[f.annotation, *f.metadata] if f.metadata else f.annotation
+            out[name] = (Optional[inner], Field(default=None, description=f.description))  # noqa: UP045
         else:
             out[name] = (f.annotation, f)
     return out
@@ -123,6 +127,15 @@ NAME_PARAM = Param("name", "path", "The target's name", pattern=NAME_PATTERN)
 ID_PARAM = Param("id", "path", "The propagation's id", pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
 
+def valid_target(doc: dict[str, Any]) -> Target:
+    try:
+        return Target.model_validate(doc)
+    except PydValidationError as exc:  # e.g. a constraint only the whole target can check
+        raise ApiProblem(
+            INVALID, "the target is not valid", errors=field_errors(exc, "body")
+        ) from None
+
+
 def _out(t: Target, **extra: Any) -> dict[str, Any]:
     return {**t.public(), **extra}
 
@@ -145,7 +158,7 @@ async def get_target(call: Call) -> dict[str, Any]:
 async def create_target(call: Call) -> Reply:
     body = call.body
     doc = body.model_dump(exclude={"secret"}, exclude_unset=True)
-    target = Target.model_validate(doc)
+    target = valid_target(doc)
     client = call.api.client
     created = await client.add_target(target, body.secret)
     secrets = client.registry.secrets_for(created) if body.secret is None else []
@@ -165,7 +178,7 @@ async def update_target(call: Call) -> dict[str, Any]:
     for key, value in list(changes.items()):
         if value is None and key != "rate":
             del changes[key]  # null means "leave as is" except for rate (no limit)
-    merged = Target.model_validate({**before.model_dump(), **changes})
+    merged = valid_target({**before.model_dump(), **changes})
     if merged.kind == TargetKind.WEBHOOK and "url" in changes:
         validate_url(merged.url or "")
     after = await registry.put_target(merged)

@@ -123,7 +123,7 @@ class RouteTable:
 # Request parsing -------------------------------------------------------------------
 
 
-def _field_errors(exc: PydValidationError, where: str) -> list[FieldError]:
+def field_errors(exc: PydValidationError, where: str) -> list[FieldError]:
     out = []
     for e in exc.errors(include_url=False, include_input=False)[:50]:
         loc: list[str | int] = [where, *(p for p in e["loc"] if isinstance(p, str | int))]
@@ -161,7 +161,7 @@ async def _parse_body(request: web.Request, model: Any) -> Any:
         return adapter(model).validate_python(doc)
     except PydValidationError as exc:
         raise ApiProblem(
-            INVALID, "the body is not valid", errors=_field_errors(exc, "body")
+            INVALID, "the body is not valid", errors=field_errors(exc, "body")
         ) from None
 
 
@@ -177,7 +177,7 @@ def _parse_query(request: web.Request, model: type[BaseModel]) -> BaseModel:
         return model.model_validate(doc)
     except PydValidationError as exc:
         raise ApiProblem(
-            INVALID, "the query is not valid", errors=_field_errors(exc, "query")
+            INVALID, "the query is not valid", errors=field_errors(exc, "query")
         ) from None
 
 
