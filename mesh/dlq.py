@@ -29,6 +29,7 @@ from mesh.replay import replay_headers, scan
 from mesh.subjects import validate_name
 
 REPLAY_BATCH = 64
+MAX_SEQ = 2**63 - 1  # a larger number is no stream sequence: it is looked up as an id
 PUBLISH_TIMEOUT_S = 10.0
 
 
@@ -150,11 +151,11 @@ async def find(client: MeshClient, ident: str) -> list[DlqEntry]:
     ident = ident.strip()
     if not ident:
         raise ValidationError("give a dead letter id, event id or DLQ sequence")
-    if ident.isdigit():
+    if ident.isdigit() and int(ident) <= MAX_SEQ:
         seq = int(ident)
         try:
             raw = await client.js.get_msg(client.names.dlq, seq)
-        except js_errors.NotFoundError:
+        except (js_errors.NotFoundError, js_errors.BadRequestError):
             raw = None
         if raw is not None and raw.seq:
             try:

@@ -226,6 +226,7 @@ async def test_bad_input_and_keys_are_problems(client: MeshClient, mesh: Api) ->
             "/v1/events?since=2024-01-01T00:00:00",
             "/v1/events?type=order.>.x",
             "/v1/deliveries?since=2024-01-02T00:00:00Z&until=2024-01-01T00:00:00Z",
+            "/v1/events?until=9999-12-31T23:00:00-05:00",
         ):
             status, headers, problem = await http.call("GET", path)
             assert status == 422, (path, problem)
@@ -233,6 +234,9 @@ async def test_bad_input_and_keys_are_problems(client: MeshClient, mesh: Api) ->
             assert problem["type"] == "urn:mesh:problem:validation"
         status, _, problem = await http.call("GET", "/v1/events/nope")
         assert status == 404 and problem["type"] == "urn:mesh:problem:not-found"
+        for ident in ("123", "99999999999999999999999", "no-such-letter"):
+            status, _, problem = await http.call("GET", f"/v1/dead-letters/{ident}")
+            assert status == 404, (ident, problem)
 
         status, _, answer = await http.call(
             "POST", "/v1/graphql", {"query": '{ events(after: "junk") { items { id } } }'}

@@ -16,11 +16,12 @@ Reads need the ``read`` scope; retries, purges and replays ``admin``, and are au
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import asdict
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from pydantic import AwareDatetime, BaseModel, Field, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, Field, model_validator
 
 from mesh import dlq
 from mesh.apikeys import Scope
@@ -36,6 +37,18 @@ EVENT_PARAM = Param("id", "path", "The event id", pattern=EVENT_ID)
 LETTER_PARAM = Param(
     "ident", "path", "A dead letter id, an event id or a DLQ sequence", pattern=EVENT_ID
 )
+MAX_SEQ = 2**63 - 1  # JetStream sequences are 64-bit
+
+
+def _utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:00-05:00 is past the last representable time
+        raise ValueError("the time is out of range once converted to UTC") from None
+
+
+#: A time with a zone (a naive one is refused: it would be read as the server's local time).
+UtcTime = Annotated[AwareDatetime, AfterValidator(_utc)]
 Limit = Field(default=50, ge=1, le=MAX_PAGE, description="At most this many rows")
 Cursor = Field(default=None, max_length=512, description="A page's next_cursor: the next page")
 Since = Field(default=None, description="From this time on (ISO 8601 with a zone)")
@@ -96,8 +109,8 @@ class EventsQuery(BaseModel):
     type: str | None = Field(
         default=None, max_length=255, description="A type or a pattern: order.*, order.>"
     )
-    since: AwareDatetime | None = Since
-    until: AwareDatetime | None = Until
+    since: UtcTime | None = Since
+    until: UtcTime | None = Until
     cursor: str | None = Cursor
     limit: int = Limit
 
@@ -108,8 +121,8 @@ class DeliveriesQuery(BaseModel):
         default=None, description="Only these outcomes (repeat the parameter)"
     )
     event_id: str | None = Field(default=None, max_length=128)
-    since: AwareDatetime | None = Since
-    until: AwareDatetime | None = Until
+    since: UtcTime | None = Since
+    until: UtcTime | None = Until
     cursor: str | None = Cursor
     limit: int = Limit
 
@@ -136,13 +149,13 @@ class DeadLetterList(BaseModel):
 
 class DeadLettersQuery(BaseModel):
     target: str | None = Field(default=None, pattern=NAME_PATTERN)
-    since: AwareDatetime | None = Since
+    since: UtcTime | None = Since
     limit: int = Field(default=100, ge=1, le=MAX_PAGE)
 
 
 class RetryIn(BaseModel):
     target: str | None = Field(default=None, pattern=NAME_PATTERN)
-    since: AwareDatetime | None = Since
+    since: UtcTime | None = Since
     ids: list[str] = Field(
         default_factory=list, max_length=1000, description="Only these event / dead letter ids"
     )
@@ -165,7 +178,7 @@ class RetryOut(BaseModel):
 
 class PurgeQuery(BaseModel):
     target: str | None = Field(default=None, pattern=NAME_PATTERN)
-    since: AwareDatetime | None = Since
+    since: UtcTime | None = Since
     all: bool = Field(default=False, description="Required to purge every target's dead letters")
 
 
@@ -174,10 +187,14 @@ class Purged(BaseModel):
 
 
 class ReplayIn(BaseModel):
-    since: AwareDatetime | None = Field(default=None, description="Replay from this time")
-    until: AwareDatetime | None = Field(default=None, description="...up to this time")
-    from_seq: int | None = Field(default=None, ge=1, description="Or from this stream sequence")
-    to_seq: int | None = Field(default=None, ge=1, description="...up to this one, inclusive")
+    since: UtcTime | None = Field(default=None, description="Replay from this time")
+    until: UtcTime | None = Field(default=None, description="...up to this time")
+    from_seq: int | None = Field(
+        default=None, ge=1, le=MAX_SEQ, description="Or from this stream sequence"
+    )
+    to_seq: int | None = Field(
+        default=None, ge=1, le=MAX_SEQ, description="...up to this one, inclusive"
+    )
     types: str | None = Field(default=None, max_length=255, description="Only matching types")
     dry_run: bool = Field(default=False, description="Count and sample, publish nothing")
 
@@ -295,12 +312,14 @@ async def retry_dead_letters(call: Call) -> RetryOut:
     client = call.api.client
     await dlq.check_target(client, body.target)
     wanted = set(body.ids)
-    entries = [
-        e
-        async for e in dlq.iter_dead_letters(client, body.target, body.since)
-        if not wanted or e.event_id in wanted or e.letter.id in wanted
-    ]
-    return await _retry(call, entries, body.model_dump(mode="json"))
+
+    async def entries() -> AsyncIterator[dlq.DlqEntry]:
+        # Streamed, as `mesh dlq replay` does: a long DLQ is never held in memory.
+        async for e in dlq.iter_dead_letters(client, body.target, body.since):
+            if not wanted or e.event_id in wanted or e.letter.id in wanted:
+                yield e
+
+    return await _retry(call, entries(), body.model_dump(mode="json"))
 
 
 async def purge_dead_letters(call: Call) -> Purged:
