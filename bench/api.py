@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 import aiohttp
+import psutil
 
 from bench._common import PAD, Result, Scratch, header, pct, report, scratch_mesh, stop_process
 from mesh.apikeys import ApiKeyStore, Scope
@@ -155,6 +156,7 @@ async def run(args: argparse.Namespace) -> list[Result]:
         f" batches of {size}; {rounds} rounds, medians; latency at {RATE}/s for {seconds:g}s"
     )
     rates: dict[str, list[float]] = {k: [] for k in ("sa", "sc", "ba", "bc")}
+    cpu_us: list[float] = []  # the API process's CPU per single POST
     async with scratch_mesh() as mesh, mesh.client() as c:
         store = await ApiKeyStore.open(c.js, c.names.apikeys)
         _, key = await store.create("bench", Scope.PUBLISH)
@@ -164,9 +166,12 @@ async def run(args: argparse.Namespace) -> list[Result]:
         async with aiohttp.ClientSession(headers=headers, connector=conn) as s:
             await single_api(s, url, 200, conc)  # warm up both paths
             await single_client(c, 200, conc)
+            api_proc = psutil.Process(proc.pid)
             for _ in range(rounds):
                 rates["sc"].append(await single_client(c, n, conc))
+                before = sum(api_proc.cpu_times()[:2])
                 rates["sa"].append(await single_api(s, url, n, conc))
+                cpu_us.append((sum(api_proc.cpu_times()[:2]) - before) / n * 1e6)
                 rates["bc"].append(await batch_client(c, n, conc, size))
                 rates["ba"].append(await batch_api(s, url, n, conc, size))
 
@@ -187,6 +192,7 @@ async def run(args: argparse.Namespace) -> list[Result]:
             Result(
                 "api", "POST /v1/events", med["sa"], "events/s",
                 med["sc"], "MeshClient.publish", ">= 0.5",
+                note=f"API process CPU {statistics.median(cpu_us):.0f} us per request",
             )
         ),
         report(
