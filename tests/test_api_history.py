@@ -52,6 +52,7 @@ async def _attempts(http: Http, event_id: str, n: int) -> dict[str, Any]:
     return found
 
 
+@pytest.mark.slow
 async def test_events_attempts_pages_and_graphql(
     client: MeshClient, mesh: Api, rx: Receiver
 ) -> None:
@@ -146,6 +147,7 @@ def _ago(seconds: float) -> str:
     return (datetime.now(UTC) - timedelta(seconds=seconds)).isoformat()
 
 
+@pytest.mark.slow
 async def test_dead_letters_retry_purge_and_replay(
     client: MeshClient, mesh: Api, rx: Receiver
 ) -> None:

@@ -27,6 +27,8 @@ from tests.support import eventually
 from tests.support.api import Http, api_running, make_key
 from tests.support.receiver import Receiver, Reply
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 # What `python3 -m http.server` answers a POST with, as in the tour.
 NOT_IMPLEMENTED = Reply(501, body=b"<html><body>Unsupported method ('POST')</body></html>")
