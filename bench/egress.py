@@ -160,7 +160,7 @@ async def egress_throughput(
         import cProfile
         import pstats
 
-        from services.webhook_egress import WebhookEgress
+        from services.egress.service import WebhookEgress
 
         svc = WebhookEgress(settings)
         prof = cProfile.Profile(time.process_time)  # CPU time: waits for a core do not count

@@ -17,7 +17,7 @@ is kept and handed out first by the next fetch, never dropped; ``close`` gives b
 ``MeshClient.pull`` (so the egress, the sink, the bridge feeds and ``mesh consume``)
 fetches through it: it halves fetch CPU (56 -> 27 us per message, docs/PERFORMANCE.md).
 It was held back until the egress bounded what a rate-limited worker holds by its rate
-share (services/egress_worker.py, ``RATE_AHEAD_S``): with the faster fetch, two
+share (services/egress/worker.py, ``RATE_AHEAD_S``): with the faster fetch, two
 instances sharing a rate-limited target otherwise split a burst unevenly.
 """
 

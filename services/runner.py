@@ -25,7 +25,7 @@ from services.base import Service
 # Service name -> "module:Class". `mesh up` runs those whose module exists.
 SERVICES: dict[str, str] = {
     "sink": "services.sink:Sink",
-    "webhook-egress": "services.webhook_egress:WebhookEgress",
+    "webhook-egress": "services.egress:WebhookEgress",
     "bridge": "services.bridge:Bridge",
     "health": "services.health:Health",
     "api": "services.api:Api",

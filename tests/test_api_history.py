@@ -12,8 +12,8 @@ import pytest
 from mesh.client import MeshClient
 from mesh.config import Settings
 from services.api import Api
+from services.egress import WebhookEgress
 from services.sink import Sink
-from services.webhook_egress import WebhookEgress
 from tests.support import eventually
 from tests.support.api import Http, api_running, make_key
 from tests.support.receiver import Receiver, Reply, add_webhook, dead_letters, fast_policy

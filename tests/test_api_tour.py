@@ -19,9 +19,9 @@ import pytest
 from mesh.client import MeshClient
 from mesh.config import Settings
 from services.api import Api
+from services.egress import WebhookEgress
 from services.health import Health
 from services.sink import Sink
-from services.webhook_egress import WebhookEgress
 from tests.conftest import env_for
 from tests.support import eventually
 from tests.support.api import Http, api_running, make_key

@@ -28,8 +28,8 @@ from mesh.config import Settings
 from mesh.errors import KeyFileError, MeshError
 from mesh.observability import METRICS
 from mesh.registry import Target, TargetKind
-from services.bridge import Bridge, BridgeOptions
-from services.bridge_tail import FrameCache
+from services.bridge.service import Bridge, BridgeOptions
+from services.bridge.tail import FrameCache
 from tests.conftest import env_for
 from tests.support import eventually
 from tests.support.tls import self_signed
@@ -458,8 +458,8 @@ async def test_publish_as_a_source_the_token_does_not_allow_is_refused(
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("services.webhook_egress") is None,
-    reason="services/webhook_egress.py is not in this build",
+    importlib.util.find_spec("services.egress.service") is None,
+    reason="services/egress/service.py is not in this build",
 )
 async def test_publish_over_socket_reaches_a_webhook_target(
     bridge: Bridge, settings: Settings, mesh: MeshClient, http: aiohttp.ClientSession
@@ -467,7 +467,7 @@ async def test_publish_over_socket_reaches_a_webhook_target(
     from aiohttp import web
 
     from mesh.broker import free_port
-    from services.webhook_egress import WebhookEgress
+    from services.egress.service import WebhookEgress
 
     got: list[dict[str, Any]] = []
 

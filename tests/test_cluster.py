@@ -84,7 +84,7 @@ async def _wait_for_jetstream(c: MeshClient, deadline: float) -> None:
 
 
 async def test_deliveries_survive_a_node_kill(cluster: Cluster, tmp_path: Path) -> None:
-    from services.webhook_egress import WebhookEgress
+    from services.egress.service import WebhookEgress
 
     seen: set[str] = set()
 

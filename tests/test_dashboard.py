@@ -26,15 +26,15 @@ from mesh.broker import free_port
 from mesh.client import MeshClient
 from mesh.config import Settings
 from mesh.registry import RetryPolicy, Target, TargetKind
-from services.dashboard import DASHBOARD_HTML
-from services.health import Health
+from services.health.dashboard import DASHBOARD_HTML
+from services.health.service import Health
 from tests.support import eventually, migrate, running
 from tests.support.receiver import Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-HAS_EGRESS = importlib.util.find_spec("services.webhook_egress") is not None
+HAS_EGRESS = importlib.util.find_spec("services.egress.service") is not None
 
 
 # A tiny DOM ------------------------------------------------------------------------
@@ -184,12 +184,12 @@ async def test_served_at_root_with_a_strict_csp(settings: Settings, tmp_path: Pa
 @pytest.mark.slow
 @pytest.mark.chromium
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
-@pytest.mark.skipif(not HAS_EGRESS, reason="needs services/webhook_egress.py")
+@pytest.mark.skipif(not HAS_EGRESS, reason="needs services/egress/service.py")
 async def test_dashboard_shows_live_figures_in_headless_chromium(
     settings: Settings, client: MeshClient, tmp_path: Path
 ) -> None:
-    from services.sink import Sink
-    from services.webhook_egress import WebhookEgress
+    from services.egress.service import WebhookEgress
+    from services.sink.service import Sink
 
     s = settings.model_copy(
         update={"heartbeat_interval_s": 1.0, "db_url": f"sqlite:///{tmp_path / 'mesh.db'}"}

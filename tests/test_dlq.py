@@ -151,7 +151,7 @@ async def test_bad_input_is_one_line_and_non_zero(client: MeshClient, settings: 
 async def test_events_dead_lettered_while_the_receiver_was_down_all_arrive(
     client: MeshClient, settings: Settings
 ) -> None:
-    from services.webhook_egress import WebhookEgress
+    from services.egress.service import WebhookEgress
     from tests.support.receiver import Receiver, add_webhook, delivery_records, fast_policy
 
     rx = Receiver()  # not started: its port refuses connections

@@ -15,8 +15,8 @@ from mesh.client import MeshClient
 from mesh.config import Settings
 from mesh.registry import Target, TargetKind, TargetStatus
 from mesh.resilience import backoff_bounds
-from services.egress_http import HttpSender
-from services.webhook_egress import WebhookEgress
+from services.egress.http.sender import HttpSender
+from services.egress.service import WebhookEgress
 from tests.support.receiver import (
     Receiver,
     Reply,

@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 from mesh.broker import EmbeddedBroker
 from mesh.client import MeshClient
 from mesh.config import Settings
-from services.webhook_egress import WebhookEgress
+from services.egress.service import WebhookEgress
 from tests.conftest import env_for
 from tests.support.receiver import (
     Received,

@@ -17,9 +17,9 @@ import pytest
 from aiohttp import web
 
 from mesh.broker import free_port
-from services import egress_http1
-from services.egress_http import MAX_RESPONSE_BYTES, HttpSender
-from services.egress_http1 import Http1Client, RefusedAddress
+from services.egress.http import client as egress_http1
+from services.egress.http.client import Http1Client, RefusedAddress
+from services.egress.http.sender import MAX_RESPONSE_BYTES, HttpSender
 from tests.support import eventually
 from tests.support.tls import self_signed
 

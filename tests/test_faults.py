@@ -19,8 +19,8 @@ from mesh.client import MeshClient
 from mesh.config import Settings
 from mesh.registry import RetryPolicy, Target, TargetKind
 from mesh.storage import open_store
-from services.sink import Sink
-from services.webhook_egress import WebhookEgress
+from services.egress.service import WebhookEgress
+from services.sink.service import Sink
 from tests.support import publish_reliably
 from tests.support.receiver import Received, Receiver, Reply
 

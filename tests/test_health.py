@@ -34,7 +34,7 @@ from mesh.errors import ConfigError
 from mesh.records import DeliveryRecord, Outcome
 from mesh.registry import RetryPolicy, Target, TargetKind
 from services.base import Service
-from services.health import Health
+from services.health.service import Health
 from tests import support
 from tests.conftest import env_for
 from tests.support import migrate, pg_schema, pg_target, running, via
@@ -42,9 +42,9 @@ from tests.support.proxy import TCPProxy
 from tests.support.receiver import Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
-HAS_EGRESS = importlib.util.find_spec("services.webhook_egress") is not None
+HAS_EGRESS = importlib.util.find_spec("services.egress.service") is not None
 NEEDS_EGRESS = pytest.mark.skipif(
-    not HAS_EGRESS, reason="services/webhook_egress.py (the webhook egress) is not there yet"
+    not HAS_EGRESS, reason="services/egress/service.py (the webhook egress) is not there yet"
 )
 
 
@@ -357,7 +357,7 @@ async def test_readyz_turns_503_while_postgres_is_unreachable(
 async def test_metrics_parse_and_carry_the_mesh_families_after_traffic(
     hsettings: Settings, client: MeshClient
 ) -> None:
-    from services.sink import Sink
+    from services.sink.service import Sink
 
     await migrate(hsettings.database_url)
     await client.add_target(Target(name="m-queue", kind=TargetKind.NATS))
@@ -365,7 +365,7 @@ async def test_metrics_parse_and_carry_the_mesh_families_after_traffic(
     services: list[Service] = [Sink(hsettings), Health(hsettings, host="127.0.0.1")]
     async with Receiver() as rx:
         if HAS_EGRESS:
-            from services.webhook_egress import WebhookEgress
+            from services.egress.service import WebhookEgress
 
             rx.fail_first(1, status=503)
             await client.add_target(
@@ -464,7 +464,7 @@ async def test_status_success_rate_and_failures_from_delivery_records(
 async def test_status_shows_lag_growing_and_the_circuit_open_for_a_down_receiver(
     hsettings: Settings, client: MeshClient
 ) -> None:
-    from services.webhook_egress import WebhookEgress
+    from services.egress.service import WebhookEgress
 
     await migrate(hsettings.database_url)
     dead_port = free_port()  # nothing listens here: every attempt is refused

@@ -17,7 +17,7 @@ from mesh.config import Settings
 from mesh.crypto import KeyRing
 from mesh.registry import Target, TargetKind
 from mesh.storage import Store, Table
-from services.sink import Sink
+from services.sink.service import Sink
 from tests.conftest import add_nats_target
 from tests.support import migrated_store, pg_schema
 from tests.support.cli import assert_one_line_errors, one_line_error, run_cli

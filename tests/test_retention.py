@@ -30,8 +30,8 @@ from mesh.storage import (
     Table,
     open_store,
 )
-from services.sink import Sink
-from services.sink_retention import Retention
+from services.sink.retention import Retention
+from services.sink.service import Sink
 from tests.support import eventually, running
 from tests.support.cli import mesh, ok, one_line_error
 

@@ -59,7 +59,7 @@ async def test_corrupt_key_file_is_one_line(
 async def test_no_secret_or_payload_in_metrics_dead_letters_or_records(
     client: MeshClient, settings: Settings
 ) -> None:
-    from services.webhook_egress import WebhookEgress
+    from services.egress.service import WebhookEgress
 
     async with Receiver(default=Reply(500, body=b"internal error")) as rx:
         await client.add_target(

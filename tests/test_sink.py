@@ -29,7 +29,7 @@ from mesh.config import Settings
 from mesh.records import DeliveryRecord, Outcome, dead_letter_headers
 from mesh.registry import PropagationMode, Target, TargetKind
 from mesh.storage import RowsRefused, Store, Table, open_store
-from services.sink import Sink
+from services.sink.service import Sink
 from tests.conftest import env_for
 from tests.support import eventually, pg_target, remove_files, scratch_db, via
 from tests.support.proxy import TCPProxy

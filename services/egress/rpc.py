@@ -21,10 +21,10 @@ from nats.aio.subscription import Subscription
 from mesh.client import Reply
 from mesh.errors import DecodeError
 from mesh.resilience import CircuitState
-from services.egress_http import AttemptResult, build_body, sign_headers
+from services.egress.http.sender import AttemptResult, build_body, sign_headers
 
 if TYPE_CHECKING:
-    from services.egress_worker import TargetWorker
+    from services.egress.worker import TargetWorker
 
 
 class RequestResponder:

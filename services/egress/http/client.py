@@ -4,7 +4,7 @@
 Why not aiohttp's client here: per delivery it cost about a quarter of the egress's CPU
 (issue #10); this does the little a webhook POST needs for a third of that. aiohttp stays
 for everything else. This module is the pool, resolution and the SSRF check; the wire
-(request head, one connection's protocol and parser) is ``services.egress_http1_wire``.
+(request head, one connection's protocol and parser) is ``services.egress.http.wire``.
 
 - Pool: idle keep-alive connections per (scheme, host, port), reused last-in first-out,
   closed after ``IDLE_TIMEOUT_S``; at most ``limit`` connections in all (a request waits
@@ -30,7 +30,7 @@ import ssl
 from collections.abc import Mapping
 
 from mesh.netguard import forbidden_reason, is_forbidden
-from services.egress_http1_wire import (
+from services.egress.http.wire import (
     Connection,
     InvalidResponse,
     Key,

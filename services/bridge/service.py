@@ -53,7 +53,7 @@ from mesh.revocations import Revocation, RevocationStore, RevocationView
 from mesh.subjects import validate_name
 from mesh.tokens import TokenClaims, TokenError, key_path, load_key, verify
 from services.base import Service
-from services.bridge_session import (
+from services.bridge.session import (
     CLOSE_GOING_AWAY,
     CLOSE_REVOKED,
     FEED,
@@ -62,7 +62,7 @@ from services.bridge_session import (
     Session,
     Spec,
 )
-from services.bridge_tail import FrameCache, TailReader
+from services.bridge.tail import FrameCache, TailReader
 
 PATH = "/v1/stream"
 

@@ -14,7 +14,7 @@ they are in JetStream: the sink never decrypts.
 It also mirrors the registry (targets and propagations) into the ``services``
 and ``propagations`` tables, with an audit row for each change, keeps a
 sample of heartbeats in ``health_checks``, and prunes rows past their retention
-period (``services.sink_retention``).
+period (``services.sink.retention``).
 
 Run alone with ``python -m services.sink`` or ``mesh serve sink``.
 """
@@ -50,9 +50,9 @@ from mesh.storage import (
     open_store,
 )
 from services.base import Service
-from services.sink_audit import AuditFeed
-from services.sink_retention import Retention
-from services.sink_rows import (
+from services.sink.audit import AuditFeed
+from services.sink.retention import Retention
+from services.sink.rows import (
     Row,
     dead_letter_row,
     delivery_row,

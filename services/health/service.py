@@ -48,7 +48,7 @@ from mesh.observability import (
 from mesh.records import DeliveryRecord
 from mesh.storage import Store, backend_of, open_store, sqlite_path
 from services.base import Service
-from services.dashboard import DASHBOARD_HTML
+from services.health.dashboard import DASHBOARD_HTML
 
 REFRESH_S = 1.0  # JetStream figures: consumer and DLQ depth, ingress rate
 CHECK_TIMEOUT_S = 2.0  # one readiness probe (NATS round trip, database ping)

@@ -30,8 +30,8 @@ from mesh.tokens import TokenClaims
 
 if TYPE_CHECKING:
     from mesh.client import MeshClient
-    from services.bridge import Bridge
-    from services.bridge_tail import TailReader
+    from services.bridge.service import Bridge
+    from services.bridge.tail import TailReader
 
 FEED = "feed"
 TAIL = "tail"

@@ -26,12 +26,12 @@ from mesh.observability import METRICS
 from mesh.records import DeliveryRecord, Outcome
 from mesh.registry import Target, TargetStatus
 from mesh.resilience import is_last_attempt, retry_delay
-from services.egress_http import AttemptResult
+from services.egress.http.sender import AttemptResult
 
 if TYPE_CHECKING:
     from mesh.client import MeshClient
-    from services.egress_circuit import SharedCircuit
-    from services.webhook_egress import WebhookEgress
+    from services.egress.circuit import SharedCircuit
+    from services.egress.service import WebhookEgress
 
 DLQ_RETRY_S = 5.0  # when the DLQ itself cannot be written, try the message again after this
 

@@ -3,7 +3,7 @@ SSRF guard, and turning a response (or its absence) into an ``AttemptResult``.
 
 The SSRF guard works twice: ``check_destination`` (cached for a few seconds) refuses a
 URL whose host resolves to a private, loopback or link-local address before anything is
-sent, and the client (``services.egress_http1``) checks every address again when it
+sent, and the client (``services.egress.http.client``) checks every address again when it
 connects and connects to the checked one, so a DNS answer that changes between the check
 and the connection (rebinding) is caught too.
 """
@@ -24,7 +24,7 @@ from mesh.netguard import DestinationRefused, check_destination
 from mesh.registry import Target
 from mesh.resilience import parse_retry_after
 from mesh.signing import Signer
-from services.egress_http1 import Http1Client, RefusedAddress
+from services.egress.http.client import Http1Client, RefusedAddress
 
 USER_AGENT = "mesh-webhook/0.1"
 MAX_RESPONSE_BYTES = 256 * 1024  # read at most this much of an answer

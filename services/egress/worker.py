@@ -5,7 +5,7 @@ Flow of one message::
     fetch (only while the circuit lets this instance)  ->  decode  ->  route check
       -> clearance: circuit closed, or this instance's one half-open probe
       -> rate-limit token -> a target slot and an egress-wide slot -> signed POST
-      -> settled (services/egress_outcomes.py): ack, nak(delay), or dead letter then ack
+      -> settled (services/egress/outcomes.py): ack, nak(delay), or dead letter then ack
 
 The attempt number is the broker's delivery count (``num_delivered``), so retries survive
 crashes: a retry is a delayed redelivery held by the broker, never an in-process sleep.
@@ -40,13 +40,13 @@ from mesh.resilience import (
 )
 from mesh.signing import Signer
 from mesh.streams import ensure_streams
-from services.egress_circuit import SharedCircuit
-from services.egress_http import build_body, sign_headers
-from services.egress_outcomes import Outcomes
-from services.egress_rpc import RequestResponder
+from services.egress.circuit import SharedCircuit
+from services.egress.http.sender import build_body, sign_headers
+from services.egress.outcomes import Outcomes
+from services.egress.rpc import RequestResponder
 
 if TYPE_CHECKING:
-    from services.webhook_egress import WebhookEgress
+    from services.egress.service import WebhookEgress
 
 FETCH_EXPIRES_S = 2.0
 MAX_BATCH = 64

@@ -18,11 +18,11 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from mesh.errors import DecodeError, MeshError
-from services.bridge_session import CLOSE_ERROR, decode_msg, event_frame, to_json
+from services.bridge.session import CLOSE_ERROR, decode_msg, event_frame, to_json
 
 if TYPE_CHECKING:
-    from services.bridge import Bridge
-    from services.bridge_session import Session
+    from services.bridge.service import Bridge
+    from services.bridge.session import Session
 
 
 class FrameCache:

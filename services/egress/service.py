@@ -1,7 +1,7 @@
 """Webhook egress: signed, durable, resilient HTTP delivery to every webhook target.
 
 ``mesh serve webhook-egress`` runs it alone; ``mesh up`` runs it with the others. One
-``TargetWorker`` (services/egress_worker.py) per active webhook target pulls the target's
+``TargetWorker`` (services/egress/worker.py) per active webhook target pulls the target's
 ``deliver-<target>`` consumer; the registry is watched, so targets added, changed,
 disabled or removed take effect without a restart.
 
@@ -10,7 +10,7 @@ per-instance is kept correct when split:
 
 - **Circuit breakers** are shared through a KV bucket with compare-and-set transitions
   and a probe lease, and an open circuit pauses the target's consumer on the server
-  (services/egress_circuit.py): exactly one probe goes out however many instances run.
+  (services/egress/circuit.py): exactly one probe goes out however many instances run.
 - **Rate limits**: instances see each other through their heartbeats
   (``<prefix>.sys.health.webhook-egress.*``); each takes ``rate / N`` of a target's rate,
   N being the instances alive. When one joins, the others answer with a heartbeat at
@@ -40,9 +40,9 @@ from mesh.pubpipe import PubPipe
 from mesh.records import DeliveryRecord
 from mesh.registry import TargetKind, TargetStatus
 from services.base import Service
-from services.egress_circuit import CircuitStore
-from services.egress_http import HttpSender
-from services.egress_worker import FETCH_EXPIRES_S, TargetWorker
+from services.egress.circuit import CircuitStore
+from services.egress.http.sender import HttpSender
+from services.egress.worker import FETCH_EXPIRES_S, TargetWorker
 
 DEFAULT_MAX_IN_FLIGHT = 512  # requests on the wire across every target of one instance
 RESYNC_S = 30.0  # full registry re-read, in case a watch went quiet

@@ -1,0 +1,6 @@
+"""The health service: the HTTP status page and JSON, the per-target view and the
+dashboard (``service.py`` is the process; ``dashboard.py`` the page)."""
+
+from services.health.service import Health
+
+__all__ = ["Health"]
