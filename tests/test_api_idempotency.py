@@ -67,7 +67,7 @@ async def test_fifty_concurrent_then_after_broker_restart_one_event(
         status, _, problem = await http.call(
             "POST", "/v1/events", {**doc, "data": {"n": 2}}, headers=headers
         )
-        assert status == 422 and problem["type"] == "urn:mesh:problem:idempotency-key-reused"
+        assert status == 409 and problem["type"] == "urn:mesh:problem:idempotency-key-reused"
         status, _, other = await http.call(
             "POST", "/v1/events", doc, headers={"Idempotency-Key": "order-2"}
         )

@@ -13,7 +13,7 @@ claim publishes the same ids, which JetStream's dedupe window stores once.
 
 Only successful answers are kept: a failed request deletes its claim, and the
 client's retry with the same key runs again. The same key with a different
-request (method, path or body) is a 422 ``idempotency-key-reused``.
+request (method, path or body) is a 409 ``idempotency-key-reused``.
 """
 
 from __future__ import annotations

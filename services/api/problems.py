@@ -56,7 +56,7 @@ NOT_FOUND = ProblemType("not-found", 404, "Not found")
 METHOD_NOT_ALLOWED = ProblemType("method-not-allowed", 405, "Method not allowed")
 CONFLICT = ProblemType("conflict", 409, "Conflict")
 IDEMPOTENCY_REUSED = ProblemType(
-    "idempotency-key-reused", 422, "Idempotency-Key reused with a different request"
+    "idempotency-key-reused", 409, "Idempotency-Key reused with a different request"
 )
 IDEMPOTENCY_IN_PROGRESS = ProblemType(
     "idempotency-in-progress", 409, "A request with this Idempotency-Key is still in progress"

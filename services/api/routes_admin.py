@@ -9,6 +9,7 @@ log names its id (jti), never the token.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Annotated
 
 from pydantic import BaseModel, Field
 
@@ -22,11 +23,11 @@ class TokenIn(BaseModel):
     target: str = Field(pattern=NAME_PATTERN, description="The target the token opens")
     ttl_s: float = Field(
         default=DEFAULT_TTL.total_seconds(),
-        gt=0,
+        ge=1,
         le=MAX_TTL.total_seconds(),
         description="Lifetime in seconds",
     )
-    publish_as: list[str] = Field(
+    publish_as: list[Annotated[str, Field(pattern=NAME_PATTERN)]] = Field(
         default_factory=list,
         max_length=100,
         description="Sources the holder may publish as (default: the target)",
@@ -43,7 +44,9 @@ class TokenIssued(BaseModel):
 
 
 class RevokeIn(BaseModel):
-    reason: str = Field(default="", max_length=MAX_REASON)
+    # One line of printable text (mesh.revocations.check_reason), stated so a schema can:
+    # ASCII and the Latin letters.
+    reason: str = Field(default="", max_length=MAX_REASON, pattern=r"^[ -~\u00c0-\u024f]*$")
 
 
 class RevokeResult(BaseModel):

@@ -43,8 +43,9 @@ class EventIn(BaseModel):
         default=None,
         min_length=1,
         max_length=128,
-        pattern=r"^\S+$",
-        description="The event id (default: a new one); the same id twice is stored once",
+        pattern=r"^[!-~]+$",
+        description="The event id, visible ASCII (default: a new one); the same id twice is"
+        " stored once",
     )
     subject: str | None = Field(default=None, max_length=255, description="CloudEvents subject")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from datetime import timedelta
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, Field, create_model
 from pydantic import ValidationError as PydValidationError
@@ -60,6 +60,13 @@ def _fields(model: type[BaseModel], skip: set[str], *, optional: bool = False) -
     return out
 
 
+_ONE: Any = Literal["unidirectional", "bidirectional"]
+_MULTI: Any = Literal["multicast"]
+_ALL: Any = Literal["broadcast"]
+_WEBHOOK: Any = Literal["webhook"]
+_CONSUMER: Any = Literal["nats", "stream"]
+
+
 TargetOut = create_model(
     "TargetOut",
     __doc__="A target as the registry holds it, without its secrets.",
@@ -67,17 +74,39 @@ TargetOut = create_model(
     has_secret=(bool, ...),
     rotating=(bool, Field(description="An old secret still signs (during a rotation)")),
 )
-_create_fields = _fields(Target, _SECRETS | _BOOKKEEPING | {"name"})
-TargetIn = create_model(
-    "TargetIn",
-    __doc__="A new target. A webhook target needs a url; its secret is generated if omitted.",
+# http(s)://host[:port][/path]: what mesh.netguard.validate_url takes (ports to 59999).
+URL_PATTERN = (
+    r"^https?://[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*(:([1-9][0-9]{0,3}|[1-5][0-9]{4}))?(/[!-~]*)?$"
+)
+_Url = Annotated[str, Field(pattern=URL_PATTERN, max_length=2000, description="http(s) URL")]
+_create_fields = _fields(Target, _SECRETS | _BOOKKEEPING | {"name", "kind", "url"})
+WebhookTargetIn = create_model(
+    "WebhookTargetIn",
+    __doc__="A new webhook target; its signing secret is generated when not given.",
     name=(str, Field(pattern=NAME_PATTERN)),
+    kind=(_WEBHOOK, ...),
+    url=(_Url, ...),
     **_create_fields,
     secret=(
         str | None,
-        Field(default=None, pattern="^" + SECRET_PREFIX + r"\S{8,200}$", description="whsec_..."),
+        Field(
+            default=None,
+            pattern="^" + SECRET_PREFIX + r"[A-Za-z0-9+/=]{8,200}$",
+            description="whsec_ + base64 (generated if omitted)",
+        ),
     ),
 )
+ConsumerTargetIn = create_model(
+    "ConsumerTargetIn",
+    __doc__="A new nats target (a program consumes it) or stream target (the WebSocket bridge).",
+    name=(str, Field(pattern=NAME_PATTERN)),
+    kind=(_CONSUMER, ...),
+    **_create_fields,
+)
+TargetIn: Any = Annotated[
+    WebhookTargetIn | ConsumerTargetIn,  # type: ignore[valid-type]
+    Field(discriminator="kind"),
+]
 TargetCreated = create_model(
     "TargetCreated",
     __base__=TargetOut,
@@ -86,7 +115,10 @@ TargetCreated = create_model(
 TargetPatch = create_model(
     "TargetPatch",
     __doc__="Fields to change; those left out keep their value (rate: null removes the limit).",
-    **{k: v for k, v in _fields(Target, set(), optional=True).items() if k in UPDATABLE},
+    **{
+        **{k: v for k, v in _fields(Target, set(), optional=True).items() if k in UPDATABLE},
+        "url": (_Url | None, None),
+    },
 )
 
 
@@ -104,18 +136,42 @@ class RotatedSecret(BaseModel):
     old_secret_expires: str | None
 
 
-_PROP_SKIP = {"id", "created_at"}
-PropagationIn = create_model(
-    "PropagationIn",
-    __doc__="A new propagation: unidirectional and bidirectional take one target, multicast"
-    " one or more, broadcast none.",
-    **{
-        **_fields(Propagation, _PROP_SKIP),
-        "source": (str, Field(pattern=NAME_PATTERN)),
-        "targets": (list[str], Field(default_factory=list, max_length=1000)),
-        "types": (str | None, Field(default=None, max_length=255, description="e.g. order.*")),
-    },
+_PROP_SKIP = {"id", "created_at", "mode", "targets"}
+TYPES_PATTERN = r"^(([A-Za-z0-9_-]{1,64}|\*)\.)*([A-Za-z0-9_-]{1,64}|\*|>)$"
+_Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+_prop_fields = {
+    **_fields(Propagation, _PROP_SKIP),
+    "source": (_Name, ...),
+    "types": (
+        str | None,
+        Field(default=None, max_length=255, pattern=TYPES_PATTERN, description="e.g. order.*"),
+    ),
+}
+OneToOneIn = create_model(
+    "OneToOneIn",
+    __doc__="Unidirectional (source -> target) or bidirectional (source <-> target).",
+    mode=(_ONE, ...),
+    targets=(list[_Name], Field(min_length=1, max_length=1)),
+    **_prop_fields,
 )
+MulticastIn = create_model(
+    "MulticastIn",
+    __doc__="Multicast: source -> each listed target.",
+    mode=(_MULTI, ...),
+    targets=(list[_Name], Field(min_length=1, max_length=1000)),
+    **_prop_fields,
+)
+BroadcastIn = create_model(
+    "BroadcastIn",
+    __doc__="Broadcast: source -> every target, including those added later.",
+    mode=(_ALL, ...),
+    targets=(list[_Name], Field(default_factory=list, max_length=0)),
+    **_prop_fields,
+)
+PropagationIn: Any = Annotated[
+    OneToOneIn | MulticastIn | BroadcastIn,  # type: ignore[valid-type]
+    Field(discriminator="mode"),
+]
 
 
 class Removed(BaseModel):
@@ -158,10 +214,12 @@ async def get_target(call: Call) -> dict[str, Any]:
 async def create_target(call: Call) -> Reply:
     body = call.body
     doc = body.model_dump(exclude={"secret"}, exclude_unset=True)
+    doc["kind"] = body.kind  # a Literal with a default is not "set"
     target = valid_target(doc)
     client = call.api.client
-    created = await client.add_target(target, body.secret)
-    secrets = client.registry.secrets_for(created) if body.secret is None else []
+    given = getattr(body, "secret", None)
+    created = await client.add_target(target, given)
+    secrets = client.registry.secrets_for(created) if given is None else []
     out = _out(created, secret=secrets[0] if secrets else None)
     await call.api.audit.record(
         call.actor, "target.create", f"target:{created.name}", None, created.public()
