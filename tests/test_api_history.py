@@ -183,7 +183,7 @@ async def test_dead_letters_retry_purge_and_replay(
         assert [d["event_id"] for d in left["items"]] == [ids[2]]
 
         status, _, problem = await http.call("DELETE", "/v1/dead-letters")
-        assert status == 422 and "all=true" in problem["detail"]
+        assert status == 422 and problem["errors"][0]["loc"] == ["query", "target"]
         status, _, purged = await http.call("DELETE", "/v1/dead-letters?target=erp")
         assert status == 200 and purged == {"purged": 1}
         status, _, _ = await http.call("GET", f"/v1/dead-letters/{ids[2]}")
@@ -206,9 +206,22 @@ async def test_dead_letters_retry_purge_and_replay(
         await eventually(lambda: len(rx.requests) >= before + 2, timeout=20, what="replayed")
         assert sorted(r.webhook_id for r in rx.requests[before:]) == sorted(ids[1:])
 
-        for bad in ({}, {"since": since, "from_seq": 1}, {"since": "2024-01-01T00:00:00"}):
+        for bad in (
+            {},
+            {"since": since, "from_seq": 1},
+            {"since": "2024-01-01T00:00:00"},
+            {"from_seq": 1, "until": since},
+            {"since": since, "types": "a.>.b"},
+        ):
             status, headers, problem = await http.call("POST", "/v1/targets/erp/replay", bad)
             assert status == 422 and headers["Content-Type"].startswith(PROBLEM), (bad, problem)
+        for empty in (
+            {"since": _ago(-3600)},
+            {"since": since, "until": since},
+            {"from_seq": 5, "to_seq": 4},
+        ):
+            status, _, problem = await http.call("POST", "/v1/targets/erp/replay", empty)
+            assert status == 404 and "nothing to replay" in problem["detail"], (empty, problem)
         status, _, problem = await http.call("POST", "/v1/targets/nope/replay", {"since": since})
         assert status == 404 and "nope" in problem["detail"]
 
@@ -227,13 +240,17 @@ async def test_bad_input_and_keys_are_problems(client: MeshClient, mesh: Api) ->
             "/v1/events?limit=5000",
             "/v1/events?since=2024-01-01T00:00:00",
             "/v1/events?type=order.>.x",
-            "/v1/deliveries?since=2024-01-02T00:00:00Z&until=2024-01-01T00:00:00Z",
-            "/v1/events?until=9999-12-31T23:00:00-05:00",
         ):
             status, headers, problem = await http.call("GET", path)
             assert status == 422, (path, problem)
             assert headers["Content-Type"].startswith(PROBLEM)
             assert problem["type"] == "urn:mesh:problem:validation"
+        for path in (
+            "/v1/deliveries?since=2024-01-02T00:00:00Z&until=2024-01-01T00:00:00Z",
+            "/v1/events?until=9999-12-31T23:00:00-05:00&since=0001-01-01T00:30:00%2B01:00",
+        ):
+            status, _, page = await http.call("GET", path)
+            assert status == 200 and page == {"items": [], "next_cursor": None}, (path, page)
         status, _, problem = await http.call("GET", "/v1/events/nope")
         assert status == 404 and problem["type"] == "urn:mesh:problem:not-found"
         for ident in ("123", "99999999999999999999999", "no-such-letter"):
@@ -266,5 +283,5 @@ async def test_bad_input_and_keys_are_problems(client: MeshClient, mesh: Api) ->
         assert status == 401
         status, _, _ = await http.call("POST", "/v1/dead-letters:retry", {}, key=publisher)
         assert status == 403
-        status, _, _ = await http.call("DELETE", "/v1/dead-letters?all=true")
+        status, _, _ = await http.call("DELETE", "/v1/dead-letters?target=*")
         assert status == 403

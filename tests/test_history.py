@@ -128,8 +128,8 @@ async def test_bad_input_is_a_validation_error(store: Store) -> None:
         await store.list_events(limit=MAX_PAGE + 1)
     with pytest.raises(ValidationError):
         await store.list_deliveries(limit=0)
-    with pytest.raises(ValidationError, match="later than"):
-        await store.list_events(since=T0, until=T0)
+    assert await store.list_events(since=T0, until=T0) == Page([])
+    assert await store.list_deliveries(since=T0, until=T0 - timedelta(days=1)) == Page([])
     with pytest.raises(ValidationError):
         await store.list_events(type="order.>.x")
 

@@ -74,11 +74,8 @@ def _check_page(limit: int) -> int:
     return limit
 
 
-def _check_range(since: datetime | None, until: datetime | None) -> None:
-    if since is not None and until is not None and to_utc(until) <= to_utc(since):
-        raise ValidationError(
-            f"until ({until.isoformat()}) must be later than since ({since.isoformat()})"
-        )
+def _empty_range(since: datetime | None, until: datetime | None) -> bool:
+    return since is not None and until is not None and to_utc(until) <= to_utc(since)
 
 
 def event_filters(p: Params, regexp: str, source: str | None, type: str | None) -> list[str]:
@@ -155,13 +152,15 @@ class HistoryQueries:
     ) -> Page[K]:
         """Rows of ``spec`` matching ``where`` and the range, newest first by ``(column, id)``."""
         _check_page(limit)
-        _check_range(since, until)
+        after = None if cursor is None else decode_cursor(kind, cursor)
+        if _empty_range(since, until):
+            return Page([])
         if since is not None:
             where.append(f"{column} >= {p(self._ts(since))}")
         if until is not None:
             where.append(f"{column} < {p(self._ts(until))}")
-        if cursor is not None:
-            at, id = decode_cursor(kind, cursor)
+        if after is not None:
+            at, id = after
             # Row-value comparison: both SQLite (3.15+) and PostgreSQL walk the index.
             where.append(f"({column}, id) < ({p(self._ts(at))}, {p(id)})")
         clause = f" WHERE {' AND '.join(where)}" if where else ""

@@ -90,7 +90,8 @@ class Store(Protocol):
         cursor: str | None = None,
         limit: int = 100,
     ) -> Page[EventRow]:
-        """One page of events, newest first by ``(time, id)``, ``since <= time < until``.
+        """One page of events, newest first by ``(time, id)``, ``since <= time < until``
+        (empty when ``until <= since``).
 
         ``cursor`` is a page's ``next_cursor``: the page after it, stable while rows
         are written. At most ``MAX_PAGE`` rows; a bad cursor is a ``ValidationError``.

@@ -21,14 +21,15 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, Field, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from mesh import dlq
 from mesh.apikeys import Scope
-from mesh.errors import NotFound, ValidationError
+from mesh.errors import NotFound
 from mesh.history import delivery_doc, event_doc
 from mesh.replay import replay
 from mesh.storage import MAX_PAGE
+from services.api.routes_targets import TYPES_PATTERN
 from services.api.routing import NAME_PATTERN, Call, Param, Route, RouteTable
 
 EVENT_ID = r"^\S{1,128}$"
@@ -43,8 +44,10 @@ MAX_SEQ = 2**63 - 1  # JetStream sequences are 64-bit
 def _utc(value: datetime) -> datetime:
     try:
         return value.astimezone(UTC)
-    except OverflowError:  # 9999-12-31T23:00-05:00 is past the last representable time
-        raise ValueError("the time is out of range once converted to UTC") from None
+    except OverflowError:
+        # 9999-12-31T23:00-05:00 is past the last representable time in UTC (and
+        # 0001-01-01T01:00+05:00 before the first): as a bound it is the end (start).
+        return (datetime.max if value.year > 1 else datetime.min).replace(tzinfo=UTC)
 
 
 #: A time with a zone (a naive one is refused: it would be read as the server's local time).
@@ -107,7 +110,10 @@ class EventDetail(BaseModel):
 class EventsQuery(BaseModel):
     source: str | None = Field(default=None, pattern=NAME_PATTERN)
     type: str | None = Field(
-        default=None, max_length=255, description="A type or a pattern: order.*, order.>"
+        default=None,
+        max_length=255,
+        pattern=TYPES_PATTERN,
+        description="A type or a pattern: order.*, order.>",
     )
     since: UtcTime | None = Since
     until: UtcTime | None = Until
@@ -177,32 +183,43 @@ class RetryOut(BaseModel):
 
 
 class PurgeQuery(BaseModel):
-    target: str | None = Field(default=None, pattern=NAME_PATTERN)
+    target: str = Field(
+        pattern=r"^(\*|[a-z0-9][a-z0-9_-]{0,63})$",
+        description="The target whose dead letters go, or * for every target's",
+    )
     since: UtcTime | None = Since
-    all: bool = Field(default=False, description="Required to purge every target's dead letters")
 
 
 class Purged(BaseModel):
     purged: int
 
 
-class ReplayIn(BaseModel):
-    since: UtcTime | None = Field(default=None, description="Replay from this time")
-    until: UtcTime | None = Field(default=None, description="...up to this time")
-    from_seq: int | None = Field(
-        default=None, ge=1, le=MAX_SEQ, description="Or from this stream sequence"
+class _ReplayBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    types: str | None = Field(
+        default=None, max_length=255, pattern=TYPES_PATTERN, description="Only matching types"
     )
+    dry_run: bool = Field(default=False, description="Count and sample, publish nothing")
+
+
+class ReplayByTime(_ReplayBase):
+    """Events the stream stored from ``since`` (to ``until``, default now)."""
+
+    since: UtcTime = Field(description="Replay from this time")
+    until: UtcTime | None = Field(default=None, description="...up to this time")
+
+
+class ReplayBySeq(_ReplayBase):
+    """Events with stream sequences from ``from_seq`` (to ``to_seq``, inclusive)."""
+
+    from_seq: int = Field(ge=1, le=MAX_SEQ, description="Replay from this stream sequence")
     to_seq: int | None = Field(
         default=None, ge=1, le=MAX_SEQ, description="...up to this one, inclusive"
     )
-    types: str | None = Field(default=None, max_length=255, description="Only matching types")
-    dry_run: bool = Field(default=False, description="Count and sample, publish nothing")
 
-    @model_validator(mode="after")
-    def _one_window(self) -> ReplayIn:
-        if (self.since is None) == (self.from_seq is None):
-            raise ValueError("give either since (a time) or from_seq (a stream sequence)")
-        return self
+
+ReplayIn = ReplayByTime | ReplayBySeq
 
 
 class ReplayItemOut(BaseModel):
@@ -324,11 +341,10 @@ async def retry_dead_letters(call: Call) -> RetryOut:
 
 async def purge_dead_letters(call: Call) -> Purged:
     q: PurgeQuery = call.query
-    if q.target is None and q.since is None and not q.all:
-        raise ValidationError("purging every dead letter needs all=true (or give target/since)")
+    target = None if q.target == "*" else q.target
     client = call.api.client
-    await dlq.check_target(client, q.target)
-    plan = await dlq.plan_purge(client, q.target, q.since)
+    await dlq.check_target(client, target)
+    plan = await dlq.plan_purge(client, target, q.since)
     purged = await dlq.purge(client, plan)
     if purged:
         await call.api.audit.record(
@@ -337,17 +353,38 @@ async def purge_dead_letters(call: Call) -> Purged:
     return Purged(purged=purged)
 
 
+def _empty_window(body: ReplayByTime | ReplayBySeq) -> str | None:
+    """Why a well-formed window holds nothing (the answer is then 404, like no events)."""
+    if isinstance(body, ReplayBySeq):
+        if body.to_seq is not None and body.to_seq < body.from_seq:
+            return f"sequence {body.to_seq} is before {body.from_seq}"
+        return None
+    if body.since > datetime.now(UTC):
+        return f"since {body.since.isoformat()} is in the future"
+    if body.until is not None and body.until <= body.since:
+        return f"until {body.until.isoformat()} is not after since"
+    return None
+
+
 async def replay_target(call: Call) -> ReplayOut:
-    body: ReplayIn = call.body
+    body: ReplayByTime | ReplayBySeq = call.body
     name = call.params["name"]
+    empty = _empty_window(body)
+    if empty is not None:
+        await call.api.client.target_or_error(name)
+        raise NotFound(f"nothing to replay: {empty}")
+    if isinstance(body, ReplayByTime):
+        since, until, from_seq, to_seq = body.since, body.until, None, None
+    else:
+        since, until, from_seq, to_seq = None, None, body.from_seq, body.to_seq
     result = await replay(
         call.api.client,
         name,
-        body.since,
-        body.until,
+        since,
+        until,
         body.types,
-        from_seq=body.from_seq,
-        to_seq=body.to_seq,
+        from_seq=from_seq,
+        to_seq=to_seq,
         dry_run=body.dry_run,
     )
     out = ReplayOut.model_validate(asdict(result))
@@ -460,7 +497,7 @@ def register(table: RouteTable) -> None:
                 query=PurgeQuery,
                 response=Purged,
                 problems=(404,),
-                description="Deletes them for good; without target or since, needs all=true.",
+                description="Deletes them for good: one target's (target=NAME) or all (target=*).",
             ),
             Route(
                 "POST",
