@@ -88,13 +88,10 @@ async def scan(
         if on_total:
             on_total(0)
         return
+    by_seq = DeliverPolicy.BY_START_SEQUENCE if start_seq else DeliverPolicy.ALL
     cfg = ConsumerConfig(
         description="mesh scan (ephemeral)",
-        deliver_policy=DeliverPolicy.BY_START_TIME
-        if start_time
-        else DeliverPolicy.BY_START_SEQUENCE
-        if start_seq
-        else DeliverPolicy.ALL,
+        deliver_policy=DeliverPolicy.BY_START_TIME if start_time else by_seq,
         opt_start_time=start_time,
         opt_start_seq=start_seq if not start_time else None,
         ack_policy=AckPolicy.NONE,
@@ -349,14 +346,7 @@ async def replay(
             f"nothing to replay: no propagation to target {target!r} carries types {types!r}"
         )
     result = ReplayResult(
-        target=target,
-        since=since,
-        until=until,
-        types=types,
-        filters=filters,
-        dry_run=dry_run,
-        from_seq=from_seq,
-        to_seq=to_seq,
+        target, since, until, types, filters, dry_run, from_seq=from_seq, to_seq=to_seq
     )
     state = ReplayProgress()
 
