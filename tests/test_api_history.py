@@ -285,3 +285,16 @@ async def test_bad_input_and_keys_are_problems(client: MeshClient, mesh: Api) ->
         assert status == 403
         status, _, _ = await http.call("DELETE", "/v1/dead-letters?target=*")
         assert status == 403
+
+
+def test_checked_in_graphql_schema_is_current() -> None:
+    from pathlib import Path
+
+    from services.api.graphql import sdl
+
+    checked_in = Path(__file__).resolve().parent.parent / "docs" / "graphql.sdl"
+    assert checked_in.read_text() == sdl() + "\n", (
+        "docs/graphql.sdl is stale: regenerate with"
+        ' `python -c "from services.api.graphql import sdl; print(sdl())" > docs/graphql.sdl`'
+    )
+    assert "type Mutation" not in checked_in.read_text()  # read-only
