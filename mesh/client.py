@@ -47,6 +47,7 @@ from mesh.pubpipe import AckedPublisher, ack_duplicate, ack_error, no_stream
 from mesh.pullfeed import PullFeed
 from mesh.records import DeliveryRecord, Outcome, dead_letter_headers
 from mesh.registry import Propagation, PropagationMode, Registry, Target, route_accepts
+from mesh.serverinfo import check_server
 from mesh.streams import Provisioner, StreamNames, ensure_streams
 from mesh.subjects import Subjects, validate_name, validate_type
 
@@ -263,6 +264,11 @@ class MeshClient:
             msg = str(exc) or type(exc).__name__
             raise BrokerUnavailable(f"cannot connect to NATS: {msg}") from None
         self.connected_event.set()
+        try:
+            check_server(self.nc)  # before anything is created on a server that cannot carry it
+        except BrokerError:
+            await self.close()
+            raise
         self._js = self.nc.jetstream(timeout=10)
         # A cluster that has just started may still be electing its JetStream leader:
         # services wait for it (up to 60 s); a CLI command gives up sooner.

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from mesh.apikeys import ApiKey, ApiKeyStore, Scope
-from mesh.cli._common import arun, connected, note, parse_duration, print_json, say, show_table
+from mesh.cli._common import arun, connected, note, parse_duration, print_json, print_table, say
 from mesh.revocations import who
 
 apikey_app = typer.Typer(help="Keys for the HTTP API (stored hashed; shown once).")
@@ -64,7 +64,7 @@ def apikey_list(as_json: bool = typer.Option(False, "--json")) -> None:
     if not keys:
         say("no API keys")
         return
-    show_table(
+    print_table(
         "API keys",
         ["id", "name", "scope", "state", "created", "expires"],
         [
