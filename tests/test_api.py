@@ -6,6 +6,7 @@ test_api_schema.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,8 +16,9 @@ import pytest
 from mesh.client import MeshClient
 from mesh.config import Settings
 from services.api import Api
+from services.api.auth import CACHE_S
 from services.api.openapi import build_document, dumps
-from services.api.service import route_table
+from services.api.routes import route_table
 from tests.support.api import Http, api_running, make_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +41,8 @@ def test_checked_in_openapi_is_current() -> None:
     generated = dumps(build_document(route_table()))
     checked_in = (ROOT / "docs" / "openapi.json").read_text()
     assert generated == checked_in, (
-        "docs/openapi.json is stale: regenerate with `mesh api openapi > docs/openapi.json`"
+        "docs/openapi.json is stale: regenerate it with"
+        " `python scripts/openapi.py > docs/openapi.json`"
     )
 
 
@@ -152,6 +155,8 @@ async def test_bad_input_is_a_problem_never_a_500(http: Http, client: MeshClient
             {"json_body": {"source": "s", "type": "t", "data": "x" * 2_000_000}},
         ),
         ("POST", "/v1/events:batch", {"json_body": {"events": []}}),
+        ("POST", "/v1/events", {"json_body": {"source": "s", "type": "t", "data": 10**30}}),
+        ("POST", "/v1/events", {"data": b'{"source": "s", "type": "t", "data": NaN}'}),
         ("POST", "/v1/events", {"data": b"{}", "headers": {"Content-Type": "text/plain"}}),
         ("POST", "/v1/targets", {"json_body": {"name": "x", "kind": "webhook"}}),
         ("POST", "/v1/targets", {"json_body": {"name": "x", "kind": "webhook", "url": "ftp://a"}}),
@@ -177,3 +182,70 @@ async def test_bad_input_is_a_problem_never_a_500(http: Http, client: MeshClient
         "POST", "/v1/events", {"source": "BAD NAME", "type": "x"}, key=admin
     )
     assert status == 422 and body["errors"][0]["loc"] == ["body", "source"]
+
+
+# The CLI ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_apikey_cli_create_list_revoke(
+    settings: Settings, client: MeshClient, http: Http
+) -> None:
+    from tests.support.cli import ok, one_line_error, run_cli
+
+    made = ok(await run_cli(settings, "apikey", "create", "--name", "ci", "--scope", "read"))
+    key = made.stdout.strip()
+    assert key.startswith("mk_") and len(made.stdout.splitlines()) == 1
+    assert key not in made.stderr and "shown once" in made.stderr
+    key_id = key.split("_")[1]
+    assert (await http.call("GET", "/v1/targets", key=key))[0] == 200
+
+    listed = ok(await run_cli(settings, "apikey", "list", "--json"))
+    [doc] = json.loads(listed.stdout)
+    assert (doc["id"], doc["name"], doc["scope"], doc["state"]) == (key_id, "ci", "read", "active")
+    assert "hash" not in doc and key.split("_", 2)[2] not in listed.stdout
+
+    timed = ok(
+        await run_cli(
+            settings, "apikey", "create", "--name", "t", "--scope", "admin", "--expires", "90d"
+        )
+    )
+    assert timed.stdout.startswith("mk_") and "expires 20" in timed.stderr
+
+    ok(await run_cli(settings, "apikey", "revoke", key_id))
+    again = ok(await run_cli(settings, "apikey", "revoke", key_id))
+    assert "already" in again.stdout
+    one_line_error(await run_cli(settings, "apikey", "revoke", "0123456789ab"), "unknown API key")
+    one_line_error(
+        await run_cli(settings, "apikey", "create", "--name", "x", "--scope", "root"), "root"
+    )
+    await asyncio.sleep(CACHE_S + 0.2)  # a verified key is remembered for CACHE_S at most
+    status, _, body = await http.call("GET", "/v1/targets", key=key)
+    assert status == 401 and body["detail"] == "API key revoked"
+
+
+async def test_tls_when_a_certificate_is_configured(
+    settings: Settings, client: MeshClient, tmp_path: Path
+) -> None:
+    import ssl
+
+    import aiohttp
+
+    from mesh.errors import ConfigError
+    from tests.support.tls import self_signed
+
+    cert, key_file = self_signed(tmp_path, "127.0.0.1")
+    _, key = await make_key(client, "read")
+    async with api_running(settings, api_tls_cert=cert, api_tls_key=key_file) as api:
+        assert api.url.startswith("https://")
+        ctx = ssl.create_default_context(cafile=str(cert))
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(
+                api.url + "/v1/targets", ssl=ctx, headers={"Authorization": f"Bearer {key}"}
+            ) as resp,
+        ):
+            assert resp.status == 200 and await resp.json() == []
+    with pytest.raises(ConfigError, match="MESH_API_TLS_CERT and MESH_API_TLS_KEY"):
+        async with api_running(settings, api_tls_cert=cert):
+            pass

@@ -94,3 +94,38 @@ async def test_batch_with_a_key_and_keys_are_per_api_key(
     assert set(first[2]["ids"]).isdisjoint(other[2]["ids"])
     assert bad[0] == 400 and "Traceback" not in json.dumps(bad[2])
     assert sorted(await stored_ids(client)) == sorted(first[2]["ids"] + other[2]["ids"])
+
+
+async def test_a_claim_left_by_a_crashed_request_is_taken_over(
+    settings: Settings, client: MeshClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from services.api import idempotency as idem
+
+    monkeypatch.setattr(idem, "WAIT_S", 1.0)
+
+    key_id, key = await make_key(client, "publish")
+    body = json.dumps({"source": "shop", "type": "order.created"}).encode()
+    async with api_running(settings) as api, Http(api.url, key) as http:
+        store = api.idempotency
+        entry = store.entry_key(key_id, "k1")
+        fp = idem.fingerprint("POST", "/v1/events", body)
+        stale = idem.Entry(
+            state="pending", fingerprint=fp, claimed_at=time.time() - idem.LEASE_S - 1
+        )
+        await store.kv.create(entry, stale.model_dump_json().encode())
+        status, _, answer = await http.call(
+            "POST", "/v1/events", data=body, headers={"Idempotency-Key": "k1"}
+        )
+        # the crashed request would have published the same derived id: stored once
+        assert (status, answer) == (202, {"id": idem.derived_id(key_id, "k1")})
+        fresh = idem.Entry(state="pending", fingerprint=fp, claimed_at=time.time())
+        await store.kv.create(store.entry_key(key_id, "k2"), fresh.model_dump_json().encode())
+        started = time.monotonic()
+        status, _, problem = await http.call(
+            "POST", "/v1/events", data=body, headers={"Idempotency-Key": "k2"}
+        )
+        assert status == 409 and problem["type"] == "urn:mesh:problem:idempotency-in-progress"
+        assert time.monotonic() - started >= idem.WAIT_S - 1
+    assert await stored_ids(client) == [idem.derived_id(key_id, "k1")]

@@ -3,7 +3,6 @@ and every change in the sink's audit_log with the key id (real broker, sink, HTT
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -30,7 +29,7 @@ async def api(settings: Settings, client: MeshClient) -> AsyncIterator[Api]:
 
 
 async def test_targets_lifecycle_through_the_api(
-    api: Api, client: MeshClient, settings: Settings
+    api: Api, client: MeshClient, settings: Settings, capfd: pytest.CaptureFixture[str]
 ) -> None:
     admin_id, admin = await make_key(client, "admin")
     async with Http(api.url, admin) as http, running(Sink(settings, fetch_wait=0.2)):
@@ -139,6 +138,10 @@ async def test_targets_lifecycle_through_the_api(
             rows = await store.query_audit(limit=200)
         dump = json.dumps([[r.before, r.after] for r in rows])
         assert secret not in dump and rotated["secret"] not in dump and admin not in dump
+    logs = "".join(capfd.readouterr())
+    assert "service started" in logs  # the logs were captured
+    for text in (secret, rotated["secret"], admin, admin.rsplit("_", 1)[1]):
+        assert text not in logs
 
 
 async def audited_if(read: object, expected: set[str]) -> list[str] | None:
@@ -146,7 +149,9 @@ async def audited_if(read: object, expected: set[str]) -> list[str] | None:
     return actions if expected <= set(actions) else None
 
 
-async def test_bridge_tokens_and_status(api: Api, client: MeshClient, settings: Settings) -> None:
+async def test_bridge_tokens_and_status(
+    api: Api, client: MeshClient, settings: Settings, capfd: pytest.CaptureFixture[str]
+) -> None:
     _, admin = await make_key(client, "admin")
     _, read = await make_key(client, "read")
     async with Http(api.url, admin) as http:
@@ -181,4 +186,6 @@ async def test_bridge_tokens_and_status(api: Api, client: MeshClient, settings: 
             assert status == 200
             assert set(doc) == set(health.status())
             assert [t["name"] for t in doc["targets"]] == ["feed"]
-        await asyncio.sleep(0)
+    logs = "".join(capfd.readouterr())
+    assert "service started" in logs
+    assert issued["token"] not in logs and admin not in logs and read not in logs

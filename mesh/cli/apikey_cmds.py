@@ -1,4 +1,4 @@
-"""API keys for the HTTP API (``mesh apikey create|list|revoke``) and ``mesh api openapi``."""
+"""API keys for the HTTP API: ``mesh apikey create|list|revoke``."""
 
 from __future__ import annotations
 
@@ -11,12 +11,10 @@ from mesh.cli._common import arun, connected, note, parse_duration, print_json, 
 from mesh.revocations import who
 
 apikey_app = typer.Typer(help="Keys for the HTTP API (stored hashed; shown once).")
-api_app = typer.Typer(help="The HTTP API service.")
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(apikey_app, name="apikey")
-    app.add_typer(api_app, name="api")
 
 
 @apikey_app.command("create")
@@ -92,12 +90,3 @@ def apikey_revoke(key_id: str = typer.Argument(..., metavar="ID")) -> None:
 
     record, new = arun(run())
     say(f"API key {record.id} revoked" if new else f"API key {record.id} was revoked already")
-
-
-@api_app.command("openapi")
-def api_openapi() -> None:
-    """Print the OpenAPI document (regenerate the checked-in one: > docs/openapi.json)."""
-    from services.api.openapi import build_document, dumps
-    from services.api.service import route_table
-
-    sys.stdout.write(dumps(build_document(route_table())))

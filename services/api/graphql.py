@@ -50,7 +50,7 @@ from services.api.problems import (
 )
 
 if TYPE_CHECKING:
-    from services.api.service import Api
+    from services.api.context import ApiContext
 
 MAX_DEPTH = 8
 MAX_TOKENS = 2000
@@ -424,7 +424,7 @@ def _problem(status: int, reason: str) -> Exception:
     return ApiProblem(_TRANSPORT.get(status, BAD_REQUEST), reason)
 
 
-def install(app: web.Application, api: Api) -> None:
+def install(app: web.Application, api: ApiContext) -> None:
     """Serve ``PATH`` on ``app`` (GET and POST) for keys with the ``read`` scope."""
 
     async def source(request: web.Request) -> GraphContext:

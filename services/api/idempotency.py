@@ -105,9 +105,9 @@ class IdempotencyStore:
     def entry_key(api_key_id: str, idem_key: str) -> str:
         return f"{api_key_id}.{hashlib.sha256(idem_key.encode()).hexdigest()}"
 
-    async def begin(self, key: str, fp: str, *, wait_s: float = WAIT_S) -> Claim:
+    async def begin(self, key: str, fp: str, *, wait_s: float | None = None) -> Claim:
         """Claim ``key`` for this request, or return the stored answer to replay."""
-        deadline = time.monotonic() + wait_s
+        deadline = time.monotonic() + (WAIT_S if wait_s is None else wait_s)
         pause = POLL_S
         while True:
             pending = Entry(state="pending", fingerprint=fp, claimed_at=time.time())

@@ -5,7 +5,8 @@ Schemas come from the pydantic models the routes validate with
 serialization mode; a model that differs between the two gets ``-Input`` and
 ``-Output`` names), collected under ``components/schemas`` and referenced with
 ``$ref``. Nothing here is written by hand but the prose. ``docs/openapi.json`` is
-this document, checked in (``mesh api openapi > docs/openapi.json`` regenerates it).
+this document, checked in: ``python scripts/openapi.py > docs/openapi.json``
+regenerates it.
 """
 
 from __future__ import annotations

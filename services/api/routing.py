@@ -27,7 +27,7 @@ from mesh.apikeys import ApiKey, Scope
 from services.api.problems import BAD_REQUEST, INVALID, UNSUPPORTED_MEDIA, ApiProblem, FieldError
 
 if TYPE_CHECKING:
-    from services.api.service import Api
+    from services.api.context import ApiContext
 
 PATH_PARAM = re.compile(r"\{([a-z_]+)\}")
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
@@ -37,7 +37,7 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 class Call:
     """One request, parsed: what a handler gets."""
 
-    api: Api
+    api: ApiContext
     request: web.Request
     key: ApiKey | None
     params: dict[str, str]
@@ -115,7 +115,7 @@ class RouteTable:
         for r in routes:
             self.add(r)
 
-    def install(self, app: web.Application, api: Api) -> None:
+    def install(self, app: web.Application, api: ApiContext) -> None:
         for route in self.routes:
             app.router.add_route(route.method, route.path, _endpoint(route, api))
 
@@ -141,6 +141,12 @@ def adapter(tp: Any) -> TypeAdapter[Any]:
     return found
 
 
+def _not_json(name: str) -> Any:
+    # Python's json reads NaN and Infinity; they are not JSON, and nothing downstream
+    # (the events' JSON views, the webhook bodies) could write them back.
+    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
+
+
 async def _parse_body(request: web.Request, model: Any) -> Any:
     ctype = request.content_type
     if ctype not in ("application/json", "application/octet-stream") and not ctype.endswith(
@@ -151,7 +157,7 @@ async def _parse_body(request: web.Request, model: Any) -> Any:
     if not raw:
         raise ApiProblem(BAD_REQUEST, "a JSON body is required")
     try:
-        doc = json.loads(raw)
+        doc = json.loads(raw, parse_constant=_not_json)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         msg = getattr(exc, "msg", "not UTF-8")
         raise ApiProblem(BAD_REQUEST, f"malformed JSON: {msg}") from None
@@ -203,7 +209,9 @@ def _dump(body: Any) -> bytes:
     return adapter(Any).dump_json(body)
 
 
-def _endpoint(route: Route, api: Api) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def _endpoint(
+    route: Route, api: ApiContext
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request) -> web.StreamResponse:
         key = await api.auth.check(request, route.scope) if route.scope is not None else None
         params = dict(request.match_info)

@@ -9,7 +9,6 @@ requests in flight finish; ``close`` releases the listener.
 
 from __future__ import annotations
 
-import importlib
 import ssl
 from typing import Any, ClassVar
 
@@ -25,27 +24,12 @@ from services.api.history_store import HistoryAccess
 from services.api.idempotency import IdempotencyStore
 from services.api.openapi import build_document
 from services.api.problems import problem_middleware
-from services.api.routing import RouteTable
+from services.api.routes import route_table
 from services.base import Service
 
-# One line per routes module: each has ``register(table: RouteTable) -> None``.
-ROUTE_MODULES = (
-    "services.api.routes_meta",
-    "services.api.routes_events",
-    "services.api.routes_targets",
-    "services.api.routes_admin",
-    "services.api.routes_history",
-)
 # A batch of 1,000 events of a few KiB each fits; one event is capped by the broker's
 # max_payload (PayloadTooLarge -> 413) long before this.
 MAX_BODY = 16 * 1024 * 1024
-
-
-def route_table() -> RouteTable:
-    table = RouteTable()
-    for name in ROUTE_MODULES:
-        importlib.import_module(name).register(table)
-    return table
 
 
 class Api(Service):

@@ -12,24 +12,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from nats.aio.msg import Msg
 
 from mesh.errors import DecodeError, StorageError
 from mesh.records import AuditRecord
-
-if TYPE_CHECKING:
-    from services.sink import Sink
+from mesh.storage import Store
 
 RETRY_BASE_S = 0.2
 RETRY_MAX_S = 10.0
 
 
+class SinkLike(Protocol):
+    """What the feed uses of the sink: its store and its database bookkeeping."""
+
+    store: Store | None
+    stopping: asyncio.Event
+    log: Any
+
+    async def _open_store(self) -> bool: ...
+
+    def _db_up(self) -> None: ...
+
+    def _db_down(self, exc: BaseException) -> None: ...
+
+
 class AuditFeed:
-    def __init__(self, sink: Sink) -> None:
+    def __init__(self, sink: SinkLike, prefix: str) -> None:
         self.sink = sink
-        self.prefix = sink.client.subjects.audit("")
+        self.prefix = prefix  # <prefix>.sys.audit.
         self.written = 0
 
     def split(self, msgs: list[Msg]) -> tuple[list[Msg], list[Msg]]:

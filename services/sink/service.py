@@ -114,7 +114,7 @@ class Sink(Service):
         self._health_sub: Subscription | None = None
         self._pulls: list[asyncio.Task[Any]] = []
         self.retention = Retention(settings, lambda: self.store, self.stopping, self.log)
-        self.audits = AuditFeed(self)
+        self.audits = AuditFeed(self, self.client.subjects.audit(""))
         self.counts: dict[str, int] = {
             "events": 0,
             "deliveries": 0,
