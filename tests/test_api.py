@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from mesh.apikeys import Scope
 from mesh.client import MeshClient
 from mesh.config import Settings
 from services.api import Api
@@ -95,18 +96,23 @@ async def test_keys_wrong_expired_revoked_and_scopes(
     assert status == 401 and body["detail"] == "API key expired"
 
     target = {"name": "orders", "kind": "nats"}
-    # read can read, cannot change anything
+    # read can read, cannot change anything: every route of the table that is not a
+    # GET answers 403 (before it looks at the body), and every route needs a key
     assert (await http.call("GET", "/v1/targets", key=read))[0] == 200
-    for method, path, doc in [
-        ("POST", "/v1/targets", target),
-        ("POST", "/v1/events", {"source": "shop", "type": "order.created"}),
-        ("POST", "/v1/propagations", {"mode": "broadcast", "source": "shop"}),
-        ("POST", "/v1/tokens", {"target": "orders"}),
-        ("DELETE", "/v1/targets/orders", None),
-    ]:
-        status, _, body = await http.call(method, path, doc, key=read)
-        assert status == 403, (method, path, status, body)
+    samples = {"name": "orders", "id": "abc123", "jti": "0" * 32, "ident": "abc123"}
+    changing = 0
+    for route in route_table().routes:
+        path = route.path.format(**{p: samples[p] for p in route.path_params()})
+        if route.scope is not None:
+            assert (await http.call(route.method, path, {}))[0] == 401, path
+        if route.method == "GET":
+            assert route.scope in (None, Scope.READ), path
+            continue
+        changing += 1
+        status, _, body = await http.call(route.method, path, {}, key=read)
+        assert status == 403, (route.method, path, status, body)
         assert body["type"] == "urn:mesh:problem:forbidden"
+    assert changing >= 12
     # publish can publish and read, not manage
     status, _, body = await http.call(
         "POST", "/v1/events", {"source": "shop", "type": "order.created"}, key=publish
@@ -204,6 +210,8 @@ async def test_apikey_cli_create_list_revoke(
     [doc] = json.loads(listed.stdout)
     assert (doc["id"], doc["name"], doc["scope"], doc["state"]) == (key_id, "ci", "read", "active")
     assert "hash" not in doc and key.split("_", 2)[2] not in listed.stdout
+    table = ok(await run_cli(settings, "apikey", "list")).stdout
+    assert key_id in table and "active" in table and key.split("_", 2)[2] not in table
 
     timed = ok(
         await run_cli(

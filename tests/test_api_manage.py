@@ -116,8 +116,8 @@ async def test_targets_lifecycle_through_the_api(
 
         # every change is in the audit log, by this key, without the secret
         async def audited() -> list[str]:
-            async with await open_store(settings.database_url) as store:
-                rows = await store.query_audit(limit=200)
+            store = await api.store()  # the API's read-side connection to the sink's database
+            rows = await store.query_audit(limit=200)
             return [r.action for r in rows if r.actor == f"apikey:{admin_id}"]
 
         expected = {

@@ -8,6 +8,7 @@ import typer
 
 from mesh.apikeys import ApiKey, ApiKeyStore, Scope
 from mesh.cli._common import arun, connected, note, parse_duration, print_json, print_table, say
+from mesh.cli._tables import Col
 from mesh.revocations import who
 
 apikey_app = typer.Typer(help="Keys for the HTTP API (stored hashed; shown once).")
@@ -64,7 +65,14 @@ def apikey_list(as_json: bool = typer.Option(False, "--json")) -> None:
         return
     print_table(
         "API keys",
-        ["id", "name", "scope", "state", "created", "expires"],
+        [
+            Col("id", keep=0),  # 12 hex digits, taken whole by `mesh apikey revoke`
+            Col("name", keep=1, flex=True),
+            Col("scope", keep=0),
+            Col("state", keep=0),
+            Col("created", keep=2),
+            Col("expires", keep=1),
+        ],
         [
             [
                 k.id,

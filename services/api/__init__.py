@@ -16,7 +16,6 @@ Layout::
     routes_targets.py  targets and propagations
     routes_admin.py    bridge tokens
     routes_history.py  events, deliveries, dead letters, replay (models: history_models.py)
-    history_store.py   the sink's database, opened on first need
     graphql.py         read-only GraphQL at /v1/graphql (strawberry)
 
 Adding endpoints: write ``routes_<area>.py`` with pydantic request/response models,

@@ -11,6 +11,7 @@ Nothing here logs or returns the presented key.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import time
@@ -34,6 +35,7 @@ class Auth:
         self.cache_s = cache_s
         self._cache: dict[str, tuple[float, ApiKey]] = {}
         self._limiters: dict[str, RateLimiter] = {}
+        self._pending: dict[str, asyncio.Future[tuple[ApiKey | None, str]]] = {}
 
     async def authenticate(self, request: web.Request) -> ApiKey:
         header = request.headers.get("Authorization", "")
@@ -51,7 +53,14 @@ class Auth:
             key = cached[1]
             if key.state(datetime.now(UTC)) == "active":
                 return key
-        key_or_none, why = await self.store.verify(text)
+        # One look-up per key at a time: a burst of requests with a key the cache does not
+        # hold (yet, or any more) waits for the first one's answer.
+        pending = self._pending.get(fingerprint)
+        if pending is None:
+            pending = asyncio.ensure_future(self.store.verify(text))
+            self._pending[fingerprint] = pending
+            pending.add_done_callback(lambda _: self._pending.pop(fingerprint, None))
+        key_or_none, why = await asyncio.shield(pending)
         if key_or_none is None:
             self._cache.pop(fingerprint, None)
             raise ApiProblem(UNAUTHORIZED, why, headers=CHALLENGE)

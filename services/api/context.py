@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from mesh.client import MeshClient
     from mesh.config import Settings
+    from mesh.history import PayloadReader
+    from mesh.storage import Store
     from services.api.audit import Auditor
     from services.api.auth import Auth
-    from services.api.history_store import HistoryAccess
     from services.api.idempotency import IdempotencyStore
 
 
@@ -17,6 +18,7 @@ class ApiContext(Protocol):
     settings: Settings
     client: MeshClient
     document: dict[str, Any]
+    document_text: str  # the document as served (built once)
 
     @property
     def auth(self) -> Auth: ...
@@ -27,5 +29,9 @@ class ApiContext(Protocol):
     @property
     def audit(self) -> Auditor: ...
 
-    #: The sink's database, for the history routes and GraphQL (opened on first need).
-    history: HistoryAccess
+    #: Decrypts stored payloads for display (the key ring loaded on first need).
+    reader: PayloadReader
+
+    async def store(self) -> Store:
+        """The sink's database (read side), opened on first use."""
+        ...

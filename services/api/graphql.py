@@ -35,12 +35,11 @@ from strawberry.types import ExecutionContext
 
 from mesh.apikeys import Scope
 from mesh.errors import MeshError
-from mesh.history import FAILURE_OUTCOMES, response_excerpt
+from mesh.history import FAILURE_OUTCOMES, PayloadReader, response_excerpt
 from mesh.registry import Propagation as PropagationModel
 from mesh.registry import PropagationMode
 from mesh.registry import Target as TargetModel
 from mesh.storage import DeliveryRow, EventRow, Page, Store
-from services.api.history_store import History
 from services.api.problems import (
     BAD_REQUEST,
     METHOD_NOT_ALLOWED,
@@ -65,7 +64,8 @@ class GraphContext:
     database opened only by a query that needs it."""
 
     registry: Callable[[], Awaitable[Snapshot]]
-    history: Callable[[], Awaitable[History]]
+    open_store: Callable[[], Awaitable[Store]]
+    reader: PayloadReader
     _snapshot: asyncio.Task[Snapshot] | None = field(default=None, repr=False)
 
     async def snapshot(self) -> Snapshot:
@@ -74,7 +74,7 @@ class GraphContext:
         return await self._snapshot
 
     async def store(self) -> Store:
-        return (await self.history()).store
+        return await self.open_store()
 
 
 def _ctx(info: strawberry.Info) -> GraphContext:
@@ -163,9 +163,8 @@ class Event:
         )
 
     @strawberry.field(description="The event's data, decoded (and decrypted) as JSON.")
-    async def data(self, info: strawberry.Info) -> JSON | None:
-        reader = (await _ctx(info).history()).reader
-        return reader.data(self.row)  # type: ignore[no-any-return]
+    def data(self, info: strawberry.Info) -> JSON | None:
+        return _ctx(info).reader.data(self.row)  # type: ignore[no-any-return]
 
     @strawberry.field(description="Every delivery attempt for this event, oldest first.")
     async def deliveries(self, info: strawberry.Info) -> list[Delivery]:
@@ -429,7 +428,7 @@ def install(app: web.Application, api: ApiContext) -> None:
 
     async def source(request: web.Request) -> GraphContext:
         await api.auth.check(request, Scope.READ)
-        return GraphContext(api.client.registry.targets_and_propagations, api.history.get)
+        return GraphContext(api.client.registry.targets_and_propagations, api.store, api.reader)
 
     view = MeshGraphQLView(source, _problem)
     app.router.add_route("GET", PATH, view)

@@ -26,6 +26,7 @@ from mesh.apikeys import Scope
 from mesh.errors import NotFound
 from mesh.history import delivery_doc, event_doc
 from mesh.replay import replay
+from mesh.storage import EventRow
 from services.api.history_models import (
     DeadLetterList,
     DeadLetterOut,
@@ -58,33 +59,37 @@ LETTER_PARAM = Param(
 # Handlers ---------------------------------------------------------------------------
 
 
+def _event(call: Call, row: EventRow) -> EventOut:
+    return EventOut.model_validate(event_doc(row, call.api.reader.data(row)))
+
+
 async def list_events(call: Call) -> EventPage:
     q: EventsQuery = call.query
-    h = await call.api.history.get()
-    page = await h.store.list_events(
+    store = await call.api.store()
+    page = await store.list_events(
         source=q.source, type=q.type, since=q.since, until=q.until, cursor=q.cursor, limit=q.limit
     )
-    items = [EventOut.model_validate(event_doc(r, h.reader.data(r))) for r in page.items]
+    items = [_event(call, r) for r in page.items]
     return EventPage(items=items, next_cursor=page.next_cursor)
 
 
 async def get_event(call: Call) -> EventDetail:
     event_id = call.params["id"]
-    h = await call.api.history.get()
-    row = await h.store.get_event(event_id)
-    attempts = await h.store.query_deliveries(event_id)
+    store = await call.api.store()
+    row = await store.get_event(event_id)
+    attempts = await store.query_deliveries(event_id)
     if row is None and not attempts:
         raise NotFound(f"no event {event_id!r} in the database")
     return EventDetail(
-        event=None if row is None else EventOut.model_validate(event_doc(row, h.reader.data(row))),
+        event=None if row is None else _event(call, row),
         deliveries=[DeliveryOut.model_validate(delivery_doc(d)) for d in attempts],
     )
 
 
 async def list_deliveries(call: Call) -> DeliveryPage:
     q: DeliveriesQuery = call.query
-    h = await call.api.history.get()
-    page = await h.store.list_deliveries(
+    store = await call.api.store()
+    page = await store.list_deliveries(
         target=q.target,
         outcomes=q.outcome,
         event_id=q.event_id,

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict
 
 from mesh.apikeys import Scope
 from mesh.errors import BrokerError
-from services.api.openapi import dumps, render_docs
+from services.api.openapi import render_docs
 from services.api.routing import Call, Route, RouteTable
 
 STATUS_TIMEOUT_S = 3.0
@@ -31,7 +31,7 @@ class StatusDocument(BaseModel):
 
 async def openapi_json(call: Call) -> web.Response:
     return web.Response(
-        text=dumps(call.api.document),
+        text=call.api.document_text,
         content_type="application/json",
         headers={"Cache-Control": "no-cache"},
     )

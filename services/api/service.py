@@ -9,6 +9,8 @@ requests in flight finish; ``close`` releases the listener.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ssl
 from typing import Any, ClassVar
 
@@ -17,12 +19,13 @@ from aiohttp import web
 from mesh.apikeys import ApiKeyStore
 from mesh.config import Settings
 from mesh.errors import ConfigError
+from mesh.history import PayloadReader
+from mesh.storage import Store, open_store
 from services.api import graphql
 from services.api.audit import Auditor
 from services.api.auth import Auth
-from services.api.history_store import HistoryAccess
 from services.api.idempotency import IdempotencyStore
-from services.api.openapi import build_document
+from services.api.openapi import build_document, dumps
 from services.api.problems import problem_middleware
 from services.api.routes import route_table
 from services.base import Service
@@ -45,11 +48,14 @@ class Api(Service):
         self.port = settings.api_port
         self.table = route_table()
         self.document = build_document(self.table)
+        self.document_text = dumps(self.document)
         self._runner: web.AppRunner | None = None
         self._auth: Auth | None = None
         self._idem: IdempotencyStore | None = None
         self._audit: Auditor | None = None
-        self.history = HistoryAccess(settings)
+        self._store: Store | None = None
+        self._store_lock = asyncio.Lock()
+        self.reader = PayloadReader(settings)
         self.requests = 0
 
     # What handlers use ---------------------------------------------------------------
@@ -68,6 +74,24 @@ class Api(Service):
     def audit(self) -> Auditor:
         assert self._audit is not None, "the API is not started"
         return self._audit
+
+    async def store(self) -> Store:
+        """The sink's database, opened (and its schema created if missing) on first use,
+        for the read endpoints; the API writes no rows. A failure is a ``StorageError``
+        (503)."""
+        async with self._store_lock:
+            if self._store is None:
+                store = await open_store(self.settings.database_url)
+                try:
+                    # The sink's own migrations, idempotent and safe beside a migrating
+                    # sink: before the sink has ever run, reads find empty tables, not
+                    # missing ones (a 503).
+                    await store.migrate()
+                except BaseException:
+                    await store.close()
+                    raise
+                self._store = store
+            return self._store
 
     @property
     def scheme(self) -> str:
@@ -131,7 +155,10 @@ class Api(Service):
 
     async def on_close(self) -> None:
         await self.on_drain(0)
-        await self.history.close()
+        store, self._store = self._store, None
+        if store is not None:
+            with contextlib.suppress(Exception):
+                await store.close()
 
     def stats(self) -> dict[str, Any]:
         return {"api_port": self.port}
