@@ -104,10 +104,17 @@ def test_every_operation_conforms_and_never_5xx(live_api: tuple[str, str]) -> No
         operation = result.ok()
         seen.append(operation.label)
         excluded = []
-        if operation.label in ("POST /v1/propagations", "GET /v1/events", "GET /v1/deliveries"):
-            # Rules across fields that JSON Schema cannot state (a source never propagates
-            # to itself) make some schema-valid bodies a 422, and so does an opaque cursor
-            # that the server did not make; every other check applies.
+        if operation.label in (
+            "POST /v1/propagations",
+            "POST /v1/targets",
+            "PATCH /v1/targets/{name}",
+            "GET /v1/events",
+            "GET /v1/deliveries",
+        ):
+            # Rules that JSON Schema cannot state make some schema-valid requests a 422:
+            # across fields (a source never propagates to itself), inside a language (a
+            # --filter or --transform expression must parse), or an opaque cursor that the
+            # server did not make; every other check applies.
             excluded.append(positive_data_acceptance)
 
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
