@@ -94,6 +94,9 @@ async def test_batch_with_a_key_and_keys_are_per_api_key(
     assert set(first[2]["ids"]).isdisjoint(other[2]["ids"])
     assert bad[0] == 400 and "Traceback" not in json.dumps(bad[2])
     assert sorted(await stored_ids(client)) == sorted(first[2]["ids"] + other[2]["ids"])
+    # the answers are kept 24 hours by the bucket itself
+    info = await client.js.stream_info(f"KV_{client.names.idempotency}")
+    assert info.config.max_age == 24 * 3600
 
 
 async def test_a_claim_left_by_a_crashed_request_is_taken_over(

@@ -169,9 +169,10 @@ async def test_bridge_tokens_and_status(
         assert status == 200 and rev["new"] is True
         store = await RevocationStore.open(client.js, client.names.revoked)
         assert await store.refusal(claims) is not None
-        status, _, again = await http.call("POST", f"/v1/tokens/{claims.jti}/revoke", {})
+        # a body whose fields all have defaults may be left out
+        status, _, again = await http.call("POST", f"/v1/tokens/{claims.jti}/revoke")
         assert again["new"] is False
-        status, _, all_rev = await http.call("POST", "/v1/targets/feed/revoke-tokens", {})
+        status, _, all_rev = await http.call("POST", "/v1/targets/feed/revoke-tokens")
         assert status == 200 and all_rev["revocation"]["kind"] == "target"
         status, _, listed = await http.call("GET", "/v1/tokens/revoked", key=read)
         assert status == 200 and {r["id"] for r in listed} == {claims.jti, "feed"}
@@ -189,3 +190,15 @@ async def test_bridge_tokens_and_status(
     logs = "".join(capfd.readouterr())
     assert "service started" in logs
     assert issued["token"] not in logs and admin not in logs and read not in logs
+
+
+async def test_an_audit_record_that_cannot_be_stored_is_an_error(settings: Settings) -> None:
+    from mesh.errors import BrokerError
+    from services.api.audit import Auditor
+
+    # a prefix with no streams: no JetStream stream takes mesh.sys.audit.* there
+    async with MeshClient(settings.model_copy(update={"prefix": "nostreams"})) as bare:
+        with pytest.raises(
+            BrokerError, match=r"target\.create of target:x was made, but its audit"
+        ):
+            await Auditor(bare).record("apikey:0123456789ab", "target.create", "target:x")

@@ -9,13 +9,19 @@ Values are the public forms (``Target.public()``): never a secret or a key.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
+
+import structlog
 
 from mesh.client import MeshClient
 from mesh.errors import BrokerError
 from mesh.records import AuditRecord
 
 TIMEOUT_S = 5.0
+RETRY_PAUSES_S = (0.2, 1.0)  # then the change's answer is a 503 that says so
+
+log = structlog.get_logger("mesh.api")
 
 
 class Auditor:
@@ -27,13 +33,25 @@ class Auditor:
     ) -> AuditRecord:
         rec = AuditRecord(actor=actor, action=action, entity=entity, before=before, after=after)
         kind = action.split(".", 1)[0]
-        try:
-            await self.client.js.publish(
-                self.client.subjects.audit(kind),
-                rec.to_bytes(),
-                timeout=TIMEOUT_S,
-                headers={"Nats-Msg-Id": f"audit-{rec.id}"},
-            )
-        except Exception as exc:  # nats.js errors: no stream, timeout, refused
-            raise BrokerError(f"cannot record the audit entry: {type(exc).__name__}") from None
+        last: BaseException | None = None
+        for pause in (*RETRY_PAUSES_S, None):
+            try:
+                await self.client.js.publish(
+                    self.client.subjects.audit(kind),
+                    rec.to_bytes(),
+                    timeout=TIMEOUT_S,
+                    headers={"Nats-Msg-Id": f"audit-{rec.id}"},  # a retry is stored once
+                )
+                break
+            except Exception as exc:  # nats.js errors: no stream, timeout, refused
+                last = exc
+                if pause is None:
+                    log.error(
+                        "audit record not stored", action=action, entity=entity, error=repr(exc)
+                    )
+                    raise BrokerError(
+                        f"{action} of {entity} was made, but its audit record could not be"
+                        f" stored ({type(last).__name__})"
+                    ) from None
+                await asyncio.sleep(pause)
         return rec

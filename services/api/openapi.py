@@ -20,7 +20,7 @@ from pydantic.json_schema import JsonSchemaMode
 
 from mesh import __version__
 from services.api.problems import CATALOGUE, PROBLEM_JSON, Problem
-from services.api.routing import Route, RouteTable, adapter
+from services.api.routing import Route, RouteTable, adapter, body_optional
 
 REF = "#/components/schemas/{model}"
 TITLE = "mesh HTTP API"
@@ -162,7 +162,7 @@ def build_document(table: RouteTable) -> dict[str, Any]:
             op["parameters"] = params
         if r.body is not None:
             op["requestBody"] = {
-                "required": True,
+                "required": not body_optional(r.body),
                 "content": {"application/json": {"schema": schema_of(r.body, "validation")}},
             }
         responses: dict[str, Any] = {}

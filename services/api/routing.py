@@ -17,7 +17,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args, get_origin
 
 from aiohttp import web
 from pydantic import BaseModel, TypeAdapter
@@ -147,7 +147,15 @@ def _not_json(name: str) -> Any:
     raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
 
 
+def body_optional(model: Any) -> bool:
+    """A body model whose every field has a default may be left out (``{}``)."""
+    fields = getattr(model, "model_fields", None)
+    return fields is not None and not any(f.is_required() for f in fields.values())
+
+
 async def _parse_body(request: web.Request, model: Any) -> Any:
+    if not request.body_exists and body_optional(model):
+        return adapter(model).validate_python({})
     ctype = request.content_type
     if ctype not in ("application/json", "application/octet-stream") and not ctype.endswith(
         "+json"
@@ -155,6 +163,8 @@ async def _parse_body(request: web.Request, model: Any) -> Any:
         raise ApiProblem(UNSUPPORTED_MEDIA, f"send application/json, not {ctype!r}")
     raw = await request.read()  # over client_max_size: aiohttp raises 413
     if not raw:
+        if body_optional(model):
+            return adapter(model).validate_python({})
         raise ApiProblem(BAD_REQUEST, "a JSON body is required")
     try:
         doc = json.loads(raw, parse_constant=_not_json)
@@ -171,14 +181,20 @@ async def _parse_body(request: web.Request, model: Any) -> Any:
         ) from None
 
 
+def _is_list(annotation: Any) -> bool:
+    """``list[X]``, or ``list[X] | None``."""
+    if get_origin(annotation) in (list, tuple, set):
+        return True
+    return any(get_origin(a) in (list, tuple, set) for a in get_args(annotation))
+
+
 def _parse_query(request: web.Request, model: type[BaseModel]) -> BaseModel:
     # Repeated parameters become lists; a model field that is not a list takes the last.
     doc: dict[str, Any] = {}
     for k in set(request.query.keys()):
         values = request.query.getall(k)
-        annotation = model.model_fields.get(k)
-        is_list = annotation is not None and "list" in str(annotation.annotation)
-        doc[k] = values if is_list else values[-1]
+        field = model.model_fields.get(k)
+        doc[k] = values if field is not None and _is_list(field.annotation) else values[-1]
     try:
         return model.model_validate(doc)
     except PydValidationError as exc:
