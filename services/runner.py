@@ -29,6 +29,7 @@ SERVICES: dict[str, str] = {
     "webhook-egress": "services.egress:WebhookEgress",
     "bridge": "services.bridge:Bridge",
     "health": "services.health:Health",
+    "api": "services.api:Api",
 }
 ALIASES = {"egress": "webhook-egress"}
 TEXTFILE_INTERVAL_S = 15.0
