@@ -18,7 +18,8 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 
 from mesh.errors import StorageError
 from mesh.storage import _registry as reg
-from mesh.storage._common import check_limit, check_table, dump_json, load_migrations, type_regex
+from mesh.storage._common import check_limit, check_table, dump_json, load_migrations
+from mesh.storage._history import HistoryQueries, event_filters
 from mesh.storage._prune import DEFAULT_BATCH, Pruner
 from mesh.storage._rows import (
     AUDIT,
@@ -65,7 +66,7 @@ class Params:
         return self._mark(len(self.values))
 
 
-class SqlStore(ABC, Generic[C]):
+class SqlStore(HistoryQueries, ABC, Generic[C]):
     """The ``Store`` methods written once over a backend's connection type ``C``."""
 
     #: ``"sqlite"`` or ``"postgres"``; also the folder of its migrations.
@@ -226,14 +227,7 @@ class SqlStore(ABC, Generic[C]):
         limit: int = 100,
     ) -> list[EventRow]:
         p = self._params()
-        where: list[str] = []
-        if source is not None:
-            where.append(f"source = {p(source)}")
-        if type is not None:
-            regex = type_regex(type)
-            where.append(
-                f"type = {p(type)}" if regex is None else f"type {self._REGEXP} {p(regex)}"
-            )
+        where = event_filters(p, self._REGEXP, source, type)
         if since is not None:
             where.append(f"time >= {p(self._ts(since))}")
         clause = f"WHERE {' AND '.join(where)}" if where else ""

@@ -15,6 +15,8 @@ Layout::
     routes_events.py   POST /v1/events, POST /v1/events:batch
     routes_targets.py  targets and propagations
     routes_admin.py    bridge tokens
+    routes_history.py  events, deliveries, dead letters, replay (models: history_models.py)
+    graphql.py         read-only GraphQL at /v1/graphql (strawberry)
 
 Adding endpoints: write ``routes_<area>.py`` with pydantic request/response models,
 handlers ``async def h(call: Call) -> Model | list[Model] | Reply`` and a

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from mesh.client import MeshClient
     from mesh.config import Settings
+    from mesh.history import PayloadReader
     from mesh.storage import Store
     from services.api.audit import Auditor
     from services.api.auth import Auth
@@ -27,6 +28,9 @@ class ApiContext(Protocol):
 
     @property
     def audit(self) -> Auditor: ...
+
+    #: Decrypts stored payloads for display (the key ring loaded on first need).
+    reader: PayloadReader
 
     async def store(self) -> Store:
         """The sink's database (read side), opened on first use."""

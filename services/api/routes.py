@@ -15,6 +15,7 @@ ROUTE_MODULES = (
     "services.api.routes_events",
     "services.api.routes_targets",
     "services.api.routes_admin",
+    "services.api.routes_history",
 )
 
 

@@ -19,7 +19,9 @@ from aiohttp import web
 from mesh.apikeys import ApiKeyStore
 from mesh.config import Settings
 from mesh.errors import ConfigError
+from mesh.history import PayloadReader
 from mesh.storage import Store, open_store
+from services.api import graphql
 from services.api.audit import Auditor
 from services.api.auth import Auth
 from services.api.idempotency import IdempotencyStore
@@ -53,6 +55,8 @@ class Api(Service):
         self._audit: Auditor | None = None
         self._store: Store | None = None
         self._store_lock = asyncio.Lock()
+        self.reader = PayloadReader(settings)
+        self.requests = 0
 
     # What handlers use ---------------------------------------------------------------
 
@@ -72,11 +76,21 @@ class Api(Service):
         return self._audit
 
     async def store(self) -> Store:
-        """The sink's database, opened on first use (for the read endpoints); the API
-        never writes it. A failure is a ``StorageError`` (503)."""
+        """The sink's database, opened (and its schema created if missing) on first use,
+        for the read endpoints; the API writes no rows. A failure is a ``StorageError``
+        (503)."""
         async with self._store_lock:
             if self._store is None:
-                self._store = await open_store(self.settings.database_url)
+                store = await open_store(self.settings.database_url)
+                try:
+                    # The sink's own migrations, idempotent and safe beside a migrating
+                    # sink: before the sink has ever run, reads find empty tables, not
+                    # missing ones (a 503).
+                    await store.migrate()
+                except BaseException:
+                    await store.close()
+                    raise
+                self._store = store
             return self._store
 
     @property
@@ -105,6 +119,7 @@ class Api(Service):
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[problem_middleware], client_max_size=MAX_BODY)
         self.table.install(app, self)
+        graphql.install(app, self)
         return app
 
     async def on_start(self) -> None:
