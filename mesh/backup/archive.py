@@ -1,0 +1,239 @@
+"""The archive: one uncompressed tar a person can inspect with ``tar tf``.
+
+Members, in this order::
+
+    MANIFEST.sha256          sha256 of manifest.json (hex)
+    manifest.json            versions, counts, and each member's size and sha256
+    keys.sealed              the key directory, sealed by the passphrase (mesh/backup/seal.py)
+    streams/<NAME>.json      the stream's config and state at the snapshot
+    streams/<NAME>.snap      the server's snapshot (already s2-compressed by nats-server)
+    tables/<TABLE>.msgpack   the table's rows (mesh/backup/tables.py)
+
+Stream snapshots are compressed by the server and payloads are ciphertext, so a
+second compression would cost time for little. The archive is written under a
+dot-name beside its final name and renamed when complete: a half-written archive
+never looks like a backup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+from mesh.errors import ValidationError
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+MANIFEST_SUM = "MANIFEST.sha256"
+KEYS = "keys.sealed"
+SUFFIX = ".tar"
+NAME_PREFIX = "mesh-backup-"
+READ_CHUNK = 1024 * 1024
+
+
+class ArchiveError(ValidationError):
+    """An archive that is damaged, truncated or not a mesh backup."""
+
+
+class _Hashing:
+    """A file wrapper that hashes and counts what is written through it."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    def __enter__(self) -> _Hashing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
+
+
+class ArchiveWriter:
+    """Stage members in a scratch directory beside the archive, then tar them."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.directory = directory
+        self.path = directory / name
+        self.staging = directory / f".{name}.staging"
+        self.files: dict[str, dict[str, Any]] = {}
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir()
+
+    @contextmanager
+    def member(self, name: str) -> Iterator[_Hashing]:
+        path = self.staging / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _Hashing(path.open("wb", buffering=READ_CHUNK)) as out:
+            yield out
+        self.files[name] = {"size": out.size, "sha256": out.sha.hexdigest()}
+
+    def opener(self, prefix: str, suffix: str) -> Any:
+        """A function ``table -> writable file`` for members ``prefix + table + suffix``."""
+        return lambda table: self.member(f"{prefix}{table}{suffix}")
+
+    def put(self, name: str, data: bytes) -> None:
+        with self.member(name) as out:
+            out.write(data)
+
+    def finish(self, manifest: dict[str, Any]) -> Path:
+        manifest = {**manifest, "files": self.files}
+        manifest_raw = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        (self.staging / MANIFEST).write_bytes(manifest_raw)
+        (self.staging / MANIFEST_SUM).write_text(hashlib.sha256(manifest_raw).hexdigest() + "\n")
+        partial = self.directory / f".{self.path.name}.partial"
+        with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
+            for name in [MANIFEST_SUM, MANIFEST, *self.files]:
+                tar.add(self.staging / name, arcname=name, recursive=False)
+        with open(partial, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, self.path)
+        self.discard()
+        return self.path
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+        (self.directory / f".{self.path.name}.partial").unlink(missing_ok=True)
+
+
+def archive_name(now: datetime, archive_id: str) -> str:
+    return f"{NAME_PREFIX}{now.astimezone(UTC):%Y%m%dT%H%M%SZ}-{archive_id[:6]}{SUFFIX}"
+
+
+# Reading --------------------------------------------------------------------------------
+
+
+def _damaged(path: Path, why: str) -> ArchiveError:
+    return ArchiveError(f"archive {path.name} is refused: {why}")
+
+
+class ArchiveReader:
+    """An archive opened for reading; ``manifest`` is checked against its checksum."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.tar = tarfile.open(path, "r:")  # noqa: SIM115 - closed by close()
+        except FileNotFoundError:
+            raise ArchiveError(f"no archive at {path}") from None
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise _damaged(path, f"not a readable tar archive ({exc})") from None
+        try:
+            first = self.tar.next()
+            second = self.tar.next()
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            self.tar.close()
+            raise _damaged(path, f"truncated or damaged ({exc})") from None
+        if not first or not second or (first.name, second.name) != (MANIFEST_SUM, MANIFEST):
+            self.tar.close()
+            raise _damaged(path, "not a mesh backup (no manifest)")
+        want = self._read(first).decode(errors="replace").strip()
+        raw = self._read(second)
+        if hashlib.sha256(raw).hexdigest() != want:
+            self.tar.close()
+            raise _damaged(path, "the manifest does not match its checksum")
+        try:
+            self.manifest: dict[str, Any] = json.loads(raw)
+        except ValueError:
+            self.tar.close()
+            raise _damaged(path, "the manifest is not JSON") from None
+        if self.manifest.get("format") != FORMAT:
+            self.tar.close()
+            raise _damaged(path, f"unknown archive format {self.manifest.get('format')!r}")
+
+    def _read(self, info: tarfile.TarInfo) -> bytes:
+        f = self.tar.extractfile(info)
+        if f is None:
+            raise _damaged(self.path, f"member {info.name} is not a file")
+        try:
+            return f.read()
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise _damaged(self.path, f"truncated ({exc})") from None
+
+    def open(self, name: str) -> IO[bytes]:
+        try:
+            f = self.tar.extractfile(name)
+        except KeyError:
+            raise _damaged(self.path, f"member {name} is missing") from None
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise _damaged(self.path, f"truncated or damaged ({exc})") from None
+        if f is None:
+            raise _damaged(self.path, f"member {name} is not a file")
+        return f
+
+    def read(self, name: str) -> bytes:
+        with self.open(name) as f:
+            return f.read()
+
+    def check_files(self, progress: Any = None) -> int:
+        """Every member's size and sha256 against the manifest; bytes read."""
+        files: dict[str, dict[str, Any]] = self.manifest.get("files", {})
+        try:
+            present = {m.name: m for m in self.tar.getmembers()}
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise _damaged(self.path, f"truncated or damaged ({exc})") from None
+        total = sum(int(f["size"]) for f in files.values())
+        done = 0
+        for name, want in files.items():
+            info = present.get(name)
+            if info is None:
+                raise _damaged(self.path, f"member {name} is missing (truncated?)")
+            if info.size != want["size"]:
+                raise _damaged(
+                    self.path, f"member {name} has {info.size} bytes, not {want['size']}"
+                )
+            sha = hashlib.sha256()
+            with self.open(name) as f:
+                try:
+                    while chunk := f.read(READ_CHUNK):
+                        sha.update(chunk)
+                        done += len(chunk)
+                        if progress:
+                            progress(done, total)
+                except (tarfile.TarError, EOFError, OSError) as exc:
+                    raise _damaged(self.path, f"member {name} is truncated ({exc})") from None
+            if sha.hexdigest() != want["sha256"]:
+                raise _damaged(self.path, f"member {name} does not match its checksum")
+        return done
+
+    def close(self) -> None:
+        self.tar.close()
+
+    def __enter__(self) -> ArchiveReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def list_archives(directory: Path) -> list[Path]:
+    """Archives in ``directory``, oldest first (names sort by time)."""
+    if not directory.is_dir():
+        return []
+    return sorted(
+        p for p in directory.iterdir() if p.name.startswith(NAME_PREFIX) and p.suffix == SUFFIX
+    )
+
+
+def prune_archives(directory: Path, keep: int) -> list[Path]:
+    """Remove all but the newest ``keep`` archives; the ones removed."""
+    archives = list_archives(directory)
+    gone = archives[: max(len(archives) - keep, 0)] if keep > 0 else []
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
