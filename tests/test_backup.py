@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -24,12 +25,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mesh.broker import free_port
+from mesh.broker import EmbeddedBroker, free_port
 from mesh.client import MeshClient
 from mesh.config import Settings
+from mesh.registry import Target, TargetKind
 from mesh.replay import scan
-from tests.support import eventually
-from tests.support.cli import MESH, mesh, ok, one_line_error
+from tests.support import eventually, migrated_store
+from tests.support.cli import MESH, ok, one_line_error
+from tests.support.inproc import mesh_inproc as mesh
 from tests.support.receiver import Receiver, Reply
 
 PASSPHRASE = "correct horse battery staple"
@@ -65,7 +68,8 @@ async def start_up(env: dict[str, str], log: Path) -> asyncio.subprocess.Process
 
     async def ready() -> bool:
         if proc.returncode is not None:
-            raise AssertionError(f"mesh up exited: {log.read_text()[-2000:]}")
+            tail = (await asyncio.to_thread(log.read_text))[-2000:]
+            raise AssertionError(f"mesh up exited: {tail}")
         return (await mesh(env, "status", "--json")).returncode == 0
 
     await eventually(ready, timeout=60, interval=0.5, what="mesh up")
@@ -80,17 +84,15 @@ def kill_9(proc: asyncio.subprocess.Process) -> None:
     except psutil.NoSuchProcess:
         return
     for p in family:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(family, timeout=10)
 
 
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
     # Slow answers keep deliveries in flight while the backup runs.
-    async with Receiver(default=Reply(200, delay=0.05)) as rx:
+    async with Receiver(default=Reply(200, delay=0.2)) as rx:
         yield rx
 
 
@@ -112,9 +114,7 @@ async def stream_ids(settings: Settings) -> set[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-async def test_backup_kill_restore_up_loses_nothing(
-    tmp_path: Path, receiver: Receiver
-) -> None:
+async def test_backup_kill_restore_up_loses_nothing(tmp_path: Path, receiver: Receiver) -> None:
     home = tmp_path / "home"
     env = up_env(home, tmp_path)
     settings = Settings(home=home, nats_port=int(env["MESH_NATS_PORT"]))
@@ -192,18 +192,23 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 @pytest.fixture
 async def archive(tmp_path: Path) -> AsyncIterator[tuple[Path, dict[str, str]]]:
-    """A real backup of a small mesh (embedded broker, SQLite), and the env that made it."""
+    """A real backup of a small mesh (embedded broker store, SQLite), and its env."""
     home = tmp_path / "src"
     env = up_env(home, tmp_path)
-    proc = await start_up(env, tmp_path / "src.log")
+    settings = Settings(home=home, nats_port=int(env["MESH_NATS_PORT"]))
+    broker = EmbeddedBroker(settings.nats_store_dir, port=settings.nats_port)
+    broker.start()
     try:
-        ok(await mesh(env, "target", "add", "t1", "--kind", "nats"))
-        ok(await mesh(env, "propagate", "broadcast", "--source", "app"))
-        ok(await mesh(env, "publish", "--source", "app", "--type", "x", "--data", "1", "--count", "20"))
+        async with MeshClient(settings, name="test") as c:
+            await c.init()
+            await c.add_target(Target(name="t1", kind=TargetKind.NATS))
+            for n in range(20):
+                await c.publish("app", "x", n)
+        async with migrated_store(settings.database_url):
+            pass
         made = ok(await mesh(env, "backup", "create", "--to", str(tmp_path / "out"), "--json"))
     finally:
-        proc.terminate()
-        await proc.wait()
+        broker.stop()
     yield Path(json.loads(made.stdout)["archive"]), env
 
 
@@ -257,6 +262,4 @@ async def test_damaged_archives_are_refused_and_the_home_is_untouched(
     one_line_error(await mesh(env, "restore", str(good)), "exists", "--force")
     # No passphrase at all: keys are never written unsealed.
     no_pass = {k: v for k, v in src_env.items() if k != "MESH_BACKUP_PASSPHRASE_FILE"}
-    one_line_error(
-        await mesh(no_pass, "backup", "create", "--to", str(tmp_path / "x")), "unsealed"
-    )
+    one_line_error(await mesh(no_pass, "backup", "create", "--to", str(tmp_path / "x")), "unsealed")
