@@ -37,7 +37,10 @@ def register(app: typer.Typer) -> None:
 
 def up(
     services: str = typer.Option(
-        "", "--services", help="Comma-separated subset: egress,bridge,health,sink (default all)."
+        "",
+        "--services",
+        help="Comma-separated subset: egress,bridge,health,sink (default all; backup too"
+        " when MESH_BACKUP_EVERY is set).",
     ),
 ) -> None:
     """Run the mesh: the embedded broker (unless MESH_NATS_URL is set) and every service."""
@@ -49,7 +52,7 @@ def up(
     names = (
         [canonical(n.strip()) for n in services.split(",") if n.strip()]
         if services
-        else available_services()
+        else available_services(s)
     )
     for n in names:
         load_service(n)  # an unknown name fails here, before anything starts
@@ -67,7 +70,9 @@ def up(
     main_sync(names, s)
 
 
-def serve(name: str = typer.Argument(..., help="webhook-egress | bridge | health | sink")) -> None:
+def serve(
+    name: str = typer.Argument(..., help="webhook-egress | bridge | health | sink | backup"),
+) -> None:
     """Run one service in this process (connects to MESH_NATS_URL)."""
     from services.runner import load_service, main_sync
 
