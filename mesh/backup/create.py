@@ -26,7 +26,7 @@ from nats.aio.client import Client as NATS
 from mesh import __version__
 from mesh.backup import jetstream, tables
 from mesh.backup.archive import FORMAT, KEYS, ArchiveWriter, archive_name
-from mesh.backup.seal import read_key_dir, seal
+from mesh.backup.seal import SealingKey, check_passphrase, derive, read_key_dir, seal_with
 from mesh.broker import EmbeddedBroker, free_port, port_free
 from mesh.config import Settings
 from mesh.errors import BrokerError, BrokerUnavailable, ConfigError
@@ -97,15 +97,20 @@ async def create_backup(
     passphrase: bytes,
     progress: Progress | None = None,
 ) -> BackupResult:
+    check_passphrase(passphrase)
     started = time.monotonic()
     now = datetime.now(UTC)
     archive_id = uuid.uuid4().hex
     writer = ArchiveWriter(directory, archive_name(now, archive_id))
+    # The key derivation is slow on purpose; it runs while the streams are read.
+    sealing = asyncio.ensure_future(asyncio.to_thread(derive, passphrase))
     try:
-        manifest = await _write(settings, writer, archive_id, now, passphrase, progress)
+        manifest = await _write(settings, writer, archive_id, now, sealing, progress)
         path = await asyncio.to_thread(writer.finish, manifest)
     except BaseException:
         writer.discard()
+        if not sealing.done():
+            sealing.cancel()
         raise
     return BackupResult(path, path.stat().st_size, time.monotonic() - started, manifest)
 
@@ -115,7 +120,7 @@ async def _write(
     writer: ArchiveWriter,
     archive_id: str,
     now: datetime,
-    passphrase: bytes,
+    sealing: asyncio.Future[SealingKey],
     progress: Progress | None,
 ) -> dict[str, Any]:
     streams: dict[str, Any] = {}
@@ -166,7 +171,7 @@ async def _write(
     keys = read_key_dir(settings.key_path.parent)
     if settings.encryption and settings.key_path.name not in keys:
         raise ConfigError(f"no key file at {settings.key_path}: nothing could read the payloads")
-    writer.put(KEYS, await asyncio.to_thread(seal, keys, passphrase, archive_id))
+    writer.put(KEYS, seal_with(await sealing, keys, archive_id))
     return {
         "format": FORMAT,
         "id": archive_id,

@@ -18,6 +18,7 @@ import json
 import os
 import struct
 from base64 import b64decode, b64encode
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -46,18 +47,36 @@ def check_passphrase(passphrase: bytes) -> None:
         raise ValidationError(f"the backup passphrase must have at least {MIN_PASSPHRASE} bytes")
 
 
+@dataclass(frozen=True)
+class SealingKey:
+    """A key derived from the passphrase, with the salt and parameters that made it."""
+
+    params: bytes
+    salt: bytes
+    key: bytes
+
+
+def derive(passphrase: bytes, *, n: int = SCRYPT_N) -> SealingKey:
+    """The slow part of sealing (a backup runs it while the streams are read)."""
+    check_passphrase(passphrase)
+    params = json.dumps({"kdf": "scrypt", "n": n, "r": SCRYPT_R, "p": SCRYPT_P}).encode()
+    salt = os.urandom(16)
+    return SealingKey(params, salt, _derive(passphrase, salt, n, SCRYPT_R, SCRYPT_P))
+
+
+def seal_with(sk: SealingKey, files: dict[str, bytes], archive_id: str) -> bytes:
+    nonce = os.urandom(12)
+    plain = json.dumps({name: b64encode(data).decode() for name, data in files.items()}).encode()
+    aad = MAGIC + sk.params + archive_id.encode()
+    body = AESGCM(sk.key).encrypt(nonce, plain, aad)
+    return MAGIC + struct.pack(">H", len(sk.params)) + sk.params + sk.salt + nonce + body
+
+
 def seal(
     files: dict[str, bytes], passphrase: bytes, archive_id: str, *, n: int = SCRYPT_N
 ) -> bytes:
     """``files`` (name -> content) sealed under ``passphrase`` for archive ``archive_id``."""
-    check_passphrase(passphrase)
-    params = json.dumps({"kdf": "scrypt", "n": n, "r": SCRYPT_R, "p": SCRYPT_P}).encode()
-    salt, nonce = os.urandom(16), os.urandom(12)
-    key = _derive(passphrase, salt, n, SCRYPT_R, SCRYPT_P)
-    plain = json.dumps({name: b64encode(data).decode() for name, data in files.items()}).encode()
-    aad = MAGIC + params + archive_id.encode()
-    body = AESGCM(key).encrypt(nonce, plain, aad)
-    return MAGIC + struct.pack(">H", len(params)) + params + salt + nonce + body
+    return seal_with(derive(passphrase, n=n), files, archive_id)
 
 
 def unseal(blob: bytes, passphrase: bytes, archive_id: str) -> dict[str, bytes]:
