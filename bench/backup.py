@@ -6,21 +6,23 @@
    20,000 with ``--quick``; 1,000,000 with ``--events 1000000``) on MESH_EVENTS and
    the same N rows in the events table (written in batches as the sink would).
 2. Raw baseline: the same bytes read sequentially from disk (every file of the
-   JetStream store and the database, 1 MiB reads), in this run.
+   JetStream store and the database, 1 MiB reads with O_DIRECT, past the page
+   cache), in this run; the page-cache rate is printed beside it.
 3. ``create_backup`` (streams through the JetStream snapshot API, tables through
    SQLite's online backup, keys sealed): time, archive size, and its read rate =
    (stream bytes + database bytes) / backup time. Aim: >= 0.5 of the raw rate.
 4. ``restore_archive`` into a second, empty nats-server and database: time.
 
-The raw reads come after the store was written, so both they and the backup read
-mostly from the page cache on a machine with the memory for it: the ratio compares
-what the backup adds over reading the bytes, not two different disks.
+The backup itself reads through the page cache (nats-server and SQLite read their
+own files), so on a machine with the memory it beats the disk; the ratio says how
+its rate compares with what the disk would give a plain sequential reader.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import mmap
 import os
 import shutil
 import tempfile
@@ -40,14 +42,24 @@ ROW_BATCH = 5_000
 MB = 1024 * 1024
 
 
-def read_all(paths: list[Path]) -> int:
+def read_all(paths: list[Path], direct: bool) -> int:
+    """Read every file under ``paths`` sequentially in 1 MiB reads; bytes read.
+
+    ``direct``: with O_DIRECT into an aligned buffer, past the page cache, so the
+    figure is the disk's; raises OSError where the filesystem refuses O_DIRECT.
+    """
+    buf = mmap.mmap(-1, MB)  # page-aligned, as O_DIRECT wants
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0)
     n = 0
     for root in paths:
         files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
         for p in files:
-            with p.open("rb", buffering=0) as f:
-                while chunk := f.read(MB):
-                    n += len(chunk)
+            fd = os.open(p, flags)
+            try:
+                while got := os.readv(fd, [buf]):
+                    n += got
+            finally:
+                os.close(fd)
     return n
 
 
@@ -90,8 +102,16 @@ async def run(args: argparse.Namespace) -> list[Result]:
         db_file = Path(s.database_url.removeprefix("sqlite:///"))
         store_dir = mesh.broker.store_dir
         t0 = time.perf_counter()
-        raw_bytes = await asyncio.to_thread(read_all, [store_dir, db_file])
-        raw_s = time.perf_counter() - t0
+        raw_bytes = await asyncio.to_thread(read_all, [store_dir, db_file], False)
+        cached_rate = raw_bytes / (time.perf_counter() - t0) / MB
+        try:
+            t0 = time.perf_counter()
+            await asyncio.to_thread(read_all, [store_dir, db_file], True)
+            raw_s = time.perf_counter() - t0
+            raw_name = "disk (O_DIRECT)"
+        except OSError:  # tmpfs and some others: no O_DIRECT; the page cache it is
+            raw_s = raw_bytes / cached_rate / MB
+            raw_name = "page cache"
         out = mesh.tmp / "archives"
         result = await create_backup(s, out, PASSPHRASE)
         read_rate = raw_bytes / result.seconds / MB
@@ -125,8 +145,9 @@ async def run(args: argparse.Namespace) -> list[Result]:
                 read_rate,
                 "MiB/s",
                 raw_rate,
-                "sequential read",
+                raw_name,
                 aim=">= 0.5",
+                note=f"page cache reads {cached_rate:,.0f} MiB/s",
             )
         ),
         report(
