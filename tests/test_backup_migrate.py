@@ -135,6 +135,18 @@ async def test_sqlite_single_node_archive_restores_onto_cluster_and_postgres(
         assert again.manifest["source"] == {"database": "postgres", "embedded_broker": False}
         assert again.manifest["tables"] == tables
         assert {k: v["messages"] for k, v in again.manifest["streams"].items()} == want
+        assert again.manifest["table_format"] == "rows"
+    # That archive (PostgreSQL rows) restores onto one embedded server + SQLite again.
+    home = tmp_path / "back"
+    back = Settings(home=home, nats_port=free_port())
+    result = await restore_archive(back, again.path, PASSPHRASE)
+    assert result.tables == tables
+    assert result.streams == want
+    store = await open_store(back.database_url)
+    try:
+        assert {t: await store.count(t) for t in tables} == tables
+    finally:
+        await store.close()
     print(
         f"\nmigrated: streams {want}, tables {pg_counts};"
         f" t1 resumed at event {rest[0]} of {N_EVENTS} ({CONSUMED} acked before the backup)"

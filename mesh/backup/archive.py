@@ -7,7 +7,8 @@ Members, in this order::
     keys.sealed              the key directory, sealed by the passphrase (mesh/backup/seal.py)
     streams/<NAME>.json      the stream's config and state at the snapshot
     streams/<NAME>.snap      the server's snapshot (already s2-compressed by nats-server)
-    tables/<TABLE>.msgpack   the table's rows (mesh/backup/tables.py)
+    tables/mesh.sqlite       SQLite: the database as its online backup copied it
+    tables/<TABLE>.msgpack   PostgreSQL: each table's rows (mesh/backup/tables.py)
 
 Stream snapshots are compressed by the server and payloads are ciphertext, so a
 second compression would cost time for little. The archive is written under a
@@ -34,6 +35,7 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 MANIFEST_SUM = "MANIFEST.sha256"
 KEYS = "keys.sealed"
+SQLITE_MEMBER = "tables/mesh.sqlite"
 SUFFIX = ".tar"
 NAME_PREFIX = "mesh-backup-"
 READ_CHUNK = 1024 * 1024
@@ -86,6 +88,16 @@ class ArchiveWriter:
     def opener(self, prefix: str, suffix: str) -> Any:
         """A function ``table -> writable file`` for members ``prefix + table + suffix``."""
         return lambda table: self.member(f"{prefix}{table}{suffix}")
+
+    def add_file(self, name: str) -> None:
+        """Register a member written straight into the staging directory (hashed here)."""
+        sha = hashlib.sha256()
+        size = 0
+        with (self.staging / name).open("rb") as f:
+            while chunk := f.read(READ_CHUNK):
+                sha.update(chunk)
+                size += len(chunk)
+        self.files[name] = {"size": size, "sha256": sha.hexdigest()}
 
     def put(self, name: str, data: bytes) -> None:
         with self.member(name) as out:

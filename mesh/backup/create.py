@@ -25,7 +25,7 @@ from nats.aio.client import Client as NATS
 
 from mesh import __version__
 from mesh.backup import jetstream, tables
-from mesh.backup.archive import FORMAT, KEYS, ArchiveWriter, archive_name
+from mesh.backup.archive import FORMAT, KEYS, SQLITE_MEMBER, ArchiveWriter, archive_name
 from mesh.backup.seal import SealingKey, check_passphrase, derive, read_key_dir, seal_with
 from mesh.broker import EmbeddedBroker, free_port, port_free
 from mesh.config import Settings
@@ -159,15 +159,19 @@ async def _write(
         if progress:
             progress(f"table {table}", n, 0)
 
-    opener = writer.opener("tables/", ".msgpack")
     if db_backend == "sqlite":
-        path = tables.sqlite_file(url)
-        scratch = writer.staging / "scratch.db"
+        copy = writer.staging / SQLITE_MEMBER
+        copy.parent.mkdir(parents=True, exist_ok=True)
         counts, migrations = await asyncio.to_thread(
-            tables.dump_sqlite, path, scratch, opener, table_step
+            tables.dump_sqlite, tables.sqlite_file(url), copy, table_step
         )
+        if copy.exists():
+            await asyncio.to_thread(writer.add_file, SQLITE_MEMBER)
+        table_format = "sqlite"
     else:
+        opener = writer.opener("tables/", ".msgpack")
         counts, migrations = await tables.dump_postgres(url, opener, table_step)
+        table_format = "rows"
     keys = read_key_dir(settings.key_path.parent)
     if settings.encryption and settings.key_path.name not in keys:
         raise ConfigError(f"no key file at {settings.key_path}: nothing could read the payloads")
@@ -183,5 +187,6 @@ async def _write(
         "schema_migrations": migrations,
         "streams": streams,
         "tables": counts,
+        "table_format": table_format,
         "keys": {"files": sorted(keys), "kdf": "scrypt", "cipher": "AES-256-GCM"},
     }

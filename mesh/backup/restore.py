@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import sqlite3
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from mesh.backup import jetstream, tables
-from mesh.backup.archive import KEYS, ArchiveError, ArchiveReader
+from mesh.backup.archive import KEYS, SQLITE_MEMBER, ArchiveError, ArchiveReader
 from mesh.backup.create import broker_connection
 from mesh.backup.seal import unseal, write_key_dir
 from mesh.config import Settings
@@ -53,24 +56,50 @@ class Verified:
         }
 
 
-def _verify(reader: ArchiveReader, passphrase: bytes, progress: Progress | None) -> Verified:
+def _refused(reader: ArchiveReader, why: str) -> ArchiveError:
+    return ArchiveError(f"archive {reader.path.name} is refused: {why}")
+
+
+def _count_rows(reader: ArchiveReader, scratch: Path) -> dict[str, int]:
+    """Each table's rows as the archive holds them (a SQLite copy is extracted to
+    ``scratch``, where a restore then reads it)."""
     m = reader.manifest
-    done = reader.check_files((lambda d, t: progress("checksums", d, t)) if progress else None)
+    if m.get("table_format") == "sqlite":
+        if SQLITE_MEMBER not in m.get("files", {}):
+            return {}
+        copy = scratch / "mesh.sqlite"
+        with reader.open(SQLITE_MEMBER) as src, copy.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 1024 * 1024)
+        try:
+            conn = tables.open_copy(copy)
+            try:
+                if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                    raise _refused(reader, "the database in it fails SQLite's quick_check")
+                return tables.count_sqlite(conn)
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as exc:
+            raise _refused(reader, f"the database in it does not open ({exc})") from None
     rows: dict[str, int] = {}
-    for table, want in m.get("tables", {}).items():
+    for table in m.get("tables", {}):
         with reader.open(f"tables/{table}.msgpack") as f:
             try:
-                _name, _cols, it = tables.read_table(f)  # type: ignore[arg-type]
-                n = sum(1 for _ in it)
+                _name, _cols, it = tables.read_table(f)
+                rows[table] = sum(1 for _ in it)
             except (ValueError, StorageError) as exc:
-                raise ArchiveError(
-                    f"archive {reader.path.name} is refused: table {table}: {exc}"
-                ) from None
-        if n != want:
-            raise ArchiveError(
-                f"archive {reader.path.name} is refused: table {table} has {n} rows, not {want}"
-            )
-        rows[table] = n
+                raise _refused(reader, f"table {table}: {exc}") from None
+    return rows
+
+
+def _verify(
+    reader: ArchiveReader, passphrase: bytes, progress: Progress | None, scratch: Path
+) -> Verified:
+    m = reader.manifest
+    done = reader.check_files((lambda d, t: progress("checksums", d, t)) if progress else None)
+    rows = _count_rows(reader, scratch)
+    for table, want in m.get("tables", {}).items():
+        if rows.get(table) != want:
+            raise _refused(reader, f"table {table} has {rows.get(table)} rows, not {want}")
     for stream in m.get("streams", {}):
         reader.open(f"streams/{stream}.snap").close()
     keys = unseal(reader.read(KEYS), passphrase, m["id"])
@@ -78,8 +107,8 @@ def _verify(reader: ArchiveReader, passphrase: bytes, progress: Progress | None)
 
 
 def verify_archive(path: Path, passphrase: bytes, progress: Progress | None = None) -> Verified:
-    with ArchiveReader(path) as reader:
-        return _verify(reader, passphrase, progress)
+    with ArchiveReader(path) as reader, tempfile.TemporaryDirectory(prefix="mesh-verify-") as tmp:
+        return _verify(reader, passphrase, progress, Path(tmp))
 
 
 @dataclass
@@ -137,8 +166,11 @@ async def restore_archive(
 ) -> RestoreResult:
     started = time.monotonic()
     reader = await asyncio.to_thread(ArchiveReader, path)
+    scratch = tempfile.TemporaryDirectory(prefix="mesh-restore-")
     try:
-        verified = await asyncio.to_thread(_verify, reader, passphrase, progress)
+        verified = await asyncio.to_thread(
+            _verify, reader, passphrase, progress, Path(scratch.name)
+        )
         m = verified.manifest
         backend = tables.backend(settings.database_url)
         _check_schema(m, backend)
@@ -186,17 +218,35 @@ async def restore_archive(
             await store.migrate()
         finally:
             await store.close()
-        members = [_member(reader, t) for t in m.get("tables", {})]
-        if backend == "sqlite":
-            counts = await asyncio.to_thread(
-                tables.load_sqlite, tables.sqlite_file(settings.database_url), members, force=force
-            )
-        else:
-            counts = await tables.load_postgres(settings.database_url, members, force=force)
+        counts = await _load_tables(settings, reader, Path(scratch.name), force)
         await asyncio.to_thread(write_key_dir, key_dir, verified.keys)
     finally:
         reader.close()
+        scratch.cleanup()
     return RestoreResult(verified, restored, counts, time.monotonic() - started)
+
+
+async def _load_tables(
+    settings: Settings, reader: ArchiveReader, scratch: Path, force: bool
+) -> dict[str, int]:
+    m = reader.manifest
+    url = settings.database_url
+    to_sqlite = tables.backend(url) == "sqlite"
+    if m.get("table_format") == "sqlite":
+        copy = scratch / "mesh.sqlite"
+        if not copy.exists():
+            return {}
+        if to_sqlite:
+            return await asyncio.to_thread(
+                tables.attach_copy, tables.sqlite_file(url), copy, force=force
+            )
+        return await tables.load_postgres(url, tables.sqlite_sources(copy), force=force)
+    sources = [tables.msgpack_source(_member(reader, t)) for t in m.get("tables", {})]
+    if to_sqlite:
+        return await asyncio.to_thread(
+            tables.load_sqlite, tables.sqlite_file(url), sources, force=force
+        )
+    return await tables.load_postgres(url, sources, force=force)
 
 
 def _member(reader: ArchiveReader, table: str) -> Callable[[], IO[bytes]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -86,30 +87,36 @@ def _migrations_sqlite(conn: sqlite3.Connection) -> list[int]:
 
 
 def dump_sqlite(
-    path: str, scratch: Path, open_member: Opener, progress: Progress | None = None
+    path: str, copy: Path, progress: Progress | None = None
 ) -> tuple[dict[str, int], list[int]]:
-    """Copy the database with the online backup API, then write each table; row counts."""
+    """Copy the database to ``copy`` with the online backup API; its row counts.
+
+    The copy is the archive's member as it is (pages, not rows: as fast as the disk),
+    ``VACUUM``-free; a restore onto PostgreSQL reads its rows (``sqlite_sources``).
+    """
     if not Path(path).exists():
         return {}, []
     src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    dst = sqlite3.connect(scratch)
+    dst = sqlite3.connect(copy)
     try:
         src.execute("PRAGMA busy_timeout=10000")
-        src.backup(dst, pages=4096)
+        src.backup(dst, pages=-1)
+        dst.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, no -wal
+        return count_sqlite(dst), _migrations_sqlite(dst)
     finally:
         src.close()
-    counts: dict[str, int] = {}
-    try:
-        migrations = _migrations_sqlite(dst)
-        for table in _sqlite_tables(dst):
-            cur = dst.execute(f'SELECT * FROM "{table}"')
-            columns = [d[0] for d in cur.description]
-            with open_member(table) as out:
-                counts[table] = _write_table(out, table, columns, (list(r) for r in cur), progress)
-    finally:
         dst.close()
-        scratch.unlink(missing_ok=True)
-    return counts, migrations
+
+
+def count_sqlite(conn: sqlite3.Connection) -> dict[str, int]:
+    return {
+        t: conn.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0] for t in _sqlite_tables(conn)
+    }
+
+
+def open_copy(path: Path) -> sqlite3.Connection:
+    """A database file taken from an archive, read-only."""
+    return sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
 
 
 async def dump_postgres(
@@ -164,7 +171,13 @@ async def dump_postgres(
 # Load -------------------------------------------------------------------------------
 
 
-def read_table(f: IO[bytes]) -> tuple[str, list[str], Iterator[list[Any]]]:
+#: One table: its name, its columns, its rows.
+TableData = tuple[str, list[str], Iterator[list[Any]]]
+#: Opens one table's rows for a restore.
+Source = Callable[[], AbstractContextManager[TableData]]
+
+
+def read_table(f: IO[bytes]) -> TableData:
     unpacker = msgpack.Unpacker(f, raw=False, max_buffer_size=64 * 1024 * 1024)
     try:
         header = next(unpacker)
@@ -172,6 +185,76 @@ def read_table(f: IO[bytes]) -> tuple[str, list[str], Iterator[list[Any]]]:
     except (StopIteration, KeyError, TypeError, ValueError):
         raise StorageError("a table in the archive has no header") from None
     return table, columns, (list(r) for r in unpacker)
+
+
+def msgpack_source(open_member: Callable[[], IO[bytes]]) -> Source:
+    @contextmanager
+    def source() -> Iterator[TableData]:
+        with open_member() as f:
+            yield read_table(f)
+
+    return source
+
+
+def sqlite_sources(path: Path) -> list[Source]:
+    """The tables of a database file from an archive, as row sources."""
+    conn = open_copy(path)
+    try:
+        names = _sqlite_tables(conn)
+    finally:
+        conn.close()
+
+    def one(table: str) -> Source:
+        @contextmanager
+        def source() -> Iterator[TableData]:
+            c = open_copy(path)
+            try:
+                cur = c.execute(f'SELECT * FROM "{table}"')
+                yield table, [d[0] for d in cur.description], (list(r) for r in cur)
+            finally:
+                c.close()
+
+        return source
+
+    return [one(t) for t in names]
+
+
+def attach_copy(path: str, copy: Path, *, force: bool) -> dict[str, int]:
+    """SQLite onto SQLite: ``INSERT .. SELECT`` from the attached copy, in C, one
+    transaction; columns the target has and the copy lacks keep their defaults."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    counts: dict[str, int] = {}
+    try:
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("ATTACH DATABASE ? AS archived", (f"file:{copy}?mode=ro",))
+        conn.execute("BEGIN IMMEDIATE")
+        tables = [
+            r[0]
+            for r in conn.execute(
+                "SELECT name FROM archived.sqlite_master WHERE type = 'table'"
+                " AND name NOT LIKE 'sqlite_%' ORDER BY name"
+            )
+            if r[0] not in SKIP
+        ]
+        for table in tables:
+            _check_empty_sqlite(conn, table, force)
+            cols = [r[1] for r in conn.execute(f'PRAGMA archived.table_info("{table}")')]
+            have = {r[1] for r in conn.execute(f'PRAGMA main.table_info("{table}")')}
+            missing = [c for c in cols if c not in have]
+            if missing:
+                raise StorageError(f"table {table} has no column {missing[0]} here")
+            names = ", ".join(f'"{c}"' for c in cols)
+            cur = conn.execute(
+                f'INSERT INTO main."{table}" ({names}) SELECT {names} FROM archived."{table}"'
+            )
+            counts[table] = cur.rowcount
+        conn.execute("COMMIT")
+        conn.execute("DETACH DATABASE archived")
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot restore the tables into {path}: {exc}") from None
+    finally:
+        conn.close()
+    return counts
 
 
 def _batches(rows: Iterator[list[Any]], n: int = BATCH) -> Iterator[list[list[Any]]]:
@@ -185,17 +268,14 @@ def _batches(rows: Iterator[list[Any]], n: int = BATCH) -> Iterator[list[list[An
         yield buf
 
 
-def load_sqlite(
-    path: str, members: list[Callable[[], IO[bytes]]], *, force: bool
-) -> dict[str, int]:
+def load_sqlite(path: str, sources: list[Source], *, force: bool) -> dict[str, int]:
     conn = sqlite3.connect(path, isolation_level=None)
     counts: dict[str, int] = {}
     try:
         conn.execute("PRAGMA busy_timeout=10000")
         conn.execute("BEGIN IMMEDIATE")
-        for open_member in members:
-            with open_member() as f:
-                table, columns, rows = read_table(f)
+        for source in sources:
+            with source() as (table, columns, rows):
                 _check_empty_sqlite(conn, table, force)
                 cols = ", ".join(f'"{c}"' for c in columns)
                 marks = ", ".join("?" * len(columns))
@@ -231,9 +311,7 @@ def _pg_converter(data_type: str) -> Callable[[Any], Any]:
     return lambda v: v
 
 
-async def load_postgres(
-    url: str, members: list[Callable[[], IO[bytes]]], *, force: bool
-) -> dict[str, int]:
+async def load_postgres(url: str, sources: list[Source], *, force: bool) -> dict[str, int]:
     try:
         conn = await asyncpg.connect(url, timeout=10)
     except (OSError, asyncpg.PostgresError) as exc:
@@ -241,10 +319,8 @@ async def load_postgres(
     counts: dict[str, int] = {}
     try:
         async with conn.transaction():
-            for open_member in members:
-                f = open_member()
-                with f:
-                    table, columns, rows = read_table(f)
+            for source in sources:
+                with source() as (table, columns, rows):
                     info = await conn.fetch(
                         "SELECT column_name, data_type, is_identity FROM information_schema.columns"
                         " WHERE table_schema = current_schema() AND table_name = $1",
