@@ -148,6 +148,7 @@ async def test_backup_kill_restore_up_loses_nothing(tmp_path: Path, receiver: Re
         kill_9(proc)
     doc = json.loads(made.stdout)
     archive = Path(doc["archive"])
+    assert (await asyncio.to_thread(archive.stat)).st_mode & 0o077 == 0
     delivered_before_kill = set(receiver.unique_ids())
     in_archive = doc["streams"]["MESH_EVENTS"]
     shutil.rmtree(home)

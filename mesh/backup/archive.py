@@ -2,18 +2,20 @@
 
 Members, in this order::
 
-    MANIFEST.sha256          sha256 of manifest.json (hex)
-    manifest.json            versions, counts, and each member's size and sha256
-    keys.sealed              the key directory, sealed by the passphrase (mesh/backup/seal.py)
-    streams/<NAME>.json      the stream's config and state at the snapshot
     streams/<NAME>.snap      the server's snapshot (already s2-compressed by nats-server)
+    streams/<NAME>.json      the stream's config and state at the snapshot
     tables/mesh.sqlite       SQLite: the database as its online backup copied it
     tables/<TABLE>.msgpack   PostgreSQL: each table's rows (mesh/backup/tables.py)
+    keys.sealed              the key directory, sealed by the passphrase (mesh/backup/seal.py)
+    manifest.json            versions, counts, and each member's size and sha256
+    MANIFEST.sha256          sha256 of manifest.json (hex)
+
+A truncated archive has no manifest: it ends with the manifest.
 
 Stream snapshots are compressed by the server and payloads are ciphertext, so a
 second compression would cost time for little. The archive is written under a
-dot-name beside its final name and renamed when complete: a half-written archive
-never looks like a backup.
+dot-name beside its final name (streamed, with no staging copy) and renamed when
+complete: a half-written archive never looks like a backup.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import os
 import shutil
 import tarfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -46,7 +49,7 @@ class ArchiveError(ValidationError):
 
 
 class _Hashing:
-    """A file wrapper that hashes and counts what is written through it."""
+    """Writes through to the archive, hashing and counting."""
 
     def __init__(self, f: BinaryIO) -> None:
         self._f = f
@@ -58,31 +61,54 @@ class _Hashing:
         self.size += len(data)
         return self._f.write(data)
 
-    def __enter__(self) -> _Hashing:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._f.close()
+def _header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = int(time.time())
+    info.mode = 0o600
+    # GNU format: the header's length depends on the name only (a size past 8 GiB is
+    # written base-256 in the same field), so it can be rewritten once the size is known.
+    return info.tobuf(format=tarfile.GNU_FORMAT, encoding="utf-8", errors="strict")
 
 
 class ArchiveWriter:
-    """Stage members in a scratch directory beside the archive, then tar them."""
+    """Writes the tar as members come: each member's data streams straight into the
+    archive file behind a header that is rewritten with the size when it ends (one
+    write of the data, no staging copy). The manifest goes last. A scratch directory
+    beside it holds what must be a file first (the SQLite copy)."""
 
     def __init__(self, directory: Path, name: str) -> None:
         self.directory = directory
         self.path = directory / name
+        self.partial = directory / f".{name}.partial"
         self.staging = directory / f".{name}.staging"
         self.files: dict[str, dict[str, Any]] = {}
         directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir()
+        # 0600: payloads are ciphertext and keys sealed, but subjects and the registry are not.
+        fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._out: BinaryIO = os.fdopen(fd, "wb", buffering=READ_CHUNK)
 
     @contextmanager
     def member(self, name: str) -> Iterator[_Hashing]:
-        path = self.staging / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with _Hashing(path.open("wb", buffering=READ_CHUNK)) as out:
-            yield out
+        if name in self.files:
+            raise ValueError(f"member {name} written twice")
+        start = self._out.tell()
+        header = _header(name, 0)
+        self._out.write(header)
+        out = _Hashing(self._out)
+        yield out
+        pad = -out.size % tarfile.BLOCKSIZE
+        self._out.write(b"\0" * pad)
+        end = self._out.tell()
+        final = _header(name, out.size)
+        if len(final) != len(header):
+            raise ValueError(f"tar header of {name} changed length")
+        self._out.seek(start)
+        self._out.write(final)
+        self._out.seek(end)
         self.files[name] = {"size": out.size, "sha256": out.sha.hexdigest()}
 
     def opener(self, prefix: str, suffix: str) -> Any:
@@ -90,37 +116,33 @@ class ArchiveWriter:
         return lambda table: self.member(f"{prefix}{table}{suffix}")
 
     def add_file(self, name: str) -> None:
-        """Register a member written straight into the staging directory (hashed here)."""
-        sha = hashlib.sha256()
-        size = 0
-        with (self.staging / name).open("rb") as f:
+        """Copy a file from the scratch directory in as member ``name``."""
+        with (self.staging / name).open("rb") as f, self.member(name) as out:
             while chunk := f.read(READ_CHUNK):
-                sha.update(chunk)
-                size += len(chunk)
-        self.files[name] = {"size": size, "sha256": sha.hexdigest()}
+                out.write(chunk)
 
     def put(self, name: str, data: bytes) -> None:
         with self.member(name) as out:
             out.write(data)
 
     def finish(self, manifest: dict[str, Any]) -> Path:
-        manifest = {**manifest, "files": self.files}
+        manifest = {**manifest, "files": dict(self.files)}
         manifest_raw = json.dumps(manifest, indent=2, sort_keys=True).encode()
-        (self.staging / MANIFEST).write_bytes(manifest_raw)
-        (self.staging / MANIFEST_SUM).write_text(hashlib.sha256(manifest_raw).hexdigest() + "\n")
-        partial = self.directory / f".{self.path.name}.partial"
-        with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
-            for name in [MANIFEST_SUM, MANIFEST, *self.files]:
-                tar.add(self.staging / name, arcname=name, recursive=False)
-        with open(partial, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(partial, self.path)
+        self.put(MANIFEST, manifest_raw)
+        self.put(MANIFEST_SUM, (hashlib.sha256(manifest_raw).hexdigest() + "\n").encode())
+        self._out.write(b"\0" * (tarfile.BLOCKSIZE * 2))  # end of archive
+        self._out.flush()
+        os.fsync(self._out.fileno())
+        self._out.close()
+        os.replace(self.partial, self.path)
         self.discard()
         return self.path
 
     def discard(self) -> None:
+        if not self._out.closed:
+            self._out.close()
         shutil.rmtree(self.staging, ignore_errors=True)
-        (self.directory / f".{self.path.name}.partial").unlink(missing_ok=True)
+        self.partial.unlink(missing_ok=True)
 
 
 def archive_name(now: datetime, archive_id: str) -> str:
@@ -146,14 +168,15 @@ class ArchiveReader:
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise _damaged(path, f"not a readable tar archive ({exc})") from None
         try:
-            first = self.tar.next()
-            second = self.tar.next()
+            members = {m.name: m for m in self.tar.getmembers()}
         except (tarfile.TarError, EOFError, OSError) as exc:
             self.tar.close()
             raise _damaged(path, f"truncated or damaged ({exc})") from None
-        if not first or not second or (first.name, second.name) != (MANIFEST_SUM, MANIFEST):
+        first, second = members.get(MANIFEST_SUM), members.get(MANIFEST)
+        if first is None or second is None:
             self.tar.close()
-            raise _damaged(path, "not a mesh backup (no manifest)")
+            why = "truncated (no manifest at its end)" if members else "not a mesh backup"
+            raise _damaged(path, why)
         want = self._read(first).decode(errors="replace").strip()
         raw = self._read(second)
         if hashlib.sha256(raw).hexdigest() != want:
