@@ -46,7 +46,8 @@ from mesh.observability import METRICS
 from mesh.pubpipe import AckedPublisher, ack_duplicate, ack_error, no_stream
 from mesh.pullfeed import PullFeed
 from mesh.records import DeliveryRecord, Outcome, dead_letter_headers
-from mesh.registry import Propagation, PropagationMode, Registry, Target, route_accepts
+from mesh.registry import Propagation, PropagationMode, Registry, Target
+from mesh.routing import RouteCache, Verdict
 from mesh.serverinfo import check_server
 from mesh.streams import Provisioner, StreamNames, ensure_streams
 from mesh.subjects import Subjects, validate_name, validate_type
@@ -110,49 +111,6 @@ def raise_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
-
-
-class RouteCache:
-    """Per-target routes, re-read on a miss when the registry changed since.
-
-    A miss is trusted only at the registry revision the routes were read at: an
-    event on a propagation added a moment ago must not be skipped (and acked) by a
-    cache that predates it.
-    """
-
-    def __init__(self, registry: Registry) -> None:
-        self.registry = registry
-        self._routes: dict[str, list[tuple[str, str | None]]] = {}
-        self._revision: dict[str, int] = {}
-        self._first: dict[str, asyncio.Lock] = {}
-
-    async def accepts(self, target: str, source: str, event_type: str) -> bool:
-        routes = self._routes.get(target)
-        if routes is not None and route_accepts(routes, source, event_type):
-            return True
-        if routes is None:
-            # The first read of a target's routes, once: a whole fetched batch misses
-            # together (an egress starting on a backlog), and each event reading the
-            # registry for itself cost a status request and two KV listings apiece.
-            async with self._first.setdefault(target, asyncio.Lock()):
-                if target not in self._routes:
-                    await self._read(target)
-            routes = self._routes[target]
-            if route_accepts(routes, source, event_type):
-                return True
-        # Read the revision before the routes: a change in between makes the next miss
-        # look again rather than trust stale routes.
-        revision = await self.registry.revision()
-        if self._revision.get(target) == revision:
-            return False
-        await self._read(target, revision)
-        return route_accepts(self._routes[target], source, event_type)
-
-    async def _read(self, target: str, revision: int | None = None) -> None:
-        if revision is None:
-            revision = await self.registry.revision()
-        self._routes[target] = await self.registry.routes_for(target)
-        self._revision[target] = revision
 
 
 class MeshClient:
@@ -346,9 +304,15 @@ class MeshClient:
         source: str,
         targets: list[str] | None = None,
         types: str | None = None,
+        *,
+        filter: str | None = None,
+        transform: str | None = None,
     ) -> Propagation:
+        """Add a propagation; ``filter`` is CESQL, ``transform`` JMESPath (both checked now)."""
         await ensure_streams(self.js, self.settings)
-        prop = await self.registry.add_propagation(PropagationMode(mode), source, targets, types)
+        prop = await self.registry.add_propagation(
+            PropagationMode(mode), source, targets, types, filter=filter, transform=transform
+        )
         await self.provisioner.reconcile_all()
         return prop
 
@@ -533,17 +497,21 @@ class MeshClient:
     # Consuming ----------------------------------------------------------------
 
     async def check_event(self, target: str, event: Event) -> str | None:
-        """Why ``target`` must not get this event (None when it may)."""
+        """Why ``target`` must not get this event (None when it may); no transform runs."""
+        verdict = await self.route_event(target, event, transform=False)
+        return verdict.skip
+
+    async def route_event(
+        self, target: str, event: Event, *, size: int = 0, transform: bool = True
+    ) -> Verdict:
+        """The one route check (mesh/routing.py): skip, dead-letter, or deliver the
+        returned event (its data reshaped by the transforms). ``size``: the encoded size."""
         if event.effective_origin == target:
-            return "loop: the event originated at this target"
+            return Verdict(skip="loop: the event originated at this target")
         if event.hops > self.settings.max_hops:
-            return f"hop limit: {event.hops} > {self.settings.max_hops}"
-        if event.replay:
-            return None
+            return Verdict(skip=f"hop limit: {event.hops} > {self.settings.max_hops}")
         assert self._routes is not None
-        if not await self._routes.accepts(target, event.source, event.type):
-            return "no propagation routes this source/type to the target"
-        return None
+        return await self._routes.verdict(target, event, size=size, transform=transform)
 
     async def record(self, rec: DeliveryRecord) -> None:
         """Publish a delivery-attempt record (best effort: a failure is logged, not raised)."""
@@ -679,20 +647,36 @@ class MeshClient:
             await self.dead_letter(msg, target, f"undecodable: {exc}", attempts)
             await msg.ack_sync()
             return None
-        reason = await self.check_event(target, event)
-        if reason is not None:
+        verdict = await self.route_event(target, event, size=len(msg.data))
+        if verdict.dead is not None:
+            attempts = int(msg.metadata.num_delivered or 1)
+            await self.dead_letter(msg, target, verdict.dead, attempts)
+            await msg.ack_sync()
+            await self.record(
+                DeliveryRecord(
+                    event_id=event.id,
+                    target=target,
+                    attempt=attempts,
+                    outcome=Outcome.DEAD,
+                    error=verdict.dead,
+                    instance=self.name,
+                )
+            )
+            return None
+        if verdict.event is None:
             await self.record(
                 DeliveryRecord(
                     event_id=event.id,
                     target=target,
                     attempt=0,
                     outcome=Outcome.SKIPPED,
-                    error=reason,
+                    error=verdict.skip,
                     instance=self.name,
                 )
             )
             await msg.ack_sync()
             return None
+        event = verdict.event
         return Delivery(event=event, msg=msg, target=target)
 
     # Request / reply ----------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 
 import nats.js.errors as js_errors
 from nats.js import JetStreamContext
@@ -25,9 +26,11 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from mesh.buckets import transient_js_error
 from mesh.config import Settings
 from mesh.errors import DecodeError, NotFound, ValidationError
 from mesh.registry import Registry, Target, TargetKind, compute_routes
+from mesh.resilience import retry_transient
 from mesh.subjects import Subjects, reduce_filters
 
 MIN_ACK_WAIT_S = 30.0
@@ -94,19 +97,25 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
 
 
 async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
+    """Create or update the mesh's streams; a 503 or a timeout (a cluster still electing
+    its meta leader) is tried again for a while instead of failing a service's start."""
     for cfg in stream_configs(settings):
-        assert cfg.name is not None
+        await retry_transient(partial(_ensure_stream, js, cfg), transient_js_error)
+
+
+async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> None:
+    assert cfg.name is not None
+    try:
+        await js.stream_info(cfg.name)
+    except js_errors.NotFoundError:
         try:
-            await js.stream_info(cfg.name)
-        except js_errors.NotFoundError:
-            try:
-                await js.add_stream(cfg)
-            except js_errors.BadRequestError as exc:
-                # Another process created it between our look and our add.
-                if exc.err_code != 10058:  # stream name already in use
-                    raise
-            continue
-        await js.update_stream(cfg)
+            await js.add_stream(cfg)
+        except js_errors.BadRequestError as exc:
+            # Another process created it between our look and our add.
+            if exc.err_code != 10058:  # stream name already in use
+                raise
+        return
+    await js.update_stream(cfg)
 
 
 def ack_wait_for(target: Target, min_ack_wait: float = MIN_ACK_WAIT_S) -> float:
