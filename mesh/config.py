@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     nats_tls_cert: Path | None = None
     nats_tls_key: Path | None = None
     connect_timeout: float = 5.0
+    # The embedded broker fsyncs before it acknowledges a publish; "lazy" trades that for
+    # speed (nats-server's default, fsync every two minutes). mesh/durability.py.
+    broker_sync: Literal["always", "lazy"] = "always"
 
     # JetStream.
     stream_replicas: int = Field(default=1, ge=1, le=5)

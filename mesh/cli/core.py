@@ -21,6 +21,7 @@ from mesh.cli._common import (
 from mesh.cli._tables import Col
 from mesh.client import MeshClient
 from mesh.crypto import KeyRing
+from mesh.durability import LAZY_WARNING, broker_sync
 from mesh.errors import NotFound
 from mesh.observability import configure_logging
 
@@ -67,6 +68,8 @@ def up(
     if "bridge" in names:
         parts.append(f"bridge ws://127.0.0.1:{s.bridge_port}/v1/stream")
     err_console.print("; ".join([*parts, "Ctrl-C stops"]), markup=False, soft_wrap=True)
+    if s.embedded and s.broker_sync == "lazy":
+        err_console.print(LAZY_WARNING, markup=False, soft_wrap=True)
     main_sync(names, s)
 
 
@@ -160,6 +163,7 @@ async def gather_status(c: MeshClient) -> dict[str, Any]:
             "url": str(c.nc.connected_url.geturl() if c.nc.connected_url else ""),
             "server_version": _version(c),
             "max_payload": c.nc.max_payload,
+            "sync": await broker_sync(c.nc, c.settings.nats_store_dir),
         },
         "streams": streams,
         "targets": targets,
@@ -196,6 +200,7 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
         return
     b = st["broker"]
     console.print(f"broker  {b['url']} (nats-server {b['server_version']})")
+    console.print(f"sync    {b['sync']['mode']} ({b['sync']['source']})", markup=False)
     for name, info in st["streams"].items():
         console.print(f"stream  {name}: " + (f"{info['messages']} messages" if info else "missing"))
     print_table(

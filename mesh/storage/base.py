@@ -47,6 +47,10 @@ class Store(Protocol):
         """Return when the database answers; raise ``StorageError`` otherwise."""
         ...
 
+    async def durability_warnings(self) -> list[str]:
+        """Why a committed write might not survive a power failure (empty: it will)."""
+        ...
+
     async def close(self) -> None:
         """Release connections. Calling it twice is harmless."""
         ...

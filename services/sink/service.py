@@ -197,6 +197,9 @@ class Sink(Service):
                 return False
             self.store = store
             self._db_up()
+            with contextlib.suppress(StorageError):
+                for problem in await store.durability_warnings():
+                    self.log.warning("database commits are not durable", problem=problem)
             return True
 
     async def _drop_store(self) -> None:
