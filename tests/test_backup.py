@@ -258,9 +258,13 @@ async def test_damaged_archives_are_refused_and_the_home_is_untouched(
     one_line_error(verify, "does not match its checksum")
     # The good archive with the right passphrase verifies and restores.
     ok(await mesh(env, "backup", "verify", str(good)))
-    ok(await mesh(env, "restore", str(good)))
+    first = ok(await mesh(env, "restore", str(good), "--json"))
     # Restoring again over what is now a mesh is refused: keys exist.
     one_line_error(await mesh(env, "restore", str(good)), "exists", "--force")
+    # --force replaces it: streams deleted and restored, rows replaced, keys rewritten.
+    again = json.loads(ok(await mesh(env, "restore", str(good), "--force", "--json")).stdout)
+    assert again["streams"]["MESH_EVENTS"] == 20
+    assert again["tables"] == json.loads(first.stdout)["tables"]
     # No passphrase at all: keys are never written unsealed.
     no_pass = {k: v for k, v in src_env.items() if k != "MESH_BACKUP_PASSPHRASE_FILE"}
     one_line_error(await mesh(no_pass, "backup", "create", "--to", str(tmp_path / "x")), "unsealed")

@@ -29,6 +29,7 @@ from mesh.backup.archive import FORMAT, KEYS, SQLITE_MEMBER, ArchiveWriter, arch
 from mesh.backup.seal import SealingKey, check_passphrase, derive, read_key_dir, seal_with
 from mesh.broker import EmbeddedBroker, free_port, port_free
 from mesh.config import Settings
+from mesh.durability import SyncMode
 from mesh.errors import BrokerError, BrokerUnavailable, ConfigError
 
 #: Progress callback: (label, done, total).
@@ -64,7 +65,10 @@ async def broker_connection(settings: Settings, *, live_ok: bool = True) -> Asyn
     opts = settings.connect_options()
     if settings.embedded and port_free("127.0.0.1", settings.nats_port):
         broker = EmbeddedBroker(
-            settings.nats_store_dir, port=free_port(), log_file=settings.home / "nats-backup.log"
+            settings.nats_store_dir,
+            port=free_port(),
+            log_file=settings.home / "nats-backup.log",
+            sync=SyncMode(settings.broker_sync),
         )
         settings.home.mkdir(parents=True, exist_ok=True)
         await broker.astart()
