@@ -256,6 +256,15 @@ async def test_damaged_archives_are_refused_and_the_home_is_untouched(
         assert tree_digest(target) == before, args
     verify = await mesh(env, "backup", "verify", str(flipped))
     one_line_error(verify, "does not match its checksum")
+    # list: the archive with its counts; a truncated one beside it, with its problem.
+    cut = good.parent / good.name.replace("mesh-backup-", "mesh-backup-0")
+    cut.write_bytes(truncated.read_bytes())
+    listed = json.loads(
+        ok(await mesh(env, "backup", "list", "--dir", str(good.parent), "--json")).stdout
+    )
+    by_name = {r["archive"]: r for r in listed}
+    assert by_name[good.name]["messages"] >= 20 and by_name[good.name]["problem"] is None
+    assert "truncated" in by_name[cut.name]["problem"]
     # The good archive with the right passphrase verifies and restores.
     ok(await mesh(env, "backup", "verify", str(good)))
     first = ok(await mesh(env, "restore", str(good), "--json"))
