@@ -55,11 +55,19 @@ class BackupResult:
 
 
 @asynccontextmanager
-async def broker_connection(settings: Settings, *, live_ok: bool = True) -> AsyncIterator[NATS]:
+async def broker_connection(
+    settings: Settings, *, live_ok: bool = True, restoring: bool = False
+) -> AsyncIterator[NATS]:
     """A connection to the mesh's broker.
 
     With MESH_NATS_URL, that server. Embedded: the running ``mesh up`` when its port
     answers, else a temporary nats-server on the home's store (on a free port).
+
+    ``restoring``: the temporary server runs with nats-server's default sync interval.
+    A server that fsyncs every write (``sync_interval: always``, the embedded default)
+    restores a stream message by message with an fsync each, and gives up on a
+    restore it cannot finish in about 5 s ("read/write on closed pipe"); the clean
+    stop at the end writes everything to disk before ``mesh up`` starts.
     """
     broker: EmbeddedBroker | None = None
     opts = settings.connect_options()
@@ -68,7 +76,7 @@ async def broker_connection(settings: Settings, *, live_ok: bool = True) -> Asyn
             settings.nats_store_dir,
             port=free_port(),
             log_file=settings.home / "nats-backup.log",
-            sync=SyncMode(settings.broker_sync),
+            sync=SyncMode.LAZY if restoring else SyncMode(settings.broker_sync),
         )
         settings.home.mkdir(parents=True, exist_ok=True)
         await broker.astart()

@@ -150,7 +150,13 @@ async def restore(
     result: dict[str, Any] = json.loads(final.data)
     err = result.get("error")
     if err:
-        raise BrokerError(f"restore of {name}: {err.get('description', err)}")
+        what = str(err.get("description", err))
+        if "closed pipe" in what:
+            what += (
+                " (the server gave up: one that fsyncs every write, sync_interval: always,"
+                " restores slowly; restore with its default sync interval, then set it back)"
+            )
+        raise BrokerError(f"restore of {name}: {what}")
     return result
 
 

@@ -183,7 +183,7 @@ async def restore_archive(
             )
         await _check_database(settings, list(m.get("tables", {})), force)
         restored: dict[str, int] = {}
-        async with broker_connection(settings, live_ok=force) as nc:
+        async with broker_connection(settings, live_ok=force, restoring=True) as nc:
             js = nc.jetstream()
             existing = await jetstream.mesh_streams(js, settings.prefix)
             clash = [n for n in m["streams"] if n in existing]
