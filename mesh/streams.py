@@ -45,6 +45,8 @@ class StreamNames:
     sys: str
     registry: str
     revoked: str  # KV bucket of revoked bridge tokens (mesh/revocations.py)
+    apikeys: str  # KV bucket of the HTTP API's keys, hashed (mesh/apikeys.py)
+    idempotency: str  # KV bucket of the HTTP API's Idempotency-Key answers (24 h TTL)
 
     @classmethod
     def for_prefix(cls, prefix: str) -> StreamNames:
@@ -55,6 +57,8 @@ class StreamNames:
             sys=f"{base}_SYS",
             registry=f"{base}_REGISTRY",
             revoked=f"{base}_REVOKED",
+            apikeys=f"{base}_APIKEYS",
+            idempotency=f"{base}_IDEMPOTENCY",
         )
 
 
@@ -87,8 +91,8 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=names.sys,
-            description="One record per delivery attempt",
-            subjects=[subj.delivery_all],
+            description="One record per delivery attempt; audit records of API changes",
+            subjects=[subj.delivery_all, subj.audit_all],
             duplicate_window=settings.duplicate_window_s,
             max_age=max_age,
             **common,  # type: ignore[arg-type]

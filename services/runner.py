@@ -29,6 +29,7 @@ SERVICES: dict[str, str] = {
     "webhook-egress": "services.egress:WebhookEgress",
     "bridge": "services.bridge:Bridge",
     "health": "services.health:Health",
+    "api": "services.api:Api",
     "backup": "services.backup:Backup",
 }
 # Services `mesh up` runs only when configured: name -> the setting that turns it on.

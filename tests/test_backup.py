@@ -207,10 +207,23 @@ async def archive(tmp_path: Path) -> AsyncIterator[tuple[Path, dict[str, str]]]:
                 await c.publish("app", "x", n)
         async with migrated_store(settings.database_url):
             pass
+        # An API key: its bucket (KV_MESH_APIKEYS) comes along without being named.
+        ok(await mesh(env, "apikey", "create", "--name", "ci", "--scope", "read"))
         made = ok(await mesh(env, "backup", "create", "--to", str(tmp_path / "out"), "--json"))
     finally:
         broker.stop()
     yield Path(json.loads(made.stdout)["archive"]), env
+
+
+async def mesh_with_broker(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``mesh ARGS`` against the restored home, with its nats-server running."""
+    home = Path(env["MESH_HOME"])
+    broker = EmbeddedBroker(home / "nats", port=int(env["MESH_NATS_PORT"]))
+    await broker.astart()
+    try:
+        return await mesh(env, *args)
+    finally:
+        await broker.astop()
 
 
 def flip_byte(src: Path, dst: Path) -> None:
@@ -274,6 +287,9 @@ async def test_damaged_archives_are_refused_and_the_home_is_untouched(
     again = json.loads(ok(await mesh(env, "restore", str(good), "--force", "--json")).stdout)
     assert again["streams"]["MESH_EVENTS"] == 20
     assert again["tables"] == json.loads(first.stdout)["tables"]
+    assert json.loads(first.stdout)["streams"]["KV_MESH_APIKEYS"] == 1
+    keys = json.loads(ok(await mesh_with_broker(env, "apikey", "list", "--json")).stdout)
+    assert [k["name"] for k in keys] == ["ci"]
     # No passphrase at all: keys are never written unsealed.
     no_pass = {k: v for k, v in src_env.items() if k != "MESH_BACKUP_PASSPHRASE_FILE"}
     one_line_error(await mesh(no_pass, "backup", "create", "--to", str(tmp_path / "x")), "unsealed")

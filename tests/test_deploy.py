@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 DATA = Path(__file__).resolve().parent / "data"
-SERVICES = ("webhook-egress", "bridge", "health", "sink")
+SERVICES = ("webhook-egress", "bridge", "health", "sink", "api")
 UNITS = ("mesh@.service", "mesh-nats.service")
 
 # The paths the shipped files are written for; install.sh rewrites them.
@@ -423,3 +423,5 @@ def test_compose_published_ports_and_healthchecks(compose: dict[str, Any]) -> No
     health_check = " ".join(services["health"]["healthcheck"]["test"])
     assert "9400" in health_check and "/healthz" in health_check
     assert "9401" in " ".join(services["bridge"]["healthcheck"]["test"])
+    assert "9402:9402" in services["api"]["ports"]
+    assert "9402" in " ".join(services["api"]["healthcheck"]["test"])

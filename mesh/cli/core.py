@@ -40,8 +40,8 @@ def up(
     services: str = typer.Option(
         "",
         "--services",
-        help="Comma-separated subset: egress,bridge,health,sink (default all; backup too"
-        " when MESH_BACKUP_EVERY is set).",
+        help="Comma-separated subset: egress,bridge,health,sink,api (default all; backup"
+        " too when MESH_BACKUP_EVERY is set).",
     ),
 ) -> None:
     """Run the mesh: the embedded broker (unless MESH_NATS_URL is set) and every service."""
@@ -67,6 +67,9 @@ def up(
         parts.append(f"health http://127.0.0.1:{s.http_port}/")
     if "bridge" in names:
         parts.append(f"bridge ws://127.0.0.1:{s.bridge_port}/v1/stream")
+    if "api" in names:
+        scheme = "https" if s.api_tls_cert else "http"
+        parts.append(f"api {scheme}://{s.api_host}:{s.api_port}/v1/docs")
     err_console.print("; ".join([*parts, "Ctrl-C stops"]), markup=False, soft_wrap=True)
     if s.embedded and s.broker_sync == "lazy":
         err_console.print(LAZY_WARNING, markup=False, soft_wrap=True)
@@ -74,7 +77,7 @@ def up(
 
 
 def serve(
-    name: str = typer.Argument(..., help="webhook-egress | bridge | health | sink | backup"),
+    name: str = typer.Argument(..., help="webhook-egress | bridge | health | sink | api | backup"),
 ) -> None:
     """Run one service in this process (connects to MESH_NATS_URL)."""
     from services.runner import load_service, main_sync

@@ -123,6 +123,11 @@ class Health(Service):
                 subjects.delivery_all, cb=self._on_record, pending_msgs_limit=SUB_PENDING_MSGS
             )
         )
+        # The HTTP API's GET /v1/status asks here (one health instance answers): the
+        # same document as /status, from the one builder.
+        self._subs.append(
+            await nc.subscribe(subjects.status_doc, queue="health", cb=self._on_status_request)
+        )
         await self._refresh_once()
         await self.check_database()
         self.spawn(self._refresh_loop(), name="health-refresh")
@@ -189,6 +194,11 @@ class Health(Service):
             error=str(rec.error) if rec.error is not None else None,
             at=str(rec.at) if rec.at else None,
         )
+
+    async def _on_status_request(self, msg: Msg) -> None:
+        if msg.reply:
+            with contextlib.suppress(Exception):
+                await msg.respond(_dumps(self.status()).encode())
 
     # JetStream figures ----------------------------------------------------------------
 
