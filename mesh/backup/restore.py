@@ -138,7 +138,12 @@ def _check_schema(manifest: dict[str, Any], backend: str) -> None:
 
 
 async def _check_database(settings: Settings, names: list[str], force: bool) -> None:
-    store = await open_store(settings.database_url)
+    url = settings.database_url
+    if tables.backend(url) == "sqlite":
+        path = Path(tables.sqlite_file(url))
+        if not await asyncio.to_thread(path.exists):
+            return  # nothing there, and a look must not create the file
+    store = await open_store(url)
     try:
         if not await store.applied_migrations():
             return
