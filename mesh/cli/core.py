@@ -40,7 +40,8 @@ def up(
     services: str = typer.Option(
         "",
         "--services",
-        help="Comma-separated subset: egress,bridge,health,sink,api (default all).",
+        help="Comma-separated subset: egress,bridge,health,sink,api (default all; backup"
+        " too when MESH_BACKUP_EVERY is set).",
     ),
 ) -> None:
     """Run the mesh: the embedded broker (unless MESH_NATS_URL is set) and every service."""
@@ -52,7 +53,7 @@ def up(
     names = (
         [canonical(n.strip()) for n in services.split(",") if n.strip()]
         if services
-        else available_services()
+        else available_services(s)
     )
     for n in names:
         load_service(n)  # an unknown name fails here, before anything starts
@@ -76,7 +77,7 @@ def up(
 
 
 def serve(
-    name: str = typer.Argument(..., help="webhook-egress | bridge | health | sink | api"),
+    name: str = typer.Argument(..., help="webhook-egress | bridge | health | sink | api | backup"),
 ) -> None:
     """Run one service in this process (connects to MESH_NATS_URL)."""
     from services.runner import load_service, main_sync
