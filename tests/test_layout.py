@@ -260,7 +260,6 @@ def test_each_service_is_a_package() -> None:
     assert not missing, "\n".join(missing)
 
 
-@pytest.mark.xfail(reason="issue #15: parts still take their service object", strict=True)
 def test_no_part_imports_its_service() -> None:
     """A part of ``services/<pkg>/`` imports neither ``service.py`` nor the package's
     ``__init__`` (which loads ``service.py``); only the ``__init__`` and ``__main__``
