@@ -199,7 +199,6 @@ def test_no_import_cycles_at_run_time() -> None:
     assert not found, "\n".join(_describe(c, edges) for c in found)
 
 
-@pytest.mark.xfail(reason="issue #15: the three circles of issue #15", strict=True)
 def test_no_import_cycles_with_type_checking_imports() -> None:
     edges = [e for e in ALL_IMPORTS if not e.nested]
     found = cycles(edges)
