@@ -205,7 +205,6 @@ def test_no_import_cycles_with_type_checking_imports() -> None:
     assert not found, "\n".join(_describe(c, edges) for c in found)
 
 
-@pytest.mark.xfail(reason="issue #15: mesh/cli/core imports services.runner", strict=True)
 def test_mesh_never_imports_services() -> None:
     bad = [
         f"{e.source} imports {e.target} (line {e.line})"
@@ -218,7 +217,6 @@ def test_mesh_never_imports_services() -> None:
 SERVICE_NAME = re.compile(r"services(\.\w+)*(:\w+)?")
 
 
-@pytest.mark.xfail(reason="issue #15: the CLI imports services.runner statically", strict=True)
 def test_mesh_loads_services_only_by_name_from_the_cli() -> None:
     """The exception to the rule above, stated exactly: every string in mesh/ that
     names a module of services/ (what importlib would be handed)."""
