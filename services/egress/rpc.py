@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from mesh.client import Reply
 from mesh.errors import DecodeError
+from mesh.replies import Reply
 from mesh.resilience import CircuitState
 from services.egress.http.sender import AttemptResult, build_body, sign_headers
 
