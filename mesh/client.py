@@ -28,7 +28,7 @@ from mesh import envelope
 from mesh.config import Settings, load_settings
 from mesh.connection import connect_nats, open_registry
 from mesh.crypto import KeyRing
-from mesh.delivery import Delivery, RouteCache, pull_batches
+from mesh.delivery import Delivery, RouteCache, decode_event, pull_batches
 from mesh.envelope import Event
 from mesh.errors import (
     BrokerError,
@@ -46,6 +46,7 @@ from mesh.pubpipe import AckedPublisher, ack_duplicate, ack_error, no_stream
 from mesh.records import DeliveryRecord, Outcome, dead_letter_headers
 from mesh.registry import Propagation, PropagationMode, Registry, Target
 from mesh.replies import Reply, answer_request, decode_request, read_reply, reply_message
+from mesh.serverinfo import check_server
 from mesh.streams import Provisioner, StreamNames, dlq_depths, ensure_streams, queue_depth
 from mesh.subjects import Subjects, validate_name
 
@@ -125,6 +126,11 @@ class MeshClient:
             on_reconnect=on_reconnect,
         )
         self.connected_event.set()
+        try:
+            check_server(self.nc)  # before anything is created on a server that cannot carry it
+        except BrokerError:
+            await self.close()
+            raise
         self._js = self.nc.jetstream(timeout=10)
         # A cluster that has just started may still be electing its JetStream leader:
         # services wait for it (up to 60 s); a CLI command gives up sooner.
@@ -384,17 +390,7 @@ class MeshClient:
         ``seq`` defaults to the stream sequence in the message's JetStream metadata.
         Raises DecodeError.
         """
-        if seq is None and msg.reply:
-            with contextlib.suppress(Exception):  # not a JetStream delivery: no sequence
-                seq = msg.metadata.sequence.stream if msg.metadata.sequence else None
-        return envelope.decode(
-            msg.subject,
-            msg.headers,
-            msg.data,
-            self._keyring_or_none(),
-            seq=seq,
-            subjects=self.subjects,
-        )
+        return decode_event(msg, self._keyring_or_none(), self.subjects, seq)
 
     async def _admit(self, target: str, msg: Msg) -> Delivery | None:
         """Decode and check one message; dead-letter or skip what must not be handed out."""

@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = 5.0
     drain_timeout_s: float = 10.0
     log_format: str = "auto"  # auto | json | console
+    # CLI: no "no mesh services are running" warning on stderr (scripts; `mesh --quiet`).
+    quiet: bool = False
     log_level: str = "info"
 
     @field_validator(

@@ -1,9 +1,11 @@
-"""What a consumer gets: ``Delivery`` (one event to ack), the route check's cache
-(``RouteCache``) and the pull loop behind ``MeshClient.pull`` and ``consume``."""
+"""What a consumer gets: ``Delivery`` (one event to ack), the event in a message
+(``decode_event``), the route check's cache (``RouteCache``) and the pull loop behind
+``MeshClient.pull`` and ``consume``."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
@@ -13,9 +15,12 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from mesh import envelope
+from mesh.crypto import KeyRing
 from mesh.envelope import Event
 from mesh.pullfeed import PullFeed
 from mesh.registry import Registry, route_accepts
+from mesh.subjects import Subjects
 
 log = structlog.get_logger("mesh.client")  # the client's logger, as before the split
 
@@ -46,6 +51,17 @@ class Delivery:
 
     async def term(self) -> None:
         await self.msg.term()
+
+
+def decode_event(
+    msg: Msg, keyring: KeyRing | None, subjects: Subjects, seq: int | None = None
+) -> Event:
+    """The event in a message of the events stream; ``seq`` defaults to the stream
+    sequence in the message's JetStream metadata. Raises DecodeError."""
+    if seq is None and msg.reply:
+        with contextlib.suppress(Exception):  # not a JetStream delivery: no sequence
+            seq = msg.metadata.sequence.stream if msg.metadata.sequence else None
+    return envelope.decode(msg.subject, msg.headers, msg.data, keyring, seq=seq, subjects=subjects)
 
 
 def raise_if_cancelled() -> None:

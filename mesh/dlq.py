@@ -132,8 +132,12 @@ async def list_dead_letters(
     return listing
 
 
+MIN_PREFIX = 8  # the shortest id prefix `find` accepts (tables cut ids to at least this)
+
+
 async def find(client: MeshClient, ident: str) -> list[DlqEntry]:
-    """Dead letters whose DLQ id, event id or stream sequence is ``ident``."""
+    """Dead letters whose DLQ id, event id or stream sequence is ``ident``, or whose
+    event id or DLQ id starts with it (at least ``MIN_PREFIX`` characters, one event)."""
     ident = ident.strip()
     if not ident:
         raise ValidationError("give a dead letter id, event id or DLQ sequence")
@@ -148,7 +152,18 @@ async def find(client: MeshClient, ident: str) -> list[DlqEntry]:
                 return [_entry(client, raw.seq, raw.headers, raw.data or b"")]
             except DecodeError:
                 raise NotFound(f"DLQ message {seq} is not a dead letter") from None
-    found = [e async for e in iter_dead_letters(client) if ident in (e.letter.id, e.event_id)]
+    found: list[DlqEntry] = []
+    starting: list[DlqEntry] = []  # a prefix as narrow tables show it
+    prefix = len(ident) >= MIN_PREFIX
+    async for e in iter_dead_letters(client):
+        if ident in (e.letter.id, e.event_id):
+            found.append(e)
+        elif prefix and (e.event_id.startswith(ident) or e.letter.id.startswith(ident)):
+            starting.append(e)
+    if not found and starting:
+        if len({e.event_id for e in starting}) > 1:
+            raise ValidationError(f"{ident!r} is the start of several ids: give more of it")
+        found = starting
     if not found:
         raise NotFound(f"no dead letter {ident!r} (see `mesh dlq list`)")
     return found

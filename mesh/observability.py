@@ -253,8 +253,14 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.registry = registry
+        # Only what this process's MeshClient published (the bridge's WebSocket publishes
+        # in `mesh up`), not every event on the stream: the name says so. `mesh status`
+        # and /status count the stream.
         self.events_published = Counter(
-            "mesh_events_published", "Events published", ["source"], registry=registry
+            "mesh_client_events_published",
+            "Events published by this process (not by the CLI or other clients)",
+            ["source"],
+            registry=registry,
         )
         self.deliveries = Counter(
             "mesh_deliveries", "Delivery outcomes", ["target", "outcome"], registry=registry

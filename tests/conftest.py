@@ -89,6 +89,10 @@ def env_for(settings: Settings) -> dict[str, str]:
             "MESH_BRIDGE_PORT": str(settings.bridge_port),
             "MESH_CONFIG": str(settings.home / "no-mesh.toml"),
             "MESH_LOG_FORMAT": "json",
+            # Most tests run commands against a broker with no services: like a script,
+            # they want no "no mesh services are running" warning (tests/test_preflight.py
+            # checks it).
+            "MESH_QUIET": "1",
         }
     )
     return env

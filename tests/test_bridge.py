@@ -246,6 +246,51 @@ async def test_bad_requests_are_refused_with_a_reason(
             assert reason in (await r.json())["error"], params
 
 
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "WEBSOCKET.md"
+
+
+def doc_table(heading: str) -> dict[int, str]:
+    """``{code: text}`` from the first table after ``heading`` in docs/WEBSOCKET.md."""
+    text = DOCS.read_text().split(heading, 1)[1]
+    rows: dict[int, str] = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0].isdigit():
+            rows[int(cells[0])] = cells[1]
+        elif rows and not line.startswith("|"):
+            break
+    return rows
+
+
+async def test_unknown_target_and_close_codes_as_the_docs_say(
+    bridge: Bridge, settings: Settings, http: aiohttp.ClientSession
+) -> None:
+    """docs/WEBSOCKET.md: the credential first, so an unknown target is a 404 only with a
+    valid token naming it; and its close codes are the bridge's."""
+    from services.bridge import session as bridge_session
+
+    refusals = doc_table("### Refusals before the upgrade")
+    assert "unknown target" in refusals[404] and "another target" in refusals[401]
+    cases = [
+        ({}, 401),
+        ({"Authorization": f"Bearer {token(settings)}"}, 401),  # a token for screens
+        ({"Authorization": f"Bearer {token(settings, 'ghost')}"}, 404),
+    ]
+    for headers, status in cases:
+        async with http.get(bridge.url, params={"target": "ghost"}, headers=headers) as r:
+            assert r.status == status, headers
+            assert (await r.json())["error"], headers
+    closes = doc_table("## Close codes")
+    assert set(closes) == {
+        bridge_session.CLOSE_GOING_AWAY,
+        bridge_session.CLOSE_REVOKED,
+        bridge_session.CLOSE_ERROR,
+        bridge_session.CLOSE_SLOW,
+    }
+    assert "revoked" in closes[bridge_session.CLOSE_REVOKED]
+    assert "too slow" in closes[bridge_session.CLOSE_SLOW]
+
+
 async def test_valid_token_streams_in_header_or_query(
     bridge: Bridge, settings: Settings, mesh: MeshClient, http: aiohttp.ClientSession
 ) -> None:

@@ -8,8 +8,9 @@ import json
 from mesh import dlq
 from mesh.client import MeshClient
 from mesh.config import Settings
-from tests.conftest import add_nats_target
-from tests.support.cli import assert_one_line_errors, one_line_error, run_cli
+from tests.conftest import add_nats_target, env_for
+from tests.support.cli import assert_one_line_errors, mesh, one_line_error, run_cli
+from tests.support.tables import table_problems
 from tests.test_replay import backlog, drain
 
 
@@ -53,15 +54,27 @@ async def test_list_show_replay_leaves_the_dlq(client: MeshClient, settings: Set
     }
     assert all(d["encrypted"] and d["type"] == "order.created" for d in docs)
 
-    table = await run_cli(settings, "dlq", "list")
-    assert table.returncode == 0 and published[0] in table.stdout
+    # At 80 columns the ids are cut to a prefix; on a wide terminal they are whole.
+    table, wide = await asyncio.gather(
+        run_cli(settings, "dlq", "list"),
+        mesh(env_for(settings) | {"COLUMNS": "200"}, "dlq", "list"),
+    )
+    assert table.returncode == 0 and published[0][:8] in table.stdout
+    assert published[0] not in table.stdout and table_problems(table.stdout, 80) == []
+    assert wide.returncode == 0 and published[0] in wide.stdout
 
     show = await run_cli(settings, "dlq", "show", published[2], "--json")
     assert show.returncode == 0, show.stderr
     one = json.loads(show.stdout)
     assert (one["event_id"], one["headers"]["ce-id"]) == (published[2], published[2])
-    by_seq = await run_cli(settings, "dlq", "show", str(one["seq"]), "--json")
+    by_seq, by_prefix, too_short = await asyncio.gather(
+        run_cli(settings, "dlq", "show", str(one["seq"]), "--json"),
+        run_cli(settings, "dlq", "show", published[2][:8], "--json"),  # as 80 columns show it
+        run_cli(settings, "dlq", "show", published[2][:7], "--json"),
+    )
     assert json.loads(by_seq.stdout)["event_id"] == published[2]
+    assert json.loads(by_prefix.stdout)["event_id"] == published[2], by_prefix.stderr
+    one_line_error(too_short, "no dead letter")
 
     # The receiver is back: replay sends every dead letter through normal delivery.
     proc = await run_cli(settings, "dlq", "replay", "--target", "alpha")

@@ -405,7 +405,7 @@ async def test_metrics_parse_and_carry_the_mesh_families_after_traffic(
             s = await eventually(scraped, 30, "mesh_ metrics after traffic")
     names = {name for name, _ in s}
     for family in (
-        "mesh_events_published_total",
+        "mesh_client_events_published_total",
         "mesh_consumer_pending",
         "mesh_dlq_depth",
         "mesh_sink_rows_written_total",
@@ -413,7 +413,7 @@ async def test_metrics_parse_and_carry_the_mesh_families_after_traffic(
         "mesh_bridge_connections",
     ):
         assert family in names, family
-    assert (sample(s, "mesh_events_published_total", source="m-shop") or 0) >= 4
+    assert (sample(s, "mesh_client_events_published_total", source="m-shop") or 0) >= 4
     assert sample(s, "mesh_dlq_depth", target="m-queue") == 1
     assert sample(s, "mesh_service_up", service="health") == 1
     assert sample(s, "mesh_service_up", service="sink") == 1

@@ -379,9 +379,9 @@ def test_default_textfile_has_no_process_collectors(tmp_path: Path) -> None:
     write_textfile(path)
     text = path.read_text()
     names = {f.name for f in text_string_to_metric_families(text)}
-    assert "mesh_events_published" in names
+    assert "mesh_client_events_published" in names
     assert all(n.startswith("mesh_") for n in names)
-    assert 'mesh_events_published_total{source="textfile-test"}' in text
+    assert 'mesh_client_events_published_total{source="textfile-test"}' in text
 
 
 @pytest.mark.slow
@@ -413,7 +413,7 @@ async def test_runner_writes_the_textfile_periodically_and_atomically(
         assert path.stat().st_mtime_ns >= first
         text = path.read_text()
         assert (
-            'mesh_events_published_total{mesh_process="health",source="runner-textfile"} 7.0'
+            'mesh_client_events_published_total{mesh_process="health",source="runner-textfile"} 7.0'
             in text
         )
         assert 'mesh_service_up{mesh_process="health",service="health"} 1.0' in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -251,6 +252,23 @@ async def test_target_added_later_gets_all_history(client: MeshClient, settings:
     # Replay aims at one target: the one that was there all along gets nothing more.
     assert (await backlog(client, "early"))[0] == 1000  # its normal feed, untouched
     assert len(await drain(client, "early", 1000, quiet=0.5)) == 1000
+
+
+async def test_cli_says_what_was_already_queued(client: MeshClient, settings: Settings) -> None:
+    """`replayed 6` and a consume that then gets 10: the CLI says both numbers."""
+    await _two_targets(client)
+    for i in range(4):
+        await client.publish("shop", "order.created", {"n": i})  # 4 queued for alpha
+    proc = await run_cli(settings, "replay", "--target", "alpha", "--since", "1h")
+    assert proc.returncode == 0, proc.stderr
+    assert "replayed 4 event(s) to alpha; 4 were already queued for alpha (8 in all)" in (
+        proc.stdout
+    )
+    assert len(await drain(client, "alpha", 8, quiet=0.5)) == 8
+    doc = json.loads(
+        (await run_cli(settings, "replay", "--target", "beta", "--since", "1h", "--json")).stdout
+    )
+    assert (doc["published"], doc["already_queued"]) == (4, 4)
 
 
 async def test_cli_json_and_until(client: MeshClient, settings: Settings) -> None:

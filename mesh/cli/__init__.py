@@ -33,6 +33,21 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
+@app.callback()
+def _options(
+    quiet: bool = typer.Option(
+        False,
+        "--quiet",
+        "-q",
+        help="No warning on stderr when no mesh service is running (also MESH_QUIET=1).",
+    ),
+) -> None:
+    from mesh.cli import _common
+
+    _common.QUIET = quiet
+
+
 COMMAND_MODULES = (
     "mesh.cli.core",
     "mesh.cli.registry_cmds",

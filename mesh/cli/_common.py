@@ -6,7 +6,7 @@ import asyncio
 import functools
 import json
 import sys
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,12 +14,12 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
+from mesh.cli._tables import Col, render
 from mesh.client import MeshClient
 from mesh.config import Settings, load_settings
 from mesh.errors import ValidationError
+from mesh.serverinfo import warn_without_services
 
 T = TypeVar("T")
 
@@ -29,6 +29,10 @@ err_console = Console(stderr=True, soft_wrap=True)
 # One-line messages are never wrapped at the terminal width (they get grepped and pasted).
 say = functools.partial(console.print, soft_wrap=True, highlight=False)
 note = functools.partial(err_console.print, soft_wrap=True, highlight=False)
+
+
+# `mesh --quiet` (or MESH_QUIET=1): no warning when no mesh service is running.
+QUIET = False
 
 
 def settings() -> Settings:
@@ -46,6 +50,10 @@ async def connected(s: Settings | None = None, name: str = "mesh-cli") -> AsyncI
     s = s.model_copy(update={"connect_timeout": min(s.connect_timeout, 3.0)})
     client = MeshClient(s, name=name, reconnect_forever=False)
     await client.connect()
+    if not (s.quiet or QUIET):
+        await warn_without_services(
+            client.nc, s.prefix, lambda line: note(f"mesh: warning: {line}")
+        )
     try:
         yield client
     finally:
@@ -113,28 +121,25 @@ def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
 
 
-def print_table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
-    table = Table(title=title, header_style="bold")
-    for c in columns:
-        table.add_column(c)
-    for r in rows:
-        # Text, not markup: a URL or pattern with brackets is shown as it is.
-        table.add_row(*[Text("" if v is None else str(v)) for v in r])
-    console.print(table)
+def print_table(title: str | None, columns: Sequence[Col | str], rows: list[list[Any]]) -> None:
+    """A table fitted to the terminal (see ``mesh.cli._tables``); says on stderr when it
+    left columns out or shortened ids."""
+    plan = render(console, title, columns, rows)
+    if len(plan.cols) < len(columns) and rows:
+        dropped = [c if isinstance(c, str) else c.name for c in columns]
+        for col in plan.cols:
+            dropped.remove(col.name)
+        narrow = [c for c in dropped if _has_content(rows, columns, c)]  # not just empty
+        if narrow:
+            note(f"(left out to fit {console.width} columns: {', '.join(narrow)}; --json has all)")
+    if plan.cut_ids:
+        note("(ids shortened to fit; --json has them whole)")
 
 
-def show_table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
-    """A table whose id columns are never wrapped or cut (they get pasted into commands)."""
-    table = Table(title=title, header_style="bold")
-    for col in columns:
-        ident = col.endswith("id")
-        if col == "last error":  # the full text is in `mesh dlq show ID`
-            table.add_column(col, no_wrap=True, overflow="ellipsis", max_width=60)
-        else:
-            table.add_column(col, no_wrap=ident, min_width=32 if ident else None)
-    for row in rows:
-        table.add_row(*[Text("" if v is None else str(v)) for v in row])
-    console.print(table)
+def _has_content(rows: list[list[Any]], columns: Sequence[Col | str], name: str) -> bool:
+    names = [c if isinstance(c, str) else c.name for c in columns]
+    i = names.index(name)
+    return any(str(r[i] if r[i] is not None else "").strip() for r in rows)
 
 
 def confirm(doing: str, question: str) -> None:

@@ -14,10 +14,11 @@ from mesh.cli._common import (
     note,
     parse_duration,
     print_json,
+    print_table,
     say,
     settings,
-    show_table,
 )
+from mesh.cli._tables import Col
 from mesh.errors import ValidationError
 from mesh.revocations import Revocation, RevocationKind, RevocationStore, check_reason, who
 from mesh.subjects import validate_name
@@ -132,6 +133,15 @@ def revoke_cmd(
         note(f"kept until {_iso(rev.kept_until)}; running bridges close the sessions it covers")
 
 
+REVOKED_COLUMNS = [
+    Col("kind", keep=0),
+    Col("target or token id", keep=0, ident=True),
+    Col("revoked", keep=1),
+    Col("reason", keep=1, flex=True),
+    Col("kept until", keep=2),
+]
+
+
 @token_app.command("list-revoked")
 def list_revoked_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
     """Revocations still in force (each goes once the tokens it covers have expired)."""
@@ -154,9 +164,9 @@ def list_revoked_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
         [str(r.kind), r.id, _iso(r.revoked_at), r.reason, r.kept_until.date().isoformat()]
         for r in revs
     ]
-    show_table(
+    print_table(
         "revoked bridge tokens",
-        ["kind", "target or token id", "revoked", "reason", "kept until"],
+        REVOKED_COLUMNS,
         rows,
     )
 

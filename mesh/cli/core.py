@@ -9,6 +9,7 @@ from typing import Any
 import typer
 from rich.markup import escape
 
+from mesh.cli._circuits import circuit_states
 from mesh.cli._common import (
     arun,
     connected,
@@ -18,6 +19,7 @@ from mesh.cli._common import (
     print_table,
     settings,
 )
+from mesh.cli._tables import Col
 from mesh.client import MeshClient
 from mesh.crypto import KeyRing
 from mesh.errors import ConfigError, NotFound
@@ -143,7 +145,8 @@ async def gather_status(c: MeshClient) -> dict[str, Any]:
     with contextlib.suppress(Exception):
         dlq_depth = await c.dlq_depths()
     targets = []
-    for t in await c.registry.list_targets():
+    listed = await c.registry.list_targets()
+    for t in listed:
         row: dict[str, Any] = {"name": t.name, "kind": str(t.kind), "status": str(t.status)}
         try:
             row.update(await c.queue_depth(t))
@@ -151,6 +154,13 @@ async def gather_status(c: MeshClient) -> dict[str, Any]:
             row["lag"] = None
         row["dlq"] = dlq_depth.get(t.name, 0)
         targets.append(row)
+    circuits: dict[str, str | None] = {}
+    with contextlib.suppress(Exception):
+        circuits = await circuit_states(
+            c, listed, {r["name"]: bool(r.get("paused")) for r in targets}
+        )
+    for row in targets:
+        row["circuit"] = circuits.get(row["name"])
     return {
         "broker": {
             "url": str(c.nc.connected_url.geturl() if c.nc.connected_url else ""),
@@ -166,6 +176,17 @@ async def gather_status(c: MeshClient) -> dict[str, Any]:
 def _version(c: MeshClient) -> str:
     v = c.nc.connected_server_version
     return f"{v.major}.{v.minor}.{v.patch}"
+
+
+STATUS_COLUMNS = [
+    Col("name", keep=0),
+    Col("kind", keep=1),
+    Col("status", keep=1),
+    Col("circuit", keep=0),
+    Col("lag", keep=0),
+    Col("unacked", keep=2),
+    Col("dlq", keep=0),
+]
 
 
 def status(as_json: bool = typer.Option(False, "--json")) -> None:
@@ -185,9 +206,17 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
         console.print(f"stream  {name}: " + (f"{info['messages']} messages" if info else "missing"))
     print_table(
         "targets",
-        ["name", "kind", "status", "lag", "unacked", "dlq"],
+        STATUS_COLUMNS,
         [
-            [t["name"], t["kind"], t["status"], t.get("lag"), t.get("unacked"), t["dlq"]]
+            [
+                t["name"],
+                t["kind"],
+                t["status"],
+                t.get("circuit") or "-",
+                "?" if t.get("lag") is None else t["lag"],
+                "?" if t.get("unacked") is None else t["unacked"],
+                t["dlq"],
+            ]
             for t in st["targets"]
         ],
     )

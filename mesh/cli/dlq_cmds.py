@@ -17,10 +17,11 @@ from mesh.cli._common import (
     note,
     parse_time,
     print_json,
+    print_table,
     say,
-    show_table,
 )
 from mesh.cli._progress import progress_bar
+from mesh.cli._tables import Col
 from mesh.client import MeshClient
 from mesh.errors import MeshError, NotFound
 
@@ -62,14 +63,15 @@ def _entry_rows(entries: list[dlq_ops.DlqEntry]) -> list[list[Any]]:
     ]
 
 
+# What gives way at 80 columns: attempts, then target, then the time; ids get shortened.
 ENTRY_COLUMNS = [
-    "seq",
-    "event id",
-    "target",
-    "source/type",
-    "attempts",
-    "dead at (UTC)",
-    "last error",
+    Col("seq", keep=0),
+    Col("event id", keep=0, ident=True),
+    Col("target", keep=2),
+    Col("source/type", keep=0, flex=True),
+    Col("attempts", keep=3),
+    Col("dead at (UTC)", keep=1),
+    Col("last error", keep=0, flex=True),
 ]
 
 
@@ -95,7 +97,7 @@ def dlq_list(
     if not listing.entries:
         say("no dead letters" + (f" for {target}" if target else ""))
     else:
-        show_table(
+        print_table(
             f"dead letters ({len(listing.entries)})", ENTRY_COLUMNS, _entry_rows(listing.entries)
         )
     if listing.unreadable:

@@ -18,11 +18,22 @@ from mesh.cli._common import (
     settings,
 )
 from mesh.cli._progress import progress_bar
+from mesh.cli._tables import Col
 from mesh.errors import BrokerUnavailable, MeshError
 
 keys_app = typer.Typer(
     help="Encryption keys: status, rotate, reencrypt, prune.", no_args_is_help=True
 )
+
+
+# At 80 columns the creation time gives way first (the age says it).
+KEY_COLUMNS = [
+    Col("key", keep=0),
+    Col("role", keep=0),
+    Col("created", keep=2),
+    Col("age (days)", keep=1),
+    Col("still protects", keep=0, flex=True),
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -66,7 +77,7 @@ def keys_status(
             if used is not None:
                 row.append(", ".join(f"{n} {s}" for s, n in used.for_key(k.id).items()) or "-")
             rows.append(row)
-        cols = ["key", "role", "created", "age (days)"] + (["still protects"] if used else [])
+        cols = KEY_COLUMNS if used else KEY_COLUMNS[:-1]
         print_table(f"keys in {st.file}", cols, rows)
         if used is not None:
             for store, n in used.undecryptable().items():

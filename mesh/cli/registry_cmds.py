@@ -14,6 +14,7 @@ from mesh.cli._common import (
     print_json,
     print_table,
 )
+from mesh.cli._tables import Col
 from mesh.errors import ValidationError
 from mesh.registry import PropagationMode, RetryPolicy, Target, TargetKind
 from mesh.subjects import validate_name
@@ -96,6 +97,18 @@ def target_add(
         console.print(f"signing secret (shown once): {secrets[0]}")
 
 
+TARGET_COLUMNS = [
+    Col("name", keep=0),
+    Col("kind", keep=0),
+    Col("url", keep=1, flex=True),
+    Col("status", keep=0, flex=True),
+    Col("rate", keep=3),
+    Col("ordered", keep=3),
+    Col("retries", keep=2),
+    Col("timeout", keep=2),
+]
+
+
 @target_app.command("list")
 def target_list(as_json: bool = typer.Option(False, "--json")) -> None:
     """List targets (secrets are never shown)."""
@@ -110,7 +123,7 @@ def target_list(as_json: bool = typer.Option(False, "--json")) -> None:
         return
     print_table(
         "targets",
-        ["name", "kind", "url", "status", "rate", "ordered", "retries", "timeout"],
+        TARGET_COLUMNS,
         [
             [
                 t.name,
@@ -225,6 +238,14 @@ def propagate_broad(
     _propagate(PropagationMode.BROADCAST, source, [], types)
 
 
+PROPAGATION_COLUMNS = [
+    Col("id", keep=0, ident=True),
+    Col("mode", keep=0),
+    Col("route", keep=0, flex=True),
+    Col("types", keep=1, flex=True),
+]
+
+
 @propagation_app.command("list")
 def propagation_list(as_json: bool = typer.Option(False, "--json")) -> None:
     """List propagations."""
@@ -239,7 +260,7 @@ def propagation_list(as_json: bool = typer.Option(False, "--json")) -> None:
         return
     print_table(
         "propagations",
-        ["id", "mode", "route", "types"],
+        PROPAGATION_COLUMNS,
         [[p.id, p.mode, p.describe(), p.types or "*"] for p in props],
     )
 

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import typer
 
-from mesh.cli._common import arun, connected, parse_time, print_json, say, show_table
+from mesh.cli._common import arun, connected, parse_time, print_json, print_table, say
 from mesh.cli._progress import progress_bar
+from mesh.cli._tables import Col
 from mesh.errors import MeshError
 from mesh.replay import ReplayProgress, ReplayResult, replay
 
 
 def register(app: typer.Typer) -> None:
     app.command("replay")(replay_cmd)
+
+
+REPLAY_COLUMNS = [
+    Col("seq", keep=2),
+    Col("stored at (UTC)", keep=1),
+    Col("source", keep=0),
+    Col("type", keep=0, flex=True),
+    Col("event id", keep=0, ident=True),
+]
 
 
 def replay_cmd(
@@ -28,8 +39,15 @@ def replay_cmd(
     start = parse_time(since)
     end = parse_time(until) if until is not None else None
 
+    queued: list[int] = []  # the target's queue before the replay, when it can be read
+
     async def run() -> ReplayResult:
         async with connected() as c:
+            if not dry_run:
+                with contextlib.suppress(Exception):
+                    queued.append(
+                        int((await c.queue_depth(await c.target_or_error(target)))["lag"])
+                    )
             with progress_bar("replay" if not dry_run else "scan") as update:
 
                 def on_progress(p: ReplayProgress) -> None:
@@ -47,16 +65,16 @@ def replay_cmd(
             " within the stream's duplicate window are stored once; receivers dedupe on the id)"
         ) from None
     if as_json:
-        print_json(_replay_doc(result))
+        print_json(_replay_doc(result) | {"already_queued": queued[0] if queued else None})
         return
     if dry_run:
         say(
             f"would replay [bold]{result.matched}[/] event(s) to {target}"
             f" (scanned {result.scanned} on {', '.join(result.filters)})"
         )
-        show_table(
+        print_table(
             None,
-            ["seq", "stored at (UTC)", "source", "type", "event id"],
+            REPLAY_COLUMNS,
             [
                 [i.seq, f"{i.stored_at:%Y-%m-%d %H:%M:%S}", i.source, i.type, i.id]
                 for i in result.sample
@@ -70,6 +88,12 @@ def replay_cmd(
         line += f"; {result.duplicates} already replayed within the duplicate window (stored once)"
     if result.skipped:
         line += f"; {result.skipped} skipped (not routed to {target}, or originated there)"
+    if queued:
+        # What the next consume sees: the replayed copies and what was waiting before them.
+        line += (
+            f"; {queued[0]} were already queued for {target}"
+            f" ({queued[0] + result.published} in all)"
+        )
     say(line)
 
 

@@ -13,19 +13,18 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import typer
-from rich.table import Table
-from rich.text import Text
 
 from mesh.cli._common import (
     arun,
     confirm,
-    console,
     err_console,
     parse_time,
     print_json,
+    print_table,
     say,
     settings,
 )
+from mesh.cli._tables import Col
 from mesh.config import Settings
 from mesh.crypto import KeyRing
 from mesh.envelope import OCTETS, decode_data, to_jsonable
@@ -110,18 +109,6 @@ def delivery_doc(row: DeliveryRow) -> dict[str, Any]:
     }
 
 
-def _table(columns: list[str], rows: list[list[Any]]) -> None:
-    """Like ``print_table``, but ids and times are never cut: they are what one copies."""
-    table = Table(header_style="bold")
-    for name in columns:
-        whole = name in ("id", "time", "at")
-        width = max((len(str(r[columns.index(name)])) for r in rows), default=0)
-        table.add_column(name, no_wrap=whole, min_width=width if whole else None)
-    for row in rows:
-        table.add_row(*[Text("" if v is None else str(v)) for v in row])
-    console.print(table)
-
-
 def _when(value: datetime) -> str:
     # Table cells are narrow: seconds in UTC are enough there; --json has the full time.
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
@@ -138,6 +125,16 @@ async def _query(s: Settings, fn: Callable[[Store], Awaitable[T]]) -> T:
         return await fn(store)
     finally:
         await store.close()
+
+
+EVENT_COLUMNS = [
+    Col("time", keep=2),
+    Col("id", keep=0, ident=True),
+    Col("source", keep=0),
+    Col("type", keep=0, flex=True),
+    Col("seq", keep=3),
+    Col("data", keep=1, flex=True),
+]
 
 
 @events_app.callback(invoke_without_command=True)
@@ -173,13 +170,26 @@ def events(
     if as_json:
         print_json(docs)
         return
-    _table(
-        ["time", "id", "source", "type", "seq", "data"],
+    print_table(
+        None,
+        EVENT_COLUMNS,
         [
             [_when(r.time), r.id, r.source, r.type, r.stream_seq, _short(d["data"])]
             for r, d in zip(rows, docs, strict=True)
         ],
     )
+
+
+DELIVERY_COLUMNS = [
+    Col("at", keep=1),
+    Col("target", keep=0),
+    Col("attempt", keep=0),
+    Col("outcome", keep=0),
+    Col("status", keep=2),
+    Col("latency ms", keep=3),
+    Col("error", keep=1, flex=True),
+    Col("instance", keep=4, ident=True),
+]
 
 
 def deliveries(
@@ -210,8 +220,9 @@ def deliveries(
     if not attempts:
         err_console.print("no delivery attempts recorded")
         return
-    _table(
-        ["at", "target", "attempt", "outcome", "status", "latency ms", "error", "instance"],
+    print_table(
+        None,
+        DELIVERY_COLUMNS,
         [
             [
                 _when(d.at),
