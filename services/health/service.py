@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import time
 from collections import deque
@@ -31,7 +30,7 @@ from typing import Any, ClassVar
 from aiohttp import web
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import REGISTRY
 
 from mesh.config import Settings
 from mesh.crypto import KeyRing
@@ -48,7 +47,7 @@ from mesh.observability import (
 from mesh.records import DeliveryRecord
 from mesh.storage import Store, backend_of, open_store, sqlite_path
 from services.base import Service
-from services.health.dashboard import DASHBOARD_HTML
+from services.health.http import HealthRoutes
 
 REFRESH_S = 1.0  # JetStream figures: consumer and DLQ depth, ingress rate
 CHECK_TIMEOUT_S = 2.0  # one readiness probe (NATS round trip, database ping)
@@ -59,12 +58,6 @@ DELIVERY_WINDOW_S = 300.0  # success rate over the last five minutes
 MAX_FAILURES_SHOWN = 20
 LAG_HISTORY = 60  # samples of each target's lag kept for the dashboard's sparkline
 SUB_PENDING_MSGS = 65_536  # records arriving faster than this are dropped, not queued forever
-
-DASHBOARD_CSP = (
-    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline';"
-    " connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none';"
-    " frame-ancestors 'none'"
-)
 
 
 def _now_iso() -> str:
@@ -481,52 +474,13 @@ class Health(Service):
     # HTTP -------------------------------------------------------------------------------
 
     def make_app(self) -> web.Application:
-        app = web.Application()
-        app.add_routes(
-            [
-                web.get("/", self.h_dashboard),
-                web.get("/healthz", self.h_healthz),
-                web.get("/readyz", self.h_readyz),
-                web.get("/status", self.h_status),
-                web.get("/metrics", self.h_metrics),
-            ]
-        )
-        return app
-
-    async def h_dashboard(self, _: web.Request) -> web.Response:
-        return web.Response(
-            text=DASHBOARD_HTML,
-            content_type="text/html",
-            headers={
-                "Content-Security-Policy": DASHBOARD_CSP,
-                "Cache-Control": "no-store",
-                "X-Content-Type-Options": "nosniff",
-            },
-        )
-
-    async def h_healthz(self, _: web.Request) -> web.Response:
-        return web.json_response(
-            {"ok": True, "service": self.name, "instance": self.instance},
-            headers={"Cache-Control": "no-store"},
-        )
-
-    async def h_readyz(self, _: web.Request) -> web.Response:
-        doc = await self.readiness()
-        return web.json_response(
-            doc, status=200 if doc["ready"] else 503, headers={"Cache-Control": "no-store"}
-        )
-
-    async def h_status(self, _: web.Request) -> web.Response:
-        return web.json_response(
-            self.status(),
-            headers={"Cache-Control": "no-store"},
-            dumps=_dumps,
-        )
-
-    async def h_metrics(self, _: web.Request) -> web.Response:
-        self._update_service_metrics()
-        body = generate_latest(REGISTRY)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return HealthRoutes(
+            service=self.name,
+            instance=self.instance,
+            status=self.status,
+            readiness=self.readiness,
+            before_metrics=self._update_service_metrics,
+        ).make_app()
 
 
 def _version(nc: Any) -> str | None:
@@ -535,10 +489,6 @@ def _version(nc: Any) -> str | None:
         return f"{v.major}.{v.minor}.{v.patch}"
     except Exception:
         return None
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, default=str)
 
 
 __all__ = ["Health"]
