@@ -28,12 +28,11 @@ from mesh import envelope
 from mesh.config import Settings, load_settings
 from mesh.connection import connect_nats, open_registry
 from mesh.crypto import KeyRing
-from mesh.delivery import Delivery, RouteCache, decode_event, pull_batches
+from mesh.delivery import Delivery, admit, decode_event, pull_batches
 from mesh.envelope import Event
 from mesh.errors import (
     BrokerError,
     Conflict,
-    DecodeError,
     NotFound,
     PayloadTooLarge,
     RequestError,
@@ -43,9 +42,10 @@ from mesh.errors import (
 from mesh.observability import METRICS
 from mesh.publishing import Encoded, build_event, check_size, publish_pipelined
 from mesh.pubpipe import AckedPublisher, ack_duplicate, ack_error, no_stream
-from mesh.records import DeliveryRecord, Outcome, dead_letter_headers
+from mesh.records import DeliveryRecord, dead_letter_headers
 from mesh.registry import Propagation, PropagationMode, Registry, Target
 from mesh.replies import Reply, answer_request, decode_request, read_reply, reply_message
+from mesh.routing import RouteCache, Verdict
 from mesh.serverinfo import check_server
 from mesh.streams import Provisioner, StreamNames, dlq_depths, ensure_streams, queue_depth
 from mesh.subjects import Subjects, validate_name
@@ -192,9 +192,15 @@ class MeshClient:
         source: str,
         targets: list[str] | None = None,
         types: str | None = None,
+        *,
+        filter: str | None = None,
+        transform: str | None = None,
     ) -> Propagation:
+        """Add a propagation; ``filter`` is CESQL, ``transform`` JMESPath (both checked now)."""
         await ensure_streams(self.js, self.settings)
-        prop = await self.registry.add_propagation(PropagationMode(mode), source, targets, types)
+        prop = await self.registry.add_propagation(
+            PropagationMode(mode), source, targets, types, filter=filter, transform=transform
+        )
         await self.provisioner.reconcile_all()
         return prop
 
@@ -310,17 +316,21 @@ class MeshClient:
     # Consuming ----------------------------------------------------------------
 
     async def check_event(self, target: str, event: Event) -> str | None:
-        """Why ``target`` must not get this event (None when it may)."""
+        """Why ``target`` must not get this event (None when it may); no transform runs."""
+        verdict = await self.route_event(target, event, transform=False)
+        return verdict.skip
+
+    async def route_event(
+        self, target: str, event: Event, *, size: int = 0, transform: bool = True
+    ) -> Verdict:
+        """The one route check (mesh/routing.py): skip, dead-letter, or deliver the
+        returned event (its data reshaped by the transforms). ``size``: the encoded size."""
         if event.effective_origin == target:
-            return "loop: the event originated at this target"
+            return Verdict(skip="loop: the event originated at this target")
         if event.hops > self.settings.max_hops:
-            return f"hop limit: {event.hops} > {self.settings.max_hops}"
-        if event.replay:
-            return None
+            return Verdict(skip=f"hop limit: {event.hops} > {self.settings.max_hops}")
         assert self._routes is not None
-        if not await self._routes.accepts(target, event.source, event.type):
-            return "no propagation routes this source/type to the target"
-        return None
+        return await self._routes.verdict(target, event, size=size, transform=transform)
 
     async def record(self, rec: DeliveryRecord) -> None:
         """Publish a delivery-attempt record (best effort: a failure is logged, not raised)."""
@@ -394,28 +404,9 @@ class MeshClient:
 
     async def _admit(self, target: str, msg: Msg) -> Delivery | None:
         """Decode and check one message; dead-letter or skip what must not be handed out."""
-        try:
-            event = self.decode(msg)
-        except DecodeError as exc:
-            attempts = int(msg.metadata.num_delivered or 1)
-            await self.dead_letter(msg, target, f"undecodable: {exc}", attempts)
-            await msg.ack_sync()
-            return None
-        reason = await self.check_event(target, event)
-        if reason is not None:
-            await self.record(
-                DeliveryRecord(
-                    event_id=event.id,
-                    target=target,
-                    attempt=0,
-                    outcome=Outcome.SKIPPED,
-                    error=reason,
-                    instance=self.name,
-                )
-            )
-            await msg.ack_sync()
-            return None
-        return Delivery(event=event, msg=msg, target=target)
+        return await admit(
+            msg, target, self.decode, self.route_event, self.dead_letter, self.record, self.name
+        )
 
     # Request / reply ----------------------------------------------------------
 

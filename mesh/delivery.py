@@ -1,12 +1,13 @@
 """What a consumer gets: ``Delivery`` (one event to ack), the event in a message
-(``decode_event``), the route check's cache (``RouteCache``) and the pull loop behind
-``MeshClient.pull`` and ``consume``."""
+(``decode_event``), the pull loop behind ``MeshClient.pull`` and ``consume``, and the
+admission of each pulled message (``admit``: decode, route check, dead letter or skip
+with its record). The route check itself is ``mesh/routing.py``."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
 import nats.errors as nats_errors
@@ -18,8 +19,10 @@ from nats.aio.msg import Msg
 from mesh import envelope
 from mesh.crypto import KeyRing
 from mesh.envelope import Event
+from mesh.errors import DecodeError
 from mesh.pullfeed import PullFeed
-from mesh.registry import Registry, route_accepts
+from mesh.records import DeliveryRecord, Outcome
+from mesh.routing import Verdict
 from mesh.subjects import Subjects
 
 log = structlog.get_logger("mesh.client")  # the client's logger, as before the split
@@ -79,49 +82,6 @@ def raise_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
-class RouteCache:
-    """Per-target routes, re-read on a miss when the registry changed since.
-
-    A miss is trusted only at the registry revision the routes were read at: an
-    event on a propagation added a moment ago must not be skipped (and acked) by a
-    cache that predates it.
-    """
-
-    def __init__(self, registry: Registry) -> None:
-        self.registry = registry
-        self._routes: dict[str, list[tuple[str, str | None]]] = {}
-        self._revision: dict[str, int] = {}
-        self._first: dict[str, asyncio.Lock] = {}
-
-    async def accepts(self, target: str, source: str, event_type: str) -> bool:
-        routes = self._routes.get(target)
-        if routes is not None and route_accepts(routes, source, event_type):
-            return True
-        if routes is None:
-            # The first read of a target's routes, once: a whole fetched batch misses
-            # together (an egress starting on a backlog), and each event reading the
-            # registry for itself cost a status request and two KV listings apiece.
-            async with self._first.setdefault(target, asyncio.Lock()):
-                if target not in self._routes:
-                    await self._read(target)
-            routes = self._routes[target]
-            if route_accepts(routes, source, event_type):
-                return True
-        # Read the revision before the routes: a change in between makes the next miss
-        # look again rather than trust stale routes.
-        revision = await self.registry.revision()
-        if self._revision.get(target) == revision:
-            return False
-        await self._read(target, revision)
-        return route_accepts(self._routes[target], source, event_type)
-
-    async def _read(self, target: str, revision: int | None = None) -> None:
-        if revision is None:
-            revision = await self.registry.revision()
-        self._routes[target] = await self.registry.routes_for(target)
-        self._revision[target] = revision
-
-
 async def pull_batches(
     nc: NATS,
     stream: str,
@@ -177,3 +137,54 @@ async def pull_batches(
         # arrived for it and was never handed out goes back (nak) at once.
         if feed is not None:
             await feed.close()
+
+
+async def admit(
+    msg: Msg,
+    target: str,
+    decode: Callable[[Msg], Event],
+    route: Callable[..., Awaitable[Verdict]],
+    dead_letter: Callable[[Msg, str, str, int], Awaitable[None]],
+    record: Callable[[DeliveryRecord], Awaitable[None]],
+    instance: str,
+) -> Delivery | None:
+    """Decode and check one message for ``target`` (``route`` is ``MeshClient.route_event``);
+    dead-letter or skip what must not be handed out, with its delivery record."""
+    try:
+        event = decode(msg)
+    except DecodeError as exc:
+        attempts = int(msg.metadata.num_delivered or 1)
+        await dead_letter(msg, target, f"undecodable: {exc}", attempts)
+        await msg.ack_sync()
+        return None
+    verdict = await route(target, event, size=len(msg.data))
+    if verdict.dead is not None:
+        attempts = int(msg.metadata.num_delivered or 1)
+        await dead_letter(msg, target, verdict.dead, attempts)
+        await msg.ack_sync()
+        await record(
+            DeliveryRecord(
+                event_id=event.id,
+                target=target,
+                attempt=attempts,
+                outcome=Outcome.DEAD,
+                error=verdict.dead,
+                instance=instance,
+            )
+        )
+        return None
+    if verdict.event is None:
+        await record(
+            DeliveryRecord(
+                event_id=event.id,
+                target=target,
+                attempt=0,
+                outcome=Outcome.SKIPPED,
+                error=verdict.skip,
+                instance=instance,
+            )
+        )
+        await msg.ack_sync()
+        return None
+    event = verdict.event
+    return Delivery(event=event, msg=msg, target=target)

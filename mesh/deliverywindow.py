@@ -55,6 +55,9 @@ class DeliveryWindow:
         self.clock = clock
         self._targets: dict[str, _TargetWindow] = {}
         self.failures: deque[dict[str, Any]] = deque(maxlen=max_failures)
+        # Skipped events (filters, loops, hop limit) with their reason: "why didn't my
+        # endpoint get this?" answered on the dashboard.
+        self.skips: deque[dict[str, Any]] = deque(maxlen=max_failures)
 
     def observe(
         self,
@@ -97,6 +100,14 @@ class DeliveryWindow:
             )
         else:
             bucket.skipped += 1
+            self.skips.append(
+                {
+                    "at": at,
+                    "target": target,
+                    "event_id": event_id,
+                    "reason": (error or "")[:MAX_ERROR_CHARS] or None,
+                }
+            )
         self._trim(tw, second)
 
     def _trim(self, tw: _TargetWindow, now_second: int) -> None:
@@ -145,6 +156,10 @@ class DeliveryWindow:
         """Newest first."""
         rows = [f for f in reversed(self.failures) if target is None or f["target"] == target]
         return rows[:limit]
+
+    def recent_skips(self, limit: int = 20) -> list[dict[str, Any]]:
+        """Newest first."""
+        return list(reversed(self.skips))[:limit]
 
 
 def monotonic_ms() -> float:

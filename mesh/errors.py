@@ -8,6 +8,7 @@ message as one line and exits non-zero. The tree::
     │   └── KeyFileError            missing, corrupt or too-open key file
     ├── ValidationError (ValueError) bad names, types, patterns, data
     │   ├── InvalidName
+    │   ├── ExpressionError         a filter or transform that does not compile
     │   └── PayloadTooLarge         carries size and max_payload
     ├── NotFound (LookupError)      unknown target, propagation, event
     ├── Conflict                    already exists, not permitted by the registry
@@ -41,6 +42,11 @@ class ValidationError(MeshError, ValueError):
 
 class InvalidName(ValidationError):
     pass
+
+
+class ExpressionError(ValidationError):
+    """A ``--filter`` (CESQL) or ``--transform`` (JMESPath) expression that does not parse,
+    type-check or fit its bounds; never stored."""
 
 
 class PayloadTooLarge(ValidationError):

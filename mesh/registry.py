@@ -2,7 +2,9 @@
 
 Keys are ``targets.<name>`` and ``props.<id>``; values are the pydantic models
 as JSON. Target secrets are stored encrypted with the key ring. The routing
-rules (who receives what) are derived here, in one place: ``routes_for``.
+rules (who receives what) are derived here, in one place: ``compute_rules`` (each
+with its propagation's ``--filter`` and ``--transform``), and ``routes_for`` (the
+source/type pairs that consumers and replays read).
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import base64
 import secrets
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any, Literal, TypeVar
 
 import nats.js.errors as js_errors
@@ -71,6 +75,8 @@ class Target(BaseModel):
     rate: float | None = Field(default=None, gt=0)  # events per second
     max_in_flight: int = Field(default=16, ge=1, le=10_000)
     ordered: bool = False
+    # JMESPath over the data, applied after the propagation's own (mesh/transform.py).
+    transform: str | None = None
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     circuit_threshold: int = Field(default=5, ge=1)
     circuit_open_s: float = Field(default=60.0, gt=0)
@@ -103,6 +109,9 @@ class Propagation(BaseModel):
     source: str
     targets: list[str] = Field(default_factory=list)
     types: str | None = None
+    # CESQL over attributes and data (mesh/cesql), and JMESPath over the data.
+    filter: str | None = None
+    transform: str | None = None
     created_at: datetime = Field(default_factory=now)
 
     def describe(self) -> str:
@@ -112,30 +121,79 @@ class Propagation(BaseModel):
         return f"{self.source} {arrow} {dest}{types}"
 
 
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One way events reach a target: from ``source``, types matching ``types``, passing
+    ``filter``, reshaped by ``transform``; ``prop`` is the propagation's id."""
+
+    source: str
+    types: str | None
+    prop: str
+    filter: str | None = None
+    transform: str | None = None
+    # What the consumer's subject filter may narrow to: ``types``, else a type the filter
+    # implies (``type = 'x'``: mesh/cesql type_pattern), so the server drops the rest.
+    narrow: str | None = None
+
+    def takes(self, source: str, event_type: str) -> bool:
+        return self.source == source and (
+            self.types is None or subject_matches(self.types, event_type)
+        )
+
+
+def validate_expressions(filter: str | None, transform: str | None) -> None:
+    """Compile both now (raises ExpressionError): a bad expression is never stored."""
+    if filter is not None:
+        from mesh.cesql import compile_expression
+
+        compile_expression(filter, condition=True)
+    if transform is not None:
+        from mesh.transform import compile_transform
+
+        compile_transform(transform)
+
+
 def generate_secret() -> str:
     # Standard Webhooks secrets are whsec_ + *standard* base64 of the key bytes; a urlsafe
     # alphabet ('-', '_') is silently dropped (or rejected) by the reference verifiers.
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
-def compute_routes(
-    target: str, props: list[Propagation], all_targets: set[str]
-) -> list[tuple[str, str | None]]:
-    """(source, type pattern or None) pairs whose events ``target`` receives."""
-    routes: list[tuple[str, str | None]] = []
+def compute_rules(target: str, props: list[Propagation], all_targets: set[str]) -> list[Rule]:
+    """The rules by which ``target`` receives events, in the propagations' order."""
+    rules: list[Rule] = []
     for p in props:
+        source: str | None = None
         if p.mode == PropagationMode.BROADCAST:
             if target != p.source and target in all_targets:
-                routes.append((p.source, p.types))
+                source = p.source
         elif p.mode == PropagationMode.BIDIRECTIONAL:
             a, b = p.source, p.targets[0]
             if target == b:
-                routes.append((a, p.types))
+                source = a
             elif target == a:
-                routes.append((b, p.types))
+                source = b
         elif target in p.targets and target != p.source:
-            routes.append((p.source, p.types))
-    return routes
+            source = p.source
+        if source is not None:
+            narrow = p.types or (_implied_types(p.filter) if p.filter else None)
+            rules.append(Rule(source, p.types, p.id, p.filter, p.transform, narrow))
+    return rules
+
+
+@lru_cache(maxsize=512)
+def _implied_types(filter: str) -> str | None:
+    from mesh.cesql import type_pattern
+
+    return type_pattern(filter)
+
+
+def compute_routes(
+    target: str, props: list[Propagation], all_targets: set[str]
+) -> list[tuple[str, str | None]]:
+    """(source, type pattern or None) pairs whose events ``target`` receives (consumer
+    subjects and replays read these; a filter's implied type narrows them)."""
+    return [(r.source, r.narrow) for r in compute_rules(target, props, all_targets)]
 
 
 def route_accepts(routes: list[tuple[str, str | None]], source: str, event_type: str) -> bool:
@@ -226,6 +284,7 @@ class Registry:
 
     async def add_target(self, target: Target, secret: str | None = None) -> Target:
         validate_name(target.name, "target name")
+        validate_expressions(None, target.transform)
         if target.kind == TargetKind.WEBHOOK:
             if not target.url:
                 raise ValidationError("a webhook target needs --webhook URL")
@@ -311,8 +370,12 @@ class Registry:
         source: str,
         targets: list[str] | None = None,
         types: str | None = None,
+        *,
+        filter: str | None = None,
+        transform: str | None = None,
     ) -> Propagation:
         validate_name(source, "source name")
+        validate_expressions(filter, transform)
         targets = list(dict.fromkeys(targets or []))
         for t in targets:
             validate_name(t, "target name")
@@ -337,14 +400,23 @@ class Registry:
                     f"bidirectional needs both ends registered: unknown target {source!r}"
                 ) from None
         for p in await self.list_propagations():
-            if (p.mode, p.source, sorted(p.targets), p.types) == (
+            if (p.mode, p.source, sorted(p.targets), p.types, p.filter, p.transform) == (
                 mode,
                 source,
                 sorted(targets),
                 types,
+                filter,
+                transform,
             ):
                 raise Conflict(f"the same propagation exists already: {p.id}")
-        prop = Propagation(mode=mode, source=source, targets=targets, types=types)
+        prop = Propagation(
+            mode=mode,
+            source=source,
+            targets=targets,
+            types=types,
+            filter=filter,
+            transform=transform,
+        )
         await self.kv.create(f"props.{prop.id}", prop.model_dump_json().encode())
         return prop
 
@@ -374,6 +446,12 @@ class Registry:
     async def routes_for(self, target: str) -> list[tuple[str, str | None]]:
         targets, props = await self.targets_and_propagations()
         return compute_routes(target, props, {t.name for t in targets})
+
+    async def rules_for(self, target: str) -> tuple[list[Rule], str | None]:
+        """The target's rules and its own transform, from one reading of the bucket."""
+        targets, props = await self.targets_and_propagations()
+        own = next((t.transform for t in targets if t.name == target), None)
+        return compute_rules(target, props, {t.name for t in targets}), own
 
     async def can_request(self, source: str, target: str) -> bool:
         """Request/reply is allowed along bidirectional propagations, either way."""

@@ -211,10 +211,13 @@ async def test_dashboard_shows_live_figures_in_headless_chromium(
         )
         await client.add_target(Target(name="ledger", kind=TargetKind.NATS))
         await client.add_propagation("multicast", "shop", ["billing", "crm", "ledger"])
+        # One event a filter keeps from billing: its skip and reason show on the page.
+        await client.add_propagation("unidirectional", "desk", ["billing"], filter="data.n > 9")
         health = Health(s, host="127.0.0.1")
         async with running(Sink(s), WebhookEgress(s), health):
             for i in range(5):
                 await client.publish("shop", "order.created", {"n": i})
+            skipped = await client.publish("desk", "memo", {"n": 1})
             await rx.wait_for(5, unique=True, timeout=30)
 
             async def settled() -> Any:
@@ -228,6 +231,7 @@ async def test_dashboard_shows_live_figures_in_headless_chromium(
                     and rows["ledger"]["lag"] == 5
                     and {"health", "sink", "webhook-egress"} <= services
                     and st["ready"]["ok"]
+                    and any(x["event_id"] == skipped for x in st["recent_skips"])
                 )
                 return st if ok else None
 
@@ -274,6 +278,9 @@ async def test_dashboard_shows_live_figures_in_headless_chromium(
 
     failures = dom.by_id("failures").find("tr", **{"data-target": "crm"})
     assert failures and all(f.cell("event") for f in failures)
+    (skip,) = dom.by_id("skips").find("tr", **{"data-target": "billing"})
+    assert skip.cell("event") == skipped
+    assert "filter of propagation" in skip.cell("reason") and "is false" in skip.cell("reason")
     states = {
         r.attrs["data-service"]: r.cell("state")
         for r in dom.by_id("services").find("tr")

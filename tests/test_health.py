@@ -443,6 +443,8 @@ async def test_status_success_rate_and_failures_from_delivery_records(
     await client.record(
         DeliveryRecord("bad-1", "r-queue", 2, Outcome.RETRY, status_code=502, error="HTTP 502")
     )
+    why = "filter of propagation p1 (data.n > 1) is false"
+    await client.record(DeliveryRecord("skip-1", "r-queue", 0, Outcome.SKIPPED, error=why))
 
     async def counted() -> Any:
         _, st = await get_json(health.port, "/status")
@@ -457,6 +459,15 @@ async def test_status_success_rate_and_failures_from_delivery_records(
     (failure,) = [f for f in st["recent_failures"] if f["target"] == "r-queue"]
     assert failure["event_id"] == "bad-1" and failure["attempt"] == 2
     assert failure["status_code"] == 502 and failure["error"] == "HTTP 502"
+    skips = await eventually(
+        lambda: _skips(health.port), 10, "the skipped record in /status recent_skips"
+    )
+    assert [(s["event_id"], s["reason"]) for s in skips] == [("skip-1", why)]
+
+
+async def _skips(port: int) -> list[Any] | None:
+    _, st = await get_json(port, "/status")
+    return [s for s in st["recent_skips"] if s["target"] == "r-queue"] or None
 
 
 @pytest.mark.slow

@@ -64,8 +64,15 @@ TABLES: dict[str, tuple[list[Col], list[list[Any]]]] = {
     "propagation list": (
         PROPAGATION_COLUMNS,
         [
-            [uuid.uuid4().hex[:12], "multicast", "shop -> billing, warehouse, audit", "order.*"],
-            [uuid.uuid4().hex[:12], "broadcast", "ops -> every target", "*"],
+            [
+                uuid.uuid4().hex[:12],
+                "multicast",
+                "shop -> billing, warehouse, audit",
+                "order.*",
+                "data.total >= 100 AND data.customer.tier IN ('gold', 'platinum')",
+                "{id: order.id, total: total}",
+            ],
+            [uuid.uuid4().hex[:12], "broadcast", "ops -> every target", "*", "", ""],
         ],
     ),
     "keys status --usage": (

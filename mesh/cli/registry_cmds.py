@@ -49,6 +49,9 @@ def target_add(
     fmt: str = typer.Option("standard", "--format", help="standard | cloudevents"),
     retry_base: float = typer.Option(1.0, "--retry-base", help="First retry delay, seconds."),
     retry_max_delay: float = typer.Option(300.0, "--retry-max-delay"),
+    transform: str | None = typer.Option(
+        None, "--transform", help="JMESPath reshaping the data delivered to this target."
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Register a target."""
@@ -69,6 +72,7 @@ def target_add(
             max_in_flight=max_in_flight,
             ordered=ordered,
             format=fmt,  # type: ignore[arg-type]
+            transform=transform,
             retry=RetryPolicy(
                 max_retries=max_retries, base_s=retry_base, max_delay_s=retry_max_delay
             ),
@@ -190,13 +194,30 @@ def target_rotate_secret(
 # propagations -----------------------------------------------------------------
 
 
-def _propagate(mode: PropagationMode, source: str, targets: list[str], types: str | None) -> None:
+FILTER_HELP = 'CloudEvents SQL over attributes and data, e.g. "data.total > 100".'
+TRANSFORM_HELP = 'JMESPath reshaping the delivered data, e.g. "{id: order.id}".'
+
+
+def _propagate(
+    mode: PropagationMode,
+    source: str,
+    targets: list[str],
+    types: str | None,
+    filter: str | None,
+    transform: str | None,
+) -> None:
     async def run() -> Any:
         async with connected() as c:
-            return await c.add_propagation(mode, source, targets, types)
+            return await c.add_propagation(
+                mode, source, targets, types, filter=filter, transform=transform
+            )
 
     p = arun(run())
     console.print(f"propagation {p.id}: {p.mode} {escape(p.describe())}")
+    if p.filter:
+        console.print(f"  filter: {escape(p.filter)}")
+    if p.transform:
+        console.print(f"  transform: {escape(p.transform)}")
 
 
 @propagate_app.command("unidirectional")
@@ -204,9 +225,11 @@ def propagate_uni(
     source: str = typer.Option(..., "--source"),
     target: str = typer.Option(..., "--target"),
     types: str | None = typer.Option(None, "--types", help="Event type pattern, e.g. order.*"),
+    filter: str | None = typer.Option(None, "--filter", help=FILTER_HELP),
+    transform: str | None = typer.Option(None, "--transform", help=TRANSFORM_HELP),
 ) -> None:
     """Source -> one target."""
-    _propagate(PropagationMode.UNIDIRECTIONAL, source, [target], types)
+    _propagate(PropagationMode.UNIDIRECTIONAL, source, [target], types, filter, transform)
 
 
 @propagate_app.command("bidirectional")
@@ -214,9 +237,11 @@ def propagate_bi(
     source: str = typer.Option(..., "--source"),
     target: str = typer.Option(..., "--target"),
     types: str | None = typer.Option(None, "--types"),
+    filter: str | None = typer.Option(None, "--filter", help=FILTER_HELP),
+    transform: str | None = typer.Option(None, "--transform", help=TRANSFORM_HELP),
 ) -> None:
     """A <-> B: events both ways, request/reply both ways."""
-    _propagate(PropagationMode.BIDIRECTIONAL, source, [target], types)
+    _propagate(PropagationMode.BIDIRECTIONAL, source, [target], types, filter, transform)
 
 
 @propagate_app.command("multicast")
@@ -224,18 +249,22 @@ def propagate_multi(
     source: str = typer.Option(..., "--source"),
     target: list[str] = typer.Option(..., "--target", help="Repeat for each target."),
     types: str | None = typer.Option(None, "--types"),
+    filter: str | None = typer.Option(None, "--filter", help=FILTER_HELP),
+    transform: str | None = typer.Option(None, "--transform", help=TRANSFORM_HELP),
 ) -> None:
     """Source -> a listed set of targets."""
-    _propagate(PropagationMode.MULTICAST, source, target, types)
+    _propagate(PropagationMode.MULTICAST, source, target, types, filter, transform)
 
 
 @propagate_app.command("broadcast")
 def propagate_broad(
     source: str = typer.Option(..., "--source"),
     types: str | None = typer.Option(None, "--types"),
+    filter: str | None = typer.Option(None, "--filter", help=FILTER_HELP),
+    transform: str | None = typer.Option(None, "--transform", help=TRANSFORM_HELP),
 ) -> None:
     """Source -> every target, including targets added later."""
-    _propagate(PropagationMode.BROADCAST, source, [], types)
+    _propagate(PropagationMode.BROADCAST, source, [], types, filter, transform)
 
 
 PROPAGATION_COLUMNS = [
@@ -243,6 +272,8 @@ PROPAGATION_COLUMNS = [
     Col("mode", keep=0),
     Col("route", keep=0, flex=True),
     Col("types", keep=1, flex=True),
+    Col("filter", keep=1, flex=True),
+    Col("transform", keep=2, flex=True),
 ]
 
 
@@ -261,7 +292,10 @@ def propagation_list(as_json: bool = typer.Option(False, "--json")) -> None:
     print_table(
         "propagations",
         PROPAGATION_COLUMNS,
-        [[p.id, p.mode, p.describe(), p.types or "*"] for p in props],
+        [
+            [p.id, p.mode, p.describe(), p.types or "*", p.filter or "", p.transform or ""]
+            for p in props
+        ],
     )
 
 

@@ -353,11 +353,18 @@ class Session:
                 await msg.ack_sync()  # not acked: it is dead-lettered again, which is harmless
             return None
         try:
-            reason = await self.client.check_event(target, event)
-            if reason is not None:
-                self._record(event.id, Outcome.SKIPPED, 0, error=reason)
+            verdict = await self.client.route_event(target, event, size=len(msg.data))
+            if verdict.dead is not None:
+                attempts = int(msg.metadata.num_delivered or 1)
+                await self.client.dead_letter(msg, target, verdict.dead, attempts)
+                self._record(event.id, Outcome.DEAD, attempts, error=verdict.dead)
                 await msg.ack_sync()
                 return None
+            if verdict.event is None:
+                self._record(event.id, Outcome.SKIPPED, 0, error=verdict.skip)
+                await msg.ack_sync()
+                return None
+            event = verdict.event
         except (MeshError, nats_errors.Error, OSError, TimeoutError) as exc:
             # The registry or the ack did not answer (broker blip): it comes back later.
             self.log.warning("route check failed", seq=seq, error=str(exc) or type(exc).__name__)

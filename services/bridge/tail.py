@@ -151,8 +151,10 @@ class TailReader:
             self.log.warning("undecodable event skipped in tail", seq=seq, error=str(exc))
             return None
         try:
-            if await self.client.check_event(self.target, event) is not None:
+            verdict = await self.client.route_event(self.target, event, size=len(msg.data))
+            if verdict.event is None:
                 return None
+            event = verdict.event
         except (MeshError, nats_errors.Error, OSError, TimeoutError) as exc:
             # A tail is a read of the target's subjects: show it rather than skip it.
             self.log.warning("route check failed; delivered", seq=seq, error=str(exc))

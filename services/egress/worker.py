@@ -308,10 +308,14 @@ class TargetWorker(Outcomes):
                 why = f"undecodable: {type(exc).__name__}: {exc}"
                 await self._dead(msg, None, attempt, why, Outcome.DEAD)
                 return
-            reason = await self.client.check_event(self.name, event)
-            if reason is not None:
-                await self._skip(msg, event, reason)
+            verdict = await self.client.route_event(self.name, event, size=len(msg.data))
+            if verdict.dead is not None:
+                await self._dead(msg, event, attempt, verdict.dead, Outcome.DEAD)
                 return
+            if verdict.event is None:
+                await self._skip(msg, event, verdict.skip or "skipped")
+                return
+            event = verdict.event
             target = self.target
             body, extra = build_body(target, event)
             try:

@@ -138,6 +138,14 @@ DASHBOARD_HTML = (
   </section>
 
   <section>
+    <h2>Recent skips</h2>
+    <table id="skips">
+      <thead><tr><th>Time</th><th>Target</th><th>Event</th><th>Reason</th></tr></thead>
+      <tbody><tr><td class="empty" colspan="4">none</td></tr></tbody>
+    </table>
+  </section>
+
+  <section>
     <h2>Services</h2>
     <table id="services">
       <thead><tr>
@@ -285,6 +293,21 @@ function renderServices(services) {
   replaceRows($("services").tBodies[0], rows, 5, "none seen yet");
 }
 
+function renderSkips(skips) {
+  const rows = (skips || []).map(f => {
+    const tr = el("tr");
+    tr.dataset.target = f.target;
+    tr.appendChild(el("td", "at", fmtTime(f.at)));
+    tr.appendChild(el("td", "target", f.target));
+    tr.appendChild(el("td", "mono event", f.event_id));
+    const r = el("td", "error reason", f.reason || "");
+    r.title = f.reason || "";
+    tr.appendChild(r);
+    return tr;
+  });
+  replaceRows($("skips").tBodies[0], rows, 4, "none");
+}
+
 function renderFailures(failures) {
   const rows = failures.map(f => {
     const tr = el("tr");
@@ -340,6 +363,7 @@ function render(s) {
   $("broker").textContent = "broker: " + (b.url || "\\u2013") + (b.server_version ? " (nats-server " + b.server_version + ")" : "") + (b.connected ? "" : " \\u2013 disconnected");
   renderTargets(s.targets);
   renderFailures(s.recent_failures);
+  renderSkips(s.recent_skips);
   renderServices(s.services);
   $("updated").textContent = fmtTime(s.generated_at);
 }

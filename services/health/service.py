@@ -467,6 +467,7 @@ class Health(Service):
             },
             "deliveries": self.window.summary(),
             "recent_failures": self.window.recent_failures(MAX_FAILURES_SHOWN),
+            "recent_skips": self.window.recent_skips(MAX_FAILURES_SHOWN),
             "database": self.database,
             "keys": self.key_status(),
         }
