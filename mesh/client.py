@@ -39,11 +39,12 @@ from mesh.errors import (
     RequestTimeout,
     ValidationError,
 )
+from mesh.netguard import check_literal
 from mesh.observability import METRICS
 from mesh.publishing import Encoded, build_event, check_size, publish_pipelined
 from mesh.pubpipe import AckedPublisher, ack_duplicate, ack_error, no_stream
 from mesh.records import DeliveryRecord, dead_letter_headers
-from mesh.registry import Propagation, PropagationMode, Registry, Target
+from mesh.registry import Propagation, PropagationMode, Registry, Target, TargetKind
 from mesh.replies import Reply, answer_request, decode_request, read_reply, reply_message
 from mesh.routing import RouteCache, Verdict
 from mesh.serverinfo import check_server
@@ -176,6 +177,9 @@ class MeshClient:
     # Registry (with live consumer reconciliation) ---------------------------
 
     async def add_target(self, target: Target, secret: str | None = None) -> Target:
+        if target.kind == TargetKind.WEBHOOK and target.url:
+            # Refused now, not dead-lettered event by event later.
+            check_literal(target.url, self.settings.allow_private_targets)
         await ensure_streams(self.js, self.settings)
         target = await self.registry.add_target(target, secret)
         await self.provisioner.reconcile_target(target)

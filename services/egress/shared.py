@@ -7,13 +7,22 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+
     from mesh.client import MeshClient
     from mesh.records import DeliveryRecord
     from services.egress.circuit import CircuitStore
     from services.egress.http.sender import HttpSender
+
+
+class Record(Protocol):
+    """Publish one delivery record; ``settle`` is the message its attempt finished, acked
+    once the record is stored (``WebhookEgress.record``)."""
+
+    def __call__(self, rec: DeliveryRecord, *, settle: Msg | None = None) -> Awaitable[None]: ...
 
 
 @dataclass(frozen=True)
@@ -30,5 +39,5 @@ class EgressShared:
     # Calls back into the service:
     spawn: Callable[[Coroutine[Any, Any, Any], str], asyncio.Task[Any]]  # an owned task
     instance_count: Callable[[], int]  # egress instances alive (rate shares)
-    record: Callable[[DeliveryRecord], Awaitable[None]]  # publish one delivery record
+    record: Record  # publish one delivery record
     sync_target: Callable[[str], Coroutine[Any, Any, None]]  # re-read one target from the registry

@@ -71,7 +71,7 @@ class HealthRoutes:
         return web.json_response(
             self.status(),
             headers={"Cache-Control": "no-store"},
-            dumps=_dumps,
+            dumps=dumps,
         )
 
     async def h_metrics(self, _: web.Request) -> web.Response:
@@ -80,5 +80,5 @@ class HealthRoutes:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _dumps(obj: Any) -> str:
+def dumps(obj: Any) -> str:
     return json.dumps(obj, default=str)
