@@ -52,7 +52,8 @@ def up(
     services: str = typer.Option(
         "",
         "--services",
-        help="Comma-separated subset: egress,bridge,health,sink,api (default all).",
+        help="Comma-separated subset: egress,bridge,health,sink,api (default all; backup"
+        " too when MESH_BACKUP_EVERY is set).",
     ),
 ) -> None:
     """Run the mesh: the embedded broker (unless MESH_NATS_URL is set) and every service."""
@@ -64,7 +65,7 @@ def up(
     names = (
         [runner.canonical(n.strip()) for n in services.split(",") if n.strip()]
         if services
-        else runner.available_services()
+        else runner.available_services(s)
     )
     for n in names:
         runner.load_service(n)  # an unknown name fails here, before anything starts
@@ -88,7 +89,7 @@ def up(
 
 
 def serve(
-    name: str = typer.Argument(..., help="webhook-egress | bridge | health | sink | api"),
+    name: str = typer.Argument(..., help="webhook-egress | bridge | health | sink | api | backup"),
 ) -> None:
     """Run one service in this process (connects to MESH_NATS_URL)."""
     runner = _runner()
