@@ -1,6 +1,6 @@
 """The benchmark suite: each figure with its raw baseline from the same run, and the ratio.
 
-    python -m bench [egress|sink|bridge|publish|latency|fanout|backlog|filters|destinations|all]
+    python -m bench [egress|sink|bridge|publish|latency|fanout|backlog|filters|api|destinations|all]
                     [--quick] [ARGS]
 
 ``--quick`` keeps each bench to about a minute; without it the sizes are the ones in
@@ -29,7 +29,7 @@ from types import ModuleType
 from bench import _common
 from bench._common import ROOT, Result, header, summary
 
-OWN = ("publish", "latency", "fanout", "backlog", "filters", "destinations")
+OWN = ("publish", "latency", "fanout", "backlog", "filters", "api", "destinations")
 SCRIPTS = ("egress", "sink", "bridge")
 ORDER = (
     "publish",
@@ -37,6 +37,7 @@ ORDER = (
     "fanout",
     "backlog",
     "filters",
+    "api",
     "destinations",
     "egress",
     "sink",

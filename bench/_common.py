@@ -32,6 +32,7 @@ import aiohttp  # noqa: E402
 from mesh.broker import EmbeddedBroker, free_port  # noqa: E402
 from mesh.client import MeshClient  # noqa: E402
 from mesh.config import Settings  # noqa: E402
+from mesh.durability import SyncMode  # noqa: E402
 from mesh.observability import configure_logging  # noqa: E402
 
 PAD = "x" * 200  # filler in every benchmark event: ~250 B of data
@@ -135,6 +136,7 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
             "MESH_ALLOW_PRIVATE_TARGETS": "1",
             "MESH_HTTP_PORT": str(settings.http_port),
             "MESH_BRIDGE_PORT": str(settings.bridge_port),
+            "MESH_API_PORT": str(settings.api_port),
             "MESH_CONFIG": str(settings.home / "no-mesh.toml"),
             "MESH_LOG_FORMAT": "json",
             "MESH_LOG_LEVEL": "warning",
@@ -163,10 +165,12 @@ class Scratch:
 
 
 @contextlib.asynccontextmanager
-async def scratch_mesh(encryption: bool = True) -> AsyncIterator[Scratch]:
+async def scratch_mesh(
+    encryption: bool = True, sync: SyncMode = SyncMode.ALWAYS
+) -> AsyncIterator[Scratch]:
     configure_logging("console", "warning")
     tmp = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
-    broker = EmbeddedBroker(tmp / "nats", port=free_port(), log_file=tmp / "nats.log")
+    broker = EmbeddedBroker(tmp / "nats", port=free_port(), log_file=tmp / "nats.log", sync=sync)
     await broker.astart()
     settings = Settings(
         home=tmp / "home",
@@ -174,6 +178,7 @@ async def scratch_mesh(encryption: bool = True) -> AsyncIterator[Scratch]:
         allow_private_targets=True,
         http_port=free_port(),
         bridge_port=free_port(),
+        api_port=free_port(),
         encryption=encryption,
         log_level="warning",
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     nats_tls_cert: Path | None = None
     nats_tls_key: Path | None = None
     connect_timeout: float = 5.0
+    # The embedded broker fsyncs before it acknowledges a publish; "lazy" trades that for
+    # speed (nats-server's default, fsync every two minutes). mesh/durability.py.
+    broker_sync: Literal["always", "lazy"] = "always"
 
     # JetStream.
     stream_replicas: int = Field(default=1, ge=1, le=5)
@@ -69,6 +72,14 @@ class Settings(BaseSettings):
     prune_interval_s: float = Field(default=3600.0, gt=0)
     prune_batch: int = Field(default=1000, ge=1, le=50_000)
 
+    # Backups (mesh/backup): the scheduled service takes one every backup_every ("1h",
+    # "30m"; unset: no schedule), keeps the newest backup_keep in backup_dir
+    # (default $MESH_HOME/backups), and seals the keys with the passphrase in the file.
+    backup_every: str | None = None
+    backup_keep: int = Field(default=24, ge=1)
+    backup_dir: Path | None = None
+    backup_passphrase_file: Path | None = None
+
     # Services.
     http_port: int = Field(default=9400, ge=0, le=65535)
     bridge_port: int = Field(default=9401, ge=0, le=65535)
@@ -78,6 +89,13 @@ class Settings(BaseSettings):
     bridge_host: str = "127.0.0.1"
     bridge_tls_cert: Path | None = None  # with bridge_tls_key: the bridge serves wss://
     bridge_tls_key: Path | None = None
+    # The HTTP API (services/api): loopback by default like the others; TLS by config.
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=9402, ge=0, le=65535)
+    api_tls_cert: Path | None = None
+    api_tls_key: Path | None = None
+    # Requests per second per API key, per API instance (a key may carry its own).
+    api_rate: float = Field(default=1000.0, gt=0)
     allow_private_targets: bool = False
     heartbeat_interval_s: float = 5.0
     drain_timeout_s: float = 10.0
@@ -145,6 +163,10 @@ class Settings(BaseSettings):
     @property
     def nats_store_dir(self) -> Path:
         return self.home / "nats"
+
+    @property
+    def backups_dir(self) -> Path:
+        return self.backup_dir or self.home / "backups"
 
     @property
     def metrics_dir(self) -> Path:

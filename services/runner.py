@@ -18,6 +18,7 @@ import structlog
 from mesh.broker import EmbeddedBroker
 from mesh.client import MeshClient
 from mesh.config import Settings
+from mesh.durability import SyncMode
 from mesh.errors import ConfigError, MeshError
 from mesh.observability import METRICS, write_textfile
 from services.base import Service
@@ -28,7 +29,11 @@ SERVICES: dict[str, str] = {
     "webhook-egress": "services.egress:WebhookEgress",
     "bridge": "services.bridge:Bridge",
     "health": "services.health:Health",
+    "api": "services.api:Api",
+    "backup": "services.backup:Backup",
 }
+# Services `mesh up` runs only when configured: name -> the setting that turns it on.
+OPT_IN = {"backup": "backup_every"}
 ALIASES = {"egress": "webhook-egress"}
 TEXTFILE_INTERVAL_S = 15.0
 
@@ -54,9 +59,12 @@ def load_service(name: str) -> type[Service]:
     return cls
 
 
-def available_services() -> list[str]:
+def available_services(settings: Settings | None = None) -> list[str]:
+    """Services this build has; an opt-in one only when ``settings`` turn it on."""
     out = []
     for name in SERVICES:
+        if name in OPT_IN and not (settings and getattr(settings, OPT_IN[name])):
+            continue
         try:
             load_service(name)
         except ConfigError:
@@ -108,11 +116,17 @@ async def run(
             settings.nats_store_dir,
             port=settings.nats_port,
             log_file=settings.home / "nats.log",
+            sync=SyncMode(settings.broker_sync),
         )
         settings.home.mkdir(parents=True, exist_ok=True)
         await broker.astart()
         settings = settings.model_copy(update={"nats_url": broker.url})
-        log.info("embedded nats-server started", url=broker.url, store=str(settings.nats_store_dir))
+        log.info(
+            "embedded nats-server started",
+            url=broker.url,
+            store=str(settings.nats_store_dir),
+            sync=str(broker.sync),
+        )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 from typing import Any
 
 import typer
@@ -21,7 +22,8 @@ from mesh.cli._common import (
 from mesh.cli._tables import Col
 from mesh.client import MeshClient
 from mesh.crypto import KeyRing
-from mesh.errors import NotFound
+from mesh.durability import LAZY_WARNING, broker_sync
+from mesh.errors import ConfigError, NotFound
 from mesh.observability import configure_logging
 
 
@@ -35,24 +37,38 @@ def register(app: typer.Typer) -> None:
 # up / serve / init ------------------------------------------------------------
 
 
+def _runner() -> Any:
+    """``services.runner``, loaded by name: the library (``mesh/``) never imports the
+    services (tests/test_layout.py); only these two commands reach them, at run time."""
+    try:
+        return importlib.import_module("services.runner")
+    except ModuleNotFoundError as exc:
+        if exc.name in ("services", "services.runner"):
+            raise ConfigError("the mesh services are not installed with this library") from None
+        raise
+
+
 def up(
     services: str = typer.Option(
-        "", "--services", help="Comma-separated subset: egress,bridge,health,sink (default all)."
+        "",
+        "--services",
+        help="Comma-separated subset: egress,bridge,health,sink,api (default all; backup"
+        " too when MESH_BACKUP_EVERY is set).",
     ),
 ) -> None:
     """Run the mesh: the embedded broker (unless MESH_NATS_URL is set) and every service."""
     from mesh.broker import EmbeddedBroker
-    from services.runner import available_services, canonical, load_service, main_sync
 
+    runner = _runner()
     s = settings()
     configure_logging(s.log_format, s.log_level)
     names = (
-        [canonical(n.strip()) for n in services.split(",") if n.strip()]
+        [runner.canonical(n.strip()) for n in services.split(",") if n.strip()]
         if services
-        else available_services()
+        else runner.available_services(s)
     )
     for n in names:
-        load_service(n)  # an unknown name fails here, before anything starts
+        runner.load_service(n)  # an unknown name fails here, before anything starts
     if s.embedded:
         EmbeddedBroker(s.nats_store_dir, port=s.nats_port).check_port()
     s.home.mkdir(parents=True, exist_ok=True)
@@ -63,20 +79,26 @@ def up(
         parts.append(f"health http://127.0.0.1:{s.http_port}/")
     if "bridge" in names:
         parts.append(f"bridge ws://127.0.0.1:{s.bridge_port}/v1/stream")
+    if "api" in names:
+        scheme = "https" if s.api_tls_cert else "http"
+        parts.append(f"api {scheme}://{s.api_host}:{s.api_port}/v1/docs")
     err_console.print("; ".join([*parts, "Ctrl-C stops"]), markup=False, soft_wrap=True)
-    main_sync(names, s)
+    if s.embedded and s.broker_sync == "lazy":
+        err_console.print(LAZY_WARNING, markup=False, soft_wrap=True)
+    runner.main_sync(names, s)
 
 
-def serve(name: str = typer.Argument(..., help="webhook-egress | bridge | health | sink")) -> None:
+def serve(
+    name: str = typer.Argument(..., help="webhook-egress | bridge | health | sink | api | backup"),
+) -> None:
     """Run one service in this process (connects to MESH_NATS_URL)."""
-    from services.runner import load_service, main_sync
-
+    runner = _runner()
     s = settings()
-    load_service(name)
+    runner.load_service(name)
     configure_logging(s.log_format, s.log_level)
     if s.embedded:
         s = s.model_copy(update={"nats_url": s.servers[0]})
-    main_sync([name], s)
+    runner.main_sync([name], s)
 
 
 async def _init() -> dict[str, Any]:
@@ -155,6 +177,7 @@ async def gather_status(c: MeshClient) -> dict[str, Any]:
             "url": str(c.nc.connected_url.geturl() if c.nc.connected_url else ""),
             "server_version": _version(c),
             "max_payload": c.nc.max_payload,
+            "sync": await broker_sync(c.nc, c.settings.nats_store_dir),
         },
         "streams": streams,
         "targets": targets,
@@ -191,6 +214,7 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
         return
     b = st["broker"]
     console.print(f"broker  {b['url']} (nats-server {b['server_version']})")
+    console.print(f"sync    {b['sync']['mode']} ({b['sync']['source']})", markup=False)
     for name, info in st["streams"].items():
         console.print(f"stream  {name}: " + (f"{info['messages']} messages" if info else "missing"))
     print_table(

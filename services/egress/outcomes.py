@@ -1,6 +1,6 @@
 """What becomes of a message after a delivery attempt (mixed into ``TargetWorker``).
 
-- 2xx (or a driver's acknowledged send): ack, record ``delivered``.
+- 2xx (or a driver's acknowledged send): record ``delivered``, then ack.
 - refused by the SSRF guard, or a permanent failure of a driver (a missing exchange,
   queue or bucket): dead letter (the reason), ack; never retried.
 - 410 Gone: mark the target disabled in the registry, dead letter, ack.
@@ -8,8 +8,10 @@
   with the policy's delay (or the receiver's ``Retry-After``, whichever is longer);
   after the last attempt it is dead-lettered, then acked.
 
-Every attempt leaves one ``DeliveryRecord``. A dead letter that cannot be stored is not
-acked: the message is handed back and comes again.
+Every attempt leaves one ``DeliveryRecord``. A message is acked only once everything it
+caused is stored by the broker (issue #14): its dead letter (awaited) and its record (the
+ack waits for the record's acknowledgement, pipelined). A dead letter or a record that
+cannot be stored is not acked: the message is handed back and comes again.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from services.egress.http.sender import AttemptResult
 if TYPE_CHECKING:
     from mesh.client import MeshClient
     from services.egress.circuit import SharedCircuit
-    from services.egress.service import WebhookEgress
+    from services.egress.shared import EgressShared
 
 DLQ_RETRY_S = 5.0  # when the DLQ itself cannot be written, try the message again after this
 
@@ -41,7 +43,7 @@ class Outcomes:
     """Settling messages; the state it uses belongs to ``TargetWorker``."""
 
     name: str
-    egress: WebhookEgress
+    egress: EgressShared
     client: MeshClient
     circuit: SharedCircuit
     log: Any
@@ -73,15 +75,13 @@ class Outcomes:
         if answered:
             self._m_latency.observe(result.latency_s)
         if result.ok:
-            try:
-                await msg.ack()
-            except Exception as exc:  # delivered; a lost ack means a duplicate, not a loss
-                self.log.warning("ack failed", event_id=event.id, error=str(exc))
             await self.circuit.on_result(True, probe)
             self.counts["delivered"] += 1
             self._m_delivered.inc()
             self._m_e2e.observe(max(0.0, time.time() - event.time.timestamp()))
-            await self._record(event.id, attempt, Outcome.DELIVERED, result.status, latency_ms)
+            await self._record(
+                event.id, attempt, Outcome.DELIVERED, result.status, latency_ms, settle=msg
+            )
             return
         error = result.error or "failed"
         if result.refused or result.permanent:
@@ -122,10 +122,9 @@ class Outcomes:
 
     async def _skip(self, msg: Msg, event: Event, reason: str) -> None:
         self._held.pop(id(msg), None)
-        await msg.ack()
         self.counts["skipped"] += 1
         METRICS.deliveries.labels(self.name, Outcome.SKIPPED.value).inc()
-        await self._record(event.id, 0, Outcome.SKIPPED, error=reason)
+        await self._record(event.id, 0, Outcome.SKIPPED, error=reason, settle=msg)
 
     async def _dead(
         self,
@@ -147,14 +146,10 @@ class Outcomes:
             log.error("dead letter not stored, handing the event back", error=str(exc))
             await self._hand_back(msg, delay=DLQ_RETRY_S)
             return
-        try:
-            await msg.ack_sync()
-        except Exception as exc:  # stored in the DLQ; a redelivery may store it twice
-            log.warning("ack after dead letter failed", error=str(exc))
         self.counts["dead"] += 1
         METRICS.deliveries.labels(self.name, outcome.value).inc()
         log.warning("event dead-lettered", reason=error[:200])
-        await self._record(event_id, attempt, outcome, status, latency_ms, error)
+        await self._record(event_id, attempt, outcome, status, latency_ms, error, settle=msg)
 
     async def _record(
         self,
@@ -164,8 +159,11 @@ class Outcomes:
         status: int | None = None,
         latency_ms: float | None = None,
         error: str | None = None,
+        *,
+        settle: Msg | None = None,
     ) -> None:
-        """Publish the record of one attempt at this target by this instance."""
+        """Publish the record of one attempt at this target by this instance; ``settle``:
+        the message this attempt finished, acked only once its record is stored."""
         await self.egress.record(
             DeliveryRecord(
                 event_id=event_id,
@@ -176,7 +174,8 @@ class Outcomes:
                 latency_ms=latency_ms,
                 error=error,
                 instance=self.egress.instance,
-            )
+            ),
+            settle=settle,
         )
 
     async def _disable(self, reason: str) -> None:
@@ -188,7 +187,7 @@ class Outcomes:
         # Stop pulling now; the registry watch would get here too.
         self.halt.set()
         self._kick()
-        self.egress.spawn(self.egress.sync_target(self.name), name=f"sync-{self.name}")
+        self.egress.spawn(self.egress.sync_target(self.name), f"sync-{self.name}")
 
     async def _hand_back(self, msg: Msg, delay: float | None = None) -> None:
         self._held.pop(id(msg), None)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from typing import Any, ClassVar
@@ -45,6 +46,7 @@ from mesh.registry import EGRESS_KINDS, TargetStatus
 from services.base import Service
 from services.egress.circuit import CircuitStore
 from services.egress.http.sender import HttpSender
+from services.egress.shared import EgressShared
 from services.egress.worker import FETCH_EXPIRES_S, TargetWorker
 
 DEFAULT_MAX_IN_FLIGHT = 512  # requests on the wire across every target of one instance
@@ -71,6 +73,7 @@ class WebhookEgress(Service):
         self.http = HttpSender(settings.allow_private_targets, limit=max_in_flight)
         self.workers: dict[str, TargetWorker] = {}
         self.circuits: CircuitStore | None = None
+        self.shared: EgressShared | None = None  # what the workers get (on_start)
         self.peers: dict[str, float] = {}  # other instances -> last heartbeat (monotonic)
         self._sync_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
@@ -87,6 +90,19 @@ class WebhookEgress(Service):
         bucket = events.removesuffix("_EVENTS") + "_CIRCUITS"
         self.circuits = await CircuitStore.open(
             self.client.js, bucket, replicas=self.settings.stream_replicas
+        )
+        self.shared = EgressShared(
+            client=self.client,
+            log=self.log,
+            instance=self.instance,
+            circuits=self.circuits,
+            http=self.http,
+            slots=self.slots,
+            fetch_expires_s=self.fetch_expires_s,
+            spawn=self.spawn,
+            instance_count=self.instance_count,
+            record=self.record,
+            sync_target=self.sync_target,
         )
         self._peer_sub = await self.client.nc.subscribe(
             self.client.subjects.health(self.name, "*"), cb=self._on_peer
@@ -165,8 +181,9 @@ class WebhookEgress(Service):
                 self._retire(name)
                 worker = None
             if worker is None:
+                assert self.shared is not None  # set by on_start, before any sync
                 try:
-                    worker = TargetWorker(self, target)
+                    worker = TargetWorker(self.shared, target)
                 except DecodeError as exc:  # a sealed URL the key ring cannot open
                     self.log.error("cannot deliver to target", target=name, error=str(exc))
                     return
@@ -270,13 +287,15 @@ class WebhookEgress(Service):
 
     # Records ------------------------------------------------------------------
 
-    async def record(self, rec: DeliveryRecord) -> None:
+    async def record(self, rec: DeliveryRecord, *, settle: Msg | None = None) -> None:
         """Publish a delivery-attempt record, pipelined: its acknowledgement is checked in
         the background (mesh/pubpipe.py: a refused or unacknowledged record is published
         again, the same ``Nats-Msg-Id`` keeping it single). Waits only while 1,024 records
         are unacknowledged: a stalled broker holds the delivery here, which stops fetching
-        (backpressure)."""
+        (backpressure). ``settle`` is acked once the record is stored, and handed back
+        (nak) if it cannot be: no event is acked before its record is durable."""
         pipe = self._records
+        tag = (rec, settle)
         try:
             if pipe is None:
                 raise RuntimeError("the egress is not started")
@@ -284,12 +303,23 @@ class WebhookEgress(Service):
                 self.client.subjects.delivery(rec.target),
                 rec.to_bytes(),
                 {"Nats-Msg-Id": rec.id},
-                rec,
+                tag,
+                None if settle is None else functools.partial(self._ack, settle, rec),
             )
         except Exception as exc:
-            self._record_failed(rec, str(exc) or type(exc).__name__)
+            self._record_failed(tag, str(exc) or type(exc).__name__)
 
-    def _record_failed(self, rec: DeliveryRecord, error: str) -> None:
+    async def _ack(self, msg: Msg, rec: DeliveryRecord) -> None:
+        try:
+            await msg.ack()
+        except Exception as exc:  # done and recorded; a lost ack means a duplicate, not a loss
+            self.log.warning("ack failed", event_id=rec.event_id, error=str(exc))
+
+    def _record_failed(self, tag: tuple[DeliveryRecord, Msg | None], error: str) -> None:
+        rec, settle = tag
+        if settle is not None:
+            # Not acked: the event comes again (after the ack wait at the latest).
+            self.spawn(_nak(settle), name=f"nak-{rec.event_id}")
         self._records_failed += 1
         self.log.warning(
             "delivery record not published",
@@ -316,3 +346,8 @@ class WebhookEgress(Service):
             "records_failed": self._records_failed,
             **totals,
         }
+
+
+async def _nak(msg: Msg) -> None:
+    with contextlib.suppress(Exception):
+        await msg.nak()
