@@ -205,3 +205,33 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(ValidationError, match=r"pip install 'mesh\[amqp\]'"):
         pick_destination({"amqp": "amqp://h/"}, {"exchange": "x"})
     assert pick_destination({"mqtt": "mqtt://h"}, {})[0] == "mqtt"  # type: ignore[index]
+
+
+async def test_api_creates_destination_targets_sealed(
+    settings: Settings, client: MeshClient
+) -> None:
+    from tests.support.api import Http, api_running, make_key
+
+    _, admin = await make_key(client, "admin")
+    body = {
+        "name": "rabbit",
+        "kind": "amqp",
+        "url": "amqp://guest:pa55word@127.0.0.1:5672/",
+        "options": {"exchange": "events", "routing_key": "{source}.{type}"},
+    }
+    async with api_running(settings) as api, Http(api.url) as http:
+        status, _, created = await http.call("POST", "/v1/targets", body, key=admin)
+        assert status == 201, created
+        assert created["url"] == "amqp://guest:***@127.0.0.1:5672/"
+        assert "url_enc" not in created and "pa55word" not in json.dumps(created)
+        status, _, bad = await http.call(
+            "POST", "/v1/targets", {**body, "name": "r2", "options": {}}, key=admin
+        )
+        assert status == 422 and "exchange" in bad["detail"]
+        status, _, bad = await http.call(
+            "PATCH", "/v1/targets/rabbit", {"url": "http://example.com/"}, key=admin
+        )
+        assert status == 422, bad
+    stored = await client.registry.get_target("rabbit")
+    assert client.registry.destination_url(stored).endswith("pa55word@127.0.0.1:5672/")
+    assert stored.options is not None and stored.options.routing_key == "{source}.{type}"
