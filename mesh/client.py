@@ -27,7 +27,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from mesh import envelope
+from mesh import envelope, tracing
 from mesh.config import Settings, load_settings
 from mesh.crypto import KeyRing
 from mesh.envelope import Event
@@ -164,6 +164,7 @@ class MeshClient:
         return Provisioner(self.js, self.registry, self.settings)
 
     async def connect(self) -> MeshClient:
+        tracing.configure()  # OTEL_* env: off unless asked (a service named itself first)
         last_error: list[str] = []
 
         async def on_error(exc: Exception) -> None:
@@ -398,6 +399,23 @@ class MeshClient:
                 f"event {event.id} is over the hop limit ({event.hops} > {self.settings.max_hops})"
             )
         nats_subject = self.subjects.evt(event.source, event.type)
+        if tracing.TRACER is not None:
+            return await self._traced_publish(event, nats_subject, timeout)
+        return await self._publish_one(event, nats_subject, timeout)
+
+    async def _traced_publish(self, event: Event, nats_subject: str, timeout: float) -> bool:
+        span = tracing.publish_span(event, nats_subject)
+        try:
+            with tracing.current(span):
+                new = await self._publish_one(event, nats_subject, timeout)
+        except BaseException as exc:
+            tracing.end_span(span, type(exc).__name__)
+            raise
+        span.set_attribute("mesh.duplicate", not new)
+        tracing.end_span(span)
+        return new
+
+    async def _publish_one(self, event: Event, nats_subject: str, timeout: float) -> bool:
         headers, body = self._message(event, nats_subject)
         try:
             ack = await self._acked.publish(nats_subject, body, headers, timeout)
@@ -440,6 +458,10 @@ class MeshClient:
                 messages = []
                 for event in events[start : start + chunk]:
                     nats_subject = self.subjects.evt(event.source, event.type)
+                    if tracing.TRACER is not None:
+                        # One producer span per event, ended when handed to the
+                        # connection: the acks come back in bulk.
+                        tracing.end_span(tracing.publish_span(event, nats_subject))
                     headers, body = self._message(event, nats_subject)
                     messages.append((nats_subject, headers, body, event.source))
                 excess = len(outstanding) + len(messages) - window

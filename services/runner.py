@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from mesh import tracing
 from mesh.broker import EmbeddedBroker
 from mesh.client import MeshClient
 from mesh.config import Settings
@@ -99,6 +100,7 @@ async def run(
     """Start the broker (if embedded) and the services; block until a signal or ``stop``."""
     embedded = settings.embedded if embedded is None else embedded
     classes = [load_service(n) for n in names]
+    tracing.configure("mesh")  # one process, one OTLP resource for all its services
     textfile_path, textfile_labels = textfile_target(
         settings, [canonical(n) for n in names], embedded
     )

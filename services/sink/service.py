@@ -35,6 +35,7 @@ from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError as PydanticValidationError
 
+from mesh import tracing
 from mesh.config import Settings
 from mesh.errors import DecodeError, MeshError, NotFound, StorageError, ValidationError
 from mesh.observability import METRICS
@@ -60,6 +61,7 @@ from services.sink.rows import (
     propagation_row,
     service_row,
 )
+from services.sink.spans import batch_written
 
 BATCH_SIZE = 500
 FETCH_WAIT_S = 0.5
@@ -369,6 +371,7 @@ class Sink(Service):
         """Write one fetched batch and ack it; False if stopped before the write landed."""
         items, drop = self._rows(kind, msgs)
         if items:
+            started = time.time_ns()
             async with self._holding([m for m, _ in items]):
                 try:
                     result = await self._write([row for _, row in items])
@@ -378,6 +381,11 @@ class Sink(Service):
                     result = await self._write_each(items, drop)
             if result is None:
                 return False  # unacked: redelivered to this or another sink
+            if tracing.TRACER is not None:
+                backend = (
+                    "postgresql" if self.settings.database_url.startswith("postgres") else "sqlite"
+                )
+                batch_written(kind, [m for m, _ in items], started, backend)
             for table, n in (
                 ("events", result.events),
                 ("deliveries", result.deliveries),
