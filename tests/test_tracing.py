@@ -4,6 +4,7 @@ protobuf messages), real nats-server, real webhook receivers, the real egress an
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 import sys
@@ -18,7 +19,9 @@ from mesh.config import Settings
 from mesh.envelope import Event
 from services.egress.service import WebhookEgress
 from services.sink.service import Sink
+from tests.conftest import env_for
 from tests.support import eventually
+from tests.support.cli import mesh, ok
 from tests.support.otlp import OtlpReceiver
 from tests.support.receiver import Receiver, add_webhook, delivery_records
 
@@ -61,11 +64,8 @@ async def test_one_trace_from_publish_to_every_delivery_and_the_sink(
             await add_webhook(client, "tc", rc.url),
         ]
         egress = WebhookEgress(settings, fetch_expires_s=0.5)
-        sink = Sink(
-            settings.model_copy(update={"db_url": f"sqlite:///{tmp_path / 'm.db'}"}),
-            batch_size=100,
-            fetch_wait=0.2,
-        )
+        sink_settings = settings.model_copy(update={"db_url": f"sqlite:///{tmp_path / 'm.db'}"})
+        sink = Sink(sink_settings, batch_size=100, fetch_wait=0.2)
         await egress.start()
         await sink.start()
         try:
@@ -75,6 +75,7 @@ async def test_one_trace_from_publish_to_every_delivery_and_the_sink(
             await rc.wait_for(3)
             await eventually(lambda: sink.counts["events"] >= 1)
             records = await eventually(lambda: _records(client, "tc", 3), timeout=15)
+            await eventually(lambda: sink.counts["deliveries"] >= 5, timeout=15)
         finally:
             await egress.stop()
             await sink.stop()
@@ -142,6 +143,26 @@ async def test_one_trace_from_publish_to_every_delivery_and_the_sink(
         for secret in secrets:
             assert secret.encode() not in body
             assert secret.removeprefix("whsec_").encode() not in body
+
+    # `mesh trace` tells the same story from the sink's tables.
+    env = {k: v for k, v in env_for(sink_settings).items() if not k.startswith("OTEL_")}
+    doc = json.loads(ok(await mesh(env, "trace", event_id, "--json")).stdout)
+    assert doc["trace_ids"] == [trace_id]
+    assert doc["event"]["source"] == "shop" and doc["event"]["stored"]
+    story = {
+        t["target"]: [(a["attempt"], a["outcome"]) for a in t["attempts"]] for t in doc["targets"]
+    }
+    assert story == {
+        "ta": [(1, "delivered")],
+        "tb": [(1, "delivered")],
+        "tc": [(1, "retry"), (2, "retry"), (3, "delivered")],
+    }
+    text = ok(await mesh(env, "trace", event_id)).stdout
+    assert trace_id in text and "tc  delivered after 3 attempts" in text
+    assert "#2  retry  HTTP 503" in text
+    missing = await mesh(env, "trace", "no-such-event")
+    assert missing.returncode == 1 and "no event 'no-such-event'" in missing.stderr
+    assert "Traceback" not in missing.stderr
 
     # The Prometheus families went out as OTLP metrics too.
     await eventually(lambda: "mesh_deliveries_total" in otlp.metric_names, timeout=10)

@@ -106,6 +106,7 @@ def delivery_doc(row: DeliveryRow) -> dict[str, Any]:
         "error": row.error,
         "at": row.at.isoformat(),
         "instance": row.instance,
+        "trace_id": row.trace_id,
     }
 
 
