@@ -437,6 +437,9 @@ async def tracing_rounds(
         modes["before"] = ({**env, "PYTHONPATH": args.baseline}, 0.01)
     names = list(modes)
     rates: dict[str, list[float]] = {name: [] for name in ["raw", *names]}
+    cpu: dict[
+        str, list[float]
+    ] = {}  # egress CPU us per delivery: steadier than rates on a busy box
     for r in range(args.rounds):
         order = names[r % len(names) :] + names[: r % len(names)]  # rotate: load drift is shared
         rates["raw"].append(await raw_throughput(rx, url, args.events, args.concurrency))
@@ -447,6 +450,7 @@ async def tracing_rounds(
                     client, rx, menv, settings, args.events, False, args.instances, sampled
                 )
             )
+            cpu.setdefault(name, []).append(CPU["egress"][-1])
         print(f"  round {r + 1}: " + "  ".join(f"{k} {v[-1]:6.0f}/s" for k, v in rates.items()))
     med = {k: statistics.median(v) for k, v in rates.items()}
     ref = "before" if args.baseline else "off"
@@ -457,6 +461,12 @@ async def tracing_rounds(
         print(f"off / before (aim >=0.98): {med['off'] / med['before']:.2f}")
     print(f"on 1% / {ref:<6} (aim >=0.95): {med['on 1%'] / med[ref]:.2f}")
     print(f"on 100% / {ref:<6}         : {med['on 100%'] / med[ref]:.2f}")
+    mcpu = {k: statistics.median(v) for k, v in cpu.items()}
+    print("egress CPU per delivery: " + ", ".join(f"{k} {v:.0f} us" for k, v in mcpu.items()))
+    print(
+        "as a rate ratio (reference CPU / CPU): "
+        + ", ".join(f"{k} {mcpu[ref] / v:.2f}" for k, v in mcpu.items() if k != ref)
+    )
     print(f"OTLP bytes received: {(await rx.stats())['otlp']}")
 
 

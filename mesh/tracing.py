@@ -49,6 +49,11 @@ EXT_TRACESTATE = "tracestate"
 
 # The SDK tracer while tracing is on; None when off (the hot paths check this).
 TRACER: Any = None
+# The sampler follows the parent's decision (the default, parentbased_*): an event whose
+# context says "not sampled" gets no spans at all, only its context passed on.
+_FOLLOW_PARENT = True
+_SAMPLED_FLAGS = frozenset("13579bdf")  # last hex digit of the flags: bit 0 = sampled
+_url_cache: dict[str, tuple[str, dict[str, Any]]] = {}
 _providers: list[Any] = []  # tracer and meter providers to flush on shutdown
 _configured = False
 
@@ -113,6 +118,10 @@ def _setup(service: str) -> Any:
     attrs = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": service}
     resource = Resource.create(attrs)  # merges OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES
     provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
+    global _FOLLOW_PARENT
+    from opentelemetry.sdk.trace.sampling import ParentBased
+
+    _FOLLOW_PARENT = isinstance(provider.sampler, ParentBased)
     span_exporter = OTLPSpanExporter()
     provider.add_span_processor(BatchSpanProcessor(span_exporter))
     # Not made the global provider: a program embedding MeshClient keeps its own.
@@ -151,6 +160,14 @@ def trace_id_of(event: Event) -> str | None:
         return None
     match = _TRACEPARENT.match(value)
     return match.group(1) if match else None
+
+
+def wanted(event: Event) -> bool:
+    """Whether spans for this event may be recorded: False when it carries a context
+    marked "not sampled" and the sampler follows parents (then only the context is
+    passed on, at the cost of a dict look-up)."""
+    parent = event.extensions.get(EXT_TRACEPARENT)
+    return parent is None or not _FOLLOW_PARENT or parent[-1:] in _SAMPLED_FLAGS
 
 
 def event_context(event: Event) -> Any:
@@ -209,6 +226,9 @@ def url_template(url: str) -> tuple[str, dict[str, Any]]:
     """``url.template`` and server attributes for ``url``, with no secret in them: the
     query and user info are dropped, and every path segment that is not a plain word
     becomes ``{}`` (tokens hide in webhook paths)."""
+    hit = _url_cache.get(url)
+    if hit is not None:
+        return hit[0], dict(hit[1])
     parts = urlsplit(url)
     segments = [s if _WORD.match(s) else "{}" for s in parts.path.split("/") if s]
     template = "/" + "/".join(segments)
@@ -219,7 +239,10 @@ def url_template(url: str) -> tuple[str, dict[str, Any]]:
     }
     port = parts.port or (443 if parts.scheme == "https" else 80)
     attrs["server.port"] = port
-    return template, attrs
+    if len(_url_cache) > 4096:
+        _url_cache.clear()
+    _url_cache[url] = (template, attrs)
+    return template, dict(attrs)
 
 
 def http_attributes(url: str, method: str, attempt: int) -> tuple[str, dict[str, Any]]:

@@ -129,7 +129,7 @@ class Outcomes:
         await msg.ack()
         self.counts["skipped"] += 1
         METRICS.deliveries.labels(self.name, Outcome.SKIPPED.value).inc()
-        if tracing.TRACER is not None:
+        if tracing.TRACER is not None and tracing.wanted(event):
             mark("skip", self.name, event, 0, None)  # the reason may quote a filter: not here
         await self._record(event.id, 0, Outcome.SKIPPED, error=reason, trace=event)
 
@@ -160,7 +160,7 @@ class Outcomes:
         self.counts["dead"] += 1
         METRICS.deliveries.labels(self.name, outcome.value).inc()
         log.warning("event dead-lettered", reason=error[:200])
-        if tracing.TRACER is not None and event is not None:
+        if tracing.TRACER is not None and event is not None and tracing.wanted(event):
             mark("dead-letter", self.name, event, attempt, outcome.value)
         await self._record(event_id, attempt, outcome, status, latency_ms, error, trace=event)
 

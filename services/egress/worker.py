@@ -344,7 +344,7 @@ class TargetWorker(Outcomes):
                         self.sending.add(task)  # from here on, drain lets it finish
                     headers = sign_headers(signer, event.id, body, extra)
                     assert target.url is not None
-                    if tracing.TRACER is not None:
+                    if tracing.TRACER is not None and tracing.wanted(event):
                         span = start_attempt(self.name, event, attempt, target.url)
                     # W3C headers: the attempt's span, or (tracing off) the event's own.
                     headers.update(tracing.w3c_headers(event, span))

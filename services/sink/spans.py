@@ -23,7 +23,7 @@ def batch_written(kind: str, msgs: list[Msg], start_ns: int, backend: str) -> No
     for msg in msgs:
         headers = msg.headers or {}
         parent = headers.get("ce-traceparent")
-        if not parent:
+        if not parent or (tracing._FOLLOW_PARENT and parent[-1:] not in tracing._SAMPLED_FLAGS):
             continue
         carrier = {"traceparent": parent}
         if "ce-tracestate" in headers:
