@@ -1,6 +1,7 @@
 """The benchmark suite: each figure with its raw baseline from the same run, and the ratio.
 
-    python -m bench [egress|sink|bridge|publish|latency|fanout|backlog|filters|all] [--quick] [ARGS]
+    python -m bench [egress|sink|bridge|publish|latency|fanout|backlog|filters|api|all]
+                    [--quick] [ARGS]
 
 ``--quick`` keeps each bench to about a minute; without it the sizes are the ones in
 docs/PERFORMANCE.md. Extra ARGS go to the one bench named (``python -m bench publish
@@ -28,9 +29,9 @@ from types import ModuleType
 from bench import _common
 from bench._common import ROOT, Result, header, summary
 
-OWN = ("publish", "latency", "fanout", "backlog", "filters")
+OWN = ("publish", "latency", "fanout", "backlog", "filters", "api")
 SCRIPTS = ("egress", "sink", "bridge")
-ORDER = ("publish", "latency", "fanout", "backlog", "filters", "egress", "sink", "bridge")
+ORDER = ("publish", "latency", "fanout", "backlog", "filters", "api", "egress", "sink", "bridge")
 
 
 def _module(name: str) -> ModuleType:

@@ -32,6 +32,7 @@ import aiohttp  # noqa: E402
 from mesh.broker import EmbeddedBroker, free_port  # noqa: E402
 from mesh.client import MeshClient  # noqa: E402
 from mesh.config import Settings  # noqa: E402
+from mesh.durability import SyncMode  # noqa: E402
 from mesh.observability import configure_logging  # noqa: E402
 
 PAD = "x" * 200  # filler in every benchmark event: ~250 B of data
@@ -163,10 +164,12 @@ class Scratch:
 
 
 @contextlib.asynccontextmanager
-async def scratch_mesh(encryption: bool = True) -> AsyncIterator[Scratch]:
+async def scratch_mesh(
+    encryption: bool = True, sync: SyncMode = SyncMode.ALWAYS
+) -> AsyncIterator[Scratch]:
     configure_logging("console", "warning")
     tmp = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
-    broker = EmbeddedBroker(tmp / "nats", port=free_port(), log_file=tmp / "nats.log")
+    broker = EmbeddedBroker(tmp / "nats", port=free_port(), log_file=tmp / "nats.log", sync=sync)
     await broker.astart()
     settings = Settings(
         home=tmp / "home",

@@ -1,7 +1,8 @@
 """Webhook egress throughput and latency, against raw aiohttp POSTs, in the same run.
 
     python bench/egress.py [--quick] [--events N] [--concurrency C] [--rate R] [--rounds K]
-                           [--instances I] [--profile] [--tracing [--baseline DIR]]
+                           [--instances I] [--profile] [--sync always|lazy|both]
+                           [--tracing [--baseline DIR]]
 
 1. A receiver (aiohttp, its own process) records each request's arrival time.
 2. Egress: N events are published to a fresh broker, then ``mesh serve webhook-egress``
@@ -46,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from mesh.broker import EmbeddedBroker, free_port  # noqa: E402
 from mesh.client import MeshClient  # noqa: E402
 from mesh.config import Settings  # noqa: E402
+from mesh.durability import SyncMode  # noqa: E402
 from mesh.registry import Target, TargetKind  # noqa: E402
 from mesh.signing import signature_headers  # noqa: E402
 
@@ -314,13 +316,19 @@ def print_budget(raw: float, eg: float) -> None:
     )
 
 
-async def main(args: argparse.Namespace) -> None:
+async def one_mode(args: argparse.Namespace, sync: SyncMode, tag: str = "") -> float:
+    """The whole run on a broker in ``sync`` mode; the egress's median deliveries/s."""
+
+    def out(line: str) -> None:
+        print(f"[{tag}] {line}" if tag else line, flush=True)
+
     tmp = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
-    broker = EmbeddedBroker(tmp / "nats", port=free_port(), log_file=tmp / "nats.log")
+    broker = EmbeddedBroker(tmp / "nats", port=free_port(), log_file=tmp / "nats.log", sync=sync)
     await broker.astart()
     if broker.proc is not None:
         import psutil
 
+        BROKER_PROC.clear()
         BROKER_PROC.append(psutil.Process(broker.proc.pid))
     rx_port = free_port()
     rx_proc = await asyncio.create_subprocess_exec(
@@ -328,6 +336,7 @@ async def main(args: argparse.Namespace) -> None:
     )
     import psutil
 
+    RECEIVER_PROC.clear()
     RECEIVER_PROC.append(psutil.Process(rx_proc.pid))
     settings = Settings(home=tmp / "home", nats_url=broker.url, allow_private_targets=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
@@ -359,9 +368,9 @@ async def main(args: argparse.Namespace) -> None:
             await client.add_propagation("unidirectional", "shop", ["bench"])
             n = args.events
             c = args.concurrency
-            print(
+            out(
                 f"events={n} concurrency={c} rounds={args.rounds} egress instances="
-                f"{args.instances} (receiver in its own process)"
+                f"{args.instances} (receiver in its own process) broker sync={sync}"
             )
             if args.tracing:
                 await tracing_rounds(client, rx, env, settings, url, rx_port, args)
@@ -380,13 +389,13 @@ async def main(args: argparse.Namespace) -> None:
                                 client, rx, env, settings, n, args.profile, args.instances
                             )
                         )
-                print(f"  round {r + 1}: raw {raws[-1]:7.0f}/s  egress {egs[-1]:7.0f}/s")
+                out(f"  round {r + 1}: raw {raws[-1]:7.0f}/s  egress {egs[-1]:7.0f}/s")
             raw, eg = statistics.median(raws), statistics.median(egs)
-            print(f"raw aiohttp POSTs : {raw:8.0f} deliveries/s (median)")
-            print(f"webhook egress    : {eg:8.0f} deliveries/s (median)")
-            print(f"ratio             : {eg / raw:8.2f}   (aim >= 0.8)")
+            out(f"raw aiohttp POSTs : {raw:8.0f} deliveries/s (median)")
+            out(f"webhook egress    : {eg:8.0f} deliveries/s (median)")
+            out(f"ratio             : {eg / raw:8.2f}   (aim >= 0.8)")
             if CPU:
-                print(
+                out(
                     f"sender CPU per delivery: raw {statistics.median(CPU.get('raw', [0])):.0f} us,"
                     f" egress {statistics.median(CPU.get('egress', [0])):.0f} us"
                     " (all egress processes), nats-server during the egress run"
@@ -395,7 +404,7 @@ async def main(args: argparse.Namespace) -> None:
                 print_budget(raw, eg)
             if not args.profile:
                 lat = await latency(client, rx, env, args.rate, args.seconds)
-                print(
+                out(
                     f"latency at {args.rate:.0f}/s for {args.seconds:.0f}s ({len(lat)} events):"
                     f" p50 {pct(lat, 50):.1f} ms, p99 {pct(lat, 99):.1f} ms,"
                     f" mean {statistics.fmean(lat):.1f} ms"
@@ -403,6 +412,21 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         await stop_process(rx_proc)
         await broker.astop()
+    CPU.clear()
+    return eg
+
+
+async def main(args: argparse.Namespace) -> None:
+    if args.sync != "both":
+        await one_mode(args, SyncMode(args.sync))
+        return
+    # The product's default first, in the lines bench/__main__.py reads; then the opt-out.
+    always = await one_mode(args, SyncMode.ALWAYS)
+    lazy = await one_mode(args, SyncMode.LAZY, tag="lazy")
+    print(
+        f"sync cost: egress with sync always {always:.0f}/s, lazy {lazy:.0f}/s:"
+        f" ratio {always / lazy:.2f}"
+    )
 
 
 async def tracing_rounds(
@@ -480,6 +504,12 @@ def cli() -> None:
     p.add_argument("--rounds", type=int, default=None, help="raw/egress rounds (median)")
     p.add_argument("--instances", type=int, default=1, help="egress processes")
     p.add_argument("--profile", action="store_true")
+    p.add_argument(
+        "--sync",
+        choices=["always", "lazy", "both"],
+        default="always",
+        help="the broker's sync mode (MESH_BROKER_SYNC); both: each in turn, and the ratio",
+    )
     p.add_argument("--tracing", action="store_true", help="tracing off vs on (100 %%, 1 %%)")
     p.add_argument("--baseline", help="with --tracing: a checkout whose egress is the reference")
     p.add_argument("--receiver", type=int, help=argparse.SUPPRESS)

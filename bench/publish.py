@@ -1,6 +1,6 @@
 """Publish throughput: MeshClient against raw nats-py JetStream, same bodies, same stream.
 
-    python -m bench publish [--quick] [--events N] [--rounds R]
+    python -m bench publish [--quick] [--events N] [--rounds R] [--sync always|lazy|both]
 
 Three pairs, alternated within each round (medians over the rounds are reported):
 
@@ -32,6 +32,7 @@ from typing import Any
 
 from bench._common import PAD, Result, Scratch, header, report, scratch_mesh
 from mesh.client import MeshClient
+from mesh.durability import SyncMode
 
 
 def _data(i: int) -> dict[str, Any]:
@@ -79,7 +80,8 @@ async def many_raw(c: MeshClient, n: int) -> float:
     js = c.js
     started = time.perf_counter()
     for subject, headers, body in msgs:
-        await js.publish_async(subject, body, headers=headers, wait_stall=10)
+        # A broker that fsyncs every message (sync always) on a busy disk acks slowly.
+        await js.publish_async(subject, body, headers=headers, wait_stall=120)
     await js.publish_async_completed()
     return n / (time.perf_counter() - started)
 
@@ -107,16 +109,17 @@ def cli_seconds(mesh: Scratch, n: int) -> float:
     return elapsed
 
 
-async def run(args: argparse.Namespace) -> list[Result]:
+async def measure(args: argparse.Namespace, sync: SyncMode) -> tuple[dict[str, float], float]:
+    """Medians of every rate on a broker in ``sync`` mode, and the CLI's start-up time."""
     n_seq = args.events_seq or (2_000 if args.quick else 10_000)
     n_many = args.events or (10_000 if args.quick else 50_000)
     rounds = args.rounds or (2 if args.quick else 3)
     header(
         f"publish: sequential {n_seq:,}, pipelined {n_many:,} events of ~250 B data,"
-        f" encrypted; {rounds} rounds, medians"
+        f" encrypted; {rounds} rounds, medians; broker sync {sync}"
     )
     rates: dict[str, list[float]] = {k: [] for k in ("sm", "sr", "mm", "mr", "cli")}
-    async with scratch_mesh() as mesh, mesh.client() as c:
+    async with scratch_mesh(sync=sync) as mesh, mesh.client() as c:
         await c.publish("shop", "warm.up", {})
         await many_raw(c, 500)
         for _ in range(rounds):
@@ -128,23 +131,26 @@ async def run(args: argparse.Namespace) -> list[Result]:
         for _ in range(rounds):
             t = cli_seconds(mesh, n_many)
             rates["cli"].append((n_many - 1) / max(1e-3, t - one))
-    med = {k: statistics.median(v) for k, v in rates.items()}
+    return {k: statistics.median(v) for k, v in rates.items()}, one
+
+
+def report_mode(med: dict[str, float], one: float, label: str = "") -> list[Result]:
     return [
         report(
             Result(
-                "publish", "MeshClient.publish (awaited)", med["sm"], "events/s",
+                "publish", f"MeshClient.publish (awaited){label}", med["sm"], "events/s",
                 med["sr"], "js.publish", ">= 0.7",
             )
         ),
         report(
             Result(
-                "publish", "MeshClient.publish_many", med["mm"], "events/s",
+                "publish", f"MeshClient.publish_many{label}", med["mm"], "events/s",
                 med["mr"], "publish_async", ">= 0.7",
             )
         ),
         report(
             Result(
-                "publish", "mesh publish --count", med["cli"], "events/s",
+                "publish", f"mesh publish --count{label}", med["cli"], "events/s",
                 med["mr"], "publish_async", ">= 0.7",
                 note=f"start-up {one:.2f}s excluded",
             )
@@ -152,10 +158,41 @@ async def run(args: argparse.Namespace) -> list[Result]:
     ]  # fmt: skip
 
 
+async def run(args: argparse.Namespace) -> list[Result]:
+    sync = getattr(args, "sync", "always")
+    if sync != "both":
+        return report_mode(*await measure(args, SyncMode(sync)))
+    always, one = await measure(args, SyncMode.ALWAYS)
+    results = report_mode(always, one)
+    lazy, one_lazy = await measure(args, SyncMode.LAZY)
+    results += report_mode(lazy, one_lazy, " [lazy]")
+    header("publish: the cost of sync_interval: always (always against lazy, same run)")
+    for key, name in (
+        ("sm", "publish (awaited)"),
+        ("mm", "publish_many"),
+        ("sr", "raw js.publish"),
+    ):
+        results.append(
+            report(
+                Result(
+                    "publish", f"{name}: always vs lazy", always[key], "events/s",
+                    lazy[key], "lazy",
+                )
+            )
+        )  # fmt: skip
+    return results
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--events", type=int, default=None, help="events per pipelined run")
     p.add_argument("--events-seq", type=int, default=None, help="events per sequential run")
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument(
+        "--sync",
+        choices=["always", "lazy", "both"],
+        default="always",
+        help="the broker's sync mode (MESH_BROKER_SYNC); both: each in turn, and the ratio",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,7 @@ set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_DIR="$(cd "$SCRIPT_DIR/.." && pwd)"
-SERVICES=(webhook-egress bridge health sink)
+SERVICES=(webhook-egress bridge health sink api)
 PYTHON="${PYTHON:-python3}"
 
 PREFIX=/opt/mesh
@@ -242,9 +242,11 @@ MESH_NATS_URL=nats://127.0.0.1:4222
 # MESH_KEY_FILE=$DATA_DIR/keys/encryption.key
 # MESH_HTTP_PORT=9400
 # MESH_BRIDGE_PORT=9401
-# Health/dashboard and bridge listen on loopback unless told otherwise:
+# MESH_API_PORT=9402
+# Health/dashboard, bridge and API listen on loopback unless told otherwise:
 # MESH_HTTP_HOST=0.0.0.0
 # MESH_BRIDGE_HOST=0.0.0.0
+# MESH_API_HOST=0.0.0.0
 # MESH_ALLOW_PRIVATE_TARGETS=0
 # MESH_DRAIN_TIMEOUT_S=10
 # MESH_LOG_LEVEL=info

@@ -20,6 +20,7 @@ import sysconfig
 import time
 from pathlib import Path
 
+from mesh.durability import SyncMode, nats_config, write_broker_info
 from mesh.errors import BrokerError, PortInUse
 
 
@@ -67,6 +68,7 @@ class EmbeddedBroker:
         max_payload: int | None = None,
         extra_args: list[str] | None = None,
         log_file: Path | None = None,
+        sync: SyncMode = SyncMode.ALWAYS,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
@@ -75,6 +77,7 @@ class EmbeddedBroker:
         self.max_payload = max_payload
         self.extra_args = extra_args or []
         self.log_file = log_file
+        self.sync = SyncMode(sync)
         self.proc: subprocess.Popen[bytes] | None = None
         self._lock_fd: int | None = None
 
@@ -114,10 +117,14 @@ class EmbeddedBroker:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self._lock_store()
         cmd = self.command()
+        lines = nats_config(self.sync)
         if self.max_payload is not None:
+            lines += f"max_payload: {self.max_payload}\n"
+        if lines:
             conf = self.store_dir.parent / f"nats-{self.port}.conf"
-            conf.write_text(f"max_payload: {self.max_payload}\n")
+            conf.write_text(lines)
             cmd += ["-c", str(conf)]
+        write_broker_info(self.store_dir, self.sync, self.port)
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         try:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)

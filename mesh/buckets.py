@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import asyncio
 
+import nats.errors
 import nats.js.errors as js_errors
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
+
+from mesh.resilience import retry_transient
+
+
+def transient_js_error(exc: BaseException) -> bool:
+    """A JetStream answer that a moment later may be different: no leader yet ("JetStream
+    system temporarily unavailable", 503) or no answer in time."""
+    return isinstance(exc, js_errors.ServiceUnavailableError | nats.errors.TimeoutError)
 
 
 async def open_bucket(
@@ -16,15 +25,25 @@ async def open_bucket(
 
     Several processes may start at once: when another one created the bucket between
     our look and our create, the create is refused and the bucket is opened instead.
+    A create refused while an earlier one (ours, timed out, or another process's) is still
+    being applied leaves the bucket not yet there: that, a 503 and a timeout are tried
+    again for a while (seen on a freshly started cluster under load).
     """
-    try:
-        return await js.key_value(bucket)
-    except js_errors.BucketNotFoundError:
-        pass
-    try:
-        return await js.create_key_value(bucket=bucket, history=history, replicas=replicas)
-    except js_errors.BadRequestError:
-        return await js.key_value(bucket)
+
+    async def once() -> KeyValue:
+        try:
+            return await js.key_value(bucket)
+        except js_errors.BucketNotFoundError:
+            pass
+        try:
+            return await js.create_key_value(bucket=bucket, history=history, replicas=replicas)
+        except js_errors.BadRequestError:
+            return await js.key_value(bucket)
+
+    return await retry_transient(
+        once,
+        lambda exc: transient_js_error(exc) or isinstance(exc, js_errors.BucketNotFoundError),
+    )
 
 
 async def read(kv: KeyValue, key: str) -> tuple[bytes, int] | None:

@@ -42,11 +42,12 @@ from mesh.errors import (
     RequestTimeout,
     ValidationError,
 )
+from mesh.netguard import check_literal
 from mesh.observability import METRICS
 from mesh.pubpipe import AckedPublisher, ack_duplicate, ack_error, no_stream
 from mesh.pullfeed import PullFeed
 from mesh.records import DeliveryRecord, Outcome, dead_letter_headers
-from mesh.registry import Propagation, PropagationMode, Registry, Target
+from mesh.registry import Propagation, PropagationMode, Registry, Target, TargetKind
 from mesh.routing import RouteCache, Verdict
 from mesh.serverinfo import check_server
 from mesh.streams import Provisioner, StreamNames, ensure_streams
@@ -289,6 +290,9 @@ class MeshClient:
     # Registry (with live consumer reconciliation) ---------------------------
 
     async def add_target(self, target: Target, secret: str | None = None) -> Target:
+        if target.kind == TargetKind.WEBHOOK and target.url:
+            # Refused now, not dead-lettered event by event later.
+            check_literal(target.url, self.settings.allow_private_targets)
         await ensure_streams(self.js, self.settings)
         target = await self.registry.add_target(target, secret)
         await self.provisioner.reconcile_target(target)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     nats_tls_cert: Path | None = None
     nats_tls_key: Path | None = None
     connect_timeout: float = 5.0
+    # The embedded broker fsyncs before it acknowledges a publish; "lazy" trades that for
+    # speed (nats-server's default, fsync every two minutes). mesh/durability.py.
+    broker_sync: Literal["always", "lazy"] = "always"
 
     # JetStream.
     stream_replicas: int = Field(default=1, ge=1, le=5)
@@ -78,6 +81,13 @@ class Settings(BaseSettings):
     bridge_host: str = "127.0.0.1"
     bridge_tls_cert: Path | None = None  # with bridge_tls_key: the bridge serves wss://
     bridge_tls_key: Path | None = None
+    # The HTTP API (services/api): loopback by default like the others; TLS by config.
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=9402, ge=0, le=65535)
+    api_tls_cert: Path | None = None
+    api_tls_key: Path | None = None
+    # Requests per second per API key, per API instance (a key may carry its own).
+    api_rate: float = Field(default=1000.0, gt=0)
     allow_private_targets: bool = False
     heartbeat_interval_s: float = 5.0
     drain_timeout_s: float = 10.0

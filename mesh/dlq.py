@@ -29,6 +29,7 @@ from mesh.replay import replay_headers, scan
 from mesh.subjects import validate_name
 
 REPLAY_BATCH = 64
+MAX_SEQ = 2**63 - 1  # a larger number is no stream sequence: it is looked up as an id
 PUBLISH_TIMEOUT_S = 10.0
 
 
@@ -117,6 +118,19 @@ async def iter_dead_letters(
                 listing.unreadable += 1
 
 
+async def check_target(client: MeshClient, target: str | None) -> None:
+    """An unknown target is ``NotFound`` unless dead letters for it remain."""
+    if target is None:
+        return
+    try:
+        await client.target_or_error(target)
+    except NotFound:
+        subject = _filter(client, target)
+        info = await client.js.stream_info(client.names.dlq, subjects_filter=subject)
+        if not info.state.subjects:
+            raise
+
+
 async def list_dead_letters(
     client: MeshClient,
     target: str | None = None,
@@ -141,11 +155,11 @@ async def find(client: MeshClient, ident: str) -> list[DlqEntry]:
     ident = ident.strip()
     if not ident:
         raise ValidationError("give a dead letter id, event id or DLQ sequence")
-    if ident.isdigit():
+    if ident.isdigit() and int(ident) <= MAX_SEQ:
         seq = int(ident)
         try:
             raw = await client.js.get_msg(client.names.dlq, seq)
-        except js_errors.NotFoundError:
+        except (js_errors.NotFoundError, js_errors.BadRequestError):
             raw = None
         if raw is not None and raw.seq:
             try:
@@ -381,6 +395,7 @@ __all__ = [
     "DlqReplayResult",
     "Kept",
     "PurgePlan",
+    "check_target",
     "dlq_replay_msg_id",
     "find",
     "iter_dead_letters",

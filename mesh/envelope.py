@@ -109,7 +109,8 @@ def encode_data(data: Any, datacontenttype: str | None) -> tuple[bytes, str]:
             return json.dumps(data, separators=(",", ":")).encode(), datacontenttype
         if datacontenttype.startswith("text/") and isinstance(data, str):
             return data.encode(), datacontenttype
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
+        # OverflowError: an integer outside msgpack's 64 bits (JSON input has no limit).
         raise ValidationError(f"data cannot be encoded as {datacontenttype}: {exc}") from None
     raise ValidationError(f"cannot encode {type(data).__name__} as {datacontenttype}")
 

@@ -1,6 +1,7 @@
 """SSRF guard: webhook destinations in private, loopback or link-local ranges are refused.
 
-``validate_url`` checks syntax (at registration); ``check_destination`` resolves
+``validate_url`` checks syntax and ``check_literal`` an IP-literal host (at registration);
+``check_destination`` resolves
 the host and checks every address (at connect time), so a hostname that
 resolves to a private address is refused too. ``MESH_ALLOW_PRIVATE_TARGETS=1``
 lifts the address check.
@@ -52,6 +53,20 @@ def forbidden_reason(host: str, addr: str) -> str:
         f"destination {host!r} resolves to a private/loopback/link-local address"
         f" ({addr}); set MESH_ALLOW_PRIVATE_TARGETS=1 to allow it"
     )
+
+
+def check_literal(url: str, allow_private: bool) -> None:
+    """At registration: refuse a URL whose host is a forbidden IP literal, with the egress's
+    words (a hostname is only checked when it is resolved, at delivery)."""
+    if allow_private:
+        return
+    host = urlsplit(url).hostname or ""
+    try:
+        forbidden = is_forbidden(host)
+    except ValueError:
+        return  # a name, not an address
+    if forbidden:
+        raise DestinationRefused(forbidden_reason(host, host))
 
 
 async def check_destination(url: str, allow_private: bool) -> None:

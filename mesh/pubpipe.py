@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -37,15 +37,21 @@ ATTEMPTS = 3
 
 
 class _Pending:
-    __slots__ = ("attempt", "deadline", "headers", "payload", "subject", "tag")
+    __slots__ = ("attempt", "deadline", "headers", "on_stored", "payload", "subject", "tag")
 
     def __init__(
-        self, subject: str, payload: bytes, headers: dict[str, str] | None, tag: Any
+        self,
+        subject: str,
+        payload: bytes,
+        headers: dict[str, str] | None,
+        tag: Any,
+        on_stored: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.subject = subject
         self.payload = payload
         self.headers = headers
         self.tag = tag
+        self.on_stored = on_stored
         self.attempt = 0
         self.deadline = 0.0
 
@@ -86,10 +92,17 @@ class PubPipe:
         return self
 
     async def publish(
-        self, subject: str, payload: bytes, headers: dict[str, str] | None = None, tag: Any = None
+        self,
+        subject: str,
+        payload: bytes,
+        headers: dict[str, str] | None = None,
+        tag: Any = None,
+        on_stored: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Hand one message to the connection; waits only while the window is full.
-        Raises what ``nc.publish`` raises (the message is then not pending)."""
+        Raises what ``nc.publish`` raises (the message is then not pending).
+        ``on_stored`` is awaited once the stream has acknowledged the message (never if
+        it ends in ``on_failure``): what must wait until the message is durable."""
         if self._sub is None:
             raise RuntimeError("PubPipe is not open")
         pending = self._pending
@@ -99,7 +112,7 @@ class PubPipe:
                 await self._expire()
             while len(pending) >= self.window:
                 await self._wait_room()
-        await self._send(_Pending(subject, payload, headers, tag))
+        await self._send(_Pending(subject, payload, headers, tag, on_stored))
 
     async def _send(self, item: _Pending) -> None:
         self._seq += 1
@@ -125,10 +138,19 @@ class PubPipe:
         return item
 
     async def _on_ack(self, msg: Msg) -> None:
-        item = self._settled(msg.subject[len(self._prefix) :])
+        token = msg.subject[len(self._prefix) :]
+        item = self._pending.get(token)
         if item is None:
             return  # expired already (and published again, or reported)
         error = ack_error(msg)
+        if error is None and item.on_stored is not None:
+            # Settled only after it: ``flush`` then also waits for what waited on this.
+            try:
+                await item.on_stored()
+            finally:
+                self._settled(token)
+            return
+        self._settled(token)
         if error is not None:
             await self._again(item, error)
 

@@ -4,7 +4,9 @@ A delivery attempt is a JSON object on ``<prefix>.sys.delivery.<target>``
 (``Nats-Msg-Id`` = its ``id``). A dead letter is the original event message,
 headers and (still encrypted) body untouched, republished on
 ``<prefix>.dlq.<target>`` with ``mesh-dlq-*`` headers saying why, so that a
-replay can put it back exactly as it was.
+replay can put it back exactly as it was. A change made through the HTTP API
+is an ``AuditRecord`` (JSON) on ``<prefix>.sys.audit.<entity kind>``, which the
+sink appends to ``audit_log``.
 """
 
 from __future__ import annotations
@@ -63,6 +65,30 @@ H_DLQ_ATTEMPTS = "mesh-dlq-attempts"
 H_DLQ_AT = "mesh-dlq-at"
 H_DLQ_SUBJECT = "mesh-dlq-subject"
 MAX_ERROR_LEN = 500
+
+
+@dataclass
+class AuditRecord:
+    """One change, by whom: ``actor`` is ``apikey:<id>``; never a key or a secret."""
+
+    actor: str
+    action: str  # e.g. target.create, propagation.delete, token.revoke
+    entity: str  # e.g. target:orders, propagation:ab12cd34ef56
+    before: Any = None
+    after: Any = None
+    at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(vars(self), separators=(",", ":"), default=str).encode()
+
+    @classmethod
+    def from_bytes(cls, body: bytes) -> AuditRecord:
+        try:
+            doc = json.loads(body)
+            return cls(**doc)
+        except (ValueError, TypeError) as exc:
+            raise DecodeError(f"not an audit record: {type(exc).__name__}") from None
 
 
 @dataclass

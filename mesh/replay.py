@@ -65,10 +65,12 @@ async def scan(
     filters: list[str],
     *,
     start_time: datetime | None = None,
+    start_seq: int | None = None,
     batch: int = SCAN_BATCH,
     on_total: Callable[[int], None] | None = None,
 ) -> AsyncIterator[Msg]:
-    """Yield the stream's messages on ``filters`` from ``start_time`` (or the start).
+    """Yield the stream's messages on ``filters`` from ``start_time`` or ``start_seq``
+    (or the start).
 
     Reads through an ephemeral, unacknowledged pull consumer (nothing durable is
     disturbed) and stops at the stream's last message as it was when the scan
@@ -86,10 +88,12 @@ async def scan(
         if on_total:
             on_total(0)
         return
+    by_seq = DeliverPolicy.BY_START_SEQUENCE if start_seq else DeliverPolicy.ALL
     cfg = ConsumerConfig(
         description="mesh scan (ephemeral)",
-        deliver_policy=DeliverPolicy.BY_START_TIME if start_time else DeliverPolicy.ALL,
+        deliver_policy=DeliverPolicy.BY_START_TIME if start_time else by_seq,
         opt_start_time=start_time,
+        opt_start_seq=start_seq if not start_time else None,
         ack_policy=AckPolicy.NONE,
         filter_subjects=list(filters),
         inactive_threshold=SCAN_INACTIVE_S,
@@ -224,7 +228,7 @@ class ReplayProgress:
 @dataclass
 class ReplayResult:
     target: str
-    since: datetime
+    since: datetime | None
     until: datetime | None
     types: str | None
     filters: list[str]
@@ -235,6 +239,17 @@ class ReplayResult:
     duplicates: int = 0  # already replayed within the duplicate window: stored once
     skipped: int = 0  # routed by a widened filter only, or looping back to the target
     sample: list[ReplayItem] = field(default_factory=list)
+    from_seq: int | None = None
+    to_seq: int | None = None
+
+    def window(self) -> str:
+        if self.since is None:
+            return f"from seq {self.from_seq or 1}" + (
+                f" to seq {self.to_seq}" if self.to_seq is not None else ""
+            )
+        return f"since {self.since.isoformat()}" + (
+            f" until {self.until.isoformat()}" if self.until else ""
+        )
 
 
 def narrow(route_pattern: str | None, types: str | None) -> str | bool | None:
@@ -268,6 +283,17 @@ def source_filters(
     return reduce_filters(wanted)
 
 
+def _validate_seqs(since: datetime | None, from_seq: int | None, to_seq: int | None) -> None:
+    if since is not None and (from_seq is not None or to_seq is not None):
+        raise ValidationError("replay from a time or from a sequence, not both")
+    if since is None and from_seq is None:
+        raise ValidationError("give a time (--since) or a first sequence to replay from")
+    if from_seq is not None and from_seq < 1:
+        raise ValidationError(f"the first sequence must be at least 1, not {from_seq}")
+    if to_seq is not None and from_seq is not None and to_seq < from_seq:
+        raise ValidationError(f"the last sequence {to_seq} is before the first {from_seq}")
+
+
 def _validate_window(since: datetime, until: datetime | None, now: datetime) -> None:
     if since.tzinfo is None or (until is not None and until.tzinfo is None):
         raise ValidationError("--since and --until need a time zone (naive times mean UTC)")
@@ -282,22 +308,29 @@ def _validate_window(since: datetime, until: datetime | None, now: datetime) -> 
 async def replay(
     client: MeshClient,
     target: str,
-    since: datetime,
+    since: datetime | None,
     until: datetime | None = None,
     types: str | None = None,
     *,
+    from_seq: int | None = None,
+    to_seq: int | None = None,
     dry_run: bool = False,
     progress: Callable[[ReplayProgress], None] | None = None,
     batch: int = SCAN_BATCH,
     sample_size: int = SAMPLE_SIZE,
 ) -> ReplayResult:
-    """Re-inject ``target``'s events stored in ``[since, until]`` on its replay subject.
+    """Re-inject ``target``'s events stored in ``[since, until]`` (or with stream sequences
+    in ``[from_seq, to_seq]``) on its replay subject.
 
     Raises ``NotFound`` for an unknown target and when nothing in the window is
     routed to it, ``ValidationError`` for a bad window or pattern.
     """
     now = datetime.now(UTC)
-    _validate_window(since, until, now)
+    _validate_seqs(since, from_seq, to_seq)
+    if since is not None:
+        _validate_window(since, until, now)
+    elif until is not None:
+        raise ValidationError("--until goes with --since, not with a sequence range")
     if types is not None:
         validate_pattern(types)
     await client.target_or_error(target)
@@ -313,7 +346,7 @@ async def replay(
             f"nothing to replay: no propagation to target {target!r} carries types {types!r}"
         )
     result = ReplayResult(
-        target=target, since=since, until=until, types=types, filters=filters, dry_run=dry_run
+        target, since, until, types, filters, dry_run, from_seq=from_seq, to_seq=to_seq
     )
     state = ReplayProgress()
 
@@ -336,11 +369,14 @@ async def replay(
             client.names.events,
             filters,
             start_time=since,
+            start_seq=from_seq,
             batch=batch,
             on_total=set_total,
         ):
             meta = msg.metadata
             if until is not None and meta.timestamp > until:
+                break
+            if to_seq is not None and meta.sequence.stream > to_seq:
                 break
             result.scanned += 1
             state.scanned = result.scanned
@@ -386,9 +422,8 @@ async def replay(
     if progress:
         progress(state)
     if result.matched == 0:
-        window = f"since {since.isoformat()}" + (f" until {until.isoformat()}" if until else "")
         raise NotFound(
-            f"nothing to replay: no event for target {target!r} {window}"
+            f"nothing to replay: no event for target {target!r} {result.window()}"
             + (f" matching {types!r}" if types else "")
         )
     return result

@@ -10,6 +10,8 @@ Nothing here does I/O; the clocks are injectable so every rule is unit-testable.
   open again on its failure.
 - ``RateLimiter``: a token bucket that hands out reservations, so waiters are served in
   order and the long-run rate is exact.
+- ``retry_transient``: run an operation again while it fails in a way the caller calls
+  passing (a broker still electing a leader), for a bounded time, then let it fail.
 """
 
 from __future__ import annotations
@@ -18,16 +20,17 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 # A receiver asking for more than this is capped: an event is not parked for days.
 MAX_RETRY_AFTER_S = 3600.0
 
 Clock = Callable[[], float]
+T = TypeVar("T")
 
 
 class BackoffPolicy(Protocol):
@@ -250,3 +253,28 @@ class RateLimiter:
         wait = self.reserve()
         if wait > 0:
             await asyncio.sleep(wait)
+
+
+async def retry_transient(
+    op: Callable[[], Awaitable[T]],
+    transient: Callable[[BaseException], bool],
+    *,
+    within_s: float = 15.0,
+    first_delay_s: float = 0.1,
+    max_delay_s: float = 2.0,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    clock: Clock = time.monotonic,
+) -> T:
+    """``await op()``, again after a doubling pause while it raises what ``transient``
+    accepts; the error itself once the next pause would end past ``within_s``. Any other
+    error is raised at once."""
+    deadline = clock() + within_s
+    delay = first_delay_s
+    while True:
+        try:
+            return await op()
+        except Exception as exc:
+            if not transient(exc) or clock() + delay > deadline:
+                raise
+        await sleep(delay)
+        delay = min(delay * 2, max_delay_s)

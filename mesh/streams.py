@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 
 import nats.js.errors as js_errors
 from nats.js import JetStreamContext
@@ -25,9 +26,11 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from mesh.buckets import transient_js_error
 from mesh.config import Settings
 from mesh.errors import DecodeError, NotFound, ValidationError
 from mesh.registry import Registry, Target, TargetKind, compute_routes
+from mesh.resilience import retry_transient
 from mesh.subjects import Subjects, reduce_filters
 
 MIN_ACK_WAIT_S = 30.0
@@ -42,6 +45,8 @@ class StreamNames:
     sys: str
     registry: str
     revoked: str  # KV bucket of revoked bridge tokens (mesh/revocations.py)
+    apikeys: str  # KV bucket of the HTTP API's keys, hashed (mesh/apikeys.py)
+    idempotency: str  # KV bucket of the HTTP API's Idempotency-Key answers (24 h TTL)
 
     @classmethod
     def for_prefix(cls, prefix: str) -> StreamNames:
@@ -52,6 +57,8 @@ class StreamNames:
             sys=f"{base}_SYS",
             registry=f"{base}_REGISTRY",
             revoked=f"{base}_REVOKED",
+            apikeys=f"{base}_APIKEYS",
+            idempotency=f"{base}_IDEMPOTENCY",
         )
 
 
@@ -84,8 +91,8 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=names.sys,
-            description="One record per delivery attempt",
-            subjects=[subj.delivery_all],
+            description="One record per delivery attempt; audit records of API changes",
+            subjects=[subj.delivery_all, subj.audit_all],
             duplicate_window=settings.duplicate_window_s,
             max_age=max_age,
             **common,  # type: ignore[arg-type]
@@ -94,19 +101,25 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
 
 
 async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
+    """Create or update the mesh's streams; a 503 or a timeout (a cluster still electing
+    its meta leader) is tried again for a while instead of failing a service's start."""
     for cfg in stream_configs(settings):
-        assert cfg.name is not None
+        await retry_transient(partial(_ensure_stream, js, cfg), transient_js_error)
+
+
+async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> None:
+    assert cfg.name is not None
+    try:
+        await js.stream_info(cfg.name)
+    except js_errors.NotFoundError:
         try:
-            await js.stream_info(cfg.name)
-        except js_errors.NotFoundError:
-            try:
-                await js.add_stream(cfg)
-            except js_errors.BadRequestError as exc:
-                # Another process created it between our look and our add.
-                if exc.err_code != 10058:  # stream name already in use
-                    raise
-            continue
-        await js.update_stream(cfg)
+            await js.add_stream(cfg)
+        except js_errors.BadRequestError as exc:
+            # Another process created it between our look and our add.
+            if exc.err_code != 10058:  # stream name already in use
+                raise
+        return
+    await js.update_stream(cfg)
 
 
 def ack_wait_for(target: Target, min_ack_wait: float = MIN_ACK_WAIT_S) -> float:

@@ -8,6 +8,7 @@
     <prefix>.dlq.<target>                           dead letters
     <prefix>.sys.delivery.<target>                  delivery attempt records
     <prefix>.sys.health.<service>.<instance>        heartbeats
+    <prefix>.sys.audit.<entity kind>                changes made through the HTTP API
 """
 
 from __future__ import annotations
@@ -193,6 +194,18 @@ class Subjects:
     @property
     def delivery_all(self) -> str:
         return f"{self.prefix}.sys.delivery.>"
+
+    def audit(self, kind: str) -> str:
+        return f"{self.prefix}.sys.audit.{kind}"
+
+    @property
+    def audit_all(self) -> str:
+        return f"{self.prefix}.sys.audit.>"
+
+    @property
+    def status_doc(self) -> str:
+        """Request/reply: a health instance answers with its /status document."""
+        return f"{self.prefix}.sys.statusdoc"
 
     def health(self, service: str, instance: str) -> str:
         return f"{self.prefix}.sys.health.{service}.{instance}"

@@ -57,7 +57,10 @@ _url_cache: dict[str, tuple[str, dict[str, Any]]] = {}
 _providers: list[Any] = []  # tracer and meter providers to flush on shutdown
 _configured = False
 
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+# W3C trace context: version ff, an all-zero trace id or parent id are invalid.
+_TRACEPARENT = re.compile(
+    r"^(?!ff)[0-9a-f]{2}-(?!0{32})([0-9a-f]{32})-(?!0{16})([0-9a-f]{16})-[0-9a-f]{2}$"
+)
 # A path segment kept in url.template: a plain lower-case word (tokens mix case, digits).
 _WORD = re.compile(r"^[a-z][a-z_-]{0,23}$")
 
@@ -343,3 +346,16 @@ def flush(timeout_ms: int = 5000) -> None:
     for provider in list(_providers):
         with contextlib.suppress(Exception):
             provider.force_flush(timeout_ms)
+
+
+def context_from_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """A valid W3C ``traceparent`` (and its ``tracestate``) from request headers, as
+    event extensions; empty when there is none (no SDK needed)."""
+    parent = headers.get(EXT_TRACEPARENT)
+    if not parent or not _TRACEPARENT.match(parent.strip()):
+        return {}
+    out = {EXT_TRACEPARENT: parent.strip()}
+    state = headers.get(EXT_TRACESTATE)
+    if state and len(state) <= 512:
+        out[EXT_TRACESTATE] = state.strip()
+    return out

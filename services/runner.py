@@ -19,6 +19,7 @@ from mesh import tracing
 from mesh.broker import EmbeddedBroker
 from mesh.client import MeshClient
 from mesh.config import Settings
+from mesh.durability import SyncMode
 from mesh.errors import ConfigError, MeshError
 from mesh.observability import METRICS, write_textfile
 from services.base import Service
@@ -29,6 +30,7 @@ SERVICES: dict[str, str] = {
     "webhook-egress": "services.egress:WebhookEgress",
     "bridge": "services.bridge:Bridge",
     "health": "services.health:Health",
+    "api": "services.api:Api",
 }
 ALIASES = {"egress": "webhook-egress"}
 TEXTFILE_INTERVAL_S = 15.0
@@ -110,11 +112,17 @@ async def run(
             settings.nats_store_dir,
             port=settings.nats_port,
             log_file=settings.home / "nats.log",
+            sync=SyncMode(settings.broker_sync),
         )
         settings.home.mkdir(parents=True, exist_ok=True)
         await broker.astart()
         settings = settings.model_copy(update={"nats_url": broker.url})
-        log.info("embedded nats-server started", url=broker.url, store=str(settings.nats_store_dir))
+        log.info(
+            "embedded nats-server started",
+            url=broker.url,
+            store=str(settings.nats_store_dir),
+            sync=str(broker.sync),
+        )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -73,6 +73,7 @@ def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
         allow_private_targets=True,
         http_port=free_port(),
         bridge_port=free_port(),
+        api_port=free_port(),
     )
 
 
@@ -87,6 +88,7 @@ def env_for(settings: Settings) -> dict[str, str]:
             "MESH_ALLOW_PRIVATE_TARGETS": "1" if settings.allow_private_targets else "0",
             "MESH_HTTP_PORT": str(settings.http_port),
             "MESH_BRIDGE_PORT": str(settings.bridge_port),
+            "MESH_API_PORT": str(settings.api_port),
             "MESH_CONFIG": str(settings.home / "no-mesh.toml"),
             "MESH_LOG_FORMAT": "json",
             # Most tests run commands against a broker with no services: like a script,

@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 DATA = Path(__file__).resolve().parent / "data"
-SERVICES = ("webhook-egress", "bridge", "health", "sink")
+SERVICES = ("webhook-egress", "bridge", "health", "sink", "api")
 UNITS = ("mesh@.service", "mesh-nats.service")
 
 # The paths the shipped files are written for; install.sh rewrites them.
@@ -76,6 +76,8 @@ def test_nats_conf_settings() -> None:
     assert conf_value(text, "store_dir") == f"{DATA_DIR}/nats"
     for key in ("max_memory_store", "max_file_store"):
         conf_value(text, key)
+    # fsync before every acknowledgement (issue #14): not the two-minute default.
+    assert conf_value(text, "sync_interval") == "always"
 
 
 def commented_block(text: str, name: str) -> str:
@@ -369,6 +371,12 @@ def test_compose_nats_cluster(compose: dict[str, Any]) -> None:
         check = " ".join(service["healthcheck"]["test"])
         assert "8222" in check and "/healthz" in check
         assert opts["http_port"] == "8222"
+        # Every node syncs before it acknowledges (issue #14): its --config says so.
+        host_file = next(
+            v for v, target in mounts.items() if target.split(":")[0] == opts["config"]
+        )
+        assert conf_value((ROOT / host_file).read_text(), "sync_interval") == "always"
+        check_nats_conf(ROOT / host_file)
 
 
 def test_compose_postgres(compose: dict[str, Any]) -> None:
@@ -415,3 +423,5 @@ def test_compose_published_ports_and_healthchecks(compose: dict[str, Any]) -> No
     health_check = " ".join(services["health"]["healthcheck"]["test"])
     assert "9400" in health_check and "/healthz" in health_check
     assert "9401" in " ".join(services["bridge"]["healthcheck"]["test"])
+    assert "9402:9402" in services["api"]["ports"]
+    assert "9402" in " ".join(services["api"]["healthcheck"]["test"])

@@ -41,6 +41,7 @@ SERVICE_PACKAGES = {
     "bridge": ("bridge", "Bridge"),
     "sink": ("sink", "Sink"),
     "health": ("health", "Health"),
+    "api": ("api", "Api"),
 }
 
 

@@ -81,3 +81,36 @@ async def test_close_reports_what_was_never_acknowledged(client: MeshClient) -> 
     await pipe.publish(client.subjects.delivery("t"), b"{}", tag="x")
     await pipe.close()
     assert failures == [("x", "not acknowledged before close")]
+
+
+async def test_on_stored_runs_after_the_acknowledgement_and_never_on_failure(
+    client: MeshClient,
+) -> None:
+    """What waits for a record (the egress's ack of its event) runs only once it is stored."""
+    stored: list[str] = []
+    failures: list[tuple[Any, str]] = []
+
+    async def mark(tag: str) -> None:
+        # Stored already: the stream holds the record when this runs.
+        msgs = await read_stream(client, client.names.sys, client.subjects.delivery("t"))
+        assert len(msgs) == 1
+        stored.append(tag)
+
+    pipe = await PubPipe(
+        client.nc, attempts=1, on_failure=lambda t, e: failures.append((t, e))
+    ).open()
+    try:
+        rec = DeliveryRecord(event_id="e", target="t", attempt=1, outcome="delivered")
+        await pipe.publish(
+            client.subjects.delivery("t"),
+            rec.to_bytes(),
+            {"Nats-Msg-Id": rec.id},
+            "kept",
+            lambda: mark("kept"),
+        )
+        await pipe.publish("nobody.listens.here", b"{}", None, "refused", lambda: mark("refused"))
+        assert await pipe.flush(5)
+    finally:
+        await pipe.close()
+    assert stored == ["kept"]
+    assert [t for t, _ in failures] == ["refused"]

@@ -315,3 +315,26 @@ async def test_cli_bad_input_is_one_line_and_non_zero(
     await assert_one_line_errors(settings, [(["replay", *a], text, 1) for a, text in cases])
     missing = await run_cli(settings, "replay", "--since", "1h")
     assert missing.returncode == 2 and "--target" in one_line_error(missing)
+
+
+async def test_replay_a_sequence_range(client: MeshClient) -> None:
+    await _two_targets(client)
+    ids = [await client.publish("shop", "order.created", {"n": i}) for i in range(6)]
+    await drain(client, "alpha", 6, quiet=0.2)
+    info = await client.js.stream_info(client.names.events)
+    first = info.state.last_seq - 5  # the six events are the stream's last six messages
+    dry = await replay(client, "alpha", None, from_seq=first + 2, to_seq=first + 4, dry_run=True)
+    assert [i.id for i in dry.sample] == ids[2:5]
+    assert [i.seq for i in dry.sample] == [first + 2, first + 3, first + 4]
+    result = await replay(client, "alpha", None, from_seq=first + 4)
+    assert result.published == 2
+    assert sorted(e.id for e in await drain(client, "alpha", 2)) == sorted(ids[4:])
+
+    with pytest.raises(ValidationError, match="not both"):
+        await replay(client, "alpha", datetime.now(UTC), from_seq=1)
+    with pytest.raises(ValidationError, match="before the first"):
+        await replay(client, "alpha", None, from_seq=5, to_seq=4)
+    with pytest.raises(ValidationError, match="or a first sequence"):
+        await replay(client, "alpha", None)
+    with pytest.raises(NotFound, match="from seq"):
+        await replay(client, "alpha", None, from_seq=info.state.last_seq + 100)

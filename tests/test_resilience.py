@@ -20,6 +20,7 @@ from mesh.resilience import (
     is_last_attempt,
     parse_retry_after,
     retry_delay,
+    retry_transient,
     schedule,
 )
 
@@ -226,3 +227,57 @@ async def test_acquire_waits_for_its_slot() -> None:
     for _ in range(6):
         await rl.acquire()
     assert time.monotonic() - start >= 5 / 50 - 0.005
+
+
+class _Passing(Exception):
+    pass
+
+
+def _script(outcomes: list[BaseException | str]) -> tuple[list[float], object]:
+    """An operation that raises or returns the next outcome each call, with a fake clock
+    that the fake sleep advances."""
+    now = [0.0]
+    slept: list[float] = []
+
+    async def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    async def op() -> str:
+        got = outcomes.pop(0)
+        if isinstance(got, BaseException):
+            raise got
+        return got
+
+    return slept, (op, sleep, lambda: now[0])
+
+
+async def test_retry_transient_tries_again_until_it_passes() -> None:
+    slept, (op, sleep, clock) = _script([_Passing(), _Passing(), _Passing(), "ok"])  # type: ignore[misc]
+    got = await retry_transient(
+        op, lambda e: isinstance(e, _Passing), within_s=10, sleep=sleep, clock=clock
+    )
+    assert got == "ok"
+    assert slept == [0.1, 0.2, 0.4]
+
+
+async def test_retry_transient_raises_other_errors_at_once() -> None:
+    slept, (op, sleep, clock) = _script([KeyError("x"), "ok"])  # type: ignore[misc]
+    with pytest.raises(KeyError):
+        await retry_transient(op, lambda e: isinstance(e, _Passing), sleep=sleep, clock=clock)
+    assert slept == []
+
+
+async def test_retry_transient_gives_up_past_its_time() -> None:
+    slept, (op, sleep, clock) = _script([_Passing()] * 20)  # type: ignore[misc]
+    with pytest.raises(_Passing):
+        await retry_transient(
+            op,
+            lambda e: isinstance(e, _Passing),
+            within_s=3,
+            max_delay_s=1,
+            sleep=sleep,
+            clock=clock,
+        )
+    assert sum(slept) <= 3
+    assert slept[:4] == [0.1, 0.2, 0.4, 0.8]

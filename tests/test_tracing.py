@@ -249,3 +249,41 @@ def test_switch_and_trace_ids() -> None:
     e.extensions["traceparent"] = "garbage"
     assert tracing.trace_id_of(e) is None
     assert tracing.w3c_headers(e) == {}
+
+
+async def test_http_api_publish_continues_the_callers_trace(
+    otlp: OtlpReceiver, settings: Settings, client: MeshClient
+) -> None:
+    from mesh.apikeys import Scope
+    from tests.support.api import Http, api_running, make_key
+
+    caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    async with api_running(settings) as api, Http(api.url) as http:
+        _, key = await make_key(client, Scope.PUBLISH)
+        status, _, doc = await http.call(
+            "POST",
+            "/v1/events",
+            {"source": "shop", "type": "order.created", "data": {"card": CANARY}},
+            key=key,
+            headers={"traceparent": caller, "tracestate": "rojo=00f067aa0ba902b7"},
+        )
+        assert status == 202, doc
+        status, _, bad = await http.call(
+            "POST",
+            "/v1/events",
+            {"source": "shop", "type": "order.created"},
+            key=key,
+            headers={"traceparent": "00-" + "0" * 32 + "-00f067aa0ba902b7-01"},
+        )
+        assert status == 202, bad
+    await asyncio.to_thread(tracing.flush)
+    (pub,) = [s for s in otlp.spans if s.attributes.get("cloudevents.event_id") == doc["id"]]
+    assert (pub.trace_id, pub.parent_id) == (
+        "4bf92f3577b34da6a3ce929d0e0e4736",
+        "00f067aa0ba902b7",
+    )
+    # An invalid caller context is ignored: that publish starts a trace of its own.
+    (own,) = [s for s in otlp.spans if s.attributes.get("cloudevents.event_id") == bad["id"]]
+    assert own.parent_id == "" and own.trace_id != "0" * 32
+    for body in otlp.raw:
+        assert CANARY.encode() not in body

@@ -57,6 +57,7 @@ COMMAND_MODULES = (
     "mesh.cli.dlq_cmds",
     "mesh.cli.keys_cmds",
     "mesh.cli.bridge_cmds",
+    "mesh.cli.apikey_cmds",
     "mesh.cli.trace_cmds",
 )
 

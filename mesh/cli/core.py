@@ -21,6 +21,7 @@ from mesh.cli._common import (
 from mesh.cli._tables import Col
 from mesh.client import MeshClient
 from mesh.crypto import KeyRing
+from mesh.durability import LAZY_WARNING, broker_sync
 from mesh.errors import NotFound
 from mesh.observability import configure_logging
 
@@ -37,7 +38,9 @@ def register(app: typer.Typer) -> None:
 
 def up(
     services: str = typer.Option(
-        "", "--services", help="Comma-separated subset: egress,bridge,health,sink (default all)."
+        "",
+        "--services",
+        help="Comma-separated subset: egress,bridge,health,sink,api (default all).",
     ),
 ) -> None:
     """Run the mesh: the embedded broker (unless MESH_NATS_URL is set) and every service."""
@@ -63,11 +66,18 @@ def up(
         parts.append(f"health http://127.0.0.1:{s.http_port}/")
     if "bridge" in names:
         parts.append(f"bridge ws://127.0.0.1:{s.bridge_port}/v1/stream")
+    if "api" in names:
+        scheme = "https" if s.api_tls_cert else "http"
+        parts.append(f"api {scheme}://{s.api_host}:{s.api_port}/v1/docs")
     err_console.print("; ".join([*parts, "Ctrl-C stops"]), markup=False, soft_wrap=True)
+    if s.embedded and s.broker_sync == "lazy":
+        err_console.print(LAZY_WARNING, markup=False, soft_wrap=True)
     main_sync(names, s)
 
 
-def serve(name: str = typer.Argument(..., help="webhook-egress | bridge | health | sink")) -> None:
+def serve(
+    name: str = typer.Argument(..., help="webhook-egress | bridge | health | sink | api"),
+) -> None:
     """Run one service in this process (connects to MESH_NATS_URL)."""
     from services.runner import load_service, main_sync
 
@@ -155,6 +165,7 @@ async def gather_status(c: MeshClient) -> dict[str, Any]:
             "url": str(c.nc.connected_url.geturl() if c.nc.connected_url else ""),
             "server_version": _version(c),
             "max_payload": c.nc.max_payload,
+            "sync": await broker_sync(c.nc, c.settings.nats_store_dir),
         },
         "streams": streams,
         "targets": targets,
@@ -191,6 +202,7 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
         return
     b = st["broker"]
     console.print(f"broker  {b['url']} (nats-server {b['server_version']})")
+    console.print(f"sync    {b['sync']['mode']} ({b['sync']['source']})", markup=False)
     for name, info in st["streams"].items():
         console.print(f"stream  {name}: " + (f"{info['messages']} messages" if info else "missing"))
     print_table(

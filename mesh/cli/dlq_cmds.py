@@ -22,7 +22,6 @@ from mesh.cli._common import (
 )
 from mesh.cli._progress import progress_bar
 from mesh.cli._tables import Col
-from mesh.client import MeshClient
 from mesh.errors import MeshError, NotFound
 
 dlq_app = typer.Typer(help="Dead letters: list, show, replay, purge.", no_args_is_help=True)
@@ -34,18 +33,6 @@ def register(app: typer.Typer) -> None:
 
 def _since(value: str | None) -> datetime | None:
     return parse_time(value) if value is not None else None
-
-
-async def _check_target(c: MeshClient, target: str | None) -> None:
-    """An unknown --target is an error unless dead letters for it remain."""
-    if target is None:
-        return
-    try:
-        await c.target_or_error(target)
-    except NotFound:
-        info = await c.js.stream_info(c.names.dlq, subjects_filter=c.subjects.dlq(target))
-        if not info.state.subjects:
-            raise
 
 
 def _entry_rows(entries: list[dlq_ops.DlqEntry]) -> list[list[Any]]:
@@ -87,7 +74,7 @@ def dlq_list(
 
     async def run() -> dlq_ops.DlqListing:
         async with connected() as c:
-            await _check_target(c, target)
+            await dlq_ops.check_target(c, target)
             return await dlq_ops.list_dead_letters(c, target, start, limit)
 
     listing = arun(run())
@@ -150,7 +137,7 @@ def dlq_replay(
 
     async def run() -> dlq_ops.DlqReplayResult:
         async with connected() as c:
-            await _check_target(c, target)
+            await dlq_ops.check_target(c, target)
             wanted = set(ident)
             with progress_bar("dlq replay") as update:
                 total = 0
@@ -212,7 +199,7 @@ def dlq_purge(
 
     async def run() -> int:
         async with connected() as c:
-            await _check_target(c, target)
+            await dlq_ops.check_target(c, target)
             plan = await dlq_ops.plan_purge(c, target, start)
             if plan.count == 0:
                 return 0

@@ -100,8 +100,10 @@ def replay_cmd(
 def _replay_doc(r: ReplayResult) -> dict[str, Any]:
     return {
         "target": r.target,
-        "since": r.since.isoformat(),
+        "since": r.since.isoformat() if r.since else None,
         "until": r.until.isoformat() if r.until else None,
+        "from_seq": r.from_seq,
+        "to_seq": r.to_seq,
         "types": r.types,
         "filters": r.filters,
         "dry_run": r.dry_run,

@@ -1,8 +1,8 @@
 """What the sink stored: ``mesh events``, ``mesh deliveries --event ID`` and
 ``mesh events prune``.
 
-Payloads are ciphertext in the database; they are decrypted here, for display
-only, with the key ring. Without a usable key the data column says so.
+Payloads are ciphertext in the database; ``mesh.history`` decrypts them for
+display only, with the key ring. Without a usable key the data column says so.
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ from mesh.cli._common import (
 )
 from mesh.cli._tables import Col
 from mesh.config import Settings
-from mesh.crypto import KeyRing
-from mesh.envelope import OCTETS, decode_data, to_jsonable
-from mesh.errors import MeshError, NotFound, ValidationError
+from mesh.errors import NotFound, ValidationError
+from mesh.history import PayloadReader, delivery_doc, event_doc
 from mesh.storage import DeliveryRow, EventRow, PruneResult, Store, open_store
 from mesh.subjects import validate_name
 
@@ -43,71 +42,6 @@ events_app = typer.Typer(add_completion=False)
 def register(app: typer.Typer) -> None:
     app.add_typer(events_app, name="events")
     app.command("deliveries")(deliveries)
-
-
-class PayloadReader:
-    """Turns stored payloads back into data; loads the key ring on first need."""
-
-    def __init__(self, s: Settings) -> None:
-        self._settings = s
-        self._ring: KeyRing | None = None
-        self.problem: str | None = None
-
-    def _keyring(self) -> KeyRing | None:
-        if self._ring is None and self.problem is None:
-            try:
-                self._ring = KeyRing.load(self._settings.key_path, create=False)
-            except MeshError as exc:
-                self.problem = str(exc)
-        return self._ring
-
-    def data(self, row: EventRow) -> Any:
-        body = row.payload
-        if row.encrypted:
-            ring = self._keyring()
-            if ring is None:
-                return "<encrypted: no key ring>"
-            try:
-                body = ring.decrypt(body)
-            except MeshError:
-                return "<encrypted: no key in the ring opens it>"
-        try:
-            return to_jsonable(decode_data(body, row.datacontenttype or OCTETS))
-        except MeshError:
-            return to_jsonable(body)
-
-
-def event_doc(row: EventRow, data: Any) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "seq": row.stream_seq,
-        "time": row.time.isoformat(),
-        "source": row.source,
-        "type": row.type,
-        "subject": row.subject,
-        "datacontenttype": row.datacontenttype,
-        "origin": row.origin,
-        "hops": row.hops,
-        "encrypted": row.encrypted,
-        "received_at": row.received_at.isoformat(),
-        "data": data,
-    }
-
-
-def delivery_doc(row: DeliveryRow) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "event_id": row.event_id,
-        "target": row.target,
-        "attempt": row.attempt,
-        "outcome": row.outcome,
-        "status_code": row.status_code,
-        "latency_ms": row.latency_ms,
-        "error": row.error,
-        "at": row.at.isoformat(),
-        "instance": row.instance,
-        "trace_id": row.trace_id,
-    }
 
 
 def _when(value: datetime) -> str:

@@ -19,8 +19,9 @@ from rich.markup import escape
 from rich.tree import Tree
 
 from mesh.cli._common import arun, console, print_json, settings
-from mesh.cli.storage_cmds import _query, delivery_doc
+from mesh.cli.storage_cmds import _query
 from mesh.errors import NotFound
+from mesh.history import delivery_doc
 from mesh.storage import DeliveryRow, EventRow, Store
 
 __all__ = ["register", "trace"]

@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 from mesh.errors import StorageError
 from mesh.storage._common import RowsRefused, redact_url
+from mesh.storage._history import MAX_PAGE, Page
 from mesh.storage.base import Store
 from mesh.storage.models import (
     AuditRow,
@@ -35,11 +36,13 @@ from mesh.storage.models import (
 )
 
 __all__ = [
+    "MAX_PAGE",
     "AuditRow",
     "DeadLetterRow",
     "DeliveryRow",
     "EventRow",
     "HealthCheckRow",
+    "Page",
     "PropagationRow",
     "PruneResult",
     "RowsRefused",

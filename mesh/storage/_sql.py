@@ -18,7 +18,8 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 
 from mesh.errors import StorageError
 from mesh.storage import _registry as reg
-from mesh.storage._common import check_limit, check_table, dump_json, load_migrations, type_regex
+from mesh.storage._common import check_limit, check_table, dump_json, load_migrations
+from mesh.storage._history import HistoryQueries, event_filters
 from mesh.storage._prune import DEFAULT_BATCH, Pruner
 from mesh.storage._rows import (
     AUDIT,
@@ -65,7 +66,7 @@ class Params:
         return self._mark(len(self.values))
 
 
-class SqlStore(ABC, Generic[C]):
+class SqlStore(HistoryQueries, ABC, Generic[C]):
     """The ``Store`` methods written once over a backend's connection type ``C``."""
 
     #: ``"sqlite"`` or ``"postgres"``; also the folder of its migrations.
@@ -226,14 +227,7 @@ class SqlStore(ABC, Generic[C]):
         limit: int = 100,
     ) -> list[EventRow]:
         p = self._params()
-        where: list[str] = []
-        if source is not None:
-            where.append(f"source = {p(source)}")
-        if type is not None:
-            regex = type_regex(type)
-            where.append(
-                f"type = {p(type)}" if regex is None else f"type {self._REGEXP} {p(regex)}"
-            )
+        where = event_filters(p, self._REGEXP, source, type)
         if since is not None:
             where.append(f"time >= {p(self._ts(since))}")
         clause = f"WHERE {' AND '.join(where)}" if where else ""
@@ -358,28 +352,48 @@ class SqlStore(ABC, Generic[C]):
         return before
 
     async def append_audit(
-        self, actor: str, action: str, entity: str, before: Any, after: Any
-    ) -> int:
+        self,
+        actor: str,
+        action: str,
+        entity: str,
+        before: Any,
+        after: Any,
+        *,
+        ref: str | None = None,
+        at: datetime | None = None,
+    ) -> int | None:
         # One statement: atomic without a transaction of its own.
         async with self._write("audit", transaction=False) as conn:
-            return await self._audit(conn, actor, action, entity, before, after)
+            return await self._audit(conn, actor, action, entity, before, after, ref=ref, at=at)
 
     async def _audit(
-        self, conn: C, actor: str, action: str, entity: str, before: Any, after: Any
-    ) -> int:
-        fields = ("at", "actor", "action", "entity", "before", "after")
+        self,
+        conn: C,
+        actor: str,
+        action: str,
+        entity: str,
+        before: Any,
+        after: Any,
+        *,
+        ref: str | None = None,
+        at: datetime | None = None,
+    ) -> int | None:
+        fields = ("at", "actor", "action", "entity", "before", "after", "ref")
         rows = await self._fetch_on(
             conn,
             f"INSERT INTO audit_log ({', '.join(fields)})"
-            f" VALUES ({self._value_marks(fields)}) RETURNING id",
-            self._ts(utcnow()),
+            f" VALUES ({self._value_marks(fields)})"
+            + (" ON CONFLICT (ref) DO NOTHING" if ref is not None else "")
+            + " RETURNING id",
+            self._ts(at or utcnow()),
             actor,
             action,
             entity,
             None if before is None else dump_json(before),
             None if after is None else dump_json(after),
+            ref,
         )
-        return int(rows[0][0])
+        return int(rows[0][0]) if rows else None
 
     async def query_audit(self, entity: str | None = None, limit: int = 100) -> list[AuditRow]:
         return await self._select(AUDIT, "entity", entity, "id DESC", limit)

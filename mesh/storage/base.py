@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Protocol, Self, runtime_checkable
 
+from mesh.storage._history import Page
 from mesh.storage.models import (
     AuditRow,
     DeadLetterRow,
@@ -47,6 +48,10 @@ class Store(Protocol):
         """Return when the database answers; raise ``StorageError`` otherwise."""
         ...
 
+    async def durability_warnings(self) -> list[str]:
+        """Why a committed write might not survive a power failure (empty: it will)."""
+        ...
+
     async def close(self) -> None:
         """Release connections. Calling it twice is harmless."""
         ...
@@ -78,6 +83,37 @@ class Store(Protocol):
         limit: int = 100,
     ) -> list[EventRow]:
         """Newest first. ``type`` is a type or a pattern with ``*`` and a final ``>``."""
+        ...
+
+    async def list_events(
+        self,
+        source: str | None = None,
+        type: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+    ) -> Page[EventRow]:
+        """One page of events, newest first by ``(time, id)``, ``since <= time < until``
+        (empty when ``until <= since``).
+
+        ``cursor`` is a page's ``next_cursor``: the page after it, stable while rows
+        are written. At most ``MAX_PAGE`` rows; a bad cursor is a ``ValidationError``.
+        """
+        ...
+
+    async def list_deliveries(
+        self,
+        target: str | None = None,
+        outcomes: Collection[str] | None = None,
+        event_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+    ) -> Page[DeliveryRow]:
+        """One page of delivery attempts, newest first by ``(at, id)``, filtered like
+        ``list_events``; ``outcomes`` keeps attempts with any of these outcomes."""
         ...
 
     async def get_event(self, id: str) -> EventRow | None: ...
@@ -113,9 +149,18 @@ class Store(Protocol):
     ) -> PropagationRow | None: ...
 
     async def append_audit(
-        self, actor: str, action: str, entity: str, before: Any, after: Any
-    ) -> int:
-        """Append one audit row; return its id."""
+        self,
+        actor: str,
+        action: str,
+        entity: str,
+        before: Any,
+        after: Any,
+        *,
+        ref: str | None = None,
+        at: datetime | None = None,
+    ) -> int | None:
+        """Append one audit row; return its id. With ``ref`` (the id of the record it
+        comes from) a second row with the same ref is not added: None."""
         ...
 
     async def query_audit(self, entity: str | None = None, limit: int = 100) -> list[AuditRow]:

@@ -213,6 +213,20 @@ class PostgresStore(SqlStore[asyncpg.Connection]):
         async with self._acquire("ping") as conn:
             await conn.fetchval("SELECT 1", timeout=self._connect_timeout)
 
+    async def durability_warnings(self) -> list[str]:
+        async with self._acquire("query") as conn:
+            commit = await conn.fetchval("SHOW synchronous_commit")
+            fsync = await conn.fetchval("SHOW fsync")
+        warnings = []
+        if commit == "off":  # a commit returns before its WAL record is flushed
+            warnings.append(
+                "PostgreSQL synchronous_commit is off: a power failure can lose rows the sink"
+                " has already acknowledged; set it to on (or local, remote_write, remote_apply)"
+            )
+        if fsync == "off":
+            warnings.append("PostgreSQL fsync is off: a power failure can corrupt the database")
+        return warnings
+
     # Writes ---------------------------------------------------------------
 
     async def _insert_batches(self, batches: Batches) -> WriteResult:

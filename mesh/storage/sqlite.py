@@ -209,6 +209,18 @@ class SqliteStore(SqlStore[aiosqlite.Connection]):
         self._check_file()
         await self._fetch("SELECT 1")
 
+    async def durability_warnings(self) -> list[str]:
+        conn = self._live(self._writer)
+        with self._errors("query"):
+            (mode,), *_ = await conn.execute_fetchall("PRAGMA journal_mode")
+            (sync,), *_ = await conn.execute_fetchall("PRAGMA synchronous")
+        warnings = []
+        if self.path != ":memory:" and str(mode).lower() != "wal":
+            warnings.append(f"SQLite journal_mode is {mode}, not wal")
+        if int(sync) < 2:  # 0 OFF, 1 NORMAL: a WAL commit may be lost to a power failure
+            warnings.append(f"SQLite synchronous is {sync}, not FULL (2)")
+        return warnings
+
     # Writes ---------------------------------------------------------------
 
     async def _insert_batches(self, batches: Batches) -> WriteResult:

@@ -1,14 +1,16 @@
 """What becomes of a message after a delivery attempt (mixed into ``TargetWorker``).
 
-- 2xx: ack, record ``delivered``.
+- 2xx: record ``delivered``, then ack.
 - refused by the SSRF guard: dead letter (the reason), ack; never retried.
 - 410 Gone: mark the target disabled in the registry, dead letter, ack.
 - anything else: the circuit learns of the failure first, then the message is nak-ed
   with the policy's delay (or the receiver's ``Retry-After``, whichever is longer);
   after the last attempt it is dead-lettered, then acked.
 
-Every attempt leaves one ``DeliveryRecord``. A dead letter that cannot be stored is not
-acked: the message is handed back and comes again.
+Every attempt leaves one ``DeliveryRecord``. A message is acked only once everything it
+caused is stored by the broker (issue #14): its dead letter (awaited) and its record (the
+ack waits for the record's acknowledgement, pipelined). A dead letter or a record that
+cannot be stored is not acked: the message is handed back and comes again.
 """
 
 from __future__ import annotations
@@ -73,16 +75,18 @@ class Outcomes:
         if result.status is not None:
             self._m_latency.observe(result.latency_s)
         if result.ok:
-            try:
-                await msg.ack()
-            except Exception as exc:  # delivered; a lost ack means a duplicate, not a loss
-                self.log.warning("ack failed", event_id=event.id, error=str(exc))
             await self.circuit.on_result(True, probe)
             self.counts["delivered"] += 1
             self._m_delivered.inc()
             self._m_e2e.observe(max(0.0, time.time() - event.time.timestamp()))
             await self._record(
-                event.id, attempt, Outcome.DELIVERED, result.status, latency_ms, trace=event
+                event.id,
+                attempt,
+                Outcome.DELIVERED,
+                result.status,
+                latency_ms,
+                settle=msg,
+                trace=event,
             )
             return
         error = result.error or "failed"
@@ -126,12 +130,11 @@ class Outcomes:
 
     async def _skip(self, msg: Msg, event: Event, reason: str) -> None:
         self._held.pop(id(msg), None)
-        await msg.ack()
         self.counts["skipped"] += 1
         METRICS.deliveries.labels(self.name, Outcome.SKIPPED.value).inc()
         if tracing.TRACER is not None and tracing.wanted(event):
             mark("skip", self.name, event, 0, None)  # the reason may quote a filter: not here
-        await self._record(event.id, 0, Outcome.SKIPPED, error=reason, trace=event)
+        await self._record(event.id, 0, Outcome.SKIPPED, error=reason, settle=msg, trace=event)
 
     async def _dead(
         self,
@@ -153,16 +156,14 @@ class Outcomes:
             log.error("dead letter not stored, handing the event back", error=str(exc))
             await self._hand_back(msg, delay=DLQ_RETRY_S)
             return
-        try:
-            await msg.ack_sync()
-        except Exception as exc:  # stored in the DLQ; a redelivery may store it twice
-            log.warning("ack after dead letter failed", error=str(exc))
         self.counts["dead"] += 1
         METRICS.deliveries.labels(self.name, outcome.value).inc()
         log.warning("event dead-lettered", reason=error[:200])
         if tracing.TRACER is not None and event is not None and tracing.wanted(event):
             mark("dead-letter", self.name, event, attempt, outcome.value)
-        await self._record(event_id, attempt, outcome, status, latency_ms, error, trace=event)
+        await self._record(
+            event_id, attempt, outcome, status, latency_ms, error, settle=msg, trace=event
+        )
 
     async def _record(
         self,
@@ -173,10 +174,12 @@ class Outcomes:
         latency_ms: float | None = None,
         error: str | None = None,
         *,
+        settle: Msg | None = None,
         trace: Event | None = None,
     ) -> None:
-        """Publish the record of one attempt at this target by this instance (with the
-        trace id ``trace`` carries, if any)."""
+        """Publish the record of one attempt at this target by this instance; ``settle``:
+        the message this attempt finished, acked only once its record is stored; the
+        record carries the trace id ``trace`` carries, if any."""
         await self.egress.record(
             DeliveryRecord(
                 event_id=event_id,
@@ -188,7 +191,8 @@ class Outcomes:
                 error=error,
                 instance=self.egress.instance,
                 trace_id=tracing.trace_id_of(trace) if trace is not None else None,
-            )
+            ),
+            settle=settle,
         )
 
     async def _disable(self, reason: str) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from typing import Any, ClassVar
@@ -258,13 +259,15 @@ class WebhookEgress(Service):
 
     # Records ------------------------------------------------------------------
 
-    async def record(self, rec: DeliveryRecord) -> None:
+    async def record(self, rec: DeliveryRecord, *, settle: Msg | None = None) -> None:
         """Publish a delivery-attempt record, pipelined: its acknowledgement is checked in
         the background (mesh/pubpipe.py: a refused or unacknowledged record is published
         again, the same ``Nats-Msg-Id`` keeping it single). Waits only while 1,024 records
         are unacknowledged: a stalled broker holds the delivery here, which stops fetching
-        (backpressure)."""
+        (backpressure). ``settle`` is acked once the record is stored, and handed back
+        (nak) if it cannot be: no event is acked before its record is durable."""
         pipe = self._records
+        tag = (rec, settle)
         try:
             if pipe is None:
                 raise RuntimeError("the egress is not started")
@@ -272,12 +275,23 @@ class WebhookEgress(Service):
                 self.client.subjects.delivery(rec.target),
                 rec.to_bytes(),
                 {"Nats-Msg-Id": rec.id},
-                rec,
+                tag,
+                None if settle is None else functools.partial(self._ack, settle, rec),
             )
         except Exception as exc:
-            self._record_failed(rec, str(exc) or type(exc).__name__)
+            self._record_failed(tag, str(exc) or type(exc).__name__)
 
-    def _record_failed(self, rec: DeliveryRecord, error: str) -> None:
+    async def _ack(self, msg: Msg, rec: DeliveryRecord) -> None:
+        try:
+            await msg.ack()
+        except Exception as exc:  # done and recorded; a lost ack means a duplicate, not a loss
+            self.log.warning("ack failed", event_id=rec.event_id, error=str(exc))
+
+    def _record_failed(self, tag: tuple[DeliveryRecord, Msg | None], error: str) -> None:
+        rec, settle = tag
+        if settle is not None:
+            # Not acked: the event comes again (after the ack wait at the latest).
+            self.spawn(_nak(settle), name=f"nak-{rec.event_id}")
         self._records_failed += 1
         self.log.warning(
             "delivery record not published",
@@ -304,3 +318,8 @@ class WebhookEgress(Service):
             "records_failed": self._records_failed,
             **totals,
         }
+
+
+async def _nak(msg: Msg) -> None:
+    with contextlib.suppress(Exception):
+        await msg.nak()

@@ -35,6 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from mesh.config import Settings
 from mesh.crypto import KeyRing
+from mesh.durability import broker_sync
 from mesh.errors import ConfigError, DecodeError, MeshError, StorageError
 from mesh.observability import (
     CIRCUIT_VALUES,
@@ -52,6 +53,7 @@ from services.health.dashboard import DASHBOARD_HTML
 
 REFRESH_S = 1.0  # JetStream figures: consumer and DLQ depth, ingress rate
 CHECK_TIMEOUT_S = 2.0  # one readiness probe (NATS round trip, database ping)
+SYNC_CHECK_S = 60.0  # the broker's sync mode (mesh/durability.py) is read this often
 DB_CHECK_S = 2.0  # /status shows a database check at most this old
 KEY_CHECK_S = 10.0  # re-read the key file at most this often
 RATE_HISTORY_S = 10.0  # ingress rate over this many seconds
@@ -98,6 +100,7 @@ class Health(Service):
         self._runner: web.AppRunner | None = None
         self._ingress: list[tuple[float, int]] = []
         self._broker_url: str | None = None
+        self._sync: tuple[float, dict[str, Any]] | None = None
         self._keys: tuple[float, dict[str, Any]] | None = None
         self._metric_targets: set[str] = set()
         self._lag_history: dict[str, deque[int]] = {}
@@ -119,6 +122,11 @@ class Health(Service):
             await nc.subscribe(
                 subjects.delivery_all, cb=self._on_record, pending_msgs_limit=SUB_PENDING_MSGS
             )
+        )
+        # The HTTP API's GET /v1/status asks here (one health instance answers): the
+        # same document as /status, from the one builder.
+        self._subs.append(
+            await nc.subscribe(subjects.status_doc, queue="health", cb=self._on_status_request)
         )
         await self._refresh_once()
         await self.check_database()
@@ -187,6 +195,11 @@ class Health(Service):
             at=str(rec.at) if rec.at else None,
         )
 
+    async def _on_status_request(self, msg: Msg) -> None:
+        if msg.reply:
+            with contextlib.suppress(Exception):
+                await msg.respond(_dumps(self.status()).encode())
+
     # JetStream figures ----------------------------------------------------------------
 
     async def _refresh_once(self) -> None:
@@ -227,6 +240,9 @@ class Health(Service):
         url = nc.connected_url
         if url is not None:
             self._broker_url = f"{url.scheme}://{url.hostname}:{url.port}"
+        if self._sync is None or time.monotonic() - self._sync[0] > SYNC_CHECK_S:
+            sync = await broker_sync(nc, self.settings.nats_store_dir)
+            self._sync = (time.monotonic(), sync)
         js = self.client.js
         names = self.client.names
         targets = await asyncio.wait_for(self.client.registry.list_targets(), CHECK_TIMEOUT_S)
@@ -457,6 +473,7 @@ class Health(Service):
                 "url": self._broker_url,
                 "server_version": _version(nc) if nc.is_connected else None,
                 "reconnects": self.client.reconnects,
+                "sync": self._sync[1] if self._sync else None,
             },
             "ready": {"ok": all(ready.values()), **ready},
             "refreshed_at": self.snapshot.get("at"),

@@ -51,6 +51,7 @@ from mesh.storage import (
     open_store,
 )
 from services.base import Service
+from services.sink.audit import AuditFeed
 from services.sink.retention import Retention
 from services.sink.rows import (
     Row,
@@ -115,6 +116,7 @@ class Sink(Service):
         self._health_sub: Subscription | None = None
         self._pulls: list[asyncio.Task[Any]] = []
         self.retention = Retention(settings, lambda: self.store, self.stopping, self.log)
+        self.audits = AuditFeed(self, self.client.subjects.audit(""))
         self.counts: dict[str, int] = {
             "events": 0,
             "deliveries": 0,
@@ -199,6 +201,9 @@ class Sink(Service):
                 return False
             self.store = store
             self._db_up()
+            with contextlib.suppress(StorageError):
+                for problem in await store.durability_warnings():
+                    self.log.warning("database commits are not durable", problem=problem)
             return True
 
     async def _drop_store(self) -> None:
@@ -369,6 +374,10 @@ class Sink(Service):
 
     async def handle_batch(self, kind: str, msgs: list[Msg]) -> bool:
         """Write one fetched batch and ack it; False if stopped before the write landed."""
+        if kind == "sys":  # the HTTP API's audit records travel with the delivery records
+            audits, msgs = self.audits.split(msgs)
+            if audits and not await self.audits.handle(audits):
+                return False
         items, drop = self._rows(kind, msgs)
         if items:
             started = time.time_ns()
