@@ -359,3 +359,39 @@ def context_from_headers(headers: Mapping[str, str]) -> dict[str, str]:
     if state and len(state) <= 512:
         out[EXT_TRACESTATE] = state.strip()
     return out
+
+
+def replay_span(headers: dict[str, str], target: str, subject: str, event_id: str) -> None:
+    """A producer span for replaying one stored event to ``target``, under the event's
+    original context; the replayed copy carries the replay span's context, so its
+    deliveries hang under it in the original trace."""
+    carrier = {"traceparent": headers.get("ce-traceparent", "")}
+    if not carrier["traceparent"] or not _TRACEPARENT.match(carrier["traceparent"]):
+        return
+    if _FOLLOW_PARENT and carrier["traceparent"][-1:] not in _SAMPLED_FLAGS:
+        return
+    if "ce-tracestate" in headers:
+        carrier["tracestate"] = headers["ce-tracestate"]
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    span = start_span(
+        f"replay {target}",
+        kind="PRODUCER",
+        parent=TraceContextTextMapPropagator().extract(carrier),
+        attributes={
+            "messaging.system": "nats",
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "replay",
+            "messaging.destination.name": subject,
+            "cloudevents.event_id": event_id,
+            "mesh.target": target,
+        },
+    )
+    out: dict[str, str] = {}
+    from opentelemetry import trace
+
+    TraceContextTextMapPropagator().inject(out, trace.set_span_in_context(span))
+    headers["ce-traceparent"] = out["traceparent"]
+    if "tracestate" in out:
+        headers["ce-tracestate"] = out["tracestate"]
+    span.end()

@@ -287,3 +287,34 @@ async def test_http_api_publish_continues_the_callers_trace(
     assert own.parent_id == "" and own.trace_id != "0" * 32
     for body in otlp.raw:
         assert CANARY.encode() not in body
+
+
+def test_bridge_frames_carry_the_events_trace_context() -> None:
+    from services.bridge.session import event_frame
+
+    event = Event(source="shop", type="a.b", data={"n": 1})
+    assert "traceparent" not in event_frame(event, 1)
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    event.extensions.update({"traceparent": parent, "tracestate": "v=1"})
+    frame = event_frame(event, 2)
+    assert (frame["traceparent"], frame["tracestate"], frame["seq"]) == (parent, "v=1", 2)
+
+
+async def test_replay_is_a_span_in_the_events_trace(otlp: OtlpReceiver, client: MeshClient) -> None:
+    from mesh.registry import Target, TargetKind
+    from mesh.replay import replay
+    from tests.support.receiver import read_stream
+
+    await client.add_target(Target(name="alpha", kind=TargetKind.NATS))
+    await client.add_propagation("unidirectional", "shop", ["alpha"])
+    event_id = await client.publish("shop", "order.created", {"card": CANARY})
+    result = await replay(client, "alpha", None, from_seq=1)
+    assert result.published == 1
+    await asyncio.to_thread(tracing.flush)
+    (pub,) = [s for s in otlp.spans if s.name == "publish shop"]
+    (rep,) = [s for s in otlp.spans if s.name == "replay alpha"]
+    assert (rep.trace_id, rep.parent_id) == (pub.trace_id, pub.span_id)
+    assert rep.attributes["cloudevents.event_id"] == event_id
+    msgs = await read_stream(client, client.names.events)
+    replayed = [m for m in msgs if m.subject.startswith("mesh.replay.")]
+    assert replayed[0].headers["ce-traceparent"].split("-")[1:3] == [rep.trace_id, rep.span_id]

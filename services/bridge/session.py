@@ -21,7 +21,7 @@ import nats.errors as nats_errors
 from aiohttp import WSMsgType, web
 from nats.aio.msg import Msg
 
-from mesh import envelope
+from mesh import envelope, tracing
 from mesh.envelope import Event
 from mesh.errors import DecodeError, MeshError
 from mesh.observability import METRICS
@@ -84,7 +84,7 @@ def to_json(doc: dict[str, Any]) -> str:
 
 
 def event_frame(event: Event, seq: int) -> dict[str, Any]:
-    return {
+    frame = {
         "seq": seq,
         "id": event.id,
         "source": event.source,
@@ -92,6 +92,10 @@ def event_frame(event: Event, seq: int) -> dict[str, Any]:
         "time": event.time.isoformat(),
         "data": event.json_data(),
     }
+    if tracing.EXT_TRACEPARENT in event.extensions:
+        # The event's W3C trace context, so a client can continue the publisher's trace.
+        frame.update(tracing.w3c_headers(event))
+    return frame
 
 
 def decode_msg(client: MeshClient, msg: Msg, seq: int) -> Event:
