@@ -318,3 +318,37 @@ async def test_replay_is_a_span_in_the_events_trace(otlp: OtlpReceiver, client: 
     msgs = await read_stream(client, client.names.events)
     replayed = [m for m in msgs if m.subject.startswith("mesh.replay.")]
     assert replayed[0].headers["ce-traceparent"].split("-")[1:3] == [rep.trace_id, rep.span_id]
+
+
+async def test_otlp_grpc_export(monkeypatch: pytest.MonkeyPatch, client: MeshClient) -> None:
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    from mesh.broker import free_port
+
+    names: list[str] = []
+
+    class Collector(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+        async def Export(self, request, context):
+            for rs in request.resource_spans:
+                for ss in rs.scope_spans:
+                    names.extend(s.name for s in ss.spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), server)
+    port = free_port()
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    try:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+        await asyncio.to_thread(tracing.shutdown)
+        assert tracing.configure("mesh-test")
+        await client.publish("shop", "order.created", {"n": 1})
+        await asyncio.to_thread(tracing.flush)
+        assert names == ["publish shop"]
+    finally:
+        await asyncio.to_thread(tracing.shutdown)
+        await server.stop(None)
