@@ -290,7 +290,7 @@ async def test_http_api_publish_continues_the_callers_trace(
 
 
 def test_bridge_frames_carry_the_events_trace_context() -> None:
-    from services.bridge.session import event_frame
+    from services.bridge.frames import event_frame
 
     event = Event(source="shop", type="a.b", data={"n": 1})
     assert "traceparent" not in event_frame(event, 1)
