@@ -280,20 +280,10 @@ class MeshClient:
             )
         nats_subject = self.subjects.evt(event.source, event.type)
         if tracing.TRACER is not None:
-            return await self._traced_publish(event, nats_subject, timeout)
+            return await tracing.traced_publish(
+                event, nats_subject, lambda: self._publish_one(event, nats_subject, timeout)
+            )
         return await self._publish_one(event, nats_subject, timeout)
-
-    async def _traced_publish(self, event: Event, nats_subject: str, timeout: float) -> bool:
-        span = tracing.publish_span(event, nats_subject)
-        try:
-            with tracing.current(span):
-                new = await self._publish_one(event, nats_subject, timeout)
-        except BaseException as exc:
-            tracing.end_span(span, type(exc).__name__)
-            raise
-        span.set_attribute("mesh.duplicate", not new)
-        tracing.end_span(span)
-        return new
 
     async def _publish_one(self, event: Event, nats_subject: str, timeout: float) -> bool:
         headers, body = self._message(event, nats_subject)
@@ -330,9 +320,7 @@ class MeshClient:
         def encode(event: Event) -> Encoded:
             nats_subject = self.subjects.evt(event.source, event.type)
             if tracing.TRACER is not None:
-                # One producer span per event, ended when handed to the connection: the
-                # acks come back in bulk.
-                tracing.end_span(tracing.publish_span(event, nats_subject))
+                tracing.end_span(tracing.publish_span(event, nats_subject))  # acks: in bulk
             headers, body = self._message(event, nats_subject)
             return nats_subject, headers, body, event.source
 

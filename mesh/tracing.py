@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -395,3 +395,19 @@ def replay_span(headers: dict[str, str], target: str, subject: str, event_id: st
     if "tracestate" in out:
         headers["ce-tracestate"] = out["tracestate"]
     span.end()
+
+
+async def traced_publish(
+    event: Event, nats_subject: str, publish: Callable[[], Awaitable[bool]]
+) -> bool:
+    """``publish()`` (True: stored, False: a duplicate) inside the event's publish span."""
+    span = publish_span(event, nats_subject)
+    try:
+        with current(span):
+            new = await publish()
+    except BaseException as exc:
+        end_span(span, type(exc).__name__)
+        raise
+    span.set_attribute("mesh.duplicate", not new)
+    end_span(span)
+    return new

@@ -34,7 +34,6 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from mesh import tracing
 from mesh.config import Settings
 from mesh.errors import DecodeError, MeshError, StorageError
 from mesh.observability import METRICS
@@ -391,11 +390,7 @@ class Sink(Service):
                     result = await self._write_each(items, drop)
             if result is None:
                 return False  # unacked: redelivered to this or another sink
-            if tracing.TRACER is not None:
-                backend = (
-                    "postgresql" if self.settings.database_url.startswith("postgres") else "sqlite"
-                )
-                batch_written(kind, [m for m, _ in items], started, backend)
+            batch_written(kind, items, started, self.settings.database_url)  # traces, if on
             for table, n in (
                 ("events", result.events),
                 ("deliveries", result.deliveries),

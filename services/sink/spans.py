@@ -5,6 +5,8 @@ Called only while ``mesh.tracing.TRACER`` is set."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from nats.aio.msg import Msg
 
 from mesh import tracing
@@ -12,7 +14,10 @@ from mesh import tracing
 __all__ = ["batch_written"]
 
 
-def batch_written(kind: str, msgs: list[Msg], start_ns: int, backend: str) -> None:
+def batch_written(kind: str, items: list[tuple[Msg, Any]], start_ns: int, db_url: str) -> None:
+    """Spans for the messages of a stored batch (``(msg, row)`` pairs); a no-op when off."""
+    if tracing.TRACER is None:
+        return
     from opentelemetry.trace import SpanKind
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -20,6 +25,8 @@ def batch_written(kind: str, msgs: list[Msg], start_ns: int, backend: str) -> No
     table = {"events": "events", "dlq": "dead_letters"}.get(kind)
     if table is None:
         return
+    backend = "postgresql" if db_url.startswith("postgres") else "sqlite"
+    msgs = [m for m, _ in items]
     for msg in msgs:
         headers = msg.headers or {}
         parent = headers.get("ce-traceparent")
