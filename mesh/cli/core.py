@@ -22,7 +22,7 @@ from mesh.cli._tables import Col
 from mesh.client import MeshClient
 from mesh.crypto import KeyRing
 from mesh.durability import LAZY_WARNING, broker_sync
-from mesh.errors import NotFound
+from mesh.errors import ConfigError, NotFound
 from mesh.observability import configure_logging
 
 
@@ -42,12 +42,19 @@ def up(
         "--services",
         help="Comma-separated subset: egress,bridge,health,sink,api (default all).",
     ),
+    workers: str = typer.Option(
+        "1",
+        "--workers",
+        help="Egress processes: N, or auto (cores - 1 with a local broker, else cores).",
+    ),
 ) -> None:
     """Run the mesh: the embedded broker (unless MESH_NATS_URL is set) and every service."""
     from mesh.broker import EmbeddedBroker
     from services.runner import available_services, canonical, load_service, main_sync
+    from services.workers import broker_is_local, resolve_workers
 
     s = settings()
+    n_workers = resolve_workers(workers, broker_local=broker_is_local(s))
     configure_logging(s.log_format, s.log_level)
     names = (
         [canonical(n.strip()) for n in services.split(",") if n.strip()]
@@ -72,21 +79,30 @@ def up(
     err_console.print("; ".join([*parts, "Ctrl-C stops"]), markup=False, soft_wrap=True)
     if s.embedded and s.broker_sync == "lazy":
         err_console.print(LAZY_WARNING, markup=False, soft_wrap=True)
-    main_sync(names, s)
+    main_sync(names, s, workers=n_workers)
 
 
 def serve(
     name: str = typer.Argument(..., help="webhook-egress | bridge | health | sink | api"),
+    workers: str = typer.Option(
+        "1",
+        "--workers",
+        help="webhook-egress only: N processes, or auto (cores - 1 with a local broker).",
+    ),
 ) -> None:
     """Run one service in this process (connects to MESH_NATS_URL)."""
-    from services.runner import load_service, main_sync
+    from services.runner import canonical, load_service, main_sync
+    from services.workers import broker_is_local, resolve_workers
 
     s = settings()
     load_service(name)
+    n_workers = resolve_workers(workers, broker_local=broker_is_local(s))
+    if n_workers > 1 and canonical(name) != "webhook-egress":
+        raise ConfigError("--workers applies to webhook-egress only")
     configure_logging(s.log_format, s.log_level)
     if s.embedded:
         s = s.model_copy(update={"nats_url": s.servers[0]})
-    main_sync([name], s)
+    main_sync([name], s, workers=n_workers)
 
 
 async def _init() -> dict[str, Any]:
