@@ -12,7 +12,8 @@ CPU (user + system) per delivery of every process of the sender and of its broke
 - ``egress``: ``mesh serve webhook-egress`` (its own process), as bench/egress.py runs it.
 - ``faststream``: a FastStream app (its own process): a JetStream pull subscriber with
   ``max_workers = C`` on a stream of its own in the same nats-server, POSTing with one
-  aiohttp session, acked after the 2xx (``AckPolicy.NACK_ON_ERROR``).
+  aiohttp session, acked after the 2xx (``AckPolicy.NACK_ON_ERROR``), its per-message
+  log lines off (``logger=None``) as the egress's are.
 - ``celery-prefork`` / ``celery-threads``: a Celery 5 worker on the local Redis broker
   (``MESH_BENCH_REDIS_URL``, default redis://127.0.0.1:6379/14; the db is flushed before
   and after), ``acks_late``, a task POSTing with one httpx client per process; prefork
@@ -109,7 +110,8 @@ def run_faststream(nats_url: str, url: str, concurrency: int, work: bool) -> Non
     from faststream.nats.annotations import NatsMessage
 
     deliverer = Deliverer(work)
-    broker = NatsBroker(nats_url)
+    # No per-message log lines: the egress runs at MESH_LOG_LEVEL=warning, Celery at warning.
+    broker = NatsBroker(nats_url, logger=None)
     session: list[aiohttp.ClientSession] = []
 
     @broker.subscriber(
