@@ -42,6 +42,11 @@ def resolve_workers(spec: str, *, broker_local: bool, cores: int | None = None) 
     return n
 
 
+def workers_for(spec: str, settings: Settings) -> int:
+    """``--workers SPEC`` for a process with these settings (the CLI's entry point)."""
+    return resolve_workers(spec, broker_local=broker_is_local(settings))
+
+
 def broker_is_local(settings: Settings) -> bool:
     if settings.embedded:
         return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 from typing import Any
 
 import typer
@@ -36,11 +37,23 @@ def register(app: typer.Typer) -> None:
 # up / serve / init ------------------------------------------------------------
 
 
+def _runner() -> Any:
+    """``services.runner``, loaded by name: the library (``mesh/``) never imports the
+    services (tests/test_layout.py); only these two commands reach them, at run time."""
+    try:
+        return importlib.import_module("services.runner")
+    except ModuleNotFoundError as exc:
+        if exc.name in ("services", "services.runner"):
+            raise ConfigError("the mesh services are not installed with this library") from None
+        raise
+
+
 def up(
     services: str = typer.Option(
         "",
         "--services",
-        help="Comma-separated subset: egress,bridge,health,sink,api (default all).",
+        help="Comma-separated subset: egress,bridge,health,sink,api (default all; backup"
+        " too when MESH_BACKUP_EVERY is set).",
     ),
     workers: str = typer.Option(
         "1",
@@ -50,19 +63,18 @@ def up(
 ) -> None:
     """Run the mesh: the embedded broker (unless MESH_NATS_URL is set) and every service."""
     from mesh.broker import EmbeddedBroker
-    from services.runner import available_services, canonical, load_service, main_sync
-    from services.workers import broker_is_local, resolve_workers
 
+    runner = _runner()
     s = settings()
-    n_workers = resolve_workers(workers, broker_local=broker_is_local(s))
+    n_workers = runner.workers_for(workers, s)
     configure_logging(s.log_format, s.log_level)
     names = (
-        [canonical(n.strip()) for n in services.split(",") if n.strip()]
+        [runner.canonical(n.strip()) for n in services.split(",") if n.strip()]
         if services
-        else available_services()
+        else runner.available_services(s)
     )
     for n in names:
-        load_service(n)  # an unknown name fails here, before anything starts
+        runner.load_service(n)  # an unknown name fails here, before anything starts
     if s.embedded:
         EmbeddedBroker(s.nats_store_dir, port=s.nats_port).check_port()
     s.home.mkdir(parents=True, exist_ok=True)
@@ -79,11 +91,11 @@ def up(
     err_console.print("; ".join([*parts, "Ctrl-C stops"]), markup=False, soft_wrap=True)
     if s.embedded and s.broker_sync == "lazy":
         err_console.print(LAZY_WARNING, markup=False, soft_wrap=True)
-    main_sync(names, s, workers=n_workers)
+    runner.main_sync(names, s, workers=n_workers)
 
 
 def serve(
-    name: str = typer.Argument(..., help="webhook-egress | bridge | health | sink | api"),
+    name: str = typer.Argument(..., help="webhook-egress | bridge | health | sink | api | backup"),
     workers: str = typer.Option(
         "1",
         "--workers",
@@ -91,18 +103,16 @@ def serve(
     ),
 ) -> None:
     """Run one service in this process (connects to MESH_NATS_URL)."""
-    from services.runner import canonical, load_service, main_sync
-    from services.workers import broker_is_local, resolve_workers
-
+    runner = _runner()
     s = settings()
-    load_service(name)
-    n_workers = resolve_workers(workers, broker_local=broker_is_local(s))
-    if n_workers > 1 and canonical(name) != "webhook-egress":
+    runner.load_service(name)
+    n_workers = runner.workers_for(workers, s)
+    if n_workers > 1 and runner.canonical(name) != "webhook-egress":
         raise ConfigError("--workers applies to webhook-egress only")
     configure_logging(s.log_format, s.log_level)
     if s.embedded:
         s = s.model_copy(update={"nats_url": s.servers[0]})
-    main_sync([name], s, workers=n_workers)
+    runner.main_sync([name], s, workers=n_workers)
 
 
 async def _init() -> dict[str, Any]:
