@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from mesh import envelope
+from mesh import envelope, tracing
 from mesh.config import Settings, load_settings
 from mesh.connection import connect_nats, open_registry
 from mesh.crypto import KeyRing
@@ -105,6 +105,8 @@ class MeshClient:
         return Provisioner(self.js, self.registry, self.settings)
 
     async def connect(self) -> MeshClient:
+        tracing.configure()  # OTEL_* env: off unless asked (a service named itself first)
+
         async def on_disconnect() -> None:
             self.connected_event.clear()
             if not self._closing:  # our own close is not news
@@ -277,6 +279,13 @@ class MeshClient:
                 f"event {event.id} is over the hop limit ({event.hops} > {self.settings.max_hops})"
             )
         nats_subject = self.subjects.evt(event.source, event.type)
+        if tracing.TRACER is not None:
+            return await tracing.traced_publish(
+                event, nats_subject, lambda: self._publish_one(event, nats_subject, timeout)
+            )
+        return await self._publish_one(event, nats_subject, timeout)
+
+    async def _publish_one(self, event: Event, nats_subject: str, timeout: float) -> bool:
         headers, body = self._message(event, nats_subject)
         try:
             ack = await self._acked.publish(nats_subject, body, headers, timeout)
@@ -310,6 +319,8 @@ class MeshClient:
 
         def encode(event: Event) -> Encoded:
             nats_subject = self.subjects.evt(event.source, event.type)
+            if tracing.TRACER is not None:
+                tracing.end_span(tracing.publish_span(event, nats_subject))  # acks: in bulk
             headers, body = self._message(event, nats_subject)
             return nats_subject, headers, body, event.source
 

@@ -117,6 +117,7 @@ DELIVERIES = RowSpec(
         "error",
         "at",
         "instance",
+        "trace_id",
     ),
     ("id",),
 )

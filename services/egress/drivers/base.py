@@ -77,9 +77,10 @@ class Driver(ABC):
 
     # Sending --------------------------------------------------------------------
 
-    async def send(self, event: Event) -> AttemptResult:
+    async def send(self, event: Event, trace: dict[str, str] | None = None) -> AttemptResult:
         """Deliver one event within the target's timeout; never raises for trouble at
-        the destination."""
+        the destination. ``trace``: W3C trace headers of the attempt, for transports
+        whose headers are not the event's own (HTTP)."""
         started = time.monotonic()
         generation = self.generation
         try:

@@ -37,10 +37,12 @@ class WebhookDriver(Driver):
         self.target = target
         return False  # the shared client keeps its pool
 
-    async def send(self, event: Event) -> AttemptResult:
+    async def send(self, event: Event, trace: dict[str, str] | None = None) -> AttemptResult:
         target = self.target
         body, extra = build_body(target, event)
         headers = sign_headers(self.signer(), event.id, body, extra)
+        if trace:
+            headers.update(trace)
         assert target.url is not None
         return await self.http.post(target.url, body, headers, target.timeout_s)
 
