@@ -28,7 +28,7 @@ from pydantic import ValidationError as PydValidationError
 from mesh.buckets import open_bucket, read, read_all
 from mesh.crypto import KeyRing
 from mesh.errors import Conflict, DecodeError, NotFound, ValidationError
-from mesh.subjects import subject_matches, validate_name, validate_pattern
+from mesh.subjects import qualify, subject_matches, validate_name, validate_pattern
 
 SECRET_PREFIX = "whsec_"
 
@@ -187,6 +187,7 @@ def compute_rules(
             source = p.source
         if source is not None:
             narrow = p.types or (_implied_types(p.filter) if p.filter else None)
+            source = qualify(p.tenant, source)  # a tenant's events: ~tenant.source
             rules.append(Rule(source, p.types, p.id, p.filter, p.transform, narrow))
     return rules
 

@@ -20,6 +20,7 @@ Quotas (None: unlimited)::
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 import nats.js.errors as js_errors
@@ -186,3 +187,29 @@ class PublishQuota:
             raise QuotaExceeded(
                 f"tenant {tenant!r} is over its quota of {rate:g} events/s", retry_after_s=wait
             )
+
+
+class ClientQuota:
+    """The events/s quota of the tenant a client publishes as (``MESH_TENANT``), read from
+    the bucket at most every ``refresh_s``; ``take`` raises ``QuotaExceeded`` past it."""
+
+    def __init__(
+        self, js: JetStreamContext, bucket: str, tenant: str, refresh_s: float = 5.0
+    ) -> None:
+        self.js = js
+        self.bucket = bucket
+        self.tenant = tenant
+        self.refresh_s = refresh_s
+        self._store: TenantStore | None = None
+        self._rate: float | None = None
+        self._read_at = -1e18
+        self._buckets = PublishQuota()
+
+    async def take(self, n: int = 1) -> None:
+        now = time.monotonic()
+        if now - self._read_at >= self.refresh_s:
+            if self._store is None:
+                self._store = await TenantStore.open(self.js, self.bucket)
+            self._rate = (await self._store.get(self.tenant)).quotas.events_per_s
+            self._read_at = now
+        self._buckets.take(self.tenant, self._rate, n)
