@@ -315,11 +315,19 @@ class MeshClient:
         *,
         filter: str | None = None,
         transform: str | None = None,
+        tenant: str | None = None,
     ) -> Propagation:
-        """Add a propagation; ``filter`` is CESQL, ``transform`` JMESPath (both checked now)."""
+        """Add a propagation; ``filter`` is CESQL, ``transform`` JMESPath (both checked now).
+        It belongs to ``tenant`` (default: this client's, ``MESH_TENANT``)."""
         await ensure_streams(self.js, self.settings)
         prop = await self.registry.add_propagation(
-            PropagationMode(mode), source, targets, types, filter=filter, transform=transform
+            PropagationMode(mode),
+            source,
+            targets,
+            types,
+            filter=filter,
+            transform=transform,
+            tenant=tenant or self.settings.tenant,
         )
         await self.provisioner.reconcile_all()
         return prop
