@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import nats.errors as nats_errors
 import nats.js.errors as js_errors
@@ -50,11 +50,9 @@ from mesh.routing import RouteCache, Verdict
 from mesh.serverinfo import check_server
 from mesh.streams import Provisioner, StreamNames, dlq_depths, ensure_streams, queue_depth
 from mesh.subjects import Subjects, qualify, validate_name
+from mesh.tenants import take_client_quota
 
 log = structlog.get_logger("mesh.client")
-
-if TYPE_CHECKING:
-    from mesh.tenants import ClientQuota
 
 
 class MeshClient:
@@ -71,7 +69,6 @@ class MeshClient:
         self.settings = settings or load_settings()
         self.subjects = Subjects(self.settings.prefix)
         self.names = StreamNames.for_prefix(self.settings.prefix)
-        self._quota: ClientQuota | None = None
         self.name = name
         self._keyring = keyring
         self._reconnect_forever = reconnect_forever
@@ -205,17 +202,13 @@ class MeshClient:
         transform: str | None = None,
         tenant: str | None = None,
     ) -> Propagation:
-        """Add a propagation; ``filter`` is CESQL, ``transform`` JMESPath (both checked now).
-        It belongs to ``tenant`` (default: this client's, ``MESH_TENANT``)."""
+        """Add a propagation of ``tenant`` (default: ``MESH_TENANT``); ``filter`` is CESQL,
+        ``transform`` JMESPath (both checked now)."""
         await ensure_streams(self.js, self.settings)
+        kw: dict[str, Any] = {"filter": filter, "transform": transform}
+        kw["tenant"] = tenant or self.settings.tenant
         prop = await self.registry.add_propagation(
-            PropagationMode(mode),
-            source,
-            targets,
-            types,
-            filter=filter,
-            transform=transform,
-            tenant=tenant or self.settings.tenant,
+            PropagationMode(mode), source, targets, types, **kw
         )
         await self.provisioner.reconcile_all()
         return prop
@@ -282,23 +275,13 @@ class MeshClient:
         await self.publish_event(event, timeout=timeout)
         return event.id
 
-    async def _take_quota(self, n: int) -> None:
-        """The events/s quota of a tenant's client (``MESH_TENANT``, not ``default``)."""
-        if self.settings.tenant == "default":
-            return
-        if self._quota is None:
-            from mesh.tenants import ClientQuota
-
-            self._quota = ClientQuota(self.js, self.names.tenants, self.settings.tenant)
-        await self._quota.take(n)
-
     async def publish_event(self, event: Event, *, timeout: float = 5.0) -> bool:
         """Publish a built event; returns False when JetStream saw it as a duplicate."""
         if event.hops > self.settings.max_hops:
             raise ValidationError(
                 f"event {event.id} is over the hop limit ({event.hops} > {self.settings.max_hops})"
             )
-        await self._take_quota(1)
+        await take_client_quota(self, 1)
         nats_subject = self.subjects.evt(event.source, event.type)
         headers, body = self._message(event, nats_subject)
         try:
@@ -331,7 +314,7 @@ class MeshClient:
         everything published before that stays published.
         """
 
-        await self._take_quota(len(events))
+        await take_client_quota(self, len(events))
 
         def encode(event: Event) -> Encoded:
             nats_subject = self.subjects.evt(event.source, event.type)

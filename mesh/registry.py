@@ -165,10 +165,8 @@ def generate_secret() -> str:
 def compute_rules(
     target: str, props: list[Propagation], all_targets: set[str], tenant: str | None = None
 ) -> list[Rule]:
-    """The rules by which ``target`` receives events, in the propagations' order.
-
-    With ``tenant`` (the target's), only that tenant's propagations count: another
-    tenant's broadcast never reaches the target."""
+    """The rules by which ``target`` receives events, in the propagations' order; with
+    ``tenant`` (the target's) only its propagations count (no other tenant's broadcast)."""
     rules: list[Rule] = []
     for p in props:
         if tenant is not None and p.tenant != tenant:
@@ -419,14 +417,9 @@ class Registry:
                     f"bidirectional needs both ends registered: unknown target {source!r}"
                 ) from None
         for p in await self.list_propagations():
-            if p.tenant == tenant and (
-                p.mode,
-                p.source,
-                sorted(p.targets),
-                p.types,
-                p.filter,
-                p.transform,
-            ) == (
+            if p.tenant != tenant:
+                continue
+            if (p.mode, p.source, sorted(p.targets), p.types, p.filter, p.transform) == (
                 mode,
                 source,
                 sorted(targets),

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from typing import Any
+from weakref import WeakKeyDictionary
 
 import nats.js.errors as js_errors
 from nats.js import JetStreamContext
@@ -187,6 +189,20 @@ class PublishQuota:
             raise QuotaExceeded(
                 f"tenant {tenant!r} is over its quota of {rate:g} events/s", retry_after_s=wait
             )
+
+
+_client_quotas: WeakKeyDictionary[Any, ClientQuota] = WeakKeyDictionary()
+
+
+async def take_client_quota(client: Any, n: int) -> None:
+    """The events/s quota of a tenant's ``MeshClient`` (``MESH_TENANT``, not ``default``)."""
+    tenant = client.settings.tenant
+    if tenant == DEFAULT:
+        return
+    quota = _client_quotas.get(client)
+    if quota is None:
+        quota = _client_quotas[client] = ClientQuota(client.js, client.names.tenants, tenant)
+    await quota.take(n)
 
 
 class ClientQuota:
