@@ -2,6 +2,7 @@
 
     python bench/egress.py [--quick] [--events N] [--concurrency C] [--rate R] [--rounds K]
                            [--instances I] [--profile] [--sync always|lazy|both]
+                           [--tracing [--baseline DIR]]
 
 1. A receiver (aiohttp, its own process) records each request's arrival time.
 2. Egress: N events are published to a fresh broker, then ``mesh serve webhook-egress``
@@ -14,6 +15,13 @@
 
 ``--profile`` runs the egress in this process under cProfile for the throughput step and
 prints the top functions instead of starting a subprocess.
+
+``--tracing`` (issue #21) measures, in the same run, the egress with tracing off, on with
+every trace sampled, and on with 1 % sampled (``parentbased_traceidratio``; every event
+carries a ``traceparent``, sampled in that share, as a traced publisher would send them),
+exporting OTLP/HTTP to the receiver process; it prints each against off.
+``--baseline DIR`` adds the egress of another checkout (``PYTHONPATH=DIR``, e.g. main
+before tracing) as the reference for "off".
 """
 
 from __future__ import annotations
@@ -56,15 +64,23 @@ def run_receiver(port: int) -> None:
         count[0] += 1
         return web.Response(status=200)
 
-    async def stats(_: web.Request) -> web.Response:
-        return web.json_response({"count": count[0], "arrivals": arrivals})
-
     async def reset(_: web.Request) -> web.Response:
         arrivals.clear()
         count[0] = 0
         return web.json_response({"ok": True})
 
-    app = web.Application()
+    spans = [0]
+
+    async def otlp(request: web.Request) -> web.Response:
+        spans[0] += len(await request.read())  # an OTLP/HTTP sink: bytes, not decoded
+        return web.Response(status=200, body=b"", content_type="application/x-protobuf")
+
+    async def stats(_: web.Request) -> web.Response:
+        return web.json_response({"count": count[0], "arrivals": arrivals, "otlp": spans[0]})
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v1/traces", otlp)
+    app.router.add_post("/v1/metrics", otlp)
     app.router.add_post("/hook", hook)
     app.router.add_get("/stats", stats)
     app.router.add_post("/reset", reset)
@@ -153,9 +169,15 @@ async def egress_throughput(
     n: int,
     profile: bool,
     instances: int,
+    sampled: float | None = None,
 ) -> float:
     await rx.reset()
     events = [client.build("shop", "order.created", {"i": i, "pad": "x" * 200}) for i in range(n)]
+    if sampled is not None:
+        for i, event in enumerate(events):
+            flags = "01" if int((i + 1) * sampled) > int(i * sampled) else "00"
+            trace_id, span_id = os.urandom(16).hex(), os.urandom(8).hex()
+            event.extensions["traceparent"] = f"00-{trace_id}-{span_id}-{flags}"
     await client.publish_many(events)
     if profile:
         import cProfile
@@ -350,6 +372,9 @@ async def one_mode(args: argparse.Namespace, sync: SyncMode, tag: str = "") -> f
                 f"events={n} concurrency={c} rounds={args.rounds} egress instances="
                 f"{args.instances} (receiver in its own process) broker sync={sync}"
             )
+            if args.tracing:
+                await tracing_rounds(client, rx, env, settings, url, rx_port, args)
+                return
             raws: list[float] = []
             egs: list[float] = []
             for r in range(args.rounds):
@@ -404,6 +429,71 @@ async def main(args: argparse.Namespace) -> None:
     )
 
 
+async def tracing_rounds(
+    client: MeshClient,
+    rx: ReceiverClient,
+    env: dict[str, str],
+    settings: Settings,
+    url: str,
+    rx_port: int,
+    args: argparse.Namespace,
+) -> None:
+    """Egress deliveries/s with tracing off, on (100 %), on (1 %), same run."""
+    otel = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{rx_port}",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_SERVICE_NAME": "mesh-bench",
+    }
+    modes: dict[str, tuple[dict[str, str], float]] = {
+        "off": (env, 0.01),
+        "on 100%": ({**env, **otel, "OTEL_TRACES_SAMPLER": "parentbased_always_on"}, 1.0),
+        "on 1%": (
+            {
+                **env,
+                **otel,
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": "0.01",
+            },
+            0.01,
+        ),
+    }
+    if args.baseline:
+        modes["before"] = ({**env, "PYTHONPATH": args.baseline}, 0.01)
+    names = list(modes)
+    rates: dict[str, list[float]] = {name: [] for name in ["raw", *names]}
+    cpu: dict[
+        str, list[float]
+    ] = {}  # egress CPU us per delivery: steadier than rates on a busy box
+    for r in range(args.rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate: load drift is shared
+        rates["raw"].append(await raw_throughput(rx, url, args.events, args.concurrency))
+        for name in order:
+            menv, sampled = modes[name]
+            rates[name].append(
+                await egress_throughput(
+                    client, rx, menv, settings, args.events, False, args.instances, sampled
+                )
+            )
+            cpu.setdefault(name, []).append(CPU["egress"][-1])
+        print(f"  round {r + 1}: " + "  ".join(f"{k} {v[-1]:6.0f}/s" for k, v in rates.items()))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    ref = "before" if args.baseline else "off"
+    for name in ["raw", *names]:
+        print(f"{name:>8}: {med[name]:8.0f} deliveries/s (median of {args.rounds})")
+    print(f"egress off / raw        : {med['off'] / med['raw']:.2f}")
+    if args.baseline:
+        print(f"off / before (aim >=0.98): {med['off'] / med['before']:.2f}")
+    print(f"on 1% / {ref:<6} (aim >=0.95): {med['on 1%'] / med[ref]:.2f}")
+    print(f"on 100% / {ref:<6}         : {med['on 100%'] / med[ref]:.2f}")
+    mcpu = {k: statistics.median(v) for k, v in cpu.items()}
+    print("egress CPU per delivery: " + ", ".join(f"{k} {v:.0f} us" for k, v in mcpu.items()))
+    print(
+        "as a rate ratio (reference CPU / CPU): "
+        + ", ".join(f"{k} {mcpu[ref] / v:.2f}" for k, v in mcpu.items() if k != ref)
+    )
+    print(f"OTLP bytes received: {(await rx.stats())['otlp']}")
+
+
 def cli() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small run (about 15 s)")
@@ -420,11 +510,15 @@ def cli() -> None:
         default="always",
         help="the broker's sync mode (MESH_BROKER_SYNC); both: each in turn, and the ratio",
     )
+    p.add_argument("--tracing", action="store_true", help="tracing off vs on (100 %%, 1 %%)")
+    p.add_argument("--baseline", help="with --tracing: a checkout whose egress is the reference")
     p.add_argument("--receiver", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.receiver:
         run_receiver(args.receiver)
         return
+    if args.baseline:
+        args.baseline = str(Path(args.baseline).resolve())
     if args.events is None:
         args.events = 1000 if args.quick else 5000
     if args.seconds is None:

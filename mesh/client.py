@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from mesh import envelope
+from mesh import envelope, tracing
 from mesh.config import Settings, load_settings
 from mesh.connection import connect_nats, open_registry
 from mesh.crypto import KeyRing
@@ -106,6 +106,8 @@ class MeshClient:
         return Provisioner(self.js, self.registry, self.settings)
 
     async def connect(self) -> MeshClient:
+        tracing.configure()  # OTEL_* env: off unless asked (a service named itself first)
+
         async def on_disconnect() -> None:
             self.connected_event.clear()
             if not self._closing:  # our own close is not news
@@ -197,19 +199,12 @@ class MeshClient:
         source: str,
         targets: list[str] | None = None,
         types: str | None = None,
-        *,
-        filter: str | None = None,
-        transform: str | None = None,
-        tenant: str | None = None,
+        **kw: Any,
     ) -> Propagation:
-        """Add a propagation of ``tenant`` (default: ``MESH_TENANT``); ``filter`` is CESQL,
-        ``transform`` JMESPath (both checked now)."""
+        """Add a propagation; kw: filter (CESQL), transform (JMESPath), tenant (MESH_TENANT's)."""
         await ensure_streams(self.js, self.settings)
-        kw: dict[str, Any] = {"filter": filter, "transform": transform}
-        kw["tenant"] = tenant or self.settings.tenant
-        prop = await self.registry.add_propagation(
-            PropagationMode(mode), source, targets, types, **kw
-        )
+        m, kw["tenant"] = PropagationMode(mode), kw.get("tenant") or self.settings.tenant
+        prop = await self.registry.add_propagation(m, source, targets, types, **kw)
         await self.provisioner.reconcile_all()
         return prop
 
@@ -283,6 +278,13 @@ class MeshClient:
             )
         await take_client_quota(self, 1)
         nats_subject = self.subjects.evt(event.source, event.type)
+        if tracing.TRACER is not None:
+            return await tracing.traced_publish(
+                event, nats_subject, lambda: self._publish_one(event, nats_subject, timeout)
+            )
+        return await self._publish_one(event, nats_subject, timeout)
+
+    async def _publish_one(self, event: Event, nats_subject: str, timeout: float) -> bool:
         headers, body = self._message(event, nats_subject)
         try:
             ack = await self._acked.publish(nats_subject, body, headers, timeout)
@@ -313,11 +315,12 @@ class MeshClient:
         Raises ``BrokerError`` when the broker refuses a message or stops answering;
         everything published before that stays published.
         """
-
         await take_client_quota(self, len(events))
 
         def encode(event: Event) -> Encoded:
             nats_subject = self.subjects.evt(event.source, event.type)
+            if tracing.TRACER is not None:
+                tracing.end_span(tracing.publish_span(event, nats_subject))  # acks: in bulk
             headers, body = self._message(event, nats_subject)
             return nats_subject, headers, body, event.source
 
@@ -384,9 +387,7 @@ class MeshClient:
         stop: asyncio.Event | None = None,
     ) -> AsyncGenerator[Delivery, None]:
         """Yield events for a target, at least once: ack each after handling it."""
-        t = await self.registry.get_target(target)
-        if self.settings.tenant not in ("default", t.tenant):
-            raise NotFound(f"unknown target {target!r}")  # another tenant's: as if missing
+        t = await self.registry.get_target(target, as_tenant=self.settings.tenant)
         consumer = t.consumer
         try:
             await self.js.consumer_info(self.names.events, consumer)

@@ -94,4 +94,5 @@ def delivery_doc(row: DeliveryRow) -> dict[str, Any]:
         "response_excerpt": response_excerpt(row.error),
         "at": row.at.isoformat(),
         "instance": row.instance,
+        "trace_id": row.trace_id,
     }

@@ -16,6 +16,8 @@ from typing import Any, TextIO
 import structlog
 from structlog.typing import EventDict
 
+from mesh import tracing
+
 # Logging ------------------------------------------------------------------------
 
 REDACTED = "[redacted]"
@@ -166,6 +168,7 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            tracing.add_log_ids,  # trace_id/span_id of the active span (tracing on only)
             structlog.processors.add_log_level,
             _add_logger_name,
             timestamper,
@@ -181,6 +184,7 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     # Library logs (stdlib logging) come out in the same format, through the same redaction.
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[
+            tracing.add_log_ids,
             structlog.processors.add_log_level,
             _add_logger_name,
             timestamper,

@@ -41,6 +41,7 @@ class DeliveryRecord:
     latency_ms: float | None = None
     error: str | None = None
     instance: str | None = None
+    trace_id: str | None = None  # W3C trace id the event carried (mesh trace, OTel)
     at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 

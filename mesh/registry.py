@@ -313,13 +313,15 @@ class Registry:
             raise Conflict(f"target {target.name!r} already exists") from None
         return target
 
-    async def get_target(self, name: str) -> Target:
+    async def get_target(self, name: str, as_tenant: str = "default") -> Target:
+        """A target; one of another tenant is missing for a non-default ``as_tenant``."""
         validate_name(name, "target name")
         found = await self._get(f"targets.{name}")
-        if found is None:
-            raise NotFound(f"unknown target {name!r}")
         try:
-            return Target.model_validate_json(found[0])
+            t = None if found is None else Target.model_validate_json(found[0])
+            if t is None or as_tenant not in ("default", t.tenant):
+                raise NotFound(f"unknown target {name!r}")
+            return t
         except PydValidationError as exc:
             raise DecodeError(f"registry entry for target {name!r} is invalid: {exc}") from None
 

@@ -35,7 +35,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 
-from mesh import envelope
+from mesh import envelope, tracing
 from mesh.client import MeshClient
 from mesh.delivery import raise_if_cancelled
 from mesh.errors import BrokerError, NotFound, ValidationError
@@ -414,6 +414,8 @@ async def replay(
                     seq=meta.sequence.stream,
                 )
                 subject = client.subjects.replay(target, source, etype)
+                if tracing.TRACER is not None:
+                    tracing.replay_span(out, target, subject, event_id)
                 count(*await pipe.publish(subject, msg.data, out))
             if progress and (result.scanned % 64 == 0):
                 progress(state)

@@ -27,7 +27,7 @@ from nats import micro
 from nats.micro.request import Request as MicroRequest
 from nats.micro.service import Service as MicroService
 
-from mesh import __version__
+from mesh import __version__, tracing
 from mesh.client import MeshClient
 from mesh.config import Settings
 from mesh.observability import METRICS, Heartbeat, new_instance_id
@@ -128,6 +128,7 @@ class Service:
             self.log.error("task failed", task=task.get_name(), error=repr(exc))
 
     async def start(self) -> None:
+        tracing.configure(f"mesh-{self.name}")  # OTEL_* env; a no-op when off or done
         await self.client.connect()
         await ensure_streams(self.client.js, self.settings)
         self.heartbeat = Heartbeat(
@@ -181,6 +182,8 @@ class Service:
             await self.heartbeat.stop()
         METRICS.service_up.labels(self.name).set(0)
         await self.client.close()
+        if tracing.TRACER is not None:
+            await asyncio.to_thread(tracing.flush)  # spans of the last moments go out
         self.log.info("service stopped")
 
     async def stop(self) -> None:

@@ -22,9 +22,9 @@ PG_DSN_ENV = "MESH_TEST_PG_DSN"
 
 @pytest.fixture(autouse=True)
 def _isolate_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No test reads the developer's MESH_* settings or a mesh.toml in the cwd."""
+    """No test reads the developer's MESH_* or OTEL_* settings or a mesh.toml in the cwd."""
     for key in list(os.environ):
-        if key.startswith("MESH_") and key != PG_DSN_ENV:
+        if key.startswith(("MESH_", "OTEL_")) and key != PG_DSN_ENV:
             monkeypatch.delenv(key)
     monkeypatch.setenv("MESH_CONFIG", str(tmp_path / "no-mesh.toml"))
 

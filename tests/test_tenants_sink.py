@@ -29,4 +29,4 @@ async def test_the_sink_writes_the_tenant_of_each_event(
         assert a_row is not None and d_row is not None
         assert (a_row.tenant, a_row.source) == ("ta", "~ta.shop")
         assert (d_row.tenant, d_row.source) == ("default", "shop")
-        assert await store.applied_migrations() == [1, 2, 3, 4]
+        assert await store.applied_migrations() == [1, 2, 3, 4, 5]

@@ -118,6 +118,7 @@ DELIVERIES = RowSpec(
         "error",
         "at",
         "instance",
+        "trace_id",
     ),
     ("id",),
 )

@@ -70,6 +70,7 @@ class DeliveryRow:
     latency_ms: float | None = None
     error: str | None = None
     instance: str | None = None
+    trace_id: str | None = None  # W3C trace id the event carried
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

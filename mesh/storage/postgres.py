@@ -50,6 +50,7 @@ _ARRAY_TYPES: dict[str, tuple[str, ...]] = {
     ),
     "deliveries": (
         "text", "text", "text", "int", "text", "int", "float8", "text", "timestamptz", "text",
+        "text",
     ),
     "dead_letters": (
         "text", "text", "text", "int", "text", "bytea", "bool", "timestamptz", "bigint",

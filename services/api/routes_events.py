@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
+from mesh import tracing
 from mesh.apikeys import Scope
 from mesh.envelope import Event
 from mesh.subjects import qualify
@@ -68,7 +69,11 @@ class PublishedBatch(BaseModel):
 def _build(call: Call, e: EventIn, derived: str | None) -> Event:
     # A tenant key's events travel under its tenant's qualified source (mesh/subjects.py).
     source = qualify(call.tenant, e.source)
-    return call.api.client.build(source, e.type, e.data, id=e.id or derived, subject=e.subject)
+    event = call.api.client.build(source, e.type, e.data, id=e.id or derived, subject=e.subject)
+    # The caller's W3C trace context travels with the event (tracing on or off), so its
+    # trace goes on through the publish to every delivery.
+    event.extensions.update(tracing.context_from_headers(call.request.headers))
+    return event
 
 
 async def _keyed(call: Call, run: Any) -> Reply:

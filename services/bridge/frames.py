@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
 
+from mesh import tracing
 from mesh.envelope import Event
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ def to_json(doc: dict[str, Any]) -> str:
 
 
 def event_frame(event: Event, seq: int) -> dict[str, Any]:
-    return {
+    frame = {
         "seq": seq,
         "id": event.id,
         "source": event.source,
@@ -32,6 +33,10 @@ def event_frame(event: Event, seq: int) -> dict[str, Any]:
         "time": event.time.isoformat(),
         "data": event.json_data(),
     }
+    if tracing.EXT_TRACEPARENT in event.extensions:
+        # The event's W3C trace context, so a client can continue the publisher's trace.
+        frame.update(tracing.w3c_headers(event))
+    return frame
 
 
 def decode_msg(client: MeshClient, msg: Msg, seq: int) -> Event:

@@ -23,12 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
 
+from mesh import tracing
 from mesh.envelope import Event
 from mesh.observability import METRICS
 from mesh.records import DeliveryRecord, Outcome
 from mesh.registry import Target, TargetStatus
 from mesh.resilience import is_last_attempt, retry_delay
 from services.egress.http.sender import AttemptResult
+from services.egress.spans import mark
 
 if TYPE_CHECKING:
     from mesh.client import MeshClient
@@ -78,7 +80,13 @@ class Outcomes:
             self._m_delivered.inc()
             self._m_e2e.observe(max(0.0, time.time() - event.time.timestamp()))
             await self._record(
-                event.id, attempt, Outcome.DELIVERED, result.status, latency_ms, settle=msg
+                event.id,
+                attempt,
+                Outcome.DELIVERED,
+                result.status,
+                latency_ms,
+                settle=msg,
+                trace=event,
             )
             return
         error = result.error or "failed"
@@ -116,13 +124,17 @@ class Outcomes:
         self.counts["retried"] += 1
         self._m_retry.inc()
         log.info("delivery failed, will retry", error=error[:120], retry_in_s=round(delay, 3))
-        await self._record(event.id, attempt, Outcome.RETRY, result.status, latency_ms, error)
+        await self._record(
+            event.id, attempt, Outcome.RETRY, result.status, latency_ms, error, trace=event
+        )
 
     async def _skip(self, msg: Msg, event: Event, reason: str) -> None:
         self._held.pop(id(msg), None)
         self.counts["skipped"] += 1
         METRICS.deliveries.labels(self.name, Outcome.SKIPPED.value).inc()
-        await self._record(event.id, 0, Outcome.SKIPPED, error=reason, settle=msg)
+        if tracing.TRACER is not None and tracing.wanted(event):
+            mark("skip", self.name, event, 0, None)  # the reason may quote a filter: not here
+        await self._record(event.id, 0, Outcome.SKIPPED, error=reason, settle=msg, trace=event)
 
     async def _dead(
         self,
@@ -147,7 +159,11 @@ class Outcomes:
         self.counts["dead"] += 1
         METRICS.deliveries.labels(self.name, outcome.value).inc()
         log.warning("event dead-lettered", reason=error[:200])
-        await self._record(event_id, attempt, outcome, status, latency_ms, error, settle=msg)
+        if tracing.TRACER is not None and event is not None and tracing.wanted(event):
+            mark("dead-letter", self.name, event, attempt, outcome.value)
+        await self._record(
+            event_id, attempt, outcome, status, latency_ms, error, settle=msg, trace=event
+        )
 
     async def _record(
         self,
@@ -159,9 +175,11 @@ class Outcomes:
         error: str | None = None,
         *,
         settle: Msg | None = None,
+        trace: Event | None = None,
     ) -> None:
         """Publish the record of one attempt at this target by this instance; ``settle``:
-        the message this attempt finished, acked only once its record is stored."""
+        the message this attempt finished, acked only once its record is stored; the
+        record carries the trace id ``trace`` carries, if any."""
         await self.egress.record(
             DeliveryRecord(
                 event_id=event_id,
@@ -172,6 +190,7 @@ class Outcomes:
                 latency_ms=latency_ms,
                 error=error,
                 instance=self.egress.instance,
+                trace_id=tracing.trace_id_of(trace) if trace is not None else None,
             ),
             settle=settle,
         )

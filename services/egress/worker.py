@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import nats.js.errors as js_errors
 from nats.aio.msg import Msg
 
+from mesh import tracing
 from mesh.errors import DecodeError, ValidationError
 from mesh.observability import METRICS
 from mesh.records import Outcome
@@ -44,6 +45,7 @@ from services.egress.circuit import SharedCircuit
 from services.egress.http.sender import build_body, sign_headers
 from services.egress.outcomes import Outcomes
 from services.egress.rpc import RequestResponder
+from services.egress.spans import end_attempt, start_attempt
 
 if TYPE_CHECKING:
     from services.egress.shared import EgressShared
@@ -298,6 +300,7 @@ class TargetWorker(Outcomes):
         attempt = int(meta.num_delivered or 1)
         self._held[id(msg)] = (msg, time.monotonic())
         probe = False
+        span: Any = None  # the attempt's trace span, while tracing
         try:
             try:
                 event = self.client.decode(msg, meta.sequence.stream if meta.sequence else None)
@@ -342,6 +345,10 @@ class TargetWorker(Outcomes):
                         self.sending.add(task)  # from here on, drain lets it finish
                     headers = sign_headers(signer, event.id, body, extra)
                     assert target.url is not None
+                    if tracing.TRACER is not None and tracing.wanted(event):
+                        span = start_attempt(self.name, event, attempt, target.url)
+                    # W3C headers: the attempt's span, or (tracing off) the event's own.
+                    headers.update(tracing.w3c_headers(event, span))
                     self.on_wire += 1
                     try:
                         result = await self.egress.http.post(
@@ -351,7 +358,13 @@ class TargetWorker(Outcomes):
                         self.on_wire -= 1
                 break
             settled_probe, probe = probe, False
-            await self._settle(msg, event, attempt, target, result, settled_probe)
+            if span is None:
+                await self._settle(msg, event, attempt, target, result, settled_probe)
+            else:
+                with tracing.current(span):  # log lines and the dead letter's span under it
+                    await self._settle(msg, event, attempt, target, result, settled_probe)
+                span, done = None, span
+                end_attempt(done, result)
         except asyncio.CancelledError:
             if probe:
                 self.circuit.release_probe()
@@ -371,6 +384,8 @@ class TargetWorker(Outcomes):
             await self._hand_back(msg, delay=backoff_delay(self.target.retry, attempt))
         finally:
             self._held.pop(id(msg), None)
+            if span is not None:
+                tracing.end_span(span, "interrupted")
 
     async def _clearance(self) -> bool:
         """Wait until the circuit lets this message go; True when it is the probe."""

@@ -134,6 +134,7 @@ def delivery_row(msg: Msg) -> DeliveryRow:
             error=rec.error,
             at=_parse_time(rec.at, _position(msg)[1]),
             instance=rec.instance,
+            trace_id=None if rec.trace_id is None else str(rec.trace_id)[:32],
         )
     except (TypeError, ValueError) as exc:
         raise DecodeError(f"not a delivery record: {exc}") from None

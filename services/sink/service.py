@@ -59,6 +59,7 @@ from services.sink.rows import (
     event_row,
     health_row,
 )
+from services.sink.spans import batch_written
 
 BATCH_SIZE = 500
 FETCH_WAIT_S = 0.5
@@ -379,6 +380,7 @@ class Sink(Service):
                 return False
         items, drop = self._rows(kind, msgs)
         if items:
+            started = time.time_ns()
             async with self._holding([m for m, _ in items]):
                 try:
                     result = await self._write([row for _, row in items])
@@ -388,6 +390,7 @@ class Sink(Service):
                     result = await self._write_each(items, drop)
             if result is None:
                 return False  # unacked: redelivered to this or another sink
+            batch_written(kind, items, started, self.settings.database_url)  # traces, if on
             for table, n in (
                 ("events", result.events),
                 ("deliveries", result.deliveries),

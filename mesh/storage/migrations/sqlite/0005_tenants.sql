@@ -1,4 +1,4 @@
--- mesh schema v4 (sqlite): every event, delivery attempt and dead letter belongs to a
+-- mesh schema v5 (sqlite): every event, delivery attempt and dead letter belongs to a
 -- tenant (mesh/tenants.py). Rows written before are 'default', except events whose
 -- source is a tenant's qualified source '~T.<source>' (and their attempts): tenant T.
 
