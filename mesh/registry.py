@@ -27,6 +27,7 @@ from pydantic import ValidationError as PydValidationError
 
 from mesh.buckets import open_bucket, read, read_all
 from mesh.crypto import KeyRing
+from mesh.destinations import EXTRAS, DestinationOptions, seal_destination
 from mesh.errors import Conflict, DecodeError, NotFound, ValidationError
 from mesh.subjects import qualify, subject_matches, validate_name, validate_pattern
 
@@ -44,6 +45,16 @@ class TargetKind(StrEnum):
     WEBHOOK = "webhook"
     NATS = "nats"
     STREAM = "stream"
+    AMQP = "amqp"
+    MQTT = "mqtt"
+    REDIS = "redis"
+    SQS = "sqs"
+    S3 = "s3"
+
+
+# The kinds the egress delivers (one driver each); the others are read by consumers.
+EGRESS_KINDS = frozenset({TargetKind.WEBHOOK, *(TargetKind(k) for k in EXTRAS)})
+DESTINATION_KINDS = frozenset(TargetKind(k) for k in EXTRAS)
 
 
 class TargetStatus(StrEnum):
@@ -86,6 +97,10 @@ class Target(BaseModel):
     secret_enc: str | None = None
     old_secret_enc: str | None = None
     old_secret_expires: datetime | None = None
+    # Non-HTTP destinations: ``url`` is shown with its password redacted; the whole URL
+    # is sealed in ``url_enc``, like a webhook secret.
+    url_enc: str | None = None
+    options: DestinationOptions | None = None
     status: TargetStatus = TargetStatus.ACTIVE
     status_reason: str | None = None
     created_at: datetime = Field(default_factory=now)
@@ -97,7 +112,7 @@ class Target(BaseModel):
 
     def public(self) -> dict[str, Any]:
         """Everything but the secrets, for listings."""
-        doc = self.model_dump(mode="json", exclude={"secret_enc", "old_secret_enc"})
+        doc = self.model_dump(mode="json", exclude={"secret_enc", "old_secret_enc", "url_enc"})
         doc["has_secret"] = self.secret_enc is not None
         doc["rotating"] = bool(
             self.old_secret_enc and self.old_secret_expires and self.old_secret_expires > now()
@@ -293,6 +308,10 @@ class Registry:
             out.append(self._unseal(target.old_secret_enc))
         return out
 
+    def destination_url(self, target: Target) -> str:
+        """The full URL of a non-HTTP destination, credentials included (never log it)."""
+        return self._unseal(target.url_enc) if target.url_enc else (target.url or "")
+
     # Targets ----------------------------------------------------------------
 
     async def add_target(self, target: Target, secret: str | None = None) -> Target:
@@ -307,6 +326,8 @@ class Registry:
             if secret is not None and not secret.startswith(SECRET_PREFIX):
                 raise ValidationError("a webhook secret must start with 'whsec_'")
             target.secret_enc = self._seal(secret or generate_secret())
+        elif target.kind in DESTINATION_KINDS:
+            seal_destination(target, self._seal)
         try:
             await self.kv.create(f"targets.{target.name}", target.model_dump_json().encode())
         except js_errors.KeyWrongLastSequenceError:

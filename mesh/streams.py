@@ -30,7 +30,7 @@ from nats.js.api import (
 from mesh.buckets import transient_js_error
 from mesh.config import Settings
 from mesh.errors import DecodeError, NotFound, ValidationError
-from mesh.registry import Registry, Target, TargetKind, compute_routes
+from mesh.registry import EGRESS_KINDS, Registry, Target, compute_routes
 from mesh.resilience import retry_transient
 from mesh.subjects import Subjects, reduce_filters
 
@@ -132,7 +132,7 @@ def ack_wait_for(target: Target, min_ack_wait: float = MIN_ACK_WAIT_S) -> float:
     success is not raced by a redelivery); a nats or stream consumer gets ``timeout_s``
     to handle and ack an event.
     """
-    if target.kind == TargetKind.WEBHOOK:
+    if target.kind in EGRESS_KINDS:
         return max(min_ack_wait, target.timeout_s * 2 + 5)
     return max(min_ack_wait, target.timeout_s)
 

@@ -24,7 +24,8 @@ PG_DSN_ENV = "MESH_TEST_PG_DSN"
 def _isolate_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No test reads the developer's MESH_* or OTEL_* settings or a mesh.toml in the cwd."""
     for key in list(os.environ):
-        if key.startswith(("MESH_", "OTEL_")) and key != PG_DSN_ENV:
+        # MESH_TEST_* name the external servers of the tests (PostgreSQL, RabbitMQ...).
+        if key.startswith(("MESH_", "OTEL_")) and not key.startswith("MESH_TEST_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("MESH_CONFIG", str(tmp_path / "no-mesh.toml"))
 

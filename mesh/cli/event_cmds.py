@@ -22,7 +22,7 @@ from mesh.cli._common import (
 from mesh.client import MeshClient
 from mesh.envelope import JSON, Event
 from mesh.errors import MeshError, ValidationError
-from mesh.registry import TargetKind
+from mesh.registry import EGRESS_KINDS
 from mesh.subjects import qualify, validate_name
 
 
@@ -147,9 +147,9 @@ def consume(
         n = 0
         async with connected() as c:
             t = await c.target_or_error(target)
-            if t.kind == TargetKind.WEBHOOK:
+            if t.kind in EGRESS_KINDS:
                 raise ValidationError(
-                    f"target {target!r} is a webhook target: the egress delivers it"
+                    f"target {target!r} is a {t.kind} target: the egress delivers it"
                 )
             # The idle timeout stops the feed between fetches (never by cancelling one
             # mid-flight), and closing the feed hands unprinted events straight back.

@@ -15,13 +15,16 @@ from mesh.cli._common import (
     print_table,
     settings,
 )
+from mesh.cli._destinations import pick_destination
 from mesh.cli._tables import Col
 from mesh.errors import ValidationError
 from mesh.registry import PropagationMode, RetryPolicy, Target, TargetKind
 from mesh.subjects import validate_name
 from mesh.tenants import TenantStore
 
-target_app = typer.Typer(help="Manage targets (webhook, nats and stream receivers).")
+target_app = typer.Typer(
+    help="Manage targets (webhook, amqp, mqtt, redis, sqs, s3, nats and stream receivers)."
+)
 propagate_app = typer.Typer(help="Link a source to targets: choose a mode.")
 propagation_app = typer.Typer(help="List and remove propagations.")
 
@@ -51,6 +54,37 @@ def target_add(
     fmt: str = typer.Option("standard", "--format", help="standard | cloudevents"),
     retry_base: float = typer.Option(1.0, "--retry-base", help="First retry delay, seconds."),
     retry_max_delay: float = typer.Option(300.0, "--retry-max-delay"),
+    amqp: str | None = typer.Option(
+        None, "--amqp", help="Publish to RabbitMQ: amqp://USER:PASS@HOST/VHOST."
+    ),
+    exchange: str | None = typer.Option(None, "--exchange", help="amqp: exchange ('' default)."),
+    routing_key: str | None = typer.Option(
+        None, "--routing-key", help="amqp: routing-key template, default '{type}'."
+    ),
+    mqtt: str | None = typer.Option(None, "--mqtt", help="Publish over MQTT: mqtt://HOST:1883."),
+    topic: str | None = typer.Option(
+        None, "--topic", help="mqtt: topic template, default '{source}/{type_path}'."
+    ),
+    qos: int | None = typer.Option(None, "--qos", min=0, max=2, help="mqtt: QoS, default 1."),
+    redis: str | None = typer.Option(
+        None, "--redis", help="XADD to a Redis stream: redis://HOST:6379/0."
+    ),
+    stream: str | None = typer.Option(
+        None, "--stream", help="redis: stream-key template, default 'mesh:{source}'."
+    ),
+    maxlen: int | None = typer.Option(None, "--maxlen", min=1, help="redis: MAXLEN ~ N."),
+    sqs: str | None = typer.Option(None, "--sqs", help="Send to the SQS queue URL."),
+    group_id: str | None = typer.Option(
+        None, "--group-id", help="sqs FIFO: MessageGroupId template, default '{source}'."
+    ),
+    s3: str | None = typer.Option(None, "--s3", help="One object per event: s3://BUCKET/PREFIX."),
+    key: str | None = typer.Option(
+        None, "--key", help="s3: object-key template, default '{source}/{type_path}/{id}.json'."
+    ),
+    endpoint_url: str | None = typer.Option(
+        None, "--endpoint-url", help="sqs/s3: a compatible endpoint (MinIO...)."
+    ),
+    region: str | None = typer.Option(None, "--region", help="sqs/s3: AWS region."),
     transform: str | None = typer.Option(
         None, "--transform", help="JMESPath reshaping the data delivered to this target."
     ),
@@ -59,17 +93,39 @@ def target_add(
     """Register a target (in tenant MESH_TENANT, default 'default')."""
     validate_name(name, "target name")
     tenant = settings().tenant
-    if webhook and kind not in (None, TargetKind.WEBHOOK):
-        raise ValidationError("--webhook and --kind nats|stream exclude each other")
-    if not webhook and kind in (None, TargetKind.WEBHOOK):
-        raise ValidationError("give --webhook URL, or --kind nats|stream")
+    dest = pick_destination(
+        {"webhook": webhook, "amqp": amqp, "mqtt": mqtt, "redis": redis, "sqs": sqs, "s3": s3},
+        {
+            "exchange": exchange,
+            "routing_key": routing_key,
+            "topic": topic,
+            "qos": qos,
+            "stream": stream,
+            "maxlen": maxlen,
+            "group_id": group_id,
+            "key": key,
+            "endpoint_url": endpoint_url,
+            "region": region,
+        },
+    )
+    url = dest[1] if dest else None
+    if dest and kind is not None and kind != dest[0]:
+        raise ValidationError(f"--{dest[0]} and --kind {kind} exclude each other")
+    if not dest and kind in (None, TargetKind.WEBHOOK):
+        raise ValidationError(
+            "give a destination (--webhook, --amqp, --mqtt, --redis, --sqs, --s3 URL) "
+            "or --kind nats|stream"
+        )
     if fmt not in ("standard", "cloudevents"):
         raise ValidationError("--format is standard or cloudevents")
+    if secret is not None and dest and dest[0] != "webhook":
+        raise ValidationError("--secret is for --webhook targets")
     try:
         target = Target(
             name=name,
-            kind=TargetKind.WEBHOOK if webhook else kind,  # type: ignore[arg-type]
-            url=webhook,
+            kind=TargetKind(dest[0]) if dest else kind,  # type: ignore[arg-type]
+            url=url,
+            options=dest[2] if dest and dest[0] != "webhook" else None,
             timeout_s=timeout,
             rate=rate,
             max_in_flight=max_in_flight,

@@ -15,8 +15,10 @@ from pydantic import BaseModel, Field, create_model
 from pydantic import ValidationError as PydValidationError
 
 from mesh.apikeys import Scope
+from mesh.destinations import missing_extra
 from mesh.netguard import validate_url
 from mesh.registry import (
+    DESTINATION_KINDS,
     SECRET_PREFIX,
     Propagation,
     Registry,
@@ -32,7 +34,7 @@ from services.api.problems import INVALID, ApiProblem
 from services.api.quotas import check_target_quota
 from services.api.routing import NAME_PATTERN, Call, Param, Reply, Route, RouteTable, field_errors
 
-_SECRETS = {"secret_enc", "old_secret_enc"}
+_SECRETS = {"secret_enc", "old_secret_enc", "url_enc"}
 _BOOKKEEPING = {"old_secret_expires", "status", "status_reason", "created_at", "updated_at"}
 # What a client may set on a target after creating it.
 UPDATABLE = (
@@ -68,6 +70,7 @@ _MULTI: Any = Literal["multicast"]
 _ALL: Any = Literal["broadcast"]
 _WEBHOOK: Any = Literal["webhook"]
 _CONSUMER: Any = Literal["nats", "stream"]
+_DESTINATION: Any = Literal["amqp", "mqtt", "redis", "sqs", "s3"]
 
 
 TargetOut = create_model(
@@ -106,8 +109,24 @@ ConsumerTargetIn = create_model(
     kind=(_CONSUMER, ...),
     **_create_fields,
 )
+DestinationTargetIn = create_model(
+    "DestinationTargetIn",
+    __doc__="A new target beyond HTTP (docs/ARCHITECTURE.md, 'Destinations beyond HTTP'): its"
+    " URL may hold credentials; it is stored sealed and shown with the password as ***.",
+    name=(str, Field(pattern=NAME_PATTERN)),
+    kind=(_DESTINATION, ...),
+    url=(
+        str,
+        Field(
+            min_length=1,
+            max_length=2000,
+            description="amqp://, mqtt://, redis://, the SQS queue URL, or s3://BUCKET[/PREFIX]",
+        ),
+    ),
+    **_create_fields,
+)
 TargetIn: Any = Annotated[
-    WebhookTargetIn | ConsumerTargetIn,  # type: ignore[valid-type]
+    WebhookTargetIn | ConsumerTargetIn | DestinationTargetIn,  # type: ignore[valid-type]
     Field(discriminator="kind"),
 ]
 TargetCreated = create_model(
@@ -230,6 +249,9 @@ async def create_target(call: Call) -> Reply:
     doc["kind"] = body.kind  # a Literal with a default is not "set"
     doc["tenant"] = await tenancy.tenant_for_create(call, doc.get("tenant"))
     target = valid_target(doc)
+    missing = missing_extra(target.kind)
+    if missing is not None:
+        raise ApiProblem(INVALID, missing)
     client = call.api.client
     await check_target_quota(call, target.tenant)
     given = getattr(body, "secret", None)
@@ -256,6 +278,9 @@ async def update_target(call: Call) -> dict[str, Any]:
     merged = valid_target({**before.model_dump(), **changes})
     if merged.kind == TargetKind.WEBHOOK and "url" in changes:
         validate_url(merged.url or "")
+    if merged.kind in DESTINATION_KINDS and "url" in changes:
+        # Its URL holds credentials, sealed at creation: never stored from a patch.
+        raise ApiProblem(INVALID, "a destination's URL cannot change: remove and add the target")
     validate_expressions(None, merged.transform)
     after = await registry.put_target(merged)
     await _reconcile(call, after)

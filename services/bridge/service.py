@@ -48,7 +48,7 @@ from aiohttp import web
 
 from mesh.config import Settings
 from mesh.errors import ConfigError, MeshError, NotFound, PortInUse
-from mesh.registry import TargetKind
+from mesh.registry import EGRESS_KINDS
 from mesh.revocations import Revocation, RevocationStore, RevocationView
 from mesh.subjects import validate_name
 from mesh.tokens import TokenClaims, TokenError, key_path, load_key, verify
@@ -343,9 +343,9 @@ class Bridge(Service):
             t = await client.registry.get_target(target)
             if t.tenant != claims.tenant:
                 raise NotFound(target)  # a token of another tenant: as if there were no target
-            if mode == FEED and t.kind == TargetKind.WEBHOOK:
+            if mode == FEED and t.kind in EGRESS_KINDS:
                 raise _Refused(
-                    409, f"target {target!r} is a webhook target: its feed belongs to the egress"
+                    409, f"target {target!r} is a {t.kind} target: its feed belongs to the egress"
                 )
             try:
                 info = await client.js.consumer_info(client.names.events, t.consumer)

@@ -1,7 +1,8 @@
 """What becomes of a message after a delivery attempt (mixed into ``TargetWorker``).
 
-- 2xx: record ``delivered``, then ack.
-- refused by the SSRF guard: dead letter (the reason), ack; never retried.
+- 2xx (or a driver's acknowledged send): record ``delivered``, then ack.
+- refused by the SSRF guard, or a permanent failure of a driver (a missing exchange,
+  queue or bucket): dead letter (the reason), ack; never retried.
 - 410 Gone: mark the target disabled in the registry, dead letter, ack.
 - anything else: the circuit learns of the failure first, then the message is nak-ed
   with the policy's delay (or the receiver's ``Retry-After``, whichever is longer);
@@ -71,8 +72,9 @@ class Outcomes:
     ) -> None:
         self._held.pop(id(msg), None)
         self._m_attempts.inc()
-        latency_ms = round(result.latency_s * 1000, 3) if result.status is not None else None
-        if result.status is not None:
+        answered = result.status is not None or result.delivered or result.permanent
+        latency_ms = round(result.latency_s * 1000, 3) if answered else None
+        if answered:
             self._m_latency.observe(result.latency_s)
         if result.ok:
             await self.circuit.on_result(True, probe)
@@ -90,7 +92,7 @@ class Outcomes:
             )
             return
         error = result.error or "failed"
-        if result.refused:
+        if result.refused or result.permanent:
             if probe:
                 self.circuit.release_probe()
             await self._dead(msg, event, attempt, error, Outcome.DEAD)

@@ -1,4 +1,6 @@
-"""Webhook egress: signed, durable, resilient HTTP delivery to every webhook target.
+"""The egress: durable, resilient delivery to every target it drives: signed webhooks
+over HTTP, and the destinations beyond HTTP (AMQP, MQTT, Redis Streams, SQS, S3) through
+the drivers in services/egress/drivers/.
 
 ``mesh serve webhook-egress`` runs it alone; ``mesh up`` runs it with the others. One
 ``TargetWorker`` (services/egress/worker.py) per active webhook target pulls the target's
@@ -36,10 +38,11 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from mesh.config import Settings
+from mesh.destinations import missing_extra
 from mesh.errors import DecodeError, NotFound
 from mesh.pubpipe import PubPipe
 from mesh.records import DeliveryRecord
-from mesh.registry import TargetKind, TargetStatus
+from mesh.registry import EGRESS_KINDS, TargetStatus
 from services.base import Service
 from services.egress.circuit import CircuitStore
 from services.egress.fairness import TenantSlots
@@ -164,12 +167,17 @@ class WebhookEgress(Service):
                 self.log.error("unreadable target entry", target=name, error=str(exc))
                 return
             wanted = (
-                target.kind == TargetKind.WEBHOOK
+                target.kind in EGRESS_KINDS
                 and target.status == TargetStatus.ACTIVE
                 and bool(target.url)
             )
             worker = self.workers.get(name)
-            if not wanted:
+            missing = missing_extra(target.kind) if wanted else None
+            if missing is not None:
+                # Its events stay queued: another instance, or this one after an
+                # install and a restart, delivers them.
+                self.log.error("cannot deliver to target: " + missing, target=name)
+            if not wanted or missing is not None:
                 self._retire(name)
                 return
             if worker is not None and worker.halt.is_set():
@@ -177,7 +185,11 @@ class WebhookEgress(Service):
                 worker = None
             if worker is None:
                 assert self.shared is not None  # set by on_start, before any sync
-                worker = TargetWorker(self.shared, target)
+                try:
+                    worker = TargetWorker(self.shared, target)
+                except DecodeError as exc:  # a sealed URL the key ring cannot open
+                    self.log.error("cannot deliver to target", target=name, error=str(exc))
+                    return
                 self.workers[name] = worker
                 self.tenant_slots.add(target.tenant)
                 worker.start()

@@ -30,10 +30,10 @@ import nats.js.errors as js_errors
 from nats.aio.msg import Msg
 
 from mesh import tracing
-from mesh.errors import DecodeError, ValidationError
+from mesh.errors import DecodeError
 from mesh.observability import METRICS
 from mesh.records import Outcome
-from mesh.registry import Target
+from mesh.registry import Target, TargetKind
 from mesh.resilience import (
     CircuitState,
     RateLimiter,
@@ -42,7 +42,7 @@ from mesh.resilience import (
 from mesh.signing import Signer
 from mesh.streams import ensure_streams
 from services.egress.circuit import SharedCircuit
-from services.egress.http.sender import build_body, sign_headers
+from services.egress.drivers import Driver, make_driver
 from services.egress.outcomes import Outcomes
 from services.egress.rpc import RequestResponder
 from services.egress.spans import end_attempt, start_attempt
@@ -109,6 +109,7 @@ class TargetWorker(Outcomes):
         self.main: asyncio.Task[None] | None = None
         self._bg: list[asyncio.Task[None]] = []
         self.rpc = RequestResponder(self)
+        self.driver = self._make_driver(target)
 
     # Configuration ------------------------------------------------------------
 
@@ -120,6 +121,11 @@ class TargetWorker(Outcomes):
         self.target = target
         self._signer = None
         self.circuit.configure(target.circuit_threshold, target.circuit_open_s, target.timeout_s)
+        if self.driver.update(target):
+            # A new URL or options: new sends use a new driver; the old one closes once
+            # its sends are done (a close mid-send would fail them for nothing).
+            old, self.driver = self.driver, self._make_driver(target)
+            self.egress.spawn(_close_later(old, target.timeout_s), f"close-{self.name}")
         self.configure_rate()
         if self._limit() != self._slots_for:
             # New waiters use the new limit; requests already out finish under the old one.
@@ -127,6 +133,12 @@ class TargetWorker(Outcomes):
             self._slots_for = self._limit()
         self.fetch_stop.set()  # the batch size may have changed: re-plan the fetch
         self._kick()
+
+    def _make_driver(self, target: Target) -> Driver:
+        url = ""
+        if target.kind != TargetKind.WEBHOOK:
+            url = self.client.registry.destination_url(target)
+        return make_driver(target, url, self.egress.http, self.signer)
 
     def configure_rate(self) -> None:
         rate = self.target.rate
@@ -210,7 +222,8 @@ class TargetWorker(Outcomes):
         ]
         try:
             await self._prepare()
-            await self.rpc.start()
+            if self.target.kind == TargetKind.WEBHOOK:
+                await self.rpc.start()  # request/reply is HTTP's alone
             while not self.halt.is_set():
                 self._changed.clear()
                 if not self.may_fetch():
@@ -223,6 +236,9 @@ class TargetWorker(Outcomes):
             for task in self._bg:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            if self.tasks:  # sends still out (stop's deadline handles them)
+                await asyncio.wait(set(self.tasks), timeout=self.target.timeout_s)
+            await self.driver.close()
 
     async def _prepare(self) -> None:
         """Make sure the consumer exists; load the circuit's shared state."""
@@ -320,13 +336,12 @@ class TargetWorker(Outcomes):
                 return
             event = verdict.event
             target = self.target
-            body, extra = build_body(target, event)
-            try:
-                signer = self.signer()
-            except (ValidationError, DecodeError) as exc:
-                # A secret that cannot be used is a configuration error: park the target
+            driver = self.driver
+            problem = driver.ready()
+            if problem is not None:
+                # A configuration error (a secret that cannot be used): park the target
                 # (its events stay queued) rather than burn attempts or dead-letter them.
-                await self._disable(f"cannot sign: {exc}")
+                await self._disable(problem)
                 await self._hand_back(msg)
                 return
             while True:
@@ -343,17 +358,15 @@ class TargetWorker(Outcomes):
                     task = asyncio.current_task()
                     if task is not None:
                         self.sending.add(task)  # from here on, drain lets it finish
-                    headers = sign_headers(signer, event.id, body, extra)
-                    assert target.url is not None
                     if tracing.TRACER is not None and tracing.wanted(event):
-                        span = start_attempt(self.name, event, attempt, target.url)
-                    # W3C headers: the attempt's span, or (tracing off) the event's own.
-                    headers.update(tracing.w3c_headers(event, span))
+                        span = start_attempt(self.name, event, attempt, target.url or "")
+                    # W3C headers: the attempt's span, or (tracing off) the event's own; the
+                    # webhook sends them as HTTP headers (other drivers carry the event's
+                    # traceparent extension with its attributes).
+                    trace = tracing.w3c_headers(event, span)
                     self.on_wire += 1
                     try:
-                        result = await self.egress.http.post(
-                            target.url, body, headers, target.timeout_s
-                        )
+                        result = await driver.send(event, trace)
                     finally:
                         self.on_wire -= 1
                 break
@@ -487,9 +500,15 @@ class TargetWorker(Outcomes):
 
     def stats(self) -> dict[str, Any]:
         return {
+            "kind": self.target.kind.value,
             "state": self.circuit.state.value,
             "in_flight": self.on_wire,
             "held": self.held,
             "rate_share": self.limiter.rate if self.limiter is not None else None,
             **self.counts,
         }
+
+
+async def _close_later(driver: Driver, after: float) -> None:
+    await asyncio.sleep(after)
+    await driver.close()

@@ -34,7 +34,8 @@ CHECK_TTL_S = 10.0  # how long a destination check is trusted
 
 @dataclass(slots=True)
 class AttemptResult:
-    """What one HTTP attempt came to."""
+    """What one delivery attempt came to (HTTP or any other driver): success, a failure
+    to retry, or a permanent one (``refused``/``permanent``: dead-lettered at once)."""
 
     status: int | None = None
     error: str | None = None  # None on 2xx
@@ -43,10 +44,12 @@ class AttemptResult:
     refused: bool = False  # SSRF guard: permanent, never retried
     body: bytes = b""
     content_type: str = ""
+    delivered: bool = False  # a non-HTTP driver's success (the system acknowledged it)
+    permanent: bool = False  # a failure no retry can fix (missing exchange, queue, bucket)
 
     @property
     def ok(self) -> bool:
-        return self.status is not None and 200 <= self.status < 300
+        return self.delivered or (self.status is not None and 200 <= self.status < 300)
 
     @property
     def gone(self) -> bool:
