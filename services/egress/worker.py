@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import math
 import time
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import nats.js.errors as js_errors
@@ -43,6 +42,7 @@ from mesh.signing import Signer
 from mesh.streams import ensure_streams
 from services.egress.circuit import SharedCircuit
 from services.egress.drivers import Driver, make_driver
+from services.egress.gate import WAKE_S, CircuitGate
 from services.egress.outcomes import Outcomes
 from services.egress.rpc import RequestResponder
 from services.egress.spans import end_attempt, start_attempt
@@ -55,14 +55,9 @@ MAX_BATCH = 64
 # A rate-limited worker holds at most this many seconds of its rate share (at least two
 # messages, one being sent and one waiting for its token): a fetch takes milliseconds.
 RATE_AHEAD_S = 0.1
-WAKE_S = 1.0  # safety net for every wait on a state change
 
 
-def rfc3339_epoch(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
-
-
-class TargetWorker(Outcomes):
+class TargetWorker(CircuitGate, Outcomes):
     """Delivers one target's feed for one egress instance."""
 
     def __init__(self, egress: EgressShared, target: Target) -> None:
@@ -400,38 +395,6 @@ class TargetWorker(Outcomes):
             if span is not None:
                 tracing.end_span(span, "interrupted")
 
-    async def _clearance(self) -> bool:
-        """Wait until the circuit lets this message go; True when it is the probe."""
-        while True:
-            changed = self.circuit.changed()
-            if self.circuit.state is CircuitState.CLOSED:
-                probe = False
-            elif self.circuit.try_probe():
-                probe = True
-            else:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(WAKE_S * 5):
-                        await changed.wait()
-                continue
-            if self.limiter is not None:
-                try:
-                    await self.limiter.acquire()
-                except asyncio.CancelledError:
-                    if probe:
-                        self.circuit.release_probe()
-                    raise
-            if probe:
-                if self.circuit.lease_ok():
-                    return True
-                self.circuit.release_probe()
-            elif self.circuit.state is CircuitState.CLOSED:
-                return False
-
-    def _still_clear(self, probe: bool) -> bool:
-        if probe:
-            return self.circuit.lease_ok()
-        return self.circuit.state is CircuitState.CLOSED
-
     # Background loops ---------------------------------------------------------
 
     async def _keepalive_loop(self) -> None:
@@ -445,32 +408,6 @@ class TargetWorker(Outcomes):
                     self._held[key] = (msg, now)
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
-
-    async def _circuit_loop(self) -> None:
-        while True:
-            changed = self.circuit.changed()
-            deadline = self.circuit.next_deadline()
-            timeout = 30.0 if deadline is None else max(0.0, deadline - time.time())
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await changed.wait()
-            try:
-                await self.circuit.tick()
-            except Exception as exc:
-                self.log.warning("circuit tick failed", error=str(exc) or repr(exc))
-                await asyncio.sleep(1.0)
-
-    async def _pause(self, until: float) -> None:
-        try:
-            await self.client.js.pause_consumer(self.stream, self.consumer, rfc3339_epoch(until))
-        except Exception as exc:
-            self.log.warning("could not pause the consumer", error=str(exc) or repr(exc))
-
-    async def _resume(self) -> None:
-        try:
-            await self.client.js.resume_consumer(self.stream, self.consumer)
-        except Exception as exc:
-            self.log.warning("could not resume the consumer", error=str(exc) or repr(exc))
 
     # Stopping -------------------------------------------------------------------
 
