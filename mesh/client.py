@@ -41,6 +41,7 @@ from mesh.errors import (
 )
 from mesh.netguard import check_literal
 from mesh.observability import METRICS
+from mesh.ownership import take_client_quota, tenant_target
 from mesh.publishing import Encoded, build_event, check_size, publish_pipelined
 from mesh.pubpipe import AckedPublisher, ack_duplicate, ack_error, no_stream
 from mesh.records import DeliveryRecord, dead_letter_headers
@@ -50,7 +51,6 @@ from mesh.routing import RouteCache, Verdict
 from mesh.serverinfo import check_server
 from mesh.streams import Provisioner, StreamNames, dlq_depths, ensure_streams, queue_depth
 from mesh.subjects import Subjects, qualify, validate_name
-from mesh.tenants import take_client_quota
 
 log = structlog.get_logger("mesh.client")
 
@@ -387,7 +387,7 @@ class MeshClient:
         stop: asyncio.Event | None = None,
     ) -> AsyncGenerator[Delivery, None]:
         """Yield events for a target, at least once: ack each after handling it."""
-        t = await self.registry.get_target(target, as_tenant=self.settings.tenant)
+        t = await tenant_target(self.registry, target, self.settings.tenant, strict=False)
         consumer = t.consumer
         try:
             await self.js.consumer_info(self.names.events, consumer)

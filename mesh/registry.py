@@ -29,6 +29,7 @@ from mesh.buckets import open_bucket, read, read_all
 from mesh.crypto import KeyRing
 from mesh.destinations import EXTRAS, DestinationOptions, seal_destination
 from mesh.errors import Conflict, DecodeError, NotFound, ValidationError
+from mesh.ownership import own, tenant_target
 from mesh.subjects import qualify, subject_matches, validate_name, validate_pattern
 
 SECRET_PREFIX = "whsec_"
@@ -79,8 +80,7 @@ class RetryPolicy(BaseModel):
 
 class Target(BaseModel):
     name: str
-    # The owning tenant (mesh/tenants.py); entries written before tenants are 'default'.
-    tenant: str = "default"
+    tenant: str = "default"  # mesh/tenants.py; entries written before tenants: 'default'
     kind: TargetKind
     url: str | None = None
     format: Literal["standard", "cloudevents"] = "standard"
@@ -177,15 +177,10 @@ def generate_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
-def compute_rules(
-    target: str, props: list[Propagation], all_targets: set[str], tenant: str | None = None
-) -> list[Rule]:
-    """The rules by which ``target`` receives events, in the propagations' order; with
-    ``tenant`` (the target's) only its propagations count (no other tenant's broadcast)."""
+def compute_rules(target: str, props: list[Propagation], all_targets: set[str]) -> list[Rule]:
+    """The rules by which ``target`` receives events (``props``: its tenant's), in order."""
     rules: list[Rule] = []
     for p in props:
-        if tenant is not None and p.tenant != tenant:
-            continue
         source: str | None = None
         if p.mode == PropagationMode.BROADCAST:
             if target != p.source and target in all_targets:
@@ -213,15 +208,11 @@ def _implied_types(filter: str) -> str | None:
 
 
 def compute_routes(
-    target: str, props: list[Propagation], all_targets: set[str], tenant: str | None = None
+    target: str, props: list[Propagation], all_targets: set[str]
 ) -> list[tuple[str, str | None]]:
     """(source, type pattern or None) pairs whose events ``target`` receives (consumer
     subjects and replays read these; a filter's implied type narrows them)."""
-    return [(r.source, r.narrow) for r in compute_rules(target, props, all_targets, tenant)]
-
-
-def _tenant_of(targets: list[Target], name: str) -> str | None:
-    return next((t.tenant for t in targets if t.name == name), None)
+    return [(r.source, r.narrow) for r in compute_rules(target, props, all_targets)]
 
 
 def route_accepts(routes: list[tuple[str, str | None]], source: str, event_type: str) -> bool:
@@ -334,15 +325,13 @@ class Registry:
             raise Conflict(f"target {target.name!r} already exists") from None
         return target
 
-    async def get_target(self, name: str, as_tenant: str = "default") -> Target:
-        """A target; one of another tenant is missing for a non-default ``as_tenant``."""
+    async def get_target(self, name: str) -> Target:
         validate_name(name, "target name")
         found = await self._get(f"targets.{name}")
+        if found is None:
+            raise NotFound(f"unknown target {name!r}")
         try:
-            t = None if found is None else Target.model_validate_json(found[0])
-            if t is None or as_tenant not in ("default", t.tenant):
-                raise NotFound(f"unknown target {name!r}")
-            return t
+            return Target.model_validate_json(found[0])
         except PydValidationError as exc:
             raise DecodeError(f"registry entry for target {name!r} is invalid: {exc}") from None
 
@@ -412,7 +401,6 @@ class Registry:
         tenant: str = "default",
     ) -> Propagation:
         validate_name(source, "source name")
-        validate_name(tenant, "tenant")
         validate_expressions(filter, transform)
         targets = list(dict.fromkeys(targets or []))
         for t in targets:
@@ -429,27 +417,17 @@ class Registry:
         if source in targets:
             raise ValidationError(f"source {source!r} cannot propagate to itself")
         for t in targets:
-            if (await self.get_target(t)).tenant != tenant:
-                raise NotFound(f"unknown target {t!r}")  # another tenant's: not even its name
+            await tenant_target(self, t, tenant)  # another tenant's: not even its name
         if mode == PropagationMode.BIDIRECTIONAL:
             try:
-                if (await self.get_target(source)).tenant != tenant:
-                    raise NotFound(source)
+                await tenant_target(self, source, tenant)
             except NotFound:
                 raise NotFound(
                     f"bidirectional needs both ends registered: unknown target {source!r}"
                 ) from None
-        for p in await self.list_propagations():
-            if p.tenant != tenant:
-                continue
-            if (p.mode, p.source, sorted(p.targets), p.types, p.filter, p.transform) == (
-                mode,
-                source,
-                sorted(targets),
-                types,
-                filter,
-                transform,
-            ):
+        for p in [p for p in await self.list_propagations() if p.tenant == tenant]:
+            same = (p.mode, p.source, sorted(p.targets), p.types, p.filter, p.transform)
+            if same == (mode, source, sorted(targets), types, filter, transform):
                 raise Conflict(f"the same propagation exists already: {p.id}")
         prop = Propagation(
             tenant=tenant,
@@ -488,15 +466,13 @@ class Registry:
 
     async def routes_for(self, target: str) -> list[tuple[str, str | None]]:
         targets, props = await self.targets_and_propagations()
-        names = {t.name for t in targets}
-        return compute_routes(target, props, names, _tenant_of(targets, target))
+        return compute_routes(target, own(props, targets, target), {t.name for t in targets})
 
     async def rules_for(self, target: str) -> tuple[list[Rule], str | None]:
         """The target's rules and its own transform, from one reading of the bucket."""
         targets, props = await self.targets_and_propagations()
-        own = next((t.transform for t in targets if t.name == target), None)
-        names = {t.name for t in targets}
-        return compute_rules(target, props, names, _tenant_of(targets, target)), own
+        mine = next((t.transform for t in targets if t.name == target), None)
+        return compute_rules(target, own(props, targets, target), {t.name for t in targets}), mine
 
     async def can_request(self, source: str, target: str) -> bool:
         """Request/reply is allowed along bidirectional propagations, either way."""

@@ -229,7 +229,9 @@ class Provisioner:
         names = {t.name for t in targets}
         result: dict[str, list[str]] = {}
         for t in targets:
-            info = await self._apply(t, compute_routes(t.name, props, names, t.tenant))
+            info = await self._apply(
+                t, compute_routes(t.name, [p for p in props if p.tenant == t.tenant], names)
+            )
             result[t.name] = list(info.config.filter_subjects or [])
         async for name in self._deliver_consumers():
             target = name.removeprefix("deliver-")

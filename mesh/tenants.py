@@ -23,7 +23,6 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 from typing import Any
-from weakref import WeakKeyDictionary
 
 import nats.js.errors as js_errors
 from nats.js import JetStreamContext
@@ -34,7 +33,6 @@ from pydantic import ValidationError as PydValidationError
 from mesh.apikeys import ApiKeyStore
 from mesh.buckets import open_bucket, read, read_all
 from mesh.errors import Conflict, MeshError, NotFound
-from mesh.registry import Registry
 from mesh.resilience import RateLimiter
 from mesh.subjects import validate_name
 
@@ -143,7 +141,7 @@ class TenantStore:
         await self.kv.purge(f"tenants.{name}")
 
 
-async def holdings(registry: Registry, keys: ApiKeyStore, name: str) -> list[str]:
+async def holdings(registry: Any, keys: ApiKeyStore, name: str) -> list[str]:
     """What still belongs to a tenant, in words ("2 targets", ...); empty when nothing."""
     targets, props = await registry.targets_and_propagations()
     counts = {
@@ -154,9 +152,7 @@ async def holdings(registry: Registry, keys: ApiKeyStore, name: str) -> list[str
     return [f"{n} {what}" for what, n in counts.items() if n]
 
 
-async def delete_empty(
-    store: TenantStore, registry: Registry, keys: ApiKeyStore, name: str
-) -> None:
+async def delete_empty(store: TenantStore, registry: Any, keys: ApiKeyStore, name: str) -> None:
     """Delete a tenant that holds nothing any more (``Conflict`` naming what it holds)."""
     await store.get(name)
     held = await holdings(registry, keys, name)
@@ -189,20 +185,6 @@ class PublishQuota:
             raise QuotaExceeded(
                 f"tenant {tenant!r} is over its quota of {rate:g} events/s", retry_after_s=wait
             )
-
-
-_client_quotas: WeakKeyDictionary[Any, ClientQuota] = WeakKeyDictionary()
-
-
-async def take_client_quota(client: Any, n: int) -> None:
-    """The events/s quota of a tenant's ``MeshClient`` (``MESH_TENANT``, not ``default``)."""
-    tenant = client.settings.tenant
-    if tenant == DEFAULT:
-        return
-    quota = _client_quotas.get(client)
-    if quota is None:
-        quota = _client_quotas[client] = ClientQuota(client.js, client.names.tenants, tenant)
-    await quota.take(n)
 
 
 class ClientQuota:

@@ -22,6 +22,13 @@ async def check_target_quota(call: Call, tenant: str) -> None:
         raise ApiProblem(CONFLICT, f"tenant {tenant!r} holds its quota of {limit} targets")
 
 
+async def tenant_for_new_target(call: Call, asked: str | None) -> str:
+    """The tenant a new target goes to (``tenancy.tenant_for_create``), within its quota."""
+    tenant = await tenancy.tenant_for_create(call, asked)
+    await check_target_quota(call, tenant)
+    return tenant
+
+
 async def take_publish_quota(call: Call, tenant: str, n: int = 1) -> None:
     """429 with ``Retry-After`` when publishing ``n`` events would pass the tenant's events/s."""
     rate = (await (await tenancy.store(call)).get(tenant)).quotas.events_per_s

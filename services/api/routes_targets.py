@@ -28,10 +28,9 @@ from mesh.registry import (
     validate_expressions,
 )
 from mesh.subjects import validate_name
-from mesh.tenants import visible
 from services.api import tenancy
 from services.api.problems import INVALID, ApiProblem
-from services.api.quotas import check_target_quota
+from services.api.quotas import tenant_for_new_target
 from services.api.routing import NAME_PATTERN, Call, Param, Reply, Route, RouteTable, field_errors
 
 _SECRETS = {"secret_enc", "old_secret_enc", "url_enc"}
@@ -228,32 +227,23 @@ async def _reconcile(call: Call, target: Target) -> None:
 
 async def list_targets(call: Call) -> list[dict[str, Any]]:
     targets = await call.api.client.registry.list_targets()
-    return [_out(t) for t in targets if visible(t.tenant, call.tenant)]
-
-
-async def _target(call: Call) -> Target:
-    """The path's target, if the caller's tenant owns it (else the same 404 as a missing one)."""
-    name = call.params["name"]
-    target = await call.api.client.registry.get_target(name)
-    tenancy.check(call, target.tenant, f"unknown target {name!r}")
-    return target
+    return [_out(t) for t in targets if tenancy.visible(t.tenant, call.tenant)]
 
 
 async def get_target(call: Call) -> dict[str, Any]:
-    return _out(await _target(call))
+    return _out(await tenancy.target(call))
 
 
 async def create_target(call: Call) -> Reply:
     body = call.body
     doc = body.model_dump(exclude={"secret"}, exclude_unset=True)
     doc["kind"] = body.kind  # a Literal with a default is not "set"
-    doc["tenant"] = await tenancy.tenant_for_create(call, doc.get("tenant"))
+    doc["tenant"] = await tenant_for_new_target(call, doc.get("tenant"))  # quota checked
     target = valid_target(doc)
     missing = missing_extra(target.kind)
     if missing is not None:
         raise ApiProblem(INVALID, missing)
     client = call.api.client
-    await check_target_quota(call, target.tenant)
     given = getattr(body, "secret", None)
     created = await client.add_target(target, given)
     secrets = client.registry.secrets_for(created) if given is None else []
@@ -266,7 +256,7 @@ async def create_target(call: Call) -> Reply:
 
 async def update_target(call: Call) -> dict[str, Any]:
     registry: Registry = call.api.client.registry
-    before = await _target(call)
+    before = await tenancy.target(call)
     changes = call.body.model_dump(exclude_unset=True)
     if "retry" in changes and changes["retry"] is not None:
         changes["retry"] = {**before.retry.model_dump(), **changes["retry"]}
@@ -292,7 +282,7 @@ async def update_target(call: Call) -> dict[str, Any]:
 
 async def _set_status(call: Call, status: TargetStatus, reason: str | None) -> dict[str, Any]:
     registry = call.api.client.registry
-    before = await _target(call)
+    before = await tenancy.target(call)
     after = await registry.set_status(before.name, status, reason)
     action = "target.pause" if status == TargetStatus.DISABLED else "target.resume"
     await call.api.audit.record(
@@ -312,7 +302,7 @@ async def resume_target(call: Call) -> dict[str, Any]:
 async def delete_target(call: Call) -> Removed:
     name = call.params["name"]
     client = call.api.client
-    before = await _target(call)
+    before = await tenancy.target(call)
     props = await client.remove_target(name)
     await call.api.audit.record(
         call.actor, "target.delete", f"target:{name}", before.public(), {"propagations": props}
@@ -323,7 +313,7 @@ async def delete_target(call: Call) -> Removed:
 async def rotate_secret(call: Call) -> RotatedSecret:
     name = call.params["name"]
     registry = call.api.client.registry
-    await _target(call)
+    await tenancy.target(call)
     secret = await registry.rotate_secret(name, timedelta(seconds=call.body.grace_s))
     after = await registry.get_target(name)
     expires = after.old_secret_expires.isoformat() if after.old_secret_expires else None
@@ -338,7 +328,7 @@ async def rotate_secret(call: Call) -> RotatedSecret:
 
 async def list_propagations(call: Call) -> list[Propagation]:
     props = await call.api.client.registry.list_propagations()
-    return [p for p in props if visible(p.tenant, call.tenant)]
+    return [p for p in props if tenancy.visible(p.tenant, call.tenant)]
 
 
 async def create_propagation(call: Call) -> Reply:

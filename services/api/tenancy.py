@@ -12,7 +12,10 @@ from __future__ import annotations
 from weakref import WeakKeyDictionary
 
 from mesh.errors import NotFound, ValidationError
+from mesh.registry import Target
 from mesh.tenants import DEFAULT, TenantStore, visible
+
+__all__ = ["check", "store", "target", "tenant_for_create", "visible"]
 from services.api.routing import Call
 
 _stores: WeakKeyDictionary[object, TenantStore] = WeakKeyDictionary()
@@ -26,6 +29,14 @@ async def store(call: Call) -> TenantStore:
             client.js, client.names.tenants, client.settings.stream_replicas
         )
         _stores[client] = found
+    return found
+
+
+async def target(call: Call) -> Target:
+    """The path's target, if the caller's tenant owns it (else the same 404 as a missing one)."""
+    name = call.params["name"]
+    found = await call.api.client.registry.get_target(name)
+    check(call, found.tenant, f"unknown target {name!r}")
     return found
 
 
