@@ -1,7 +1,7 @@
 """The benchmark suite: each figure with its raw baseline from the same run, and the ratio.
 
     python -m bench [egress|sink|bridge|peers|publish|latency|fanout|backlog|filters|api|
-                     destinations|all] [--quick] [ARGS]
+                     destinations|tenants|all] [--quick] [ARGS]
 
 ``--quick`` keeps each bench to about a minute; without it the sizes are the ones in
 docs/PERFORMANCE.md. Extra ARGS go to the one bench named (``python -m bench publish
@@ -30,7 +30,7 @@ from types import ModuleType
 from bench import _common
 from bench._common import ROOT, Result, header, summary
 
-OWN = ("publish", "latency", "fanout", "backlog", "filters", "api", "destinations")
+OWN = ("publish", "latency", "fanout", "backlog", "filters", "api", "destinations", "tenants")
 SCRIPTS = ("egress", "sink", "bridge", "peers")
 ORDER = (
     "publish",
@@ -40,6 +40,7 @@ ORDER = (
     "filters",
     "api",
     "destinations",
+    "tenants",
     "egress",
     "sink",
     "bridge",

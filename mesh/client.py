@@ -41,6 +41,7 @@ from mesh.errors import (
 )
 from mesh.netguard import check_literal
 from mesh.observability import METRICS
+from mesh.ownership import take_client_quota, tenant_target
 from mesh.publishing import Encoded, build_event, check_size, publish_pipelined
 from mesh.pubpipe import AckedPublisher, ack_duplicate, ack_error, no_stream
 from mesh.records import DeliveryRecord, dead_letter_headers
@@ -49,7 +50,7 @@ from mesh.replies import Reply, answer_request, decode_request, read_reply, repl
 from mesh.routing import RouteCache, Verdict
 from mesh.serverinfo import check_server
 from mesh.streams import Provisioner, StreamNames, dlq_depths, ensure_streams, queue_depth
-from mesh.subjects import Subjects, validate_name
+from mesh.subjects import Subjects, qualify, validate_name
 
 log = structlog.get_logger("mesh.client")
 
@@ -198,15 +199,12 @@ class MeshClient:
         source: str,
         targets: list[str] | None = None,
         types: str | None = None,
-        *,
-        filter: str | None = None,
-        transform: str | None = None,
+        **kw: Any,
     ) -> Propagation:
-        """Add a propagation; ``filter`` is CESQL, ``transform`` JMESPath (both checked now)."""
+        """Add a propagation; kw: filter (CESQL), transform (JMESPath), tenant (MESH_TENANT's)."""
         await ensure_streams(self.js, self.settings)
-        prop = await self.registry.add_propagation(
-            PropagationMode(mode), source, targets, types, filter=filter, transform=transform
-        )
+        m, kw["tenant"] = PropagationMode(mode), kw.get("tenant") or self.settings.tenant
+        prop = await self.registry.add_propagation(m, source, targets, types, **kw)
         await self.provisioner.reconcile_all()
         return prop
 
@@ -231,7 +229,7 @@ class MeshClient:
         """A new event, checked (``mesh.publishing.build_event``); ``cause`` makes it a
         consequence of another (same origin, one more hop)."""
         return build_event(
-            source,
+            qualify(self.settings.tenant, source),  # MESH_TENANT: that tenant's sources
             event_type,
             data,
             id=id,
@@ -278,6 +276,7 @@ class MeshClient:
             raise ValidationError(
                 f"event {event.id} is over the hop limit ({event.hops} > {self.settings.max_hops})"
             )
+        await take_client_quota(self, 1)
         nats_subject = self.subjects.evt(event.source, event.type)
         if tracing.TRACER is not None:
             return await tracing.traced_publish(
@@ -316,6 +315,7 @@ class MeshClient:
         Raises ``BrokerError`` when the broker refuses a message or stops answering;
         everything published before that stays published.
         """
+        await take_client_quota(self, len(events))
 
         def encode(event: Event) -> Encoded:
             nats_subject = self.subjects.evt(event.source, event.type)
@@ -387,7 +387,7 @@ class MeshClient:
         stop: asyncio.Event | None = None,
     ) -> AsyncGenerator[Delivery, None]:
         """Yield events for a target, at least once: ack each after handling it."""
-        t = await self.registry.get_target(target)
+        t = await tenant_target(self.registry, target, self.settings.tenant, strict=False)
         consumer = t.consumer
         try:
             await self.js.consumer_info(self.names.events, consumer)

@@ -21,7 +21,7 @@ from mesh import envelope
 from mesh.envelope import Event
 from mesh.errors import BrokerError, PayloadTooLarge, ValidationError
 from mesh.observability import METRICS
-from mesh.subjects import validate_name, validate_type
+from mesh.subjects import validate_source, validate_type
 
 PUBLISH_CHUNK = 64  # messages publish_many hands to the connection per loop turn
 
@@ -39,8 +39,9 @@ def build_event(
     datacontenttype: str | None = None,
     cause: Event | None = None,
 ) -> Event:
-    """A new event from a checked source, type and id; raises ``ValidationError``."""
-    validate_name(source, "source name")
+    """A new event from a checked source (a name, or a tenant's ``~T.name``), type and
+    id; raises ``ValidationError``."""
+    validate_source(source)
     validate_type(event_type)
     event = Event(source=source, type=event_type, data=data, subject=subject)
     if datacontenttype:

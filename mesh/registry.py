@@ -29,7 +29,8 @@ from mesh.buckets import open_bucket, read, read_all
 from mesh.crypto import KeyRing
 from mesh.destinations import EXTRAS, DestinationOptions, seal_destination
 from mesh.errors import Conflict, DecodeError, NotFound, ValidationError
-from mesh.subjects import subject_matches, validate_name, validate_pattern
+from mesh.ownership import own, tenant_target
+from mesh.subjects import qualify, subject_matches, validate_name, validate_pattern
 
 SECRET_PREFIX = "whsec_"
 
@@ -79,6 +80,7 @@ class RetryPolicy(BaseModel):
 
 class Target(BaseModel):
     name: str
+    tenant: str = "default"  # mesh/tenants.py; entries written before tenants: 'default'
     kind: TargetKind
     url: str | None = None
     format: Literal["standard", "cloudevents"] = "standard"
@@ -120,6 +122,7 @@ class Target(BaseModel):
 
 class Propagation(BaseModel):
     id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+    tenant: str = "default"
     mode: PropagationMode
     source: str
     targets: list[str] = Field(default_factory=list)
@@ -175,7 +178,7 @@ def generate_secret() -> str:
 
 
 def compute_rules(target: str, props: list[Propagation], all_targets: set[str]) -> list[Rule]:
-    """The rules by which ``target`` receives events, in the propagations' order."""
+    """The rules by which ``target`` receives events (``props``: its tenant's), in order."""
     rules: list[Rule] = []
     for p in props:
         source: str | None = None
@@ -192,6 +195,7 @@ def compute_rules(target: str, props: list[Propagation], all_targets: set[str]) 
             source = p.source
         if source is not None:
             narrow = p.types or (_implied_types(p.filter) if p.filter else None)
+            source = qualify(p.tenant, source)  # a tenant's events: ~tenant.source
             rules.append(Rule(source, p.types, p.id, p.filter, p.transform, narrow))
     return rules
 
@@ -394,6 +398,7 @@ class Registry:
         *,
         filter: str | None = None,
         transform: str | None = None,
+        tenant: str = "default",
     ) -> Propagation:
         validate_name(source, "source name")
         validate_expressions(filter, transform)
@@ -412,25 +417,20 @@ class Registry:
         if source in targets:
             raise ValidationError(f"source {source!r} cannot propagate to itself")
         for t in targets:
-            await self.get_target(t)
+            await tenant_target(self, t, tenant)  # another tenant's: not even its name
         if mode == PropagationMode.BIDIRECTIONAL:
             try:
-                await self.get_target(source)
+                await tenant_target(self, source, tenant)
             except NotFound:
                 raise NotFound(
                     f"bidirectional needs both ends registered: unknown target {source!r}"
                 ) from None
-        for p in await self.list_propagations():
-            if (p.mode, p.source, sorted(p.targets), p.types, p.filter, p.transform) == (
-                mode,
-                source,
-                sorted(targets),
-                types,
-                filter,
-                transform,
-            ):
+        for p in [p for p in await self.list_propagations() if p.tenant == tenant]:
+            same = (p.mode, p.source, sorted(p.targets), p.types, p.filter, p.transform)
+            if same == (mode, source, sorted(targets), types, filter, transform):
                 raise Conflict(f"the same propagation exists already: {p.id}")
         prop = Propagation(
+            tenant=tenant,
             mode=mode,
             source=source,
             targets=targets,
@@ -466,13 +466,13 @@ class Registry:
 
     async def routes_for(self, target: str) -> list[tuple[str, str | None]]:
         targets, props = await self.targets_and_propagations()
-        return compute_routes(target, props, {t.name for t in targets})
+        return compute_routes(target, own(props, targets, target), {t.name for t in targets})
 
     async def rules_for(self, target: str) -> tuple[list[Rule], str | None]:
         """The target's rules and its own transform, from one reading of the bucket."""
         targets, props = await self.targets_and_propagations()
-        own = next((t.transform for t in targets if t.name == target), None)
-        return compute_rules(target, props, {t.name for t in targets}), own
+        mine = next((t.transform for t in targets if t.name == target), None)
+        return compute_rules(target, own(props, targets, target), {t.name for t in targets}), mine
 
     async def can_request(self, source: str, target: str) -> bool:
         """Request/reply is allowed along bidirectional propagations, either way."""

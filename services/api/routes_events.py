@@ -16,6 +16,8 @@ from pydantic import BaseModel, Field
 from mesh import tracing
 from mesh.apikeys import Scope
 from mesh.envelope import Event
+from mesh.subjects import qualify
+from mesh.tenants import DEFAULT
 from services.api import idempotency as idem
 from services.api.problems import (
     BAD_REQUEST,
@@ -23,6 +25,7 @@ from services.api.problems import (
     IDEMPOTENCY_REUSED,
     ApiProblem,
 )
+from services.api.quotas import take_publish_quota
 from services.api.routing import NAME_PATTERN, Call, Param, Reply, Route, RouteTable
 
 MAX_BATCH = 1000
@@ -64,7 +67,9 @@ class PublishedBatch(BaseModel):
 
 
 def _build(call: Call, e: EventIn, derived: str | None) -> Event:
-    event = call.api.client.build(e.source, e.type, e.data, id=e.id or derived, subject=e.subject)
+    # A tenant key's events travel under its tenant's qualified source (mesh/subjects.py).
+    source = qualify(call.tenant, e.source)
+    event = call.api.client.build(source, e.type, e.data, id=e.id or derived, subject=e.subject)
     # The caller's W3C trace context travels with the event (tracing on or off), so its
     # trace goes on through the publish to every delivery.
     event.extensions.update(tracing.context_from_headers(call.request.headers))
@@ -115,6 +120,7 @@ async def publish(call: Call) -> Reply:
     async def run(idem_key: str | None) -> Published:
         derived = idem.derived_id(call.key.id, idem_key) if idem_key and call.key else None
         event = _build(call, body, derived)
+        await take_publish_quota(call, call.tenant or DEFAULT)
         await call.api.client.publish_event(event)
         return Published(id=event.id)
 
@@ -129,6 +135,7 @@ async def publish_batch(call: Call) -> Reply:
         for i, e in enumerate(body.events):
             derived = idem.derived_id(call.key.id, idem_key, i) if idem_key and call.key else None
             events.append(_build(call, e, derived))
+        await take_publish_quota(call, call.tenant or DEFAULT, len(events))
         await call.api.client.publish_many(events)
         return PublishedBatch(ids=[e.id for e in events])
 
@@ -159,7 +166,7 @@ def register(table: RouteTable) -> None:
                 body=EventIn,
                 response=Published,
                 status=202,
-                problems=(409,),
+                problems=(409, 429),
                 params=(IDEMPOTENCY_PARAM,),
                 description="Answers once JetStream has stored the event.",
             ),
@@ -174,9 +181,10 @@ def register(table: RouteTable) -> None:
                 body=BatchIn,
                 response=PublishedBatch,
                 status=202,
-                problems=(409,),
+                problems=(409, 429),
                 params=(IDEMPOTENCY_PARAM,),
                 description="Answers once JetStream has stored every event; ids in request order.",
             ),
-        ]
+        ],
+        tenant_aware=True,  # a tenant key publishes as its tenant
     )

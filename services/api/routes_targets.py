@@ -28,7 +28,9 @@ from mesh.registry import (
     validate_expressions,
 )
 from mesh.subjects import validate_name
+from services.api import tenancy
 from services.api.problems import INVALID, ApiProblem
+from services.api.quotas import tenant_for_new_target
 from services.api.routing import NAME_PATTERN, Call, Param, Reply, Route, RouteTable, field_errors
 
 _SECRETS = {"secret_enc", "old_secret_enc", "url_enc"}
@@ -224,17 +226,19 @@ async def _reconcile(call: Call, target: Target) -> None:
 
 
 async def list_targets(call: Call) -> list[dict[str, Any]]:
-    return [_out(t) for t in await call.api.client.registry.list_targets()]
+    targets = await call.api.client.registry.list_targets()
+    return [_out(t) for t in targets if tenancy.visible(t.tenant, call.tenant)]
 
 
 async def get_target(call: Call) -> dict[str, Any]:
-    return _out(await call.api.client.registry.get_target(call.params["name"]))
+    return _out(await tenancy.target(call))
 
 
 async def create_target(call: Call) -> Reply:
     body = call.body
     doc = body.model_dump(exclude={"secret"}, exclude_unset=True)
     doc["kind"] = body.kind  # a Literal with a default is not "set"
+    doc["tenant"] = await tenant_for_new_target(call, doc.get("tenant"))  # quota checked
     target = valid_target(doc)
     missing = missing_extra(target.kind)
     if missing is not None:
@@ -252,7 +256,7 @@ async def create_target(call: Call) -> Reply:
 
 async def update_target(call: Call) -> dict[str, Any]:
     registry: Registry = call.api.client.registry
-    before = await registry.get_target(call.params["name"])
+    before = await tenancy.target(call)
     changes = call.body.model_dump(exclude_unset=True)
     if "retry" in changes and changes["retry"] is not None:
         changes["retry"] = {**before.retry.model_dump(), **changes["retry"]}
@@ -278,7 +282,7 @@ async def update_target(call: Call) -> dict[str, Any]:
 
 async def _set_status(call: Call, status: TargetStatus, reason: str | None) -> dict[str, Any]:
     registry = call.api.client.registry
-    before = await registry.get_target(call.params["name"])
+    before = await tenancy.target(call)
     after = await registry.set_status(before.name, status, reason)
     action = "target.pause" if status == TargetStatus.DISABLED else "target.resume"
     await call.api.audit.record(
@@ -298,7 +302,7 @@ async def resume_target(call: Call) -> dict[str, Any]:
 async def delete_target(call: Call) -> Removed:
     name = call.params["name"]
     client = call.api.client
-    before = await client.registry.get_target(name)
+    before = await tenancy.target(call)
     props = await client.remove_target(name)
     await call.api.audit.record(
         call.actor, "target.delete", f"target:{name}", before.public(), {"propagations": props}
@@ -309,6 +313,7 @@ async def delete_target(call: Call) -> Removed:
 async def rotate_secret(call: Call) -> RotatedSecret:
     name = call.params["name"]
     registry = call.api.client.registry
+    await tenancy.target(call)
     secret = await registry.rotate_secret(name, timedelta(seconds=call.body.grace_s))
     after = await registry.get_target(name)
     expires = after.old_secret_expires.isoformat() if after.old_secret_expires else None
@@ -322,7 +327,8 @@ async def rotate_secret(call: Call) -> RotatedSecret:
 
 
 async def list_propagations(call: Call) -> list[Propagation]:
-    return await call.api.client.registry.list_propagations()
+    props = await call.api.client.registry.list_propagations()
+    return [p for p in props if tenancy.visible(p.tenant, call.tenant)]
 
 
 async def create_propagation(call: Call) -> Reply:
@@ -330,6 +336,7 @@ async def create_propagation(call: Call) -> Reply:
     validate_name(body.source, "source name")
     # Fields the registry's model has beyond these (filter, transform) go through as they are.
     extra = body.model_dump(exclude={"mode", "source", "targets", "types"}, exclude_unset=True)
+    extra["tenant"] = await tenancy.tenant_for_create(call, extra.pop("tenant", None))
     client = call.api.client
     prop = await client.add_propagation(body.mode, body.source, body.targets, body.types, **extra)
     await call.api.audit.record(
@@ -343,7 +350,9 @@ async def create_propagation(call: Call) -> Reply:
 
 
 async def delete_propagation(call: Call) -> Removed:
-    prop = await call.api.client.remove_propagation(call.params["id"])
+    found = await call.api.client.registry.get_propagation(call.params["id"])
+    tenancy.check(call, found.tenant, f"unknown propagation {found.id!r}")
+    prop = await call.api.client.remove_propagation(found.id)
     await call.api.audit.record(
         call.actor, "propagation.delete", f"propagation:{prop.id}", prop.model_dump(mode="json")
     )
@@ -486,5 +495,6 @@ def register(table: RouteTable) -> None:
                 problems=(404,),
                 params=(ID_PARAM,),
             ),
-        ]
+        ],
+        tenant_aware=True,
     )

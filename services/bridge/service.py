@@ -341,6 +341,8 @@ class Bridge(Service):
         client = self.client
         try:
             t = await client.registry.get_target(target)
+            if t.tenant != claims.tenant:
+                raise NotFound(target)  # a token of another tenant: as if there were no target
             if mode == FEED and t.kind in EGRESS_KINDS:
                 raise _Refused(
                     409, f"target {target!r} is a {t.kind} target: its feed belongs to the egress"

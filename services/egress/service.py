@@ -45,6 +45,7 @@ from mesh.records import DeliveryRecord
 from mesh.registry import EGRESS_KINDS, TargetStatus
 from services.base import Service
 from services.egress.circuit import CircuitStore
+from services.egress.fairness import TenantSlots
 from services.egress.http.sender import HttpSender
 from services.egress.shared import EgressShared
 from services.egress.worker import FETCH_EXPIRES_S, TargetWorker
@@ -70,6 +71,7 @@ class WebhookEgress(Service):
         # How long an idle fetch waits at the server; also what a drain may wait for it.
         self.fetch_expires_s = fetch_expires_s
         self.slots = asyncio.Semaphore(max_in_flight)
+        self.tenant_slots = TenantSlots(max_in_flight, settings.egress_tenant_share)
         self.http = HttpSender(settings.allow_private_targets, limit=max_in_flight)
         self.workers: dict[str, TargetWorker] = {}
         self.circuits: CircuitStore | None = None
@@ -103,6 +105,7 @@ class WebhookEgress(Service):
             instance_count=self.instance_count,
             record=self.record,
             sync_target=self.sync_target,
+            tenant_slots=self.tenant_slots,
         )
         self._peer_sub = await self.client.nc.subscribe(
             self.client.subjects.health(self.name, "*"), cb=self._on_peer
@@ -188,6 +191,7 @@ class WebhookEgress(Service):
                     self.log.error("cannot deliver to target", target=name, error=str(exc))
                     return
                 self.workers[name] = worker
+                self.tenant_slots.add(target.tenant)
                 worker.start()
                 self.log.info("delivering to target", target=name)
             elif target.model_dump() != worker.target.model_dump():
@@ -200,6 +204,7 @@ class WebhookEgress(Service):
         worker = self.workers.pop(name, None)
         if worker is None:
             return
+        self.tenant_slots.remove(worker.target.tenant)
         task = asyncio.create_task(self._stop_worker(worker, forget), name=f"retire-{name}")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)

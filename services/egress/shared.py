@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+
+from services.egress.fairness import TenantSlots
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -41,3 +43,5 @@ class EgressShared:
     instance_count: Callable[[], int]  # egress instances alive (rate shares)
     record: Record  # publish one delivery record
     sync_target: Callable[[str], Coroutine[Any, Any, None]]  # re-read one target from the registry
+    # Each tenant's share of ``slots`` (services/egress/fairness.py); none: no tenant cap.
+    tenant_slots: TenantSlots = field(default_factory=lambda: TenantSlots(1 << 30, 1.0))
