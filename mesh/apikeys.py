@@ -12,6 +12,10 @@ Scopes, each including the one before it::
     read     every GET: targets, propagations, events, deliveries, status
     publish  read, and POST /v1/events (a producer's key)
     admin    everything: targets, propagations, dead letters, replays, bridge tokens
+
+A key made with ``--tenant T`` sees and changes only tenant T's resources (another
+tenant's are a 404, never a 403); a key without a tenant is an operator key,
+across all tenants (every key made before tenants existed is one).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pydantic import ValidationError as PydValidationError
 
 from mesh.buckets import open_bucket, read, read_all
 from mesh.errors import NotFound, ValidationError
+from mesh.subjects import validate_name
 
 KEY_PREFIX = "mk_"
 _KEY = re.compile(r"mk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
@@ -69,6 +74,7 @@ class ApiKey(BaseModel):
     revoked_at: datetime | None = None
     created_by: str = ""
     rate: float | None = Field(default=None, gt=0, description="requests/s; None: the default")
+    tenant: str | None = Field(default=None, description="None: an operator key (all tenants)")
 
     def state(self, now: datetime | None = None) -> str:
         now = now or _now()
@@ -122,6 +128,7 @@ class ApiKeyStore:
         ttl: timedelta | None = None,
         rate: float | None = None,
         by: str = "",
+        tenant: str | None = None,
     ) -> tuple[ApiKey, str]:
         """A new key: its record and the full key text (the only time it exists)."""
         name = name.strip()
@@ -131,6 +138,8 @@ class ApiKeyStore:
             raise ValidationError("--expires must be positive")
         if rate is not None and rate <= 0:
             raise ValidationError("--rate must be positive")
+        if tenant is not None:
+            validate_name(tenant, "tenant")
         secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
         now = _now()
         for _ in range(3):
@@ -144,6 +153,7 @@ class ApiKeyStore:
                 expires_at=now + ttl if ttl is not None else None,
                 created_by=by,
                 rate=rate,
+                tenant=tenant,
             )
             try:
                 await self.kv.create(f"keys.{key_id}", record.model_dump_json().encode())

@@ -17,7 +17,7 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats.errors as nats_errors
 import nats.js.errors as js_errors
@@ -51,7 +51,7 @@ from mesh.registry import Propagation, PropagationMode, Registry, Target, Target
 from mesh.routing import RouteCache, Verdict
 from mesh.serverinfo import check_server
 from mesh.streams import Provisioner, StreamNames, ensure_streams
-from mesh.subjects import Subjects, validate_name, validate_type
+from mesh.subjects import Subjects, qualify, validate_name, validate_source, validate_type
 
 log = structlog.get_logger("mesh.client")
 
@@ -59,6 +59,9 @@ H_STATUS = "mesh-status"
 # Consecutive failed fetches (not timeouts) before the pull subscription is re-created.
 PULL_RESUBSCRIBE_AFTER = 5
 PUBLISH_CHUNK = 64  # messages publish_many hands to the connection per loop turn
+
+if TYPE_CHECKING:
+    from mesh.tenants import ClientQuota
 
 
 @dataclass
@@ -128,6 +131,7 @@ class MeshClient:
         self.settings = settings or load_settings()
         self.subjects = Subjects(self.settings.prefix)
         self.names = StreamNames.for_prefix(self.settings.prefix)
+        self._quota: ClientQuota | None = None
         self.name = name
         self._keyring = keyring
         self._reconnect_forever = reconnect_forever
@@ -338,7 +342,7 @@ class MeshClient:
         datacontenttype: str | None = None,
         cause: Event | None = None,
     ) -> Event:
-        validate_name(source, "source name")
+        source = validate_source(qualify(self.settings.tenant, source))
         validate_type(event_type)
         event = Event(source=source, type=event_type, data=data, subject=subject)
         if datacontenttype:
@@ -395,12 +399,23 @@ class MeshClient:
         await self.publish_event(event, timeout=timeout)
         return event.id
 
+    async def _take_quota(self, n: int) -> None:
+        """The events/s quota of a tenant's client (``MESH_TENANT``, not ``default``)."""
+        if self.settings.tenant == "default":
+            return
+        if self._quota is None:
+            from mesh.tenants import ClientQuota
+
+            self._quota = ClientQuota(self.js, self.names.tenants, self.settings.tenant)
+        await self._quota.take(n)
+
     async def publish_event(self, event: Event, *, timeout: float = 5.0) -> bool:
         """Publish a built event; returns False when JetStream saw it as a duplicate."""
         if event.hops > self.settings.max_hops:
             raise ValidationError(
                 f"event {event.id} is over the hop limit ({event.hops} > {self.settings.max_hops})"
             )
+        await self._take_quota(1)
         nats_subject = self.subjects.evt(event.source, event.type)
         headers, body = self._message(event, nats_subject)
         try:
@@ -434,6 +449,7 @@ class MeshClient:
         Raises ``BrokerError`` when the broker refuses a message or stops answering;
         everything published before that stays published.
         """
+        await self._take_quota(len(events))
         window = max(1, window)
         chunk = min(PUBLISH_CHUNK, window)
         outstanding: deque[tuple[asyncio.Future[Any], str]] = deque()
@@ -603,6 +619,8 @@ class MeshClient:
     ) -> AsyncGenerator[Delivery, None]:
         """Yield events for a target, at least once: ack each after handling it."""
         t = await self.registry.get_target(target)
+        if self.settings.tenant not in ("default", t.tenant):
+            raise NotFound(f"unknown target {target!r}")  # another tenant's: as if missing
         consumer = t.consumer
         try:
             await self.js.consumer_info(self.names.events, consumer)

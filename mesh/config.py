@@ -27,6 +27,8 @@ class Settings(BaseSettings):
 
     home: Path = DEFAULT_HOME
     prefix: str = "mesh"
+    # The tenant this process publishes and consumes as (MESH_TENANT; mesh/tenants.py).
+    tenant: str = Field(default="default", pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
     # Broker. nats_url unset means the embedded server on 127.0.0.1:nats_port.
     nats_url: str | None = None

@@ -28,7 +28,7 @@ from pydantic import ValidationError as PydValidationError
 from mesh.buckets import open_bucket, read, read_all
 from mesh.crypto import KeyRing
 from mesh.errors import Conflict, DecodeError, NotFound, ValidationError
-from mesh.subjects import subject_matches, validate_name, validate_pattern
+from mesh.subjects import qualify, subject_matches, validate_name, validate_pattern
 
 SECRET_PREFIX = "whsec_"
 
@@ -68,6 +68,8 @@ class RetryPolicy(BaseModel):
 
 class Target(BaseModel):
     name: str
+    # The owning tenant (mesh/tenants.py); entries written before tenants are 'default'.
+    tenant: str = "default"
     kind: TargetKind
     url: str | None = None
     format: Literal["standard", "cloudevents"] = "standard"
@@ -105,6 +107,7 @@ class Target(BaseModel):
 
 class Propagation(BaseModel):
     id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+    tenant: str = "default"
     mode: PropagationMode
     source: str
     targets: list[str] = Field(default_factory=list)
@@ -159,10 +162,17 @@ def generate_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
-def compute_rules(target: str, props: list[Propagation], all_targets: set[str]) -> list[Rule]:
-    """The rules by which ``target`` receives events, in the propagations' order."""
+def compute_rules(
+    target: str, props: list[Propagation], all_targets: set[str], tenant: str | None = None
+) -> list[Rule]:
+    """The rules by which ``target`` receives events, in the propagations' order.
+
+    With ``tenant`` (the target's), only that tenant's propagations count: another
+    tenant's broadcast never reaches the target."""
     rules: list[Rule] = []
     for p in props:
+        if tenant is not None and p.tenant != tenant:
+            continue
         source: str | None = None
         if p.mode == PropagationMode.BROADCAST:
             if target != p.source and target in all_targets:
@@ -177,6 +187,7 @@ def compute_rules(target: str, props: list[Propagation], all_targets: set[str]) 
             source = p.source
         if source is not None:
             narrow = p.types or (_implied_types(p.filter) if p.filter else None)
+            source = qualify(p.tenant, source)  # a tenant's events: ~tenant.source
             rules.append(Rule(source, p.types, p.id, p.filter, p.transform, narrow))
     return rules
 
@@ -189,11 +200,15 @@ def _implied_types(filter: str) -> str | None:
 
 
 def compute_routes(
-    target: str, props: list[Propagation], all_targets: set[str]
+    target: str, props: list[Propagation], all_targets: set[str], tenant: str | None = None
 ) -> list[tuple[str, str | None]]:
     """(source, type pattern or None) pairs whose events ``target`` receives (consumer
     subjects and replays read these; a filter's implied type narrows them)."""
-    return [(r.source, r.narrow) for r in compute_rules(target, props, all_targets)]
+    return [(r.source, r.narrow) for r in compute_rules(target, props, all_targets, tenant)]
+
+
+def _tenant_of(targets: list[Target], name: str) -> str | None:
+    return next((t.tenant for t in targets if t.name == name), None)
 
 
 def route_accepts(routes: list[tuple[str, str | None]], source: str, event_type: str) -> bool:
@@ -373,8 +388,10 @@ class Registry:
         *,
         filter: str | None = None,
         transform: str | None = None,
+        tenant: str = "default",
     ) -> Propagation:
         validate_name(source, "source name")
+        validate_name(tenant, "tenant")
         validate_expressions(filter, transform)
         targets = list(dict.fromkeys(targets or []))
         for t in targets:
@@ -391,16 +408,25 @@ class Registry:
         if source in targets:
             raise ValidationError(f"source {source!r} cannot propagate to itself")
         for t in targets:
-            await self.get_target(t)
+            if (await self.get_target(t)).tenant != tenant:
+                raise NotFound(f"unknown target {t!r}")  # another tenant's: not even its name
         if mode == PropagationMode.BIDIRECTIONAL:
             try:
-                await self.get_target(source)
+                if (await self.get_target(source)).tenant != tenant:
+                    raise NotFound(source)
             except NotFound:
                 raise NotFound(
                     f"bidirectional needs both ends registered: unknown target {source!r}"
                 ) from None
         for p in await self.list_propagations():
-            if (p.mode, p.source, sorted(p.targets), p.types, p.filter, p.transform) == (
+            if p.tenant == tenant and (
+                p.mode,
+                p.source,
+                sorted(p.targets),
+                p.types,
+                p.filter,
+                p.transform,
+            ) == (
                 mode,
                 source,
                 sorted(targets),
@@ -410,6 +436,7 @@ class Registry:
             ):
                 raise Conflict(f"the same propagation exists already: {p.id}")
         prop = Propagation(
+            tenant=tenant,
             mode=mode,
             source=source,
             targets=targets,
@@ -445,13 +472,15 @@ class Registry:
 
     async def routes_for(self, target: str) -> list[tuple[str, str | None]]:
         targets, props = await self.targets_and_propagations()
-        return compute_routes(target, props, {t.name for t in targets})
+        names = {t.name for t in targets}
+        return compute_routes(target, props, names, _tenant_of(targets, target))
 
     async def rules_for(self, target: str) -> tuple[list[Rule], str | None]:
         """The target's rules and its own transform, from one reading of the bucket."""
         targets, props = await self.targets_and_propagations()
         own = next((t.transform for t in targets if t.name == target), None)
-        return compute_rules(target, props, {t.name for t in targets}), own
+        names = {t.name for t in targets}
+        return compute_rules(target, props, names, _tenant_of(targets, target)), own
 
     async def can_request(self, source: str, target: str) -> bool:
         """Request/reply is allowed along bidirectional propagations, either way."""

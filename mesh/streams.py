@@ -47,6 +47,7 @@ class StreamNames:
     revoked: str  # KV bucket of revoked bridge tokens (mesh/revocations.py)
     apikeys: str  # KV bucket of the HTTP API's keys, hashed (mesh/apikeys.py)
     idempotency: str  # KV bucket of the HTTP API's Idempotency-Key answers (24 h TTL)
+    tenants: str = ""  # KV bucket of tenants and their quotas (mesh/tenants.py)
 
     @classmethod
     def for_prefix(cls, prefix: str) -> StreamNames:
@@ -59,6 +60,7 @@ class StreamNames:
             revoked=f"{base}_REVOKED",
             apikeys=f"{base}_APIKEYS",
             idempotency=f"{base}_IDEMPOTENCY",
+            tenants=f"{base}_TENANTS",
         )
 
 
@@ -226,7 +228,7 @@ class Provisioner:
         names = {t.name for t in targets}
         result: dict[str, list[str]] = {}
         for t in targets:
-            info = await self._apply(t, compute_routes(t.name, props, names))
+            info = await self._apply(t, compute_routes(t.name, props, names, t.tenant))
             result[t.name] = list(info.config.filter_subjects or [])
         async for name in self._deliver_consumers():
             target = name.removeprefix("deliver-")

@@ -9,6 +9,12 @@
     <prefix>.sys.delivery.<target>                  delivery attempt records
     <prefix>.sys.health.<service>.<instance>        heartbeats
     <prefix>.sys.audit.<entity kind>                changes made through the HTTP API
+
+Tenants (mesh/tenants.py): the ``default`` tenant's events are exactly as above; a
+source of tenant T travels as the *qualified source* ``~T.<source>`` (two tokens), so
+tenant T's events are ``<prefix>.evt.~T.<source>.<type>``, all in the one events
+stream, and ``<prefix>.evt.~T.>`` is all of T's. ``~`` is outside the name grammar:
+no default-tenant source can look like a tenant's (docs/ARCHITECTURE.md, Tenants).
 """
 
 from __future__ import annotations
@@ -31,6 +37,35 @@ def validate_name(name: str, what: str = "name") -> str:
             " or digit"
         )
     return name
+
+
+TENANT_MARK = "~"
+DEFAULT_TENANT = "default"
+
+
+def qualify(tenant: str | None, source: str) -> str:
+    """The qualified source of ``source`` in ``tenant``: itself in ``default``."""
+    if tenant is None or tenant == DEFAULT_TENANT or source.startswith(TENANT_MARK):
+        return source
+    return f"{TENANT_MARK}{tenant}.{source}"
+
+
+def split_source(qualified: str) -> tuple[str, str]:
+    """(tenant, source) of a qualified source."""
+    if qualified.startswith(TENANT_MARK):
+        tenant, _, source = qualified[1:].partition(".")
+        return tenant, source
+    return DEFAULT_TENANT, qualified
+
+
+def validate_source(qualified: str) -> str:
+    """A source name, or a tenant's qualified source ``~tenant.source``."""
+    if isinstance(qualified, str) and qualified.startswith(TENANT_MARK):
+        tenant, source = split_source(qualified)
+        validate_name(tenant, "tenant")
+        validate_name(source, "source name")
+        return qualified
+    return validate_name(qualified, "source name")
 
 
 def validate_type(event_type: str) -> str:
@@ -165,6 +200,12 @@ class Subjects:
     def evt_all(self) -> str:
         return f"{self.prefix}.evt.>"
 
+    def evt_tenant(self, tenant: str) -> str:
+        """Every event of one tenant (for ``default``: every event, tenants' included)."""
+        if tenant == DEFAULT_TENANT:
+            return self.evt_all
+        return f"{self.prefix}.evt.{TENANT_MARK}{tenant}.>"
+
     def replay(self, target: str, source: str, event_type: str) -> str:
         return f"{self.prefix}.replay.{target}.{source}.{event_type}"
 
@@ -222,8 +263,12 @@ class Subjects:
         if parts[:n] != pre or len(parts) < n + 3:
             raise ValidationError(f"not an event subject: {subject!r}")
         kind = parts[n]
-        if kind == "evt":
-            return parts[n + 1], ".".join(parts[n + 2 :]), None
-        if kind == "replay" and len(parts) >= n + 4:
-            return parts[n + 2], ".".join(parts[n + 3 :]), parts[n + 1]
-        raise ValidationError(f"not an event subject: {subject!r}")
+        at = n + 1 if kind == "evt" else n + 2
+        if kind not in ("evt", "replay") or len(parts) < at + 2:
+            raise ValidationError(f"not an event subject: {subject!r}")
+        width = 2 if parts[at].startswith(TENANT_MARK) else 1  # ~tenant.source
+        if len(parts) < at + width + 1:
+            raise ValidationError(f"not an event subject: {subject!r}")
+        source = ".".join(parts[at : at + width])
+        replay_target = parts[n + 1] if kind == "replay" else None
+        return source, ".".join(parts[at + width :]), replay_target

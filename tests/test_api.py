@@ -99,7 +99,13 @@ async def test_keys_wrong_expired_revoked_and_scopes(
     # read can read, cannot change anything: every route of the table that is not a
     # GET answers 403 (before it looks at the body), and every route needs a key
     assert (await http.call("GET", "/v1/targets", key=read))[0] == 200
-    samples = {"name": "orders", "id": "abc123", "jti": "0" * 32, "ident": "abc123"}
+    samples = {
+        "name": "orders",
+        "id": "abc123",
+        "jti": "0" * 32,
+        "ident": "abc123",
+        "tenant": "acme",
+    }
     changing = 0
     for route in route_table().routes:
         path = route.path.format(**{p: samples[p] for p in route.path_params()})

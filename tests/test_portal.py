@@ -22,6 +22,8 @@ import pytest
 from mesh import portal, signing
 from mesh.client import MeshClient
 from mesh.config import Settings
+from mesh.registry import Target, TargetKind
+from mesh.tenants import TenantStore
 from services.api import Api
 from services.egress import WebhookEgress
 from services.sink import Sink
@@ -159,6 +161,32 @@ async def test_links_sessions_and_refusals(settings: Settings, client: MeshClien
         assert status == 403
         status, _, problem = await http.call("GET", "/v1/targets", key=tampered(session))
         assert status == 401 and "session" in problem["detail"]
+
+        # A session belongs to its link's tenant: another tenant's endpoint is not there.
+        status, _, doc = await http.call("POST", "/v1/portal/links", {"tenant": "acme"}, key=admin)
+        assert status == 404, doc  # no such tenant yet
+        await (await TenantStore.open(client.js, client.names.tenants)).create("acme")
+        await client.add_target(Target(name="acme-hook", kind=TargetKind.NATS, tenant="acme"))
+        status, _, doc = await http.call("POST", "/v1/portal/links", {"tenant": "acme"}, key=admin)
+        assert status == 201, doc
+        status, _, page = await _get(doc["url"])
+        acme = page.split('name=mesh-session content="', 1)[1].split('"', 1)[0]
+        status, _, targets = await http.call("GET", "/v1/targets", key=acme)
+        assert [t["name"] for t in targets] == ["acme-hook"]
+        status, _, targets = await http.call("GET", "/v1/targets", key=session)
+        assert targets == []  # the default tenant's session does not see acme's
+        for method, path, body in [
+            ("GET", "/v1/deliveries?target=acme-hook", None),
+            ("GET", "/v1/dead-letters?target=acme-hook", None),
+            ("POST", "/v1/targets/acme-hook/replay", {"from_seq": 1}),
+            ("POST", "/v1/targets/acme-hook/pause", None),
+        ]:
+            status, _, problem = await http.call(method, path, body, key=session)
+            assert status == 404 and problem["detail"] == "unknown target 'acme-hook'", problem
+            status, _, _ = await http.call(method, path, body, key=acme)
+            assert status in (200, 404 if "replay" in path else 200), (path, status)
+        status, _, problem = await http.call("GET", "/v1/deliveries", key=acme)
+        assert status == 422 and "target=NAME" in problem["detail"]
 
         # Refused links: a clear page, 401 expired, 403 tampered, 401 missing.
         key = _key(api.settings)

@@ -59,6 +59,7 @@ COMMAND_MODULES = (
     "mesh.cli.bridge_cmds",
     "mesh.cli.apikey_cmds",
     "mesh.cli.portal_cmds",
+    "mesh.cli.tenant_cmds",
 )
 
 

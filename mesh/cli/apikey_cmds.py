@@ -10,6 +10,7 @@ from mesh.apikeys import ApiKey, ApiKeyStore, Scope
 from mesh.cli._common import arun, connected, note, parse_duration, print_json, print_table, say
 from mesh.cli._tables import Col
 from mesh.revocations import who
+from mesh.tenants import TenantStore
 
 apikey_app = typer.Typer(help="Keys for the HTTP API (stored hashed; shown once).")
 
@@ -28,6 +29,9 @@ def apikey_create(
     rate: float | None = typer.Option(
         None, "--rate", help="Requests/s allowed (default MESH_API_RATE)"
     ),
+    tenant: str | None = typer.Option(
+        None, "--tenant", help="Scope the key to one tenant (default: an operator key, all)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="The key and its record as JSON."),
 ) -> None:
     """Create a key and print it once (stdout: the key alone); it cannot be shown again."""
@@ -35,8 +39,11 @@ def apikey_create(
 
     async def run() -> tuple[ApiKey, str]:
         async with connected() as c:
+            if tenant is not None:
+                tenants = await TenantStore.open(c.js, c.names.tenants, c.settings.stream_replicas)
+                await tenants.get(tenant)  # an unknown tenant: a clear error, no key
             store = await ApiKeyStore.open(c.js, c.names.apikeys, c.settings.stream_replicas)
-            return await store.create(name, scope, ttl=ttl, rate=rate, by=who())
+            return await store.create(name, scope, ttl=ttl, rate=rate, by=who(), tenant=tenant)
 
     record, key = arun(run())
     if as_json:
@@ -44,7 +51,9 @@ def apikey_create(
         return
     sys.stdout.write(key + "\n")
     until = record.expires_at.isoformat(timespec="seconds") if record.expires_at else "never"
-    note(f"API key {record.id} ({record.scope}) created; expires {until}; shown once: keep it")
+    whose = f"tenant {record.tenant}" if record.tenant else "operator"
+    note(f"API key {record.id} ({record.scope}, {whose}) created; expires {until}")
+    note("it is shown once: keep it")
 
 
 @apikey_app.command("list")
@@ -69,6 +78,7 @@ def apikey_list(as_json: bool = typer.Option(False, "--json")) -> None:
             Col("id", keep=0),  # 12 hex digits, taken whole by `mesh apikey revoke`
             Col("name", keep=1, flex=True),
             Col("scope", keep=0),
+            Col("tenant", keep=1),
             Col("state", keep=0),
             Col("created", keep=2),
             Col("expires", keep=1),
@@ -78,6 +88,7 @@ def apikey_list(as_json: bool = typer.Option(False, "--json")) -> None:
                 k.id,
                 k.name,
                 k.scope,
+                k.tenant or "(operator)",
                 k.state(),
                 k.created_at.isoformat(timespec="seconds"),
                 k.expires_at.isoformat(timespec="seconds") if k.expires_at else "never",

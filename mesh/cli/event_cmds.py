@@ -23,7 +23,7 @@ from mesh.client import MeshClient
 from mesh.envelope import JSON, Event
 from mesh.errors import MeshError, ValidationError
 from mesh.registry import TargetKind
-from mesh.subjects import validate_name
+from mesh.subjects import qualify, validate_name
 
 
 def register(app: typer.Typer) -> None:
@@ -223,9 +223,14 @@ def tail(
 
     async def run() -> None:
         async with connected() as c:
-            subj = c.subjects.evt_filter(source) if source else c.subjects.evt_all
             if source:
                 validate_name(source, "source name")
+            tenant = c.settings.tenant  # MESH_TENANT: that tenant's events only
+            subj = (
+                c.subjects.evt_filter(qualify(tenant, source))
+                if source
+                else c.subjects.evt_tenant(tenant)
+            )
             if target:
                 await c.target_or_error(target)
             sub = await c.js.subscribe(

@@ -34,7 +34,7 @@ from strawberry.scalars import JSON
 from strawberry.types import ExecutionContext
 
 from mesh.apikeys import Scope
-from mesh.errors import MeshError
+from mesh.errors import MeshError, NotFound
 from mesh.history import FAILURE_OUTCOMES, PayloadReader, response_excerpt
 from mesh.registry import Propagation as PropagationModel
 from mesh.registry import PropagationMode
@@ -220,6 +220,7 @@ class RetryPolicy:
 @strawberry.type(description="A registered target; secrets are never shown.")
 class Target:
     name: str
+    tenant: str
     kind: str
     url: str | None
     format: str
@@ -241,6 +242,7 @@ class Target:
         r = t.retry
         return cls(
             name=t.name,
+            tenant=t.tenant,
             kind=t.kind.value,
             url=t.url,
             format=t.format,
@@ -427,12 +429,28 @@ def install(app: web.Application, api: ApiContext) -> None:
     """Serve ``PATH`` on ``app`` (GET and POST) for keys with the ``read`` scope."""
 
     async def source(request: web.Request) -> GraphContext:
-        await api.auth.check(request, Scope.READ)
+        key = await api.auth.check(request, Scope.READ)
+        if key.tenant is not None:  # a tenant key: its own records only (tenant_graph.py)
+            return tenant_context(api, key.tenant)
         return GraphContext(api.client.registry.targets_and_propagations, api.store, api.reader)
 
     view = MeshGraphQLView(source, _problem)
     app.router.add_route("GET", PATH, view)
     app.router.add_route("POST", PATH, view)
+
+
+def tenant_context(api: ApiContext, tenant: str) -> GraphContext:
+    """A context that holds one tenant's targets and propagations; the history (events,
+    deliveries) is refused for tenant keys until the sink's queries carry the tenant."""
+
+    async def snapshot() -> Snapshot:
+        targets, props = await api.client.registry.targets_and_propagations()
+        return [t for t in targets if t.tenant == tenant], [p for p in props if p.tenant == tenant]
+
+    async def no_store() -> Store:
+        raise NotFound("no such resource")
+
+    return GraphContext(snapshot, no_store, api.reader)
 
 
 def sdl() -> str:

@@ -7,8 +7,8 @@ session credential (``mesh.portal``) in a ``<meta>`` element; the page's script
 (``portal_static/portal.js``, served from here, nothing from another origin) calls
 ``/v1`` with it as a bearer token. The API treats a session as an admin key limited
 to the routes in ``SESSION_ROUTES`` (what the page uses), so the portal has no back
-end of its own. Until tenants land, the mesh has one implicit tenant (``default``)
-and a session sees what that tenant owns: everything.
+end of its own. A session is a key of the link's tenant (``ApiKey.tenant``): it sees
+that tenant's targets, propagations, deliveries and dead letters, nothing of another's.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from mesh import portal
 from mesh.apikeys import ApiKey, Scope
 from mesh.config import Settings
 from mesh.errors import KeyFileError
+from services.api import tenancy
 from services.api.problems import FORBIDDEN, UNAUTHORIZED, UNAVAILABLE, ApiProblem
 from services.api.routing import NAME_PATTERN, Call, Route, RouteTable
 
@@ -106,6 +107,7 @@ class SessionVerifier:
             created_at=claims.issued_at,
             expires_at=claims.expires_at,
             created_by=f"portal:{claims.tenant}",
+            tenant=claims.tenant,
         )
 
 
@@ -143,6 +145,7 @@ class LinkOut(BaseModel):
 
 async def create_link(call: Call) -> LinkOut:
     body: LinkIn = call.body
+    await (await tenancy.store(call)).get(body.tenant)  # 404 for an unknown tenant
     key = signing_key(call.api.settings)
     token, claims = portal.issue_link(key, body.tenant, ttl=timedelta(seconds=body.ttl_s))
     base = f"{call.request.scheme}://{call.request.host}"
@@ -169,6 +172,7 @@ def register(table: RouteTable) -> None:
             body=LinkIn,
             response=LinkOut,
             status=201,
+            problems=(404,),
         )
     )
 

@@ -15,6 +15,8 @@ from pydantic import BaseModel, Field
 
 from mesh.apikeys import Scope
 from mesh.envelope import Event
+from mesh.subjects import qualify
+from mesh.tenants import DEFAULT
 from services.api import idempotency as idem
 from services.api.problems import (
     BAD_REQUEST,
@@ -22,6 +24,7 @@ from services.api.problems import (
     IDEMPOTENCY_REUSED,
     ApiProblem,
 )
+from services.api.quotas import take_publish_quota
 from services.api.routing import NAME_PATTERN, Call, Param, Reply, Route, RouteTable
 
 MAX_BATCH = 1000
@@ -63,7 +66,9 @@ class PublishedBatch(BaseModel):
 
 
 def _build(call: Call, e: EventIn, derived: str | None) -> Event:
-    return call.api.client.build(e.source, e.type, e.data, id=e.id or derived, subject=e.subject)
+    # A tenant key's events travel under its tenant's qualified source (mesh/subjects.py).
+    source = qualify(call.tenant, e.source)
+    return call.api.client.build(source, e.type, e.data, id=e.id or derived, subject=e.subject)
 
 
 async def _keyed(call: Call, run: Any) -> Reply:
@@ -110,6 +115,7 @@ async def publish(call: Call) -> Reply:
     async def run(idem_key: str | None) -> Published:
         derived = idem.derived_id(call.key.id, idem_key) if idem_key and call.key else None
         event = _build(call, body, derived)
+        await take_publish_quota(call, call.tenant or DEFAULT)
         await call.api.client.publish_event(event)
         return Published(id=event.id)
 
@@ -124,6 +130,7 @@ async def publish_batch(call: Call) -> Reply:
         for i, e in enumerate(body.events):
             derived = idem.derived_id(call.key.id, idem_key, i) if idem_key and call.key else None
             events.append(_build(call, e, derived))
+        await take_publish_quota(call, call.tenant or DEFAULT, len(events))
         await call.api.client.publish_many(events)
         return PublishedBatch(ids=[e.id for e in events])
 
@@ -154,7 +161,7 @@ def register(table: RouteTable) -> None:
                 body=EventIn,
                 response=Published,
                 status=202,
-                problems=(409,),
+                problems=(409, 429),
                 params=(IDEMPOTENCY_PARAM,),
                 description="Answers once JetStream has stored the event.",
             ),
@@ -169,9 +176,10 @@ def register(table: RouteTable) -> None:
                 body=BatchIn,
                 response=PublishedBatch,
                 status=202,
-                problems=(409,),
+                problems=(409, 429),
                 params=(IDEMPOTENCY_PARAM,),
                 description="Answers once JetStream has stored every event; ids in request order.",
             ),
-        ]
+        ],
+        tenant_aware=True,  # a tenant key publishes as its tenant
     )

@@ -27,7 +27,10 @@ from mesh.registry import (
 )
 from mesh.registry import PropagationMode as Mode
 from mesh.subjects import validate_name
+from mesh.tenants import DEFAULT, visible
+from services.api import tenancy
 from services.api.problems import INVALID, ApiProblem
+from services.api.quotas import check_target_quota
 from services.api.routing import NAME_PATTERN, Call, Param, Reply, Route, RouteTable, field_errors
 
 _SECRETS = {"secret_enc", "old_secret_enc"}
@@ -204,19 +207,30 @@ async def _reconcile(call: Call, target: Target) -> None:
 
 
 async def list_targets(call: Call) -> list[dict[str, Any]]:
-    return [_out(t) for t in await call.api.client.registry.list_targets()]
+    targets = await call.api.client.registry.list_targets()
+    return [_out(t) for t in targets if visible(t.tenant, call.tenant)]
+
+
+async def _target(call: Call) -> Target:
+    """The path's target, if the caller's tenant owns it (else the same 404 as a missing one)."""
+    name = call.params["name"]
+    target = await call.api.client.registry.get_target(name)
+    tenancy.check(call, target.tenant, f"unknown target {name!r}")
+    return target
 
 
 async def get_target(call: Call) -> dict[str, Any]:
-    return _out(await call.api.client.registry.get_target(call.params["name"]))
+    return _out(await _target(call))
 
 
 async def create_target(call: Call) -> Reply:
     body = call.body
     doc = body.model_dump(exclude={"secret"}, exclude_unset=True)
     doc["kind"] = body.kind  # a Literal with a default is not "set"
+    doc["tenant"] = await tenancy.tenant_for_create(call, doc.get("tenant"))
     target = valid_target(doc)
     client = call.api.client
+    await check_target_quota(call, target.tenant)
     given = getattr(body, "secret", None)
     created = await client.add_target(target, given)
     secrets = client.registry.secrets_for(created) if given is None else []
@@ -229,7 +243,7 @@ async def create_target(call: Call) -> Reply:
 
 async def update_target(call: Call) -> dict[str, Any]:
     registry: Registry = call.api.client.registry
-    before = await registry.get_target(call.params["name"])
+    before = await _target(call)
     changes = call.body.model_dump(exclude_unset=True)
     if "retry" in changes and changes["retry"] is not None:
         changes["retry"] = {**before.retry.model_dump(), **changes["retry"]}
@@ -249,7 +263,7 @@ async def update_target(call: Call) -> dict[str, Any]:
 
 async def _set_status(call: Call, status: TargetStatus, reason: str | None) -> dict[str, Any]:
     registry = call.api.client.registry
-    before = await registry.get_target(call.params["name"])
+    before = await _target(call)
     after = await registry.set_status(before.name, status, reason)
     action = "target.pause" if status == TargetStatus.DISABLED else "target.resume"
     await call.api.audit.record(
@@ -269,7 +283,7 @@ async def resume_target(call: Call) -> dict[str, Any]:
 async def delete_target(call: Call) -> Removed:
     name = call.params["name"]
     client = call.api.client
-    before = await client.registry.get_target(name)
+    before = await _target(call)
     props = await client.remove_target(name)
     await call.api.audit.record(
         call.actor, "target.delete", f"target:{name}", before.public(), {"propagations": props}
@@ -280,6 +294,7 @@ async def delete_target(call: Call) -> Removed:
 async def rotate_secret(call: Call) -> RotatedSecret:
     name = call.params["name"]
     registry = call.api.client.registry
+    await _target(call)
     secret = await registry.rotate_secret(name, timedelta(seconds=call.body.grace_s))
     after = await registry.get_target(name)
     expires = after.old_secret_expires.isoformat() if after.old_secret_expires else None
@@ -293,7 +308,8 @@ async def rotate_secret(call: Call) -> RotatedSecret:
 
 
 async def list_propagations(call: Call) -> list[Propagation]:
-    return await call.api.client.registry.list_propagations()
+    props = await call.api.client.registry.list_propagations()
+    return [p for p in props if visible(p.tenant, call.tenant)]
 
 
 async def create_propagation(call: Call) -> Reply:
@@ -302,6 +318,9 @@ async def create_propagation(call: Call) -> Reply:
     extra = body.model_dump(exclude={"mode", "source", "targets", "types"}, exclude_unset=True)
     accepted = inspect.signature(call.api.client.registry.add_propagation).parameters
     kwargs = {k: v for k, v in extra.items() if k in accepted}
+    tenant = await tenancy.tenant_for_create(call, kwargs.pop("tenant", None))
+    if tenant != DEFAULT:
+        kwargs["tenant"] = tenant
     client = call.api.client
     if kwargs:  # fields the registry learned (filter, transform): through the registry
         prop = await client.registry.add_propagation(
@@ -321,7 +340,9 @@ async def create_propagation(call: Call) -> Reply:
 
 
 async def delete_propagation(call: Call) -> Removed:
-    prop = await call.api.client.remove_propagation(call.params["id"])
+    found = await call.api.client.registry.get_propagation(call.params["id"])
+    tenancy.check(call, found.tenant, f"unknown propagation {found.id!r}")
+    prop = await call.api.client.remove_propagation(found.id)
     await call.api.audit.record(
         call.actor, "propagation.delete", f"propagation:{prop.id}", prop.model_dump(mode="json")
     )
@@ -464,5 +485,6 @@ def register(table: RouteTable) -> None:
                 problems=(404,),
                 params=(ID_PARAM,),
             ),
-        ]
+        ],
+        tenant_aware=True,
     )

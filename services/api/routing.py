@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, get_args, get_origin
 
 from aiohttp import web
@@ -24,6 +24,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic import ValidationError as PydValidationError
 
 from mesh.apikeys import ApiKey, Scope
+from mesh.errors import NotFound
 from services.api.problems import BAD_REQUEST, INVALID, UNSUPPORTED_MEDIA, ApiProblem, FieldError
 
 if TYPE_CHECKING:
@@ -48,6 +49,11 @@ class Call:
     def actor(self) -> str:
         """Who is acting, for the audit log: ``apikey:<id>`` (never the key itself)."""
         return f"apikey:{self.key.id}" if self.key is not None else "anonymous"
+
+    @property
+    def tenant(self) -> str | None:
+        """The caller's tenant; None for an operator key (all tenants) or no key."""
+        return self.key.tenant if self.key is not None else None
 
     def header(self, name: str) -> str | None:
         return self.request.headers.get(name)
@@ -92,6 +98,9 @@ class Route:
     params: tuple[Param, ...] = ()
     description: str = ""
     raw_content_type: str | None = None  # a non-JSON answer (the reference page)
+    # Whether the handler keeps a tenant key to its own tenant (services/api/tenancy.py);
+    # a route that does not is a 404 for every tenant key (deny by default).
+    tenant_aware: bool = False
 
     def path_params(self) -> list[str]:
         return PATH_PARAM.findall(self.path)
@@ -111,9 +120,9 @@ class RouteTable:
                 raise ValueError(f"operation id {route.operation_id} declared twice")
         self.routes.append(route)
 
-    def extend(self, routes: Sequence[Route]) -> None:
+    def extend(self, routes: Sequence[Route], *, tenant_aware: bool = False) -> None:
         for r in routes:
-            self.add(r)
+            self.add(replace(r, tenant_aware=True) if tenant_aware else r)
 
     def install(self, app: web.Application, api: ApiContext) -> None:
         for route in self.routes:
@@ -230,6 +239,8 @@ def _endpoint(
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request) -> web.StreamResponse:
         key = await api.auth.check(request, route.scope) if route.scope is not None else None
+        if key is not None and key.tenant is not None and not route.tenant_aware:
+            raise NotFound("no such resource")  # not for tenant keys: 404, never 403
         params = dict(request.match_info)
         _check_params(route, params)
         call = Call(api=api, request=request, key=key, params=params)

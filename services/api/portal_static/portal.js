@@ -207,10 +207,14 @@
     return row;
   }
 
+  // A session is a tenant key: it lists one endpoint's deliveries at a time.
+  const perEndpoint = (mine, path) => Promise.all([...mine].map((name) =>
+    api("GET", `${path}&target=${encodeURIComponent(name)}`)));
+
   async function loadDeliveries(mine) {
-    const page = await api("GET", "/v1/deliveries?limit=50");
-    const rows = page.items.filter((d) => mine.has(d.target)).map(deliveryRow);
-    fill($("deliveries").tBodies[0], rows, 9, "No deliveries yet.");
+    const pages = await perEndpoint(mine, "/v1/deliveries?limit=50");
+    const items = pages.flatMap((p) => p.items).sort((a, b) => (a.at < b.at ? 1 : -1));
+    fill($("deliveries").tBodies[0], items.slice(0, 100).map(deliveryRow), 9, "No deliveries yet.");
   }
 
   function letterRow(l) {
@@ -229,9 +233,9 @@
   }
 
   async function loadDeadLetters(mine) {
-    const listing = await api("GET", "/v1/dead-letters?limit=100");
-    const rows = listing.items.filter((l) => mine.has(l.target)).reverse().map(letterRow);
-    fill($("dead-letters").tBodies[0], rows, 7, "No dead letters.");
+    const lists = await perEndpoint(mine, "/v1/dead-letters?limit=100");
+    const items = lists.flatMap((l) => l.items).sort((a, b) => (a.at < b.at ? 1 : -1));
+    fill($("dead-letters").tBodies[0], items.map(letterRow), 7, "No dead letters.");
   }
 
   let busy = false;
