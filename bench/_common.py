@@ -136,6 +136,7 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
             "MESH_ALLOW_PRIVATE_TARGETS": "1",
             "MESH_HTTP_PORT": str(settings.http_port),
             "MESH_BRIDGE_PORT": str(settings.bridge_port),
+            "MESH_API_PORT": str(settings.api_port),
             "MESH_CONFIG": str(settings.home / "no-mesh.toml"),
             "MESH_LOG_FORMAT": "json",
             "MESH_LOG_LEVEL": "warning",
@@ -177,6 +178,7 @@ async def scratch_mesh(
         allow_private_targets=True,
         http_port=free_port(),
         bridge_port=free_port(),
+        api_port=free_port(),
         encryption=encryption,
         log_level="warning",
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -199,11 +200,18 @@ async def test_bad_input_is_a_problem_never_a_500(http: Http, client: MeshClient
 # The CLI ---------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 async def test_apikey_cli_create_list_revoke(
     settings: Settings, client: MeshClient, http: Http
 ) -> None:
-    from tests.support.cli import ok, one_line_error, run_cli
+    from tests.conftest import env_for
+    from tests.support.cli import ok, one_line_error
+    from tests.support.inproc import mesh_inproc
+
+    env = env_for(settings)
+
+    async def run_cli(_: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+        # in this process: the subprocess path is test_api_schema's `mesh apikey create`
+        return await mesh_inproc(env, *args)
 
     made = ok(await run_cli(settings, "apikey", "create", "--name", "ci", "--scope", "read"))
     key = made.stdout.strip()

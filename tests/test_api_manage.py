@@ -103,6 +103,34 @@ async def test_targets_lifecycle_through_the_api(
             status, _, prop = await http.call("POST", "/v1/propagations", doc)
             assert status == 201, prop
             made[prop["mode"]] = prop["id"]
+        # filters and transforms (mesh/cesql, mesh/transform), checked when created
+        status, _, filtered = await http.call(
+            "POST",
+            "/v1/propagations",
+            {
+                "mode": "unidirectional",
+                "source": "billing",
+                "targets": ["crm"],
+                "filter": "type = 'invoice.paid' AND data.total > 100",
+                "transform": "{id: data.id}",
+            },
+        )
+        assert status == 201, filtered
+        made["filtered"] = filtered["id"]
+        stored = await client.registry.get_propagation(filtered["id"])
+        assert (stored.filter, stored.transform) == (
+            "type = 'invoice.paid' AND data.total > 100",
+            "{id: data.id}",
+        )
+        for bad in ({"filter": "((("}, {"transform": "[[["}):
+            doc = {"mode": "unidirectional", "source": "other", "targets": ["crm"], **bad}
+            status, _, problem = await http.call("POST", "/v1/propagations", doc)
+            assert status == 422 and problem["type"] == "urn:mesh:problem:validation", problem
+        status, _, _ = await http.call("PATCH", "/v1/targets/crm", {"transform": "data"})
+        assert status == 200 and (await client.registry.get_target("crm")).transform == "data"
+        assert (await http.call("PATCH", "/v1/targets/crm", {"transform": "[[["}))[0] == 422
+        status, _, _ = await http.call("PATCH", "/v1/targets/crm", {"transform": None})
+        assert (await client.registry.get_target("crm")).transform is None
         status, _, props = await http.call("GET", "/v1/propagations")
         assert {p["id"] for p in props} == set(made.values())
         assert await client.registry.routes_for("bi") == [("shop", None), ("alerts", None)]
@@ -133,7 +161,7 @@ async def test_targets_lifecycle_through_the_api(
         actions = await eventually(
             lambda: audited_if(audited, expected), what="audit rows from the API"
         )
-        assert actions.count("propagation.create") == 4
+        assert actions.count("propagation.create") == 5
         async with await open_store(settings.database_url) as store:
             rows = await store.query_audit(limit=200)
         dump = json.dumps([[r.before, r.after] for r in rows])

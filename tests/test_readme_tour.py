@@ -61,6 +61,7 @@ def up_env(tmp_path: Path) -> dict[str, str]:
             "MESH_NATS_PORT": str(free_port()),
             "MESH_HTTP_PORT": str(free_port()),
             "MESH_BRIDGE_PORT": str(free_port()),
+            "MESH_API_PORT": str(free_port()),
             "MESH_ALLOW_PRIVATE_TARGETS": "1",
             "MESH_CONFIG": str(tmp_path / "no-mesh.toml"),
             "MESH_LOG_FORMAT": "json",

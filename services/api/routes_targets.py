@@ -8,7 +8,6 @@ Secrets are never answered, except a generated or rotated one, once.
 
 from __future__ import annotations
 
-import inspect
 from datetime import timedelta
 from typing import Annotated, Any, Literal, Optional
 
@@ -24,6 +23,7 @@ from mesh.registry import (
     Target,
     TargetKind,
     TargetStatus,
+    validate_expressions,
 )
 from mesh.registry import PropagationMode as Mode
 from mesh.subjects import validate_name
@@ -46,6 +46,7 @@ UPDATABLE = (
     "max_in_flight",
     "ordered",
     "format",
+    "transform",  # JMESPath over the data (mesh/transform.py), checked before it is stored
 )
 
 
@@ -117,7 +118,8 @@ TargetCreated = create_model(
 )
 TargetPatch = create_model(
     "TargetPatch",
-    __doc__="Fields to change; those left out keep their value (rate: null removes the limit).",
+    __doc__="Fields to change; those left out keep their value (rate: null removes the limit;"
+    " transform: null removes it).",
     **{
         **{k: v for k, v in _fields(Target, set(), optional=True).items() if k in UPDATABLE},
         "url": (_Url | None, None),
@@ -248,11 +250,14 @@ async def update_target(call: Call) -> dict[str, Any]:
     if "retry" in changes and changes["retry"] is not None:
         changes["retry"] = {**before.retry.model_dump(), **changes["retry"]}
     for key, value in list(changes.items()):
-        if value is None and key != "rate":
-            del changes[key]  # null means "leave as is" except for rate (no limit)
+        if value is None and key not in ("rate", "transform"):
+            del changes[key]  # null means "leave as is", except: rate (no limit), transform
+    if "transform" in changes:
+        changes["transform"] = changes["transform"] or None  # "" or null: no transform
     merged = valid_target({**before.model_dump(), **changes})
     if merged.kind == TargetKind.WEBHOOK and "url" in changes:
         validate_url(merged.url or "")
+    validate_expressions(None, merged.transform)
     after = await registry.put_target(merged)
     await _reconcile(call, after)
     await call.api.audit.record(
@@ -315,20 +320,19 @@ async def list_propagations(call: Call) -> list[Propagation]:
 async def create_propagation(call: Call) -> Reply:
     body = call.body
     validate_name(body.source, "source name")
+    # Fields the registry's model has beyond these (filter, transform) go through as they are.
     extra = body.model_dump(exclude={"mode", "source", "targets", "types"}, exclude_unset=True)
-    accepted = inspect.signature(call.api.client.registry.add_propagation).parameters
-    kwargs = {k: v for k, v in extra.items() if k in accepted}
-    tenant = await tenancy.tenant_for_create(call, kwargs.pop("tenant", None))
-    if tenant != DEFAULT:
-        kwargs["tenant"] = tenant
+    tenant = await tenancy.tenant_for_create(call, extra.pop("tenant", None))
     client = call.api.client
-    if kwargs:  # fields the registry learned (filter, transform): through the registry
+    if tenant != DEFAULT:  # the registry takes the tenant; the client's call has no such field
         prop = await client.registry.add_propagation(
-            Mode(body.mode), body.source, body.targets, body.types, **kwargs
+            Mode(body.mode), body.source, body.targets, body.types, tenant=tenant, **extra
         )
         await client.provisioner.reconcile_all()
     else:
-        prop = await client.add_propagation(body.mode, body.source, body.targets, body.types)
+        prop = await client.add_propagation(
+            body.mode, body.source, body.targets, body.types, **extra
+        )
     await call.api.audit.record(
         call.actor,
         "propagation.create",
