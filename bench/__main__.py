@@ -1,6 +1,6 @@
 """The benchmark suite: each figure with its raw baseline from the same run, and the ratio.
 
-    python -m bench [egress|sink|bridge|publish|latency|fanout|backlog|filters|api|all]
+    python -m bench [egress|sink|bridge|publish|latency|fanout|backlog|filters|api|tenants|all]
                     [--quick] [ARGS]
 
 ``--quick`` keeps each bench to about a minute; without it the sizes are the ones in
@@ -29,9 +29,12 @@ from types import ModuleType
 from bench import _common
 from bench._common import ROOT, Result, header, summary
 
-OWN = ("publish", "latency", "fanout", "backlog", "filters", "api")
+OWN = ("publish", "latency", "fanout", "backlog", "filters", "api", "tenants")
 SCRIPTS = ("egress", "sink", "bridge")
-ORDER = ("publish", "latency", "fanout", "backlog", "filters", "api", "egress", "sink", "bridge")
+ORDER = (
+    *("publish", "latency", "fanout", "backlog", "filters", "api", "tenants"),
+    *("egress", "sink", "bridge"),
+)
 
 
 def _module(name: str) -> ModuleType:

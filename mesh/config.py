@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     prefix: str = "mesh"
     # The tenant this process publishes and consumes as (MESH_TENANT; mesh/tenants.py).
     tenant: str = Field(default="default", pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    # While targets of 2+ tenants are active, the share of an egress instance's in-flight
+    # requests one tenant may hold (services/egress/fairness.py).
+    egress_tenant_share: float = Field(default=0.5, gt=0, le=1)
 
     # Broker. nats_url unset means the embedded server on 127.0.0.1:nats_port.
     nats_url: str | None = None

@@ -60,6 +60,7 @@ class TokenClaims:
     issued_at: datetime
     expires_at: datetime
     jti: str
+    tenant: str = "default"  # the target's tenant: its publishes are that tenant's sources
 
     def may_publish_as(self, source: str) -> bool:
         return source in self.publish_as
@@ -131,6 +132,7 @@ def issue(
     ttl: timedelta = DEFAULT_TTL,
     publish_as: Sequence[str] | None = None,
     now: datetime | None = None,
+    tenant: str = "default",
 ) -> str:
     """A signed token for ``target``; ``publish_as`` defaults to the target's own name."""
     validate_name(target, "target name")
@@ -152,6 +154,8 @@ def issue(
         "exp": round(issued + ttl.total_seconds(), 3),
         "jti": uuid.uuid4().hex,
     }
+    if tenant != "default":  # tokens of the default tenant stay as they were
+        claims["ten"] = validate_name(tenant, "tenant")
     return jwt.encode(claims, key, algorithm=ALGORITHM)
 
 
@@ -190,6 +194,9 @@ def verify(key: bytes, token: str, target: str, *, now: datetime | None = None) 
         pub = doc.get("pub", [sub])
         if not isinstance(pub, list) or not all(isinstance(p, str) for p in pub):
             raise TypeError("pub")
+        tenant = doc.get("ten", "default")
+        if not isinstance(tenant, str):
+            raise TypeError("ten")
     except (KeyError, TypeError, ValueError, OverflowError):
         raise TokenError("invalid token: malformed claims") from None
     if now is not None and now.timestamp() > expires.timestamp() + LEEWAY_S:
@@ -205,4 +212,5 @@ def verify(key: bytes, token: str, target: str, *, now: datetime | None = None) 
         issued_at=issued,
         expires_at=expires,
         jti=str(doc["jti"]),
+        tenant=tenant,
     )

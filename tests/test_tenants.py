@@ -193,3 +193,19 @@ async def test_target_quota_over_the_api(api: Api, client: MeshClient) -> None:
         assert (await http.call("GET", "/v1/tenants/default"))[0] == 404
         status, _, listed = await http.call("GET", "/v1/tenants")
         assert [t["name"] for t in listed] == ["small"]
+
+
+def test_tenant_slots_cap_a_tenant_only_when_tenants_share_the_egress() -> None:
+    from services.egress.fairness import TenantSlots
+
+    slots = TenantSlots(total=100, share=0.25)
+    slots.add("default")
+    slots.add("default")
+    assert slots.cap() == 100  # one tenant (every mesh without tenants): as before
+    assert slots.slot("default")._value == 100
+    slots.add("tb")
+    assert slots.cap() == 25
+    assert slots.slot("tb")._value == 25 and slots.slot("default")._value == 25
+    slots.remove("tb")
+    assert slots.cap() == 100 and "tb" not in slots.active
+    assert slots.slot("default")._value == 100

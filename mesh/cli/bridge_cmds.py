@@ -53,13 +53,13 @@ def issue_cmd(
         raise ValidationError(f"--ttl is at most {MAX_TTL.days}d: a token lives that long at most")
     s = settings()
 
-    async def check() -> None:
+    async def check() -> str:
         async with connected(s) as c:
-            await c.target_or_error(target)
+            return (await c.target_or_error(target)).tenant
 
-    arun(check())
+    tenant = arun(check())
     key = load_key(key_path(s))
-    token = issue(key, target, ttl=lifetime, publish_as=publish_as or None)
+    token = issue(key, target, ttl=lifetime, publish_as=publish_as or None, tenant=tenant)
     claims = verify(key, token, target)
     if as_json:
         print_json(

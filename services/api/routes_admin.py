@@ -14,6 +14,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field
 
 from mesh.apikeys import Scope
+from mesh.errors import NotFound
 from mesh.revocations import MAX_REASON, Revocation, RevocationStore
 from mesh.tokens import DEFAULT_TTL, MAX_TTL, issue, key_path, load_key, verify
 from services.api.routing import NAME_PATTERN, Call, Param, Reply, Route, RouteTable
@@ -64,8 +65,16 @@ async def _store(call: Call) -> RevocationStore:
 async def issue_token(call: Call) -> Reply:
     body: TokenIn = call.body
     key = load_key(key_path(call.api.settings))
+    try:
+        tenant = (await call.api.client.registry.get_target(body.target)).tenant
+    except NotFound:
+        tenant = "default"  # as before tenants: a token may name a target made later
     token = issue(
-        key, body.target, ttl=timedelta(seconds=body.ttl_s), publish_as=body.publish_as or None
+        key,
+        body.target,
+        ttl=timedelta(seconds=body.ttl_s),
+        publish_as=body.publish_as or None,
+        tenant=tenant,
     )
     claims = verify(key, token, body.target)
     await call.api.audit.record(

@@ -319,6 +319,8 @@ class Bridge(Service):
         client = self.client
         try:
             t = await client.registry.get_target(target)
+            if t.tenant != claims.tenant:
+                raise NotFound(target)  # a token of another tenant: as if there were no target
             if mode == FEED and t.kind == TargetKind.WEBHOOK:
                 raise _Refused(
                     409, f"target {target!r} is a webhook target: its feed belongs to the egress"

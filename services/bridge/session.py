@@ -26,6 +26,7 @@ from mesh.envelope import Event
 from mesh.errors import DecodeError, MeshError
 from mesh.observability import METRICS
 from mesh.records import DeliveryRecord, Outcome
+from mesh.subjects import qualify
 from mesh.tokens import TokenClaims
 
 if TYPE_CHECKING:
@@ -466,7 +467,11 @@ class Session:
             return
         try:
             event = self.client.build(
-                source, event_type, req.get("data"), id=event_id, datacontenttype=envelope.JSON
+                qualify(claims.tenant, source),  # a tenant's token publishes its sources
+                event_type,
+                req.get("data"),
+                id=event_id,
+                datacontenttype=envelope.JSON,
             )
             new = await self.client.publish_event(event)
         except MeshError as exc:

@@ -42,6 +42,7 @@ from mesh.records import DeliveryRecord
 from mesh.registry import TargetKind, TargetStatus
 from services.base import Service
 from services.egress.circuit import CircuitStore
+from services.egress.fairness import TenantSlots
 from services.egress.http.sender import HttpSender
 from services.egress.worker import FETCH_EXPIRES_S, TargetWorker
 
@@ -66,6 +67,7 @@ class WebhookEgress(Service):
         # How long an idle fetch waits at the server; also what a drain may wait for it.
         self.fetch_expires_s = fetch_expires_s
         self.slots = asyncio.Semaphore(max_in_flight)
+        self.tenant_slots = TenantSlots(max_in_flight, settings.egress_tenant_share)
         self.http = HttpSender(settings.allow_private_targets, limit=max_in_flight)
         self.workers: dict[str, TargetWorker] = {}
         self.circuits: CircuitStore | None = None
@@ -160,6 +162,7 @@ class WebhookEgress(Service):
             if worker is None:
                 worker = TargetWorker(self, target)
                 self.workers[name] = worker
+                self.tenant_slots.add(target.tenant)
                 worker.start()
                 self.log.info("delivering to target", target=name)
             elif target.model_dump() != worker.target.model_dump():
@@ -172,6 +175,7 @@ class WebhookEgress(Service):
         worker = self.workers.pop(name, None)
         if worker is None:
             return
+        self.tenant_slots.remove(worker.target.tenant)
         task = asyncio.create_task(self._stop_worker(worker, forget), name=f"retire-{name}")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)

@@ -328,7 +328,8 @@ class TargetWorker(Outcomes):
                 return
             while True:
                 probe = await self._clearance()
-                async with self.http_slots, self.egress.slots:
+                tenant_slot = self.egress.tenant_slots.slot(target.tenant)
+                async with self.http_slots, tenant_slot, self.egress.slots:
                     # Waiting for a slot takes time: the circuit may have opened (or the
                     # probe lease run short) meanwhile. Nothing goes out unless still clear.
                     if not self._still_clear(probe):
