@@ -262,6 +262,8 @@ async def _drive(config: dict[str, Any], timeout: float = 180) -> dict[str, Any]
 )
 async def test_portal_in_chromium(client: MeshClient, mesh: Api) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
+    for old in ARTIFACTS.glob("portal-*.png"):  # this run's screenshots only
+        old.unlink()
     async with _receiver() as rx, _receiver() as rx2:
         # Test 1 fails (500), its retry succeeds, test 2 fails into the DLQ, its replay succeeds.
         rx.script(Reply(500, body=b"database down\n"), Reply(200), Reply(500, body=b"again\n"))
@@ -286,19 +288,19 @@ async def test_portal_in_chromium(client: MeshClient, mesh: Api) -> None:
         assert "default-src 'none'" in seen["csp"]
         assert seen["console_errors"] == [], seen["console_errors"]
         assert seen["external_requests"] == [], seen["external_requests"]
-        assert seen["endpoint_sources"] == "shop"
+        assert seen["endpoint_sources"] == "shop", seen
         # What the page showed is what the mesh did.
         target = await client.registry.get_target("orders-hook")
-        assert target.url == rx2.url and target.retry.max_retries == 0
+        assert target.url == rx2.url and target.retry.max_retries == 0, target
         assert target.old_secret_enc is not None  # rotated: the old one signs for a grace
         assert seen["rotated_secret"] != seen["secret"]
-        assert seen["failed_status"] == "500" and "database down" in seen["failed_excerpt"]
+        assert seen["failed_status"] == "500" and "database down" in seen["failed_excerpt"], seen
         assert seen["test1"] in seen["request_shown"]
 
         test1 = [r for r in rx.requests if r.webhook_id == seen["test1"]]
-        assert [r.status for r in test1] == [500, 200]
+        assert [r.status for r in test1] == [500, 200], seen
         test2 = [r for r in rx.requests if r.webhook_id == seen["test2"]]
-        assert [r.status for r in test2] == [500, 200]
+        assert [r.status for r in test2] == [500, 200], seen
         # The secret the page showed once is the one the deliveries were signed with.
         ok = test1[-1]
         assert signing.verify(ok.body, ok.headers, [seen["secret"]]) == ok.webhook_id
