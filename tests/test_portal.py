@@ -99,7 +99,8 @@ async def _mesh(env: dict[str, str], *args: str) -> tuple[int, str, str]:
     return proc.returncode or 0, out.decode(), err.decode()
 
 
-async def test_cli_prints_a_link(settings: Settings) -> None:
+async def test_cli_prints_a_link(settings: Settings, client: MeshClient) -> None:
+    await (await TenantStore.open(client.js, client.names.tenants)).create("acme")
     env = {**env_for(settings), "MESH_API_PORT": "9555"}
     code, out, err = await _mesh(env, "portal", "link", "--tenant", "acme", "--ttl", "15m")
     assert code == 0, err
@@ -110,6 +111,8 @@ async def test_cli_prints_a_link(settings: Settings) -> None:
     assert timedelta(minutes=14) < claims.expires_at - datetime.now(UTC) <= timedelta(minutes=15)
     code, out, err = await _mesh(env, "portal", "link", "--ttl", "30d")
     assert code != 0 and out == "" and "at most 7d" in err and "Traceback" not in err
+    code, out, err = await _mesh(env, "portal", "link", "--tenant", "nobody")
+    assert code != 0 and out == "" and "nobody" in err and "Traceback" not in err, err
 
 
 # The pages and sessions over HTTP -----------------------------------------------------

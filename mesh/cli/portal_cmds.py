@@ -8,9 +8,10 @@ from datetime import timedelta
 import typer
 
 from mesh import portal
-from mesh.cli._common import note, parse_duration, print_json, settings
+from mesh.cli._common import arun, connected, note, parse_duration, print_json, settings
 from mesh.errors import ValidationError
 from mesh.subjects import validate_name
+from mesh.tenants import TenantStore
 
 portal_app = typer.Typer(help="The endpoint-owner portal (a page on the API service).")
 
@@ -38,6 +39,13 @@ def link_cmd(
     if lifetime < timedelta(seconds=1):
         raise ValidationError("--ttl must be at least 1s")
     s = settings()
+
+    async def check() -> None:
+        async with connected(s) as c:
+            store = await TenantStore.open(c.js, c.names.tenants, s.stream_replicas)
+            await store.get(tenant)  # NotFound: one line, exit 1
+
+    arun(check())
     if base_url is None:
         scheme = "https" if s.api_tls_cert else "http"
         host = "127.0.0.1" if s.api_host in ("0.0.0.0", "::", "") else s.api_host
