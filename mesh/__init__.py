@@ -4,8 +4,9 @@ What a user program needs: the client, the event and registry models, settings
 and the errors. Everything else is reachable through the submodules.
 """
 
-from mesh.client import Delivery, MeshClient, Reply
+from mesh.client import MeshClient
 from mesh.config import Settings, load_settings
+from mesh.delivery import Delivery
 from mesh.envelope import Event
 from mesh.errors import (
     BrokerError,
@@ -26,6 +27,7 @@ from mesh.errors import (
     ValidationError,
 )
 from mesh.registry import Propagation, PropagationMode, RetryPolicy, Target, TargetKind
+from mesh.replies import Reply
 
 __version__ = "0.1.0"
 

@@ -120,6 +120,14 @@ class EmbeddedBroker:
         lines = nats_config(self.sync)
         if self.max_payload is not None:
             lines += f"max_payload: {self.max_payload}\n"
+        if lines and "-c" in cmd:
+            # nats-server reads one -c file: a config given in extra_args is included after
+            # ours (so its own settings win), by a path relative to ours, as include needs.
+            at = cmd.index("-c")
+            given = Path(cmd[at + 1]).resolve()
+            del cmd[at : at + 2]
+            rel = os.path.relpath(given, self.store_dir.parent.resolve())
+            lines += f'include "{rel}"\n'
         if lines:
             conf = self.store_dir.parent / f"nats-{self.port}.conf"
             conf.write_text(lines)

@@ -77,6 +77,14 @@ class Settings(BaseSettings):
     prune_interval_s: float = Field(default=3600.0, gt=0)
     prune_batch: int = Field(default=1000, ge=1, le=50_000)
 
+    # Backups (mesh/backup): the scheduled service takes one every backup_every ("1h",
+    # "30m"; unset: no schedule), keeps the newest backup_keep in backup_dir
+    # (default $MESH_HOME/backups), and seals the keys with the passphrase in the file.
+    backup_every: str | None = None
+    backup_keep: int = Field(default=24, ge=1)
+    backup_dir: Path | None = None
+    backup_passphrase_file: Path | None = None
+
     # Services.
     http_port: int = Field(default=9400, ge=0, le=65535)
     bridge_port: int = Field(default=9401, ge=0, le=65535)
@@ -160,6 +168,10 @@ class Settings(BaseSettings):
     @property
     def nats_store_dir(self) -> Path:
         return self.home / "nats"
+
+    @property
+    def backups_dir(self) -> Path:
+        return self.backup_dir or self.home / "backups"
 
     @property
     def metrics_dir(self) -> Path:

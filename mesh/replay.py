@@ -36,7 +36,8 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 
 from mesh import envelope
-from mesh.client import MeshClient, raise_if_cancelled
+from mesh.client import MeshClient
+from mesh.delivery import raise_if_cancelled
 from mesh.errors import BrokerError, NotFound, ValidationError
 from mesh.registry import route_accepts
 from mesh.subjects import (

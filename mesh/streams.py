@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import nats.js.errors as js_errors
 from nats.js import JetStreamContext
@@ -260,3 +261,24 @@ class Provisioner:
     async def delete_consumer(self, consumer: str) -> None:
         with contextlib.suppress(js_errors.NotFoundError):
             await self.js.delete_consumer(self.names.events, consumer)
+
+
+async def dlq_depths(
+    js: JetStreamContext, names: StreamNames, subjects: Subjects
+) -> dict[str, int]:
+    """Dead letters retained, per target."""
+    info = await js.stream_info(names.dlq, subjects_filter=subjects.dlq_all)
+    return {s.rsplit(".", 1)[-1]: int(n) for s, n in (info.state.subjects or {}).items()}
+
+
+async def queue_depth(js: JetStreamContext, names: StreamNames, target: Target) -> dict[str, Any]:
+    """A target's queue: lag = pending (not yet delivered) + unacked (in flight)."""
+    ci = await js.consumer_info(names.events, target.consumer)
+    pending, unacked = int(ci.num_pending or 0), int(ci.num_ack_pending or 0)
+    return {
+        "lag": pending + unacked,
+        "pending": pending,
+        "unacked": unacked,
+        "redelivered": int(ci.num_redelivered or 0),
+        "paused": bool(getattr(ci, "paused", False)),
+    }

@@ -30,7 +30,10 @@ SERVICES: dict[str, str] = {
     "bridge": "services.bridge:Bridge",
     "health": "services.health:Health",
     "api": "services.api:Api",
+    "backup": "services.backup:Backup",
 }
+# Services `mesh up` runs only when configured: name -> the setting that turns it on.
+OPT_IN = {"backup": "backup_every"}
 ALIASES = {"egress": "webhook-egress"}
 TEXTFILE_INTERVAL_S = 15.0
 
@@ -56,9 +59,12 @@ def load_service(name: str) -> type[Service]:
     return cls
 
 
-def available_services() -> list[str]:
+def available_services(settings: Settings | None = None) -> list[str]:
+    """Services this build has; an opt-in one only when ``settings`` turn it on."""
     out = []
     for name in SERVICES:
+        if name in OPT_IN and not (settings and getattr(settings, OPT_IN[name])):
+            continue
         try:
             load_service(name)
         except ConfigError:

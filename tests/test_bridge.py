@@ -267,7 +267,7 @@ async def test_unknown_target_and_close_codes_as_the_docs_say(
 ) -> None:
     """docs/WEBSOCKET.md: the credential first, so an unknown target is a 404 only with a
     valid token naming it; and its close codes are the bridge's."""
-    from services.bridge import session as bridge_session
+    from services.bridge import frames as bridge_frames
 
     refusals = doc_table("### Refusals before the upgrade")
     assert "unknown target" in refusals[404] and "another target" in refusals[401]
@@ -282,13 +282,13 @@ async def test_unknown_target_and_close_codes_as_the_docs_say(
             assert (await r.json())["error"], headers
     closes = doc_table("## Close codes")
     assert set(closes) == {
-        bridge_session.CLOSE_GOING_AWAY,
-        bridge_session.CLOSE_REVOKED,
-        bridge_session.CLOSE_ERROR,
-        bridge_session.CLOSE_SLOW,
+        bridge_frames.CLOSE_GOING_AWAY,
+        bridge_frames.CLOSE_REVOKED,
+        bridge_frames.CLOSE_ERROR,
+        bridge_frames.CLOSE_SLOW,
     }
-    assert "revoked" in closes[bridge_session.CLOSE_REVOKED]
-    assert "too slow" in closes[bridge_session.CLOSE_SLOW]
+    assert "revoked" in closes[bridge_frames.CLOSE_REVOKED]
+    assert "too slow" in closes[bridge_frames.CLOSE_SLOW]
 
 
 async def test_valid_token_streams_in_header_or_query(

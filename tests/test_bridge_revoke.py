@@ -25,8 +25,8 @@ from mesh.config import Settings
 from mesh.errors import MeshError
 from mesh.registry import Target, TargetKind
 from mesh.revocations import Revocation, RevocationKind, RevocationStore, RevocationView
+from services.bridge.frames import CLOSE_REVOKED
 from services.bridge.service import Bridge
-from services.bridge.session import CLOSE_REVOKED
 from tests.support import eventually
 from tests.support.cli import ok, one_line_error, run_cli
 from tests.test_bridge import (  # noqa: F401 (fixtures, used as parameters)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mesh import keys as key_ops
+from mesh import reencrypt as reencrypt_ops
 from mesh.client import MeshClient
 from mesh.config import Settings
 from mesh.crypto import KeyRing
@@ -151,10 +152,10 @@ async def test_reencrypt_resumes_and_leaves_no_row_under_the_old_key(
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        await key_ops.reencrypt(
+        await reencrypt_ops.reencrypt(
             settings, ring, None, batch_size=10, progress=stop_after_first_batch
         )
-    checkpoint = key_ops.Checkpoint.for_settings(settings)
+    checkpoint = reencrypt_ops.Checkpoint.for_settings(settings)
     assert checkpoint.path.exists()
     midway = await stored_payloads(store)
     assert sum(ring.key_id_for(p) == new_key.id for p in midway.values()) == 4 + 10
@@ -172,7 +173,7 @@ async def test_reencrypt_resumes_and_leaves_no_row_under_the_old_key(
     assert {ring.key_id_for(p) for p in after.values()} == {new_key.id}
     assert {k: ring.decrypt(v) for k, v in after.items()} == plain
     # A full pass now finds everything current.
-    again = await key_ops.reencrypt(settings, ring, None, batch_size=10)
+    again = await reencrypt_ops.reencrypt(settings, ring, None, batch_size=10)
     assert again.rewritten == 0 and again.tables["events"].current == 25
 
 

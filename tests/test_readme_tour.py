@@ -35,7 +35,7 @@ WIDTH = 80
 def tour_commands() -> list[list[str]]:
     """Every command line of the tour's ``sh`` blocks, split as a shell would."""
     text = README.read_text()
-    section = text.split("## Five minutes", 1)[1].split("## Using it from Python", 1)[0]
+    section = text.split("## Five minutes", 1)[1].split("\n## ", 1)[0]
     lines: list[list[str]] = []
     for block in re.findall(r"```sh\n(.*?)```", section, flags=re.S):
         for line in block.splitlines():

@@ -60,6 +60,7 @@ COMMAND_MODULES = (
     "mesh.cli.apikey_cmds",
     "mesh.cli.portal_cmds",
     "mesh.cli.tenant_cmds",
+    "mesh.cli.backup_cmds",
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 from typing import Any
 
 import typer
@@ -22,7 +23,7 @@ from mesh.cli._tables import Col
 from mesh.client import MeshClient
 from mesh.crypto import KeyRing
 from mesh.durability import LAZY_WARNING, broker_sync
-from mesh.errors import NotFound
+from mesh.errors import ConfigError, NotFound
 from mesh.observability import configure_logging
 
 
@@ -36,26 +37,38 @@ def register(app: typer.Typer) -> None:
 # up / serve / init ------------------------------------------------------------
 
 
+def _runner() -> Any:
+    """``services.runner``, loaded by name: the library (``mesh/``) never imports the
+    services (tests/test_layout.py); only these two commands reach them, at run time."""
+    try:
+        return importlib.import_module("services.runner")
+    except ModuleNotFoundError as exc:
+        if exc.name in ("services", "services.runner"):
+            raise ConfigError("the mesh services are not installed with this library") from None
+        raise
+
+
 def up(
     services: str = typer.Option(
         "",
         "--services",
-        help="Comma-separated subset: egress,bridge,health,sink,api (default all).",
+        help="Comma-separated subset: egress,bridge,health,sink,api (default all; backup"
+        " too when MESH_BACKUP_EVERY is set).",
     ),
 ) -> None:
     """Run the mesh: the embedded broker (unless MESH_NATS_URL is set) and every service."""
     from mesh.broker import EmbeddedBroker
-    from services.runner import available_services, canonical, load_service, main_sync
 
+    runner = _runner()
     s = settings()
     configure_logging(s.log_format, s.log_level)
     names = (
-        [canonical(n.strip()) for n in services.split(",") if n.strip()]
+        [runner.canonical(n.strip()) for n in services.split(",") if n.strip()]
         if services
-        else available_services()
+        else runner.available_services(s)
     )
     for n in names:
-        load_service(n)  # an unknown name fails here, before anything starts
+        runner.load_service(n)  # an unknown name fails here, before anything starts
     if s.embedded:
         EmbeddedBroker(s.nats_store_dir, port=s.nats_port).check_port()
     s.home.mkdir(parents=True, exist_ok=True)
@@ -72,21 +85,20 @@ def up(
     err_console.print("; ".join([*parts, "Ctrl-C stops"]), markup=False, soft_wrap=True)
     if s.embedded and s.broker_sync == "lazy":
         err_console.print(LAZY_WARNING, markup=False, soft_wrap=True)
-    main_sync(names, s)
+    runner.main_sync(names, s)
 
 
 def serve(
-    name: str = typer.Argument(..., help="webhook-egress | bridge | health | sink | api"),
+    name: str = typer.Argument(..., help="webhook-egress | bridge | health | sink | api | backup"),
 ) -> None:
     """Run one service in this process (connects to MESH_NATS_URL)."""
-    from services.runner import load_service, main_sync
-
+    runner = _runner()
     s = settings()
-    load_service(name)
+    runner.load_service(name)
     configure_logging(s.log_format, s.log_level)
     if s.embedded:
         s = s.model_copy(update={"nats_url": s.servers[0]})
-    main_sync([name], s)
+    runner.main_sync([name], s)
 
 
 async def _init() -> dict[str, Any]:

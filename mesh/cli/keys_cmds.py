@@ -7,6 +7,7 @@ from typing import Any
 import typer
 
 from mesh import keys as key_ops
+from mesh import reencrypt as reencrypt_ops
 from mesh.cli._common import (
     arun,
     confirm,
@@ -126,18 +127,20 @@ def keys_reencrypt(
         print_json(result.doc())
 
 
-def _reencrypt(s: Any, batch_size: int, *, restart: bool, as_json: bool) -> key_ops.ReencryptResult:
+def _reencrypt(
+    s: Any, batch_size: int, *, restart: bool, as_json: bool
+) -> reencrypt_ops.ReencryptResult:
     ring = key_ops.load_ring(s)
 
-    async def run() -> key_ops.ReencryptResult:
+    async def run() -> reencrypt_ops.ReencryptResult:
         with progress_bar("re-encrypt") as update:
             try:
                 async with connected(s) as c:
-                    return await key_ops.reencrypt(
+                    return await reencrypt_ops.reencrypt(
                         s, ring, c, batch_size=batch_size, progress=update, restart=restart
                     )
             except BrokerUnavailable:
-                return await key_ops.reencrypt(
+                return await reencrypt_ops.reencrypt(
                     s, ring, None, batch_size=batch_size, progress=update, restart=restart
                 )
 

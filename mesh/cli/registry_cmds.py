@@ -13,11 +13,13 @@ from mesh.cli._common import (
     console,
     print_json,
     print_table,
+    settings,
 )
 from mesh.cli._tables import Col
 from mesh.errors import ValidationError
 from mesh.registry import PropagationMode, RetryPolicy, Target, TargetKind
 from mesh.subjects import validate_name
+from mesh.tenants import TenantStore
 
 target_app = typer.Typer(help="Manage targets (webhook, nats and stream receivers).")
 propagate_app = typer.Typer(help="Link a source to targets: choose a mode.")
@@ -54,8 +56,9 @@ def target_add(
     ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Register a target."""
+    """Register a target (in tenant MESH_TENANT, default 'default')."""
     validate_name(name, "target name")
+    tenant = settings().tenant
     if webhook and kind not in (None, TargetKind.WEBHOOK):
         raise ValidationError("--webhook and --kind nats|stream exclude each other")
     if not webhook and kind in (None, TargetKind.WEBHOOK):
@@ -73,6 +76,7 @@ def target_add(
             ordered=ordered,
             format=fmt,  # type: ignore[arg-type]
             transform=transform,
+            tenant=tenant,
             retry=RetryPolicy(
                 max_retries=max_retries, base_s=retry_base, max_delay_s=retry_max_delay
             ),
@@ -86,6 +90,8 @@ def target_add(
 
     async def run() -> tuple[Target, list[str]]:
         async with connected() as c:
+            if tenant != "default":
+                await (await TenantStore.open(c.js, c.names.tenants)).get(tenant)
             t = await c.add_target(target, secret)
             return t, c.registry.secrets_for(t)
 

@@ -1,9 +1,11 @@
-"""Helpers both backends share: migrations on disk, time and JSON coercion, URL redaction."""
+"""Helpers both backends share: migrations on disk, statement parameters, time and JSON
+coercion, URL redaction."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -21,6 +23,18 @@ class RowsRefused(StorageError):
     """The database is reachable but refuses the rows themselves (a NOT NULL or
     encoding violation, a value it cannot store). Retrying the same rows cannot
     help, unlike every other ``StorageError``."""
+
+
+class Params:
+    """The bound values of one statement, each added where its placeholder goes."""
+
+    def __init__(self, mark: Callable[[int], str]) -> None:
+        self.values: list[Any] = []
+        self._mark = mark
+
+    def __call__(self, value: Any) -> str:
+        self.values.append(value)
+        return self._mark(len(self.values))
 
 
 @dataclass(frozen=True, slots=True)

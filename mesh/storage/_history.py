@@ -26,7 +26,7 @@ from mesh.storage.models import DeliveryRow, EventRow
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from mesh.storage._sql import Params
+    from mesh.storage._common import Params
 
 R = TypeVar("R")
 

@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-from mesh.storage._common import check_limit, to_utc
+from mesh.storage._common import Params, check_limit, to_utc
 from mesh.storage.models import PruneResult
-
-if TYPE_CHECKING:
-    from mesh.storage._sql import Params, SqlStore
 
 C = TypeVar("C")
 
@@ -47,10 +45,29 @@ def _marks(p: Params, values: Sequence[Any]) -> str:
     return ", ".join(p(v) for v in values)
 
 
+class PruneSql(Protocol[C]):
+    """What a prune runs its statements on: a ``SqlStore`` (``mesh/storage/_sql.py``) with
+    ``C`` its connection type. The store owns the pruner, never the other way round."""
+
+    def _ts(self, value: datetime) -> Any: ...
+
+    def _params(self) -> Params: ...
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Sequence[Any]]: ...
+
+    def _write(
+        self, action: str, *, transaction: bool = True
+    ) -> AbstractAsyncContextManager[C]: ...
+
+    async def _fetch_on(self, conn: C, sql: str, *args: Any) -> list[Sequence[Any]]: ...
+
+    async def _lock_prune(self, conn: C) -> None: ...
+
+
 class Pruner(Generic[C]):
     """One prune over a ``SqlStore``: ``run`` deletes, or counts in a dry run."""
 
-    def __init__(self, store: SqlStore[C], batch_size: int = DEFAULT_BATCH) -> None:
+    def __init__(self, store: PruneSql[C], batch_size: int = DEFAULT_BATCH) -> None:
         self.store = store
         self.batch_size = check_limit(batch_size)
 

@@ -10,7 +10,7 @@ dialects: placeholders, the regular-expression operator, JSON casts and locks.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from types import TracebackType
@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 
 from mesh.errors import StorageError
 from mesh.storage import _registry as reg
-from mesh.storage._common import check_limit, check_table, dump_json, load_migrations
+from mesh.storage._common import Params, check_limit, check_table, dump_json, load_migrations
 from mesh.storage._history import HistoryQueries, event_filters
 from mesh.storage._prune import DEFAULT_BATCH, Pruner
 from mesh.storage._rows import (
@@ -52,18 +52,6 @@ R = TypeVar("R")
 
 #: ``(spec, encoded rows)`` per table of ``BATCH_SPECS``, in that order.
 Batches = list[tuple[RowSpec[Any], list[tuple[Any, ...]]]]
-
-
-class Params:
-    """The bound values of one statement, each added where its placeholder goes."""
-
-    def __init__(self, mark: Callable[[int], str]) -> None:
-        self.values: list[Any] = []
-        self._mark = mark
-
-    def __call__(self, value: Any) -> str:
-        self.values.append(value)
-        return self._mark(len(self.values))
 
 
 class SqlStore(HistoryQueries, ABC, Generic[C]):

@@ -25,9 +25,8 @@ from mesh.registry import (
     TargetStatus,
     validate_expressions,
 )
-from mesh.registry import PropagationMode as Mode
 from mesh.subjects import validate_name
-from mesh.tenants import DEFAULT, visible
+from mesh.tenants import visible
 from services.api import tenancy
 from services.api.problems import INVALID, ApiProblem
 from services.api.quotas import check_target_quota
@@ -322,17 +321,9 @@ async def create_propagation(call: Call) -> Reply:
     validate_name(body.source, "source name")
     # Fields the registry's model has beyond these (filter, transform) go through as they are.
     extra = body.model_dump(exclude={"mode", "source", "targets", "types"}, exclude_unset=True)
-    tenant = await tenancy.tenant_for_create(call, extra.pop("tenant", None))
+    extra["tenant"] = await tenancy.tenant_for_create(call, extra.pop("tenant", None))
     client = call.api.client
-    if tenant != DEFAULT:  # the registry takes the tenant; the client's call has no such field
-        prop = await client.registry.add_propagation(
-            Mode(body.mode), body.source, body.targets, body.types, tenant=tenant, **extra
-        )
-        await client.provisioner.reconcile_all()
-    else:
-        prop = await client.add_propagation(
-            body.mode, body.source, body.targets, body.types, **extra
-        )
+    prop = await client.add_propagation(body.mode, body.source, body.targets, body.types, **extra)
     await call.api.audit.record(
         call.actor,
         "propagation.create",

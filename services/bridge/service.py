@@ -53,12 +53,12 @@ from mesh.revocations import Revocation, RevocationStore, RevocationView
 from mesh.subjects import validate_name
 from mesh.tokens import TokenClaims, TokenError, key_path, load_key, verify
 from services.base import Service
+from services.bridge.frames import CLOSE_GOING_AWAY, CLOSE_REVOKED
 from services.bridge.session import (
-    CLOSE_GOING_AWAY,
-    CLOSE_REVOKED,
     FEED,
     TAIL,
     BridgeOptions,
+    BridgeShared,
     Session,
     Spec,
 )
@@ -112,6 +112,17 @@ class Bridge(Service):
             "slow_closes": 0,
             "revoked_closes": 0,
         }
+        self.shared = BridgeShared(
+            client=self.client,
+            options=self.options,
+            log=self.log,
+            instance=self.instance,
+            counts=self.counts,
+            conns=self._conns,
+            close_if_revoked=self.close_if_revoked,
+            join_tail=self.join_tail,
+            leave_tail=self.leave_tail,
+        )
 
     @property
     def url(self) -> str:
@@ -248,17 +259,28 @@ class Bridge(Service):
             async with self._hub_lock:
                 hub = self._hubs.get(key)
                 if hub is None:
-                    hub = TailReader(self, spec.target, spec.filters, shared=True)
+                    hub = self._reader(spec, shared=True)
                     await hub.open(await hub.start_for(None, None))
                     self._hubs[key] = hub
                 hub.sessions.add(session)  # from here on it gets every event the hub reads
             return hub
-        own = TailReader(self, spec.target, spec.filters, shared=False)
+        own = self._reader(spec, shared=False)
         start = await own.start_for(spec.since_seq, spec.since_time)
         session.next_seq = start
         own.sessions.add(session)
         await own.open(start)
         return own
+
+    def _reader(self, spec: Spec, *, shared: bool) -> TailReader:
+        return TailReader(
+            spec.target,
+            spec.filters,
+            shared=shared,
+            client=self.client,
+            frames=self.frames,
+            log=self.log,
+            heartbeat_s=self.options.tail_heartbeat_s,
+        )
 
     async def leave_tail(self, reader: TailReader, session: Session) -> None:
         if not reader.shared:
@@ -282,7 +304,7 @@ class Bridge(Service):
             if r.status == 401:
                 headers["WWW-Authenticate"] = 'Bearer realm="mesh", error="invalid_token"'
             return web.json_response({"error": r.reason}, status=r.status, headers=headers)
-        return await Session(self, request, spec).run()
+        return await Session(self.shared, request, spec).run()
 
     async def _admit(self, request: web.Request) -> Spec:
         if not self._accepting:

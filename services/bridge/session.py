@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -22,24 +23,26 @@ from aiohttp import WSMsgType, web
 from nats.aio.msg import Msg
 
 from mesh import envelope
-from mesh.envelope import Event
 from mesh.errors import DecodeError, MeshError
 from mesh.observability import METRICS
 from mesh.records import DeliveryRecord, Outcome
 from mesh.subjects import qualify
 from mesh.tokens import TokenClaims
+from services.bridge.frames import (
+    CLOSE_ERROR,
+    CLOSE_GOING_AWAY,
+    CLOSE_SLOW,
+    decode_msg,
+    event_frame,
+    to_json,
+)
 
 if TYPE_CHECKING:
     from mesh.client import MeshClient
-    from services.bridge.service import Bridge
     from services.bridge.tail import TailReader
 
 FEED = "feed"
 TAIL = "tail"
-CLOSE_SLOW = 1013  # try again later
-CLOSE_GOING_AWAY = 1001
-CLOSE_ERROR = 1011
-CLOSE_REVOKED = 1008  # policy violation: the session's token was revoked
 
 
 @dataclass(frozen=True)
@@ -80,30 +83,26 @@ class _Pending:
     sent_at: float
 
 
-def to_json(doc: dict[str, Any]) -> str:
-    return json.dumps(doc, separators=(",", ":"), default=str)
+@dataclass(frozen=True)
+class BridgeShared:
+    """What the bridge hands each session: the shared parts and the calls back it needs
+    (never the ``Bridge`` itself, issue #15)."""
 
-
-def event_frame(event: Event, seq: int) -> dict[str, Any]:
-    return {
-        "seq": seq,
-        "id": event.id,
-        "source": event.source,
-        "type": event.type,
-        "time": event.time.isoformat(),
-        "data": event.json_data(),
-    }
-
-
-def decode_msg(client: MeshClient, msg: Msg, seq: int) -> Event:
-    """The event in a message of the events stream, opened with the client's keys."""
-    return client.decode(msg, seq)
+    client: MeshClient
+    options: BridgeOptions
+    log: Any  # the bridge's bound structlog logger
+    instance: str
+    counts: dict[str, int]  # the bridge's counters, bumped by its sessions
+    conns: set[Session]  # open sessions: a session adds itself while it runs
+    close_if_revoked: Callable[[Session], bool]
+    join_tail: Callable[[Session], Awaitable[TailReader]]
+    leave_tail: Callable[[TailReader, Session], Awaitable[None]]
 
 
 class Session:
     """One WebSocket client: a producer (feed pull or tail subscription), a writer, a reader."""
 
-    def __init__(self, bridge: Bridge, request: web.Request, spec: Spec) -> None:
+    def __init__(self, bridge: BridgeShared, request: web.Request, spec: Spec) -> None:
         self.bridge = bridge
         self.client = bridge.client
         self.opts = bridge.options
@@ -145,7 +144,7 @@ class Session:
         except Exception:
             await self._leave_tail()
             raise
-        self.bridge._conns.add(self)
+        self.bridge.conns.add(self)
         self.bridge.counts["connections"] += 1
         METRICS.bridge_connections.inc()
         self.log.info("client connected", peer=self.request.remote, jti=self.spec.claims.jti)
@@ -165,7 +164,7 @@ class Session:
             try:
                 await asyncio.shield(self.close_soon(1000, ""))
             finally:
-                self.bridge._conns.discard(self)
+                self.bridge.conns.discard(self)
                 METRICS.bridge_connections.dec()
                 self.log.info("client disconnected", code=self.code, reason=self.reason)
         return self.ws

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import nats.errors as nats_errors
 import nats.js.errors as js_errors
@@ -18,11 +18,18 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from mesh.errors import DecodeError, MeshError
-from services.bridge.session import CLOSE_ERROR, decode_msg, event_frame, to_json
+from services.bridge.frames import CLOSE_ERROR, decode_msg, event_frame, to_json
 
 if TYPE_CHECKING:
-    from services.bridge.service import Bridge
-    from services.bridge.session import Session
+    from mesh.client import MeshClient
+
+
+class Listener(Protocol):
+    """A session fed by a tail reader (``Session``)."""
+
+    async def offer(self, seq: int, frame: str) -> None: ...
+
+    def close_soon(self, code: int, reason: str) -> Any: ...
 
 
 class FrameCache:
@@ -65,16 +72,27 @@ class TailReader:
     sequence or a time has its own.
     """
 
-    def __init__(self, bridge: Bridge, target: str, filters: list[str], *, shared: bool) -> None:
-        self.bridge = bridge
-        self.client = bridge.client
+    def __init__(
+        self,
+        target: str,
+        filters: list[str],
+        *,
+        shared: bool,
+        client: MeshClient,
+        frames: FrameCache,
+        log: Any,
+        heartbeat_s: float,
+    ) -> None:
+        self.client = client
+        self.frames = frames
+        self.heartbeat_s = heartbeat_s
         self.target = target
         self.filters = filters
         self.shared = shared
-        self.sessions: set[Session] = set()
+        self.sessions: set[Listener] = set()
         self.floor = 1
         self.sub: Any = None
-        self.log = bridge.log.bind(target=target, tail="shared" if shared else "own")
+        self.log = log.bind(target=target, tail="shared" if shared else "own")
 
     @property
     def key(self) -> tuple[str, tuple[str, ...]]:
@@ -115,7 +133,7 @@ class TailReader:
             stream=self.client.names.events,
             config=cfg,
             ordered_consumer=True,
-            idle_heartbeat=self.bridge.options.tail_heartbeat_s,
+            idle_heartbeat=self.heartbeat_s,
             cb=self._on_msg,
         )
 
@@ -152,12 +170,12 @@ class TailReader:
         if not self.sessions:
             return
         key = (self.target, seq)
-        cached = self.bridge.frames.get(key)
+        cached = self.frames.get(key)
         if cached is not None:
             frame = cached[0]
         else:
             frame = await self._frame(msg, seq)
-            self.bridge.frames.put(key, frame)
+            self.frames.put(key, frame)
         if frame is None:
             return
         for session in list(self.sessions):

@@ -33,7 +33,7 @@ from services.egress.http.sender import AttemptResult
 if TYPE_CHECKING:
     from mesh.client import MeshClient
     from services.egress.circuit import SharedCircuit
-    from services.egress.service import WebhookEgress
+    from services.egress.shared import EgressShared
 
 DLQ_RETRY_S = 5.0  # when the DLQ itself cannot be written, try the message again after this
 
@@ -42,7 +42,7 @@ class Outcomes:
     """Settling messages; the state it uses belongs to ``TargetWorker``."""
 
     name: str
-    egress: WebhookEgress
+    egress: EgressShared
     client: MeshClient
     circuit: SharedCircuit
     log: Any
@@ -185,7 +185,7 @@ class Outcomes:
         # Stop pulling now; the registry watch would get here too.
         self.halt.set()
         self._kick()
-        self.egress.spawn(self.egress.sync_target(self.name), name=f"sync-{self.name}")
+        self.egress.spawn(self.egress.sync_target(self.name), f"sync-{self.name}")
 
     async def _hand_back(self, msg: Msg, delay: float | None = None) -> None:
         self._held.pop(id(msg), None)

@@ -13,24 +13,44 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from mesh.client import Reply
 from mesh.errors import DecodeError
+from mesh.replies import Reply
 from mesh.resilience import CircuitState
 from services.egress.http.sender import AttemptResult, build_body, sign_headers
 
 if TYPE_CHECKING:
-    from services.egress.worker import TargetWorker
+    from mesh.client import MeshClient
+    from mesh.registry import Target
+    from mesh.resilience import RateLimiter
+    from mesh.signing import Signer
+    from services.egress.circuit import SharedCircuit
+    from services.egress.shared import EgressShared
+
+
+class Deliverer(Protocol):
+    """What a responder reads of its target's worker (``TargetWorker``), live: the
+    target, its circuit and its rate limiter change while the responder runs."""
+
+    name: str
+    client: MeshClient
+    target: Target
+    circuit: SharedCircuit
+    limiter: RateLimiter | None
+    log: Any
+    egress: EgressShared
+
+    def signer(self) -> Signer: ...
 
 
 class RequestResponder:
     """Answers one webhook target's requests."""
 
-    def __init__(self, worker: TargetWorker) -> None:
+    def __init__(self, worker: Deliverer) -> None:
         self.worker = worker
         self.client = worker.client
         self.name = worker.name

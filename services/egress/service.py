@@ -44,6 +44,7 @@ from services.base import Service
 from services.egress.circuit import CircuitStore
 from services.egress.fairness import TenantSlots
 from services.egress.http.sender import HttpSender
+from services.egress.shared import EgressShared
 from services.egress.worker import FETCH_EXPIRES_S, TargetWorker
 
 DEFAULT_MAX_IN_FLIGHT = 512  # requests on the wire across every target of one instance
@@ -71,6 +72,7 @@ class WebhookEgress(Service):
         self.http = HttpSender(settings.allow_private_targets, limit=max_in_flight)
         self.workers: dict[str, TargetWorker] = {}
         self.circuits: CircuitStore | None = None
+        self.shared: EgressShared | None = None  # what the workers get (on_start)
         self.peers: dict[str, float] = {}  # other instances -> last heartbeat (monotonic)
         self._sync_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
@@ -87,6 +89,20 @@ class WebhookEgress(Service):
         bucket = events.removesuffix("_EVENTS") + "_CIRCUITS"
         self.circuits = await CircuitStore.open(
             self.client.js, bucket, replicas=self.settings.stream_replicas
+        )
+        self.shared = EgressShared(
+            client=self.client,
+            log=self.log,
+            instance=self.instance,
+            circuits=self.circuits,
+            http=self.http,
+            slots=self.slots,
+            fetch_expires_s=self.fetch_expires_s,
+            spawn=self.spawn,
+            instance_count=self.instance_count,
+            record=self.record,
+            sync_target=self.sync_target,
+            tenant_slots=self.tenant_slots,
         )
         self._peer_sub = await self.client.nc.subscribe(
             self.client.subjects.health(self.name, "*"), cb=self._on_peer
@@ -160,7 +176,8 @@ class WebhookEgress(Service):
                 self._retire(name)
                 worker = None
             if worker is None:
-                worker = TargetWorker(self, target)
+                assert self.shared is not None  # set by on_start, before any sync
+                worker = TargetWorker(self.shared, target)
                 self.workers[name] = worker
                 self.tenant_slots.add(target.tenant)
                 worker.start()

@@ -46,7 +46,7 @@ from services.egress.outcomes import Outcomes
 from services.egress.rpc import RequestResponder
 
 if TYPE_CHECKING:
-    from services.egress.service import WebhookEgress
+    from services.egress.shared import EgressShared
 
 FETCH_EXPIRES_S = 2.0
 MAX_BATCH = 64
@@ -63,7 +63,7 @@ def rfc3339_epoch(ts: float) -> str:
 class TargetWorker(Outcomes):
     """Delivers one target's feed for one egress instance."""
 
-    def __init__(self, egress: WebhookEgress, target: Target) -> None:
+    def __init__(self, egress: EgressShared, target: Target) -> None:
         self.egress = egress
         self.client = egress.client
         self.target = target
@@ -111,7 +111,7 @@ class TargetWorker(Outcomes):
     # Configuration ------------------------------------------------------------
 
     def start(self) -> None:
-        self.main = self.egress.spawn(self.run(), name=f"egress-{self.name}")
+        self.main = self.egress.spawn(self.run(), f"egress-{self.name}")
 
     def update(self, target: Target) -> None:
         """A changed registry entry: new URL, secret, policy, limits... without a restart."""

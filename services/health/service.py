@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import time
 from collections import deque
@@ -31,10 +30,9 @@ from typing import Any, ClassVar
 from aiohttp import web
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import REGISTRY
 
 from mesh.config import Settings
-from mesh.crypto import KeyRing
 from mesh.durability import broker_sync
 from mesh.errors import ConfigError, DecodeError, MeshError, StorageError
 from mesh.observability import (
@@ -43,13 +41,13 @@ from mesh.observability import (
     DeliveryWindow,
     HeartbeatInfo,
     ServiceTracker,
-    scrub_text,
     worst_circuit,
 )
 from mesh.records import DeliveryRecord
 from mesh.storage import Store, backend_of, open_store, sqlite_path
 from services.base import Service
-from services.health.dashboard import DASHBOARD_HTML
+from services.health.http import HealthRoutes, dumps
+from services.health.keycheck import key_doc, short_error
 
 REFRESH_S = 1.0  # JetStream figures: consumer and DLQ depth, ingress rate
 CHECK_TIMEOUT_S = 2.0  # one readiness probe (NATS round trip, database ping)
@@ -62,20 +60,9 @@ MAX_FAILURES_SHOWN = 20
 LAG_HISTORY = 60  # samples of each target's lag kept for the dashboard's sparkline
 SUB_PENDING_MSGS = 65_536  # records arriving faster than this are dropped, not queued forever
 
-DASHBOARD_CSP = (
-    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline';"
-    " connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none';"
-    " frame-ancestors 'none'"
-)
-
 
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat()
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return scrub_text(text)[:300]
 
 
 class Health(Service):
@@ -198,7 +185,7 @@ class Health(Service):
     async def _on_status_request(self, msg: Msg) -> None:
         if msg.reply:
             with contextlib.suppress(Exception):
-                await msg.respond(_dumps(self.status()).encode())
+                await msg.respond(dumps(self.status()).encode())
 
     # JetStream figures ----------------------------------------------------------------
 
@@ -207,7 +194,7 @@ class Health(Service):
         try:
             await self.refresh()
         except Exception as exc:  # the loop must outlive any one bad refresh
-            self.snapshot = {**self.snapshot, "error": _short(exc) or type(exc).__name__}
+            self.snapshot = {**self.snapshot, "error": short_error(exc) or type(exc).__name__}
         after = self.snapshot.get("error")
         # Say it when it changes, not once a second for as long as it lasts.
         if after != before and after is not None:
@@ -268,7 +255,7 @@ class Health(Service):
             }
             if isinstance(info, BaseException):
                 row.update(lag=None, pending=None, unacked=None, paused=False)
-                row["error"] = _short(info)
+                row["error"] = short_error(info)
             else:
                 row.update(info)
                 METRICS.consumer_pending.labels(t.name).set(info["lag"])
@@ -345,7 +332,7 @@ class Health(Service):
         except TimeoutError:
             return nats, {"ok": False, "error": f"JetStream did not answer in {CHECK_TIMEOUT_S}s"}
         except Exception as exc:
-            return nats, {"ok": False, "error": f"JetStream: {_short(exc)}"}
+            return nats, {"ok": False, "error": f"JetStream: {short_error(exc)}"}
         return nats, {"ok": True, "error": None}
 
     async def check_database(self) -> dict[str, Any]:
@@ -368,7 +355,7 @@ class Health(Service):
             result["error"] = f"the database did not answer in {CHECK_TIMEOUT_S}s"
             await self._close_store()
         except (MeshError, OSError) as exc:
-            result["error"] = _short(exc)
+            result["error"] = short_error(exc)
             await self._close_store()
         result["checked_at"] = _now_iso()
         self.database = result
@@ -407,30 +394,7 @@ class Health(Service):
         now = time.monotonic()
         if self._keys is not None and now - self._keys[0] < KEY_CHECK_S:
             return self._keys[1]
-        rotation = self.settings.key_rotation_days
-        doc: dict[str, Any]
-        try:
-            ring = KeyRing.load(self.settings.key_path, create=False)
-        except MeshError as exc:
-            doc = {"ok": False, "error": _short(exc), "rotation_days": rotation, "warning": None}
-        else:
-            primary = ring.primary
-            age_days = (datetime.now(UTC) - primary.created).total_seconds() / 86400
-            warning = None
-            if age_days > rotation:
-                warning = (
-                    f"the primary key is {age_days:.0f} days old, past the {rotation}-day"
-                    " rotation interval: run `mesh keys rotate`"
-                )
-            doc = {
-                "ok": True,
-                "primary_id": primary.id,
-                "created": primary.created.isoformat(),
-                "age_days": round(age_days, 2),
-                "rotation_days": rotation,
-                "keys": len(ring.keys),
-                "warning": warning,
-            }
+        doc = key_doc(self.settings.key_path, self.settings.key_rotation_days)
         self._keys = (now, doc)
         return doc
 
@@ -499,52 +463,13 @@ class Health(Service):
     # HTTP -------------------------------------------------------------------------------
 
     def make_app(self) -> web.Application:
-        app = web.Application()
-        app.add_routes(
-            [
-                web.get("/", self.h_dashboard),
-                web.get("/healthz", self.h_healthz),
-                web.get("/readyz", self.h_readyz),
-                web.get("/status", self.h_status),
-                web.get("/metrics", self.h_metrics),
-            ]
-        )
-        return app
-
-    async def h_dashboard(self, _: web.Request) -> web.Response:
-        return web.Response(
-            text=DASHBOARD_HTML,
-            content_type="text/html",
-            headers={
-                "Content-Security-Policy": DASHBOARD_CSP,
-                "Cache-Control": "no-store",
-                "X-Content-Type-Options": "nosniff",
-            },
-        )
-
-    async def h_healthz(self, _: web.Request) -> web.Response:
-        return web.json_response(
-            {"ok": True, "service": self.name, "instance": self.instance},
-            headers={"Cache-Control": "no-store"},
-        )
-
-    async def h_readyz(self, _: web.Request) -> web.Response:
-        doc = await self.readiness()
-        return web.json_response(
-            doc, status=200 if doc["ready"] else 503, headers={"Cache-Control": "no-store"}
-        )
-
-    async def h_status(self, _: web.Request) -> web.Response:
-        return web.json_response(
-            self.status(),
-            headers={"Cache-Control": "no-store"},
-            dumps=_dumps,
-        )
-
-    async def h_metrics(self, _: web.Request) -> web.Response:
-        self._update_service_metrics()
-        body = generate_latest(REGISTRY)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return HealthRoutes(
+            service=self.name,
+            instance=self.instance,
+            status=self.status,
+            readiness=self.readiness,
+            before_metrics=self._update_service_metrics,
+        ).make_app()
 
 
 def _version(nc: Any) -> str | None:
@@ -553,10 +478,6 @@ def _version(nc: Any) -> str | None:
         return f"{v.major}.{v.minor}.{v.patch}"
     except Exception:
         return None
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, default=str)
 
 
 __all__ = ["Health"]

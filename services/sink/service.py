@@ -33,10 +33,9 @@ import nats.js.errors as js_errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from pydantic import ValidationError as PydanticValidationError
 
 from mesh.config import Settings
-from mesh.errors import DecodeError, MeshError, NotFound, StorageError, ValidationError
+from mesh.errors import DecodeError, MeshError, StorageError
 from mesh.observability import METRICS
 from mesh.storage import (
     DeadLetterRow,
@@ -51,6 +50,7 @@ from mesh.storage import (
 )
 from services.base import Service
 from services.sink.audit import AuditFeed
+from services.sink.mirror import RegistryMirror
 from services.sink.retention import Retention
 from services.sink.rows import (
     Row,
@@ -58,8 +58,6 @@ from services.sink.rows import (
     delivery_row,
     event_row,
     health_row,
-    propagation_row,
-    service_row,
 )
 
 BATCH_SIZE = 500
@@ -68,13 +66,8 @@ ACK_WAIT_S = 15.0  # a crashed sink's batch comes back this soon; long writes se
 RETRY_BASE_S = 0.2
 RETRY_MAX_S = 10.0
 DB_CHECK_INTERVAL_S = 5.0
-REGISTRY_RESYNC_S = 60.0
 HEALTH_SAMPLE_S = 60.0
 HEALTH_BUFFER = 1000
-AUDIT_ACTOR = "registry"
-
-# A registry key whose entry is gone or cannot be read is not mirrored.
-_UNREADABLE = (NotFound, DecodeError, ValidationError, PydanticValidationError)
 
 
 # The service ----------------------------------------------------------------------
@@ -114,6 +107,14 @@ class Sink(Service):
         self._health_sub: Subscription | None = None
         self._pulls: list[asyncio.Task[Any]] = []
         self.retention = Retention(settings, lambda: self.store, self.stopping, self.log)
+        self.mirror = RegistryMirror(
+            self.client,
+            lambda: self.store,
+            db_ready=self._db_ready,
+            db_down=self._db_down,
+            stopping=self.stopping,
+            log=self.log,
+        )
         self.audits = AuditFeed(self, self.client.subjects.audit(""))
         self.counts: dict[str, int] = {
             "events": 0,
@@ -151,7 +152,7 @@ class Sink(Service):
             self.spawn(self._pull_loop(feed), name=f"sink-{feed.kind}") for feed in self.feeds
         ]
         self.spawn(self._db_loop(), name="sink-db")
-        self.spawn(self._mirror_loop(), name="sink-registry")
+        self.spawn(self.mirror.run(), name="sink-registry")
         if self.retention.enabled:
             self.spawn(self.retention.run(), name="sink-retention")
 
@@ -465,80 +466,9 @@ class Sink(Service):
 
     # Registry mirror --------------------------------------------------------------
 
-    async def _mirror_loop(self) -> None:
-        """Resync the registry now and then; follow its changes in between."""
-        await self._db_ready.wait()
-        while not self.stopping.is_set():
-            seen_reconnects = self.client.reconnects
-            deadline = time.monotonic() + REGISTRY_RESYNC_S
-            watch = asyncio.create_task(self._follow_registry())
-            try:
-                try:
-                    await self.resync_registry()
-                except Exception as exc:  # NATS or database trouble: next round retries
-                    self.log.warning("registry resync failed", error=str(exc) or repr(exc))
-                # A watcher can go quiet across a server restart: start a new one then.
-                while (
-                    not self.stopping.is_set()
-                    and not watch.done()
-                    and time.monotonic() < deadline
-                    and seen_reconnects == self.client.reconnects
-                ):
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.stopping.wait(), 1.0)
-            finally:
-                watch.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await watch
-            if watch.done() and not self.stopping.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), 1.0)
-
     async def resync_registry(self) -> None:
         """Make the tables match the registry: upsert what is there, delete what is not."""
-        if self.store is None:
-            return
-        registry = self.client.registry
-        targets, props = await registry.targets_and_propagations()
-        store = self.store
-        for t in targets:
-            await store.upsert_service(service_row(t), actor=AUDIT_ACTOR)
-        for p in props:
-            await store.upsert_propagation(propagation_row(p), actor=AUDIT_ACTOR)
-        names = {t.name for t in targets}
-        for s in await store.list_services():
-            if s.name not in names:
-                await store.delete_service(s.name, actor=AUDIT_ACTOR)
-        ids = {p.id for p in props}
-        for row in await store.list_propagations():
-            if row.id not in ids:
-                await store.delete_propagation(row.id, actor=AUDIT_ACTOR)
-
-    async def _follow_registry(self) -> None:
-        registry = self.client.registry
-        async for key in registry.watch():
-            store = self.store
-            if store is None:
-                continue
-            kind, _, ident = key.partition(".")
-            try:
-                if kind == "targets":
-                    try:
-                        target = await registry.get_target(ident)
-                    except _UNREADABLE:  # gone, or unreadable: not mirrored either
-                        await store.delete_service(ident, actor=AUDIT_ACTOR)
-                    else:
-                        await store.upsert_service(service_row(target), actor=AUDIT_ACTOR)
-                elif kind == "props":
-                    try:
-                        prop = await registry.get_propagation(ident)
-                    except _UNREADABLE:
-                        await store.delete_propagation(ident, actor=AUDIT_ACTOR)
-                    else:
-                        await store.upsert_propagation(propagation_row(prop), actor=AUDIT_ACTOR)
-            except StorageError as exc:
-                # The periodic resync catches up once the database is back.
-                self._db_down(exc)
+        await self.mirror.resync()
 
 
 def main() -> None:

@@ -1,0 +1,204 @@
+"""``mesh backup create``: streams, then tables, then keys, into one archive.
+
+The order makes the archive consistent for the sink: a stream snapshot holds the
+sink consumers' ack floor, and the sink acks only after its commit, so every event
+acked in the snapshot is in the tables read after it; events not yet acked come
+again after a restore and are written idempotently. The key ring only grows
+(``prune`` removes keys nothing needs), so reading it last covers every payload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+
+from mesh import __version__
+from mesh.backup import jetstream, tables
+from mesh.backup.archive import FORMAT, KEYS, SQLITE_MEMBER, ArchiveWriter, archive_name
+from mesh.backup.seal import SealingKey, check_passphrase, derive, read_key_dir, seal_with
+from mesh.broker import EmbeddedBroker, free_port, port_free
+from mesh.config import Settings
+from mesh.durability import SyncMode
+from mesh.errors import BrokerError, BrokerUnavailable, ConfigError
+
+#: Progress callback: (label, done, total).
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class BackupResult:
+    path: Path
+    size: int
+    seconds: float
+    manifest: dict[str, Any]
+
+    def doc(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "archive": str(self.path),
+            "bytes": self.size,
+            "seconds": round(self.seconds, 3),
+            "streams": {k: v["messages"] for k, v in m["streams"].items()},
+            "tables": m["tables"],
+        }
+
+
+@asynccontextmanager
+async def broker_connection(
+    settings: Settings, *, live_ok: bool = True, restoring: bool = False
+) -> AsyncIterator[NATS]:
+    """A connection to the mesh's broker.
+
+    With MESH_NATS_URL, that server. Embedded: the running ``mesh up`` when its port
+    answers, else a temporary nats-server on the home's store (on a free port).
+
+    ``restoring``: the temporary server runs with nats-server's default sync interval.
+    A server that fsyncs every write (``sync_interval: always``, the embedded default)
+    restores a stream message by message with an fsync each, and gives up on a
+    restore it cannot finish in about 5 s ("read/write on closed pipe"); the clean
+    stop at the end writes everything to disk before ``mesh up`` starts.
+    """
+    broker: EmbeddedBroker | None = None
+    opts = settings.connect_options()
+    if settings.embedded and port_free("127.0.0.1", settings.nats_port):
+        broker = EmbeddedBroker(
+            settings.nats_store_dir,
+            port=free_port(),
+            log_file=settings.home / "nats-backup.log",
+            sync=SyncMode.LAZY if restoring else SyncMode(settings.broker_sync),
+        )
+        settings.home.mkdir(parents=True, exist_ok=True)
+        await broker.astart()
+        opts["servers"] = [broker.url]
+    elif settings.embedded and not live_ok:
+        raise ConfigError(
+            f"a mesh is running on {settings.home} (port {settings.nats_port}):"
+            " stop it first, or pass --force"
+        )
+    try:
+        try:
+            nc = await nats.connect(**opts, allow_reconnect=False, max_reconnect_attempts=0)
+        except Exception as exc:
+            where = ", ".join(opts["servers"])
+            raise BrokerUnavailable(
+                f"cannot connect to NATS at {where}: {exc or type(exc).__name__}"
+            ) from None
+        try:
+            yield nc
+        finally:
+            await nc.close()
+    finally:
+        if broker is not None:
+            await broker.astop()
+
+
+async def create_backup(
+    settings: Settings,
+    directory: Path,
+    passphrase: bytes,
+    progress: Progress | None = None,
+) -> BackupResult:
+    check_passphrase(passphrase)
+    started = time.monotonic()
+    now = datetime.now(UTC)
+    archive_id = uuid.uuid4().hex
+    writer = ArchiveWriter(directory, archive_name(now, archive_id))
+    # The key derivation is slow on purpose; it runs while the streams are read.
+    sealing = asyncio.ensure_future(asyncio.to_thread(derive, passphrase))
+    try:
+        manifest = await _write(settings, writer, archive_id, now, sealing, progress)
+        path = await asyncio.to_thread(writer.finish, manifest)
+    except BaseException:
+        writer.discard()
+        if not sealing.done():
+            sealing.cancel()
+        raise
+    return BackupResult(path, path.stat().st_size, time.monotonic() - started, manifest)
+
+
+async def _write(
+    settings: Settings,
+    writer: ArchiveWriter,
+    archive_id: str,
+    now: datetime,
+    sealing: asyncio.Future[SealingKey],
+    progress: Progress | None,
+) -> dict[str, Any]:
+    streams: dict[str, Any] = {}
+    async with broker_connection(settings) as nc:
+        server = nc.connected_server_version
+        js = nc.jetstream()
+        names = await jetstream.mesh_streams(js, settings.prefix)
+        if not names:
+            raise BrokerError(
+                f"no mesh streams on the broker (prefix {settings.prefix!r}): nothing to back up"
+            )
+        for name in names:
+            info = await js.stream_info(name)
+            total = info.state.bytes
+
+            def step(done: int, label: str = name, total: int = total) -> None:
+                if progress:
+                    progress(f"stream {label}", done, max(total, done))
+
+            with writer.member(f"streams/{name}.snap") as out:
+                meta = await jetstream.snapshot(nc, name, out, step)
+            state = meta["state"]
+            writer.put(f"streams/{name}.json", json.dumps(meta, sort_keys=True).encode())
+            streams[name] = {
+                "messages": state.get("messages", 0),
+                "bytes": state.get("bytes", 0),
+                "first_seq": state.get("first_seq", 0),
+                "last_seq": state.get("last_seq", 0),
+                "consumers": state.get("consumer_count", 0),
+                "replicas": meta["config"].get("num_replicas", 1),
+            }
+    url = settings.database_url
+    db_backend = tables.backend(url)
+
+    def table_step(table: str, n: int) -> None:
+        if progress:
+            progress(f"table {table}", n, 0)
+
+    if db_backend == "sqlite":
+        copy = writer.staging / SQLITE_MEMBER
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        counts, migrations = await asyncio.to_thread(
+            tables.dump_sqlite, tables.sqlite_file(url), copy, table_step
+        )
+        if copy.exists():
+            await asyncio.to_thread(writer.add_file, SQLITE_MEMBER)
+        table_format = "sqlite"
+    else:
+        opener = writer.opener("tables/", ".msgpack")
+        counts, migrations = await tables.dump_postgres(url, opener, table_step)
+        table_format = "rows"
+    keys = read_key_dir(settings.key_path.parent)
+    if settings.encryption and settings.key_path.name not in keys:
+        raise ConfigError(f"no key file at {settings.key_path}: nothing could read the payloads")
+    writer.put(KEYS, seal_with(await sealing, keys, archive_id))
+    return {
+        "format": FORMAT,
+        "id": archive_id,
+        "created": now.isoformat(),
+        "mesh_version": __version__,
+        "nats_server_version": f"{server.major}.{server.minor}.{server.patch}",
+        "prefix": settings.prefix,
+        "source": {"database": db_backend, "embedded_broker": settings.embedded},
+        "schema_migrations": migrations,
+        "streams": streams,
+        "tables": counts,
+        "table_format": table_format,
+        "keys": {"files": sorted(keys), "kdf": "scrypt", "cipher": "AES-256-GCM"},
+    }

@@ -1,0 +1,164 @@
+"""Stream snapshots and restores through the JetStream API.
+
+``$JS.API.STREAM.SNAPSHOT.<stream>`` makes the server (the stream's leader, in a
+cluster) write a consistent snapshot of the stream's store and its consumers'
+state, in chunks to a subject of ours; a chunk that carries a reply subject is
+acked, which is the flow control: the server keeps a window of chunks in flight.
+An empty chunk ends it. ``$JS.API.STREAM.RESTORE.<stream>`` answers with a
+subject to send the chunks to, each one a request the server acks; an empty
+request ends it and the answer is the restored stream's info.
+
+Streams of a mesh are found by name, not from a list: ``<PREFIX>_*`` (events,
+dead letters, delivery records) and ``KV_<PREFIX>_*`` (every KV bucket: the
+registry, circuits, revocations, and whatever buckets other parts add).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+from typing import IO, Any, Protocol
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from mesh.errors import BrokerError
+from mesh.streams import StreamNames
+
+CHUNK_SIZE = 128 * 1024
+CHUNK_TIMEOUT_S = 30.0
+API_TIMEOUT_S = 10.0
+
+
+class Writer(Protocol):
+    def write(self, data: bytes, /) -> int: ...
+
+
+#: Progress callback: bytes done so far.
+Progress = Callable[[int], None]
+
+
+def stream_base(prefix: str) -> str:
+    return StreamNames.for_prefix(prefix).events.removesuffix("_EVENTS")
+
+
+def is_mesh_stream(name: str, prefix: str) -> bool:
+    base = stream_base(prefix)
+    return name.startswith(f"{base}_") or name.startswith(f"KV_{base}_")
+
+
+async def mesh_streams(js: JetStreamContext, prefix: str) -> list[str]:
+    """Names of the mesh's streams and KV buckets' streams, sorted."""
+    names = await js.streams_info()
+    return sorted(
+        si.config.name for si in names if si.config.name and is_mesh_stream(si.config.name, prefix)
+    )
+
+
+async def _api(nc: NATS, subject: str, body: dict[str, Any]) -> dict[str, Any]:
+    try:
+        reply = await nc.request(subject, json.dumps(body).encode(), timeout=API_TIMEOUT_S)
+    except TimeoutError:
+        raise BrokerError(f"no answer from JetStream to {subject}") from None
+    doc: dict[str, Any] = json.loads(reply.data)
+    err = doc.get("error")
+    if err:
+        raise BrokerError(f"{subject}: {err.get('description', err)}")
+    return doc
+
+
+async def snapshot(
+    nc: NATS, stream: str, out: Writer, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Write the server's snapshot of ``stream`` to ``out``; its config and state."""
+    inbox = nc.new_inbox()
+    queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def on_chunk(msg: Msg) -> None:
+        await queue.put(msg)
+
+    sub = await nc.subscribe(inbox, cb=on_chunk)
+    try:
+        meta = await _api(
+            nc,
+            f"$JS.API.STREAM.SNAPSHOT.{stream}",
+            {"deliver_subject": inbox, "chunk_size": CHUNK_SIZE},
+        )
+        size = 0
+        while True:
+            try:
+                msg = await asyncio.wait_for(queue.get(), CHUNK_TIMEOUT_S)
+            except TimeoutError:
+                raise BrokerError(f"the snapshot of {stream} stalled") from None
+            status = (msg.headers or {}).get("Status")
+            if status and status not in ("204", "200"):
+                what = (msg.headers or {}).get("Description", status)
+                raise BrokerError(f"the snapshot of {stream} failed: {what}")
+            if not msg.data:
+                break
+            await asyncio.to_thread(out.write, msg.data)
+            size += len(msg.data)
+            if msg.reply:
+                await nc.publish(msg.reply, b"")
+            if progress:
+                progress(size)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return {"config": meta["config"], "state": meta["state"]}
+
+
+async def restore(
+    nc: NATS,
+    meta: dict[str, Any],
+    data: IO[bytes],
+    *,
+    replicas: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Restore one stream (and its consumers) from a snapshot file; the server's answer."""
+    config = dict(meta["config"])
+    if replicas is not None:
+        config["num_replicas"] = replicas
+    name = config["name"]
+    # The snapshot's own placement (cluster name, tags) may not exist where we restore.
+    config.pop("placement", None)
+    doc = await _api(
+        nc, f"$JS.API.STREAM.RESTORE.{name}", {"config": config, "state": meta["state"]}
+    )
+    deliver = doc["deliver_subject"]
+    done = 0
+    while chunk := await asyncio.to_thread(data.read, CHUNK_SIZE):
+        try:
+            ack = await nc.request(deliver, chunk, timeout=CHUNK_TIMEOUT_S)
+        except TimeoutError:
+            raise BrokerError(f"the restore of {name} stalled") from None
+        if ack.data:
+            err = json.loads(ack.data).get("error")
+            if err:
+                raise BrokerError(f"restore of {name}: {err.get('description', err)}")
+        done += len(chunk)
+        if progress:
+            progress(done)
+    try:
+        final = await nc.request(deliver, b"", timeout=max(CHUNK_TIMEOUT_S, 120.0))
+    except TimeoutError:
+        raise BrokerError(f"the restore of {name} did not finish") from None
+    result: dict[str, Any] = json.loads(final.data)
+    err = result.get("error")
+    if err:
+        what = str(err.get("description", err))
+        if "closed pipe" in what:
+            what += (
+                " (the server gave up: one that fsyncs every write, sync_interval: always,"
+                " restores slowly; restore with its default sync interval, then set it back)"
+            )
+        raise BrokerError(f"restore of {name}: {what}")
+    return result
+
+
+async def delete_stream(nc: NATS, name: str) -> None:
+    await _api(nc, f"$JS.API.STREAM.DELETE.{name}", {})

@@ -1,0 +1,39 @@
+"""What goes over a bridge socket: event frames and close codes, shared by the session
+(feeds) and the tail readers."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from nats.aio.msg import Msg
+
+from mesh.envelope import Event
+
+if TYPE_CHECKING:
+    from mesh.client import MeshClient
+
+CLOSE_SLOW = 1013  # try again later
+CLOSE_GOING_AWAY = 1001
+CLOSE_ERROR = 1011
+CLOSE_REVOKED = 1008  # policy violation: the session's token was revoked
+
+
+def to_json(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, separators=(",", ":"), default=str)
+
+
+def event_frame(event: Event, seq: int) -> dict[str, Any]:
+    return {
+        "seq": seq,
+        "id": event.id,
+        "source": event.source,
+        "type": event.type,
+        "time": event.time.isoformat(),
+        "data": event.json_data(),
+    }
+
+
+def decode_msg(client: MeshClient, msg: Msg, seq: int) -> Event:
+    """The event in a message of the events stream, opened with the client's keys."""
+    return client.decode(msg, seq)

@@ -1,0 +1,111 @@
+"""Pure parts of mesh.backup: sealing, the schedule setting, which services `mesh up` runs,
+and the scheduled backup service against a real broker."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from mesh.backup import SealError, list_archives, verify_archive
+from mesh.backup.archive import prune_archives
+from mesh.backup.schedule import parse_every
+from mesh.backup.seal import seal, unseal
+from mesh.client import MeshClient
+from mesh.config import Settings
+from mesh.errors import ConfigError, ValidationError
+from services.backup.service import LAST_SIZE, LAST_SUCCESS, Backup
+from services.runner import available_services
+from tests.support import eventually, migrated_store, running
+
+FAST_N = 2**14  # the production cost (2**17) is for attackers, not for unit tests
+FILES = {"encryption.key": b'{"keys": []}', "bridge.key": b"\x00\x01secret"}
+
+
+def test_seal_round_trip_and_refusals() -> None:
+    blob = seal(FILES, b"a long passphrase", "archive-1", n=FAST_N)
+    assert unseal(blob, b"a long passphrase", "archive-1") == FILES
+    assert b"secret" not in blob
+    with pytest.raises(SealError, match="wrong passphrase"):
+        unseal(blob, b"another passphrase", "archive-1")
+    with pytest.raises(SealError, match="wrong passphrase"):
+        unseal(blob, b"a long passphrase", "archive-2")  # keys bound to their archive
+    tampered = bytearray(blob)
+    tampered[-5] ^= 0x40
+    with pytest.raises(SealError):
+        unseal(bytes(tampered), b"a long passphrase", "archive-1")
+    with pytest.raises(SealError, match="damaged"):
+        unseal(b"not sealed at all", b"a long passphrase", "archive-1")
+    with pytest.raises(ValidationError, match="at least"):
+        seal(FILES, b"short", "archive-1", n=FAST_N)
+
+
+def test_a_changed_kdf_header_cannot_ask_for_gigabytes() -> None:
+    blob = seal(FILES, b"a long passphrase", "a", n=FAST_N)
+    huge = blob.replace(b'"n": 16384', b'"n": 1073741824')
+    assert huge != blob
+    with pytest.raises(SealError, match="damaged"):
+        unseal(huge, b"a long passphrase", "a")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90s", 90), ("15m", 900), ("1h", 3600), ("1d", 86400)]
+)
+def test_parse_every(text: str, seconds: float) -> None:
+    assert parse_every(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "1", "h", "0s", "-1h", "1w", "soon"])
+def test_parse_every_refuses(text: str) -> None:
+    with pytest.raises(ConfigError, match="MESH_BACKUP_EVERY"):
+        parse_every(text)
+
+
+def test_mesh_up_runs_backups_only_when_scheduled(tmp_path: Path) -> None:
+    assert "backup" not in available_services()
+    assert "backup" not in available_services(Settings(home=tmp_path))
+    assert "backup" in available_services(Settings(home=tmp_path, backup_every="1h"))
+
+
+def test_prune_keeps_the_newest(tmp_path: Path) -> None:
+    names = [f"mesh-backup-2026010{i}T000000Z-abcdef.tar" for i in range(1, 6)]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    (tmp_path / "unrelated.tar").write_bytes(b"x")
+    gone = prune_archives(tmp_path, 2)
+    assert [p.name for p in gone] == names[:3]
+    assert [p.name for p in list_archives(tmp_path)] == names[3:]
+    assert (tmp_path / "unrelated.tar").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_the_backup_service_writes_on_schedule_and_keeps_n(
+    settings: Settings, client: MeshClient, tmp_path: Path
+) -> None:
+    passfile = tmp_path / "pass"
+    passfile.write_text("a long passphrase\n")
+    s = settings.model_copy(
+        update={"backup_every": "1s", "backup_keep": 2, "backup_passphrase_file": passfile}
+    )
+    async with migrated_store(s.database_url):
+        pass
+    await client.publish("app", "x", 1)
+    started = time.time()
+    svc = Backup(s)
+    async with running(svc):
+        await eventually(lambda: svc.rounds >= 3, timeout=90, interval=0.2, what="3 backups")
+    kept = list_archives(s.backups_dir)
+    assert len(kept) == 2
+    assert LAST_SUCCESS._value.get() >= started
+    assert LAST_SIZE._value.get() == kept[-1].stat().st_size
+    verified = verify_archive(kept[-1], b"a long passphrase")
+    assert verified.manifest["streams"]["MESH_EVENTS"]["messages"] == 1
+
+
+def test_the_backup_service_needs_a_schedule_and_a_passphrase(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="MESH_BACKUP_EVERY"):
+        Backup(Settings(home=tmp_path))
+    with pytest.raises(ValidationError, match="unsealed"):
+        Backup(Settings(home=tmp_path, backup_every="1h"))
