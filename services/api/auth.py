@@ -23,7 +23,7 @@ from aiohttp import web
 from mesh.apikeys import ApiKey, ApiKeyStore, Scope
 from mesh.portal import SESSION_PREFIX
 from mesh.resilience import RateLimiter
-from services.api.portal import check_session_route
+from services.api.portal_session import check_session_route
 from services.api.problems import FORBIDDEN, RATE_LIMITED, UNAUTHORIZED, ApiProblem
 
 CACHE_S = 2.0

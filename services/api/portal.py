@@ -6,7 +6,7 @@ a 401 page, a tampered or malformed one a 403 page) and answers the page with a
 session credential (``mesh.portal``) in a ``<meta>`` element; the page's script
 (``portal_static/portal.js``, served from here, nothing from another origin) calls
 ``/v1`` with it as a bearer token. The API treats a session as an admin key limited
-to the routes in ``SESSION_ROUTES`` (what the page uses), so the portal has no back
+to the routes in ``portal_session.SESSION_ROUTES`` (what the page uses), so the portal has no back
 end of its own. A session is a key of the link's tenant (``ApiKey.tenant``): it sees
 that tenant's targets, propagations, deliveries and dead letters, nothing of another's.
 """
@@ -16,18 +16,17 @@ from __future__ import annotations
 import html
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from functools import cache
 from pathlib import Path
 
 from aiohttp import web
 from pydantic import BaseModel, Field
 
 from mesh import portal
-from mesh.apikeys import ApiKey, Scope
+from mesh.apikeys import Scope
 from mesh.config import Settings
-from mesh.errors import KeyFileError
 from services.api import tenancy
-from services.api.problems import FORBIDDEN, UNAUTHORIZED, UNAVAILABLE, ApiProblem
+from services.api.portal_session import signing_key
+from services.api.problems import ApiProblem
 from services.api.routing import NAME_PATTERN, Call, Route, RouteTable
 
 STATIC = Path(__file__).with_name("portal_static")
@@ -36,7 +35,6 @@ ASSETS = {
     "portal.css": "text/css",
     "favicon.svg": "image/svg+xml",
 }
-SESSION_ID_PREFIX = "portal-"
 # Stricter than the dashboard's: no inline script or style at all.
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self';"
@@ -49,81 +47,6 @@ PAGE_HEADERS = {
     # The link (a credential) is in the URL: never sent on as a Referer.
     "Referrer-Policy": "no-referrer",
 }
-# What a portal session may call: the page's own needs, nothing else (no API keys,
-# no bridge tokens, no GraphQL, no purge).
-SESSION_ROUTES = frozenset(
-    {
-        ("GET", "/v1/targets"),
-        ("POST", "/v1/targets"),
-        ("GET", "/v1/targets/{name}"),
-        ("PATCH", "/v1/targets/{name}"),
-        ("DELETE", "/v1/targets/{name}"),
-        ("POST", "/v1/targets/{name}/pause"),
-        ("POST", "/v1/targets/{name}/resume"),
-        ("POST", "/v1/targets/{name}/rotate-secret"),
-        ("POST", "/v1/targets/{name}/replay"),
-        ("GET", "/v1/propagations"),
-        ("POST", "/v1/propagations"),
-        ("POST", "/v1/events"),
-        ("GET", "/v1/events/{id}"),
-        ("GET", "/v1/deliveries"),
-        ("GET", "/v1/dead-letters"),
-        ("POST", "/v1/dead-letters/{ident}/retry"),
-    }
-)
-
-
-@cache
-def _key(path: Path) -> bytes:
-    return portal.load_key_file(path)
-
-
-def signing_key(settings: Settings) -> bytes:
-    """The portal key (created on first use); a key file problem is a 503."""
-    try:
-        return _key(portal.key_path(settings))
-    except KeyFileError as exc:
-        raise ApiProblem(UNAVAILABLE, f"the portal's key is unusable: {exc}") from None
-
-
-class SessionVerifier:
-    """Turns a portal session credential into the key the API checks scopes with."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    def __call__(self, text: str) -> ApiKey:
-        try:
-            claims = portal.verify(signing_key(self.settings), text, portal.SESSION_AUDIENCE)
-        except portal.PortalError as exc:
-            raise ApiProblem(
-                UNAUTHORIZED, str(exc).replace("link", "session"), headers=_CHALLENGE
-            ) from None
-        return ApiKey(
-            id=f"{SESSION_ID_PREFIX}{claims.jti[:12]}",
-            name=f"portal session of tenant {claims.tenant}",
-            scope=Scope.ADMIN,
-            hash="",
-            created_at=claims.issued_at,
-            expires_at=claims.expires_at,
-            created_by=f"portal:{claims.tenant}",
-            tenant=claims.tenant,
-        )
-
-
-_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="mesh"'}
-
-
-def check_session_route(key: ApiKey, request: web.Request) -> None:
-    """A portal session may call only the portal's routes (403 elsewhere)."""
-    if not key.id.startswith(SESSION_ID_PREFIX):
-        return
-    resource = request.match_info.route.resource
-    template = resource.canonical if resource is not None else request.path
-    if (request.method, template) not in SESSION_ROUTES:
-        raise ApiProblem(FORBIDDEN, "a portal session cannot call this")
-
-
 # The link route (in the API's route table and document) ------------------------------
 
 

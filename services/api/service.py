@@ -21,7 +21,7 @@ from mesh.config import Settings
 from mesh.errors import ConfigError
 from mesh.history import PayloadReader
 from mesh.storage import Store, open_store
-from services.api import graphql, portal
+from services.api import graphql, portal, portal_session
 from services.api.audit import Auditor
 from services.api.auth import Auth
 from services.api.idempotency import IdempotencyStore
@@ -130,7 +130,7 @@ class Api(Service):
         replicas = self.settings.stream_replicas
         keys = await ApiKeyStore.open(js, names.apikeys, replicas)
         self._auth = Auth(
-            keys, self.settings.api_rate, session=portal.SessionVerifier(self.settings)
+            keys, self.settings.api_rate, session=portal_session.SessionVerifier(self.settings)
         )
         self._idem = await IdempotencyStore.open(js, names.idempotency, replicas)
         self._audit = Auditor(self.client)
