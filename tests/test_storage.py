@@ -98,11 +98,11 @@ def health(n: int) -> HealthCheckRow:
 async def test_migrate_from_empty_then_rerun_is_clean(db_url: str) -> None:
     async with await open_store(db_url) as s:
         assert await s.applied_migrations() == []
-        assert await s.migrate() == [1, 2, 3]
+        assert await s.migrate() == [1, 2, 3, 4]
         assert await s.migrate() == []
-        assert await s.applied_migrations() == [1, 2, 3]
+        assert await s.applied_migrations() == [1, 2, 3, 4]
         for table in Table:
-            expected = 3 if table is Table.SCHEMA_MIGRATIONS else 0
+            expected = 4 if table is Table.SCHEMA_MIGRATIONS else 0
             assert await s.count(table) == expected
 
 
@@ -111,8 +111,8 @@ async def test_concurrent_migrations_apply_once(db_url: str) -> None:
     try:
         results = await asyncio.gather(*(s.migrate() for s in stores))
         # Each version once, by whichever store got to it first.
-        assert sorted(v for applied in results for v in applied) == [1, 2, 3]
-        assert await stores[0].count(Table.SCHEMA_MIGRATIONS) == 3
+        assert sorted(v for applied in results for v in applied) == [1, 2, 3, 4]
+        assert await stores[0].count(Table.SCHEMA_MIGRATIONS) == 4
     finally:
         for s in stores:
             await s.close()
@@ -375,7 +375,7 @@ async def test_sqlite_memory_and_relative_paths(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with await open_store("sqlite:///:memory:") as mem:
-        assert await mem.migrate() == [1, 2, 3]
+        assert await mem.migrate() == [1, 2, 3, 4]
         await mem.write_batch([event(1)])
         assert await mem.count(Table.EVENTS) == 1
     monkeypatch.chdir(tmp_path)

@@ -100,6 +100,7 @@ EVENTS = RowSpec(
         "payload",
         "encrypted",
         "received_at",
+        "tenant",
     ),
     ("id",),
 )

@@ -53,6 +53,7 @@ class EventRow:
     origin: str | None = None
     hops: int = 0
     received_at: datetime = field(default_factory=utcnow)
+    tenant: str = "default"  # from a qualified source ~T.<source> (mesh/subjects.py)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

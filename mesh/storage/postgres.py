@@ -46,7 +46,7 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 _ARRAY_TYPES: dict[str, tuple[str, ...]] = {
     "events": (
         "text", "bigint", "text", "text", "text", "timestamptz", "text", "text", "text", "int",
-        "bytea", "bool", "timestamptz",
+        "bytea", "bool", "timestamptz", "text",
     ),
     "deliveries": (
         "text", "text", "text", "int", "text", "int", "float8", "text", "timestamptz", "text",

@@ -25,7 +25,7 @@ from mesh.storage import (
     PropagationRow,
     ServiceRow,
 )
-from mesh.subjects import Subjects
+from mesh.subjects import Subjects, split_source
 
 Row = EventRow | DeliveryRow | DeadLetterRow
 
@@ -90,6 +90,7 @@ def event_row(msg: Msg, subjects: Subjects) -> tuple[EventRow, str | None]:
         payload=msg.data,
         encrypted=_encrypted(headers),
         received_at=stored,
+        tenant=split_source(source)[0],  # the subject's: a ce-source cannot choose it
     )
     consistent = source and (
         ce_id is None  # a plain message: everything comes from the subject
