@@ -1,12 +1,14 @@
 """The benchmark suite: each figure with its raw baseline from the same run, and the ratio.
 
-    python -m bench [egress|sink|bridge|publish|latency|fanout|backlog|filters|api|tenants|all]
+    python -m bench [egress|sink|bridge|peers|publish|latency|fanout|backlog|filters|api|tenants
+                     |all]
                     [--quick] [ARGS]
 
 ``--quick`` keeps each bench to about a minute; without it the sizes are the ones in
 docs/PERFORMANCE.md. Extra ARGS go to the one bench named (``python -m bench publish
 --rounds 5``; ``python -m bench NAME --help`` lists them). egress, sink and bridge are
-their own scripts (bench/egress.py, bench/sink.py, bench/bridge.py), run here as
+their own scripts (bench/egress.py, bench/sink.py, bench/bridge.py,
+bench/peers.py), run here as
 subprocesses; their figures are picked out of their output for the summary.
 
 Every bench starts its own nats-server on a free port in a temporary directory and
@@ -30,11 +32,12 @@ from bench import _common
 from bench._common import ROOT, Result, header, summary
 
 OWN = ("publish", "latency", "fanout", "backlog", "filters", "api", "tenants")
-SCRIPTS = ("egress", "sink", "bridge")
+SCRIPTS = ("egress", "sink", "bridge", "peers")
 ORDER = (
     *("publish", "latency", "fanout", "backlog", "filters", "api", "tenants"),
     *("egress", "sink", "bridge"),
 )
+EXTRA = ("peers",)  # not in all: needs the bench extra and Redis
 
 
 def _module(name: str) -> ModuleType:
@@ -53,6 +56,8 @@ def script_args(name: str, quick: bool) -> list[str]:
         return ["--events", "5000", "--repeat", "1"] if quick else []
     if name == "bridge":
         return ["--clients", "1,10", "--deliveries", "5000"] if quick else []
+    if name == "peers":
+        return ["--quick"] if quick else []
     raise ValueError(name)
 
 
@@ -110,8 +115,26 @@ def parse_bridge(lines: list[str]) -> list[Result]:
     return out
 
 
+def parse_peers(lines: list[str]) -> list[Result]:
+    text = "\n".join(lines)
+    out: list[Result] = []
+    rates = dict(re.findall(rf"^  ([\w+-]+)\s+{NUM}/s  sender", text, re.MULTILINE))
+    if "egress" in rates:
+        peers = {k: _num(v) for k, v in rates.items() if k not in ("raw", "egress")}
+        if peers:
+            best = max(peers, key=lambda k: peers[k])
+            out.append(
+                Result(
+                    "peers", "egress deliveries/s vs best peer", _num(rates["egress"]),
+                    "deliv/s", peers[best], best, ">= 1.5",
+                )
+            )  # fmt: skip
+    return out
+
+
 PARSERS: dict[str, Callable[[list[str]], list[Result]]] = {
     "egress": parse_egress,
+    "peers": parse_peers,
     "sink": parse_sink,
     "bridge": parse_bridge,
 }
@@ -196,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         add_help=False,
     )
-    p.add_argument("bench", choices=[*ORDER, "all"], nargs="?")
+    p.add_argument("bench", choices=[*ORDER, *EXTRA, "all"], nargs="?")
     p.add_argument("--quick", action="store_true", help="about a minute per bench")
     p.add_argument("-h", "--help", action="store_true")
     args, extra = p.parse_known_args(argv)

@@ -22,6 +22,8 @@ from mesh.durability import SyncMode
 from mesh.errors import ConfigError, MeshError
 from mesh.observability import METRICS, write_textfile
 from services.base import Service
+from services.workers import Workers, worker_suffix
+from services.workers import workers_for as workers_for  # the CLI resolves --workers here
 
 # Service name -> "module:Class". `mesh up` runs those whose module exists.
 SERVICES: dict[str, str] = {
@@ -86,7 +88,9 @@ def textfile_target(
     if embedded or not names:
         return settings.metrics_dir / "mesh.prom", {}
     label = "+".join(names)
-    return settings.metrics_dir / f"mesh-{'-'.join(names)}.prom", {"mesh_process": label}
+    suffix, worker = worker_suffix()  # a worker > 0 of `--workers N`: a file of its own
+    path = settings.metrics_dir / f"mesh-{'-'.join(names)}{suffix}.prom"
+    return path, {"mesh_process": label, **worker}
 
 
 async def _textfile_loop(path: Path, labels: dict[str, str]) -> None:
@@ -103,8 +107,13 @@ async def run(
     embedded: bool | None = None,
     ready: asyncio.Event | None = None,
     stop: asyncio.Event | None = None,
+    workers: int = 1,
 ) -> None:
-    """Start the broker (if embedded) and the services; block until a signal or ``stop``."""
+    """Start the broker (if embedded) and the services; block until a signal or ``stop``.
+
+    ``workers`` > 1 with the egress among ``names``: workers - 1 more egress processes
+    (services/workers.py), stopped before this process drains.
+    """
     embedded = settings.embedded if embedded is None else embedded
     classes = [load_service(n) for n in names]
     textfile_path, textfile_labels = textfile_target(
@@ -134,6 +143,7 @@ async def run(
             loop.add_signal_handler(sig, stop.set)
     services: list[Service] = []
     textfile: asyncio.Task[Any] | None = None
+    extra = Workers(workers if "webhook-egress" in [canonical(n) for n in names] else 1)
     try:
         async with MeshClient(settings, name="mesh-init") as c:
             await c.init()
@@ -141,12 +151,14 @@ async def run(
             svc = cls(settings)
             await svc.start()
             services.append(svc)
+        extra.start(settings.nats_url or settings.servers[0])
         textfile = asyncio.create_task(_textfile_loop(textfile_path, textfile_labels))
         if ready is not None:
             ready.set()
         await stop.wait()
         log.info("stopping", services=[s.name for s in services])
     finally:
+        await asyncio.to_thread(extra.stop)
         await asyncio.gather(*(s.drain() for s in services), return_exceptions=True)
         await asyncio.gather(*(s.close() for s in services), return_exceptions=True)
         if textfile is not None:
@@ -160,9 +172,9 @@ async def run(
                 loop.remove_signal_handler(sig)
 
 
-def main_sync(names: list[str], settings: Settings) -> None:
+def main_sync(names: list[str], settings: Settings, workers: int = 1) -> None:
     try:
-        asyncio.run(run(names, settings))
+        asyncio.run(run(names, settings, workers=workers))
     except KeyboardInterrupt:
         pass
     except MeshError:

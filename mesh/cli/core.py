@@ -55,12 +55,18 @@ def up(
         help="Comma-separated subset: egress,bridge,health,sink,api (default all; backup"
         " too when MESH_BACKUP_EVERY is set).",
     ),
+    workers: str = typer.Option(
+        "1",
+        "--workers",
+        help="Egress processes: N, or auto (cores - 1 with a local broker, else cores).",
+    ),
 ) -> None:
     """Run the mesh: the embedded broker (unless MESH_NATS_URL is set) and every service."""
     from mesh.broker import EmbeddedBroker
 
     runner = _runner()
     s = settings()
+    n_workers = runner.workers_for(workers, s)
     configure_logging(s.log_format, s.log_level)
     names = (
         [runner.canonical(n.strip()) for n in services.split(",") if n.strip()]
@@ -85,20 +91,28 @@ def up(
     err_console.print("; ".join([*parts, "Ctrl-C stops"]), markup=False, soft_wrap=True)
     if s.embedded and s.broker_sync == "lazy":
         err_console.print(LAZY_WARNING, markup=False, soft_wrap=True)
-    runner.main_sync(names, s)
+    runner.main_sync(names, s, workers=n_workers)
 
 
 def serve(
     name: str = typer.Argument(..., help="webhook-egress | bridge | health | sink | api | backup"),
+    workers: str = typer.Option(
+        "1",
+        "--workers",
+        help="webhook-egress only: N processes, or auto (cores - 1 with a local broker).",
+    ),
 ) -> None:
     """Run one service in this process (connects to MESH_NATS_URL)."""
     runner = _runner()
     s = settings()
     runner.load_service(name)
+    n_workers = runner.workers_for(workers, s)
+    if n_workers > 1 and runner.canonical(name) != "webhook-egress":
+        raise ConfigError("--workers applies to webhook-egress only")
     configure_logging(s.log_format, s.log_level)
     if s.embedded:
         s = s.model_copy(update={"nats_url": s.servers[0]})
-    runner.main_sync([name], s)
+    runner.main_sync([name], s, workers=n_workers)
 
 
 async def _init() -> dict[str, Any]:
