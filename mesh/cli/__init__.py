@@ -58,6 +58,7 @@ COMMAND_MODULES = (
     "mesh.cli.keys_cmds",
     "mesh.cli.bridge_cmds",
     "mesh.cli.apikey_cmds",
+    "mesh.cli.portal_cmds",
     "mesh.cli.tenant_cmds",
     "mesh.cli.backup_cmds",
     "mesh.cli.trace_cmds",

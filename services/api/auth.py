@@ -15,12 +15,15 @@ import asyncio
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from aiohttp import web
 
 from mesh.apikeys import ApiKey, ApiKeyStore, Scope
+from mesh.portal import SESSION_PREFIX
 from mesh.resilience import RateLimiter
+from services.api.portal_session import check_session_route
 from services.api.problems import FORBIDDEN, RATE_LIMITED, UNAUTHORIZED, ApiProblem
 
 CACHE_S = 2.0
@@ -29,8 +32,16 @@ CHALLENGE = {"WWW-Authenticate": 'Bearer realm="mesh"'}
 
 
 class Auth:
-    def __init__(self, store: ApiKeyStore, default_rate: float, cache_s: float = CACHE_S) -> None:
+    def __init__(
+        self,
+        store: ApiKeyStore,
+        default_rate: float,
+        cache_s: float = CACHE_S,
+        session: Callable[[str], ApiKey] | None = None,
+    ) -> None:
         self.store = store
+        # Portal sessions (``mps_...``, services/api/portal.py): signed, not stored.
+        self.session = session
         self.default_rate = default_rate
         self.cache_s = cache_s
         self._cache: dict[str, tuple[float, ApiKey]] = {}
@@ -46,6 +57,8 @@ class Auth:
             )
         if scheme.lower() != "bearer" or not text.strip():
             raise ApiProblem(UNAUTHORIZED, "use Authorization: Bearer <API key>", headers=CHALLENGE)
+        if self.session is not None and text.startswith(SESSION_PREFIX):
+            return self.session(text.strip())
         fingerprint = hashlib.sha256(text.strip().encode()).hexdigest()
         now = time.monotonic()
         cached = self._cache.get(fingerprint)
@@ -89,5 +102,6 @@ class Auth:
         key = await self.authenticate(request)
         if not key.scope.allows(scope):
             raise ApiProblem(FORBIDDEN, f"this needs the {scope} scope; the key has {key.scope}")
+        check_session_route(key, request)
         self._limit(key)
         return key

@@ -16,6 +16,7 @@ ROUTE_MODULES = (
     "services.api.routes_targets",
     "services.api.routes_admin",
     "services.api.routes_history",
+    "services.api.portal",
     "services.api.routes_tenants",
 )
 

@@ -27,6 +27,7 @@ from mesh.errors import NotFound
 from mesh.history import delivery_doc, event_doc
 from mesh.replay import replay
 from mesh.storage import EventRow
+from services.api import history_tenancy as scoped
 from services.api.history_models import (
     DeadLetterList,
     DeadLetterOut,
@@ -78,6 +79,10 @@ async def get_event(call: Call) -> EventDetail:
     store = await call.api.store()
     row = await store.get_event(event_id)
     attempts = await store.query_deliveries(event_id)
+    mine = await scoped.visible_targets(call)
+    if mine is not None:  # a tenant key sees an event that went to one of its targets
+        attempts = scoped.only_visible(attempts, mine)
+        row = row if attempts else None
     if row is None and not attempts:
         raise NotFound(f"no event {event_id!r} in the database")
     return EventDetail(
@@ -88,6 +93,7 @@ async def get_event(call: Call) -> EventDetail:
 
 async def list_deliveries(call: Call) -> DeliveryPage:
     q: DeliveriesQuery = call.query
+    await scoped.own_target(call, q.target, "deliveries")
     store = await call.api.store()
     page = await store.list_deliveries(
         target=q.target,
@@ -104,6 +110,7 @@ async def list_deliveries(call: Call) -> DeliveryPage:
 
 async def list_dead_letters(call: Call) -> DeadLetterList:
     q: DeadLettersQuery = call.query
+    await scoped.own_target(call, q.target, "dead letters")
     client = call.api.client
     await dlq.check_target(client, q.target)
     listing = await dlq.list_dead_letters(client, q.target, q.since, q.limit)
@@ -134,6 +141,11 @@ async def _retry(call: Call, entries: Any, what: dict[str, Any]) -> RetryOut:
 async def retry_dead_letter(call: Call) -> RetryOut:
     ident = call.params["ident"]
     found = await dlq.find(call.api.client, ident)
+    mine = await scoped.visible_targets(call)
+    if mine is not None:
+        found = scoped.only_visible(found, mine)
+        if not found:
+            raise NotFound(f"no dead letter {ident!r} (see `mesh dlq list`)")
     return await _retry(call, found, {"ident": ident})
 
 
@@ -182,6 +194,7 @@ def _empty_window(body: ReplayByTime | ReplayBySeq) -> str | None:
 async def replay_target(call: Call) -> ReplayOut:
     body: ReplayByTime | ReplayBySeq = call.body
     name = call.params["name"]
+    await scoped.own_target(call, name, "replays")
     empty = _empty_window(body)
     if empty is not None:
         await call.api.client.target_or_error(name)
@@ -237,6 +250,7 @@ def register(table: RouteTable) -> None:
                 response=EventDetail,
                 problems=(404,),
                 params=(EVENT_PARAM,),
+                tenant_aware=True,  # services/api/history_tenancy.py
             ),
             Route(
                 "GET",
@@ -249,6 +263,7 @@ def register(table: RouteTable) -> None:
                 query=DeliveriesQuery,
                 response=DeliveryPage,
                 description="Newest first, filtered; page with next_cursor.",
+                tenant_aware=True,  # services/api/history_tenancy.py
             ),
             Route(
                 "GET",
@@ -261,6 +276,7 @@ def register(table: RouteTable) -> None:
                 query=DeadLettersQuery,
                 response=DeadLetterList,
                 problems=(404,),
+                tenant_aware=True,  # services/api/history_tenancy.py
             ),
             Route(
                 "GET",
@@ -286,6 +302,7 @@ def register(table: RouteTable) -> None:
                 problems=(404,),
                 params=(LETTER_PARAM,),
                 description="Sends it back through normal delivery; it leaves the DLQ.",
+                tenant_aware=True,  # services/api/history_tenancy.py
             ),
             Route(
                 "POST",
@@ -325,6 +342,7 @@ def register(table: RouteTable) -> None:
                 problems=(404,),
                 params=(NAME_PARAM,),
                 description="From a time window or a stream sequence range; original ids.",
+                tenant_aware=True,  # services/api/history_tenancy.py
             ),
         ]
     )

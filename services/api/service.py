@@ -21,7 +21,7 @@ from mesh.config import Settings
 from mesh.errors import ConfigError
 from mesh.history import PayloadReader
 from mesh.storage import Store, open_store
-from services.api import graphql
+from services.api import graphql, portal, portal_session
 from services.api.audit import Auditor
 from services.api.auth import Auth
 from services.api.idempotency import IdempotencyStore
@@ -120,6 +120,7 @@ class Api(Service):
         app = web.Application(middlewares=[problem_middleware], client_max_size=MAX_BODY)
         self.table.install(app, self)
         graphql.install(app, self)
+        portal.install(app, self.settings)
         return app
 
     async def on_start(self) -> None:
@@ -128,7 +129,9 @@ class Api(Service):
         names = self.client.names
         replicas = self.settings.stream_replicas
         keys = await ApiKeyStore.open(js, names.apikeys, replicas)
-        self._auth = Auth(keys, self.settings.api_rate)
+        self._auth = Auth(
+            keys, self.settings.api_rate, session=portal_session.SessionVerifier(self.settings)
+        )
         self._idem = await IdempotencyStore.open(js, names.idempotency, replicas)
         self._audit = Auditor(self.client)
         self._runner = web.AppRunner(self.make_app(), access_log=None, shutdown_timeout=5.0)
