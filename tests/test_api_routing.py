@@ -76,3 +76,17 @@ def test_a_route_declared_twice_is_refused() -> None:
     t = table()
     with pytest.raises(ValueError, match="declared twice"):
         t.add(Route("GET", "/v1/echo", echo, "Again", ("test",), None, "echo2"))
+
+
+def test_target_url_pattern_takes_every_tcp_port() -> None:
+    """The OpenAPI pattern for target URLs refused ports from 60000 (a receiver on an
+    ephemeral port got a 422); it takes 1-65535 as netguard does, and no more."""
+    import re
+
+    from services.api.routes_targets import URL_PATTERN
+
+    pattern = re.compile(URL_PATTERN)
+    for port in (1, 80, 9999, 59999, 60000, 60541, 65535):
+        assert pattern.match(f"http://127.0.0.1:{port}/hook"), port
+    for port in (0, 65536, 70000, 99999):
+        assert not pattern.match(f"http://127.0.0.1:{port}/hook"), port

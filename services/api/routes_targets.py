@@ -79,10 +79,9 @@ TargetOut = create_model(
     has_secret=(bool, ...),
     rotating=(bool, Field(description="An old secret still signs (during a rotation)")),
 )
-# http(s)://host[:port][/path]: what mesh.netguard.validate_url takes (ports to 59999).
-URL_PATTERN = (
-    r"^https?://[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*(:([1-9][0-9]{0,3}|[1-5][0-9]{4}))?(/[!-~]*)?$"
-)
+# http(s)://host[:port][/path]: what mesh.netguard.validate_url takes (ports 1-65535).
+_PORT = r"([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+URL_PATTERN = r"^https?://[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*(:" + _PORT + r")?(/[!-~]*)?$"
 _Url = Annotated[str, Field(pattern=URL_PATTERN, max_length=2000, description="http(s) URL")]
 _create_fields = _fields(Target, _SECRETS | _BOOKKEEPING | {"name", "kind", "url"})
 WebhookTargetIn = create_model(
