@@ -158,7 +158,7 @@ async def run(args: argparse.Namespace) -> list[Result]:
     rates: dict[str, list[float]] = {k: [] for k in ("sa", "sc", "ba", "bc")}
     cpu_us: list[float] = []  # the API process's CPU per single POST
     async with scratch_mesh() as mesh, mesh.client() as c:
-        store = await ApiKeyStore.open(c.js, c.names.apikeys)
+        store = await ApiKeyStore.open(c.port, c.names.apikeys)
         _, key = await store.create("bench", Scope.PUBLISH)
         proc, url = await start_api(mesh)
         headers = {"Authorization": f"Bearer {key}"}

@@ -77,7 +77,7 @@ async def fairness(args: argparse.Namespace, mesh: Scratch, c: MeshClient) -> li
     await rx.wait_up()
     hole_port = free_port()
     hole = await blackhole(hole_port)
-    tenants = await TenantStore.open(c.js, c.names.tenants)
+    tenants = await TenantStore.open(c.port, c.names.tenants)
     for t in ("ta", "tb"):
         await tenants.create(t)
     await c.add_target(Target(name="a-hook", kind=TargetKind.WEBHOOK, url=rx.url("a"), tenant="ta"))
@@ -165,7 +165,7 @@ def _serve(mesh: Scratch, name: str) -> subprocess.Popen[bytes]:
 
 async def _populate(c: MeshClient, n_tenants: int, url: str) -> float:
     start = time.monotonic()
-    tenants = await TenantStore.open(c.js, c.names.tenants)
+    tenants = await TenantStore.open(c.port, c.names.tenants)
     for i in range(n_tenants):
         name = f"t{i:05d}"
         await tenants.create(name)

@@ -27,16 +27,18 @@ import re
 import secrets
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-import nats.js.errors as js_errors
-from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 from pydantic import ValidationError as PydValidationError
 
-from mesh.buckets import open_bucket, read, read_all
+from mesh._nats.buckets import read
+from mesh._nats.types import KeyValue, js_errors
 from mesh.errors import NotFound, ValidationError
 from mesh.subjects import validate_name
+
+if TYPE_CHECKING:
+    from mesh._nats.port import JetStreamPort
 
 KEY_PREFIX = "mk_"
 _KEY = re.compile(r"mk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
@@ -110,15 +112,15 @@ def validate_key_id(key_id: str) -> str:
 class ApiKeyStore:
     """The bucket of API keys."""
 
-    def __init__(self, js: JetStreamContext, kv: KeyValue, bucket: str) -> None:
-        self.js = js
+    def __init__(self, port: JetStreamPort, kv: KeyValue, bucket: str) -> None:
+        self.port = port
         self.kv = kv
         self.bucket = bucket
 
     @classmethod
-    async def open(cls, js: JetStreamContext, bucket: str, replicas: int = 1) -> ApiKeyStore:
-        kv = await open_bucket(js, bucket, history=1, replicas=replicas)
-        return cls(js, kv, bucket)
+    async def open(cls, port: JetStreamPort, bucket: str, replicas: int = 1) -> ApiKeyStore:
+        kv = await port.open_bucket(bucket, history=1, replicas=replicas)
+        return cls(port, kv, bucket)
 
     async def create(
         self,
@@ -191,7 +193,7 @@ class ApiKeyStore:
 
     async def list(self) -> list[ApiKey]:
         out = []
-        for raw in (await read_all(self.js, self.kv, self.bucket)).values():
+        for raw in (await self.port.read_all(self.kv, self.bucket)).values():
             try:
                 out.append(ApiKey.model_validate_json(raw))
             except PydValidationError:

@@ -16,19 +16,16 @@ import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
-import nats.errors as nats_errors
-import nats.js.errors as js_errors
 import structlog
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from nats.js import JetStreamContext
 
 from mesh import envelope, tracing
+from mesh._nats.port import JetStreamPort
+from mesh._nats.pubpipe import ack_duplicate, ack_error, no_stream
+from mesh._nats.types import NATS, JetStreamContext, Msg, Subscription, js_errors, nats_errors
 from mesh.config import Settings, load_settings
 from mesh.connection import connect_nats, open_registry
 from mesh.crypto import KeyRing
-from mesh.delivery import Delivery, admit, decode_event, pull_batches
+from mesh.delivery import Delivery, admit, decode_event
 from mesh.envelope import Event
 from mesh.errors import (
     BrokerError,
@@ -42,14 +39,13 @@ from mesh.errors import (
 from mesh.netguard import check_literal
 from mesh.observability import METRICS
 from mesh.ownership import take_client_quota, tenant_target
-from mesh.publishing import Encoded, build_event, check_size, publish_pipelined
-from mesh.pubpipe import AckedPublisher, ack_duplicate, ack_error, no_stream
+from mesh.publishing import Encoded, build_event, check_size
 from mesh.records import DeliveryRecord, dead_letter_headers
 from mesh.registry import Propagation, PropagationMode, Registry, Target, TargetKind
 from mesh.replies import Reply, answer_request, decode_request, read_reply, reply_message
 from mesh.routing import RouteCache, Verdict
 from mesh.serverinfo import check_server
-from mesh.streams import Provisioner, StreamNames, dlq_depths, ensure_streams, queue_depth
+from mesh.streams import Provisioner, StreamNames, ensure_streams
 from mesh.subjects import Subjects, qualify, validate_name
 
 log = structlog.get_logger("mesh.client")
@@ -72,9 +68,8 @@ class MeshClient:
         self.name = name
         self._keyring = keyring
         self._reconnect_forever = reconnect_forever
-        self.nc: NATS = NATS()
-        self._acked = AckedPublisher(self.nc)
-        self._js: JetStreamContext | None = None
+        self.port = JetStreamPort()
+        self.nc: NATS = self.port.nc  # the connection, for connect_nats and check_server
         self._registry: Registry | None = None
         self._routes: RouteCache | None = None
         self.reconnects = 0
@@ -91,9 +86,8 @@ class MeshClient:
 
     @property
     def js(self) -> JetStreamContext:
-        if self._js is None:
-            raise BrokerError("not connected")
-        return self._js
+        """nats.py's JetStream context, for the KV stores (``mesh._nats`` helpers)."""
+        return self.port.js
 
     @property
     def registry(self) -> Registry:
@@ -103,7 +97,7 @@ class MeshClient:
 
     @property
     def provisioner(self) -> Provisioner:
-        return Provisioner(self.js, self.registry, self.settings)
+        return Provisioner(self.port, self.registry, self.settings)
 
     async def connect(self) -> MeshClient:
         tracing.configure()  # OTEL_* env: off unless asked (a service named itself first)
@@ -118,7 +112,7 @@ class MeshClient:
             self.connected_event.set()
             log.info(
                 "nats reconnected",
-                url=str(self.nc.connected_url.netloc if self.nc.connected_url else ""),
+                url=self.port.connected_host,
             )
 
         await connect_nats(
@@ -131,15 +125,15 @@ class MeshClient:
         )
         self.connected_event.set()
         try:
-            check_server(self.nc)  # before anything is created on a server that cannot carry it
+            check_server(self.port)  # before anything is created on a server that cannot carry it
         except BrokerError:
             await self.close()
             raise
-        self._js = self.nc.jetstream(timeout=10)
+        self.port.bind(timeout=10)
         # A cluster that has just started may still be electing its JetStream leader:
         # services wait for it (up to 60 s); a CLI command gives up sooner.
         self._registry = await open_registry(
-            self._js,
+            self.port,
             self._keyring_or_none,
             self.names.registry,
             replicas=self.settings.stream_replicas,
@@ -159,17 +153,14 @@ class MeshClient:
 
     async def init(self) -> dict[str, list[str]]:
         """Create or update streams, then reconcile every consumer."""
-        await ensure_streams(self.js, self.settings)
+        await ensure_streams(self.port, self.settings)
         return await self.provisioner.reconcile_all()
 
     async def close(self) -> None:
-        if self.nc.is_closed:
+        if self.port.is_closed:
             return
         self._closing = True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.nc.drain(), 5)
-        with contextlib.suppress(Exception):
-            await self.nc.close()
+        await self.port.close()
 
     async def __aenter__(self) -> MeshClient:
         return await self.connect()
@@ -183,7 +174,7 @@ class MeshClient:
         if target.kind == TargetKind.WEBHOOK and target.url:
             # Refused now, not dead-lettered event by event later.
             check_literal(target.url, self.settings.allow_private_targets)
-        await ensure_streams(self.js, self.settings)
+        await ensure_streams(self.port, self.settings)
         target = await self.registry.add_target(target, secret)
         await self.provisioner.reconcile_target(target)
         return target
@@ -202,7 +193,7 @@ class MeshClient:
         **kw: Any,
     ) -> Propagation:
         """Add a propagation; kw: filter (CESQL), transform (JMESPath), tenant (MESH_TENANT's)."""
-        await ensure_streams(self.js, self.settings)
+        await ensure_streams(self.port, self.settings)
         m, kw["tenant"] = PropagationMode(mode), kw.get("tenant") or self.settings.tenant
         prop = await self.registry.add_propagation(m, source, targets, types, **kw)
         await self.provisioner.reconcile_all()
@@ -242,7 +233,7 @@ class MeshClient:
         headers, body = envelope.encode(
             event, self.keyring if self.settings.encryption else None, self.settings.encryption
         )
-        check_size(nats_subject, headers, body, self.nc.max_payload or 1024 * 1024)
+        check_size(nats_subject, headers, body, self.port.max_payload)
         return headers, body
 
     async def publish(
@@ -287,11 +278,11 @@ class MeshClient:
     async def _publish_one(self, event: Event, nats_subject: str, timeout: float) -> bool:
         headers, body = self._message(event, nats_subject)
         try:
-            ack = await self._acked.publish(nats_subject, body, headers, timeout)
+            ack = await self.port.publish_acked(nats_subject, body, headers, timeout)
         except TimeoutError:
             raise BrokerError(f"publish of {event.id} timed out after {timeout}s") from None
         except nats_errors.MaxPayloadError:
-            raise PayloadTooLarge(len(body), self.nc.max_payload) from None
+            raise PayloadTooLarge(len(body), self.port.max_payload) from None
         if no_stream(ack):
             raise BrokerError("no stream stores mesh events: run `mesh init` (or `mesh up`) first")
         error = ack_error(ack)
@@ -324,9 +315,7 @@ class MeshClient:
             headers, body = self._message(event, nats_subject)
             return nats_subject, headers, body, event.source
 
-        return await publish_pipelined(
-            self.js, events, encode, self.nc.max_payload, window=window, timeout=timeout
-        )
+        return await self.port.publish_many(events, encode, window=window, timeout=timeout)
 
     # Consuming ----------------------------------------------------------------
 
@@ -350,7 +339,7 @@ class MeshClient:
     async def record(self, rec: DeliveryRecord) -> None:
         """Publish a delivery-attempt record (best effort: a failure is logged, not raised)."""
         try:
-            ack = await self._acked.publish(
+            ack = await self.port.publish_acked(
                 self.subjects.delivery(rec.target), rec.to_bytes(), {"Nats-Msg-Id": rec.id}, 5.0
             )
             error = ack_error(ack)
@@ -362,7 +351,7 @@ class MeshClient:
     async def dead_letter(self, msg: Msg, target: str, error: str, attempts: int) -> None:
         """Copy a message to the DLQ with its reason. Raises if the DLQ did not take it."""
         headers = dead_letter_headers(msg.subject, msg.headers, target, error, attempts)
-        await self.js.publish(self.subjects.dlq(target), msg.data, headers=headers, timeout=10)
+        await self.port.publish(self.subjects.dlq(target), msg.data, headers=headers, timeout=10)
 
     def pull(
         self,
@@ -374,9 +363,9 @@ class MeshClient:
         stop: asyncio.Event | None = None,
     ) -> AsyncGenerator[list[Msg], None]:
         """Fetch batches from a durable consumer forever, surviving broker restarts
-        (``mesh.delivery.pull_batches``). Close the generator to give back what it holds."""
+        (``JetStreamPort.pull``). Close the generator to give back what it holds."""
         stream = stream or self.names.events
-        return pull_batches(self.nc, stream, consumer, batch=batch, expires=expires, stop=stop)
+        return self.port.pull(stream, consumer, batch=batch, expires=expires, stop=stop)
 
     async def consume(
         self,
@@ -390,9 +379,9 @@ class MeshClient:
         t = await tenant_target(self.registry, target, self.settings.tenant, strict=False)
         consumer = t.consumer
         try:
-            await self.js.consumer_info(self.names.events, consumer)
+            await self.port.consumer_info(self.names.events, consumer)
         except js_errors.NotFoundError:
-            await ensure_streams(self.js, self.settings)
+            await ensure_streams(self.port, self.settings)
             await self.provisioner.reconcile_target(t)
         unseen: list[Msg] = []
         try:
@@ -447,7 +436,7 @@ class MeshClient:
         nats_subject = self.subjects.rpc(target, event_type)
         headers, body = self._message(event, nats_subject)
         try:
-            msg = await self.nc.request(nats_subject, body, timeout=timeout, headers=headers)
+            msg = await self.port.request(nats_subject, body, timeout=timeout, headers=headers)
         except nats_errors.NoRespondersError:
             raise RequestError(f"no responder for target {target!r}") from None
         except (nats_errors.TimeoutError, TimeoutError):
@@ -465,7 +454,7 @@ class MeshClient:
             return
         keyring = self.keyring if self.settings.encryption else None
         headers, body = reply_message(data, status, source, keyring, self.settings.encryption)
-        await self.nc.publish(msg.reply, body, headers=headers)
+        await self.port.send(msg.reply, body, headers=headers)
 
     async def serve_requests(
         self, target: str, handler: Callable[[Event], Awaitable[Any]]
@@ -479,7 +468,7 @@ class MeshClient:
         async def on_msg(msg: Msg) -> None:
             await answer_request(msg, target, handler, self.decode_request, self.reply)
 
-        return await self.nc.subscribe(
+        return await self.port.subscribe(
             self.subjects.rpc_filter(target), queue=f"rpc-{target}", cb=on_msg
         )
 
@@ -487,11 +476,11 @@ class MeshClient:
 
     async def dlq_depths(self) -> dict[str, int]:
         """Dead letters retained, per target."""
-        return await dlq_depths(self.js, self.names, self.subjects)
+        return await self.port.dlq_depths(self.names.dlq, self.subjects.dlq_all)
 
     async def queue_depth(self, target: Target) -> dict[str, Any]:
         """A target's queue: lag = pending (not yet delivered) + unacked (in flight)."""
-        return await queue_depth(self.js, self.names, target)
+        return await self.port.queue_depth(self.names.events, target.consumer)
 
     async def target_or_error(self, name: str) -> Target:
         try:

@@ -7,17 +7,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-import nats.errors as nats_errors
-import nats.js.errors as js_errors
 import structlog
-from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
 
+from mesh._nats.types import NATS, js_errors, nats_errors
 from mesh.config import Settings
 from mesh.crypto import KeyRing
 from mesh.errors import BrokerError, BrokerUnavailable
 from mesh.registry import Registry
+
+if TYPE_CHECKING:
+    from mesh._nats.port import JetStreamPort
 
 log = structlog.get_logger("mesh.client")  # the client's logger, as before the split
 
@@ -83,7 +84,7 @@ def unreachable(exc: BaseException, servers: list[str], last_error: list[str]) -
 
 
 async def open_registry(
-    js: JetStreamContext,
+    port: JetStreamPort,
     keyring: Callable[[], KeyRing | None],
     bucket: str,
     *,
@@ -96,7 +97,7 @@ async def open_registry(
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return await Registry.open(js, keyring(), bucket, replicas=replicas)
+            return await Registry.open(port, keyring(), bucket, replicas=replicas)
         except nats_errors.NoRespondersError:
             await close()
             raise BrokerUnavailable(

@@ -1,34 +1,103 @@
-"""What a consumer gets: ``Delivery`` (one event to ack), the event in a message
-(``decode_event``), the pull loop behind ``MeshClient.pull`` and ``consume``, and the
+"""What a consumer gets: ``Delivery`` (one event to ack), the reading of a message's
+headers (``MessageHeaders``), the event in a message (``decode_event``) and the
 admission of each pulled message (``admit``: decode, route check, dead letter or skip
-with its record). The route check itself is ``mesh/routing.py``."""
+with its record). The route check itself is ``mesh/routing.py``; the pull loop is
+``JetStreamPort.pull`` (``mesh/_nats/pull.py``)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-import nats.errors as nats_errors
-import nats.js.errors as js_errors
 import structlog
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 from mesh import envelope
+from mesh._nats.types import Msg
 from mesh.crypto import KeyRing
 from mesh.envelope import Event
 from mesh.errors import DecodeError
-from mesh.pullfeed import PullFeed
 from mesh.records import DeliveryRecord, Outcome
 from mesh.routing import Verdict
 from mesh.subjects import Subjects
 
 log = structlog.get_logger("mesh.client")  # the client's logger, as before the split
 
-# Consecutive failed fetches (not timeouts) before the pull subscription is re-created.
-PULL_RESUBSCRIBE_AFTER = 5
+
+class MessageHeaders:
+    """The mesh's reading of a message's headers (the names are ``mesh.envelope``'s):
+    consume, the egress, the bridge, the sink's rows, replay and the DLQ tools use it."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, headers: Mapping[str, str] | None) -> None:
+        self.raw: Mapping[str, str] = headers or {}
+
+    @classmethod
+    def of(cls, msg: Any) -> MessageHeaders:
+        return cls(msg.headers)
+
+    def event_id(self, seq: int | None = None, fallback: str | None = None) -> str:
+        """The event's id (``envelope.event_id_of``: the one derivation)."""
+        return envelope.event_id_of(self.raw, seq, fallback)
+
+    @property
+    def is_cloudevent(self) -> bool:
+        """Whether the message carries CloudEvents attributes (a plain one has none)."""
+        return envelope.H_ID in self.raw
+
+    @property
+    def id(self) -> str | None:
+        return self.raw.get(envelope.H_ID)
+
+    @property
+    def source(self) -> str | None:
+        return self.raw.get(envelope.H_SOURCE)
+
+    @property
+    def type(self) -> str | None:
+        return self.raw.get(envelope.H_TYPE)
+
+    @property
+    def specversion(self) -> str | None:
+        return self.raw.get(envelope.H_SPECVERSION)
+
+    @property
+    def time(self) -> str | None:
+        return self.raw.get(envelope.H_TIME)
+
+    @property
+    def datacontenttype(self) -> str | None:
+        return self.raw.get(envelope.H_DATACONTENTTYPE)
+
+    @property
+    def subject(self) -> str | None:
+        return self.raw.get(envelope.H_SUBJECT)
+
+    @property
+    def origin(self) -> str | None:
+        return self.raw.get(envelope.H_ORIGIN)
+
+    @property
+    def hops_text(self) -> str:
+        return self.raw.get(envelope.H_HOPS, "0")
+
+    @property
+    def hops(self) -> int:
+        """The hop count; 0 when missing or not an integer."""
+        try:
+            return int(self.hops_text)
+        except ValueError:
+            return 0
+
+    @property
+    def traceparent(self) -> str | None:
+        return self.raw.get(envelope.H_TRACEPARENT)
+
+    @property
+    def tracestate(self) -> str | None:
+        return self.raw.get(envelope.H_TRACESTATE)
 
 
 @dataclass
@@ -65,78 +134,6 @@ def decode_event(
         with contextlib.suppress(Exception):  # not a JetStream delivery: no sequence
             seq = msg.metadata.sequence.stream if msg.metadata.sequence else None
     return envelope.decode(msg.subject, msg.headers, msg.data, keyring, seq=seq, subjects=subjects)
-
-
-def raise_if_cancelled() -> None:
-    """Raise CancelledError when this task was asked to stop, even if the request was lost.
-
-    nats.py waits for messages through ``asyncio.wait_for``, which on Python 3.11 drops a
-    cancellation that races with the awaited thing finishing (CPython gh-86296): a fetch
-    cancelled just as its 408 "request timeout" arrives returns as a timeout. A loop that
-    retries on timeouts would then run on, and the caller that cancelled it (``wait_for``
-    around ``anext``, a service stopping) would wait for it forever. ``Task.cancelling()``
-    still counts the request.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
-async def pull_batches(
-    nc: NATS,
-    stream: str,
-    consumer: str,
-    *,
-    batch: int = 10,
-    expires: float = 2.0,
-    stop: asyncio.Event | None = None,
-) -> AsyncGenerator[list[Msg], None]:
-    """Fetch batches from a durable consumer forever, surviving broker restarts.
-
-    Every fetch sends a fresh pull request, so a loop survives a server
-    restart (nats.py #504 is a pull subscription that waits on a request the
-    restarted server forgot). The subscription itself is kept across
-    reconnects: nats.py re-subscribes its inbox, and a new inbox would strand
-    whatever the server sends to a request made through the old one until
-    ack_wait. It is re-created only when the consumer is gone or fetches keep
-    failing.
-    """
-    feed: PullFeed | None = None
-    backoff = 0.1
-    failures = 0
-    try:
-        while stop is None or not stop.is_set():
-            if nc.is_closed:
-                return
-            try:
-                if feed is None:
-                    feed = await PullFeed(nc, stream, consumer).open()
-                msgs = await feed.fetch(batch, timeout=expires)
-                backoff = 0.1
-                failures = 0
-            except (nats_errors.TimeoutError, TimeoutError):
-                raise_if_cancelled()
-                continue
-            except nats_errors.ConnectionClosedError:
-                return
-            except (nats_errors.Error, js_errors.Error, OSError) as exc:
-                log.debug("pull retry", consumer=consumer, error=str(exc) or type(exc).__name__)
-                failures += 1
-                gone = isinstance(exc, js_errors.NotFoundError | js_errors.ServiceUnavailableError)
-                if feed is not None and (gone or failures >= PULL_RESUBSCRIBE_AFTER):
-                    await feed.close()
-                    feed = None
-                    failures = 0
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                continue
-            if msgs:
-                yield msgs
-    finally:
-        # A closed generator (break, aclose) must not leave its inbox subscribed; what
-        # arrived for it and was never handed out goes back (nak) at once.
-        if feed is not None:
-            await feed.close()
 
 
 async def admit(

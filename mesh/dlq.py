@@ -18,14 +18,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import nats.errors as nats_errors
-import nats.js.errors as js_errors
-
+from mesh import envelope
+from mesh._nats.types import js_errors, nats_errors
 from mesh.client import MeshClient
 from mesh.errors import BrokerError, DecodeError, NotFound, ValidationError
 from mesh.records import DeadLetter, parse_dead_letter
 from mesh.registry import Target, TargetStatus
-from mesh.replay import replay_headers, scan
+from mesh.replay import replay_headers
 from mesh.subjects import validate_name
 
 REPLAY_BATCH = 64
@@ -87,7 +86,7 @@ def _entry(client: MeshClient, seq: int, headers: dict[str, str] | None, body: b
     try:
         source, etype, _ = client.subjects.parse_event(letter.original_subject)
     except ValidationError:
-        source, etype = letter.headers.get("ce-source"), letter.headers.get("ce-type")
+        source, etype = letter.headers.get(envelope.H_SOURCE), letter.headers.get(envelope.H_TYPE)
     return DlqEntry(seq=seq, letter=letter, source=source, type=etype)
 
 
@@ -104,8 +103,7 @@ async def iter_dead_letters(
     Messages on the DLQ subjects that are not dead letters are counted in
     ``listing.unreadable``; ``on_total`` hears how many messages the range holds.
     """
-    async for msg in scan(
-        client.js,
+    async for msg in client.port.scan(
         client.names.dlq,
         [_filter(client, target)],
         start_time=since,
@@ -126,7 +124,7 @@ async def check_target(client: MeshClient, target: str | None) -> None:
         await client.target_or_error(target)
     except NotFound:
         subject = _filter(client, target)
-        info = await client.js.stream_info(client.names.dlq, subjects_filter=subject)
+        info = await client.port.stream_info(client.names.dlq, subjects_filter=subject)
         if not info.state.subjects:
             raise
 
@@ -158,7 +156,7 @@ async def find(client: MeshClient, ident: str) -> list[DlqEntry]:
     if ident.isdigit() and int(ident) <= MAX_SEQ:
         seq = int(ident)
         try:
-            raw = await client.js.get_msg(client.names.dlq, seq)
+            raw = await client.port.get_msg(client.names.dlq, seq)
         except (js_errors.NotFoundError, js_errors.BadRequestError):
             raw = None
         if raw is not None and raw.seq:
@@ -307,7 +305,7 @@ async def _publish(client: MeshClient, entry: DlqEntry) -> bool:
         msg_id=dlq_replay_msg_id(entry),
     )
     subject = client.subjects.replay(entry.target, entry.source, entry.type)
-    ack = await client.js.publish(
+    ack = await client.port.publish(
         subject, entry.letter.body, headers=headers, timeout=PUBLISH_TIMEOUT_S
     )
     return bool(ack.duplicate)
@@ -316,7 +314,7 @@ async def _publish(client: MeshClient, entry: DlqEntry) -> bool:
 async def _delete(client: MeshClient, seq: int) -> bool:
     """Delete one DLQ message; False when it was gone already (a concurrent replay or purge)."""
     try:
-        await client.js.delete_msg(client.names.dlq, seq)
+        await client.port.delete_msg(client.names.dlq, seq)
     except js_errors.NotFoundError:
         return False
     except js_errors.APIError as exc:
@@ -359,7 +357,7 @@ async def plan_purge(
         seqs = [e.seq for e in listing.entries]
         return PurgePlan(target, subject, len(seqs), max(seqs, default=0), seqs)
     try:
-        info = await client.js.stream_info(client.names.dlq, subjects_filter=subject)
+        info = await client.port.stream_info(client.names.dlq, subjects_filter=subject)
     except js_errors.NotFoundError:
         raise BrokerError(f"stream {client.names.dlq} does not exist: run `mesh init`") from None
     count = sum((info.state.subjects or {}).values())
@@ -379,8 +377,8 @@ async def purge(client: MeshClient, plan: PurgePlan) -> int:
     # while the operator confirms are kept.
     req = {"filter": plan.subject, "seq": plan.last_seq + 1}
     try:
-        resp = await client.js._api_request(
-            f"{client.js._prefix}.STREAM.PURGE.{client.names.dlq}",
+        resp = await client.port.api_request(
+            f"STREAM.PURGE.{client.names.dlq}",
             json.dumps(req).encode(),
             timeout=10,
         )

@@ -22,7 +22,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import nats.errors
+from mesh._nats.types import nats_errors
 
 BROKER_INFO_FILE = "mesh-broker.json"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -67,29 +67,21 @@ def mode_from_varz(varz: dict[str, Any]) -> SyncMode | None:
     return SyncMode.ALWAYS if config.get("sync_always") else SyncMode.LAZY
 
 
-async def broker_sync(nc: Any, store_dir: Path) -> dict[str, Any]:
+async def broker_sync(port: Any, store_dir: Path) -> dict[str, Any]:
     """``{"mode": "always"|"lazy"|"mixed"|"unknown", "source": ..., "servers": {...}}``.
 
     ``store_dir``: where this mesh's embedded broker would keep its store
     (``Settings.nats_store_dir``); its record counts only if ``nc`` is connected to that
-    broker's port on loopback.
+    broker's port on loopback. ``port``: a ``JetStreamPort``.
     """
     servers: dict[str, str] = {}
-    with contextlib.suppress(nats.errors.Error, OSError, TimeoutError, ValueError):
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
-        try:
-            await nc.publish(VARZ_SUBJECT, b"", reply=inbox)
-            await nc.flush(timeout=1)
-            while True:
-                msg = await sub.next_msg(timeout=0.3)
-                doc = json.loads(msg.data)
-                data = doc.get("data") or {}
-                mode = mode_from_varz(data)
-                if mode is not None:
-                    servers[str(data.get("server_name") or data.get("server_id"))] = str(mode)
-        finally:
-            await sub.unsubscribe()
+    with contextlib.suppress(nats_errors.Error, OSError, TimeoutError, ValueError):
+        for msg in await port.gather(VARZ_SUBJECT, flush_timeout=1, next_timeout=0.3):
+            doc = json.loads(msg.data)
+            data = doc.get("data") or {}
+            mode = mode_from_varz(data)
+            if mode is not None:
+                servers[str(data.get("server_name") or data.get("server_id"))] = str(mode)
     if servers:
         modes = set(servers.values())
         return {
@@ -97,7 +89,7 @@ async def broker_sync(nc: Any, store_dir: Path) -> dict[str, Any]:
             "source": "server (/varz)",
             "servers": servers,
         }
-    url = nc.connected_url
+    url = port.server_url
     if url is not None and url.hostname in LOOPBACK:
         info = read_broker_info(store_dir)
         if info and info.get("port") == url.port:

@@ -36,16 +36,44 @@ EXT_ORIGIN = "meshorigin"
 EXT_HOPS = "meshhops"
 EXT_REPLAY = "meshreplay"
 
-# Header names built once (hot path).
-H_ORIGIN = f"ce-{EXT_ORIGIN}"
-H_HOPS = f"ce-{EXT_HOPS}"
-H_REPLAY = f"ce-{EXT_REPLAY}"
+# The header vocabulary: every ``ce-*`` name the mesh reads or writes is spelled here
+# (built once: hot path). ``mesh.delivery.MessageHeaders`` reads a message's.
+CE_PREFIX = "ce-"
+H_SPECVERSION = "ce-specversion"
+H_ID = "ce-id"
+H_SOURCE = "ce-source"
+H_TYPE = "ce-type"
+H_TIME = "ce-time"
+H_DATACONTENTTYPE = "ce-datacontenttype"
+H_SUBJECT = "ce-subject"
+H_TRACEPARENT = "ce-traceparent"
+H_TRACESTATE = "ce-tracestate"
+H_ORIGIN = f"{CE_PREFIX}{EXT_ORIGIN}"
+H_HOPS = f"{CE_PREFIX}{EXT_HOPS}"
+H_REPLAY = f"{CE_PREFIX}{EXT_REPLAY}"
 
 _CORE_ATTRS = ("id", "source", "type", "specversion", "time", "datacontenttype", "subject")
 
 
 def new_event_id() -> str:
     return uuid.uuid4().hex
+
+
+def event_id_of(
+    headers: Mapping[str, str], seq: int | None = None, fallback: str | None = None
+) -> str:
+    """The id of the event a message carries: its ``ce-id``; for a plain message its
+    ``Nats-Msg-Id``, else ``seq-<stream sequence>``, else ``fallback``, else a new id.
+
+    The one derivation: decode, replay, the egress's records, the sink's rows and the
+    DLQ tools all ask this.
+    """
+    found = headers.get(H_ID) or headers.get(H_MSG_ID)
+    if found:
+        return found
+    if seq is not None:
+        return f"seq-{seq}"
+    return fallback or new_event_id()
 
 
 @dataclass
@@ -139,25 +167,24 @@ def encode(
     event: Event, keyring: KeyRing | None = None, encrypt: bool = True
 ) -> tuple[dict[str, str], bytes]:
     """Event -> (headers, body) for a NATS message."""
-    body, ctype = encode_data(event.data, event.datacontenttype)
-    event.datacontenttype = ctype
+    body, ctype = encode_data(event.data, event.datacontenttype)  # the event stays as it is
     headers = {
         H_MSG_ID: event.id,
-        "ce-specversion": SPECVERSION,
-        "ce-id": event.id,
-        "ce-source": event.source,
-        "ce-type": event.type,
-        "ce-time": event.time.isoformat(),
-        "ce-datacontenttype": ctype,
+        H_SPECVERSION: SPECVERSION,
+        H_ID: event.id,
+        H_SOURCE: event.source,
+        H_TYPE: event.type,
+        H_TIME: event.time.isoformat(),
+        H_DATACONTENTTYPE: ctype,
         H_ORIGIN: event.origin or event.source,
         H_HOPS: str(event.hops),
     }
     if event.subject:
-        headers["ce-subject"] = event.subject
+        headers[H_SUBJECT] = event.subject
     if event.replay:
         headers[H_REPLAY] = "true"
     for name, value in event.extensions.items():
-        headers[f"ce-{name}"] = value
+        headers[CE_PREFIX + name] = value
     if encrypt and keyring is not None:
         body = keyring.encrypt(body)
         headers[H_ENCRYPTION] = "fernet"
@@ -202,9 +229,9 @@ def decode(
     except ValidationError as exc:
         raise DecodeError(str(exc)) from None
     plaintext = open_body(headers, body, keyring)
-    if "ce-id" not in headers:
+    if H_ID not in headers:
         # A plain message from any NATS client.
-        msg_id = headers.get(H_MSG_ID) or (f"seq-{seq}" if seq is not None else new_event_id())
+        msg_id = event_id_of(headers, seq)
         data: Any
         ctype: str
         try:
@@ -221,23 +248,23 @@ def decode(
             seq=seq,
             nats_subject=nats_subject,
         )
-    if headers.get("ce-specversion") != SPECVERSION:
-        raise DecodeError(f"unsupported ce-specversion {headers.get('ce-specversion')!r}")
-    if headers.get("ce-source") != source:
+    if headers.get(H_SPECVERSION) != SPECVERSION:
+        raise DecodeError(f"unsupported ce-specversion {headers.get(H_SPECVERSION)!r}")
+    if headers.get(H_SOURCE) != source:
         raise DecodeError("ce-source header does not match the subject's source")
-    if headers.get("ce-type") != etype:
+    if headers.get(H_TYPE) != etype:
         raise DecodeError("ce-type header does not match the subject's type")
     try:
-        hops = int(headers.get(f"ce-{EXT_HOPS}", "0"))
+        hops = int(headers.get(H_HOPS, "0"))
     except ValueError:
         raise DecodeError("ce-meshhops is not an integer") from None
     if hops < 0:
         raise DecodeError("ce-meshhops is negative")
-    ctype = headers.get("ce-datacontenttype") or OCTETS
+    ctype = headers.get(H_DATACONTENTTYPE) or OCTETS
     extensions = {
         k[3:]: v
         for k, v in headers.items()
-        if k.startswith("ce-")
+        if k.startswith(CE_PREFIX)
         and k[3:] not in _CORE_ATTRS
         and k[3:] not in (EXT_ORIGIN, EXT_HOPS, EXT_REPLAY)
     }
@@ -245,13 +272,13 @@ def decode(
         source=source,
         type=etype,
         data=decode_data(plaintext, ctype) if decode_body else plaintext,
-        id=headers["ce-id"],
-        time=_parse_time(headers.get("ce-time", "")) if "ce-time" in headers else datetime.now(UTC),
+        id=headers[H_ID],
+        time=_parse_time(headers[H_TIME]) if H_TIME in headers else datetime.now(UTC),
         datacontenttype=ctype,
-        subject=headers.get("ce-subject"),
-        origin=headers.get(f"ce-{EXT_ORIGIN}") or source,
+        subject=headers.get(H_SUBJECT),
+        origin=headers.get(H_ORIGIN) or source,
         hops=hops,
-        replay=headers.get(f"ce-{EXT_REPLAY}") == "true"
+        replay=headers.get(H_REPLAY) == "true"
         or nats_subject.startswith(f"{subjects.prefix}.replay."),
         extensions=extensions,
         seq=seq,

@@ -59,14 +59,14 @@ class Heartbeat:
 
     def __init__(
         self,
-        nc: Any,
+        port: Any,
         subject: str,
         service: str,
         instance: str,
         stats: Callable[[], dict[str, Any]],
         interval: float = 5.0,
     ) -> None:
-        self.nc = nc
+        self.port = port  # JetStreamPort: a core publish (send)
         self.subject = subject
         self.service = service
         self.instance = instance
@@ -96,7 +96,7 @@ class Heartbeat:
 
     async def beat(self) -> None:
         with contextlib.suppress(Exception):
-            await self.nc.publish(self.subject, self.payload())
+            await self.port.send(self.subject, self.payload())
             self.sent += 1
 
     async def _run(self) -> None:

@@ -22,15 +22,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import nats.js.errors as js_errors
-
 from mesh import envelope
+from mesh._nats.types import js_errors
 from mesh.client import MeshClient
 from mesh.config import Settings
 from mesh.crypto import Key, KeyRing
 from mesh.errors import KeyFileError, StorageError
 from mesh.registry import Target
-from mesh.replay import scan
 from mesh.storage import Store, backend_of, open_store, sqlite_path
 
 DEFAULT_BATCH = 500
@@ -208,7 +206,7 @@ async def key_usage(
     ):
         store_name = f"stream {stream}"
         try:
-            await client.js.stream_info(stream)
+            await client.port.stream_info(stream)
         except js_errors.NotFoundError:
             usage.notes.append(f"no stream {stream}: nothing retained there")
             continue
@@ -222,7 +220,7 @@ async def key_usage(
                 progress(name, 0, n)
 
         done = 0
-        async for msg in scan(client.js, stream, filters, on_total=set_total):
+        async for msg in client.port.scan(stream, filters, on_total=set_total):
             done += 1
             headers = msg.headers or {}
             if headers.get(envelope.H_ENCRYPTION):

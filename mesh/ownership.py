@@ -42,5 +42,5 @@ async def take_client_quota(client: Any, n: int) -> None:
     if quota is None:
         from mesh.tenants import ClientQuota  # it imports the registry, which imports us
 
-        quota = _client_quotas[client] = ClientQuota(client.js, client.names.tenants, tenant)
+        quota = _client_quotas[client] = ClientQuota(client.port, client.names.tenants, tenant)
     await quota.take(n)

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from mesh import envelope
 from mesh.errors import DecodeError
 
 
@@ -104,7 +105,7 @@ class DeadLetter:
 
     @property
     def event_id(self) -> str:
-        return self.headers.get("ce-id") or self.headers.get("Nats-Msg-Id") or self.id
+        return envelope.event_id_of(self.headers, fallback=self.id)
 
 
 def dead_letter_headers(

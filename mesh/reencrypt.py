@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nats.js.errors as js_errors
-
+from mesh._nats.types import js_errors
 from mesh.client import MeshClient
 from mesh.config import Settings
 from mesh.crypto import KeyRing

@@ -17,20 +17,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import lru_cache
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import nats.js.errors as js_errors
-from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 from pydantic import ValidationError as PydValidationError
 
-from mesh.buckets import open_bucket, read, read_all
+from mesh._nats.buckets import read
+from mesh._nats.types import KeyValue, js_errors
 from mesh.crypto import KeyRing
 from mesh.destinations import EXTRAS, DestinationOptions, seal_destination
 from mesh.errors import Conflict, DecodeError, NotFound, ValidationError
 from mesh.ownership import own, tenant_target
 from mesh.subjects import qualify, subject_matches, validate_name, validate_pattern
+
+if TYPE_CHECKING:
+    from mesh._nats.port import JetStreamPort
 
 SECRET_PREFIX = "whsec_"
 
@@ -225,19 +226,19 @@ class Registry:
     """The registry over a KV bucket."""
 
     def __init__(
-        self, kv: KeyValue, keyring: KeyRing | None, js: JetStreamContext, bucket: str
+        self, kv: KeyValue, keyring: KeyRing | None, port: JetStreamPort, bucket: str
     ) -> None:
         self.kv = kv
         self.keyring = keyring
-        self._js = js
+        self._port = port
         self._bucket = bucket
 
     @classmethod
     async def open(
-        cls, js: JetStreamContext, keyring: KeyRing | None, bucket: str, replicas: int = 1
+        cls, port: JetStreamPort, keyring: KeyRing | None, bucket: str, replicas: int = 1
     ) -> Registry:
-        kv = await open_bucket(js, bucket, history=10, replicas=replicas)
-        return cls(kv, keyring, js, bucket)
+        kv = await port.open_bucket(bucket, history=10, replicas=replicas)
+        return cls(kv, keyring, port, bucket)
 
     # Low level ----------------------------------------------------------------
 
@@ -246,7 +247,7 @@ class Registry:
 
     async def _snapshot(self) -> dict[str, bytes]:
         """Every live key and its value (mesh/buckets.py: not through a KV watcher)."""
-        return await read_all(self._js, self.kv, self._bucket)
+        return await self._port.read_all(self.kv, self._bucket)
 
     @staticmethod
     def _parsed(snap: dict[str, bytes], prefix: str, model: type[_M]) -> list[_M]:

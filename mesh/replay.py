@@ -9,36 +9,29 @@ through normal delivery again (fresh attempts, same receivers' dedupe) for that
 target only. It works for a target registered after the events were published.
 
 A replayed message keeps the original headers and (still encrypted) body, hence
-the original ``ce-id``, and carries ``ce-meshreplay: true``. Its
+the original event id, and carries ``ce-meshreplay: true``. Its
 ``Nats-Msg-Id`` is ``replay-<target>-<id>``: different from the original's (or
 the stream would drop it as a duplicate) and the same on every run, so that an
 interrupted replay run again within the duplicate window is stored once; past
 the window receivers still dedupe on the id.
 
-``scan`` (reading a stream range without disturbing anything) is shared with
-the DLQ and key tools.
+Reading the range is ``JetStreamPort.scan`` (``mesh/_nats/scan.py``), shared with the
+DLQ and key tools.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import nats.errors as nats_errors
-import nats.js.errors as js_errors
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
-
 from mesh import envelope, tracing
+from mesh._nats.pipeline import PUBLISH_WINDOW
+from mesh._nats.scan import SCAN_BATCH
 from mesh.client import MeshClient
-from mesh.delivery import raise_if_cancelled
-from mesh.errors import BrokerError, NotFound, ValidationError
+from mesh.delivery import MessageHeaders
+from mesh.errors import NotFound, ValidationError
 from mesh.registry import route_accepts
 from mesh.subjects import (
     Subjects,
@@ -49,112 +42,10 @@ from mesh.subjects import (
     validate_pattern,
 )
 
-SCAN_BATCH = 512
-SCAN_FETCH_TIMEOUT_S = 1.0
-SCAN_INACTIVE_S = 60.0
-PUBLISH_TIMEOUT_S = 10.0
-PUBLISH_WINDOW = 1024
 SAMPLE_SIZE = 20
 
 
-# Reading a stream range ------------------------------------------------------------
-
-
-async def scan(
-    js: JetStreamContext,
-    stream: str,
-    filters: list[str],
-    *,
-    start_time: datetime | None = None,
-    start_seq: int | None = None,
-    batch: int = SCAN_BATCH,
-    on_total: Callable[[int], None] | None = None,
-) -> AsyncIterator[Msg]:
-    """Yield the stream's messages on ``filters`` from ``start_time`` or ``start_seq``
-    (or the start).
-
-    Reads through an ephemeral, unacknowledged pull consumer (nothing durable is
-    disturbed) and stops at the stream's last message as it was when the scan
-    began, so writing to the same stream while scanning cannot make it endless.
-    ``on_total`` is told how many messages the range holds (an upper bound).
-    """
-    if not filters:
-        return
-    try:
-        info = await js.stream_info(stream)
-    except js_errors.NotFoundError:
-        raise BrokerError(f"stream {stream} does not exist: run `mesh init`") from None
-    last_seq = info.state.last_seq
-    if not info.state.messages or not last_seq:
-        if on_total:
-            on_total(0)
-        return
-    by_seq = DeliverPolicy.BY_START_SEQUENCE if start_seq else DeliverPolicy.ALL
-    cfg = ConsumerConfig(
-        description="mesh scan (ephemeral)",
-        deliver_policy=DeliverPolicy.BY_START_TIME if start_time else by_seq,
-        opt_start_time=start_time,
-        opt_start_seq=start_seq if not start_time else None,
-        ack_policy=AckPolicy.NONE,
-        filter_subjects=list(filters),
-        inactive_threshold=SCAN_INACTIVE_S,
-        mem_storage=True,
-        num_replicas=1,
-        max_waiting=1,
-    )
-    try:
-        ci = await js.add_consumer(stream, cfg)
-    except js_errors.Error as exc:
-        raise BrokerError(f"cannot read {stream}: {exc.description or exc}") from None
-    name = ci.name
-    if on_total:
-        on_total(int(ci.num_pending or 0))
-    if not ci.num_pending:
-        with contextlib.suppress(Exception):
-            await js.delete_consumer(stream, name)
-        return
-    sub = await js.pull_subscribe_bind(consumer=name, stream=stream)
-    try:
-        while True:
-            try:
-                msgs = await sub.fetch(batch, timeout=SCAN_FETCH_TIMEOUT_S)
-            except (nats_errors.TimeoutError, TimeoutError):
-                raise_if_cancelled()
-                # Nothing came: finished when the consumer has nothing pending.
-                try:
-                    ci = await js.consumer_info(stream, name)
-                except (nats_errors.Error, js_errors.Error) as exc:
-                    raise _lost(stream, exc) from None
-                if not ci.num_pending:
-                    return
-                continue
-            except (nats_errors.Error, js_errors.Error) as exc:
-                raise _lost(stream, exc) from None
-            for msg in msgs:
-                meta = msg.metadata
-                if meta.sequence.stream > last_seq:
-                    return
-                yield msg
-                if meta.sequence.stream >= last_seq or meta.num_pending == 0:
-                    return
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-        with contextlib.suppress(Exception):
-            await js.delete_consumer(stream, name)
-
-
-def _lost(stream: str, exc: Exception) -> BrokerError:
-    why = getattr(exc, "description", None) or str(exc) or type(exc).__name__
-    return BrokerError(f"reading {stream} was interrupted ({why}); running it again is safe")
-
-
 # Replay headers ---------------------------------------------------------------------
-
-
-def event_id_of(headers: Mapping[str, str], seq: int | None) -> str:
-    """The id a receiver sees for this message (as ``envelope.decode`` derives it)."""
-    return headers.get("ce-id") or headers.get(envelope.H_MSG_ID) or f"seq-{seq}"
 
 
 def replay_headers(
@@ -178,22 +69,22 @@ def replay_headers(
         for k, v in original.items()
         if not k.startswith("mesh-dlq-") and not k.lower().startswith("nats-")
     }
-    if "ce-id" not in out:
+    if envelope.H_ID not in out:
         out.update(
             {
-                "ce-specversion": envelope.SPECVERSION,
-                "ce-id": event_id_of(original, seq),
-                "ce-source": source,
-                "ce-type": event_type,
+                envelope.H_SPECVERSION: envelope.SPECVERSION,
+                envelope.H_ID: MessageHeaders(original).event_id(seq),
+                envelope.H_SOURCE: source,
+                envelope.H_TYPE: event_type,
             }
         )
         if envelope.H_ENCRYPTION not in out:
             try:
                 json.loads(body) if body else None
-                out["ce-datacontenttype"] = envelope.JSON
+                out[envelope.H_DATACONTENTTYPE] = envelope.JSON
             except (ValueError, UnicodeDecodeError):
-                out["ce-datacontenttype"] = envelope.OCTETS
-    out[f"ce-{envelope.EXT_REPLAY}"] = "true"
+                out[envelope.H_DATACONTENTTYPE] = envelope.OCTETS
+    out[envelope.H_REPLAY] = "true"
     out[envelope.H_MSG_ID] = msg_id
     return out
 
@@ -356,7 +247,7 @@ async def replay(
         if progress:
             progress(state)
 
-    pipe = _Pipeline(client.js)
+    pipe = client.port.ack_window(PUBLISH_WINDOW)
     max_hops = client.settings.max_hops
 
     def count(new: int, dup: int) -> None:
@@ -365,8 +256,7 @@ async def replay(
         state.published = result.published + result.duplicates
 
     try:
-        async for msg in scan(
-            client.js,
+        async for msg in client.port.scan(
             client.names.events,
             filters,
             start_time=since,
@@ -382,6 +272,7 @@ async def replay(
             result.scanned += 1
             state.scanned = result.scanned
             headers = dict(msg.headers or {})
+            view = MessageHeaders(headers)
             try:
                 source, etype, _ = client.subjects.parse_event(msg.subject)
             except ValidationError:
@@ -389,15 +280,11 @@ async def replay(
                 continue
             if types is not None and not subject_matches(types, etype):
                 continue
-            origin = headers.get(f"ce-{envelope.EXT_ORIGIN}") or source
-            try:
-                hops = int(headers.get(f"ce-{envelope.EXT_HOPS}", "0"))
-            except ValueError:
-                hops = 0
+            origin, hops = view.origin or source, view.hops
             if not route_accepts(routes, source, etype) or origin == target or hops > max_hops:
                 result.skipped += 1
                 continue
-            event_id = event_id_of(headers, meta.sequence.stream)
+            event_id = view.event_id(meta.sequence.stream)
             result.matched += 1
             state.matched = result.matched
             if len(result.sample) < sample_size:
@@ -432,67 +319,13 @@ async def replay(
     return result
 
 
-class _Pipeline:
-    """Publishes in order with up to ``window`` acknowledgements outstanding.
-
-    Every message is acknowledged by the stream (counted new or duplicate) or the
-    replay fails with a ``BrokerError``; nothing is reported done before its ack.
-    """
-
-    def __init__(self, js: JetStreamContext, window: int = PUBLISH_WINDOW) -> None:
-        self.js = js
-        self.window = window
-        self.futures: deque[asyncio.Future[PubAck]] = deque()
-
-    async def publish(self, subject: str, body: bytes, headers: dict[str, str]) -> tuple[int, int]:
-        try:
-            fut = await self.js.publish_async(
-                subject, body, headers=headers, wait_stall=PUBLISH_TIMEOUT_S
-            )
-        except js_errors.TooManyStalledMsgsError:
-            raise BrokerError("replay publish acknowledgements timed out") from None
-        self.futures.append(fut)
-        if len(self.futures) < self.window:
-            return 0, 0
-        return await self._settle(len(self.futures) // 2)
-
-    async def finish(self) -> tuple[int, int]:
-        return await self._settle(len(self.futures))
-
-    async def _settle(self, n: int) -> tuple[int, int]:
-        new = dup = 0
-        try:
-            for _ in range(n):
-                ack = await asyncio.wait_for(self.futures[0], PUBLISH_TIMEOUT_S)
-                self.futures.popleft()
-                if ack.duplicate:
-                    dup += 1
-                else:
-                    new += 1
-        except (TimeoutError, nats_errors.TimeoutError):
-            self.abandon()
-            raise BrokerError("replay publish acknowledgements timed out") from None
-        except js_errors.APIError as exc:
-            self.abandon()
-            raise BrokerError(f"replay publish refused: {exc.description or exc}") from None
-        return new, dup
-
-    def abandon(self) -> None:
-        while self.futures:
-            fut = self.futures.popleft()
-            if not fut.done():
-                fut.cancel()
-
-
 __all__ = [
     "ReplayItem",
     "ReplayProgress",
     "ReplayResult",
-    "event_id_of",
     "narrow",
     "replay",
     "replay_headers",
     "replay_msg_id",
-    "scan",
     "source_filters",
 ]

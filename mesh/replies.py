@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from nats.aio.msg import Msg
 
 from mesh import envelope
+from mesh._nats.types import Msg
 from mesh.crypto import KeyRing
 from mesh.envelope import Event
 from mesh.errors import DecodeError, ValidationError
@@ -43,7 +43,7 @@ def read_reply(msg: Msg, keyring: KeyRing | None) -> Reply:
     except ValueError:
         status = 502
     body = envelope.open_body(headers, msg.data, keyring)
-    ctype = headers.get("ce-datacontenttype", envelope.JSON if body[:1] in b"{[" else "")
+    ctype = headers.get(envelope.H_DATACONTENTTYPE, envelope.JSON if body[:1] in b"{[" else "")
     data: Any = envelope.decode_data(body, ctype) if ctype else body
     return Reply(status=status, data=data, headers=headers)
 
@@ -51,7 +51,7 @@ def read_reply(msg: Msg, keyring: KeyRing | None) -> Reply:
 def decode_request(msg: Msg, subjects: Subjects, keyring: KeyRing | None) -> Event:
     """The event in a request message; raises ``DecodeError``."""
     headers = msg.headers or {}
-    source = headers.get("ce-source", "")
+    source = headers.get(envelope.H_SOURCE, "")
     try:
         validate_name(source, "source name")
     except ValidationError:

@@ -25,18 +25,20 @@ import socket
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-import nats.errors as nats_errors
 import structlog
-from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 from pydantic import BaseModel
 from pydantic import ValidationError as PydValidationError
 
-from mesh.buckets import open_bucket, read, read_all
+from mesh._nats.buckets import read
+from mesh._nats.types import KeyValue, nats_errors
 from mesh.errors import BrokerError, ValidationError
 from mesh.subjects import validate_name
 from mesh.tokens import LEEWAY_S, MAX_TTL, TokenClaims, validate_jti
+
+if TYPE_CHECKING:
+    from mesh._nats.port import JetStreamPort
 
 log = structlog.get_logger("mesh.tokens")
 
@@ -98,23 +100,23 @@ def check_reason(reason: str) -> str:
 class RevocationStore:
     """The bucket of revocations."""
 
-    def __init__(self, js: JetStreamContext, kv: KeyValue, bucket: str) -> None:
-        self.js = js
+    def __init__(self, port: JetStreamPort, kv: KeyValue, bucket: str) -> None:
+        self.port = port
         self.kv = kv
         self.bucket = bucket
 
     @classmethod
-    async def open(cls, js: JetStreamContext, bucket: str, replicas: int = 1) -> RevocationStore:
+    async def open(cls, port: JetStreamPort, bucket: str, replicas: int = 1) -> RevocationStore:
         # nats.py creates the bucket's stream with per-message TTLs allowed.
-        kv = await open_bucket(js, bucket, history=1, replicas=replicas)
-        return cls(js, kv, bucket)
+        kv = await port.open_bucket(bucket, history=1, replicas=replicas)
+        return cls(port, kv, bucket)
 
     async def _put(self, rev: Revocation, now: datetime) -> None:
         ttl = max(1.0, (rev.kept_until - now).total_seconds())
         # A put with a TTL: nats.py's KeyValue.put takes none (create does, but only for a
         # new key, and a target's entry is moved on by a later --all).
         try:
-            await self.js.publish(
+            await self.port.publish(
                 f"$KV.{self.bucket}.{rev.key}",
                 rev.model_dump_json().encode(),
                 stream=f"KV_{self.bucket}",
@@ -194,7 +196,7 @@ class RevocationStore:
     async def list(self) -> list[Revocation]:
         """The revocations in force (read key by key: see mesh/buckets.read_all)."""
         out = []
-        for key, raw in (await read_all(self.js, self.kv, self.bucket)).items():
+        for key, raw in (await self.port.read_all(self.kv, self.bucket)).items():
             rev = parse(raw)
             if rev is None:
                 log.warning("unreadable revocation entry skipped", key=key)

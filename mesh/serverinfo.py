@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import nats.errors as nats_errors
-from nats.aio.client import Client as NATS
+from mesh._nats.types import nats_errors
+
+if TYPE_CHECKING:
+    from mesh._nats.port import JetStreamPort
 
 from mesh.errors import BrokerError
 
@@ -55,12 +57,9 @@ def refusal(info: dict[str, Any], where: str) -> str | None:
     return None
 
 
-def check_server(nc: NATS) -> None:
+def check_server(port: JetStreamPort) -> None:
     """Raise ``BrokerError`` with one line when the connected server cannot carry the mesh."""
-    info = getattr(nc, "_server_info", None) or {}
-    url = nc.connected_url
-    where = f"{url.scheme}://{url.netloc}" if url else "the NATS server"
-    problem = refusal(info, where)
+    problem = refusal(port.server_info, port.where)
     if problem:
         raise BrokerError(problem)
 
@@ -70,12 +69,14 @@ def micro_name(prefix: str, service: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", f"{prefix}-{service}")
 
 
-async def services_running(nc: NATS, prefix: str, timeout: float = PING_TIMEOUT_S) -> bool:
+async def services_running(
+    port: JetStreamPort, prefix: str, timeout: float = PING_TIMEOUT_S
+) -> bool:
     """True when any mesh service answers its micro PING (or something listens and is slow)."""
 
     async def ping(service: str) -> bool:
         try:
-            await nc.request(f"$SRV.PING.{micro_name(prefix, service)}", b"", timeout=timeout)
+            await port.request(f"$SRV.PING.{micro_name(prefix, service)}", b"", timeout=timeout)
         except nats_errors.NoRespondersError:
             return False
         except nats_errors.TimeoutError:
@@ -86,13 +87,11 @@ async def services_running(nc: NATS, prefix: str, timeout: float = PING_TIMEOUT_
     return any(a is True for a in answers)
 
 
-async def warn_without_services(nc: NATS, prefix: str, warn: Any) -> None:
+async def warn_without_services(port: JetStreamPort, prefix: str, warn: Any) -> None:
     """Call ``warn(line)`` when no mesh service answers; quiet on any failure to ask."""
     with contextlib.suppress(Exception):
-        if not await services_running(nc, prefix):
-            url = nc.connected_url
-            where = f"{url.scheme}://{url.netloc}" if url else "the NATS server"
-            warn(f"no mesh services are running on {where}: start them with `mesh up`")
+        if not await services_running(port, prefix):
+            warn(f"no mesh services are running on {port.where}: start them with `mesh up`")
 
 
 __all__ = [

@@ -12,11 +12,10 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING
 
-import nats.js.errors as js_errors
-from nats.js import JetStreamContext
-from nats.js.api import (
+from mesh._nats.buckets import transient_js_error
+from mesh._nats.types import (
     AckPolicy,
     ConsumerConfig,
     ConsumerInfo,
@@ -25,14 +24,16 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    js_errors,
 )
-
-from mesh.buckets import transient_js_error
 from mesh.config import Settings
 from mesh.errors import DecodeError, NotFound, ValidationError
 from mesh.registry import EGRESS_KINDS, Registry, Target, compute_routes
 from mesh.resilience import retry_transient
 from mesh.subjects import Subjects, reduce_filters
+
+if TYPE_CHECKING:
+    from mesh._nats.port import JetStreamPort
 
 MIN_ACK_WAIT_S = 30.0
 # A reconcile that saw the registry change under it reads and applies it again, this often.
@@ -103,26 +104,26 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
     ]
 
 
-async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
+async def ensure_streams(port: JetStreamPort, settings: Settings) -> None:
     """Create or update the mesh's streams; a 503 or a timeout (a cluster still electing
     its meta leader) is tried again for a while instead of failing a service's start."""
     for cfg in stream_configs(settings):
-        await retry_transient(partial(_ensure_stream, js, cfg), transient_js_error)
+        await retry_transient(partial(_ensure_stream, port, cfg), transient_js_error)
 
 
-async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> None:
+async def _ensure_stream(port: JetStreamPort, cfg: StreamConfig) -> None:
     assert cfg.name is not None
     try:
-        await js.stream_info(cfg.name)
+        await port.stream_info(cfg.name)
     except js_errors.NotFoundError:
         try:
-            await js.add_stream(cfg)
+            await port.add_stream(cfg)
         except js_errors.BadRequestError as exc:
             # Another process created it between our look and our add.
             if exc.err_code != 10058:  # stream name already in use
                 raise
         return
-    await js.update_stream(cfg)
+    await port.update_stream(cfg)
 
 
 def ack_wait_for(target: Target, min_ack_wait: float = MIN_ACK_WAIT_S) -> float:
@@ -163,8 +164,8 @@ def filters_for(subjects: Subjects, target: str, routes: list[tuple[str, str | N
 class Provisioner:
     """Reconciles JetStream consumers with the registry."""
 
-    def __init__(self, js: JetStreamContext, registry: Registry, settings: Settings) -> None:
-        self.js = js
+    def __init__(self, port: JetStreamPort, registry: Registry, settings: Settings) -> None:
+        self.port = port
         self.registry = registry
         self.settings = settings
         self.subjects = Subjects(settings.prefix)
@@ -200,7 +201,7 @@ class Provisioner:
             self.settings.ack_wait_min_s,
         )
         try:
-            existing = await self.js.consumer_info(self.names.events, target.consumer)
+            existing = await self.port.consumer_info(self.names.events, target.consumer)
         except js_errors.NotFoundError:
             existing = None
         if existing is not None:
@@ -209,7 +210,7 @@ class Provisioner:
             cfg.opt_start_seq = existing.config.opt_start_seq
             cfg.opt_start_time = existing.config.opt_start_time
             cfg.pause_until = existing.config.pause_until
-        return await self.js.add_consumer(self.names.events, cfg)
+        return await self.port.ensure_consumer(self.names.events, cfg)
 
     async def reconcile_all(self) -> dict[str, list[str]]:
         """Bring every deliver-* consumer in line; returns target -> filters.
@@ -253,34 +254,9 @@ class Provisioner:
         return True
 
     async def _deliver_consumers(self) -> AsyncIterator[str]:
-        resp = await self.js._api_request(  # nats.py has no paged consumer-name listing
-            f"{self.js._prefix}.CONSUMER.NAMES.{self.names.events}", b"", timeout=5
-        )
-        for name in resp.get("consumers") or []:
+        for name in await self.port.consumer_names(self.names.events):
             if name.startswith("deliver-"):
                 yield name
 
     async def delete_consumer(self, consumer: str) -> None:
-        with contextlib.suppress(js_errors.NotFoundError):
-            await self.js.delete_consumer(self.names.events, consumer)
-
-
-async def dlq_depths(
-    js: JetStreamContext, names: StreamNames, subjects: Subjects
-) -> dict[str, int]:
-    """Dead letters retained, per target."""
-    info = await js.stream_info(names.dlq, subjects_filter=subjects.dlq_all)
-    return {s.rsplit(".", 1)[-1]: int(n) for s, n in (info.state.subjects or {}).items()}
-
-
-async def queue_depth(js: JetStreamContext, names: StreamNames, target: Target) -> dict[str, Any]:
-    """A target's queue: lag = pending (not yet delivered) + unacked (in flight)."""
-    ci = await js.consumer_info(names.events, target.consumer)
-    pending, unacked = int(ci.num_pending or 0), int(ci.num_ack_pending or 0)
-    return {
-        "lag": pending + unacked,
-        "pending": pending,
-        "unacked": unacked,
-        "redelivered": int(ci.num_redelivered or 0),
-        "paused": bool(getattr(ci, "paused", False)),
-    }
+        await self.port.delete_consumer(self.names.events, consumer)  # gone already: fine

@@ -22,19 +22,20 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import nats.js.errors as js_errors
-from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 from pydantic import ValidationError as PydValidationError
 
+from mesh._nats.buckets import read
+from mesh._nats.types import KeyValue, js_errors
 from mesh.apikeys import ApiKeyStore
-from mesh.buckets import open_bucket, read, read_all
 from mesh.errors import Conflict, MeshError, NotFound
 from mesh.resilience import RateLimiter
 from mesh.subjects import validate_name
+
+if TYPE_CHECKING:
+    from mesh._nats.port import JetStreamPort
 
 DEFAULT = "default"
 
@@ -75,15 +76,15 @@ def visible(owner: str | None, caller: str | None) -> bool:
 class TenantStore:
     """The bucket of tenants."""
 
-    def __init__(self, js: JetStreamContext, kv: KeyValue, bucket: str) -> None:
-        self.js = js
+    def __init__(self, port: JetStreamPort, kv: KeyValue, bucket: str) -> None:
+        self.port = port
         self.kv = kv
         self.bucket = bucket
 
     @classmethod
-    async def open(cls, js: JetStreamContext, bucket: str, replicas: int = 1) -> TenantStore:
-        kv = await open_bucket(js, bucket, history=1, replicas=replicas)
-        return cls(js, kv, bucket)
+    async def open(cls, port: JetStreamPort, bucket: str, replicas: int = 1) -> TenantStore:
+        kv = await port.open_bucket(bucket, history=1, replicas=replicas)
+        return cls(port, kv, bucket)
 
     async def create(self, name: str, quotas: Quotas | None = None) -> Tenant:
         validate_tenant(name)
@@ -114,7 +115,7 @@ class TenantStore:
 
     async def list(self) -> list[Tenant]:
         out: dict[str, Tenant] = {}
-        for raw in (await read_all(self.js, self.kv, self.bucket)).values():
+        for raw in (await self.port.read_all(self.kv, self.bucket)).values():
             try:
                 tenant = Tenant.model_validate_json(raw)
             except PydValidationError:
@@ -192,9 +193,9 @@ class ClientQuota:
     the bucket at most every ``refresh_s``; ``take`` raises ``QuotaExceeded`` past it."""
 
     def __init__(
-        self, js: JetStreamContext, bucket: str, tenant: str, refresh_s: float = 5.0
+        self, port: JetStreamPort, bucket: str, tenant: str, refresh_s: float = 5.0
     ) -> None:
-        self.js = js
+        self.port = port
         self.bucket = bucket
         self.tenant = tenant
         self.refresh_s = refresh_s
@@ -207,7 +208,7 @@ class ClientQuota:
         now = time.monotonic()
         if now - self._read_at >= self.refresh_s:
             if self._store is None:
-                self._store = await TenantStore.open(self.js, self.bucket)
+                self._store = await TenantStore.open(self.port, self.bucket)
             self._rate = (await self._store.get(self.tenant)).quotas.events_per_s
             self._read_at = now
         self._buckets.take(self.tenant, self._rate, n)

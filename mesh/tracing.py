@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from mesh import envelope
 from mesh.envelope import Event
 
 __all__ = [
@@ -365,13 +366,13 @@ def replay_span(headers: dict[str, str], target: str, subject: str, event_id: st
     """A producer span for replaying one stored event to ``target``, under the event's
     original context; the replayed copy carries the replay span's context, so its
     deliveries hang under it in the original trace."""
-    carrier = {"traceparent": headers.get("ce-traceparent", "")}
+    carrier = {"traceparent": headers.get(envelope.H_TRACEPARENT, "")}
     if not carrier["traceparent"] or not _TRACEPARENT.match(carrier["traceparent"]):
         return
     if _FOLLOW_PARENT and carrier["traceparent"][-1:] not in _SAMPLED_FLAGS:
         return
-    if "ce-tracestate" in headers:
-        carrier["tracestate"] = headers["ce-tracestate"]
+    if envelope.H_TRACESTATE in headers:
+        carrier["tracestate"] = headers[envelope.H_TRACESTATE]
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     span = start_span(
@@ -391,9 +392,9 @@ def replay_span(headers: dict[str, str], target: str, subject: str, event_id: st
     from opentelemetry import trace
 
     TraceContextTextMapPropagator().inject(out, trace.set_span_in_context(span))
-    headers["ce-traceparent"] = out["traceparent"]
+    headers[envelope.H_TRACEPARENT] = out["traceparent"]
     if "tracestate" in out:
-        headers["ce-tracestate"] = out["tracestate"]
+        headers[envelope.H_TRACESTATE] = out["tracestate"]
     span.end()
 
 

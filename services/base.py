@@ -23,11 +23,9 @@ from collections.abc import Coroutine
 from typing import Any, ClassVar
 
 import structlog
-from nats import micro
-from nats.micro.request import Request as MicroRequest
-from nats.micro.service import Service as MicroService
 
 from mesh import __version__, tracing
+from mesh._nats.types import MicroRequest, MicroService
 from mesh.client import MeshClient
 from mesh.config import Settings
 from mesh.observability import METRICS, Heartbeat, new_instance_id
@@ -90,8 +88,7 @@ class Service:
             # nats.micro stamps times with datetime.utcnow(), deprecated from Python 3.12.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
-                svc = await micro.add_service(
-                    self.client.nc,
+                svc = await self.client.port.add_micro_service(
                     name=self.micro_name,
                     version=__version__,
                     description=f"mesh {self.name} service",
@@ -130,9 +127,9 @@ class Service:
     async def start(self) -> None:
         tracing.configure(f"mesh-{self.name}")  # OTEL_* env; a no-op when off or done
         await self.client.connect()
-        await ensure_streams(self.client.js, self.settings)
+        await ensure_streams(self.client.port, self.settings)
         self.heartbeat = Heartbeat(
-            self.client.nc,
+            self.client.port,
             self.client.subjects.health(self.name, self.instance),
             self.name,
             self.instance,

@@ -132,7 +132,7 @@ async def test_keys_wrong_expired_revoked_and_scopes(
     assert (await client.registry.get_target("orders")).name == "orders"
 
     # revoked: 401 (within the verification cache's lifetime)
-    store = await ApiKeyStore.open(client.js, client.names.apikeys)
+    store = await ApiKeyStore.open(client.port, client.names.apikeys)
     await store.revoke(admin_id)
     api.auth._cache.clear()  # what CACHE_S seconds do on their own
     status, _, body = await http.call("GET", "/v1/targets", key=admin)

@@ -195,7 +195,7 @@ async def test_bridge_tokens_and_status(
             "POST", f"/v1/tokens/{claims.jti}/revoke", {"reason": "lost"}
         )
         assert status == 200 and rev["new"] is True
-        store = await RevocationStore.open(client.js, client.names.revoked)
+        store = await RevocationStore.open(client.port, client.names.revoked)
         assert await store.refusal(claims) is not None
         # a body whose fields all have defaults may be left out
         status, _, again = await http.call("POST", f"/v1/tokens/{claims.jti}/revoke")

@@ -29,7 +29,6 @@ from mesh.broker import EmbeddedBroker, free_port
 from mesh.client import MeshClient
 from mesh.config import Settings
 from mesh.registry import Target, TargetKind
-from mesh.replay import scan
 from tests.support import eventually, migrated_store
 from tests.support.cli import MESH, ok, one_line_error
 from tests.support.inproc import mesh_inproc as mesh
@@ -108,7 +107,7 @@ async def stream_ids(settings: Settings) -> set[str]:
     async with MeshClient(settings, name="test-scan") as c:
         return {
             (m.headers or {}).get("ce-id", "")
-            async for m in scan(c.js, c.names.events, [c.subjects.evt_all])
+            async for m in c.port.scan(c.names.events, [c.subjects.evt_all])
         }
 
 

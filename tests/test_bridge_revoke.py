@@ -47,7 +47,7 @@ def claims_of(settings: Settings, tok: str, target: str = "screens") -> tokens.T
 
 
 async def store_of(client: MeshClient) -> RevocationStore:
-    return await RevocationStore.open(client.js, client.names.revoked)
+    return await RevocationStore.open(client.port, client.names.revoked)
 
 
 async def refused(

@@ -15,6 +15,7 @@ import structlog.testing
 from nats.aio.msg import Msg
 from nats.js.api import DiscardPolicy
 
+from mesh._nats.pullfeed import PullFeed
 from mesh.broker import EmbeddedBroker, free_port
 from mesh.client import MeshClient
 from mesh.config import Settings
@@ -29,7 +30,6 @@ from mesh.errors import (
     RequestTimeout,
     ValidationError,
 )
-from mesh.pullfeed import PullFeed
 from mesh.records import DeliveryRecord, Outcome
 from mesh.registry import PropagationMode, Target, TargetKind
 from tests.conftest import add_nats_target

@@ -17,6 +17,7 @@ from pathlib import Path
 import nats
 import pytest
 
+from mesh._nats.port import JetStreamPort
 from mesh.broker import EmbeddedBroker, find_nats_server, free_port
 from mesh.config import Settings, load_settings
 from mesh.durability import LAZY_WARNING, SyncMode, broker_sync
@@ -46,7 +47,7 @@ async def test_the_embedded_broker_runs_the_mode_it_is_given(
         assert varz(monitor).get("sync_always", False) is sync_always
         nc = await nats.connect(b.url)
         try:
-            shown = await broker_sync(nc, tmp_path / "nats")
+            shown = await broker_sync(JetStreamPort(nc), tmp_path / "nats")
         finally:
             await nc.close()
     assert shown == {"mode": str(mode), "source": "embedded broker config"}
@@ -83,8 +84,8 @@ async def test_an_external_server_is_read_through_the_system_account(tmp_path: P
         )
         app_nc = await nats.connect(f"nats://app:app@127.0.0.1:{port}")
         try:
-            via_sys = await broker_sync(sys_nc, tmp_path / "none")
-            via_app = await broker_sync(app_nc, tmp_path / "none")
+            via_sys = await broker_sync(JetStreamPort(sys_nc), tmp_path / "none")
+            via_app = await broker_sync(JetStreamPort(app_nc), tmp_path / "none")
         finally:
             await sys_nc.close()
             await app_nc.close()

@@ -100,7 +100,7 @@ async def _mesh(env: dict[str, str], *args: str) -> tuple[int, str, str]:
 
 
 async def test_cli_prints_a_link(settings: Settings, client: MeshClient) -> None:
-    await (await TenantStore.open(client.js, client.names.tenants)).create("acme")
+    await (await TenantStore.open(client.port, client.names.tenants)).create("acme")
     env = {**env_for(settings), "MESH_API_PORT": "9555"}
     code, out, err = await _mesh(env, "portal", "link", "--tenant", "acme", "--ttl", "15m")
     assert code == 0, err
@@ -168,7 +168,7 @@ async def test_links_sessions_and_refusals(settings: Settings, client: MeshClien
         # A session belongs to its link's tenant: another tenant's endpoint is not there.
         status, _, doc = await http.call("POST", "/v1/portal/links", {"tenant": "acme"}, key=admin)
         assert status == 404, doc  # no such tenant yet
-        await (await TenantStore.open(client.js, client.names.tenants)).create("acme")
+        await (await TenantStore.open(client.port, client.names.tenants)).create("acme")
         await client.add_target(Target(name="acme-hook", kind=TargetKind.NATS, tenant="acme"))
         status, _, doc = await http.call("POST", "/v1/portal/links", {"tenant": "acme"}, key=admin)
         assert status == 201, doc

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from mesh._nats.pubpipe import PubPipe
 from mesh.client import MeshClient
-from mesh.pubpipe import PubPipe
 from mesh.records import DeliveryRecord
 from tests.support.receiver import read_stream
 

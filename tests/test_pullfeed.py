@@ -12,8 +12,8 @@ import pytest
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
+from mesh._nats.pullfeed import PullFeed
 from mesh.client import MeshClient
-from mesh.pullfeed import PullFeed
 
 
 async def consumer(client: MeshClient, name: str, ack_wait: float = 30) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mesh.buckets import read, read_all
+from mesh._nats.buckets import read
 from mesh.client import MeshClient
 from mesh.errors import Conflict, InvalidName, NotFound, ValidationError
 from mesh.registry import (
@@ -249,4 +249,4 @@ async def test_a_deleted_key_reads_as_absent(client: MeshClient) -> None:
     assert got is not None and got[0] == b"value"
     await kv.delete("scratch.key")  # nats.py's get raises KeyDeletedError, not KeyNotFound
     assert await read(kv, "scratch.key") is None
-    assert "scratch.key" not in await read_all(client.js, kv, client.names.registry)
+    assert "scratch.key" not in await client.port.read_all(kv, client.names.registry)

@@ -32,7 +32,7 @@ async def api(settings: Settings, client: MeshClient) -> AsyncIterator[Api]:
 
 
 async def tenant_key(client: MeshClient, tenant: str, scope: str = "admin") -> str:
-    store = await ApiKeyStore.open(client.js, client.names.apikeys)
+    store = await ApiKeyStore.open(client.port, client.names.apikeys)
     _, key = await store.create(f"{tenant}-key", Scope(scope), tenant=tenant)
     return key
 
@@ -51,8 +51,8 @@ def test_publish_quota_refuses_past_the_rate_and_spends_nothing() -> None:
 
 
 async def test_tenant_store_lifecycle(client: MeshClient) -> None:
-    store = await TenantStore.open(client.js, client.names.tenants)
-    keys = await ApiKeyStore.open(client.js, client.names.apikeys)
+    store = await TenantStore.open(client.port, client.names.tenants)
+    keys = await ApiKeyStore.open(client.port, client.names.apikeys)
     assert [t.name for t in await store.list()] == [DEFAULT]
     await store.create("acme", Quotas(max_targets=2))
     with pytest.raises(Conflict):
@@ -79,7 +79,7 @@ async def test_tenant_store_lifecycle(client: MeshClient) -> None:
 
 
 async def test_broadcast_never_crosses_tenants(client: MeshClient) -> None:
-    store = await TenantStore.open(client.js, client.names.tenants)
+    store = await TenantStore.open(client.port, client.names.tenants)
     await store.create("a")
     await client.add_target(Target(name="a-sink", kind=TargetKind.NATS, tenant="a"))
     await client.add_target(Target(name="d-sink", kind=TargetKind.NATS))
@@ -181,7 +181,7 @@ async def test_a_tenant_key_gets_404_for_every_route_about_another_tenant(
 
 
 async def test_target_quota_over_the_api(api: Api, client: MeshClient) -> None:
-    store = await TenantStore.open(client.js, client.names.tenants)
+    store = await TenantStore.open(client.port, client.names.tenants)
     await store.create("small", Quotas(max_targets=1))
     key = await tenant_key(client, "small")
     async with Http(api.url, key) as http:

@@ -27,7 +27,7 @@ OPTIONS = {"host": "127.0.0.1", "fetch_expires_s": 0.5, "close_timeout_s": 1.0}
 
 @pytest.fixture
 async def bridge(settings: Settings, client: MeshClient) -> AsyncIterator[Bridge]:
-    tenants = await TenantStore.open(client.js, client.names.tenants)
+    tenants = await TenantStore.open(client.port, client.names.tenants)
     for t in ("ta", "tb"):
         await tenants.create(t)
         await client.add_target(Target(name=f"{t}-screen", kind=TargetKind.STREAM, tenant=t))

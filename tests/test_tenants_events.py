@@ -46,7 +46,7 @@ async def api(settings: Settings, client: MeshClient) -> AsyncIterator[Api]:
 
 
 async def _two_tenants(client: MeshClient) -> None:
-    tenants = await TenantStore.open(client.js, client.names.tenants)
+    tenants = await TenantStore.open(client.port, client.names.tenants)
     for name in ("ta", "tb"):
         await tenants.create(name)
         await client.add_target(Target(name=f"{name}-sink", kind=TargetKind.NATS, tenant=name))
@@ -62,7 +62,7 @@ async def test_tenants_events_stay_apart_through_consume_and_replay(
     api: Api, client: MeshClient, settings: Settings
 ) -> None:
     await _two_tenants(client)
-    keys = await ApiKeyStore.open(client.js, client.names.apikeys)
+    keys = await ApiKeyStore.open(client.port, client.names.apikeys)
     _, a_key = await keys.create("a", Scope.PUBLISH, tenant="ta")
     since = datetime.now(UTC) - timedelta(seconds=1)
     async with Http(api.url, a_key) as http:
@@ -98,9 +98,9 @@ async def test_tenants_events_stay_apart_through_consume_and_replay(
 async def test_publish_quota_at_the_api_and_the_client(
     api: Api, client: MeshClient, settings: Settings
 ) -> None:
-    tenants = await TenantStore.open(client.js, client.names.tenants)
+    tenants = await TenantStore.open(client.port, client.names.tenants)
     await tenants.create("slow", Quotas(events_per_s=2))
-    keys = await ApiKeyStore.open(client.js, client.names.apikeys)
+    keys = await ApiKeyStore.open(client.port, client.names.apikeys)
     _, key = await keys.create("slow", Scope.PUBLISH, tenant="slow")
     event = {"source": "shop", "type": "a.b"}
     async with Http(api.url, key) as http:

@@ -14,7 +14,7 @@ from tests.support import eventually, running
 async def test_the_sink_writes_the_tenant_of_each_event(
     settings: Settings, client: MeshClient, db_url: str
 ) -> None:
-    await (await TenantStore.open(client.js, client.names.tenants)).create("ta")
+    await (await TenantStore.open(client.port, client.names.tenants)).create("ta")
     s = settings.model_copy(update={"db_url": db_url})
     async with MeshClient(s.model_copy(update={"tenant": "ta"}), name="ta") as ta:
         a_id = await ta.publish("shop", "order.created", {"n": 1})

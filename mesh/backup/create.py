@@ -20,10 +20,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import nats
-from nats.aio.client import Client as NATS
-
 from mesh import __version__
+from mesh._nats.types import NATS
+from mesh._nats.types import connect as nats_connect
 from mesh.backup import jetstream, tables
 from mesh.backup.archive import FORMAT, KEYS, SQLITE_MEMBER, ArchiveWriter, archive_name
 from mesh.backup.seal import SealingKey, check_passphrase, derive, read_key_dir, seal_with
@@ -88,7 +87,7 @@ async def broker_connection(
         )
     try:
         try:
-            nc = await nats.connect(**opts, allow_reconnect=False, max_reconnect_attempts=0)
+            nc = await nats_connect(**opts, allow_reconnect=False, max_reconnect_attempts=0)
         except Exception as exc:
             where = ", ".join(opts["servers"])
             raise BrokerUnavailable(

@@ -21,10 +21,7 @@ import json
 from collections.abc import Callable
 from typing import IO, Any, Protocol
 
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-
+from mesh._nats.types import NATS, JetStreamContext, Msg
 from mesh.errors import BrokerError
 from mesh.streams import StreamNames
 

@@ -13,8 +13,7 @@ import json
 import time
 from typing import Any
 
-import nats.js.errors as js_errors
-
+from mesh._nats.types import js_errors
 from mesh.client import MeshClient
 from mesh.registry import Target, TargetKind
 
@@ -49,7 +48,7 @@ async def circuit_states(
         return out
     kv = None
     with contextlib.suppress(js_errors.BucketNotFoundError, js_errors.NotFoundError):
-        kv = await c.js.key_value(circuits_bucket(c))
+        kv = await c.port.key_value(circuits_bucket(c))
     now = time.time()
     for t in hooks:
         record: dict[str, Any] | None = None

@@ -52,7 +52,7 @@ async def connected(s: Settings | None = None, name: str = "mesh-cli") -> AsyncI
     await client.connect()
     if not (s.quiet or QUIET):
         await warn_without_services(
-            client.nc, s.prefix, lambda line: note(f"mesh: warning: {line}")
+            client.port, s.prefix, lambda line: note(f"mesh: warning: {line}")
         )
     try:
         yield client

@@ -40,9 +40,11 @@ def apikey_create(
     async def run() -> tuple[ApiKey, str]:
         async with connected() as c:
             if tenant is not None:
-                tenants = await TenantStore.open(c.js, c.names.tenants, c.settings.stream_replicas)
+                tenants = await TenantStore.open(
+                    c.port, c.names.tenants, c.settings.stream_replicas
+                )
                 await tenants.get(tenant)  # an unknown tenant: a clear error, no key
-            store = await ApiKeyStore.open(c.js, c.names.apikeys, c.settings.stream_replicas)
+            store = await ApiKeyStore.open(c.port, c.names.apikeys, c.settings.stream_replicas)
             return await store.create(name, scope, ttl=ttl, rate=rate, by=who(), tenant=tenant)
 
     record, key = arun(run())
@@ -62,7 +64,7 @@ def apikey_list(as_json: bool = typer.Option(False, "--json")) -> None:
 
     async def run() -> list[ApiKey]:
         async with connected() as c:
-            store = await ApiKeyStore.open(c.js, c.names.apikeys, c.settings.stream_replicas)
+            store = await ApiKeyStore.open(c.port, c.names.apikeys, c.settings.stream_replicas)
             return await store.list()
 
     keys = arun(run())
@@ -104,7 +106,7 @@ def apikey_revoke(key_id: str = typer.Argument(..., metavar="ID")) -> None:
 
     async def run() -> tuple[ApiKey, bool]:
         async with connected() as c:
-            store = await ApiKeyStore.open(c.js, c.names.apikeys, c.settings.stream_replicas)
+            store = await ApiKeyStore.open(c.port, c.names.apikeys, c.settings.stream_replicas)
             return await store.revoke(key_id)
 
     record, new = arun(run())

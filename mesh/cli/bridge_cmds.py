@@ -115,7 +115,7 @@ def revoke_cmd(
 
     async def run() -> tuple[Revocation, bool]:
         async with connected(s) as c:
-            store = await RevocationStore.open(c.js, c.names.revoked, s.stream_replicas)
+            store = await RevocationStore.open(c.port, c.names.revoked, s.stream_replicas)
             if jti is not None:
                 return await store.revoke_token(jti, reason=reason, by=who())
             assert target is not None
@@ -149,7 +149,7 @@ def list_revoked_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
 
     async def run() -> list[Revocation]:
         async with connected(s) as c:
-            store = await RevocationStore.open(c.js, c.names.revoked, s.stream_replicas)
+            store = await RevocationStore.open(c.port, c.names.revoked, s.stream_replicas)
             return await store.list()
 
     revs = arun(run())

@@ -162,7 +162,7 @@ async def gather_status(c: MeshClient) -> dict[str, Any]:
     streams: dict[str, dict[str, int] | None] = {}
     for name in (c.names.events, c.names.dlq, c.names.sys):
         try:
-            info = await c.js.stream_info(name)
+            info = await c.port.stream_info(name)
             streams[name] = {"messages": info.state.messages, "bytes": info.state.bytes}
         except Exception:
             streams[name] = None
@@ -188,10 +188,10 @@ async def gather_status(c: MeshClient) -> dict[str, Any]:
         row["circuit"] = circuits.get(row["name"])
     return {
         "broker": {
-            "url": str(c.nc.connected_url.geturl() if c.nc.connected_url else ""),
+            "url": c.port.connected_url,
             "server_version": _version(c),
-            "max_payload": c.nc.max_payload,
-            "sync": await broker_sync(c.nc, c.settings.nats_store_dir),
+            "max_payload": c.port.max_payload,
+            "sync": await broker_sync(c.port, c.settings.nats_store_dir),
         },
         "streams": streams,
         "targets": targets,
@@ -200,7 +200,7 @@ async def gather_status(c: MeshClient) -> dict[str, Any]:
 
 
 def _version(c: MeshClient) -> str:
-    v = c.nc.connected_server_version
+    v = c.port.server_version
     return f"{v.major}.{v.minor}.{v.patch}"
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from mesh import dlq as dlq_ops
+from mesh import envelope
 from mesh.cli._common import (
     arun,
     confirm,
@@ -109,7 +110,7 @@ def dlq_show(
         doc["headers"] = {
             k: v
             for k, v in e.letter.headers.items()
-            if k.startswith("ce-") or k == "mesh-encryption"
+            if k.startswith(envelope.CE_PREFIX) or k == "mesh-encryption"
         }
         docs.append(doc)
     if as_json:

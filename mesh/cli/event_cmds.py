@@ -219,7 +219,7 @@ def tail(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Follow new events live (nothing is acked: tailing never disturbs delivery)."""
-    from nats.js.api import DeliverPolicy
+    from mesh._nats.types import DeliverPolicy
 
     async def run() -> None:
         async with connected() as c:
@@ -233,9 +233,7 @@ def tail(
             )
             if target:
                 await c.target_or_error(target)
-            sub = await c.js.subscribe(
-                subj, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW
-            )
+            sub = await c.port.subscribe_stream(subj, deliver_policy=DeliverPolicy.NEW)
             n = 0
             err_console.print(f"tailing {subj}" + (f" for target {target}" if target else ""))
             async for msg in sub.messages:

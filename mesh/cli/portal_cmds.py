@@ -42,7 +42,7 @@ def link_cmd(
 
     async def check() -> None:
         async with connected(s) as c:
-            store = await TenantStore.open(c.js, c.names.tenants, s.stream_replicas)
+            store = await TenantStore.open(c.port, c.names.tenants, s.stream_replicas)
             await store.get(tenant)  # NotFound: one line, exit 1
 
     arun(check())

@@ -147,7 +147,7 @@ def target_add(
     async def run() -> tuple[Target, list[str]]:
         async with connected() as c:
             if tenant != "default":
-                await (await TenantStore.open(c.js, c.names.tenants)).get(tenant)
+                await (await TenantStore.open(c.port, c.names.tenants)).get(tenant)
             t = await c.add_target(target, secret)
             return t, c.registry.secrets_for(t)
 

@@ -65,7 +65,7 @@ def tenant_create(
 
     async def run() -> Tenant:
         async with connected() as c:
-            store = await TenantStore.open(c.js, c.names.tenants, c.settings.stream_replicas)
+            store = await TenantStore.open(c.port, c.names.tenants, c.settings.stream_replicas)
             return await store.create(name, quotas)
 
     tenant = arun(run())
@@ -78,7 +78,7 @@ def tenant_list(as_json: bool = typer.Option(False, "--json")) -> None:
 
     async def run() -> list[Tenant]:
         async with connected() as c:
-            store = await TenantStore.open(c.js, c.names.tenants, c.settings.stream_replicas)
+            store = await TenantStore.open(c.port, c.names.tenants, c.settings.stream_replicas)
             return await store.list()
 
     tenants = arun(run())
@@ -118,7 +118,7 @@ def tenant_quota(
 
     async def run() -> Tenant:
         async with connected() as c:
-            store = await TenantStore.open(c.js, c.names.tenants, c.settings.stream_replicas)
+            store = await TenantStore.open(c.port, c.names.tenants, c.settings.stream_replicas)
             if not changes:
                 return await store.get(name)
             return await store.set_quotas(name, **changes)  # type: ignore[arg-type]
@@ -140,8 +140,8 @@ def tenant_delete(name: str = typer.Argument(..., metavar="NAME")) -> None:
 
     async def run() -> None:
         async with connected() as c:
-            store = await TenantStore.open(c.js, c.names.tenants, c.settings.stream_replicas)
-            keys = await ApiKeyStore.open(c.js, c.names.apikeys, c.settings.stream_replicas)
+            store = await TenantStore.open(c.port, c.names.tenants, c.settings.stream_replicas)
+            keys = await ApiKeyStore.open(c.port, c.names.apikeys, c.settings.stream_replicas)
             await delete_empty(store, c.registry, keys, name)
 
     arun(run())

@@ -36,7 +36,7 @@ class Auditor:
         last: BaseException | None = None
         for pause in (*RETRY_PAUSES_S, None):
             try:
-                await self.client.js.publish(
+                await self.client.port.publish(
                     self.client.subjects.audit(kind),
                     rec.to_bytes(),
                     timeout=TIMEOUT_S,

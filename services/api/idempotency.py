@@ -23,15 +23,15 @@ import contextlib
 import hashlib
 import time
 import uuid
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import nats.errors as nats_errors
-import nats.js.errors as js_errors
-from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
-from mesh.buckets import read
+from mesh._nats.buckets import read
+from mesh._nats.types import KeyValue, js_errors, nats_errors
+
+if TYPE_CHECKING:
+    from mesh._nats.port import JetStreamPort
 
 TTL_S = 24 * 3600.0
 LEASE_S = 30.0  # a claim older than this, still pending, belongs to a crashed request
@@ -89,16 +89,16 @@ class IdempotencyStore:
         self.kv = kv
 
     @classmethod
-    async def open(cls, js: JetStreamContext, bucket: str, replicas: int = 1) -> IdempotencyStore:
+    async def open(cls, port: JetStreamPort, bucket: str, replicas: int = 1) -> IdempotencyStore:
         try:
-            kv = await js.key_value(bucket)
+            kv = await port.key_value(bucket)
         except js_errors.BucketNotFoundError:
             try:
-                kv = await js.create_key_value(
+                kv = await port.create_key_value(
                     bucket=bucket, history=1, ttl=TTL_S, replicas=replicas
                 )
             except js_errors.BadRequestError:  # created by another instance meanwhile
-                kv = await js.key_value(bucket)
+                kv = await port.key_value(bucket)
         return cls(kv)
 
     @staticmethod

@@ -58,7 +58,7 @@ class RevokeResult(BaseModel):
 async def _store(call: Call) -> RevocationStore:
     client = call.api.client
     return await RevocationStore.open(
-        client.js, client.names.revoked, client.settings.stream_replicas
+        client.port, client.names.revoked, client.settings.stream_replicas
     )
 
 

@@ -48,7 +48,7 @@ async def docs_page(call: Call) -> web.Response:
 async def status(call: Call) -> web.Response:
     client = call.api.client
     try:
-        msg = await client.nc.request(client.subjects.status_doc, b"", timeout=STATUS_TIMEOUT_S)
+        msg = await client.port.request(client.subjects.status_doc, b"", timeout=STATUS_TIMEOUT_S)
     except Exception as exc:  # no responders, timeout: no health service is running
         raise BrokerError(
             f"no health service answered for the status ({type(exc).__name__}):"

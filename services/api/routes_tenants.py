@@ -74,7 +74,9 @@ async def delete_tenant(call: Call) -> TenantRemoved:
     store = await tenancy.store(call)
     before = await store.get(name)
     client = call.api.client
-    keys = await ApiKeyStore.open(client.js, client.names.apikeys, client.settings.stream_replicas)
+    keys = await ApiKeyStore.open(
+        client.port, client.names.apikeys, client.settings.stream_replicas
+    )
     await delete_empty(store, client.registry, keys, name)
     await call.api.audit.record(
         call.actor, "tenant.delete", f"tenant:{name}", before.model_dump(mode="json"), None

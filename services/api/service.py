@@ -125,14 +125,13 @@ class Api(Service):
 
     async def on_start(self) -> None:
         ctx = self._ssl_context()
-        js = self.client.js
         names = self.client.names
         replicas = self.settings.stream_replicas
-        keys = await ApiKeyStore.open(js, names.apikeys, replicas)
+        keys = await ApiKeyStore.open(self.client.port, names.apikeys, replicas)
         self._auth = Auth(
             keys, self.settings.api_rate, session=portal_session.SessionVerifier(self.settings)
         )
-        self._idem = await IdempotencyStore.open(js, names.idempotency, replicas)
+        self._idem = await IdempotencyStore.open(self.client.port, names.idempotency, replicas)
         self._audit = Auditor(self.client)
         self._runner = web.AppRunner(self.make_app(), access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()

@@ -26,7 +26,7 @@ async def store(call: Call) -> TenantStore:
     found = _stores.get(client)
     if found is None:
         found = await TenantStore.open(
-            client.js, client.names.tenants, client.settings.stream_replicas
+            client.port, client.names.tenants, client.settings.stream_replicas
         )
         _stores[client] = found
     return found

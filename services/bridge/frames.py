@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from nats.aio.msg import Msg
-
 from mesh import tracing
+from mesh._nats.types import Msg
 from mesh.envelope import Event
 
 if TYPE_CHECKING:

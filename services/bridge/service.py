@@ -42,10 +42,9 @@ import ssl
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-import nats.errors as nats_errors
-import nats.js.errors as js_errors
 from aiohttp import web
 
+from mesh._nats.types import js_errors, nats_errors
 from mesh.config import Settings
 from mesh.errors import ConfigError, MeshError, NotFound, PortInUse
 from mesh.registry import EGRESS_KINDS
@@ -147,7 +146,7 @@ class Bridge(Service):
         self._key = load_key(key_path(self.settings))
         ctx = self._ssl_context()
         self.revocations = await RevocationStore.open(
-            self.client.js, self.client.names.revoked, self.settings.stream_replicas
+            self.client.port, self.client.names.revoked, self.settings.stream_replicas
         )
         self.spawn(self._watch_revocations(), name="bridge-revocations")
         app = web.Application()
@@ -348,7 +347,7 @@ class Bridge(Service):
                     409, f"target {target!r} is a {t.kind} target: its feed belongs to the egress"
                 )
             try:
-                info = await client.js.consumer_info(client.names.events, t.consumer)
+                info = await client.port.consumer_info(client.names.events, t.consumer)
             except js_errors.NotFoundError:
                 info = await client.provisioner.reconcile_target(t)
         except NotFound:

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import nats.errors as nats_errors
 from aiohttp import WSMsgType, web
-from nats.aio.msg import Msg
 
 from mesh import envelope
+from mesh._nats.types import Msg, nats_errors
 from mesh.errors import DecodeError, MeshError
 from mesh.observability import METRICS
 from mesh.records import DeliveryRecord, Outcome

@@ -12,11 +12,7 @@ import json
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-import nats.errors as nats_errors
-import nats.js.errors as js_errors
-from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy
-
+from mesh._nats.types import ConsumerConfig, DeliverPolicy, Msg, js_errors, nats_errors
 from mesh.errors import DecodeError, MeshError
 from services.bridge.frames import CLOSE_ERROR, decode_msg, event_frame, to_json
 
@@ -100,22 +96,22 @@ class TailReader:
 
     async def start_for(self, since_seq: int | None, since_time: datetime | None) -> int:
         """The first stream sequence to deliver: given, found by time, or the next one."""
-        js, stream = self.client.js, self.client.names.events
+        port, stream = self.client.port, self.client.names.events
         if since_seq is not None:
             return since_seq
         if since_time is not None:
             when = since_time.astimezone(UTC).isoformat().replace("+00:00", "Z")
             try:
                 # nats.py's get_msg has no start_time; the server API does (2.11+).
-                resp = await js._api_request(
-                    f"{js._prefix}.STREAM.MSG.GET.{stream}",
+                resp = await port.api_request(
+                    f"STREAM.MSG.GET.{stream}",
                     json.dumps({"start_time": when}).encode(),
                     timeout=5,
                 )
                 return int(resp["message"]["seq"])
             except js_errors.NotFoundError:
                 pass  # nothing at or after that time: from the next event on
-        info = await js.stream_info(stream)
+        info = await port.stream_info(stream)
         return int(info.state.last_seq) + 1
 
     async def open(self, start: int) -> None:
@@ -128,7 +124,7 @@ class TailReader:
             opt_start_seq=start,
             mem_storage=True,
         )
-        self.sub = await self.client.js.subscribe(
+        self.sub = await self.client.port.subscribe_stream(
             self.filters[0],
             stream=self.client.names.events,
             config=cfg,

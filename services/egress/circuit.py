@@ -32,15 +32,16 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import nats.js.errors as js_errors
 import structlog
-from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 
-from mesh.buckets import open_bucket
+from mesh._nats.types import KeyValue, js_errors
 from mesh.observability import METRICS
 from mesh.resilience import CircuitBreaker, CircuitState
+
+if TYPE_CHECKING:
+    from mesh._nats.port import JetStreamPort
 
 log = structlog.get_logger("mesh.webhook-egress.circuit")
 
@@ -88,8 +89,8 @@ class CircuitStore:
         self.kv = kv
 
     @classmethod
-    async def open(cls, js: JetStreamContext, bucket: str, replicas: int = 1) -> CircuitStore:
-        return cls(await open_bucket(js, bucket, history=1, replicas=replicas))
+    async def open(cls, port: JetStreamPort, bucket: str, replicas: int = 1) -> CircuitStore:
+        return cls(await port.open_bucket(bucket, history=1, replicas=replicas))
 
     async def get(self, key: str) -> tuple[CircuitRecord, int | None]:
         try:

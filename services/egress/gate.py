@@ -81,12 +81,12 @@ class CircuitGate:
 
     async def _pause(self, until: float) -> None:
         try:
-            await self.client.js.pause_consumer(self.stream, self.consumer, rfc3339_epoch(until))
+            await self.client.port.pause_consumer(self.stream, self.consumer, rfc3339_epoch(until))
         except Exception as exc:
             self.log.warning("could not pause the consumer", error=str(exc) or repr(exc))
 
     async def _resume(self) -> None:
         try:
-            await self.client.js.resume_consumer(self.stream, self.consumer)
+            await self.client.port.resume_consumer(self.stream, self.consumer)
         except Exception as exc:
             self.log.warning("could not resume the consumer", error=str(exc) or repr(exc))

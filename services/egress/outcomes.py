@@ -22,9 +22,9 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from nats.aio.msg import Msg
-
 from mesh import tracing
+from mesh._nats.types import Msg
+from mesh.delivery import MessageHeaders
 from mesh.envelope import Event
 from mesh.observability import METRICS
 from mesh.records import DeliveryRecord, Outcome
@@ -220,6 +220,5 @@ class Outcomes:
 
 
 def _header_id(msg: Msg) -> str:
-    headers = msg.headers or {}
-    seq = msg.metadata.sequence.stream if msg.metadata.sequence else "?"
-    return headers.get("ce-id") or headers.get("Nats-Msg-Id") or f"seq-{seq}"
+    seq = msg.metadata.sequence.stream if msg.metadata.sequence else None
+    return MessageHeaders.of(msg).event_id(seq)

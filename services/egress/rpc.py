@@ -15,9 +15,7 @@ import contextlib
 import json
 from typing import TYPE_CHECKING, Any, Protocol
 
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-
+from mesh._nats.types import Msg, Subscription
 from mesh.errors import DecodeError
 from mesh.replies import Reply
 from mesh.resilience import CircuitState
@@ -61,7 +59,7 @@ class RequestResponder:
     async def start(self) -> None:
         if self.sub is not None:
             return
-        self.sub = await self.client.nc.subscribe(
+        self.sub = await self.client.port.subscribe(
             self.client.subjects.rpc_filter(self.name), queue=f"rpc-{self.name}", cb=self._on_rpc
         )
 

@@ -34,13 +34,11 @@ import json
 import time
 from typing import Any, ClassVar
 
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-
+from mesh._nats.pubpipe import PubPipe  # the type of client.port.pubpipe()
+from mesh._nats.types import Msg, Subscription
 from mesh.config import Settings
 from mesh.destinations import missing_extra
 from mesh.errors import DecodeError, NotFound
-from mesh.pubpipe import PubPipe
 from mesh.records import DeliveryRecord
 from mesh.registry import EGRESS_KINDS, TargetStatus
 from services.base import Service
@@ -87,11 +85,11 @@ class WebhookEgress(Service):
 
     async def on_start(self) -> None:
         self.client._keyring_or_none()  # a missing or bad key file stops the start, not a delivery
-        self._records = await PubPipe(self.client.nc, on_failure=self._record_failed).open()
+        self._records = await self.client.port.pubpipe(on_failure=self._record_failed).open()
         events = self.client.names.events
         bucket = events.removesuffix("_EVENTS") + "_CIRCUITS"
         self.circuits = await CircuitStore.open(
-            self.client.js, bucket, replicas=self.settings.stream_replicas
+            self.client.port, bucket, replicas=self.settings.stream_replicas
         )
         self.shared = EgressShared(
             client=self.client,
@@ -107,7 +105,7 @@ class WebhookEgress(Service):
             sync_target=self.sync_target,
             tenant_slots=self.tenant_slots,
         )
-        self._peer_sub = await self.client.nc.subscribe(
+        self._peer_sub = await self.client.port.subscribe(
             self.client.subjects.health(self.name, "*"), cb=self._on_peer
         )
         if self.heartbeat is not None:

@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from services.egress.fairness import TenantSlots
 
 if TYPE_CHECKING:
-    from nats.aio.msg import Msg
-
+    from mesh._nats.types import Msg
     from mesh.client import MeshClient
     from mesh.records import DeliveryRecord
     from services.egress.circuit import CircuitStore

@@ -25,10 +25,8 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-import nats.js.errors as js_errors
-from nats.aio.msg import Msg
-
 from mesh import tracing
+from mesh._nats.types import Msg, js_errors
 from mesh.errors import DecodeError
 from mesh.observability import METRICS
 from mesh.records import Outcome
@@ -241,9 +239,9 @@ class TargetWorker(CircuitGate, Outcomes):
         while not self.halt.is_set():
             try:
                 try:
-                    info = await self.client.js.consumer_info(self.stream, self.consumer)
+                    info = await self.client.port.consumer_info(self.stream, self.consumer)
                 except js_errors.NotFoundError:
-                    await ensure_streams(self.client.js, self.client.settings)
+                    await ensure_streams(self.client.port, self.client.settings)
                     info = await self.client.provisioner.reconcile_target(self.target)
                 self.ack_wait = float(info.config.ack_wait or 30.0)
                 if self.circuit.store is not None:

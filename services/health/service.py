@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from aiohttp import web
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from prometheus_client import REGISTRY
 
+from mesh._nats.types import Msg, Subscription
 from mesh.config import Settings
 from mesh.durability import broker_sync
 from mesh.errors import ConfigError, DecodeError, MeshError, StorageError
@@ -98,22 +97,22 @@ class Health(Service):
     # Service hooks ------------------------------------------------------------------
 
     async def on_start(self) -> None:
-        nc = self.client.nc
+        port = self.client.port
         subjects = self.client.subjects
         self._subs.append(
-            await nc.subscribe(
+            await port.subscribe(
                 subjects.health_all, cb=self._on_heartbeat, pending_msgs_limit=SUB_PENDING_MSGS
             )
         )
         self._subs.append(
-            await nc.subscribe(
+            await port.subscribe(
                 subjects.delivery_all, cb=self._on_record, pending_msgs_limit=SUB_PENDING_MSGS
             )
         )
         # The HTTP API's GET /v1/status asks here (one health instance answers): the
         # same document as /status, from the one builder.
         self._subs.append(
-            await nc.subscribe(subjects.status_doc, queue="health", cb=self._on_status_request)
+            await port.subscribe(subjects.status_doc, queue="health", cb=self._on_status_request)
         )
         await self._refresh_once()
         await self.check_database()
@@ -214,8 +213,8 @@ class Health(Service):
     async def refresh(self) -> None:
         """Read targets, consumer and DLQ depths from JetStream; update the gauges."""
         self._update_service_metrics()
-        nc = self.client.nc
-        if not nc.is_connected:
+        port = self.client.port
+        if not port.is_connected:
             # Keep the last figures (marked by the error), but no rate: nothing is measured.
             self.snapshot = {
                 **self.snapshot,
@@ -224,13 +223,12 @@ class Health(Service):
             }
             self._ingress.clear()
             return
-        url = nc.connected_url
+        url = port.server_url
         if url is not None:
             self._broker_url = f"{url.scheme}://{url.hostname}:{url.port}"
         if self._sync is None or time.monotonic() - self._sync[0] > SYNC_CHECK_S:
-            sync = await broker_sync(nc, self.settings.nats_store_dir)
+            sync = await broker_sync(port, self.settings.nats_store_dir)
             self._sync = (time.monotonic(), sync)
-        js = self.client.js
         names = self.client.names
         targets = await asyncio.wait_for(self.client.registry.list_targets(), CHECK_TIMEOUT_S)
 
@@ -243,7 +241,7 @@ class Health(Service):
             dlq = await asyncio.wait_for(self.client.dlq_depths(), CHECK_TIMEOUT_S)
         events_total: int | None = None
         with contextlib.suppress(Exception):
-            einfo = await asyncio.wait_for(js.stream_info(names.events), CHECK_TIMEOUT_S)
+            einfo = await asyncio.wait_for(port.stream_info(names.events), CHECK_TIMEOUT_S)
             events_total = int(einfo.state.last_seq)
         rows = []
         for t, info in zip(targets, infos, strict=True):
@@ -322,13 +320,13 @@ class Health(Service):
     # Readiness ---------------------------------------------------------------------
 
     async def check_nats(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        nc = self.client.nc
-        if not nc.is_connected:
+        port = self.client.port
+        if not port.is_connected:
             down = {"ok": False, "error": "NATS is not connected (reconnecting)"}
             return down, {"ok": False, "error": "NATS is not connected"}
         nats = {"ok": True, "error": None}
         try:
-            await asyncio.wait_for(self.client.js.account_info(), CHECK_TIMEOUT_S)
+            await asyncio.wait_for(port.account_info(), CHECK_TIMEOUT_S)
         except TimeoutError:
             return nats, {"ok": False, "error": f"JetStream did not answer in {CHECK_TIMEOUT_S}s"}
         except Exception as exc:
@@ -420,11 +418,11 @@ class Health(Service):
                     "last_failed_at": summary["last_failed_at"],
                 }
             )
-        nc = self.client.nc
+        port = self.client.port
         total_lag = sum(t["lag"] or 0 for t in targets)
-        js_ok = nc.is_connected and self.snapshot.get("error") is None
+        js_ok = port.is_connected and self.snapshot.get("error") is None
         ready = {
-            "nats": nc.is_connected,
+            "nats": port.is_connected,
             "jetstream": js_ok,
             "database": bool(self.database.get("ok")),
         }
@@ -433,9 +431,9 @@ class Health(Service):
             "instance": self.instance,
             "prefix": self.settings.prefix,
             "broker": {
-                "connected": nc.is_connected,
+                "connected": port.is_connected,
                 "url": self._broker_url,
-                "server_version": _version(nc) if nc.is_connected else None,
+                "server_version": _version(port) if port.is_connected else None,
                 "reconnects": self.client.reconnects,
                 "sync": self._sync[1] if self._sync else None,
             },
@@ -472,9 +470,9 @@ class Health(Service):
         ).make_app()
 
 
-def _version(nc: Any) -> str | None:
+def _version(port: Any) -> str | None:
     try:
-        v = nc.connected_server_version
+        v = port.server_version
         return f"{v.major}.{v.minor}.{v.patch}"
     except Exception:
         return None

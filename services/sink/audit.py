@@ -14,8 +14,7 @@ import contextlib
 from datetime import datetime
 from typing import Any, Protocol
 
-from nats.aio.msg import Msg
-
+from mesh._nats.types import Msg
 from mesh.errors import DecodeError, StorageError
 from mesh.records import AuditRecord
 from mesh.storage import Store

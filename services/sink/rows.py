@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
-from nats.aio.msg import Msg
-
 from mesh import envelope
+from mesh._nats.types import Msg
+from mesh.delivery import MessageHeaders
 from mesh.errors import DecodeError, MeshError
 from mesh.observability import HeartbeatInfo
 from mesh.records import DeliveryRecord, parse_dead_letter
@@ -74,18 +74,18 @@ def event_row(msg: Msg, subjects: Subjects) -> tuple[EventRow, str | None]:
         source, etype, _ = subjects.parse_event(msg.subject)
     except MeshError:
         source, etype = "", ""
-    ce_id = headers.get("ce-id")
-    hops = headers.get(f"ce-{envelope.EXT_HOPS}", "0")
+    view = MessageHeaders(headers)
+    hops = view.hops_text
     row = EventRow(
-        id=ce_id or headers.get(envelope.H_MSG_ID) or f"seq-{seq}",
+        id=view.event_id(seq),
         stream_seq=seq,
         subject=msg.subject,
-        source=headers.get("ce-source") or source,
-        type=headers.get("ce-type") or etype,
-        time=_parse_time(headers.get("ce-time"), stored),
-        datacontenttype=headers.get("ce-datacontenttype"),
-        ce_subject=headers.get("ce-subject"),
-        origin=headers.get(f"ce-{envelope.EXT_ORIGIN}") or source,
+        source=view.source or source,
+        type=view.type or etype,
+        time=_parse_time(view.time, stored),
+        datacontenttype=view.datacontenttype,
+        ce_subject=view.subject,
+        origin=view.origin or source,
         hops=int(hops) if hops.isdigit() else 0,
         payload=msg.data,
         encrypted=_encrypted(headers),
@@ -93,11 +93,11 @@ def event_row(msg: Msg, subjects: Subjects) -> tuple[EventRow, str | None]:
         tenant=split_source(source)[0],  # the subject's: a ce-source cannot choose it
     )
     consistent = source and (
-        ce_id is None  # a plain message: everything comes from the subject
+        view.id is None  # a plain message: everything comes from the subject
         or (
-            headers.get("ce-specversion") == envelope.SPECVERSION
-            and headers.get("ce-source") == source
-            and headers.get("ce-type") == etype
+            view.specversion == envelope.SPECVERSION
+            and view.source == source
+            and view.type == etype
             and hops.isdigit()
         )
     )
@@ -165,7 +165,7 @@ def dead_letter_row(msg: Msg, subjects: Subjects) -> tuple[DeadLetterRow, str | 
     target = msg.subject.removeprefix(subjects.dlq("")) if msg.subject else ""
     row = DeadLetterRow(
         id=headers.get(envelope.H_MSG_ID) or f"dlq-seq-{seq}",
-        event_id=headers.get("ce-id") or "",
+        event_id=MessageHeaders(headers).id or "",
         target=target,
         attempts=0,
         last_error=problem,

@@ -29,11 +29,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import nats.js.errors as js_errors
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
+from mesh._nats.types import AckPolicy, ConsumerConfig, DeliverPolicy, Msg, Subscription, js_errors
 from mesh.config import Settings
 from mesh.errors import DecodeError, MeshError, StorageError
 from mesh.observability import METRICS
@@ -144,7 +140,7 @@ class Sink(Service):
             self.log.warning("database unreachable at start; retrying", error=self.db_error)
         for feed in self.feeds:
             await self._ensure_consumer(feed)
-        self._health_sub = await self.client.nc.subscribe(
+        self._health_sub = await self.client.port.subscribe(
             self.client.subjects.health_all,
             cb=self._on_heartbeat,
             pending_msgs_limit=HEALTH_BUFFER,
@@ -313,7 +309,7 @@ class Sink(Service):
             max_waiting=512,
         )
         try:
-            await self.client.js.add_consumer(feed.stream, config)
+            await self.client.port.ensure_consumer(feed.stream, config)
         except js_errors.BadRequestError as exc:
             # Created by another sink with settings that cannot change: use it as it is.
             self.log.info("sink consumer kept as found", consumer=feed.consumer, error=str(exc))

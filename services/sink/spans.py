@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from nats.aio.msg import Msg
-
-from mesh import tracing
+from mesh import envelope, tracing
+from mesh._nats.types import Msg
 
 __all__ = ["batch_written"]
 
@@ -29,12 +28,12 @@ def batch_written(kind: str, items: list[tuple[Msg, Any]], start_ns: int, db_url
     msgs = [m for m, _ in items]
     for msg in msgs:
         headers = msg.headers or {}
-        parent = headers.get("ce-traceparent")
+        parent = headers.get(envelope.H_TRACEPARENT)
         if not parent or (tracing._FOLLOW_PARENT and parent[-1:] not in tracing._SAMPLED_FLAGS):
             continue
         carrier = {"traceparent": parent}
-        if "ce-tracestate" in headers:
-            carrier["tracestate"] = headers["ce-tracestate"]
+        if envelope.H_TRACESTATE in headers:
+            carrier["tracestate"] = headers[envelope.H_TRACESTATE]
         span = tracing.TRACER.start_span(
             f"sink write {table}",
             context=propagator.extract(carrier),
@@ -45,7 +44,7 @@ def batch_written(kind: str, items: list[tuple[Msg, Any]], start_ns: int, db_url
                 "db.operation.name": "INSERT",
                 "db.collection.name": table,
                 "db.operation.batch.size": len(msgs),
-                "cloudevents.event_id": headers.get("ce-id", ""),
+                "cloudevents.event_id": headers.get(envelope.H_ID, ""),
             },
         )
         span.end()

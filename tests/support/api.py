@@ -34,7 +34,7 @@ async def make_key(
     rate: float | None = None,
 ) -> tuple[str, str]:
     """(key id, key text) of a new API key."""
-    store = await ApiKeyStore.open(client.js, client.names.apikeys)
+    store = await ApiKeyStore.open(client.port, client.names.apikeys)
     record, key = await store.create(name, Scope(scope), ttl=ttl, rate=rate)
     return record.id, key
 

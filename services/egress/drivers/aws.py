@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from mesh import envelope
 from mesh.destinations import DestinationOptions, render
 from mesh.envelope import Event
 from mesh.registry import Target
@@ -145,7 +146,7 @@ class SqsDriver(_AwsDriver):
                 "MessageAttributes": _string_attrs({"content-type": STRUCTURED}),
             }
         else:
-            named = {f"ce-{k}": v for k, v in attrs.items()}
+            named = {envelope.CE_PREFIX + k: v for k, v in attrs.items()}
             named["content-type"] = ctype
             msg = {"MessageBody": text, "MessageAttributes": _string_attrs(named)}
         if self.fifo:
@@ -216,7 +217,11 @@ class S3Driver(_AwsDriver):
             Key=self.key(event),
             Body=structured(event),
             ContentType=STRUCTURED,
-            Metadata={"ce-id": event.id, "ce-type": event.type, "ce-source": event.source},
+            Metadata={
+                envelope.H_ID: event.id,
+                envelope.H_TYPE: event.type,
+                envelope.H_SOURCE: event.source,
+            },
         )
 
 

@@ -19,6 +19,7 @@ from datetime import UTC
 from typing import Any
 from urllib.parse import urlsplit
 
+from mesh import envelope
 from mesh.envelope import JSON, MSGPACK, Event
 from mesh.netguard import DestinationRefused, check_destination
 from mesh.registry import Target
@@ -70,16 +71,16 @@ def build_body(target: Target, event: Event) -> tuple[bytes, dict[str, str]]:
     if target.format == "cloudevents":
         # CloudEvents HTTP binary content mode: attributes as ce-* headers, data as body.
         headers = {
-            "ce-specversion": "1.0",
-            "ce-id": event.id,
-            "ce-source": event.source,
-            "ce-type": event.type,
-            "ce-time": rfc3339(event),
+            envelope.H_SPECVERSION: "1.0",
+            envelope.H_ID: event.id,
+            envelope.H_SOURCE: event.source,
+            envelope.H_TYPE: event.type,
+            envelope.H_TIME: rfc3339(event),
         }
         if event.subject:
-            headers["ce-subject"] = event.subject
+            headers[envelope.H_SUBJECT] = event.subject
         for name, value in event.extensions.items():
-            headers[f"ce-{name}"] = value
+            headers[envelope.CE_PREFIX + name] = value
         ctype = event.datacontenttype
         if isinstance(event.data, bytes):
             body = event.data
