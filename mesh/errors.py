@@ -9,7 +9,11 @@ message as one line and exits non-zero. The tree::
     ├── ValidationError (ValueError) bad names, types, patterns, data
     │   ├── InvalidName
     │   ├── ExpressionError         a filter or transform that does not compile
-    │   └── PayloadTooLarge         carries size and max_payload
+    │   ├── PayloadTooLarge         carries size and max_payload
+    │   ├── SignatureError          signing.py: missing, stale or wrong signature headers
+    │   ├── DestinationRefused      netguard.py: a private or refused target address
+    │   ├── ArchiveError            backup/archive.py: a damaged or foreign archive
+    │   └── SealError               backup/seal.py: keys that do not open
     ├── NotFound (LookupError)      unknown target, propagation, event
     ├── Conflict                    already exists, not permitted by the registry
     ├── BrokerError                 NATS / JetStream problems
@@ -17,8 +21,18 @@ message as one line and exits non-zero. The tree::
     │   └── PortInUse               embedded server port taken
     ├── DecodeError                 a message that is not a valid event
     ├── StorageError                database problems
-    └── RequestError                request/reply failed
-        └── RequestTimeout
+    │   └── RowsRefused             storage/_common.py: rows the database refuses
+    ├── RequestError                request/reply failed
+    │   └── RequestTimeout
+    ├── TokenError                  tokens.py: a credential the bridge refuses
+    ├── PortalError                 portal.py: a portal link or session refused
+    ├── QuotaExceeded               tenants.py: a tenant over a quota
+    ├── TransformFailed             transform.py: a transform that failed for one event
+    └── MissingExtra                services/egress/drivers/base.py: a kind's library
+                                    is not installed
+
+``tests/test_seam.py`` checks that every subclass in ``mesh/`` and ``services/`` is
+drawn here.
 """
 
 from __future__ import annotations
