@@ -258,7 +258,7 @@ async def key_usage(
 
 
 @dataclass
-class PruneResult:
+class KeyPruneResult:
     removed: list[str] = field(default_factory=list)
     refused: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -295,8 +295,8 @@ def prune_candidates(ring: KeyRing, key_ids: list[str] | None) -> list[str]:
     return list(dict.fromkeys(key_ids))
 
 
-def plan_prune(usage: KeyUsage, candidates: list[str]) -> PruneResult:
-    plan = PruneResult()
+def plan_prune(usage: KeyUsage, candidates: list[str]) -> KeyPruneResult:
+    plan = KeyPruneResult()
     for key_id in candidates:
         needed = usage.for_key(key_id)
         if needed:
@@ -306,7 +306,7 @@ def plan_prune(usage: KeyUsage, candidates: list[str]) -> PruneResult:
     return plan
 
 
-def apply_prune(settings: Settings, plan: PruneResult) -> list[str]:
+def apply_prune(settings: Settings, plan: KeyPruneResult) -> list[str]:
     """Remove the keys the plan cleared from the ring on disk (re-read first)."""
     ring = load_ring(settings)
     removed = []
@@ -327,12 +327,12 @@ async def prune(
     key_ids: list[str] | None = None,
     *,
     progress: Progress | None = None,
-) -> PruneResult:
+) -> KeyPruneResult:
     """Check every store, then remove the old keys nothing needs any more."""
     ring = load_ring(settings)
     candidates = prune_candidates(ring, key_ids)
     if not candidates:
-        return PruneResult()
+        return KeyPruneResult()
     usage = await key_usage(settings, ring, client, progress)
     plan = plan_prune(usage, candidates)
     plan.removed = apply_prune(settings, plan)
@@ -341,9 +341,9 @@ async def prune(
 
 __all__ = [
     "KeyInfo",
+    "KeyPruneResult",
     "KeyStatus",
     "KeyUsage",
-    "PruneResult",
     "apply_prune",
     "key_status",
     "key_usage",

@@ -21,6 +21,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
@@ -253,6 +254,24 @@ class RateLimiter:
         wait = self.reserve()
         if wait > 0:
             await asyncio.sleep(wait)
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """A doubling pause between tries of an in-process retry loop: ``first_s``, then twice
+    the last, at most ``max_s``."""
+
+    first_s: float
+    max_s: float
+
+    def next(self, delay: float) -> float:
+        return min(delay * 2, self.max_s)
+
+
+# The in-process retry loops, with their pauses in one place:
+PULL_BACKOFF = Backoff(0.1, 2.0)  # a failing fetch (mesh/_nats/pull.py)
+TARGET_BACKOFF = Backoff(0.5, 5.0)  # a target not ready (services/egress/worker.py)
+DATABASE_BACKOFF = Backoff(0.2, 10.0)  # a database write (services/sink)
 
 
 async def retry_transient(

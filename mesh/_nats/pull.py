@@ -13,6 +13,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from mesh._nats.pullfeed import PullFeed
+from mesh.resilience import PULL_BACKOFF
 
 log = structlog.get_logger("mesh.client")  # the client's logger, as before the split
 
@@ -55,7 +56,7 @@ async def pull_batches(
     failing.
     """
     feed: PullFeed | None = None
-    backoff = 0.1
+    backoff = PULL_BACKOFF.first_s
     failures = 0
     try:
         while stop is None or not stop.is_set():
@@ -65,7 +66,7 @@ async def pull_batches(
                 if feed is None:
                     feed = await PullFeed(nc, stream, consumer).open()
                 msgs = await feed.fetch(batch, timeout=expires)
-                backoff = 0.1
+                backoff = PULL_BACKOFF.first_s
                 failures = 0
             except (nats_errors.TimeoutError, TimeoutError):
                 raise_if_cancelled()
@@ -81,7 +82,7 @@ async def pull_batches(
                     feed = None
                     failures = 0
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = PULL_BACKOFF.next(backoff)
                 continue
             if msgs:
                 yield msgs

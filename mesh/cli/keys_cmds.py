@@ -182,7 +182,7 @@ def keys_prune(
             say("nothing to prune: the ring holds only the primary key")
         return
 
-    async def run() -> key_ops.PruneResult:
+    async def run() -> key_ops.KeyPruneResult:
         async with connected(s) as c:
             with progress_bar("scan") as update:
                 usage = await key_ops.key_usage(s, ring, c, update)

@@ -32,6 +32,7 @@ from mesh.observability import METRICS
 from mesh.records import Outcome
 from mesh.registry import Target, TargetKind
 from mesh.resilience import (
+    TARGET_BACKOFF,
     CircuitState,
     RateLimiter,
     backoff_delay,
@@ -235,7 +236,7 @@ class TargetWorker(CircuitGate, Outcomes):
 
     async def _prepare(self) -> None:
         """Make sure the consumer exists; load the circuit's shared state."""
-        backoff = 0.5
+        backoff = TARGET_BACKOFF.first_s
         while not self.halt.is_set():
             try:
                 try:
@@ -253,7 +254,7 @@ class TargetWorker(CircuitGate, Outcomes):
             except Exception as exc:
                 self.log.warning("target not ready, retrying", error=str(exc) or repr(exc))
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = TARGET_BACKOFF.next(backoff)
 
     async def _fetch_round(self) -> None:
         batch = self._batch()

@@ -17,10 +17,8 @@ from typing import Any, Protocol
 from mesh._nats.types import Msg
 from mesh.errors import DecodeError, StorageError
 from mesh.records import AuditRecord
+from mesh.resilience import DATABASE_BACKOFF
 from mesh.storage import Store
-
-RETRY_BASE_S = 0.2
-RETRY_MAX_S = 10.0
 
 
 class SinkLike(Protocol):
@@ -69,7 +67,7 @@ class AuditFeed:
 
     async def _append(self, rec: AuditRecord, at: datetime) -> bool:
         sink = self.sink
-        delay = RETRY_BASE_S
+        delay = DATABASE_BACKOFF.first_s
         while True:
             if sink.store is None:
                 await sink._open_store()
@@ -89,4 +87,4 @@ class AuditFeed:
                 await asyncio.wait_for(sink.stopping.wait(), delay)
             if sink.stopping.is_set():
                 return False
-            delay = min(delay * 2, RETRY_MAX_S)
+            delay = DATABASE_BACKOFF.next(delay)

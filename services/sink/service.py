@@ -33,6 +33,7 @@ from mesh._nats.types import AckPolicy, ConsumerConfig, DeliverPolicy, Msg, Subs
 from mesh.config import Settings
 from mesh.errors import DecodeError, MeshError, StorageError
 from mesh.observability import METRICS
+from mesh.resilience import DATABASE_BACKOFF
 from mesh.storage import (
     DeadLetterRow,
     DeliveryRow,
@@ -60,8 +61,6 @@ from services.sink.spans import batch_written
 BATCH_SIZE = 500
 FETCH_WAIT_S = 0.5
 ACK_WAIT_S = 15.0  # a crashed sink's batch comes back this soon; long writes send in_progress
-RETRY_BASE_S = 0.2
-RETRY_MAX_S = 10.0
 DB_CHECK_INTERVAL_S = 5.0
 HEALTH_SAMPLE_S = 60.0
 HEALTH_BUFFER = 1000
@@ -251,7 +250,7 @@ class Sink(Service):
         events = [r for r in rows if isinstance(r, EventRow)]
         deliveries = [r for r in rows if isinstance(r, DeliveryRow)]
         dead = [r for r in rows if isinstance(r, DeadLetterRow)]
-        delay = RETRY_BASE_S
+        delay = DATABASE_BACKOFF.first_s
         while True:
             if self.store is None:
                 await self._open_store()
@@ -271,7 +270,7 @@ class Sink(Service):
                 await asyncio.wait_for(self.stopping.wait(), delay)
             if self.stopping.is_set():
                 return None
-            delay = min(delay * 2, RETRY_MAX_S)
+            delay = DATABASE_BACKOFF.next(delay)
 
     async def _write_each(
         self, items: list[tuple[Msg, Row]], refused: list[Msg]

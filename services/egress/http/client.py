@@ -32,11 +32,11 @@ from collections.abc import Mapping
 from mesh.netguard import forbidden_reason, is_forbidden
 from services.egress.http.wire import (
     Connection,
+    Endpoint,
     InvalidResponse,
     Key,
     Response,
     ServerDisconnected,
-    Target,
     parse_url,
     request_head,
 )
@@ -84,7 +84,7 @@ class Http1Client:
         self._idle_count = 0  # entries in _idle (some may have closed meanwhile)
         self._busy = 0  # connections held by requests, connecting ones included
         self._conns: set[Connection] = set()
-        self._targets: dict[str, Target] = {}
+        self._targets: dict[str, Endpoint] = {}
         self._dns: dict[tuple[str, int], tuple[float, list[str]]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -192,7 +192,7 @@ class Http1Client:
         if not stack:
             del self._idle[oldest]
 
-    async def _connect(self, target: Target) -> Connection:
+    async def _connect(self, target: Endpoint) -> Connection:
         # We hold a slot, so the others hold at most limit - 1 connections; idle ones
         # (to any host) give way until there is room for ours.
         while self._idle_count and self._busy + self._idle_count >= self.limit:
@@ -204,7 +204,7 @@ class Http1Client:
             self._busy -= 1
             raise
 
-    async def _open(self, target: Target) -> Connection:
+    async def _open(self, target: Endpoint) -> Connection:
         loop = asyncio.get_running_loop()
         addresses = await self._resolve(target)
         tls = self._tls() if target.tls else None
@@ -227,7 +227,7 @@ class Http1Client:
             return conn
         raise error or OSError(f"no address for {target.host!r}")
 
-    async def _resolve(self, target: Target) -> list[str]:
+    async def _resolve(self, target: Endpoint) -> list[str]:
         host = target.host
         if target.literal:
             addresses = [host]

@@ -47,7 +47,7 @@ class Response:
 
 
 @dataclass(frozen=True, slots=True)
-class Target:
+class Endpoint:
     """What one URL means on the wire, parsed once."""
 
     key: Key
@@ -59,7 +59,7 @@ class Target:
     defaults: tuple[tuple[str, str], ...]  # (lower-case name, header line) unless given
 
 
-def parse_url(url: str, user_agent: str) -> Target:
+def parse_url(url: str, user_agent: str) -> Endpoint:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in _DEFAULT_PORTS:
@@ -86,7 +86,7 @@ def parse_url(url: str, user_agent: str) -> Target:
         userinfo = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
         token = base64.b64encode(userinfo.encode()).decode("ascii")
         defaults.append(("authorization", f"Authorization: Basic {token}\r\n"))
-    return Target(
+    return Endpoint(
         key=(scheme, host, port),
         host=host,
         port=port,
@@ -97,7 +97,7 @@ def parse_url(url: str, user_agent: str) -> Target:
     )
 
 
-def request_head(target: Target, headers: Mapping[str, str], length: int) -> bytes:
+def request_head(target: Endpoint, headers: Mapping[str, str], length: int) -> bytes:
     lines = [target.request_line]
     given: set[str] = set()
     for name, value in headers.items():
