@@ -132,7 +132,7 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
         {
             "MESH_HOME": str(settings.home),
             "MESH_NATS_URL": settings.nats_url or "",
-            "MESH_DB_URL": settings.database_url,
+            "MESH_DB_URL": settings.db_url,
             "MESH_ALLOW_PRIVATE_TARGETS": "1",
             "MESH_HTTP_PORT": str(settings.http_port),
             "MESH_BRIDGE_PORT": str(settings.bridge_port),

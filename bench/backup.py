@@ -78,7 +78,7 @@ async def run(args: argparse.Namespace) -> list[Result]:
                 ]
                 await c.publish_many(batch)
             print(f"  published {n:,} in {time.perf_counter() - t0:.1f}s", flush=True)
-        store = await open_store(s.database_url)
+        store = await open_store(s.db_url)
         try:
             await store.migrate()
             now = datetime.now(UTC)
@@ -100,7 +100,7 @@ async def run(args: argparse.Namespace) -> list[Result]:
                 )
         finally:
             await store.close()
-        db_file = Path(s.database_url.removeprefix("sqlite:///"))
+        db_file = Path(s.db_url.removeprefix("sqlite:///"))
         store_dir = mesh.broker.store_dir
         t0 = time.perf_counter()
         raw_bytes = await asyncio.to_thread(read_all, [store_dir, db_file], False)

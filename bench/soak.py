@@ -98,7 +98,7 @@ async def main(args: argparse.Namespace) -> int:
     env.update(
         MESH_HOME=str(settings.home),
         MESH_NATS_URL=broker.url,
-        MESH_DB_URL=settings.database_url,
+        MESH_DB_URL=settings.db_url,
         MESH_ALLOW_PRIVATE_TARGETS="1",
         MESH_LOG_LEVEL="warning",
         MESH_LOG_FORMAT="json",
@@ -189,7 +189,7 @@ async def main(args: argparse.Namespace) -> int:
         want = set(published)
         while time.monotonic() < deadline and not want <= set(ok_ids):
             await asyncio.sleep(1)
-        store = await open_store(settings.database_url)
+        store = await open_store(settings.db_url)
         rows = 0
         while time.monotonic() < deadline:
             rows = await store.count("events")

@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     ack_wait_min_s: float = Field(default=30.0, gt=0)
 
     # Storage and secrets.
-    db_url: str | None = None
+    db_url: str = ""  # MESH_DB_URL; empty: sqlite:///$MESH_HOME/mesh.db
     key_file: Path | None = None
     encryption: bool = True
     key_rotation_days: int = 90
@@ -123,7 +123,7 @@ class Settings(BaseSettings):
     def _derive_paths(self) -> Settings:
         if self.key_file is None:
             self.key_file = self.home / "keys" / "encryption.key"
-        if self.db_url is None:
+        if not self.db_url:
             self.db_url = f"sqlite:///{self.home / 'mesh.db'}"
         return self
 
@@ -159,11 +159,6 @@ class Settings(BaseSettings):
     def key_path(self) -> Path:
         assert self.key_file is not None
         return self.key_file
-
-    @property
-    def database_url(self) -> str:
-        assert self.db_url is not None
-        return self.db_url
 
     @property
     def nats_store_dir(self) -> Path:

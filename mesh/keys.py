@@ -120,7 +120,7 @@ def rotate(settings: Settings) -> Key:
 
 async def open_database(settings: Settings) -> Store | None:
     """The store, or None when there is no database yet (nothing stored in it)."""
-    url = settings.database_url
+    url = settings.db_url
     if backend_of(url) == "sqlite":
         path = sqlite_path(url)
         if path != ":memory:" and not await asyncio.to_thread(Path(path).exists):
@@ -232,7 +232,7 @@ async def key_usage(
     # The database.
     store = await open_database(settings)
     if store is None:
-        usage.notes.append(f"no database at {settings.database_url}: nothing stored there")
+        usage.notes.append(f"no database at {settings.db_url}: nothing stored there")
         return usage
     try:
         for table in payload_tables():

@@ -167,7 +167,7 @@ async def reencrypt(
     result.resumed = bool(state)
     store = await open_database(settings)
     if store is None:
-        result.notes.append(f"no database at {settings.database_url}: no rows to rewrite")
+        result.notes.append(f"no database at {settings.db_url}: no rows to rewrite")
         checkpoint.clear()
         return result
     done_tables: list[str] = list(state.get("done", []))

@@ -162,7 +162,7 @@ async def test_targets_lifecycle_through_the_api(
             lambda: audited_if(audited, expected), what="audit rows from the API"
         )
         assert actions.count("propagation.create") == 5
-        async with await open_store(settings.database_url) as store:
+        async with await open_store(settings.db_url) as store:
             rows = await store.query_audit(limit=200)
         dump = json.dumps([[r.before, r.after] for r in rows])
         assert secret not in dump and rotated["secret"] not in dump and admin not in dump

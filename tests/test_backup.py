@@ -204,7 +204,7 @@ async def archive(tmp_path: Path) -> AsyncIterator[tuple[Path, dict[str, str]]]:
             await c.add_target(Target(name="t1", kind=TargetKind.NATS))
             for n in range(20):
                 await c.publish("app", "x", n)
-        async with migrated_store(settings.database_url):
+        async with migrated_store(settings.db_url):
             pass
         # An API key: its bucket (KV_MESH_APIKEYS) comes along without being named.
         ok(await mesh(env, "apikey", "create", "--name", "ci", "--scope", "read"))

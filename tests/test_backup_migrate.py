@@ -57,7 +57,7 @@ async def make_archive(tmp_path: Path) -> tuple[Path, dict[str, int]]:
                     got += 1
                     if got == CONSUMED:
                         break
-                store = await open_store(settings.database_url)
+                store = await open_store(settings.db_url)
                 try:
                     await eventually(
                         lambda: _count(store, "events", N_EVENTS), timeout=30, what="sink rows"
@@ -142,7 +142,7 @@ async def test_sqlite_single_node_archive_restores_onto_cluster_and_postgres(
     result = await restore_archive(back, again.path, PASSPHRASE)
     assert result.tables == tables
     assert result.streams == want
-    store = await open_store(back.database_url)
+    store = await open_store(back.db_url)
     try:
         assert {t: await store.count(t) for t in tables} == tables
     finally:

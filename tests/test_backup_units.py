@@ -89,7 +89,7 @@ async def test_the_backup_service_writes_on_schedule_and_keeps_n(
     s = settings.model_copy(
         update={"backup_every": "1s", "backup_keep": 2, "backup_passphrase_file": passfile}
     )
-    async with migrated_store(s.database_url):
+    async with migrated_store(s.db_url):
         pass
     await client.publish("app", "x", 1)
     started = time.time()

@@ -17,7 +17,7 @@ def test_defaults() -> None:
     assert s.embedded
     assert s.servers == ["nats://127.0.0.1:4222"]
     assert s.key_path == Path(".mesh/keys/encryption.key")
-    assert s.database_url == "sqlite:///.mesh/mesh.db"
+    assert s.db_url == "sqlite:///.mesh/mesh.db"
     assert (s.http_port, s.bridge_port) == (9400, 9401)
     assert s.encryption is True
     assert s.max_hops == 8
@@ -33,7 +33,7 @@ def test_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     s = load_settings()
     assert s.servers == ["nats://127.0.0.1:4333"]
     assert s.key_path == tmp_path / "keys" / "encryption.key"
-    assert s.database_url == f"sqlite:///{tmp_path / 'mesh.db'}"
+    assert s.db_url == f"sqlite:///{tmp_path / 'mesh.db'}"
     assert s.encryption is False
     assert s.allow_private_targets is True
 
@@ -50,7 +50,7 @@ def test_explicit_paths_win(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     monkeypatch.setenv("MESH_DB_URL", "postgresql://u@h/db")
     s = load_settings()
     assert s.key_path == tmp_path / "my.key"
-    assert s.database_url == "postgresql://u@h/db"
+    assert s.db_url == "postgresql://u@h/db"
 
 
 def test_toml_file_and_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

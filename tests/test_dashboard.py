@@ -194,7 +194,7 @@ async def test_dashboard_shows_live_figures_in_headless_chromium(
     s = settings.model_copy(
         update={"heartbeat_interval_s": 1.0, "db_url": f"sqlite:///{tmp_path / 'mesh.db'}"}
     )
-    await migrate(s.database_url)
+    await migrate(s.db_url)
     fast = RetryPolicy(base_s=0.05, max_delay_s=0.2, max_retries=100)
     async with Receiver() as rx:
         await client.add_target(Target(name="billing", kind=TargetKind.WEBHOOK, url=rx.url))

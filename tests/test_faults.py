@@ -85,7 +85,7 @@ async def test_flapping_receiver_and_broker_kills(
                 missing = set(published) - delivered()
                 assert not missing, f"{len(missing)} events never delivered: {sorted(missing)[:5]}"
 
-                store = await open_store(settings.database_url)
+                store = await open_store(settings.db_url)
                 try:
                     deadline = time.monotonic() + 30
                     while await store.count("events") < N_EVENTS and time.monotonic() < deadline:

@@ -151,7 +151,7 @@ def hsettings(settings: Settings, tmp_path: Path) -> Settings:
 
 @pytest.fixture
 async def health(hsettings: Settings) -> AsyncIterator[Health]:
-    await migrate(hsettings.database_url)
+    await migrate(hsettings.db_url)
     h = Health(hsettings, host="127.0.0.1")
     async with running(h):
         yield h
@@ -291,7 +291,7 @@ async def test_readyz_turns_503_while_the_broker_is_down(
 async def test_readyz_turns_503_while_the_sqlite_database_is_gone(
     health: Health, hsettings: Settings
 ) -> None:
-    db_dir = Path(hsettings.database_url.removeprefix("sqlite:///")).parent
+    db_dir = Path(hsettings.db_url.removeprefix("sqlite:///")).parent
     assert (await get_json(health.port, "/readyz"))[0] == 200
     away = db_dir.with_name("db-away")
     db_dir.rename(away)
@@ -359,7 +359,7 @@ async def test_metrics_parse_and_carry_the_mesh_families_after_traffic(
 ) -> None:
     from services.sink.service import Sink
 
-    await migrate(hsettings.database_url)
+    await migrate(hsettings.db_url)
     await client.add_target(Target(name="m-queue", kind=TargetKind.NATS))
     await client.add_propagation("unidirectional", "m-shop", ["m-queue"])
     services: list[Service] = [Sink(hsettings), Health(hsettings, host="127.0.0.1")]
@@ -477,7 +477,7 @@ async def test_status_shows_lag_growing_and_the_circuit_open_for_a_down_receiver
 ) -> None:
     from services.egress.service import WebhookEgress
 
-    await migrate(hsettings.database_url)
+    await migrate(hsettings.db_url)
     dead_port = free_port()  # nothing listens here: every attempt is refused
     await client.add_target(
         Target(
@@ -534,7 +534,7 @@ async def test_a_killed_service_turns_stale_within_15_s(
         {
             "MESH_HTTP_PORT": str(free_port()),
             "MESH_HEARTBEAT_INTERVAL_S": "1",
-            "MESH_DB_URL": hsettings.database_url,
+            "MESH_DB_URL": hsettings.db_url,
         }
     )
     proc = spawn(["serve", "health"], env, tmp_path, tmp_path / "victim.log")

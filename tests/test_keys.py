@@ -40,7 +40,7 @@ async def db_settings(
 
 @pytest.fixture
 async def store(db_settings: Settings) -> AsyncIterator[Store]:
-    async with migrated_store(db_settings.database_url) as s:
+    async with migrated_store(db_settings.db_url) as s:
         yield s
 
 

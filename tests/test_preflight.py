@@ -121,7 +121,7 @@ async def test_no_services_warning_and_quiet(settings: Settings, tmp_path: Path)
     from services.health import Health
 
     s = settings.model_copy(update={"db_url": f"sqlite:///{tmp_path / 'db' / 'mesh.db'}"})
-    await migrate(s.database_url)
+    await migrate(s.db_url)
     async with running(Health(s, host="127.0.0.1")):
         calm = ok(await mesh_inproc(env, "target", "list"))
     assert "warning" not in calm.stderr, calm.stderr

@@ -163,7 +163,7 @@ async def _write(
                 "consumers": state.get("consumer_count", 0),
                 "replicas": meta["config"].get("num_replicas", 1),
             }
-    url = settings.database_url
+    url = settings.db_url
     db_backend = tables.backend(url)
 
     def table_step(table: str, n: int) -> None:

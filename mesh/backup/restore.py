@@ -138,7 +138,7 @@ def _check_schema(manifest: dict[str, Any], backend: str) -> None:
 
 
 async def _check_database(settings: Settings, names: list[str], force: bool) -> None:
-    url = settings.database_url
+    url = settings.db_url
     if tables.backend(url) == "sqlite":
         path = Path(tables.sqlite_file(url))
         if not await asyncio.to_thread(path.exists):
@@ -177,7 +177,7 @@ async def restore_archive(
             _verify, reader, passphrase, progress, Path(scratch.name)
         )
         m = verified.manifest
-        backend = tables.backend(settings.database_url)
+        backend = tables.backend(settings.db_url)
         _check_schema(m, backend)
         key_dir = settings.key_path.parent
         present = [n for n in verified.keys if (key_dir / n).exists()]
@@ -218,7 +218,7 @@ async def restore_archive(
                         f" the archive has {info['messages']}"
                     )
                 restored[name] = got.state.messages
-        store = await open_store(settings.database_url)
+        store = await open_store(settings.db_url)
         try:
             await store.migrate()
         finally:
@@ -235,7 +235,7 @@ async def _load_tables(
     settings: Settings, reader: ArchiveReader, scratch: Path, force: bool
 ) -> dict[str, int]:
     m = reader.manifest
-    url = settings.database_url
+    url = settings.db_url
     to_sqlite = tables.backend(url) == "sqlite"
     if m.get("table_format") == "sqlite":
         copy = scratch / "mesh.sqlite"

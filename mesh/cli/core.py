@@ -127,7 +127,7 @@ async def _init() -> dict[str, Any]:
     except ModuleNotFoundError:
         pass
     else:
-        store = await open_store(s.database_url)
+        store = await open_store(s.db_url)
         try:
             applied = await store.migrate()
         finally:

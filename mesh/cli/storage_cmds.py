@@ -55,7 +55,7 @@ def _short(value: Any) -> str:
 
 
 async def _query(s: Settings, fn: Callable[[Store], Awaitable[T]]) -> T:
-    store = await open_store(s.database_url)
+    store = await open_store(s.db_url)
     try:
         return await fn(store)
     finally:

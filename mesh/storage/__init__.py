@@ -15,6 +15,7 @@ server settings.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -90,8 +91,10 @@ def backend_of(url: str) -> str:
     )
 
 
-async def open_store(url: str, **options: Any) -> Store:
+async def open_store(url: str, *, existing: bool = False, **options: Any) -> Store:
     """Connect to the database at ``url``; raise ``StorageError`` with one clear line if not.
+
+    ``existing``: a SQLite file must be there already (and writable), not be created.
 
     ``options`` go to the backend: ``busy_timeout_ms`` for SQLite; ``pool_size``,
     ``connect_timeout`` and ``command_timeout`` for PostgreSQL. The schema is
@@ -99,9 +102,12 @@ async def open_store(url: str, **options: Any) -> Store:
     """
     safe = redact_url(url)
     if backend_of(url) == "sqlite":
-        from mesh.storage.sqlite import SqliteStore
+        from mesh.storage.sqlite import SqliteStore, check_file
 
-        return await SqliteStore.open(sqlite_path(url), safe, **options)
+        path = sqlite_path(url)
+        if existing and path != ":memory:":
+            check_file(Path(path))
+        return await SqliteStore.open(path, safe, **options)
     from mesh.storage.postgres import PostgresStore
 
     return await PostgresStore.open(url, safe, **options)

@@ -101,6 +101,9 @@ class SqlStore(HistoryQueries, ABC, Generic[C]):
     @abstractmethod
     async def _disconnect(self) -> None: ...
 
+    async def check(self) -> None:
+        await self.ping()  # type: ignore[attr-defined]  # each backend's
+
     async def close(self) -> None:
         if self._closed:
             return

@@ -48,6 +48,11 @@ class Store(Protocol):
         """Return when the database answers; raise ``StorageError`` otherwise."""
         ...
 
+    async def check(self) -> None:
+        """``ping``, and for a database file that it is still there and writable (an
+        open connection keeps answering after its file is gone): the health check."""
+        ...
+
     async def durability_warnings(self) -> list[str]:
         """Why a committed write might not survive a power failure (empty: it will)."""
         ...

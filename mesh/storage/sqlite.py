@@ -48,6 +48,16 @@ def split_statements(script: str) -> Iterator[str]:
             buf = ""
 
 
+def check_file(path: Path) -> None:
+    """Raise ``StorageError`` unless the database file exists and can be written."""
+    if not path.is_file():
+        raise StorageError(
+            f"SQLite database {path} does not exist (the sink creates it; or `mesh init`)"
+        )
+    if not os.access(path.parent, os.W_OK | os.X_OK) or not os.access(path, os.W_OK):
+        raise StorageError(f"SQLite database {path} is not writable")
+
+
 class SqliteStore(SqlStore[aiosqlite.Connection]):
     """A ``Store`` on one SQLite file (or ``:memory:``)."""
 
@@ -208,6 +218,11 @@ class SqliteStore(SqlStore[aiosqlite.Connection]):
     async def ping(self) -> None:
         self._check_file()
         await self._fetch("SELECT 1")
+
+    async def check(self) -> None:
+        if self.path != ":memory:":
+            check_file(Path(self.path))
+        await self.ping()
 
     async def durability_warnings(self) -> list[str]:
         conn = self._live(self._writer)

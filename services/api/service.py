@@ -81,7 +81,7 @@ class Api(Service):
         (503)."""
         async with self._store_lock:
             if self._store is None:
-                store = await open_store(self.settings.database_url)
+                store = await open_store(self.settings.db_url)
                 try:
                     # The sink's own migrations, idempotent and safe beside a migrating
                     # sink: before the sink has ever run, reads find empty tables, not

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections import deque
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, ClassVar
 
 from aiohttp import web
@@ -33,7 +31,7 @@ from prometheus_client import REGISTRY
 from mesh._nats.types import Msg, Subscription
 from mesh.config import Settings
 from mesh.durability import broker_sync
-from mesh.errors import ConfigError, DecodeError, MeshError, StorageError
+from mesh.errors import ConfigError, DecodeError, MeshError
 from mesh.observability import (
     CIRCUIT_VALUES,
     METRICS,
@@ -43,7 +41,7 @@ from mesh.observability import (
     worst_circuit,
 )
 from mesh.records import DeliveryRecord
-from mesh.storage import Store, backend_of, open_store, sqlite_path
+from mesh.storage import Store, backend_of, open_store
 from services.base import Service
 from services.health.http import HealthRoutes, dumps
 from services.health.keycheck import key_doc, short_error
@@ -334,20 +332,16 @@ class Health(Service):
         return nats, {"ok": True, "error": None}
 
     async def check_database(self) -> dict[str, Any]:
-        """Ping the database; a SQLite file must exist in a writable directory."""
-        url = self.settings.database_url
+        """Check the database (``Store.check``: a SQLite file must exist, writable)."""
+        url = self.settings.db_url
         result: dict[str, Any] = {"ok": False, "error": None, "backend": None, "checked_at": None}
         try:
-            backend = backend_of(url)
-            result["backend"] = backend
-            if backend == "sqlite":
-                path = sqlite_path(url)
-                if path != ":memory:":
-                    self._check_sqlite_file(Path(path))
+            result["backend"] = backend_of(url)
             async with self._store_lock:
                 if self._store is None:
-                    self._store = await asyncio.wait_for(open_store(url), CHECK_TIMEOUT_S * 2)
-                await asyncio.wait_for(self._store.ping(), CHECK_TIMEOUT_S)
+                    opening = open_store(url, existing=True)  # the health service creates none
+                    self._store = await asyncio.wait_for(opening, CHECK_TIMEOUT_S * 2)
+                await asyncio.wait_for(self._store.check(), CHECK_TIMEOUT_S)
             result.update(ok=True)
         except TimeoutError:
             result["error"] = f"the database did not answer in {CHECK_TIMEOUT_S}s"
@@ -358,17 +352,6 @@ class Health(Service):
         result["checked_at"] = _now_iso()
         self.database = result
         return result
-
-    @staticmethod
-    def _check_sqlite_file(path: Path) -> None:
-        # An open SQLite connection keeps answering after its file is gone, so ping
-        # alone would call a deleted or moved database healthy.
-        if not path.is_file():
-            raise StorageError(
-                f"SQLite database {path} does not exist (the sink creates it; or `mesh init`)"
-            )
-        if not os.access(path.parent, os.W_OK | os.X_OK) or not os.access(path, os.W_OK):
-            raise StorageError(f"SQLite database {path} is not writable")
 
     async def _close_store(self) -> None:
         store, self._store = self._store, None

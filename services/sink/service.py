@@ -134,7 +134,7 @@ class Sink(Service):
     # Lifecycle ----------------------------------------------------------------
 
     async def on_start(self) -> None:
-        backend_of(self.settings.database_url)  # a malformed URL is a config error: fail now
+        backend_of(self.settings.db_url)  # a malformed URL is a config error: fail now
         if not await self._open_store():
             self.log.warning("database unreachable at start; retrying", error=self.db_error)
         for feed in self.feeds:
@@ -171,7 +171,7 @@ class Sink(Service):
         return {
             "db_ok": self.db_ok,
             "db_error": self.db_error,
-            "backend": backend_of(self.settings.database_url),
+            "backend": backend_of(self.settings.db_url),
             **self.counts,
             "pruned": self.retention.pruned,
         }
@@ -184,7 +184,7 @@ class Sink(Service):
             if self.store is not None:
                 return True
             try:
-                store = await open_store(self.settings.database_url)
+                store = await open_store(self.settings.db_url)
             except StorageError as exc:
                 self._db_down(exc)
                 return False
@@ -385,7 +385,7 @@ class Sink(Service):
                     result = await self._write_each(items, drop)
             if result is None:
                 return False  # unacked: redelivered to this or another sink
-            batch_written(kind, items, started, self.settings.database_url)  # traces, if on
+            batch_written(kind, items, started, self.settings.db_url)  # traces, if on
             for table, n in (
                 ("events", result.events),
                 ("deliveries", result.deliveries),

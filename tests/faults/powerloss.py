@@ -82,7 +82,7 @@ class Harness:
         env.update(
             MESH_HOME=str(self.settings.home),
             MESH_NATS_URL=self.broker.url,
-            MESH_DB_URL=self.settings.database_url,
+            MESH_DB_URL=self.settings.db_url,
             MESH_ENCRYPTION="false",
             MESH_CONFIG=str(self.root / "no-mesh.toml"),
             MESH_LOG_LEVEL="warning",
