@@ -134,7 +134,7 @@ class MeshClient:
         # services wait for it (up to 60 s); a CLI command gives up sooner.
         self._registry = await open_registry(
             self.port,
-            self._keyring_or_none,
+            self.keyring_or_none,
             self.names.registry,
             replicas=self.settings.stream_replicas,
             wait_s=60.0 if self._reconnect_forever else 10.0,
@@ -143,7 +143,8 @@ class MeshClient:
         self._routes = RouteCache(self._registry)
         return self
 
-    def _keyring_or_none(self) -> KeyRing | None:
+    def keyring_or_none(self) -> KeyRing | None:
+        """The key ring; None when encryption is off and none loads (raises when it is on)."""
         try:
             return self.keyring
         except Exception:
@@ -404,7 +405,7 @@ class MeshClient:
         ``seq`` defaults to the stream sequence in the message's JetStream metadata.
         Raises DecodeError.
         """
-        return decode_event(msg, self._keyring_or_none(), self.subjects, seq)
+        return decode_event(msg, self.keyring_or_none(), self.subjects, seq)
 
     async def _admit(self, target: str, msg: Msg) -> Delivery | None:
         """Decode and check one message; dead-letter or skip what must not be handed out."""
@@ -444,10 +445,10 @@ class MeshClient:
         return self._read_reply(msg)
 
     def _read_reply(self, msg: Msg) -> Reply:
-        return read_reply(msg, self._keyring_or_none())
+        return read_reply(msg, self.keyring_or_none())
 
     def decode_request(self, msg: Msg) -> Event:
-        return decode_request(msg, self.subjects, self._keyring_or_none())
+        return decode_request(msg, self.subjects, self.keyring_or_none())
 
     async def reply(self, msg: Msg, data: Any = None, status: int = 200, source: str = "") -> None:
         if not msg.reply:

@@ -84,7 +84,7 @@ class WebhookEgress(Service):
     # Lifecycle ----------------------------------------------------------------
 
     async def on_start(self) -> None:
-        self.client._keyring_or_none()  # a missing or bad key file stops the start, not a delivery
+        self.client.keyring_or_none()  # a missing or bad key file stops the start, not a delivery
         self._records = await self.client.port.pubpipe(on_failure=self._record_failed).open()
         events = self.client.names.events
         bucket = events.removesuffix("_EVENTS") + "_CIRCUITS"
