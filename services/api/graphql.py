@@ -37,8 +37,7 @@ from mesh.apikeys import Scope
 from mesh.errors import MeshError, NotFound
 from mesh.history import FAILURE_OUTCOMES, PayloadReader, response_excerpt
 from mesh.registry import Propagation as PropagationModel
-from mesh.registry import PropagationMode
-from mesh.registry import Target as TargetModel
+from mesh.registry import PropagationMode, Target
 from mesh.storage import DeliveryRow, EventRow, Page, Store
 from services.api.problems import (
     BAD_REQUEST,
@@ -55,7 +54,7 @@ MAX_DEPTH = 8
 MAX_TOKENS = 2000
 DEFAULT_FAILURES = 20
 
-Snapshot = tuple[list[TargetModel], list[PropagationModel]]
+Snapshot = tuple[list[Target], list[PropagationModel]]
 
 
 @dataclass
@@ -217,8 +216,8 @@ class RetryPolicy:
     jitter: float
 
 
-@strawberry.type(description="A registered target; secrets are never shown.")
-class Target:
+@strawberry.type(name="Target", description="A registered target; secrets are never shown.")
+class TargetNode:
     name: str
     tenant: str
     kind: str
@@ -238,7 +237,7 @@ class Target:
     updated_at: datetime
 
     @classmethod
-    def of(cls, t: TargetModel) -> Target:
+    def of(cls, t: Target) -> TargetNode:
         r = t.retry
         return cls(
             name=t.name,
@@ -299,19 +298,21 @@ class Target:
 @strawberry.type(description="Read-only queries over the registry and the sink's history.")
 class Query:
     @strawberry.field(description="Targets by name order; only those named if `names` is given.")
-    async def targets(self, info: strawberry.Info, names: list[str] | None = None) -> list[Target]:
+    async def targets(
+        self, info: strawberry.Info, names: list[str] | None = None
+    ) -> list[TargetNode]:
         targets, _ = await _ctx(info).snapshot()
         wanted = None if names is None else set(names)
         return [
-            Target.of(t)
+            TargetNode.of(t)
             for t in sorted(targets, key=lambda t: t.name)
             if wanted is None or t.name in wanted
         ]
 
     @strawberry.field
-    async def target(self, info: strawberry.Info, name: str) -> Target | None:
+    async def target(self, info: strawberry.Info, name: str) -> TargetNode | None:
         targets, _ = await _ctx(info).snapshot()
-        return next((Target.of(t) for t in targets if t.name == name), None)
+        return next((TargetNode.of(t) for t in targets if t.name == name), None)
 
     @strawberry.field
     async def propagations(self, info: strawberry.Info) -> list[Propagation]:
