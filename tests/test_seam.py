@@ -204,3 +204,18 @@ def test_exported_members() -> None:
     ]
     exported = {name for name in dir(mesh) if not name.startswith("_")} | {"__version__"}
     assert set(mesh.__all__) <= exported
+
+
+def test_every_package_is_a_regular_one() -> None:
+    """setuptools' find_packages skips a directory without ``__init__.py``: an installed
+    mesh would miss it (mesh/_nats/ once did)."""
+    missing = sorted(
+        d.relative_to(ROOT).as_posix()
+        for pkg in ("mesh", "services")
+        for d in [ROOT / pkg, *(ROOT / pkg).rglob("*")]
+        if d.is_dir()
+        and "__pycache__" not in d.parts
+        and any(d.glob("*.py"))
+        and not (d / "__init__.py").is_file()
+    )
+    assert missing == []
