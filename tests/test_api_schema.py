@@ -1,4 +1,5 @@
-"""schemathesis against a live API process (``mesh up --services api,health``).
+"""schemathesis against a live API process (``mesh up --services api,health``): the REST
+operations from the OpenAPI document, and /v1/graphql from its SDL (docs/graphql.sdl).
 
 Every operation of the document gets a bounded number of generated requests,
 schema-valid ones and schema-invalid ones, with an admin key: no answer may be a 5xx, and every
@@ -148,3 +149,44 @@ def test_every_operation_conforms_and_never_5xx(live_api: tuple[str, str]) -> No
                 # Nothing to make invalid: an operation without parameters or body.
                 assert mode is GenerationMode.NEGATIVE and operation.method == "get"
     assert len(seen) == sum(len(ops) for ops in served["paths"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_graphql_fuzz_never_5xx_nor_a_traceback(live_api: tuple[str, str]) -> None:
+    """schemathesis's GraphQL generator (hypothesis-graphql) over the served schema:
+    every root field with generated arguments and selections, valid and invalid."""
+    base, key = live_api
+    url = base + "/v1/graphql"
+    schema = schemathesis.graphql.from_path(ROOT / "docs" / "graphql.sdl")
+    auth = {"Authorization": f"Bearer {key}"}
+    seen: list[str] = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        seen.append(operation.label)
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @given(case=operation.as_strategy(generation_mode=mode))
+            @hsettings(
+                max_examples=MAX_EXAMPLES * 2,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                suppress_health_check=list(HealthCheck),
+            )
+            def run(case: object) -> None:
+                response = case.call(url=url, headers=auth)  # type: ignore[attr-defined]
+                body = response.text
+                assert response.status_code < 500, (case.body, body[:500])  # type: ignore[attr-defined]
+                assert "Traceback" not in body and 'File "' not in body, body[:500]
+                if response.status_code == 200:
+                    doc = response.json()
+                    assert "data" in doc or "errors" in doc, body[:500]
+                    for err in doc.get("errors") or []:
+                        assert set(err) <= {"message", "locations", "path", "extensions"}, err
+
+            try:
+                run()
+            except Unsatisfiable:
+                assert mode is GenerationMode.NEGATIVE
+    assert {"Query.targets", "Query.events", "Query.deliveries"} <= set(seen), seen
