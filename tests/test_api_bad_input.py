@@ -30,7 +30,7 @@ PATH_VALUES = {
     "jti": "0" * 32,
 }
 ODD_PATH_VALUES = ("x" * 300, "%E2%98%83", "..", "%00", "A%20B")
-WRONG = ({"deep": [1, {"x": None}]}, [[]], "x" * 5000, -(10**40), True)
+WRONG: tuple[Any, ...] = ({"deep": [1, {"x": None}]}, [[]], "x" * 5000, -(10**40), True)
 
 
 @pytest.fixture
