@@ -355,12 +355,14 @@ async def one_mode(args: argparse.Namespace, sync: SyncMode, tag: str = "") -> f
     rx = ReceiverClient(rx_port)
     url = f"http://127.0.0.1:{rx_port}/hook"
     try:
-        for _ in range(100):
+        for _ in range(600):  # a loaded machine starts the receiver slowly
             try:
                 await rx.stats()
                 break
             except aiohttp.ClientError:
                 await asyncio.sleep(0.05)
+        else:
+            raise SystemExit("the receiver process did not start within 30 s")
         async with MeshClient(settings, name="bench") as client:
             await client.init()
             target = Target(
