@@ -390,7 +390,14 @@ async def one_mode(args: argparse.Namespace, sync: SyncMode, tag: str = "") -> f
                     else:
                         egs.append(
                             await egress_throughput(
-                                client, rx, env, settings, n, args.profile, args.instances
+                                client,
+                                rx,
+                                env,
+                                settings,
+                                n,
+                                args.profile,
+                                args.instances,
+                                args.sampled,
                             )
                         )
                 out(f"  round {r + 1}: raw {raws[-1]:7.0f}/s  egress {egs[-1]:7.0f}/s")
@@ -570,6 +577,12 @@ def cli() -> None:
     )
     p.add_argument("--tracing", action="store_true", help="tracing off vs on (100 %%, 1 %%)")
     p.add_argument("--baseline", help="with --tracing: a checkout whose egress is the reference")
+    p.add_argument(
+        "--sampled",
+        type=float,
+        help="every event carries a traceparent, this share of them sampled (with --profile"
+        " and OTEL_* set: where a traced egress spends its time)",
+    )
     p.add_argument("--receiver", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.receiver:

@@ -60,6 +60,7 @@ _providers: list[Any] = []  # tracer and meter providers to flush on shutdown
 _configured = False
 # (trace id, span id) the next span takes, set around the start of a delivery attempt's
 # span (``attempt_ids``); None: the SDK's random ids.
+_SAMPLER: Any = None  # the provider's sampler, asked before a root attempt builds anything
 _FORCED_IDS: ContextVar[tuple[int, int] | None] = ContextVar("mesh_span_ids", default=None)
 
 # W3C trace context: version ff, an all-zero trace id or parent id are invalid.
@@ -131,6 +132,8 @@ def _setup(service: str) -> Any:
     from opentelemetry.sdk.trace.sampling import ParentBased
 
     _FOLLOW_PARENT = isinstance(provider.sampler, ParentBased)
+    global _SAMPLER
+    _SAMPLER = provider.sampler
     span_exporter = OTLPSpanExporter()
     provider.add_span_processor(BatchSpanProcessor(span_exporter))
     # Not made the global provider: a program embedding MeshClient keeps its own.
@@ -320,6 +323,14 @@ def attempt_ids(event: Event, target: str, attempt: int) -> tuple[int, int]:
     else:
         trace_id, key = _digest(16, "event", event.id), "event"
     return trace_id, _digest(8, key, event.id, target, str(attempt))
+
+
+def root_sampled(event: Event, name: str) -> bool:
+    """Whether the sampler records a root span for ``event`` (one without a context),
+    asked before any attribute, span or header is built: the standard samplers decide
+    on the trace id alone, which for a root attempt is derived from the event's id."""
+    result = _SAMPLER.should_sample(None, _digest(16, "event", event.id), name)
+    return bool(result.decision.is_sampled())
 
 
 def link_to(trace_id: int, span_id: int, attributes: Mapping[str, Any] | None = None) -> Any:

@@ -305,3 +305,28 @@ async def test_each_destination_kind_is_a_producer_span_without_secrets(
 async def _arrived(d: Any, event_id: str) -> bool:
     await d.poll()
     return event_id in d.received.ids
+
+
+async def test_an_attempt_the_sampler_drops_builds_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sampling at 0 %: a root attempt (an event without a context) and an event whose
+    context says "not sampled" get no span and no header; at 100 % both get one."""
+    from services.egress.spans import begin_attempt
+
+    root = Event(source="shop", type="a.b")
+    unsampled = Event(source="shop", type="a.b")
+    unsampled.extensions["traceparent"] = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
+    async with tracing_to_receiver(monkeypatch):
+        assert begin_attempt("t", root, 1, "http://h/x", "webhook") == (None, None)
+        span, headers = begin_attempt("t", unsampled, 1, "http://h/x", "webhook")
+        assert span is None  # the event's own context is passed on, as when off
+        assert headers == {"traceparent": unsampled.extensions["traceparent"]}
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "1")
+    async with tracing_to_receiver(monkeypatch):
+        span, headers = begin_attempt("t", root, 1, "http://h/x", "webhook")
+        assert span is not None and span.is_recording()
+        assert TRACEPARENT.match(headers["traceparent"])
+        span.end()

@@ -55,11 +55,16 @@ def begin_attempt(
 ) -> tuple[Any, dict[str, str] | None]:
     """The attempt's span (None: tracing off, or the event's trace not sampled) and the
     W3C headers to send: the span's context, else the event's own, else none. Off, this
-    is one attribute test and one dict look-up: no span, no context, no SDK call."""
+    is one attribute test and one dict look-up: no span, no context, no SDK call; on, an
+    attempt the sampler drops (by the event's flags, or for a root attempt by asking the
+    sampler first) builds nothing either."""
+    carried = tracing.EXT_TRACEPARENT in event.extensions
     if tracing.TRACER is not None and tracing.wanted(event):
-        span = start_attempt(target, event, attempt, url, kind)
-        return span, tracing.traceparent_of(span)
-    if tracing.EXT_TRACEPARENT in event.extensions:
+        if carried or tracing.root_sampled(event, target):
+            span = start_attempt(target, event, attempt, url, kind)
+            return span, tracing.traceparent_of(span)
+        return None, None  # a root attempt the sampler drops: nothing built, nothing sent
+    if carried:
         return None, tracing.w3c_headers(event)  # untraced: pass the event's context on
     return None, None
 
