@@ -42,11 +42,16 @@ class BackupResult:
     size: int
     seconds: float
     manifest: dict[str, Any]
+    location: str | None = None  # where it went when not ``path`` (an s3:// URL)
+
+    @property
+    def where(self) -> str:
+        return self.location or str(self.path)
 
     def doc(self) -> dict[str, Any]:
         m = self.manifest
         return {
-            "archive": str(self.path),
+            "archive": self.where,
             "bytes": self.size,
             "seconds": round(self.seconds, 3),
             "streams": {k: v["messages"] for k, v in m["streams"].items()},
