@@ -120,6 +120,12 @@ async def test_create_list_verify_restore_through_s3_and_its_refusals(
     one_line_error(await mesh(env, "restore", prefix + name), "exists", "--force")
     assert tree_digest(target) == now
 
+    # Over the live source (its broker running, its keys there): refused, keys untouched.
+    keys = Path(src["MESH_HOME"]) / "keys"
+    keys_before = tree_digest(keys)
+    one_line_error(await mesh_with_broker(src, "restore", prefix + name), "exists", "--force")
+    assert tree_digest(keys) == keys_before
+
     # A bucket that is not there: refused before anything is read, no object, no scratch.
     one_line_error(
         await mesh_with_broker(src, "backup", "create", "--to", "s3://no-such-bucket/x"),
