@@ -5,7 +5,8 @@ message as one line and exits non-zero. The tree::
 
     MeshError
     ├── ConfigError                 bad settings, key file problems
-    │   └── KeyFileError            missing, corrupt or too-open key file
+    │   ├── KeyFileError            missing, corrupt or too-open key file
+    │   └── MissingS3Extra          backup/remote.py: aiobotocore is not installed
     ├── ValidationError (ValueError) bad names, types, patterns, data
     │   ├── InvalidName
     │   ├── ExpressionError         a filter or transform that does not compile
@@ -21,7 +22,8 @@ message as one line and exits non-zero. The tree::
     │   └── PortInUse               embedded server port taken
     ├── DecodeError                 a message that is not a valid event
     ├── StorageError                database problems
-    │   └── RowsRefused             storage/_common.py: rows the database refuses
+    │   ├── RowsRefused             storage/_common.py: rows the database refuses
+    │   └── RemoteError             backup/remote.py: the object store refused or is away
     ├── RequestError                request/reply failed
     │   └── RequestTimeout
     ├── TokenError                  tokens.py: a credential the bridge refuses

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
-from mesh import envelope
+from mesh import envelope, tracing
 from mesh._nats.types import Msg, nats_errors
 from mesh.errors import DecodeError, MeshError
 from mesh.observability import METRICS
@@ -471,6 +471,7 @@ class Session:
                 id=event_id,
                 datacontenttype=envelope.JSON,
             )
+            event.extensions.update(tracing.context_from_headers(req))  # the client's trace
             new = await self.client.publish_event(event)
         except MeshError as exc:
             answer["error"] = str(exc)
