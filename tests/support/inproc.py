@@ -8,12 +8,15 @@ import contextlib
 import io
 import os
 import subprocess
+import sys
 import threading
 
 _LOCK = threading.Lock()  # stdout, stderr and the environment are process-wide
 
 
-def _run(env: dict[str, str], args: list[str], width: int) -> subprocess.CompletedProcess[str]:
+def _run(
+    env: dict[str, str], args: list[str], width: int, stdin: str | None
+) -> subprocess.CompletedProcess[str]:
     from mesh.cli import _common, main
 
     out, err = io.StringIO(), io.StringIO()
@@ -21,6 +24,9 @@ def _run(env: dict[str, str], args: list[str], width: int) -> subprocess.Complet
     with _LOCK:
         saved_env = dict(os.environ)
         saved_widths = (_common.console.width, _common.err_console.width)
+        saved_stdin = sys.stdin
+        if stdin is not None:  # a pipe with this text, as `mesh ... < file` would read
+            sys.stdin = io.StringIO(stdin)
         os.environ.clear()
         os.environ.update(env)
         _common.console.width = _common.err_console.width = width
@@ -31,6 +37,7 @@ def _run(env: dict[str, str], args: list[str], width: int) -> subprocess.Complet
                 except SystemExit as exc:
                     code = exc.code if isinstance(exc.code, int) else 1
         finally:
+            sys.stdin = saved_stdin
             os.environ.clear()
             os.environ.update(saved_env)
             _common.console.width, _common.err_console.width = saved_widths
@@ -39,8 +46,8 @@ def _run(env: dict[str, str], args: list[str], width: int) -> subprocess.Complet
 
 
 async def mesh_inproc(
-    env: dict[str, str], *args: str, width: int = 80
+    env: dict[str, str], *args: str, width: int = 80, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """``mesh ARGS`` with ``env`` at ``width`` columns, on a worker thread (each command
-    runs its own event loop)."""
-    return await asyncio.to_thread(_run, env, list(args), width)
+    """``mesh ARGS`` with ``env`` at ``width`` columns (and ``stdin`` as its input when
+    given), on a worker thread (each command runs its own event loop)."""
+    return await asyncio.to_thread(_run, env, list(args), width, stdin)
