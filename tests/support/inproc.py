@@ -14,6 +14,41 @@ import threading
 _LOCK = threading.Lock()  # stdout, stderr and the environment are process-wide
 
 
+class _ThisThread(io.TextIOBase):
+    """Stands in for sys.stdout or sys.stderr while a command runs: what the command's
+    thread writes goes to its buffer, what any other thread writes (a service the test
+    runs in this process, logging) goes where it went before."""
+
+    def __init__(self, buffer: io.StringIO, elsewhere: object) -> None:
+        self._buffer = buffer
+        self._elsewhere = elsewhere
+        self._owner: int | None = threading.get_ident()
+
+    def _target(self) -> io.StringIO:
+        mine = threading.get_ident() == self._owner
+        return self._buffer if mine else self._elsewhere  # type: ignore[return-value]
+
+    def release(self) -> None:
+        """The command is over: from now on everything goes elsewhere."""
+        self._owner = None
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def isatty(self) -> bool:
+        return self._target().isatty()
+
+    def fileno(self) -> int:
+        return self._target().fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._target(), "encoding", None) or "utf-8"
+
+
 def _run(
     env: dict[str, str], args: list[str], width: int, stdin: str | None
 ) -> subprocess.CompletedProcess[str]:
@@ -30,13 +65,16 @@ def _run(
         os.environ.clear()
         os.environ.update(env)
         _common.console.width = _common.err_console.width = width
+        to_out, to_err = _ThisThread(out, sys.stdout), _ThisThread(err, sys.stderr)
         try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            with contextlib.redirect_stdout(to_out), contextlib.redirect_stderr(to_err):
                 try:
                     main(args)
                 except SystemExit as exc:
                     code = exc.code if isinstance(exc.code, int) else 1
         finally:
+            to_out.release()
+            to_err.release()
             sys.stdin = saved_stdin
             os.environ.clear()
             os.environ.update(saved_env)
