@@ -61,10 +61,10 @@ async def test_help_lists_the_commands(env: dict[str, str]) -> None:
         assert f" {c} " in p.stdout, c
     # Bare `mesh` shows the help too (exit 2, like any usage error).
     groups = ("target", "propagate", "propagation")
-    bare, *helps = await asyncio.gather(mesh(env), *(mesh(env, g, "--help") for g in groups))
+    bare = await mesh(env)
     assert bare.returncode == 2 and "Usage" in bare.stdout + bare.stderr
-    for group_help in helps:
-        assert "Usage" in ok(group_help).stdout
+    for g in groups:  # the groups' help: what is printed, not the process, so in process
+        assert "Usage" in ok(await mesh_inproc(env, g, "--help")).stdout
 
 
 @pytest.mark.slow
@@ -324,12 +324,18 @@ async def test_oversized_payload(tmp_path: Path) -> None:
     try:
         s = Settings(home=tmp_path / "home", nats_url=small.url)
         env = env_for(s)
-        ok(await mesh(env, "init"))
+        ok(await mesh_inproc(env, "init"))
         big = tmp_path / "big.json"
         big.write_text(json.dumps("x" * 4000))
-        p = await mesh(env, "publish", "--source", "shop", "--type", "x", "--data", f"@{big}")
+        p = await mesh_inproc(
+            env, "publish", "--source", "shop", "--type", "x", "--data", f"@{big}"
+        )
         one_line_error(p, "exceeds the broker's max_payload of 2048 bytes")
-        ok(await mesh(env, "publish", "--source", "shop", "--type", "x", "--data", '"small"'))
+        ok(
+            await mesh_inproc(
+                env, "publish", "--source", "shop", "--type", "x", "--data", '"small"'
+            )
+        )
         async with MeshClient(s) as c:
             assert await stream_count(c) == 1
     finally:
@@ -386,13 +392,20 @@ async def test_up_runs_the_mesh_and_stops_on_sigterm(
         async def ready() -> bool:
             if proc.returncode is not None:
                 raise AssertionError(f"mesh up exited: {log.read_text()}")
-            return (await mesh(up_env, "status", "--json")).returncode == 0
+            return (await mesh_inproc(up_env, "status", "--json")).returncode == 0
 
+        # `mesh up` is the process under test; the commands talking to it run in process.
         await eventually(ready, timeout=60, interval=0.5)
-        ok(await mesh(up_env, "target", "add", "billing", "--kind", "nats"))
-        ok(await mesh(up_env, "propagate", "broadcast", "--source", "ops"))
-        ok(await mesh(up_env, "publish", "--source", "ops", "--type", "hello", "--data", "1"))
-        got = ok(await mesh(up_env, "consume", "--target", "billing", "--count", "1", "--json"))
+        ok(await mesh_inproc(up_env, "target", "add", "billing", "--kind", "nats"))
+        ok(await mesh_inproc(up_env, "propagate", "broadcast", "--source", "ops"))
+        ok(
+            await mesh_inproc(
+                up_env, "publish", "--source", "ops", "--type", "hello", "--data", "1"
+            )
+        )
+        got = ok(
+            await mesh_inproc(up_env, "consume", "--target", "billing", "--count", "1", "--json")
+        )
         assert json.loads(got.stdout)["data"] == 1
         assert (Path(up_env["MESH_HOME"]) / "keys" / "encryption.key").exists()
         assert (Path(up_env["MESH_HOME"]) / "nats").is_dir()
@@ -416,8 +429,12 @@ async def test_killed_consumer_gets_its_events_again(
 ) -> None:
     """`mesh consume` SIGKILLed with events delivered but unacked: they come back."""
     env = env_for(settings) | {"MESH_ACK_WAIT_MIN_S": "1"}
-    ok(await mesh(env, "target", "add", "billing", "--kind", "nats", "--timeout", "1"))
-    ok(await mesh(env, "propagate", "unidirectional", "--source", "shop", "--target", "billing"))
+    ok(await mesh_inproc(env, "target", "add", "billing", "--kind", "nats", "--timeout", "1"))
+    ok(
+        await mesh_inproc(
+            env, "propagate", "unidirectional", "--source", "shop", "--target", "billing"
+        )
+    )
     # Lines of ~40 KB into a pipe nobody reads (64 KB of kernel buffer): the first line
     # fits, the second blocks the consumer in its write, after printing and acking
     # event 0 and before acking 1 and 2.
@@ -455,8 +472,8 @@ async def test_killed_consumer_gets_its_events_again(
     finally:
         os.close(read_end)
     start = time.monotonic()
-    again = ok(
-        await mesh(
+    again = ok(  # the killed process is the point; who reads them again is not
+        await mesh_inproc(
             env, "consume", "--target", "billing", "--count", "2", "--json", "--timeout", "20"
         )
     )
