@@ -12,6 +12,7 @@ import sys
 import threading
 
 _LOCK = threading.Lock()  # stdout, stderr and the environment are process-wide
+LOCK_WAIT_S = 90.0
 
 
 class _ThisThread(io.TextIOBase):
@@ -56,7 +57,11 @@ def _run(
 
     out, err = io.StringIO(), io.StringIO()
     code = 0
-    with _LOCK:
+    # A command that hangs (its test timed out) holds the lock: the next ones fail with
+    # this line instead of each waiting out its own timeout.
+    if not _LOCK.acquire(timeout=LOCK_WAIT_S):
+        raise RuntimeError(f"an in-process mesh command still runs after {LOCK_WAIT_S:.0f} s")
+    try:
         saved_env = dict(os.environ)
         saved_widths = (_common.console.width, _common.err_console.width)
         saved_stdin = sys.stdin
@@ -80,6 +85,8 @@ def _run(
             os.environ.update(saved_env)
             _common.console.width, _common.err_console.width = saved_widths
             _common.QUIET = False
+    finally:
+        _LOCK.release()
     return subprocess.CompletedProcess(["mesh", *args], code, out.getvalue(), err.getvalue())
 
 
