@@ -68,6 +68,10 @@ class DeliveryOut(BaseModel):
     )
     at: datetime
     instance: str | None
+    trace_id: str | None = Field(
+        default=None,
+        description="The W3C trace id the event carried (find its spans in a tracing back end)",
+    )
 
 
 class EventPage(BaseModel):
