@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -176,6 +177,21 @@ async def test_dead_letters_retry_purge_and_replay(
         assert all(
             d["target"] == "erp" and d["error"].startswith("HTTP 503") for d in listing["items"]
         )
+        assert listing["next_cursor"] is None
+
+        # Pages: a cursor carries on where the last page stopped, oldest first.
+        status, _, first = await http.call("GET", "/v1/dead-letters?target=erp&limit=2")
+        assert status == 200 and [d["event_id"] for d in first["items"]] == ids[:2]
+        assert first["next_cursor"]
+        status, _, second = await http.call(
+            "GET", f"/v1/dead-letters?limit=2&cursor={first['next_cursor']}"
+        )
+        assert status == 200 and [d["event_id"] for d in second["items"]] == ids[2:]
+        assert second["next_cursor"] is None
+        both = f"cursor={first['next_cursor']}&since={quote(since)}"
+        for bad in ("cursor=nope", both, "limit=0", "cursor=WyJldmVudHMiLDFd"):
+            status, headers, problem = await http.call("GET", f"/v1/dead-letters?{bad}")
+            assert status == 422 and headers["Content-Type"].startswith(PROBLEM), (bad, problem)
 
         rx.set_default(Reply(200))
         status, _, one = await http.call("POST", f"/v1/dead-letters/{ids[0]}/retry")
