@@ -47,6 +47,10 @@ DEFAULT_URLS = {
     "mqtt": "mqtt://127.0.0.1:1883",
     "redis": "redis://127.0.0.1:6379/0",
 }
+# Kinds whose driver has a batch path of its own, measured alone too (issue #18's batch
+# shape, which the egress is to use): a batch of BATCH events per call.
+BATCHED = ("redis", "kafka")
+BATCH = 100
 AWS = {"aws_access_key_id": "bench", "aws_secret_access_key": "bench-secret"}
 
 
@@ -243,6 +247,8 @@ async def run(args: argparse.Namespace) -> list[Result]:
                         body = data_body(sample)[0]
                         raw = await raw_rate(send, [body] * n, args.concurrency)
                         rate = await egress_rate(mesh, c, kind, url, options, n, args.concurrency)
+                        if kind in BATCHED:
+                            alone = await batch_rate(kind, url, options, n)
                 except OSError as exc:
                     print(f"  {kind}: skipped (server unreachable: {exc})", flush=True)
                     continue
@@ -257,12 +263,49 @@ async def run(args: argparse.Namespace) -> list[Result]:
                     note="moto emulator" if emulated else ("Tansu" if kind == "kafka" else ""),
                 )
                 results.append(report(res))
+                if kind in BATCHED:
+                    name = f"{kind} driver.send_batch alone, by {BATCH}"
+                    results.append(
+                        report(
+                            Result(
+                                "destinations",
+                                name,
+                                alone,
+                                "deliv/s",
+                                raw,
+                                "library loop",
+                                ">= 0.7",
+                            )
+                        )
+                    )
     finally:
         if moto is not None:
             moto.stop()
         if tansu is not None:
             tansu.stop()
     return results
+
+
+async def batch_rate(kind: str, url: str, options: dict[str, Any], n: int) -> float:
+    """The driver's own ceiling: ``send_batch`` by ``BATCH`` in a loop, no egress around it."""
+    from services.egress.drivers import make_driver
+
+    target = Target(
+        name="batch", kind=TargetKind(kind), url=url, options=DestinationOptions(**options)
+    )
+    driver = make_driver(target, url, None, None)  # type: ignore[arg-type]
+    events = [
+        Event(source="shop", type="order.created", data={"n": i, "pad": PAD}) for i in range(n)
+    ]
+    try:
+        await driver.send_batch(events[:1])  # connected, topic known
+        started = time.monotonic()
+        for i in range(0, n, BATCH):
+            results = await driver.send_batch(events[i : i + BATCH])
+            assert all(r.ok for r in results), next(r.error for r in results if not r.ok)
+        return n / (time.monotonic() - started)
+    finally:
+        await driver.close()
 
 
 def start_tansu() -> Any:

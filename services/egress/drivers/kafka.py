@@ -106,6 +106,9 @@ class KafkaDriver(Driver):
             # egress) instead of waiting in the producer's buffer for 40 s.
             "request_timeout_ms": max(1000, int(self.target.timeout_s * 1000)),
             "security_protocol": "SSL" if tls else "PLAINTEXT",
+            # One produce request per partition can carry a whole batch of the egress
+            # (aiokafka keeps one request in flight per partition; 16 KiB by default).
+            "max_batch_size": 256 * 1024,
         }
         if parts.username is not None:
             mechanism = parse_qs(parts.query).get("mechanism", ["PLAIN"])[0].upper()
