@@ -11,6 +11,10 @@ Raw: the same N bodies sent by the library itself (aio-pika with confirms, aiomq
 QoS 1, redis-py XADD, aiobotocore SendMessage / PutObject, aiokafka send_and_wait with
 acks=all) from C concurrent tasks on one connection, timed from first to last.
 
+Redis and Kafka, whose drivers have a batch path of their own, are also timed alone:
+``driver.send_batch`` by 100 in a loop, no egress around it (the ceiling a batch-shaped
+egress could reach).
+
 Servers: RabbitMQ, Mosquitto, Redis from ``MESH_TEST_AMQP_URL``, ``MESH_TEST_MQTT_URL``,
 ``MESH_TEST_REDIS_URL`` (default: their ports on 127.0.0.1); SQS and S3 are moto's server
 (an emulator, started here), so their figures say more about moto than about AWS. Kafka
