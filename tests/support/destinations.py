@@ -356,7 +356,13 @@ class Destination:
             group_id=None,
         )
         await consumer.start()
-        self._stack.push_async_callback(consumer.stop)
+
+        async def stop() -> None:
+            # A fetch that failed while the proxy was cut may surface here: it is over.
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+
+        self._stack.push_async_callback(stop)
         partitions = [TopicPartition(self.tag, p) for p in range(KAFKA_PARTITIONS)]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
@@ -366,8 +372,14 @@ class Destination:
         self.options = {"topic": self.tag}
 
         async def consume() -> None:
+            from aiokafka.errors import KafkaError
+
             while True:
-                batches = await consumer.getmany(timeout_ms=200)
+                try:
+                    batches = await consumer.getmany(timeout_ms=200)
+                except KafkaError:  # the proxy is cut: the consumer reconnects by itself
+                    await asyncio.sleep(0.1)
+                    continue
                 for tp, messages in batches.items():
                     for m in messages:
                         headers = {k: bytes(v) for k, v in m.headers}
