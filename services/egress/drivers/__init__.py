@@ -39,4 +39,8 @@ def make_driver(target: Target, url: str, http: HttpSender, signer: Callable[[],
         from services.egress.drivers.aws import S3Driver
 
         return S3Driver(target, url)
+    if kind == TargetKind.KAFKA:
+        from services.egress.drivers.kafka import KafkaDriver
+
+        return KafkaDriver(target, url)
     raise ValueError(f"no driver delivers {kind} targets")

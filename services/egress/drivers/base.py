@@ -139,8 +139,10 @@ class Driver(ABC):
 
 
 def describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    text, name = str(exc).strip(), type(exc).__name__
+    if text.startswith(name):  # aiokafka's errors name themselves
+        return text
+    return f"{name}: {text}" if text else name
 
 
 def need(module: str, kind: str) -> Any:
