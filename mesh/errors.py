@@ -30,8 +30,9 @@ message as one line and exits non-zero. The tree::
     ├── PortalError                 portal.py: a portal link or session refused
     ├── QuotaExceeded               tenants.py: a tenant over a quota
     ├── TransformFailed             transform.py: a transform that failed for one event
-    └── MissingExtra                services/egress/drivers/base.py: a kind's library
-                                    is not installed
+    ├── MissingExtra                services/egress/drivers/base.py: a kind's library
+    │                               is not installed
+    └── UnknownTopic                services/egress/drivers/kafka.py: no such Kafka topic
 
 ``tests/test_seam.py`` checks that every subclass in ``mesh/`` and ``services/`` is
 drawn here.
