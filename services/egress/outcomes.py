@@ -45,6 +45,7 @@ class Outcomes:
     """Settling messages; the state it uses belongs to ``TargetWorker``."""
 
     name: str
+    target: Target
     egress: EgressShared
     client: MeshClient
     circuit: SharedCircuit
@@ -193,6 +194,7 @@ class Outcomes:
                 error=error,
                 instance=self.egress.instance,
                 trace_id=tracing.trace_id_of(trace) if trace is not None else None,
+                tenant=self.target.tenant,
             ),
             settle=settle,
         )
