@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from mesh.envelope import outward
 from mesh.errors import DecodeError
 from mesh.replies import Reply
 from mesh.resilience import CircuitState
@@ -101,7 +102,7 @@ class RequestResponder:
                 )
                 return
             target = self.worker.target
-            body, extra = build_body(target, event)
+            body, extra = build_body(target, outward(event))
             if self.worker.limiter is not None:
                 await self.worker.limiter.acquire()
             async with self.worker.egress.slots:

@@ -29,6 +29,7 @@ import nats.js.errors as js_errors
 from nats.aio.msg import Msg
 
 from mesh import tracing
+from mesh.envelope import outward
 from mesh.errors import DecodeError
 from mesh.observability import METRICS
 from mesh.records import Outcome
@@ -361,7 +362,8 @@ class TargetWorker(CircuitGate, Outcomes):
                     trace = tracing.w3c_headers(event, span)
                     self.on_wire += 1
                     try:
-                        result = await driver.send(event, trace)
+                        # Plain source out, the tenant in its own attribute.
+                        result = await driver.send(outward(event), trace)
                     finally:
                         self.on_wire -= 1
                 break
