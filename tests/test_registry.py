@@ -320,3 +320,32 @@ async def test_one_reading_per_revision_shared_by_every_caller(
     assert reads == 1 and (await reg.list_targets())[0].url is None
     await add_nats_target(client, "t5")  # a change: the next caller reads again
     assert await reg.routes_for("t5") == [("src", None)] and reads == 2
+
+
+@pytest.mark.slow
+async def test_the_events_stream_takes_more_than_a_thousand_consumers(
+    client: MeshClient,
+) -> None:
+    """nats-server 2.15 caps a stream at 1,000 consumers unless it sets its own limit: the
+    events stream sets one (``MESH_MAX_CONSUMERS``), also on a stream made before it did."""
+    from dataclasses import replace
+
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    from mesh.streams import ensure_streams, stream_configs
+
+    events = stream_configs(client.settings)[0]
+    assert events.max_consumers == client.settings.max_consumers
+    await client.js.update_stream(replace(events, max_consumers=None))  # as made before
+    await ensure_streams(client.js, client.settings)  # updated in place, not refused
+    info = await client.js.stream_info(client.names.events)
+    assert info.config.max_consumers == client.settings.max_consumers
+    sem = asyncio.Semaphore(32)
+
+    async def add(i: int) -> None:
+        async with sem:
+            cfg = ConsumerConfig(durable_name=f"c{i}", ack_policy=AckPolicy.EXPLICIT)
+            await client.js.add_consumer(client.names.events, cfg)
+
+    await asyncio.gather(*(add(i) for i in range(1010)))
+    assert (await client.js.stream_info(client.names.events)).state.consumer_count >= 1010
