@@ -299,9 +299,17 @@ class TargetWorker(CircuitGate, Outcomes):
         while not self.halt.is_set():
             self._changed.clear()
             self._fetch_at = self._fetch_below(batch)
-            if self.held <= self._fetch_at:
+            if self.held <= self._fetch_at and not self._tenant_full():
                 return
             await self._wait_changed()
+
+    def _tenant_full(self) -> bool:
+        """While tenants share the instance: this worker's tenant holds its whole share and
+        this worker has messages waiting already. Fetching more would only queue them
+        behind those (each a task and a keepalive), work the event loop does for every
+        tenant; it fetches again once slots free up (or at the next wake)."""
+        slots = self.egress.tenant_slots
+        return self.held > 0 and len(slots.active) > 1 and slots.slot(self.target.tenant).locked()
 
     def _dispatch(self, msg: Msg) -> None:
         self.held += 1
