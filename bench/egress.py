@@ -16,12 +16,14 @@
 ``--profile`` runs the egress in this process under cProfile for the throughput step and
 prints the top functions instead of starting a subprocess.
 
-``--tracing`` (issue #21) measures, in the same run, the egress with tracing off, on with
-every trace sampled, and on with 1 % sampled (``parentbased_traceidratio``; every event
-carries a ``traceparent``, sampled in that share, as a traced publisher would send them),
-exporting OTLP/HTTP to the receiver process; it prints each against off.
+``--tracing`` (issue #21) measures, in the same run (rounds rotate the order; medians),
+the egress with OpenTelemetry not importable ("no otel"), with tracing off, on with every
+trace sampled, and on with 1 % sampled (``parentbased_traceidratio``; every event carries
+a ``traceparent``, sampled in that share, as a traced publisher would send them),
+exporting OTLP/HTTP to the receiver process; it prints off against no otel, and on
+against off, then times the egress's tracing step per attempt alone (off, on unsampled).
 ``--baseline DIR`` adds the egress of another checkout (``PYTHONPATH=DIR``, e.g. main
-before tracing) as the reference for "off".
+before tracing) as one more reference for "off".
 """
 
 from __future__ import annotations
@@ -353,12 +355,14 @@ async def one_mode(args: argparse.Namespace, sync: SyncMode, tag: str = "") -> f
     rx = ReceiverClient(rx_port)
     url = f"http://127.0.0.1:{rx_port}/hook"
     try:
-        for _ in range(100):
+        for _ in range(600):  # a loaded machine starts the receiver slowly
             try:
                 await rx.stats()
                 break
             except aiohttp.ClientError:
                 await asyncio.sleep(0.05)
+        else:
+            raise SystemExit("the receiver process did not start within 30 s")
         async with MeshClient(settings, name="bench") as client:
             await client.init()
             target = Target(
@@ -386,7 +390,14 @@ async def one_mode(args: argparse.Namespace, sync: SyncMode, tag: str = "") -> f
                     else:
                         egs.append(
                             await egress_throughput(
-                                client, rx, env, settings, n, args.profile, args.instances
+                                client,
+                                rx,
+                                env,
+                                settings,
+                                n,
+                                args.profile,
+                                args.instances,
+                                args.sampled,
                             )
                         )
                 out(f"  round {r + 1}: raw {raws[-1]:7.0f}/s  egress {egs[-1]:7.0f}/s")
@@ -444,7 +455,17 @@ async def tracing_rounds(
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
         "OTEL_SERVICE_NAME": "mesh-bench",
     }
+    # "no otel": OpenTelemetry not importable at all (a regular package named
+    # opentelemetry earlier on the path shadows the installed namespace package and
+    # raises ImportError), as on an install without the otel extra.
+    blocker = Path(tempfile.mkdtemp(prefix="mesh-nootel-"))
+    (blocker / "opentelemetry").mkdir()
+    (blocker / "opentelemetry" / "__init__.py").write_text(
+        'raise ImportError("opentelemetry hidden by bench/egress.py (no otel mode)")\n'
+    )
+    path = os.pathsep.join(p for p in (str(blocker), env.get("PYTHONPATH", "")) if p)
     modes: dict[str, tuple[dict[str, str], float]] = {
+        "no otel": ({**env, "PYTHONPATH": path}, 0.01),
         "off": (env, 0.01),
         "on 100%": ({**env, **otel, "OTEL_TRACES_SAMPLER": "parentbased_always_on"}, 1.0),
         "on 1%": (
@@ -477,21 +498,65 @@ async def tracing_rounds(
             cpu.setdefault(name, []).append(CPU["egress"][-1])
         print(f"  round {r + 1}: " + "  ".join(f"{k} {v[-1]:6.0f}/s" for k, v in rates.items()))
     med = {k: statistics.median(v) for k, v in rates.items()}
-    ref = "before" if args.baseline else "off"
     for name in ["raw", *names]:
         print(f"{name:>8}: {med[name]:8.0f} deliveries/s (median of {args.rounds})")
-    print(f"egress off / raw        : {med['off'] / med['raw']:.2f}")
+    print(f"egress off / raw             : {med['off'] / med['raw']:.2f}")
+    print(f"off / no otel   (aim >= 0.98): {med['off'] / med['no otel']:.2f}")
     if args.baseline:
-        print(f"off / before (aim >=0.98): {med['off'] / med['before']:.2f}")
-    print(f"on 1% / {ref:<6} (aim >=0.95): {med['on 1%'] / med[ref]:.2f}")
-    print(f"on 100% / {ref:<6}         : {med['on 100%'] / med[ref]:.2f}")
+        print(f"off / before    (aim >= 0.98): {med['off'] / med['before']:.2f}")
+    print(f"on 1% / off     (aim >= 0.95): {med['on 1%'] / med['off']:.2f}")
+    print(f"on 100% / off                : {med['on 100%'] / med['off']:.2f}")
     mcpu = {k: statistics.median(v) for k, v in cpu.items()}
     print("egress CPU per delivery: " + ", ".join(f"{k} {v:.0f} us" for k, v in mcpu.items()))
     print(
-        "as a rate ratio (reference CPU / CPU): "
-        + ", ".join(f"{k} {mcpu[ref] / v:.2f}" for k, v in mcpu.items() if k != ref)
+        "as a rate ratio (off's CPU / CPU): "
+        + ", ".join(f"{k} {mcpu['off'] / v:.2f}" for k, v in mcpu.items() if k != "off")
     )
     print(f"OTLP bytes received: {(await rx.stats())['otlp']}")
+    hot_path_costs(mcpu["off"])
+
+
+def hot_path_costs(cpu_us: float, n: int = 100_000) -> None:
+    """The egress's tracing step per attempt (``services/egress/spans.begin_attempt``),
+    timed alone in this process: off, and on at 1 % for an unsampled event; as a share of
+    the egress's measured CPU per delivery."""
+    import timeit
+
+    from mesh import tracing
+    from mesh.envelope import Event
+    from services.egress.spans import begin_attempt
+
+    plain = Event(source="shop", type="order.created", data={"i": 1})
+    carried = Event(source="shop", type="order.created", data={"i": 1})
+    carried.extensions["traceparent"] = f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-00"
+    url = "http://127.0.0.1:9/hook"
+
+    def per_call(event: Event) -> float:
+        timer = timeit.Timer(lambda: begin_attempt("bench", event, 1, url, "webhook"))
+        return min(timer.repeat(5, n)) / n * 1e9  # ns; the least disturbed of 5 runs
+
+    def nothing() -> float:
+        timer = timeit.Timer(lambda: None)
+        return min(timer.repeat(5, n)) / n * 1e9
+
+    assert tracing.TRACER is None
+    empty = nothing()
+    rows = [("off, event without context", per_call(plain))]
+    rows.append(("off, event with a context", per_call(carried)))
+    tracing.TRACER = object()  # "on", the event's context says not sampled: no SDK call
+    try:
+        rows.append(("on 1%, unsampled event", per_call(carried)))
+    finally:
+        tracing.TRACER = None
+    print(
+        f"tracing step per attempt, timed alone ({n:,} calls, best of 5;"
+        f" empty call {empty:.0f} ns):"
+    )
+    for label, ns in rows:
+        share = (ns - empty) / 1000 / cpu_us * 100 if cpu_us else 0.0
+        print(
+            f"  {label:<28} {ns:7.0f} ns  ({share:.3f} % of the egress's {cpu_us:.0f} us/delivery)"
+        )
 
 
 def cli() -> None:
@@ -512,6 +577,12 @@ def cli() -> None:
     )
     p.add_argument("--tracing", action="store_true", help="tracing off vs on (100 %%, 1 %%)")
     p.add_argument("--baseline", help="with --tracing: a checkout whose egress is the reference")
+    p.add_argument(
+        "--sampled",
+        type=float,
+        help="every event carries a traceparent, this share of them sampled (with --profile"
+        " and OTEL_* set: where a traced egress spends its time)",
+    )
     p.add_argument("--receiver", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.receiver:

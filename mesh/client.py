@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from mesh import envelope, tracing
+from mesh import envelope, rpc_spans, tracing
 from mesh.config import Settings, load_settings
 from mesh.connection import connect_nats, open_registry
 from mesh.crypto import KeyRing
@@ -35,8 +35,6 @@ from mesh.errors import (
     Conflict,
     NotFound,
     PayloadTooLarge,
-    RequestError,
-    RequestTimeout,
     ValidationError,
 )
 from mesh.netguard import check_literal
@@ -46,7 +44,14 @@ from mesh.publishing import Encoded, build_event, check_size, publish_pipelined
 from mesh.pubpipe import AckedPublisher, ack_duplicate, ack_error, no_stream
 from mesh.records import DeliveryRecord, dead_letter_headers
 from mesh.registry import Propagation, PropagationMode, Registry, Target, TargetKind
-from mesh.replies import Reply, answer_request, decode_request, read_reply, reply_message
+from mesh.replies import (
+    Reply,
+    answer_request,
+    decode_request,
+    read_reply,
+    reply_message,
+    send_request,
+)
 from mesh.routing import RouteCache, Verdict
 from mesh.serverinfo import check_server
 from mesh.streams import Provisioner, StreamNames, dlq_depths, ensure_streams, queue_depth
@@ -445,35 +450,30 @@ class MeshClient:
             )
         event = self.build(source, event_type, data)
         nats_subject = self.subjects.rpc(target, event_type)
-        headers, body = self._message(event, nats_subject)
-        try:
-            msg = await self.nc.request(nats_subject, body, timeout=timeout, headers=headers)
-        except nats_errors.NoRespondersError:
-            raise RequestError(f"no responder for target {target!r}") from None
-        except (nats_errors.TimeoutError, TimeoutError):
-            raise RequestTimeout(f"request to {target!r} timed out after {timeout}s") from None
-        return self._read_reply(msg)
 
-    def _read_reply(self, msg: Msg) -> Reply:
-        return read_reply(msg, self._keyring_or_none())
+        async def ask() -> Reply:
+            headers, body = self._message(event, nats_subject)  # with the span's context
+            msg = await send_request(self.nc, nats_subject, headers, body, target, timeout)
+            return read_reply(msg, self._keyring_or_none())
+
+        if tracing.TRACER is not None:
+            return await rpc_spans.traced_request(event, nats_subject, target, ask)
+        return await ask()
 
     def decode_request(self, msg: Msg) -> Event:
         return decode_request(msg, self.subjects, self._keyring_or_none())
 
     async def reply(self, msg: Msg, data: Any = None, status: int = 200, source: str = "") -> None:
-        if not msg.reply:
-            return
-        keyring = self.keyring if self.settings.encryption else None
-        headers, body = reply_message(data, status, source, keyring, self.settings.encryption)
-        await self.nc.publish(msg.reply, body, headers=headers)
+        if msg.reply:  # with the answering span's context, when tracing
+            keyring = self.keyring if self.settings.encryption else None
+            headers, body = reply_message(data, status, source, keyring, self.settings.encryption)
+            await self.nc.publish(msg.reply, body, headers=headers)
 
     async def serve_requests(
         self, target: str, handler: Callable[[Event], Awaitable[Any]]
     ) -> Subscription:
-        """Answer requests to ``target``: the handler's return value is the reply data.
-
-        Return a ``Reply`` to choose the status; an exception answers 500.
-        """
+        """Answer requests to ``target`` with the handler's return value (a ``Reply`` sets
+        the status; an exception answers 500), inside a server span when tracing."""
         validate_name(target, "target name")
 
         async def on_msg(msg: Msg) -> None:

@@ -98,10 +98,12 @@ async def iter_dead_letters(
     *,
     listing: DlqListing | None = None,
     on_total: Callable[[int], None] | None = None,
+    start_seq: int | None = None,
 ) -> AsyncIterator[DlqEntry]:
     """Dead letters oldest first, read as they come (memory stays bounded).
 
-    Messages on the DLQ subjects that are not dead letters are counted in
+    From ``since`` or, without it, from the DLQ sequence ``start_seq`` (a page's
+    cursor). Messages on the DLQ subjects that are not dead letters are counted in
     ``listing.unreadable``; ``on_total`` hears how many messages the range holds.
     """
     async for msg in scan(
@@ -109,6 +111,7 @@ async def iter_dead_letters(
         client.names.dlq,
         [_filter(client, target)],
         start_time=since,
+        start_seq=start_seq,
         on_total=on_total,
     ):
         try:
@@ -136,10 +139,15 @@ async def list_dead_letters(
     target: str | None = None,
     since: datetime | None = None,
     limit: int | None = None,
+    *,
+    start_seq: int | None = None,
 ) -> DlqListing:
-    """Dead letters oldest first, for one target or all, stored at or after ``since``."""
+    """Dead letters oldest first, for one target or all, stored at or after ``since``
+    (or from the DLQ sequence ``start_seq``)."""
     listing = DlqListing()
-    async for entry in iter_dead_letters(client, target, since, listing=listing):
+    async for entry in iter_dead_letters(
+        client, target, since, listing=listing, start_seq=start_seq
+    ):
         listing.entries.append(entry)
         if limit is not None and len(listing.entries) >= limit:
             break

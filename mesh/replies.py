@@ -8,13 +8,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats.errors as nats_errors
 import structlog
 from nats.aio.msg import Msg
 
-from mesh import envelope
+from mesh import envelope, rpc_spans, tracing
 from mesh.crypto import KeyRing
 from mesh.envelope import Event
-from mesh.errors import DecodeError, ValidationError
+from mesh.errors import DecodeError, RequestError, RequestTimeout, ValidationError
 from mesh.subjects import Subjects, validate_name
 
 log = structlog.get_logger("mesh.client")  # the client's logger, as before the split
@@ -48,6 +49,19 @@ def read_reply(msg: Msg, keyring: KeyRing | None) -> Reply:
     return Reply(status=status, data=data, headers=headers)
 
 
+async def send_request(
+    nc: Any, subject: str, headers: dict[str, str], body: bytes, target: str, timeout: float
+) -> Msg:
+    """One request over core NATS; raises ``RequestError`` / ``RequestTimeout``."""
+    try:
+        msg: Msg = await nc.request(subject, body, timeout=timeout, headers=headers)
+    except nats_errors.NoRespondersError:
+        raise RequestError(f"no responder for target {target!r}") from None
+    except (nats_errors.TimeoutError, TimeoutError):
+        raise RequestTimeout(f"request to {target!r} timed out after {timeout}s") from None
+    return msg
+
+
 def decode_request(msg: Msg, subjects: Subjects, keyring: KeyRing | None) -> Event:
     """The event in a request message; raises ``DecodeError``."""
     headers = msg.headers or {}
@@ -64,10 +78,16 @@ def decode_request(msg: Msg, subjects: Subjects, keyring: KeyRing | None) -> Eve
 
 
 def reply_message(
-    data: Any, status: int, source: str, keyring: KeyRing | None, encryption: bool
+    data: Any,
+    status: int,
+    source: str,
+    keyring: KeyRing | None,
+    encryption: bool,
 ) -> tuple[dict[str, str], bytes]:
-    """Headers and body of a reply (sealed with ``keyring`` when ``encryption``)."""
+    """Headers and body of a reply (sealed with ``keyring`` when ``encryption``), with the
+    W3C context of the active span, the one that answered (``ce-traceparent``), if any."""
     event = Event(source=source or "mesh", type="reply", data=data)
+    event.extensions.update(rpc_spans.reply_context())
     if isinstance(data, bytes | bytearray):
         event.datacontenttype = envelope.OCTETS
     headers, body = envelope.encode(event, keyring, encryption)
@@ -92,13 +112,19 @@ async def answer_request(
     if event.source == target:
         await reply(msg, {"error": "a target cannot request itself"}, 400, target)
         return
+    span = rpc_spans.start_serve(event, msg.subject, target)  # None when off
+    status = 500
     try:
-        result = await handler(event)
-    except Exception as exc:
-        log.warning("request handler failed", target=target, error=type(exc).__name__)
-        await reply(msg, {"error": type(exc).__name__}, 500, target)
-        return
-    if isinstance(result, Reply):
-        await reply(msg, result.data, result.status, target)
-    else:
-        await reply(msg, result, 200, target)
+        with tracing.current(span):  # the handler's spans and log lines, and the reply
+            try:
+                result = await handler(event)
+            except Exception as exc:
+                log.warning("request handler failed", target=target, error=type(exc).__name__)
+                await reply(msg, {"error": type(exc).__name__}, 500, target)
+                return
+            if not isinstance(result, Reply):
+                result = Reply(200, result)
+            status = result.status
+            await reply(msg, result.data, result.status, target)
+    finally:
+        rpc_spans.end_serve(span, status)

@@ -20,9 +20,11 @@ and hosts, never payloads, URLs' paths or queries, or secrets.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -56,6 +58,10 @@ _SAMPLED_FLAGS = frozenset("13579bdf")  # last hex digit of the flags: bit 0 = s
 _url_cache: dict[str, tuple[str, dict[str, Any]]] = {}
 _providers: list[Any] = []  # tracer and meter providers to flush on shutdown
 _configured = False
+# (trace id, span id) the next span takes, set around the start of a delivery attempt's
+# span (``attempt_ids``); None: the SDK's random ids.
+_SAMPLER: Any = None  # the provider's sampler, asked before a root attempt builds anything
+_FORCED_IDS: ContextVar[tuple[int, int] | None] = ContextVar("mesh_span_ids", default=None)
 
 # W3C trace context: version ff, an all-zero trace id or parent id are invalid.
 _TRACEPARENT = re.compile(
@@ -120,11 +126,14 @@ def _setup(service: str) -> Any:
         )
     attrs = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": service}
     resource = Resource.create(attrs)  # merges OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES
-    provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
+    # Sampler from OTEL_TRACES_SAMPLER; ids random unless an attempt forces its own.
+    provider = TracerProvider(resource=resource, id_generator=_id_generator())
     global _FOLLOW_PARENT
     from opentelemetry.sdk.trace.sampling import ParentBased
 
     _FOLLOW_PARENT = isinstance(provider.sampler, ParentBased)
+    global _SAMPLER
+    _SAMPLER = provider.sampler
     span_exporter = OTLPSpanExporter()
     provider.add_span_processor(BatchSpanProcessor(span_exporter))
     # Not made the global provider: a program embedding MeshClient keeps its own.
@@ -139,6 +148,21 @@ def _setup(service: str) -> Any:
 
         mirror_prometheus(meter_provider.get_meter("mesh"))
     return provider.get_tracer("mesh")
+
+
+def _id_generator() -> Any:
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+    class _AttemptIds(RandomIdGenerator):
+        def generate_span_id(self) -> int:
+            forced = _FORCED_IDS.get()
+            return forced[1] if forced is not None else super().generate_span_id()
+
+        def generate_trace_id(self) -> int:
+            forced = _FORCED_IDS.get()
+            return forced[0] if forced is not None else super().generate_trace_id()
+
+    return _AttemptIds()
 
 
 def shutdown() -> None:
@@ -182,25 +206,15 @@ def event_context(event: Event) -> Any:
 
 def inject_event(event: Event, span: Any) -> None:
     """Make ``span`` the event's parent context for whoever handles it next."""
-    from opentelemetry import trace
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-    carrier: dict[str, str] = {}
-    TraceContextTextMapPropagator().inject(carrier, trace.set_span_in_context(span))
     event.extensions.pop(EXT_TRACESTATE, None)
-    event.extensions.update(carrier)
+    event.extensions.update(traceparent_of(span))
 
 
 def w3c_headers(event: Event, span: Any = None) -> dict[str, str]:
     """W3C trace headers for a request carrying ``event``: the span's context when
     tracing, else the event's own (so a receiver still continues the publisher's trace)."""
     if span is not None:
-        from opentelemetry import trace
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-        carrier: dict[str, str] = {}
-        TraceContextTextMapPropagator().inject(carrier, trace.set_span_in_context(span))
-        return carrier
+        return traceparent_of(span)
     ext = event.extensions
     parent = ext.get(EXT_TRACEPARENT)
     if not parent or not _TRACEPARENT.match(parent):
@@ -265,9 +279,11 @@ def start_span(
     attributes: Mapping[str, Any] | None = None,
     parent: Any = None,
     links: list[Any] | None = None,
+    ids: tuple[int, int] | None = None,
 ) -> Any:
     """Start a span under ``parent`` (a context), else under the event's context, else
-    under the current one. Call only when ``TRACER`` is set."""
+    under the current one; ``ids``: its (trace id if a root, span id), else random.
+    Call only when ``TRACER`` is set."""
     from opentelemetry.trace import SpanKind
 
     if parent is None and event is not None and EXT_TRACEPARENT in event.extensions:
@@ -275,9 +291,64 @@ def start_span(
     attrs = dict(attributes or {})
     if event is not None:
         attrs.update(event_attributes(event))
-    return TRACER.start_span(
-        name, context=parent, kind=SpanKind[kind], attributes=attrs, links=links
+    token = _FORCED_IDS.set(ids) if ids is not None else None
+    try:
+        return TRACER.start_span(
+            name, context=parent, kind=SpanKind[kind], attributes=attrs, links=links
+        )
+    finally:
+        if token is not None:
+            _FORCED_IDS.reset(token)
+
+
+def _digest(size: int, *parts: str) -> int:
+    value = int.from_bytes(
+        hashlib.blake2b("\x1f".join(parts).encode(), digest_size=size).digest(), "big"
     )
+    return value or 1  # an all-zero id is invalid
+
+
+def attempt_ids(event: Event, target: str, attempt: int) -> tuple[int, int]:
+    """The (trace id, span id) of the span of ``attempt`` at ``target`` for ``event``: a
+    function of the event's parent context (else its id), the target and the attempt,
+    so the span of a retry (a redelivery, on any egress instance) can link to the span
+    of the attempt before it without anything stored. The trace id is the parent's, or,
+    for an event that carries no context, one derived from its id (every attempt at
+    every target in one trace)."""
+    parent = event.extensions.get(EXT_TRACEPARENT)
+    match = _TRACEPARENT.match(parent) if parent else None
+    if match is not None:
+        trace_id = int(match.group(1), 16)
+        key = f"{match.group(1)}-{match.group(2)}"
+    else:
+        trace_id, key = _digest(16, "event", event.id), "event"
+    return trace_id, _digest(8, key, event.id, target, str(attempt))
+
+
+def root_sampled(event: Event, name: str) -> bool:
+    """Whether the sampler records a root span for ``event`` (one without a context),
+    asked before any attribute, span or header is built: the standard samplers decide
+    on the trace id alone, which for a root attempt is derived from the event's id."""
+    result = _SAMPLER.should_sample(None, _digest(16, "event", event.id), name)
+    return bool(result.decision.is_sampled())
+
+
+def link_to(trace_id: int, span_id: int, attributes: Mapping[str, Any] | None = None) -> Any:
+    """A span link to a (sampled, remote) span known by its ids."""
+    from opentelemetry.trace import Link, SpanContext, TraceFlags
+
+    ctx = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    return Link(ctx, dict(attributes or {}))
+
+
+def traceparent_of(span: Any) -> dict[str, str]:
+    """W3C ``traceparent``/``tracestate`` of ``span``, formatted directly (the
+    propagator's inject costs a context switch and a carrier walk per call)."""
+    ctx = span.get_span_context()
+    out = {EXT_TRACEPARENT: f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"}
+    if ctx.trace_state:
+        out[EXT_TRACESTATE] = ctx.trace_state.to_header()
+    return out
 
 
 def end_span(span: Any, error_type: str | None = None) -> None:
@@ -350,13 +421,14 @@ def flush(timeout_ms: int = 5000) -> None:
 
 def context_from_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """A valid W3C ``traceparent`` (and its ``tracestate``) from request headers, as
-    event extensions; empty when there is none (no SDK needed)."""
+    event extensions; empty when there is none (no SDK needed). Values that are not
+    strings (a bridge client's JSON frame) count as none."""
     parent = headers.get(EXT_TRACEPARENT)
-    if not parent or not _TRACEPARENT.match(parent.strip()):
+    if not isinstance(parent, str) or not _TRACEPARENT.match(parent.strip()):
         return {}
     out = {EXT_TRACEPARENT: parent.strip()}
     state = headers.get(EXT_TRACESTATE)
-    if state and len(state) <= 512:
+    if isinstance(state, str) and state and len(state) <= 512:
         out[EXT_TRACESTATE] = state.strip()
     return out
 

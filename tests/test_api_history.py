@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -19,6 +20,7 @@ from tests.support.api import Http, api_running, make_key
 from tests.support.receiver import Receiver, Reply, add_webhook, dead_letters, fast_policy
 
 PROBLEM = "application/problem+json"
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 @pytest.fixture
@@ -62,7 +64,10 @@ async def test_events_attempts_pages_and_graphql(
     _, reader = await make_key(client, "read")
     async with Http(mesh.url, admin) as http:
         status, _, first = await http.call(
-            "POST", "/v1/events", {"source": "shop", "type": "order.created", "data": {"n": 0}}
+            "POST",
+            "/v1/events",
+            {"source": "shop", "type": "order.created", "data": {"n": 0}},
+            headers={"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"},
         )
         assert status == 202
         doc = await _attempts(http, first["id"], 2)
@@ -72,6 +77,7 @@ async def test_events_attempts_pages_and_graphql(
         assert fail["response_excerpt"] == "database down"
         assert (ok["outcome"], ok["status_code"], ok["attempt"]) == ("delivered", 200, 2)
         assert ok["latency_ms"] is not None and ok["response_excerpt"] is None
+        assert fail["trace_id"] == ok["trace_id"] == TRACE_ID  # the caller's trace
 
         status, _, batch = await http.call(
             "POST",
@@ -116,7 +122,7 @@ async def test_events_attempts_pages_and_graphql(
           query($id: String!) {
             targets { name kind status propagations { mode source targets }
                       recentFailures(limit: 5) { eventId statusCode responseExcerpt } }
-            event(id: $id) { type data deliveries { attempt outcome statusCode } }
+            event(id: $id) { type data deliveries { attempt outcome statusCode traceId } }
           }"""
         status, _, answer = await http.call(
             "POST", "/v1/graphql", {"query": query, "variables": {"id": first["id"]}}
@@ -133,6 +139,7 @@ async def test_events_attempts_pages_and_graphql(
         event = answer["data"]["event"]
         assert event["type"] == "order.created" and event["data"] == {"n": 0}
         assert [d["outcome"] for d in event["deliveries"]] == ["retry", "delivered"]
+        assert {d["traceId"] for d in event["deliveries"]} == {TRACE_ID}
 
         # A read key reads; it changes nothing, not even through GraphQL.
         status, _, answer = await http.call(
@@ -170,6 +177,21 @@ async def test_dead_letters_retry_purge_and_replay(
         assert all(
             d["target"] == "erp" and d["error"].startswith("HTTP 503") for d in listing["items"]
         )
+        assert listing["next_cursor"] is None
+
+        # Pages: a cursor carries on where the last page stopped, oldest first.
+        status, _, first = await http.call("GET", "/v1/dead-letters?target=erp&limit=2")
+        assert status == 200 and [d["event_id"] for d in first["items"]] == ids[:2]
+        assert first["next_cursor"]
+        status, _, second = await http.call(
+            "GET", f"/v1/dead-letters?limit=2&cursor={first['next_cursor']}"
+        )
+        assert status == 200 and [d["event_id"] for d in second["items"]] == ids[2:]
+        assert second["next_cursor"] is None
+        both = f"cursor={first['next_cursor']}&since={quote(since)}"
+        for bad in ("cursor=nope", both, "limit=0", "cursor=WyJldmVudHMiLDFd"):
+            status, headers, problem = await http.call("GET", f"/v1/dead-letters?{bad}")
+            assert status == 422 and headers["Content-Type"].startswith(PROBLEM), (bad, problem)
 
         rx.set_default(Reply(200))
         status, _, one = await http.call("POST", f"/v1/dead-letters/{ids[0]}/retry")

@@ -1,4 +1,5 @@
-"""schemathesis against a live API process (``mesh up --services api,health``).
+"""schemathesis against a live API process (``mesh up --services api,health``): the REST
+operations from the OpenAPI document, and /v1/graphql from its SDL (docs/graphql.sdl).
 
 Every operation of the document gets a bounded number of generated requests,
 schema-valid ones and schema-invalid ones, with an admin key: no answer may be a 5xx, and every
@@ -43,6 +44,12 @@ def takes_expressions(doc: dict[str, object], operation: object) -> bool:
     names = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(body)))
     schemas = doc["components"]["schemas"]  # type: ignore[index]
     return any({"filter", "transform"} & set(schemas[n].get("properties", {})) for n in names)
+
+
+def takes_cursor(doc: dict[str, object], operation: object) -> bool:
+    """Whether the operation is a list with a cursor (only a server-made one is valid)."""
+    op = doc["paths"][operation.path][operation.method.lower()]  # type: ignore[attr-defined,index]
+    return any(p["name"] == "cursor" for p in op.get("parameters", []))
 
 
 @pytest.fixture
@@ -114,11 +121,11 @@ def test_every_operation_conforms_and_never_5xx(live_api: tuple[str, str]) -> No
         operation = result.ok()
         seen.append(operation.label)
         excluded = []
-        if operation.label in (
-            "POST /v1/propagations",
-            "GET /v1/events",
-            "GET /v1/deliveries",
-        ) or takes_expressions(served, operation):
+        if (
+            operation.label == "POST /v1/propagations"
+            or takes_cursor(served, operation)
+            or takes_expressions(served, operation)
+        ):
             # Rules JSON Schema cannot state make some schema-valid requests a 422: a source
             # never propagates to itself; a filter or transform must parse (CESQL,
             # JMESPath); a list's cursor must be one the server made. Every other check
@@ -148,3 +155,44 @@ def test_every_operation_conforms_and_never_5xx(live_api: tuple[str, str]) -> No
                 # Nothing to make invalid: an operation without parameters or body.
                 assert mode is GenerationMode.NEGATIVE and operation.method == "get"
     assert len(seen) == sum(len(ops) for ops in served["paths"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_graphql_fuzz_never_5xx_nor_a_traceback(live_api: tuple[str, str]) -> None:
+    """schemathesis's GraphQL generator (hypothesis-graphql) over the served schema:
+    every root field with generated arguments and selections, valid and invalid."""
+    base, key = live_api
+    url = base + "/v1/graphql"
+    schema = schemathesis.graphql.from_path(ROOT / "docs" / "graphql.sdl")
+    auth = {"Authorization": f"Bearer {key}"}
+    seen: list[str] = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        seen.append(operation.label)
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @given(case=operation.as_strategy(generation_mode=mode))
+            @hsettings(
+                max_examples=MAX_EXAMPLES * 2,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                suppress_health_check=list(HealthCheck),
+            )
+            def run(case: object) -> None:
+                response = case.call(url=url, headers=auth)  # type: ignore[attr-defined]
+                body = response.text
+                assert response.status_code < 500, (case.body, body[:500])  # type: ignore[attr-defined]
+                assert "Traceback" not in body and 'File "' not in body, body[:500]
+                if response.status_code == 200:
+                    doc = response.json()
+                    assert "data" in doc or "errors" in doc, body[:500]
+                    for err in doc.get("errors") or []:
+                        assert set(err) <= {"message", "locations", "path", "extensions"}, err
+
+            try:
+                run()
+            except Unsatisfiable:
+                assert mode is GenerationMode.NEGATIVE
+    assert {"Query.targets", "Query.events", "Query.deliveries"} <= set(seen), seen

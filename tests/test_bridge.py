@@ -460,7 +460,10 @@ async def test_publish_over_socket_reaches_a_nats_target(
     await mesh.add_target(Target(name="billing", kind=TargetKind.NATS))
     await mesh.add_propagation("unidirectional", "screens", ["billing"])
     ws = await connect(http, bridge, token(settings))  # may publish as itself
-    await ws.send_json({"publish": {"type": "order.paid", "data": {"amount": 7}, "ref": 1}})
+    # A W3C trace context in the frame: the event continues the client's trace.
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    frame = {"type": "order.paid", "data": {"amount": 7}, "ref": 1, "traceparent": parent}
+    await ws.send_json({"publish": frame})
     reply = await recv(ws)
     assert reply["ref"] == 1 and reply["published"]["duplicate"] is False
     event_id = reply["published"]["id"]
@@ -476,6 +479,7 @@ async def test_publish_over_socket_reaches_a_nats_target(
         "order.paid",
     )
     assert delivery.event.data == {"amount": 7}
+    assert delivery.event.extensions["traceparent"] == parent
     await delivery.ack()
     await it.aclose()  # type: ignore[attr-defined]
 

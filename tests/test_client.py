@@ -32,6 +32,7 @@ from mesh.errors import (
 from mesh.pullfeed import PullFeed
 from mesh.records import DeliveryRecord, Outcome
 from mesh.registry import PropagationMode, Target, TargetKind
+from mesh.replies import read_reply
 from tests.conftest import add_nats_target
 from tests.support.feeds import collect, eventually, queued, stream_count
 
@@ -345,7 +346,7 @@ async def test_a_request_without_a_source_is_refused(client: MeshClient) -> None
         # A bare NATS request (no ce-* headers): answered 400, never handed to the handler.
         msg = await client.nc.request("mesh.rpc.b.ping", b"{}", timeout=5)
         assert msg.headers is not None and msg.headers["mesh-status"] == "400"
-        reply = client._read_reply(msg)
+        reply = read_reply(msg, client._keyring_or_none())
         assert "ce-source" in reply.data["error"]
         with pytest.raises(ValidationError, match="invalid source name"):
             await client.request("Bad!", "b", "ping")

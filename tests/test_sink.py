@@ -453,7 +453,13 @@ def test_cli_events_and_deliveries(
                 ],
                 [
                     DeliveryRow(
-                        id="a1", event_id="e1", target="crm", attempt=1, outcome="delivered", at=t
+                        id="a1",
+                        event_id="e1",
+                        target="crm",
+                        attempt=1,
+                        outcome="delivered",
+                        at=t,
+                        trace_id="0af7651916cd43dd8448eb211c80319c",
                     )
                 ],
             )
@@ -470,6 +476,11 @@ def test_cli_events_and_deliveries(
     out: dict[str, Any] = json.loads(capsys.readouterr().out)
     assert out["event"]["data"] == {"total": 42}
     assert [d["outcome"] for d in out["deliveries"]] == ["delivered"]
+    assert out["deliveries"][0]["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
+    main(["deliveries", "--event", "e1"])
+    assert "0af7651916cd43dd8448eb211c80319c" not in capsys.readouterr().out
+    main(["deliveries", "--event", "e1", "--trace"])
+    assert "0af7651916cd43dd8448eb211c80319c" in capsys.readouterr().out
 
     with pytest.raises(SystemExit) as info:
         main(["deliveries", "--event", "nope"])

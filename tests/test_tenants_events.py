@@ -22,7 +22,7 @@ from mesh.registry import PropagationMode, Target, TargetKind
 from mesh.replay import replay
 from mesh.subjects import Subjects, qualify, split_source
 from mesh.tenants import QuotaExceeded, Quotas, TenantStore
-from services.api import Api
+from services.api import Api, quotas
 from tests.support.api import Http, api_running
 from tests.support.feeds import collect, queued
 
@@ -165,3 +165,37 @@ async def test_a_tenant_webhook_gets_the_plain_source_and_the_tenant_header(
     assert heads["ta-std"]["webhook-tenant"] == "ta"
     assert heads["d-ce"]["ce-source"] == "shop" and "ce-tenant" not in heads["d-ce"]
     assert "webhook-tenant" not in heads["d-ce"]
+
+
+async def test_api_reads_a_quota_once_per_burst_and_at_once_after_a_change(
+    api: Api, client: MeshClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API caches a tenant's events/s quota (services/api/quotas.py): a burst of
+    publishes reads it once, and a change through this instance applies at once."""
+    tenants = await TenantStore.open(client.js, client.names.tenants)
+    await tenants.create("later", Quotas())
+    keys = await ApiKeyStore.open(client.js, client.names.apikeys)
+    _, key = await keys.create("later", Scope.PUBLISH, tenant="later")
+    _, admin = await keys.create("ops", Scope.ADMIN)
+    event = {"source": "shop", "type": "a.b"}
+    reads = 0
+    get = TenantStore.get
+
+    async def counted(self: TenantStore, name: str) -> object:
+        nonlocal reads
+        reads += 1
+        return await get(self, name)
+
+    # Longer than the burst can take on a loaded machine: the count does not hang on speed.
+    monkeypatch.setattr(quotas, "RATE_CACHE_S", 3600.0)
+    async with Http(api.url, key) as http:
+        monkeypatch.setattr(TenantStore, "get", counted)
+        statuses = [(await http.call("POST", "/v1/events", event))[0] for _ in range(10)]
+        monkeypatch.setattr(TenantStore, "get", get)
+        assert statuses == [202] * 10 and reads == 1, (statuses, reads)
+        status, _, body = await http.call(
+            "PATCH", "/v1/tenants/later/quota", {"events_per_s": 1}, key=admin
+        )
+        assert status == 200, body
+        statuses = [(await http.call("POST", "/v1/events", event))[0] for _ in range(3)]
+        assert 429 in statuses, statuses

@@ -4,6 +4,7 @@ protobuf messages), real nats-server, real webhook receivers, the real egress an
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import subprocess
@@ -22,7 +23,7 @@ from services.sink.service import Sink
 from tests.conftest import env_for
 from tests.support import eventually
 from tests.support.cli import mesh, ok
-from tests.support.otlp import OtlpReceiver
+from tests.support.otlp import OtlpReceiver, tracing_to_receiver
 from tests.support.receiver import Receiver, add_webhook, delivery_records
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,18 +36,8 @@ TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
 @pytest.fixture
 async def otlp(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[OtlpReceiver]:
-    async with OtlpReceiver() as rx:
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint)
-        monkeypatch.setenv("OTEL_SERVICE_NAME", "mesh-test")
-        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
-        monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "500")
-        await asyncio.to_thread(tracing.shutdown)
-        assert tracing.configure("mesh-test")
-        try:
-            yield rx
-        finally:
-            # In a thread: the receiver answers the last export on this loop.
-            await asyncio.to_thread(tracing.shutdown)
+    async with tracing_to_receiver(monkeypatch) as rx:
+        yield rx
 
 
 async def test_one_trace_from_publish_to_every_delivery_and_the_sink(
@@ -114,6 +105,17 @@ async def test_one_trace_from_publish_to_every_delivery_and_the_sink(
         assert s.attributes["server.address"] == "127.0.0.1"
         assert s.attributes["cloudevents.event_id"] == event_id
         assert "url.full" not in s.attributes
+    # A retry is a new span in the same trace, linked to the previous attempt's span.
+    tc_spans = sorted(
+        (s for s in attempts if s.attributes["mesh.target"] == "tc"),
+        key=lambda s: s.attributes["mesh.delivery.attempt"],
+    )
+    assert [s.attributes["mesh.delivery.attempt"] for s in tc_spans] == [1, 2, 3]
+    assert tc_spans[0].links == []
+    for before, retry in itertools.pairwise(tc_spans):
+        assert retry.links == [(trace_id, before.span_id)]
+        assert retry.trace_id == trace_id and retry.span_id != before.span_id
+    assert all(s.links == [] for s in attempts if s.attributes["mesh.target"] != "tc")
     (b_span,) = [s for s in attempts if s.attributes["mesh.target"] == "tb"]
     assert b_span.attributes["url.template"] == "/hooks/{}"
     assert b_span.name == "POST /hooks/{}"

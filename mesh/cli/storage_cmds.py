@@ -130,6 +130,9 @@ DELIVERY_COLUMNS = [
 def deliveries(
     event_id: str = typer.Option(..., "--event", help="The event id (see `mesh events`)."),
     as_json: bool = typer.Option(False, "--json"),
+    trace: bool = typer.Option(
+        False, "--trace", help="Add the trace id each attempt carried (JSON always has it)."
+    ),
 ) -> None:
     """Every delivery attempt recorded for one event, oldest first."""
     s = settings()
@@ -155,9 +158,10 @@ def deliveries(
     if not attempts:
         err_console.print("no delivery attempts recorded")
         return
+    columns = DELIVERY_COLUMNS + ([Col("trace id", keep=0)] if trace else [])
     print_table(
         None,
-        DELIVERY_COLUMNS,
+        columns,
         [
             [
                 _when(d.at),
@@ -168,6 +172,7 @@ def deliveries(
                 None if d.latency_ms is None else f"{d.latency_ms:.1f}",
                 d.error,
                 d.instance,
+                *([d.trace_id] if trace else []),
             ]
             for d in attempts
         ],

@@ -107,6 +107,9 @@ class Delivery:
     )
     at: datetime
     instance: str | None
+    trace_id: str | None = strawberry.field(
+        default=None, description="The W3C trace id the event carried, if any."
+    )
 
     @classmethod
     def of(cls, row: DeliveryRow) -> Delivery:
@@ -122,6 +125,7 @@ class Delivery:
             response_excerpt=response_excerpt(row.error),
             at=row.at,
             instance=row.instance,
+            trace_id=row.trace_id,
         )
 
     @strawberry.field(description="The event attempted, if the sink stored it.")

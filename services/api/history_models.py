@@ -68,6 +68,10 @@ class DeliveryOut(BaseModel):
     )
     at: datetime
     instance: str | None
+    trace_id: str | None = Field(
+        default=None,
+        description="The W3C trace id the event carried (find its spans in a tracing back end)",
+    )
 
 
 class EventPage(BaseModel):
@@ -129,12 +133,18 @@ class DeadLetterOut(BaseModel):
 class DeadLetterList(BaseModel):
     items: list[DeadLetterOut] = Field(description="Oldest first")
     unreadable: int = Field(description="Messages on the DLQ that are not dead letters")
+    next_cursor: str | None = Field(
+        default=None, description="Pass as cursor for the next page; null: last"
+    )
 
 
 class DeadLettersQuery(BaseModel):
     target: str | None = Field(default=None, pattern=NAME_PATTERN)
-    since: UtcTime | None = Since
-    limit: int = Field(default=100, ge=1, le=MAX_PAGE)
+    since: UtcTime | None = Field(
+        default=None, description="From this time on (ISO 8601 with a zone); not with cursor"
+    )
+    cursor: str | None = Cursor
+    limit: int = Field(default=100, ge=1, le=MAX_PAGE, description="At most this many rows")
 
 
 class RetryIn(BaseModel):

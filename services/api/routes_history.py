@@ -16,6 +16,9 @@ Reads need the ``read`` scope; retries, purges and replays ``admin``, and are au
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -23,12 +26,13 @@ from typing import Any
 
 from mesh import dlq
 from mesh.apikeys import Scope
-from mesh.errors import NotFound
+from mesh.errors import NotFound, ValidationError
 from mesh.history import delivery_doc, event_doc
 from mesh.replay import replay
 from mesh.storage import EventRow
 from services.api import history_tenancy as scoped
 from services.api.history_models import (
+    MAX_SEQ,
     DeadLetterList,
     DeadLetterOut,
     DeadLettersQuery,
@@ -104,15 +108,41 @@ async def list_deliveries(call: Call) -> DeliveryPage:
     return DeliveryPage(items=items, next_cursor=page.next_cursor)
 
 
+def dlq_cursor(seq: int) -> str:
+    """The cursor of the page after the dead letter with DLQ sequence ``seq``."""
+    raw = json.dumps(["dead-letters", seq]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _after_seq(cursor: str) -> int:
+    try:
+        kind, seq = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if kind != "dead-letters" or type(seq) is not int or not 0 < seq < MAX_SEQ:
+            raise ValueError(kind)
+    except (ValueError, TypeError, binascii.Error):
+        what = f"invalid cursor for the dead letters list: {cursor[:80]!r}"
+        raise ValidationError(what) from None
+    return seq
+
+
 async def list_dead_letters(call: Call) -> DeadLetterList:
     q: DeadLettersQuery = call.query
+    if q.cursor is not None and q.since is not None:
+        raise ValidationError("give since or cursor, not both (a cursor carries on a listing)")
+    start_seq = _after_seq(q.cursor) + 1 if q.cursor is not None else None
     await scoped.own_target(call, q.target, "dead letters")
     client = call.api.client
     await dlq.check_target(client, q.target)
-    listing = await dlq.list_dead_letters(client, q.target, q.since, q.limit)
+    # One more than the page: whether there is a next page, without a second scan.
+    listing = await dlq.list_dead_letters(
+        client, q.target, q.since, q.limit + 1, start_seq=start_seq
+    )
+    entries = listing.entries[: q.limit]
+    more = len(listing.entries) > q.limit
     return DeadLetterList(
-        items=[DeadLetterOut.model_validate(e.doc()) for e in listing.entries],
+        items=[DeadLetterOut.model_validate(e.doc()) for e in entries],
         unreadable=listing.unreadable,
+        next_cursor=dlq_cursor(entries[-1].seq) if more else None,
     )
 
 
@@ -279,6 +309,7 @@ def register(table: RouteTable) -> None:
                 query=DeadLettersQuery,
                 response=DeadLetterList,
                 problems=(404,),
+                description="Oldest first, filtered; page with next_cursor.",
                 tenant_aware=True,  # services/api/history_tenancy.py
             ),
             Route(

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from mesh.apikeys import ApiKeyStore, Scope
 from mesh.tenants import Quotas, Tenant, delete_empty, visible
-from services.api import tenancy
+from services.api import quotas, tenancy
 from services.api.routing import NAME_PATTERN, Call, Param, Reply, Route, RouteTable
 
 TENANT = Param("tenant", "path", "The tenant's name", pattern=NAME_PATTERN)
@@ -59,6 +59,7 @@ async def set_quotas(call: Call) -> Tenant:
     store = await tenancy.store(call)
     before = await store.get(name)
     after = await store.set_quotas(name, **call.body.model_dump(exclude_unset=True))
+    quotas.forget(call, name)
     await call.api.audit.record(
         call.actor,
         "tenant.quota",

@@ -25,6 +25,7 @@ from pydantic import ValidationError as PydValidationError
 
 from mesh.apikeys import ApiKey, Scope
 from mesh.errors import NotFound
+from services.api import paging
 from services.api.problems import BAD_REQUEST, INVALID, UNSUPPORTED_MEDIA, ApiProblem, FieldError
 
 if TYPE_CHECKING:
@@ -101,6 +102,10 @@ class Route:
     # Whether the handler keeps a tenant key to its own tenant (services/api/tenancy.py);
     # a route that does not is a 404 for every tenant key (deny by default).
     tenant_aware: bool = False
+    # A list answered whole by its handler, paged here: sorted by these fields, cut after
+    # the ``cursor`` and at ``limit`` (query ``ListQuery``), the next page's cursor in the
+    # ``Next-Cursor`` header (services/api/paging.py).
+    paged_by: tuple[str, ...] = ()
 
     def path_params(self) -> list[str]:
         return PATH_PARAM.findall(self.path)
@@ -252,6 +257,9 @@ def _endpoint(
         if isinstance(result, web.StreamResponse):
             return result
         reply = result if isinstance(result, Reply) else Reply(result)
+        if route.paged_by:
+            items, more = paging.page(route.path, route.paged_by, call.query, reply.body)
+            reply = Reply(items, status=reply.status, headers={**reply.headers, **more})
         status = reply.status or route.status
         if status == 204 or reply.body is None:
             return web.Response(status=status, headers=reply.headers)

@@ -18,9 +18,11 @@ Modes:
   one ordered consumer; a tail from a point has its own.
 
 Frames out: ``{"seq", "id", "source", "type", "time", "data"}`` (feed adds
-``attempt``); ``{"published": {...}}`` and ``{"error": ...}`` answer the
-client. Frames in: ``{"ack": seq}``, ``{"nak": seq}``,
-``{"publish": {"type", "data", "source"?, "id"?, "ref"?}}``.
+``attempt``; an event with a trace context adds ``traceparent``/``tracestate``);
+``{"published": {...}}`` and ``{"error": ...}`` answer the client. Frames in:
+``{"ack": seq}``, ``{"nak": seq}``, ``{"publish": {"type", "data", "source"?, "id"?,
+"ref"?, "traceparent"?, "tracestate"?}}`` (a valid W3C context continues the client's
+trace).
 
 Revocation: a token revoked with ``mesh token revoke`` (an entry in the
 ``<PREFIX>_REVOKED`` bucket, written by any process) is refused with a 401 and

@@ -22,7 +22,7 @@ import nats.errors as nats_errors
 from aiohttp import WSMsgType, web
 from nats.aio.msg import Msg
 
-from mesh import envelope
+from mesh import envelope, tracing
 from mesh.errors import DecodeError, MeshError
 from mesh.observability import METRICS
 from mesh.records import DeliveryRecord, Outcome
@@ -473,6 +473,7 @@ class Session:
                 id=event_id,
                 datacontenttype=envelope.JSON,
             )
+            event.extensions.update(tracing.context_from_headers(req))  # the client's trace
             new = await self.client.publish_event(event)
         except MeshError as exc:
             answer["error"] = str(exc)

@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from mesh.envelope import outward
+from mesh import rpc_spans, tracing
+from mesh.envelope import Event, outward
 from mesh.errors import DecodeError
 from mesh.replies import Reply
 from mesh.resilience import CircuitState
 from services.egress.http.sender import AttemptResult, build_body, sign_headers
+from services.egress.spans import end_attempt
 
 if TYPE_CHECKING:
     from mesh.client import MeshClient
@@ -101,26 +103,53 @@ class RequestResponder:
                     msg, {"error": f"circuit {self.worker.circuit.state.value}"}, 503, self.name
                 )
                 return
-            target = self.worker.target
-            body, extra = build_body(target, outward(event))
-            if self.worker.limiter is not None:
-                await self.worker.limiter.acquire()
-            async with self.worker.egress.slots:
-                if self.worker.circuit.state is not CircuitState.CLOSED:
-                    reply = Reply(503, {"error": f"circuit {self.worker.circuit.state.value}"})
-                    await self.client.reply(msg, reply.data, reply.status, self.name)
-                    return
-                headers = sign_headers(self.worker.signer(), event.id, body, extra)
-                assert target.url is not None
-                result = await self.worker.egress.http.post(
-                    target.url, body, headers, target.timeout_s, keep_body=True
-                )
-            reply = reply_for(result)
-            await self.client.reply(msg, reply.data, reply.status, self.name)
+            span = rpc_spans.start_serve(event, msg.subject, self.name)  # None when off
+            status = 500
+            try:
+                with tracing.current(span):  # the POST's span and the reply under it
+                    status = await self._post(msg, event)
+            finally:
+                rpc_spans.end_serve(span, status)
         except Exception as exc:
             self.worker.log.warning("request to the target failed", error=repr(exc))
             with contextlib.suppress(Exception):
                 await self.client.reply(msg, {"error": type(exc).__name__}, 500, self.name)
+
+    async def _post(self, msg: Msg, event: Event) -> int:
+        """The signed POST and the reply; returns the reply's status."""
+        target = self.worker.target
+        body, extra = build_body(target, outward(event))  # plain source, tenant apart
+        if self.worker.limiter is not None:
+            await self.worker.limiter.acquire()
+        async with self.worker.egress.slots:
+            if self.worker.circuit.state is not CircuitState.CLOSED:
+                reply = Reply(503, {"error": f"circuit {self.worker.circuit.state.value}"})
+                await self.client.reply(msg, reply.data, reply.status, self.name)
+                return reply.status
+            headers = sign_headers(self.worker.signer(), event.id, body, extra)
+            assert target.url is not None
+            span = None
+            if tracing.TRACER is not None and tracing.wanted(event):
+                # A client span under the server span (the active one), its context sent.
+                name, attrs = tracing.http_attributes(target.url, "POST", 1)
+                attrs.update(tracing.event_attributes(event), **{"mesh.target": self.name})
+                span = tracing.start_span(name, kind="CLIENT", attributes=attrs)
+                headers.update(tracing.traceparent_of(span))
+            elif tracing.EXT_TRACEPARENT in event.extensions:
+                headers.update(tracing.w3c_headers(event))  # untraced: the event's own context
+            try:
+                result = await self.worker.egress.http.post(
+                    target.url, body, headers, target.timeout_s, keep_body=True
+                )
+            except BaseException as exc:
+                if span is not None:
+                    tracing.end_span(span, type(exc).__name__)
+                raise
+            if span is not None:
+                end_attempt(span, result)
+        reply = reply_for(result)
+        await self.client.reply(msg, reply.data, reply.status, self.name)
+        return reply.status
 
 
 def reply_for(result: AttemptResult) -> Reply:

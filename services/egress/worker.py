@@ -46,7 +46,7 @@ from services.egress.drivers import Driver, make_driver
 from services.egress.gate import WAKE_S, CircuitGate
 from services.egress.outcomes import Outcomes
 from services.egress.rpc import RequestResponder
-from services.egress.spans import end_attempt, start_attempt
+from services.egress.spans import begin_attempt, end_attempt
 
 if TYPE_CHECKING:
     from services.egress.shared import EgressShared
@@ -376,12 +376,11 @@ class TargetWorker(CircuitGate, Outcomes):
                     task = asyncio.current_task()
                     if task is not None:
                         self.sending.add(task)  # from here on, drain lets it finish
-                    if tracing.TRACER is not None and tracing.wanted(event):
-                        span = start_attempt(self.name, event, attempt, target.url or "")
-                    # W3C headers: the attempt's span, or (tracing off) the event's own; the
-                    # webhook sends them as HTTP headers (other drivers carry the event's
-                    # traceparent extension with its attributes).
-                    trace = tracing.w3c_headers(event, span)
+                    # The webhook sends ``trace`` as HTTP headers (other drivers carry the
+                    # event's traceparent extension with its attributes).
+                    span, trace = begin_attempt(
+                        self.name, event, attempt, target.url or "", driver.kind
+                    )
                     self.on_wire += 1
                     try:
                         # Plain source out, the tenant in its own attribute.

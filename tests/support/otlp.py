@@ -4,10 +4,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gzip
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
@@ -112,3 +116,22 @@ class OtlpReceiver:
 
     def trace(self, trace_id: str) -> list[Span]:
         return [s for s in self.spans if s.trace_id == trace_id]
+
+
+@contextlib.asynccontextmanager
+async def tracing_to_receiver(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[OtlpReceiver]:
+    """This process traced (``mesh.tracing``), exporting to a fresh receiver."""
+    from mesh import tracing
+
+    async with OtlpReceiver() as rx:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint)
+        monkeypatch.setenv("OTEL_SERVICE_NAME", "mesh-test")
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+        monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "500")
+        await asyncio.to_thread(tracing.shutdown)
+        assert tracing.configure("mesh-test")
+        try:
+            yield rx
+        finally:
+            # In a thread: the receiver answers the last export on this loop.
+            await asyncio.to_thread(tracing.shutdown)
