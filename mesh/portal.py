@@ -10,7 +10,7 @@ on first use like the bridge key) never leaves the machine; a tampered token fai
 its signature and an expired one its ``exp``, each a ``PortalError`` naming why.
 
 A link can be revoked before it expires (``mesh portal revoke LINK``, or
-``POST /v1/portal/links/{id}/revoke``): its id (the JWT's ``jti``) goes into the bridge
+``POST /v1/portal/links/{jti}/revoke``): its id (the JWT's ``jti``) goes into the bridge
 tokens' revocation bucket (``mesh.revocations``, ``jti.<id>``, kept until the link
 would have expired), and both the page and every session call look it up there, so
 the link and the sessions it opened stop working at once, in every API process.

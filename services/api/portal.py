@@ -97,7 +97,7 @@ class RevokeLinkOut(BaseModel):
 async def revoke_link(call: Call) -> RevokeLinkOut:
     store = await call.api.revocations()
     jti, new = await portal.revoke_link(
-        store, call.params["id"], reason=call.body.reason, by=call.actor
+        store, call.params["jti"], reason=call.body.reason, by=call.actor
     )
     if new:
         await call.api.audit.record(call.actor, "portal.revoke", f"portal-link:{jti}", None, None)
@@ -108,7 +108,7 @@ def register(table: RouteTable) -> None:
     table.add(
         Route(
             "POST",
-            "/v1/portal/links/{id}/revoke",
+            "/v1/portal/links/{jti}/revoke",
             revoke_link,
             "Revoke a portal link and its sessions before they expire",
             ("portal",),
@@ -116,7 +116,7 @@ def register(table: RouteTable) -> None:
             "revokePortalLink",
             body=RevokeLinkIn,
             response=RevokeLinkOut,
-            params=(Param("id", "path", "The link's id (32 hex digits)", pattern=LINK_ID),),
+            params=(Param("jti", "path", "The link's id (32 hex digits)", pattern=LINK_ID),),
         )
     )
     table.add(
