@@ -1,7 +1,7 @@
 """The benchmark suite: each figure with its raw baseline from the same run, and the ratio.
 
     python -m bench [egress|sink|bridge|peers|publish|latency|fanout|backlog|filters|api|
-                     destinations|tenants|all] [--quick] [ARGS]
+                     destinations|tenants|backup|all] [--quick] [ARGS]
 
 ``--quick`` keeps each bench to about a minute; without it the sizes are the ones in
 docs/PERFORMANCE.md. Extra ARGS go to the one bench named (``python -m bench publish
@@ -30,7 +30,17 @@ from types import ModuleType
 from bench import _common
 from bench._common import ROOT, Result, header, summary
 
-OWN = ("publish", "latency", "fanout", "backlog", "filters", "api", "destinations", "tenants")
+OWN = (
+    "publish",
+    "latency",
+    "fanout",
+    "backlog",
+    "filters",
+    "api",
+    "destinations",
+    "tenants",
+    "backup",
+)
 SCRIPTS = ("egress", "sink", "bridge", "peers")
 ORDER = (
     "publish",
@@ -41,6 +51,7 @@ ORDER = (
     "api",
     "destinations",
     "tenants",
+    "backup",
     "egress",
     "sink",
     "bridge",

@@ -32,6 +32,7 @@ from services.bridge.service import Bridge, BridgeOptions
 from services.bridge.tail import FrameCache
 from tests.conftest import env_for
 from tests.support import eventually
+from tests.support.cli import run_cli
 from tests.support.tls import self_signed
 
 TEST_OPTIONS = {
@@ -704,19 +705,9 @@ async def test_tls_when_a_certificate_is_configured(
 # CLI and process ----------------------------------------------------------------------------
 
 
-def _mesh(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mesh.cli", *args],
-        env=env_for(settings),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 async def test_cli_token_issue(mesh: MeshClient, settings: Settings) -> None:
-    r = await asyncio.to_thread(
-        _mesh, settings, "token", "issue", "--target", "screens", "--ttl", "2h",
+    r = await run_cli(
+        settings, "token", "issue", "--target", "screens", "--ttl", "2h",
         "--publish-as", "news", "--publish-as", "screens",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -733,7 +724,7 @@ async def test_cli_token_issue(mesh: MeshClient, settings: Settings) -> None:
         (["--target", "Bad!"], "invalid target name"),
         (["--target", "screens", "--publish-as", "a.b"], "invalid source name"),
     ]:
-        r = await asyncio.to_thread(_mesh, settings, "token", "issue", *args)
+        r = await run_cli(settings, "token", "issue", *args)
         assert r.returncode == 1, (args, r.stderr)
         assert words in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -1,4 +1,6 @@
-"""The `mesh` command as a user runs it: a subprocess against a real nats-server."""
+"""The `mesh` command against a real nats-server: as a user runs it (a subprocess) where
+the process is the point (help, exit codes, signals, a killed consumer), in this process
+(tests/support/inproc.py) where the commands' work and answers are."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from mesh.config import Settings
 from tests.conftest import env_for
 from tests.support.cli import MESH, mesh, ok, one_line_error
 from tests.support.feeds import eventually, stream_count
+from tests.support.inproc import mesh_inproc
 
 COMMANDS = [
     "up",
@@ -58,19 +61,19 @@ async def test_help_lists_the_commands(env: dict[str, str]) -> None:
         assert f" {c} " in p.stdout, c
     # Bare `mesh` shows the help too (exit 2, like any usage error).
     groups = ("target", "propagate", "propagation")
-    bare, *helps = await asyncio.gather(mesh(env), *(mesh(env, g, "--help") for g in groups))
+    bare = await mesh(env)
     assert bare.returncode == 2 and "Usage" in bare.stdout + bare.stderr
-    for group_help in helps:
-        assert "Usage" in ok(group_help).stdout
+    for g in groups:  # the groups' help: what is printed, not the process, so in process
+        assert "Usage" in ok(await mesh_inproc(env, g, "--help")).stdout
 
 
 @pytest.mark.slow
 async def test_a_session(env: dict[str, str], client: MeshClient) -> None:
-    ok(await mesh(env, "init", "--json"))
-    ok(await mesh(env, "target", "add", "billing", "--kind", "nats"))
-    ok(await mesh(env, "target", "add", "audit", "--kind", "nats"))
+    ok(await mesh_inproc(env, "init", "--json"))
+    ok(await mesh_inproc(env, "target", "add", "billing", "--kind", "nats"))
+    ok(await mesh_inproc(env, "target", "add", "audit", "--kind", "nats"))
     prop = ok(
-        await mesh(
+        await mesh_inproc(
             env,
             "propagate",
             "unidirectional",
@@ -84,27 +87,31 @@ async def test_a_session(env: dict[str, str], client: MeshClient) -> None:
     )
     # User text with brackets is printed as is, not eaten as markup.
     assert "[order.*]" in prop.stdout
-    ok(await mesh(env, "propagate", "broadcast", "--source", "ops"))
-    targets = json.loads(ok(await mesh(env, "target", "list", "--json")).stdout)
+    ok(await mesh_inproc(env, "propagate", "broadcast", "--source", "ops"))
+    targets = json.loads(ok(await mesh_inproc(env, "target", "list", "--json")).stdout)
     assert [t["name"] for t in targets] == ["audit", "billing"]
-    props = json.loads(ok(await mesh(env, "propagation", "list", "--json")).stdout)
+    props = json.loads(ok(await mesh_inproc(env, "propagation", "list", "--json")).stdout)
     assert sorted(p["mode"] for p in props) == ["broadcast", "unidirectional"]
 
     eid = ok(
-        await mesh(
+        await mesh_inproc(
             env, "publish", "--source", "shop", "--type", "order.created", "--data", '{"order": 1}'
         )
     ).stdout.strip()
-    ok(await mesh(env, "publish", "--source", "shop", "--type", "user.created", "--data", "1"))
     ok(
-        await mesh(
+        await mesh_inproc(
+            env, "publish", "--source", "shop", "--type", "user.created", "--data", "1"
+        )
+    )
+    ok(
+        await mesh_inproc(
             env, "publish", "--source", "ops", "--type", "alert", "--data", "-", stdin='"disk full"'
         )
     )
-    ok(await mesh(env, "publish", "--source", "ops", "--type", "tick", "--count", "5"))
+    ok(await mesh_inproc(env, "publish", "--source", "ops", "--type", "tick", "--count", "5"))
 
     got = ok(
-        await mesh(
+        await mesh_inproc(
             env, "consume", "--target", "billing", "--count", "7", "--json", "--timeout", "3"
         )
     )
@@ -116,21 +123,23 @@ async def test_a_session(env: dict[str, str], client: MeshClient) -> None:
     assert docs[0]["id"] == eid and docs[0]["data"] == {"order": 1}
     assert docs[1]["data"] == "disk full"
 
-    st = json.loads(ok(await mesh(env, "status", "--json")).stdout)
+    st = json.loads(ok(await mesh_inproc(env, "status", "--json")).stdout)
     lag = {t["name"]: t["lag"] for t in st["targets"]}
     assert lag == {"billing": 0, "audit": 6}
     assert st["streams"]["MESH_EVENTS"]["messages"] == 8
     assert "nats-server" not in st["broker"]["server_version"]
-    human = ok(await mesh(env, "status")).stdout
+    human = ok(await mesh_inproc(env, "status")).stdout
     assert "MESH_EVENTS: 8 messages" in human and "billing" in human
 
     # Human-readable consume, then remove what we made.
-    text = ok(await mesh(env, "consume", "--target", "audit", "--count", "1", "--timeout", "3"))
+    text = ok(
+        await mesh_inproc(env, "consume", "--target", "audit", "--count", "1", "--timeout", "3")
+    )
     assert " ops alert " in text.stdout
     for p in props:
-        ok(await mesh(env, "propagation", "remove", p["id"]))
-    ok(await mesh(env, "target", "remove", "audit"))
-    assert json.loads(ok(await mesh(env, "propagation", "list", "--json")).stdout) == []
+        ok(await mesh_inproc(env, "propagation", "remove", p["id"]))
+    ok(await mesh_inproc(env, "target", "remove", "audit"))
+    assert json.loads(ok(await mesh_inproc(env, "propagation", "list", "--json")).stdout) == []
     assert [t.name for t in await client.registry.list_targets()] == ["billing"]
 
 
@@ -151,7 +160,7 @@ async def test_request_from_the_cli(env: dict[str, str], client: MeshClient) -> 
     sub = await client.serve_requests("crm", answer)
     try:
         p = ok(
-            await mesh(
+            await mesh_inproc(
                 env,
                 "request",
                 "--source",
@@ -165,11 +174,13 @@ async def test_request_from_the_cli(env: dict[str, str], client: MeshClient) -> 
             )
         )
         assert json.loads(p.stdout) == {"status": 200, "data": {"you_said": {"x": 1}}}
-        bad = await mesh(env, "request", "--source", "shop", "--target", "crm", "--type", "fail")
+        bad = await mesh_inproc(
+            env, "request", "--source", "shop", "--target", "crm", "--type", "fail"
+        )
         assert bad.returncode == 1
         assert json.loads(bad.stdout)["status"] == 503
         one_line_error(
-            await mesh(
+            await mesh_inproc(
                 env,
                 "request",
                 "--source",
@@ -225,9 +236,13 @@ async def test_tail_follows_new_events(env: dict[str, str], client: MeshClient) 
 async def test_bad_input_is_one_line_and_harms_nothing(
     env: dict[str, str], client: MeshClient, tmp_path: Path
 ) -> None:
-    ok(await mesh(env, "target", "add", "billing", "--kind", "nats"))
-    ok(await mesh(env, "propagate", "unidirectional", "--source", "shop", "--target", "billing"))
-    ok(await mesh(env, "publish", "--source", "shop", "--type", "x", "--data", "1"))
+    ok(await mesh_inproc(env, "target", "add", "billing", "--kind", "nats"))
+    ok(
+        await mesh_inproc(
+            env, "propagate", "unidirectional", "--source", "shop", "--target", "billing"
+        )
+    )
+    ok(await mesh_inproc(env, "publish", "--source", "shop", "--type", "x", "--data", "1"))
     before = await snapshot(client)
     bad_file = tmp_path / "bad.json"
     bad_file.write_text("{nope")
@@ -282,14 +297,22 @@ async def test_bad_input_is_one_line_and_harms_nothing(
         (["serve", "nonsense"], ["unknown service"]),
         (["nonsense"], ["No such command"]),
     ]
-    # Independent refusals: run at once (each is a second of imports in a subprocess).
-    procs = await asyncio.gather(*(mesh(env, *args, stdin="") for args, _ in cases))
-    for (args, needles), p in zip(cases, procs, strict=True):
+    # In this process (a subprocess pays a second of imports per case); the few below run
+    # as real processes too, so the exit code and stderr of `mesh` itself stay covered.
+    for args, needles in cases:
+        p = await mesh_inproc(env, *args, stdin="")
+        assert p.args[1:] == args
+        one_line_error(p, *needles)
+    as_processes = [cases[0], cases[3], cases[8], cases[-1]]  # refused by mesh, click, JSON
+    procs = await asyncio.gather(*(mesh(env, *args, stdin="") for args, _ in as_processes))
+    for (args, needles), p in zip(as_processes, procs, strict=True):
         assert p.args[len(MESH) :] == args
         one_line_error(p, *needles)
     # stdin JSON errors name stdin.
     one_line_error(
-        await mesh(env, "publish", "--source", "shop", "--type", "x", "--data", "-", stdin="[1,"),
+        await mesh_inproc(
+            env, "publish", "--source", "shop", "--type", "x", "--data", "-", stdin="[1,"
+        ),
         "malformed JSON in stdin",
     )
     assert await snapshot(client) == before
@@ -301,12 +324,18 @@ async def test_oversized_payload(tmp_path: Path) -> None:
     try:
         s = Settings(home=tmp_path / "home", nats_url=small.url)
         env = env_for(s)
-        ok(await mesh(env, "init"))
+        ok(await mesh_inproc(env, "init"))
         big = tmp_path / "big.json"
         big.write_text(json.dumps("x" * 4000))
-        p = await mesh(env, "publish", "--source", "shop", "--type", "x", "--data", f"@{big}")
+        p = await mesh_inproc(
+            env, "publish", "--source", "shop", "--type", "x", "--data", f"@{big}"
+        )
         one_line_error(p, "exceeds the broker's max_payload of 2048 bytes")
-        ok(await mesh(env, "publish", "--source", "shop", "--type", "x", "--data", '"small"'))
+        ok(
+            await mesh_inproc(
+                env, "publish", "--source", "shop", "--type", "x", "--data", '"small"'
+            )
+        )
         async with MeshClient(s) as c:
             assert await stream_count(c) == 1
     finally:
@@ -318,7 +347,7 @@ async def test_unreachable_broker(tmp_path: Path) -> None:
     s = Settings(home=tmp_path / "home", nats_url=f"nats://127.0.0.1:{free_port()}")
     env = env_for(s)
     for args in (["status"], ["target", "list"], ["publish", "--source", "a", "--type", "b"]):
-        one_line_error(await mesh(env, *args), "cannot connect to NATS", "127.0.0.1")
+        one_line_error(await mesh_inproc(env, *args), "cannot connect to NATS", "127.0.0.1")
 
 
 @pytest.fixture
@@ -363,13 +392,20 @@ async def test_up_runs_the_mesh_and_stops_on_sigterm(
         async def ready() -> bool:
             if proc.returncode is not None:
                 raise AssertionError(f"mesh up exited: {log.read_text()}")
-            return (await mesh(up_env, "status", "--json")).returncode == 0
+            return (await mesh_inproc(up_env, "status", "--json")).returncode == 0
 
+        # `mesh up` is the process under test; the commands talking to it run in process.
         await eventually(ready, timeout=60, interval=0.5)
-        ok(await mesh(up_env, "target", "add", "billing", "--kind", "nats"))
-        ok(await mesh(up_env, "propagate", "broadcast", "--source", "ops"))
-        ok(await mesh(up_env, "publish", "--source", "ops", "--type", "hello", "--data", "1"))
-        got = ok(await mesh(up_env, "consume", "--target", "billing", "--count", "1", "--json"))
+        ok(await mesh_inproc(up_env, "target", "add", "billing", "--kind", "nats"))
+        ok(await mesh_inproc(up_env, "propagate", "broadcast", "--source", "ops"))
+        ok(
+            await mesh_inproc(
+                up_env, "publish", "--source", "ops", "--type", "hello", "--data", "1"
+            )
+        )
+        got = ok(
+            await mesh_inproc(up_env, "consume", "--target", "billing", "--count", "1", "--json")
+        )
         assert json.loads(got.stdout)["data"] == 1
         assert (Path(up_env["MESH_HOME"]) / "keys" / "encryption.key").exists()
         assert (Path(up_env["MESH_HOME"]) / "nats").is_dir()
@@ -393,8 +429,12 @@ async def test_killed_consumer_gets_its_events_again(
 ) -> None:
     """`mesh consume` SIGKILLed with events delivered but unacked: they come back."""
     env = env_for(settings) | {"MESH_ACK_WAIT_MIN_S": "1"}
-    ok(await mesh(env, "target", "add", "billing", "--kind", "nats", "--timeout", "1"))
-    ok(await mesh(env, "propagate", "unidirectional", "--source", "shop", "--target", "billing"))
+    ok(await mesh_inproc(env, "target", "add", "billing", "--kind", "nats", "--timeout", "1"))
+    ok(
+        await mesh_inproc(
+            env, "propagate", "unidirectional", "--source", "shop", "--target", "billing"
+        )
+    )
     # Lines of ~40 KB into a pipe nobody reads (64 KB of kernel buffer): the first line
     # fits, the second blocks the consumer in its write, after printing and acking
     # event 0 and before acking 1 and 2.
@@ -432,8 +472,8 @@ async def test_killed_consumer_gets_its_events_again(
     finally:
         os.close(read_end)
     start = time.monotonic()
-    again = ok(
-        await mesh(
+    again = ok(  # the killed process is the point; who reads them again is not
+        await mesh_inproc(
             env, "consume", "--target", "billing", "--count", "2", "--json", "--timeout", "20"
         )
     )

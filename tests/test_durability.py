@@ -24,7 +24,8 @@ from mesh.errors import ConfigError
 from mesh.storage import Store, open_store
 from mesh.storage.sqlite import SqliteStore
 from tests.support import eventually, migrated_store
-from tests.support.cli import MESH, mesh
+from tests.support.cli import MESH
+from tests.support.inproc import mesh_inproc
 
 
 def varz(port: int) -> dict[str, object]:
@@ -126,7 +127,7 @@ async def test_mesh_up_lazy_warns_and_status_says_lazy(tmp_path: Path) -> None:
         async def status() -> dict[str, object] | None:
             if proc.returncode is not None:
                 raise AssertionError(f"mesh up exited: {log.read_text()}")
-            p = await mesh(env, "status", "--json")
+            p = await mesh_inproc(env, "status", "--json")  # `mesh up` is the process here
             return json.loads(p.stdout) if p.returncode == 0 else None
 
         st = await eventually(status, timeout=60, interval=0.5, what="mesh status")

@@ -209,10 +209,10 @@ async def _at_least(coro: Any, n: int) -> list[Any] | None:
 async def test_cli_filter_and_transform(client: MeshClient, settings: Settings) -> None:
     """Both flags through the CLI, checked at creation; refusals are one line, exit 1."""
     from tests.conftest import env_for
-    from tests.support.cli import mesh, ok, one_line_error
+    from tests.support.cli import ok, one_line_error
+    from tests.support.inproc import mesh_inproc as mesh  # what they say, not the process
 
     env = env_for(settings)
-    wide = {**env, "COLUMNS": "300"}
     await add_nats_target(client, "billing")
     uni = ["propagate", "unidirectional", "--source", "shop", "--target", "billing"]
     added, shaped = await asyncio.gather(
@@ -231,7 +231,7 @@ async def test_cli_filter_and_transform(client: MeshClient, settings: Settings) 
         *(mesh(env, *uni, *extra) for extra, _ in refusals),
         mesh(env, "target", "add", "x", "--kind", "nats", "--transform", "["),
         mesh(env, "propagation", "list", "--json"),
-        mesh(wide, "propagation", "list"),
+        mesh(env, "propagation", "list", width=300),
     )
     for (_, needles), proc in zip(refusals, procs, strict=True):
         one_line_error(proc, *needles)

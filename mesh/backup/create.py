@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,15 +42,22 @@ class BackupResult:
     size: int
     seconds: float
     manifest: dict[str, Any]
+    location: str | None = None  # where it went when not ``path`` (an s3:// URL)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: streams, tables, ...
+
+    @property
+    def where(self) -> str:
+        return self.location or str(self.path)
 
     def doc(self) -> dict[str, Any]:
         m = self.manifest
         return {
-            "archive": str(self.path),
+            "archive": self.where,
             "bytes": self.size,
             "seconds": round(self.seconds, 3),
             "streams": {k: v["messages"] for k, v in m["streams"].items()},
             "tables": m["tables"],
+            "phases": {k: round(v, 3) for k, v in self.phases.items()},
         }
 
 
@@ -116,15 +123,19 @@ async def create_backup(
     writer = ArchiveWriter(directory, archive_name(now, archive_id))
     # The key derivation is slow on purpose; it runs while the streams are read.
     sealing = asyncio.ensure_future(asyncio.to_thread(derive, passphrase))
+    phases: dict[str, float] = {}
     try:
-        manifest = await _write(settings, writer, archive_id, now, sealing, progress)
+        manifest = await _write(settings, writer, archive_id, now, sealing, progress, phases)
+        mark = time.monotonic()
         path = await asyncio.to_thread(writer.finish, manifest)
+        phases["finish"] = time.monotonic() - mark
     except BaseException:
         writer.discard()
         if not sealing.done():
             sealing.cancel()
         raise
-    return BackupResult(path, path.stat().st_size, time.monotonic() - started, manifest)
+    size = (await asyncio.to_thread(path.stat)).st_size
+    return BackupResult(path, size, time.monotonic() - started, manifest, phases=phases)
 
 
 async def _write(
@@ -134,8 +145,10 @@ async def _write(
     now: datetime,
     sealing: asyncio.Future[SealingKey],
     progress: Progress | None,
+    phases: dict[str, float],
 ) -> dict[str, Any]:
     streams: dict[str, Any] = {}
+    mark = time.monotonic()
     async with broker_connection(settings) as nc:
         server = nc.connected_server_version
         js = nc.jetstream()
@@ -164,6 +177,8 @@ async def _write(
                 "consumers": state.get("consumer_count", 0),
                 "replicas": meta["config"].get("num_replicas", 1),
             }
+    phases["streams"] = time.monotonic() - mark
+    mark = time.monotonic()
     url = settings.database_url
     db_backend = tables.backend(url)
 
@@ -184,10 +199,13 @@ async def _write(
         opener = writer.opener("tables/", ".msgpack")
         counts, migrations = await tables.dump_postgres(url, opener, table_step)
         table_format = "rows"
+    phases["tables"] = time.monotonic() - mark
+    mark = time.monotonic()
     keys = read_key_dir(settings.key_path.parent)
     if settings.encryption and settings.key_path.name not in keys:
         raise ConfigError(f"no key file at {settings.key_path}: nothing could read the payloads")
     writer.put(KEYS, seal_with(await sealing, keys, archive_id))
+    phases["keys"] = time.monotonic() - mark  # the rest of the key derivation, if any
     return {
         "format": FORMAT,
         "id": archive_id,

@@ -8,6 +8,20 @@ An empty chunk ends it. ``$JS.API.STREAM.RESTORE.<stream>`` answers with a
 subject to send the chunks to, each one a request the server acks; an empty
 request ends it and the answer is the restored stream's info.
 
+Why a restore onto a server that fsyncs every write can fail (nats-server 2.15,
+``processStreamRestore`` and ``RestoreStreamV2``): the server stores the snapshot
+message by message, and answers a chunk only once its decoder has consumed it; the
+decoder reads the s2 stream a block at a time (blocks of ~1 MiB of messages), so
+one chunk's answer waits for a whole block to be stored, and a watchdog gives up on
+a restore whose chunk takes 5 s ("restore ... is stalled", then "read/write on
+closed pipe"). With ``sync_interval: always`` each message is an fsync: ~1,700 per
+block, seconds on a busy disk. Smaller chunks do not help (the acks of 4 KiB chunks
+are ~0 ms, then one takes the whole block's time: measured), so a restore runs where
+the sync is lazy: ``mesh restore`` into an embedded home starts its temporary server
+with the default sync interval, and the clean stop at the end writes everything to
+disk before ``mesh up`` runs with the home's own sync mode. Streams with replicas
+(R3) relax a per-write fsync to a sync per Raft flush and are not affected.
+
 Streams of a mesh are found by name, not from a list: ``<PREFIX>_*`` (events,
 dead letters, delivery records) and ``KV_<PREFIX>_*`` (every KV bucket: the
 registry, circuits, revocations, and whatever buckets other parts add).
@@ -139,7 +153,7 @@ async def restore(
         if ack.data:
             err = json.loads(ack.data).get("error")
             if err:
-                raise BrokerError(f"restore of {name}: {err.get('description', err)}")
+                raise BrokerError(f"restore of {name}: {err.get('description', err)}{_hint(err)}")
         done += len(chunk)
         if progress:
             progress(done)
@@ -150,14 +164,18 @@ async def restore(
     result: dict[str, Any] = json.loads(final.data)
     err = result.get("error")
     if err:
-        what = str(err.get("description", err))
-        if "closed pipe" in what:
-            what += (
-                " (the server gave up: one that fsyncs every write, sync_interval: always,"
-                " restores slowly; restore with its default sync interval, then set it back)"
-            )
-        raise BrokerError(f"restore of {name}: {what}")
+        raise BrokerError(f"restore of {name}: {err.get('description', err)}{_hint(err)}")
     return result
+
+
+def _hint(err: Any) -> str:
+    if "closed pipe" in str(err) or "stalled" in str(err):
+        return (
+            " (the server gave up after 5 s on one block of messages: one that fsyncs"
+            " every write, sync_interval: always, stores a restore message by message;"
+            " restore with its default sync interval, then set it back)"
+        )
+    return ""
 
 
 async def delete_stream(nc: NATS, name: str) -> None:

@@ -10,6 +10,7 @@ consumers, so each target's feed resumes at its ack floor), tables, and the keys
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import sqlite3
@@ -40,7 +41,7 @@ class Verified:
     bytes_checked: int
     table_rows: dict[str, int] = field(default_factory=dict)
 
-    def doc(self, path: Path) -> dict[str, Any]:
+    def doc(self, path: Path | str) -> dict[str, Any]:
         m = self.manifest
         return {
             "archive": str(path),
@@ -118,7 +119,7 @@ class RestoreResult:
     tables: dict[str, int]
     seconds: float
 
-    def doc(self, path: Path) -> dict[str, Any]:
+    def doc(self, path: Path | str) -> dict[str, Any]:
         return {
             "archive": str(path),
             "streams": self.streams,
@@ -199,25 +200,15 @@ async def restore_archive(
                 )
             for name in existing if force else []:
                 await jetstream.delete_stream(nc, name)
-            for name, info in m["streams"].items():
-                meta = json.loads(reader.read(f"streams/{name}.json"))
-                total = int(verified.manifest["files"][f"streams/{name}.snap"]["size"])
-
-                def step(done: int, label: str = name, total: int = total) -> None:
-                    if progress:
-                        progress(f"stream {label}", done, total)
-
-                with reader.open(f"streams/{name}.snap") as f:
-                    await jetstream.restore(
-                        nc, meta, f, replicas=settings.stream_replicas, progress=step
-                    )
-                got = await js.stream_info(name)
-                if got.state.messages != info["messages"]:
-                    raise StorageError(
-                        f"stream {name} restored with {got.state.messages} messages,"
-                        f" the archive has {info['messages']}"
-                    )
-                restored[name] = got.state.messages
+            try:
+                await _restore_streams(settings, nc, reader, m, restored, progress)
+            except BaseException:
+                # A stream that failed half-way (and those before it) go: the broker is
+                # left as it was found, and the same restore can run again.
+                for name in m["streams"]:
+                    with contextlib.suppress(Exception):
+                        await jetstream.delete_stream(nc, name)
+                raise
         store = await open_store(settings.database_url)
         try:
             await store.migrate()
@@ -229,6 +220,34 @@ async def restore_archive(
         reader.close()
         scratch.cleanup()
     return RestoreResult(verified, restored, counts, time.monotonic() - started)
+
+
+async def _restore_streams(
+    settings: Settings,
+    nc: Any,
+    reader: ArchiveReader,
+    m: dict[str, Any],
+    restored: dict[str, int],
+    progress: Progress | None,
+) -> None:
+    js = nc.jetstream()
+    for name, info in m["streams"].items():
+        meta = json.loads(reader.read(f"streams/{name}.json"))
+        total = int(m["files"][f"streams/{name}.snap"]["size"])
+
+        def step(done: int, label: str = name, total: int = total) -> None:
+            if progress:
+                progress(f"stream {label}", done, total)
+
+        with reader.open(f"streams/{name}.snap") as f:
+            await jetstream.restore(nc, meta, f, replicas=settings.stream_replicas, progress=step)
+        got = await js.stream_info(name)
+        if got.state.messages != info["messages"]:
+            raise StorageError(
+                f"stream {name} restored with {got.state.messages} messages,"
+                f" the archive has {info['messages']}"
+            )
+        restored[name] = got.state.messages
 
 
 async def _load_tables(

@@ -1,14 +1,23 @@
-"""``mesh backup create|verify|list`` and ``mesh restore ARCHIVE`` (mesh/backup)."""
+"""``mesh backup create|verify|list`` and ``mesh restore ARCHIVE`` (mesh/backup).
+
+Every place an archive goes or comes from may be a directory (a file) or
+``s3://BUCKET[/PREFIX]`` (mesh/backup/remote.py, the s3 extra).
+"""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 import typer
 
 from mesh.backup import (
     ArchiveError,
+    RestoreResult,
+    Verified,
     create_backup,
     list_archives,
     read_passphrase,
@@ -16,6 +25,14 @@ from mesh.backup import (
     verify_archive,
 )
 from mesh.backup.archive import ArchiveReader
+from mesh.backup.remote import (
+    S3Location,
+    create_backup_s3,
+    fetch_archive,
+    is_s3,
+    list_remote,
+    scratch_dir,
+)
 from mesh.cli._common import arun, print_json, print_table, say, settings
 from mesh.cli._progress import progress_bar
 from mesh.errors import ValidationError
@@ -38,32 +55,57 @@ def _passphrase(path: Path | None) -> bytes:
     return read_passphrase(path or settings().backup_passphrase_file)
 
 
+T = TypeVar("T")
+
+
 def _archive(path: Path) -> Path:
     if not path.is_file():
         raise ValidationError(f"no archive at {path}")
     return path
 
 
+def _on_archive(
+    archive: str,
+    progress: Callable[[str, int, int], None],
+    run: Callable[[Path], Coroutine[Any, Any, T]],
+) -> T:
+    """``run`` on the archive's file: the local one, or a scratch copy of an s3:// one."""
+    if not is_s3(archive):
+        return arun(run(_archive(Path(archive))))
+
+    async def fetched() -> T:
+        with scratch_dir("restore") as tmp:
+            return await run(await fetch_archive(archive, tmp, progress))
+
+    return arun(fetched())
+
+
+def _name(archive: str) -> str:
+    return archive.rstrip("/").rpartition("/")[2]
+
+
 @backup_app.command("create")
 def create(
-    to: str = typer.Option("", "--to", help="Directory for the archive (default MESH_BACKUP_DIR)."),
+    to: str = typer.Option(
+        "", "--to", help="Directory or s3://BUCKET[/PREFIX] for the archive (MESH_BACKUP_DIR)."
+    ),
     passphrase_file: Path | None = typer.Option(None, "--passphrase-file", help=PASSPHRASE_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Back up streams, KV buckets, tables and the sealed keys into one archive."""
     s = settings()
-    if to.startswith("s3://"):
-        raise ValidationError("s3:// destinations are not supported yet: give a directory")
-    directory = Path(to) if to else s.backups_dir
     passphrase = _passphrase(passphrase_file)
     with progress_bar("backup") as update:
-        result = arun(create_backup(s, directory, passphrase, update))
+        if is_s3(to):
+            result = arun(create_backup_s3(s, to, passphrase, update))
+        else:
+            result = arun(create_backup(s, Path(to) if to else s.backups_dir, passphrase, update))
     if as_json:
         print_json(result.doc())
         return
     events = result.manifest["streams"]
     say(
-        f"backup {result.path} ({result.size:,} bytes, {result.seconds:.1f}s):"
+        f"backup {result.where} ({result.size:,} bytes, {result.seconds:.1f}s):"
         f" {len(events)} streams, {sum(v['messages'] for v in events.values()):,} messages,"
         f" {sum(result.manifest['tables'].values()):,} rows"
     )
@@ -71,20 +113,24 @@ def create(
 
 @backup_app.command("verify")
 def verify(
-    archive: Path = typer.Argument(..., help="The archive to check."),
+    archive: str = typer.Argument(..., help="The archive to check (a file or s3://...)."),
     passphrase_file: Path | None = typer.Option(None, "--passphrase-file", help=PASSPHRASE_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Check checksums, row counts, and that the keys open with the passphrase."""
     passphrase = _passphrase(passphrase_file)
     with progress_bar("verify") as update:
-        v = verify_archive(_archive(archive), passphrase, update)
-    if as_json:
-        print_json(v.doc(archive))
-        return
+
+        async def check(path: Path) -> Verified:
+            return await asyncio.to_thread(verify_archive, path, passphrase, update)
+
+        v = _on_archive(archive, update, check)
     doc = v.doc(archive)
+    if as_json:
+        print_json(doc)
+        return
     say(
-        f"ok {archive.name}: {sum(doc['streams'].values()):,} messages in"
+        f"ok {_name(archive)}: {sum(doc['streams'].values()):,} messages in"
         f" {len(doc['streams'])} streams, {sum(doc['tables'].values()):,} rows,"
         f" keys {', '.join(doc['keys'])} open"
     )
@@ -92,13 +138,37 @@ def verify(
 
 @backup_app.command("list")
 def list_(
-    directory: Path | None = typer.Option(None, "--dir", help="Default MESH_BACKUP_DIR."),
+    directory: str = typer.Option(
+        "", "--dir", help="A directory or s3://BUCKET[/PREFIX] (default MESH_BACKUP_DIR)."
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """The archives in the backup directory, oldest first."""
-    where = directory or settings().backups_dir
+    where: Any = directory or settings().backups_dir
+    rows = arun(list_remote(S3Location.parse(where))) if is_s3(where) else _list_local(where)
+    if as_json:
+        print_json(rows)
+        return
+    print_table(
+        f"backups in {where}",
+        ["archive", "created", "bytes", "messages", "rows", "problem"],
+        [
+            [
+                r["archive"],
+                _short(r["created"]),
+                r["bytes"],
+                r["messages"],
+                r["rows"],
+                r["problem"] or "",
+            ]
+            for r in rows
+        ],
+    )
+
+
+def _list_local(where: Path | str) -> list[dict[str, Any]]:
     rows = []
-    for p in list_archives(where):
+    for p in list_archives(Path(where)):
         try:
             with ArchiveReader(p) as r:
                 m = r.manifest
@@ -123,24 +193,7 @@ def list_(
                     "problem": str(exc),
                 }
             )
-    if as_json:
-        print_json(rows)
-        return
-    print_table(
-        f"backups in {where}",
-        ["archive", "created", "bytes", "messages", "rows", "problem"],
-        [
-            [
-                r["archive"],
-                _short(r["created"]),
-                r["bytes"],
-                r["messages"],
-                r["rows"],
-                r["problem"] or "",
-            ]
-            for r in rows
-        ],
-    )
+    return rows
 
 
 def _short(iso: str | None) -> str:
@@ -148,7 +201,7 @@ def _short(iso: str | None) -> str:
 
 
 def restore(
-    archive: Path = typer.Argument(..., help="The archive to restore."),
+    archive: str = typer.Argument(..., help="The archive to restore (a file or s3://...)."),
     passphrase_file: Path | None = typer.Option(None, "--passphrase-file", help=PASSPHRASE_HELP),
     force: bool = typer.Option(
         False, "--force", help="Replace a mesh that is there (streams, rows, keys)."
@@ -159,14 +212,16 @@ def restore(
     s = settings()
     passphrase = _passphrase(passphrase_file)
     with progress_bar("restore") as update:
-        result = arun(
-            restore_archive(s, _archive(archive), passphrase, force=force, progress=update)
-        )
+
+        async def run(path: Path) -> RestoreResult:
+            return await restore_archive(s, path, passphrase, force=force, progress=update)
+
+        result = _on_archive(archive, update, run)
     if as_json:
         print_json(result.doc(archive))
         return
     say(
-        f"restored {archive.name} in {result.seconds:.1f}s:"
+        f"restored {_name(archive)} in {result.seconds:.1f}s:"
         f" {sum(result.streams.values()):,} messages in {len(result.streams)} streams,"
         f" {sum(result.tables.values()):,} rows, keys {', '.join(sorted(result.verified.keys))};"
         " now `mesh up`"

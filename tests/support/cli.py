@@ -1,4 +1,5 @@
-"""The ``mesh`` command in a subprocess against a test's mesh, and checks on what it says."""
+"""The ``mesh`` command against a test's mesh (in a subprocess, or in this process), and
+checks on what it says."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 
 from mesh.config import Settings
 from tests.conftest import env_for
+from tests.support.inproc import mesh_inproc
 
 MESH = [sys.executable, "-m", "mesh.cli"]
 
@@ -30,8 +32,11 @@ async def mesh(
 async def run_cli(
     settings: Settings, *args: str, stdin: str = ""
 ) -> subprocess.CompletedProcess[str]:
-    """``mesh ARGS`` against the mesh of ``settings``."""
-    return await mesh(env_for(settings), *args, stdin=stdin)
+    """``mesh ARGS`` against the mesh of ``settings``, run in this process: a subprocess
+    pays a second of imports (several under load) for what the command does and says.
+    Where the process itself is the point (exit status of the interpreter, signals, a
+    kill), use ``mesh``; tests/test_cli.py does."""
+    return await mesh_inproc(env_for(settings), *args, stdin=stdin)
 
 
 def ok(p: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
