@@ -23,7 +23,7 @@ from mesh.errors import DecodeError
 from mesh.pullfeed import PullFeed
 from mesh.records import DeliveryRecord, Outcome
 from mesh.routing import Verdict
-from mesh.subjects import Subjects
+from mesh.subjects import Subjects, split_source
 
 log = structlog.get_logger("mesh.client")  # the client's logger, as before the split
 
@@ -170,6 +170,7 @@ async def admit(
                 outcome=Outcome.DEAD,
                 error=verdict.dead,
                 instance=instance,
+                tenant=split_source(event.source)[0],
             )
         )
         return None
@@ -182,6 +183,7 @@ async def admit(
                 outcome=Outcome.SKIPPED,
                 error=verdict.skip,
                 instance=instance,
+                tenant=split_source(event.source)[0],
             )
         )
         await msg.ack_sync()

@@ -34,6 +34,7 @@ from mesh.storage.models import (
     Table,
     WriteResult,
 )
+from mesh.storage.scoped import TenantView, scoped
 
 __all__ = [
     "MAX_PAGE",
@@ -49,9 +50,11 @@ __all__ = [
     "ServiceRow",
     "Store",
     "Table",
+    "TenantView",
     "WriteResult",
     "backend_of",
     "open_store",
+    "scoped",
     "sqlite_path",
 ]
 

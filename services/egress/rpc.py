@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from mesh import rpc_spans, tracing
-from mesh.envelope import Event
+from mesh.envelope import Event, outward
 from mesh.errors import DecodeError
 from mesh.replies import Reply
 from mesh.resilience import CircuitState
@@ -118,7 +118,7 @@ class RequestResponder:
     async def _post(self, msg: Msg, event: Event) -> int:
         """The signed POST and the reply; returns the reply's status."""
         target = self.worker.target
-        body, extra = build_body(target, event)
+        body, extra = build_body(target, outward(event))  # plain source, tenant apart
         if self.worker.limiter is not None:
             await self.worker.limiter.acquire()
         async with self.worker.egress.slots:
