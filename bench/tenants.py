@@ -179,14 +179,19 @@ async def _populate(c: MeshClient, n_tenants: int, url: str) -> float:
 
 
 async def _cpu_per_event(
-    c: MeshClient, rx: Receiver, egress: subprocess.Popen[bytes], sources: list[str], n: int
+    c: MeshClient,
+    rx: Receiver,
+    egress: subprocess.Popen[bytes],
+    sources: list[str],
+    n: int,
+    wait_s: float | None = None,
 ) -> float:
     """Egress CPU seconds per delivery, over ``n`` events spread over ``sources``."""
     await rx.reset()
     before = _cpu_s(egress.pid)
     events = [c.build(sources[i % len(sources)], "x.y", {"pad": PAD}) for i in range(n)]
     await c.publish_many(events)
-    await rx.wait_count(3 * n, timeout=120 + n / 20, proc=egress)
+    await rx.wait_count(3 * n, timeout=wait_s or 120 + n / 20, proc=egress)
     return (_cpu_s(egress.pid) - before) / (3 * n) * 1e6
 
 
@@ -213,7 +218,7 @@ async def scale(args: argparse.Namespace) -> list[Result]:
                     raise SystemExit("the egress did not deliver within 600 s")
             f["startup_s"] = time.monotonic() - t0
             sources = [qualify(f"t{i:05d}", "app") for i in range(n)]
-            f["cpu_us"] = await _cpu_per_event(c, rx, egress, sources, args.events)
+            f["cpu_us"] = await _cpu_per_event(c, rx, egress, sources, args.events, args.wait_s)
             await asyncio.sleep(1.0)
             for name, proc in (("egress", egress), ("sink", sink), ("api", api)):
                 f[f"rss_{name}"] = _rss_mb(proc.pid)
@@ -280,6 +285,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--share", type=float, default=0.5, help="MESH_EGRESS_TENANT_SHARE")
     p.add_argument("--tenants", type=int, default=None, help="tenants in the scale part")
     p.add_argument("--events", type=int, default=1000, help="events for the CPU figure")
+    p.add_argument(
+        "--wait-s", type=float, default=None, help="how long the CPU part waits (a loaded machine)"
+    )
     p.add_argument("--skip-fairness", action="store_true")
     p.add_argument("--skip-scale", action="store_true")
 

@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     stream_replicas: int = Field(default=1, ge=1, le=5)
     stream_max_age_days: float = 7.0
     duplicate_window_s: float = 120.0
+    # Consumers the events stream may hold: one per target, plus the sink's and replays'.
+    # nats-server 2.15 limits a stream to 1,000 unless the stream sets its own limit (and
+    # -1, "unlimited", is read as "use the default"), so a mesh of 1,000 tenants with 3
+    # targets each could not create its consumers. Each consumer costs server memory and
+    # an idle pull per window in the egress (services/egress/worker.py).
+    max_consumers: int = Field(default=100_000, ge=1)
     max_hops: int = 8
     # A delivery not acked within this long (at least) goes to another consumer. Tests
     # lower it to see redelivery quickly; production wants it well above a handler's time.

@@ -20,7 +20,7 @@ from mesh.envelope import Event
 from mesh.errors import DecodeError
 from mesh.records import DeliveryRecord, Outcome
 from mesh.routing import Verdict
-from mesh.subjects import Subjects
+from mesh.subjects import Subjects, split_source
 
 log = structlog.get_logger("mesh.client")  # the client's logger, as before the split
 
@@ -167,6 +167,7 @@ async def admit(
                 outcome=Outcome.DEAD,
                 error=verdict.dead,
                 instance=instance,
+                tenant=split_source(event.source)[0],
             )
         )
         return None
@@ -179,6 +180,7 @@ async def admit(
                 outcome=Outcome.SKIPPED,
                 error=verdict.skip,
                 instance=instance,
+                tenant=split_source(event.source)[0],
             )
         )
         await msg.ack_sync()

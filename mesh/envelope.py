@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,7 +22,7 @@ import msgpack
 
 from mesh.crypto import KeyRing
 from mesh.errors import DecodeError, ValidationError
-from mesh.subjects import Subjects
+from mesh.subjects import DEFAULT_TENANT, Subjects, split_source
 
 SPECVERSION = "1.0"
 MSGPACK = "application/msgpack"
@@ -35,6 +35,8 @@ H_MSG_ID = "Nats-Msg-Id"
 EXT_ORIGIN = "meshorigin"
 EXT_HOPS = "meshhops"
 EXT_REPLAY = "meshreplay"
+# CloudEvents extension naming a tenant's event's tenant on the way out (``outward``).
+EXT_TENANT = "tenant"
 
 # The header vocabulary: every ``ce-*`` name the mesh reads or writes is spelled here
 # (built once: hot path). ``mesh.delivery.MessageHeaders`` reads a message's.
@@ -102,6 +104,20 @@ class Event:
     def json_data(self) -> Any:
         """The data as a JSON-compatible value (bytes become a latin-1-free base64 string)."""
         return to_jsonable(self.data)
+
+
+def outward(event: Event) -> Event:
+    """The event as a destination sees it: a tenant's qualified source ``~T.<source>`` is
+    the plain ``<source>`` (its origin too), the tenant in the ``tenant`` extension. Inside
+    the mesh the qualified form keeps tenants apart; a receiver needs neither the marker
+    nor to parse it. A default-tenant event is returned as it is (no copy)."""
+    tenant, source = split_source(event.source)
+    if tenant == DEFAULT_TENANT:
+        return event
+    origin = None if event.origin is None else split_source(event.origin)[1]
+    return replace(
+        event, source=source, origin=origin, extensions={**event.extensions, EXT_TENANT: tenant}
+    )
 
 
 def to_jsonable(value: Any) -> Any:

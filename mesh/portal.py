@@ -8,20 +8,32 @@ with the link or after ``SESSION_TTL``, whichever is first; the page calls ``/v1
 with it as its bearer credential. The key (``<key dir>/portal.key``, 0600, created
 on first use like the bridge key) never leaves the machine; a tampered token fails
 its signature and an expired one its ``exp``, each a ``PortalError`` naming why.
+
+A link can be revoked before it expires (``mesh portal revoke LINK``, or
+``POST /v1/portal/links/{jti}/revoke``): its id (the JWT's ``jti``) goes into the bridge
+tokens' revocation bucket (``mesh.revocations``, ``jti.<id>``, kept until the link
+would have expired), and both the page and every session call look it up there, so
+the link and the sessions it opened stop working at once, in every API process.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs, urlsplit
 
 import jwt
 
 from mesh.config import Settings
 from mesh.errors import MeshError
 from mesh.subjects import validate_name
+
+if TYPE_CHECKING:
+    from mesh.revocations import RevocationStore
 
 ALGORITHM = "HS256"
 ISSUER = "mesh"
@@ -143,3 +155,38 @@ def verify(key: bytes, token: str, audience: str) -> PortalClaims:
 
 def link_url(base: str, token: str) -> str:
     return f"{base.rstrip('/')}/portal/?link={token}"
+
+
+_LINK_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def link_id(text: str) -> tuple[str, datetime | None]:
+    """The id of a portal link given as its id, its token or its URL, and (not for a bare
+    id) when it expires. The signature is not checked: revoking needs no proof."""
+    text = text.strip()
+    if _LINK_ID.fullmatch(text):
+        return text, None
+    token = parse_qs(urlsplit(text).query).get("link", [text])[0] if "link=" in text else text
+    try:
+        doc = jwt.decode(token, options={"verify_signature": False})
+        jti, exp = str(doc["jti"]), float(doc["exp"])
+        if not _LINK_ID.fullmatch(jti):
+            raise ValueError(jti)
+        return jti, datetime.fromtimestamp(exp, UTC)
+    except (jwt.InvalidTokenError, KeyError, TypeError, ValueError, OverflowError):
+        raise PortalError("not a portal link, its URL or its 32-digit id") from None
+
+
+async def revoke_link(
+    store: RevocationStore, text: str, *, reason: str = "", by: str = ""
+) -> tuple[str, bool]:
+    """Revoke a portal link (its id, token or URL); returns its id and whether it is new."""
+    jti, expires = link_id(text)
+    until = expires if expires is not None else datetime.now(UTC) + MAX_TTL
+    _, new = await store.revoke_token(jti, reason=reason, by=by, expires_at=until)
+    return jti, new
+
+
+async def revoked(store: RevocationStore, claims: PortalClaims) -> bool:
+    """Whether the link of these claims (or of the session it opened) is revoked."""
+    return await store.get(f"jti.{claims.jti}") is not None

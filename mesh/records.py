@@ -43,6 +43,7 @@ class DeliveryRecord:
     error: str | None = None
     instance: str | None = None
     trace_id: str | None = None  # W3C trace id the event carried (mesh trace, OTel)
+    tenant: str = "default"  # the target's tenant: the sink files the attempt under it
     at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 

@@ -11,134 +11,69 @@ from __future__ import annotations
 
 import base64
 import secrets
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
+from contextlib import suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from enum import StrEnum
+from datetime import timedelta
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from pydantic import ValidationError as PydValidationError
 
 from mesh._nats.buckets import read
 from mesh._nats.types import KeyValue, js_errors
 from mesh.crypto import KeyRing
-from mesh.destinations import EXTRAS, DestinationOptions, seal_destination
+from mesh.destinations import seal_destination
 from mesh.errors import Conflict, DecodeError, NotFound, ValidationError
-from mesh.ownership import own, tenant_target
+from mesh.ownership import tenant_target
+from mesh.registry_cache import (
+    SIG_MARKER,
+    RecentRevision,
+    Snapshot,
+    SnapshotCache,
+    signature,
+    signature_of,
+)
+from mesh.registry_models import (
+    DESTINATION_KINDS,
+    EGRESS_KINDS,
+    Propagation,
+    PropagationMode,
+    RetryPolicy,
+    Target,
+    TargetKind,
+    TargetStatus,
+    now,
+)
 from mesh.subjects import qualify, subject_matches, validate_name, validate_pattern
 
 if TYPE_CHECKING:
     from mesh._nats.port import JetStreamPort
 
+__all__ = [
+    "DESTINATION_KINDS",
+    "EGRESS_KINDS",
+    "SECRET_PREFIX",
+    "Propagation",
+    "PropagationMode",
+    "Registry",
+    "RetryPolicy",
+    "Rule",
+    "Target",
+    "TargetKind",
+    "TargetStatus",
+    "compute_routes",
+    "compute_rules",
+    "generate_secret",
+    "now",
+    "route_accepts",
+    "validate_expressions",
+]
+
 SECRET_PREFIX = "whsec_"
 
-
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
 _M = TypeVar("_M", bound=BaseModel)
-
-
-class TargetKind(StrEnum):
-    WEBHOOK = "webhook"
-    NATS = "nats"
-    STREAM = "stream"
-    AMQP = "amqp"
-    MQTT = "mqtt"
-    REDIS = "redis"
-    SQS = "sqs"
-    S3 = "s3"
-    KAFKA = "kafka"
-
-
-# The kinds the egress delivers (one driver each); the others are read by consumers.
-EGRESS_KINDS = frozenset({TargetKind.WEBHOOK, *(TargetKind(k) for k in EXTRAS)})
-DESTINATION_KINDS = frozenset(TargetKind(k) for k in EXTRAS)
-
-
-class TargetStatus(StrEnum):
-    ACTIVE = "active"
-    DISABLED = "disabled"
-
-
-class PropagationMode(StrEnum):
-    UNIDIRECTIONAL = "unidirectional"
-    BIDIRECTIONAL = "bidirectional"
-    MULTICAST = "multicast"
-    BROADCAST = "broadcast"
-
-
-class RetryPolicy(BaseModel):
-    base_s: float = Field(default=1.0, gt=0)
-    multiplier: float = Field(default=2.0, ge=1)
-    max_delay_s: float = Field(default=300.0, gt=0)
-    max_retries: int = Field(default=5, ge=0, le=100)
-    jitter: float = Field(default=0.1, ge=0, le=1)
-
-
-class Target(BaseModel):
-    name: str
-    tenant: str = "default"  # mesh/tenants.py; entries written before tenants: 'default'
-    kind: TargetKind
-    url: str | None = None
-    format: Literal["standard", "cloudevents"] = "standard"
-    timeout_s: float = Field(default=30.0, gt=0, le=600)
-    rate: float | None = Field(default=None, gt=0)  # events per second
-    max_in_flight: int = Field(default=16, ge=1, le=10_000)
-    ordered: bool = False
-    # JMESPath over the data, applied after the propagation's own (mesh/transform.py).
-    transform: str | None = None
-    retry: RetryPolicy = Field(default_factory=RetryPolicy)
-    circuit_threshold: int = Field(default=5, ge=1)
-    circuit_open_s: float = Field(default=60.0, gt=0)
-    # Secrets are Fernet tokens under the key ring, never plaintext.
-    secret_enc: str | None = None
-    old_secret_enc: str | None = None
-    old_secret_expires: datetime | None = None
-    # Non-HTTP destinations: ``url`` is shown with its password redacted; the whole URL
-    # is sealed in ``url_enc``, like a webhook secret.
-    url_enc: str | None = None
-    options: DestinationOptions | None = None
-    status: TargetStatus = TargetStatus.ACTIVE
-    status_reason: str | None = None
-    created_at: datetime = Field(default_factory=now)
-    updated_at: datetime = Field(default_factory=now)
-
-    @property
-    def consumer(self) -> str:
-        return f"deliver-{self.name}"
-
-    def public(self) -> dict[str, Any]:
-        """Everything but the secrets, for listings."""
-        doc = self.model_dump(mode="json", exclude={"secret_enc", "old_secret_enc", "url_enc"})
-        doc["has_secret"] = self.secret_enc is not None
-        doc["rotating"] = bool(
-            self.old_secret_enc and self.old_secret_expires and self.old_secret_expires > now()
-        )
-        return doc
-
-
-class Propagation(BaseModel):
-    id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
-    tenant: str = "default"
-    mode: PropagationMode
-    source: str
-    targets: list[str] = Field(default_factory=list)
-    types: str | None = None
-    # CESQL over attributes and data (mesh/cesql), and JMESPath over the data.
-    filter: str | None = None
-    transform: str | None = None
-    created_at: datetime = Field(default_factory=now)
-
-    def describe(self) -> str:
-        arrow = "<->" if self.mode == PropagationMode.BIDIRECTIONAL else "->"
-        dest = "*" if self.mode == PropagationMode.BROADCAST else ",".join(self.targets)
-        types = f" [{self.types}]" if self.types else ""
-        return f"{self.source} {arrow} {dest}{types}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +114,9 @@ def generate_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
-def compute_rules(target: str, props: list[Propagation], all_targets: set[str]) -> list[Rule]:
+def compute_rules(
+    target: str, props: list[Propagation], all_targets: Collection[str]
+) -> list[Rule]:
     """The rules by which ``target`` receives events (``props``: its tenant's), in order."""
     rules: list[Rule] = []
     for p in props:
@@ -210,7 +147,7 @@ def _implied_types(filter: str) -> str | None:
 
 
 def compute_routes(
-    target: str, props: list[Propagation], all_targets: set[str]
+    target: str, props: list[Propagation], all_targets: Collection[str]
 ) -> list[tuple[str, str | None]]:
     """(source, type pattern or None) pairs whose events ``target`` receives (consumer
     subjects and replays read these; a filter's implied type narrows them)."""
@@ -233,6 +170,9 @@ class Registry:
         self.keyring = keyring
         self._port = port
         self._bucket = bucket
+        self._cache = SnapshotCache(self._read_snapshot, self.revision)
+        self._recent = RecentRevision(self.revision)
+        self._signed = False  # propagations written before signatures are indexed
 
     @classmethod
     async def open(
@@ -271,10 +211,15 @@ class Registry:
     def _propagations(cls, snap: dict[str, bytes]) -> list[Propagation]:
         return sorted(cls._parsed(snap, "props", Propagation), key=lambda p: p.created_at)
 
-    async def targets_and_propagations(self) -> tuple[list[Target], list[Propagation]]:
-        """Both lists from one reading of the bucket (half the reads of asking for each)."""
+    async def _read_snapshot(self, revision: int) -> Snapshot:
         snap = await self._snapshot()
-        return self._targets(snap), self._propagations(snap)
+        return Snapshot.of(revision, self._targets(snap), self._propagations(snap))
+
+    async def targets_and_propagations(self) -> tuple[list[Target], list[Propagation]]:
+        """Both lists, read once per registry revision (mesh/registry_cache.py); copies,
+        so a caller may change them."""
+        snap = await self._cache.get()
+        return [t.model_copy() for t in snap.targets], [p.model_copy() for p in snap.props]
 
     # Secrets ----------------------------------------------------------------
 
@@ -343,7 +288,7 @@ class Registry:
         return target
 
     async def list_targets(self) -> list[Target]:
-        return self._targets(await self._snapshot())
+        return [t.model_copy() for t in (await self._cache.get()).targets]
 
     async def remove_target(self, name: str) -> list[str]:
         """Remove a target and its part in propagations; returns ids of removed propagations.
@@ -363,9 +308,11 @@ class Registry:
             elif name not in p.targets:
                 continue
             rest = [t for t in p.targets if t != name]
+            await self._unsign(p)
             if p.mode == PropagationMode.MULTICAST and rest:
                 p.targets = rest
                 await self.kv.put(f"props.{p.id}", p.model_dump_json().encode())
+                await self.kv.put(signature_of(p), p.id.encode())
             else:
                 await self.kv.delete(f"props.{p.id}")
                 removed.append(p.id)
@@ -427,10 +374,10 @@ class Registry:
                 raise NotFound(
                     f"bidirectional needs both ends registered: unknown target {source!r}"
                 ) from None
-        for p in [p for p in await self.list_propagations() if p.tenant == tenant]:
-            same = (p.mode, p.source, sorted(p.targets), p.types, p.filter, p.transform)
-            if same == (mode, source, sorted(targets), types, filter, transform):
-                raise Conflict(f"the same propagation exists already: {p.id}")
+        sig = signature(tenant, mode, source, targets, types, filter, transform)
+        same = await self._signed_as(sig)
+        if same is not None:
+            raise Conflict(f"the same propagation exists already: {same}")
         prop = Propagation(
             tenant=tenant,
             mode=mode,
@@ -440,8 +387,37 @@ class Registry:
             filter=filter,
             transform=transform,
         )
+        await self.kv.put(sig, prop.id.encode())
         await self.kv.create(f"props.{prop.id}", prop.model_dump_json().encode())
         return prop
+
+    async def _signed_as(self, sig: str) -> str | None:
+        """The id of the live propagation with signature key ``sig``, if there is one."""
+        if not self._signed:
+            await self._index_signatures()
+        found = await self._get(sig)
+        if found is None:
+            return None
+        prop_id = found[0].decode()
+        with suppress(NotFound, ValidationError, PydValidationError):
+            if signature_of(await self.get_propagation(prop_id)) == sig:
+                return prop_id
+        return None  # a stale pointer: the new propagation takes it over
+
+    async def _index_signatures(self) -> None:
+        """Give every propagation its signature key, once per bucket (``meta.propsig``)."""
+        if await self._get(SIG_MARKER) is None:
+            for p in await self.list_propagations():
+                await self.kv.put(signature_of(p), p.id.encode())
+            await self.kv.put(SIG_MARKER, b"1")
+        self._signed = True
+
+    async def _unsign(self, prop: Propagation) -> None:
+        """Drop ``prop``'s signature key if it still names ``prop``."""
+        sig = signature_of(prop)
+        found = await self._get(sig)
+        if found is not None and found[0].decode() == prop.id:
+            await self.kv.delete(sig)
 
     async def get_propagation(self, prop_id: str) -> Propagation:
         if not prop_id or not all(c.isalnum() or c in "-_" for c in prop_id):
@@ -452,10 +428,11 @@ class Registry:
         return Propagation.model_validate_json(found[0])
 
     async def list_propagations(self) -> list[Propagation]:
-        return self._propagations(await self._snapshot())
+        return [p.model_copy() for p in (await self._cache.get()).props]
 
     async def remove_propagation(self, prop_id: str) -> Propagation:
         prop = await self.get_propagation(prop_id)
+        await self._unsign(prop)
         await self.kv.delete(f"props.{prop_id}")
         return prop
 
@@ -466,15 +443,20 @@ class Registry:
         status = await self.kv.status()
         return int(status.stream_info.state.last_seq or 0)
 
+    async def recent_revision(self, max_age: float) -> int:
+        """``revision`` as read at most ``max_age`` seconds ago (one request for everyone)."""
+        return await self._recent.get(max_age)
+
     async def routes_for(self, target: str) -> list[tuple[str, str | None]]:
-        targets, props = await self.targets_and_propagations()
-        return compute_routes(target, own(props, targets, target), {t.name for t in targets})
+        snap = await self._cache.get()
+        return compute_routes(target, snap.tenant_props(target), snap.names)
 
     async def rules_for(self, target: str) -> tuple[list[Rule], str | None]:
-        """The target's rules and its own transform, from one reading of the bucket."""
-        targets, props = await self.targets_and_propagations()
-        mine = next((t.transform for t in targets if t.name == target), None)
-        return compute_rules(target, own(props, targets, target), {t.name for t in targets}), mine
+        """The target's rules and its own transform (its tenant's propagations only)."""
+        snap = await self._cache.get()
+        found = snap.by_name.get(target)
+        mine = None if found is None else found.transform
+        return compute_rules(target, snap.tenant_props(target), snap.names), mine
 
     async def can_request(self, source: str, target: str) -> bool:
         """Request/reply is allowed along bidirectional propagations, either way."""

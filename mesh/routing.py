@@ -153,7 +153,8 @@ class RouteCache:
                     await self._read(target)
             rules = self._rules[target]
         elif time.monotonic() - self._read_at.get(target, 0.0) > REFRESH_S:
-            revision = await self.registry.revision()
+            # Shared by every target (one status request per interval, not per target).
+            revision = await self.registry.recent_revision(REFRESH_S / 4)
             if self._revision.get(target) != revision:
                 await self._read(target, revision)
             self._read_at[target] = time.monotonic()

@@ -83,6 +83,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             subjects=[subj.evt_all, subj.replay_all],
             duplicate_window=settings.duplicate_window_s,
             max_age=max_age,
+            max_consumers=settings.max_consumers,  # one per target (mesh/config.py)
             **common,  # type: ignore[arg-type]
         ),
         StreamConfig(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from mesh._nats.buckets import read
@@ -250,3 +252,100 @@ async def test_a_deleted_key_reads_as_absent(client: MeshClient) -> None:
     await kv.delete("scratch.key")  # nats.py's get raises KeyDeletedError, not KeyNotFound
     assert await read(kv, "scratch.key") is None
     assert "scratch.key" not in await client.port.read_all(kv, client.names.registry)
+
+
+async def test_propagation_signatures_replace_the_listing(
+    client: MeshClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Duplicates are found by their signature key, not by reading every propagation:
+    after the one-time index of older propagations, adding one never lists the bucket."""
+    reg = client.registry
+    for name in ("a", "b", "c"):
+        await add_nats_target(client, name)
+    # a propagation written as before signatures existed (no propsig key, no marker)
+    old = Propagation(mode=PropagationMode.MULTICAST, source="src", targets=["a", "b"])
+    await reg.kv.create(f"props.{old.id}", old.model_dump_json().encode())
+    with pytest.raises(Conflict, match=old.id):  # indexed by the first add
+        await reg.add_propagation(PropagationMode.MULTICAST, "src", ["b", "a"])
+    assert await read(reg.kv, "meta.propsig") is not None
+
+    reads = 0
+    real = reg._snapshot
+
+    async def counted() -> dict[str, bytes]:
+        nonlocal reads
+        reads += 1
+        return await real()
+
+    monkeypatch.setattr(reg, "_snapshot", counted)
+    p = await reg.add_propagation(PropagationMode.UNIDIRECTIONAL, "src", ["c"])
+    with pytest.raises(Conflict, match=p.id):
+        await reg.add_propagation(PropagationMode.UNIDIRECTIONAL, "src", ["c"])
+    # a different propagation is no duplicate, and nothing was listed for any of these
+    await reg.add_propagation(PropagationMode.BROADCAST, "src", types="x.*")
+    assert reads == 0
+
+    # removing a target rewrites a multicast: its signature follows it
+    await client.remove_target("b")
+    with pytest.raises(Conflict, match=old.id):
+        await reg.add_propagation(PropagationMode.MULTICAST, "src", ["a"])
+    # a removed propagation frees its signature; a stale pointer is not a duplicate
+    await reg.remove_propagation(p.id)
+    again = await reg.add_propagation(PropagationMode.UNIDIRECTIONAL, "src", ["c"])
+    await reg.kv.delete(f"props.{again.id}")  # bypassing the registry leaves the key behind
+    await reg.add_propagation(PropagationMode.UNIDIRECTIONAL, "src", ["c"])
+
+
+async def test_one_reading_per_revision_shared_by_every_caller(
+    client: MeshClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg = client.registry
+    for i in range(5):
+        await add_nats_target(client, f"t{i}")
+    await reg.add_propagation(PropagationMode.BROADCAST, "src")
+    reads = 0
+    real = reg._snapshot
+
+    async def counted() -> dict[str, bytes]:
+        nonlocal reads
+        reads += 1
+        return await real()
+
+    monkeypatch.setattr(reg, "_snapshot", counted)
+    reg._cache.forget()
+    routes = await asyncio.gather(*(reg.routes_for(f"t{i}") for i in range(5)))
+    assert routes == [[("src", None)]] * 5 and reads == 1
+    listed = await reg.list_targets()
+    listed[0].url = "changed"  # callers get copies: the shared reading stays as it was
+    assert reads == 1 and (await reg.list_targets())[0].url is None
+    await add_nats_target(client, "t5")  # a change: the next caller reads again
+    assert await reg.routes_for("t5") == [("src", None)] and reads == 2
+
+
+@pytest.mark.slow
+async def test_the_events_stream_takes_more_than_a_thousand_consumers(
+    client: MeshClient,
+) -> None:
+    """nats-server 2.15 caps a stream at 1,000 consumers unless it sets its own limit: the
+    events stream sets one (``MESH_MAX_CONSUMERS``), also on a stream made before it did."""
+    from dataclasses import replace
+
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    from mesh.streams import ensure_streams, stream_configs
+
+    events = stream_configs(client.settings)[0]
+    assert events.max_consumers == client.settings.max_consumers
+    await client.js.update_stream(replace(events, max_consumers=None))  # as made before
+    await ensure_streams(client.port, client.settings)  # updated in place, not refused
+    info = await client.js.stream_info(client.names.events)
+    assert info.config.max_consumers == client.settings.max_consumers
+    sem = asyncio.Semaphore(32)
+
+    async def add(i: int) -> None:
+        async with sem:
+            cfg = ConsumerConfig(durable_name=f"c{i}", ack_policy=AckPolicy.EXPLICIT)
+            await client.js.add_consumer(client.names.events, cfg)
+
+    await asyncio.gather(*(add(i) for i in range(1010)))
+    assert (await client.js.stream_info(client.names.events)).state.consumer_count >= 1010

@@ -26,6 +26,9 @@ class Rules:
     async def revision(self) -> int:
         return self.rev
 
+    async def recent_revision(self, max_age: float) -> int:
+        return self.rev  # never stale here: the real one may lag by max_age
+
     async def rules_for(self, target: str) -> tuple[list[Rule], str | None]:
         return list(self.rules), self.own
 

@@ -7,6 +7,7 @@ target, and replaying A re-injects on A's target alone.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -15,6 +16,7 @@ import pytest
 from mesh.apikeys import ApiKeyStore, Scope
 from mesh.client import MeshClient
 from mesh.config import Settings
+from mesh.envelope import Event, outward
 from mesh.errors import NotFound
 from mesh.registry import PropagationMode, Target, TargetKind
 from mesh.replay import replay
@@ -114,6 +116,55 @@ async def test_publish_quota_at_the_api_and_the_client(
         await c.publish("shop", "a.b", 2)
         with pytest.raises(QuotaExceeded, match="quota of 2 events/s"):
             await c.publish("shop", "a.b", 3)
+
+
+def test_outward_shows_the_plain_source_and_the_tenant_apart() -> None:
+    ev = Event(source="~ta.shop", type="a.b", origin="~ta.pos", extensions={"x": "1"})
+    out = outward(ev)
+    assert (out.source, out.origin, out.extensions) == ("shop", "pos", {"x": "1", "tenant": "ta"})
+    assert ev.source == "~ta.shop" and ev.extensions == {"x": "1"}  # the original unchanged
+    plain = Event(source="shop", type="a.b")
+    assert outward(plain) is plain  # the default tenant's: as it was
+
+
+async def test_a_tenant_webhook_gets_the_plain_source_and_the_tenant_header(
+    client: MeshClient, settings: Settings
+) -> None:
+    """Real egress and receiver: CloudEvents format (ce-source, ce-tenant) and the standard
+    format (webhook-tenant), against a default-tenant target that gets neither."""
+    from services.egress import WebhookEgress
+    from tests.support.receiver import Receiver
+
+    await (await TenantStore.open(client.port, client.names.tenants)).create("ta")
+    async with Receiver() as rx:
+        for name, tenant, fmt in (
+            ("ta-ce", "ta", "cloudevents"),
+            ("ta-std", "ta", "standard"),
+            ("d-ce", "default", "cloudevents"),
+        ):
+            url = f"http://127.0.0.1:{rx.port}/{name}"  # the path tells them apart
+            await client.add_target(
+                Target(name=name, kind=TargetKind.WEBHOOK, url=url, tenant=tenant, format=fmt)
+            )
+            await client.registry.add_propagation(
+                PropagationMode.UNIDIRECTIONAL, "shop", [name], tenant=tenant
+            )
+        await client.provisioner.reconcile_all()
+        async with MeshClient(settings.model_copy(update={"tenant": "ta"}), name="ta") as ta:
+            await ta.publish("shop", "order.created", {"n": 1})
+        await client.publish("shop", "order.created", {"n": 2})
+        egress = WebhookEgress(settings, fetch_expires_s=0.5)
+        await egress.start()
+        try:
+            got = await rx.wait_for(3, timeout=20)
+        finally:
+            await egress.stop()
+    heads = {r.path.strip("/"): r.headers for r in got}
+    assert heads["ta-ce"]["ce-source"] == "shop" and heads["ta-ce"]["ce-tenant"] == "ta"
+    assert "~" not in json.dumps(heads["ta-ce"])
+    assert heads["ta-std"]["webhook-tenant"] == "ta"
+    assert heads["d-ce"]["ce-source"] == "shop" and "ce-tenant" not in heads["d-ce"]
+    assert "webhook-tenant" not in heads["d-ce"]
 
 
 async def test_api_reads_a_quota_once_per_burst_and_at_once_after_a_change(

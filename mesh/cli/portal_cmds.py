@@ -1,4 +1,5 @@
-"""``mesh portal link --tenant T [--ttl 1h]``: a signed URL to one tenant's portal."""
+"""``mesh portal link --tenant T [--ttl 1h]``: a signed URL to one tenant's portal;
+``mesh portal revoke LINK``: that link (and its sessions) stop working now."""
 
 from __future__ import annotations
 
@@ -57,9 +58,35 @@ def link_cmd(
     url = portal.link_url(base_url, token)
     if as_json:
         print_json(
-            {"url": url, "tenant": claims.tenant, "expires_at": claims.expires_at.isoformat()}
+            {
+                "url": url,
+                "id": claims.jti,
+                "tenant": claims.tenant,
+                "expires_at": claims.expires_at.isoformat(),
+            }
         )
         return
     sys.stdout.write(url + "\n")
     until = claims.expires_at.isoformat(timespec="seconds")
-    note(f"portal link for tenant {tenant}; it opens the portal until {until}")
+    note(f"portal link {claims.jti} for tenant {tenant}; it opens the portal until {until}")
+
+
+@portal_app.command("revoke")
+def revoke_cmd(
+    link: str = typer.Argument(..., help="The link's URL, its token, or its id."),
+    reason: str = typer.Option("", "--reason", help="Why (kept with the revocation)."),
+) -> None:
+    """Revoke a portal link before it expires: the page and its sessions refuse it."""
+    from mesh.revocations import RevocationStore, check_reason, who
+
+    portal.link_id(link)  # a bad argument: one line, before connecting
+    check_reason(reason)
+    s = settings()
+
+    async def run() -> tuple[str, bool]:
+        async with connected(s) as c:
+            store = await RevocationStore.open(c.port, c.names.revoked, s.stream_replicas)
+            return await portal.revoke_link(store, link, reason=reason, by=who())
+
+    jti, new = arun(run())
+    note(f"portal link {jti} revoked" if new else f"portal link {jti} was revoked already")

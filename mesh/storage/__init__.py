@@ -35,6 +35,7 @@ from mesh.storage.models import (
     Table,
     WriteResult,
 )
+from mesh.storage.scoped import TenantView, scoped
 
 __all__ = [
     "MAX_PAGE",
@@ -50,9 +51,11 @@ __all__ = [
     "ServiceRow",
     "Store",
     "Table",
+    "TenantView",
     "WriteResult",
     "backend_of",
     "open_store",
+    "scoped",
     "sqlite_path",
 ]
 

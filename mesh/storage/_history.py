@@ -78,9 +78,12 @@ def _empty_range(since: datetime | None, until: datetime | None) -> bool:
     return since is not None and until is not None and to_utc(until) <= to_utc(since)
 
 
-def event_filters(p: Params, regexp: str, source: str | None, type: str | None) -> list[str]:
-    """Conditions for events from ``source`` of ``type`` (a type or a pattern)."""
-    where: list[str] = []
+def event_filters(
+    p: Params, regexp: str, source: str | None, type: str | None, tenant: str | None = None
+) -> list[str]:
+    """Conditions for events from ``source`` of ``type`` (a type or a pattern), of
+    ``tenant`` if given (None: every tenant's, for an operator)."""
+    where: list[str] = [] if tenant is None else [f"tenant = {p(tenant)}"]
     if source is not None:
         where.append(f"source = {p(source)}")
     if type is not None:
@@ -109,9 +112,11 @@ class HistoryQueries:
         until: datetime | None = None,
         cursor: str | None = None,
         limit: int = 100,
+        *,
+        tenant: str | None = None,
     ) -> Page[EventRow]:
         p = self._params()
-        where = event_filters(p, self._REGEXP, source, type)
+        where = event_filters(p, self._REGEXP, source, type, tenant)
         return await self._page(EVENTS, "events", "time", p, where, since, until, cursor, limit)
 
     async def list_deliveries(
@@ -123,9 +128,11 @@ class HistoryQueries:
         until: datetime | None = None,
         cursor: str | None = None,
         limit: int = 100,
+        *,
+        tenant: str | None = None,
     ) -> Page[DeliveryRow]:
         p = self._params()
-        where: list[str] = []
+        where: list[str] = [] if tenant is None else [f"tenant = {p(tenant)}"]
         if target is not None:
             where.append(f"target = {p(target)}")
         if event_id is not None:

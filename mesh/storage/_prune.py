@@ -25,7 +25,7 @@ so the counts of all of them add up to what was deleted.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
@@ -36,6 +36,9 @@ from mesh.storage.models import PruneResult
 C = TypeVar("C")
 
 DEFAULT_BATCH = 1000
+
+#: Tables with a ``tenant`` column (schema v5).
+TENANT_TABLES = frozenset({"events", "deliveries", "dead_letters"})
 
 # Deliveries of an event that make it stay: attempts at or after the cutoff.
 _RECENT_ATTEMPT = "SELECT 1 FROM deliveries d WHERE d.event_id = events.id AND d.at >= {cut}"
@@ -67,9 +70,30 @@ class PruneSql(Protocol[C]):
 class Pruner(Generic[C]):
     """One prune over a ``SqlStore``: ``run`` deletes, or counts in a dry run."""
 
-    def __init__(self, store: PruneSql[C], batch_size: int = DEFAULT_BATCH) -> None:
+    def __init__(
+        self,
+        store: PruneSql[C],
+        batch_size: int = DEFAULT_BATCH,
+        *,
+        tenant: str | None = None,
+        skip_tenants: Collection[str] = (),
+    ) -> None:
         self.store = store
         self.batch_size = check_limit(batch_size)
+        # Per-tenant retention (a tenant's stored_days quota): only ``tenant``'s rows, or
+        # every tenant's but those in ``skip_tenants`` (pruned by their own period).
+        self.tenant = tenant
+        self.skip_tenants = sorted(skip_tenants)
+
+    def _scope(self, p: Params, table: str) -> str:
+        """`` AND`` the tenant condition for ``table`` ('' for a table without tenants)."""
+        if table not in TENANT_TABLES:
+            return ""
+        if self.tenant is not None:
+            return f" AND {table}.tenant = {p(self.tenant)}"
+        if self.skip_tenants:
+            return f" AND {table}.tenant NOT IN ({_marks(p, self.skip_tenants)})"
+        return ""
 
     async def run(
         self,
@@ -180,6 +204,7 @@ class Pruner(Generic[C]):
         where = f"{column} < {p(cut)}"
         if after is not None:
             where += f" AND ({column}, id) > ({p(after[0])}, {p(after[1])})"
+        where += self._scope(p, table)
         return await self.store._fetch_on(
             conn,
             f"SELECT {column}, id FROM {table} WHERE {where}"
@@ -195,7 +220,8 @@ class Pruner(Generic[C]):
         if dry_run:
             p = s._params()
             rows = await s._fetch(
-                f"SELECT count(*) FROM {table} WHERE {column} < {p(cut)}", *p.values
+                f"SELECT count(*) FROM {table} WHERE {column} < {p(cut)}" + self._scope(p, table),
+                *p.values,
             )
             return int(rows[0][0])
         columns = ", ".join(key)
@@ -207,7 +233,8 @@ class Pruner(Generic[C]):
                 gone = await s._fetch_on(
                     conn,
                     f"DELETE FROM {table} WHERE ({columns}) IN (SELECT {columns} FROM {table}"
-                    f" WHERE {column} < {p(cut)} ORDER BY {column} LIMIT {p(self.batch_size)})"
+                    f" WHERE {column} < {p(cut)}{self._scope(p, table)}"
+                    f" ORDER BY {column} LIMIT {p(self.batch_size)})"
                     " RETURNING 1",
                     *p.values,
                 )
@@ -222,9 +249,10 @@ class Pruner(Generic[C]):
         # Every value is the cutoff, but marks still go in text order (SQLite's "?").
         p = s._params()
         old = p(cut)
+        recent = _RECENT_ATTEMPT.format(cut=p(cut))
         events = await s._fetch(
             f"SELECT count(*) FROM events WHERE received_at < {old}"
-            f" AND NOT EXISTS ({_RECENT_ATTEMPT.format(cut=p(cut))})",
+            f" AND NOT EXISTS ({recent}){self._scope(p, 'events')}",
             *p.values,
         )
         # An old attempt stays only with an event that stays: new, or with a new attempt.
@@ -235,8 +263,9 @@ class Pruner(Generic[C]):
             f"SELECT 1 FROM events WHERE events.id = k.event_id AND"
             f" (events.received_at >= {new} OR EXISTS ({_RECENT_ATTEMPT.format(cut=p(cut))}))"
         )
+        scope = self._scope(p, "deliveries").replace("deliveries.", "k.")
         deliveries = await s._fetch(
-            f"SELECT count(*) FROM deliveries k WHERE k.at < {old} AND NOT EXISTS ({kept})",
+            f"SELECT count(*) FROM deliveries k WHERE k.at < {old} AND NOT EXISTS ({kept})" + scope,
             *p.values,
         )
         return int(events[0][0]), int(deliveries[0][0])

@@ -119,6 +119,7 @@ DELIVERIES = RowSpec(
         "at",
         "instance",
         "trace_id",
+        "tenant",
     ),
     ("id",),
 )
@@ -135,6 +136,7 @@ DEAD_LETTERS = RowSpec(
         "encrypted",
         "dead_at",
         "stream_seq",
+        "tenant",
     ),
     ("id",),
 )

@@ -10,7 +10,7 @@ dialects: placeholders, the regular-expression operator, JSON casts and locks.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from types import TracebackType
@@ -49,6 +49,12 @@ from mesh.storage.models import (
 C = TypeVar("C")
 H = TypeVar("H")
 R = TypeVar("R")
+
+
+def _of(p: Any, tenant: str | None) -> str:
+    """`` AND tenant = ...`` when the query is one tenant's (None: an operator's, all)."""
+    return "" if tenant is None else f" AND tenant = {p(tenant)}"
+
 
 #: ``(spec, encoded rows)`` per table of ``BATCH_SPECS``, in that order.
 Batches = list[tuple[RowSpec[Any], list[tuple[Any, ...]]]]
@@ -216,9 +222,11 @@ class SqlStore(HistoryQueries, ABC, Generic[C]):
         type: str | None = None,
         since: datetime | None = None,
         limit: int = 100,
+        *,
+        tenant: str | None = None,
     ) -> list[EventRow]:
         p = self._params()
-        where = event_filters(p, self._REGEXP, source, type)
+        where = event_filters(p, self._REGEXP, source, type, tenant)
         if since is not None:
             where.append(f"time >= {p(self._ts(since))}")
         clause = f"WHERE {' AND '.join(where)}" if where else ""
@@ -229,31 +237,49 @@ class SqlStore(HistoryQueries, ABC, Generic[C]):
         )
         return [EVENTS.decode(r, self._dt) for r in rows]
 
-    async def get_event(self, id: str) -> EventRow | None:
+    async def get_event(self, id: str, *, tenant: str | None = None) -> EventRow | None:
+        p = self._params()
         rows = await self._fetch(
-            f"SELECT {EVENTS.columns} FROM events WHERE id = {self._mark(1)}", id
+            f"SELECT {EVENTS.columns} FROM events WHERE id = {p(id)}{_of(p, tenant)}", *p.values
         )
         return EVENTS.decode(rows[0], self._dt) if rows else None
 
-    async def query_deliveries(self, event_id: str) -> list[DeliveryRow]:
+    async def query_deliveries(
+        self, event_id: str, *, tenant: str | None = None
+    ) -> list[DeliveryRow]:
+        p = self._params()
         rows = await self._fetch(
-            f"SELECT {DELIVERIES.columns} FROM deliveries WHERE event_id = {self._mark(1)}"
+            f"SELECT {DELIVERIES.columns} FROM deliveries"
+            f" WHERE event_id = {p(event_id)}{_of(p, tenant)}"
             " ORDER BY at, attempt, target, id",
-            event_id,
+            *p.values,
         )
         return [DELIVERIES.decode(r, self._dt) for r in rows]
 
     async def query_dead_letters(
-        self, target: str | None = None, limit: int = 100
+        self, target: str | None = None, limit: int = 100, *, tenant: str | None = None
     ) -> list[DeadLetterRow]:
-        return await self._select(DEAD_LETTERS, "target", target, "dead_at DESC, id", limit)
+        return await self._select(
+            DEAD_LETTERS, "target", target, "dead_at DESC, id", limit, tenant=tenant
+        )
 
     async def _select(
-        self, spec: RowSpec[R], column: str, value: str | None, order: str, limit: int
+        self,
+        spec: RowSpec[R],
+        column: str,
+        value: str | None,
+        order: str,
+        limit: int,
+        *,
+        tenant: str | None = None,
     ) -> list[R]:
-        """Up to ``limit`` rows in ``order``; only those with ``column = value`` if given."""
+        """Up to ``limit`` rows in ``order``; only those with ``column = value`` if given,
+        and of ``tenant`` if given."""
         p = self._params()
-        where = "" if value is None else f" WHERE {column} = {p(value)}"
+        conds = [] if value is None else [f"{column} = {p(value)}"]
+        if tenant is not None:
+            conds.append(f"tenant = {p(tenant)}")
+        where = f" WHERE {' AND '.join(conds)}" if conds else ""
         rows = await self._fetch(
             f"SELECT {spec.columns} FROM {spec.table}{where}"
             f" ORDER BY {order} LIMIT {p(check_limit(limit))}",
@@ -399,8 +425,10 @@ class SqlStore(HistoryQueries, ABC, Generic[C]):
         dead_letters_before: datetime | None = None,
         batch_size: int = DEFAULT_BATCH,
         dry_run: bool = False,
+        tenant: str | None = None,
+        skip_tenants: Collection[str] = (),
     ) -> PruneResult:
-        return await Pruner(self, batch_size).run(
+        return await Pruner(self, batch_size, tenant=tenant, skip_tenants=skip_tenants).run(
             events_before=events_before,
             health_checks_before=health_checks_before,
             dead_letters_before=dead_letters_before,

@@ -86,8 +86,13 @@ class Store(Protocol):
         type: str | None = None,
         since: datetime | None = None,
         limit: int = 100,
+        *,
+        tenant: str | None = None,
     ) -> list[EventRow]:
-        """Newest first. ``type`` is a type or a pattern with ``*`` and a final ``>``."""
+        """Newest first. ``type`` is a type or a pattern with ``*`` and a final ``>``.
+
+        Every query of events, deliveries and dead letters takes ``tenant``: given, only
+        that tenant's rows (``TenantView`` always gives it); None, every tenant's."""
         ...
 
     async def list_events(
@@ -98,6 +103,8 @@ class Store(Protocol):
         until: datetime | None = None,
         cursor: str | None = None,
         limit: int = 100,
+        *,
+        tenant: str | None = None,
     ) -> Page[EventRow]:
         """One page of events, newest first by ``(time, id)``, ``since <= time < until``
         (empty when ``until <= since``).
@@ -116,19 +123,23 @@ class Store(Protocol):
         until: datetime | None = None,
         cursor: str | None = None,
         limit: int = 100,
+        *,
+        tenant: str | None = None,
     ) -> Page[DeliveryRow]:
         """One page of delivery attempts, newest first by ``(at, id)``, filtered like
         ``list_events``; ``outcomes`` keeps attempts with any of these outcomes."""
         ...
 
-    async def get_event(self, id: str) -> EventRow | None: ...
+    async def get_event(self, id: str, *, tenant: str | None = None) -> EventRow | None: ...
 
-    async def query_deliveries(self, event_id: str) -> list[DeliveryRow]:
+    async def query_deliveries(
+        self, event_id: str, *, tenant: str | None = None
+    ) -> list[DeliveryRow]:
         """Attempts for one event, oldest first."""
         ...
 
     async def query_dead_letters(
-        self, target: str | None = None, limit: int = 100
+        self, target: str | None = None, limit: int = 100, *, tenant: str | None = None
     ) -> list[DeadLetterRow]:
         """Newest first."""
         ...
@@ -180,6 +191,8 @@ class Store(Protocol):
         dead_letters_before: datetime | None = None,
         batch_size: int = 1000,
         dry_run: bool = False,
+        tenant: str | None = None,
+        skip_tenants: Collection[str] = (),
     ) -> PruneResult:
         """Delete rows older than each cutoff given (``None``: that table is kept); return
         the counts, or in a dry run what would go, per table.
@@ -188,6 +201,10 @@ class Store(Protocol):
         while any attempt is newer than the cutoff; deliveries without a stored event
         age by ``at``. Each transaction deletes at most ``batch_size`` rows of a
         table. The audit log is never pruned. Safe to run from several processes.
+
+        ``tenant``: only that tenant's events, deliveries and dead letters (its own
+        ``stored_days``); ``skip_tenants``: every tenant's but those (health checks have
+        no tenant and are pruned either way).
         """
         ...
 

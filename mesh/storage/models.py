@@ -71,6 +71,7 @@ class DeliveryRow:
     error: str | None = None
     instance: str | None = None
     trace_id: str | None = None  # W3C trace id the event carried
+    tenant: str = "default"  # the target's tenant (the egress's record says it)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,6 +87,7 @@ class DeadLetterRow:
     encrypted: bool
     dead_at: datetime
     stream_seq: int | None = None
+    tenant: str = "default"  # from the original event's subject (~T.<source>)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

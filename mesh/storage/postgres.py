@@ -50,10 +50,10 @@ _ARRAY_TYPES: dict[str, tuple[str, ...]] = {
     ),
     "deliveries": (
         "text", "text", "text", "int", "text", "int", "float8", "text", "timestamptz", "text",
-        "text",
+        "text", "text",
     ),
     "dead_letters": (
-        "text", "text", "text", "int", "text", "bytea", "bool", "timestamptz", "bigint",
+        "text", "text", "text", "int", "text", "bytea", "bool", "timestamptz", "bigint", "text",
     ),
     "health_checks": ("text", "text", "timestamptz", "text", "text"),
 }  # fmt: skip

@@ -15,7 +15,7 @@ import asyncio
 import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from aiohttp import web
@@ -37,7 +37,7 @@ class Auth:
         store: ApiKeyStore,
         default_rate: float,
         cache_s: float = CACHE_S,
-        session: Callable[[str], ApiKey] | None = None,
+        session: Callable[[str], Awaitable[ApiKey]] | None = None,
     ) -> None:
         self.store = store
         # Portal sessions (``mps_...``, services/api/portal.py): signed, not stored.
@@ -58,7 +58,7 @@ class Auth:
         if scheme.lower() != "bearer" or not text.strip():
             raise ApiProblem(UNAUTHORIZED, "use Authorization: Bearer <API key>", headers=CHALLENGE)
         if self.session is not None and text.startswith(SESSION_PREFIX):
-            return self.session(text.strip())
+            return await self.session(text.strip())
         fingerprint = hashlib.sha256(text.strip().encode()).hexdigest()
         now = time.monotonic()
         cached = self._cache.get(fingerprint)

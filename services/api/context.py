@@ -8,6 +8,7 @@ if TYPE_CHECKING:
     from mesh.client import MeshClient
     from mesh.config import Settings
     from mesh.history import PayloadReader
+    from mesh.revocations import RevocationStore
     from mesh.storage import Store
     from services.api.audit import Auditor
     from services.api.auth import Auth
@@ -34,4 +35,8 @@ class ApiContext(Protocol):
 
     async def store(self) -> Store:
         """The sink's database (read side), opened on first use."""
+        ...
+
+    async def revocations(self) -> RevocationStore:
+        """The revocation bucket (portal links, bridge tokens), opened on first use."""
         ...

@@ -34,11 +34,11 @@ from strawberry.scalars import JSON
 from strawberry.types import ExecutionContext
 
 from mesh.apikeys import Scope
-from mesh.errors import MeshError, NotFound
+from mesh.errors import MeshError
 from mesh.history import FAILURE_OUTCOMES, PayloadReader, response_excerpt
 from mesh.registry import Propagation as PropagationModel
 from mesh.registry import PropagationMode, Target
-from mesh.storage import DeliveryRow, EventRow, Page, Store
+from mesh.storage import DeliveryRow, EventRow, Page, Store, TenantView
 from services.api.problems import (
     BAD_REQUEST,
     METHOD_NOT_ALLOWED,
@@ -63,7 +63,7 @@ class GraphContext:
     database opened only by a query that needs it."""
 
     registry: Callable[[], Awaitable[Snapshot]]
-    open_store: Callable[[], Awaitable[Store]]
+    open_store: Callable[[], Awaitable[Store | TenantView]]
     reader: PayloadReader
     _snapshot: asyncio.Task[Snapshot] | None = field(default=None, repr=False)
 
@@ -72,7 +72,7 @@ class GraphContext:
             self._snapshot = asyncio.ensure_future(self.registry())
         return await self._snapshot
 
-    async def store(self) -> Store:
+    async def store(self) -> Store | TenantView:
         return await self.open_store()
 
 
@@ -445,17 +445,17 @@ def install(app: web.Application, api: ApiContext) -> None:
 
 
 def tenant_context(api: ApiContext, tenant: str) -> GraphContext:
-    """A context that holds one tenant's targets and propagations; the history (events,
-    deliveries) is refused for tenant keys until the sink's queries carry the tenant."""
+    """A context that holds one tenant's targets and propagations, and reads the history
+    (events, deliveries) through the tenant's ``TenantView``: the tenant is in the SQL."""
 
     async def snapshot() -> Snapshot:
         targets, props = await api.client.registry.targets_and_propagations()
         return [t for t in targets if t.tenant == tenant], [p for p in props if p.tenant == tenant]
 
-    async def no_store() -> Store:
-        raise NotFound("no such resource")
+    async def history() -> Store | TenantView:
+        return TenantView(await api.store(), tenant)
 
-    return GraphContext(snapshot, no_store, api.reader)
+    return GraphContext(snapshot, history, api.reader)
 
 
 def sdl() -> str:

@@ -1,10 +1,11 @@
-"""Tenant scoping of the history routes the portal uses (deliveries, one event, dead
-letters, their retry, a target's replay): a tenant key sees only its own targets'.
+"""Tenant scoping of the history routes: a tenant key reads the sink's tables through a
+``TenantView`` (``mesh/storage/scoped.py``: the tenant is in every query's SQL), and the
+DLQ stream's dead letters, their retry and a target's replay only for its own targets.
 
-A tenant key names the target it lists (``target=NAME``: its deliveries and dead
-letters are those of its targets, and a listing across targets would have to filter
-pages after the fact); another tenant's target is a 404 with the words a missing one
-gets (``services/api/tenancy.py``). An operator key (no tenant) is not limited.
+A tenant key lists deliveries across its targets or of one; dead letters (read from the
+stream, which has no tenant column) of one named target (``target=NAME``). Another
+tenant's target is a 404 with the words a missing one gets (``services/api/tenancy.py``).
+An operator key (no tenant) is not limited.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Iterable
 from typing import TypeVar
 
 from mesh.errors import NotFound
+from mesh.storage import Store, TenantView, scoped
 from mesh.tenants import visible
 from services.api import tenancy
 from services.api.problems import INVALID, ApiProblem
@@ -21,9 +23,16 @@ from services.api.routing import Call
 T = TypeVar("T")
 
 
-async def own_target(call: Call, name: str | None, what: str) -> None:
-    """Nothing for an operator key; for a tenant key, ``name`` must be one of its targets."""
-    if call.tenant is None:
+async def history(call: Call) -> Store | TenantView:
+    """The sink's database as the caller may read it: an operator key all of it, a tenant
+    key its ``TenantView`` (each query carries the tenant in its SQL)."""
+    return scoped(await call.api.store(), call.tenant)
+
+
+async def own_target(call: Call, name: str | None, what: str, required: bool = True) -> None:
+    """Nothing for an operator key; for a tenant key, ``name`` must be one of its targets
+    (``required``: a name must be given)."""
+    if call.tenant is None or (name is None and not required):
         return
     if name is None:
         raise ApiProblem(INVALID, f"a tenant key lists one target's {what}: pass target=NAME")

@@ -25,11 +25,12 @@ from mesh import portal
 from mesh.apikeys import Scope
 from mesh.config import Settings
 from services.api import tenancy
-from services.api.portal_session import signing_key
+from services.api.portal_session import Revocations, signing_key
 from services.api.problems import ApiProblem
-from services.api.routing import NAME_PATTERN, Call, Route, RouteTable
+from services.api.routing import NAME_PATTERN, Call, Param, Route, RouteTable
 
 STATIC = Path(__file__).with_name("portal_static")
+LINK_ID = r"^[0-9a-f]{32}$"
 ASSETS = {
     "portal.js": "text/javascript",
     "portal.css": "text/css",
@@ -62,6 +63,7 @@ class LinkIn(BaseModel):
 
 class LinkOut(BaseModel):
     url: str = Field(description="The signed portal URL: hand it to the tenant's user")
+    id: str = Field(description="The link's id: what revoking it takes")
     tenant: str
     expires_at: str
 
@@ -77,12 +79,46 @@ async def create_link(call: Call) -> LinkOut:
     )
     return LinkOut(
         url=portal.link_url(base, token),
+        id=claims.jti,
         tenant=claims.tenant,
         expires_at=claims.expires_at.isoformat(timespec="seconds"),
     )
 
 
+class RevokeLinkIn(BaseModel):
+    reason: str = Field(default="", max_length=200, pattern=r"^[ -~\u00c0-\u024f]*$")
+
+
+class RevokeLinkOut(BaseModel):
+    id: str = Field(description="The link's id")
+    new: bool = Field(description="False: it was revoked already")
+
+
+async def revoke_link(call: Call) -> RevokeLinkOut:
+    store = await call.api.revocations()
+    jti, new = await portal.revoke_link(
+        store, call.params["jti"], reason=call.body.reason, by=call.actor
+    )
+    if new:
+        await call.api.audit.record(call.actor, "portal.revoke", f"portal-link:{jti}", None, None)
+    return RevokeLinkOut(id=jti, new=new)
+
+
 def register(table: RouteTable) -> None:
+    table.add(
+        Route(
+            "POST",
+            "/v1/portal/links/{jti}/revoke",
+            revoke_link,
+            "Revoke a portal link and its sessions before they expire",
+            ("portal",),
+            Scope.ADMIN,
+            "revokePortalLink",
+            body=RevokeLinkIn,
+            response=RevokeLinkOut,
+            params=(Param("jti", "path", "The link's id (32 hex digits)", pattern=LINK_ID),),
+        )
+    )
     table.add(
         Route(
             "POST",
@@ -125,7 +161,9 @@ def refused(status: int, reason: str) -> web.Response:
     return _page("Portal link refused", body, status)
 
 
-def make_portal_page(settings: Settings) -> Callable[[web.Request], Awaitable[web.Response]]:
+def make_portal_page(
+    settings: Settings, revocations: Revocations
+) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def page(request: web.Request) -> web.Response:
         token = request.query.get("link", "")
         if not token:
@@ -138,6 +176,8 @@ def make_portal_page(settings: Settings) -> Callable[[web.Request], Awaitable[we
             claims = portal.verify(key, token, portal.LINK_AUDIENCE)
         except portal.PortalError as exc:
             return refused(401 if exc.expired else 403, str(exc).capitalize())
+        if await portal.revoked(await revocations(), claims):
+            return refused(403, "This portal link was revoked")
         session = portal.issue_session(key, claims)
         meta = (
             f'<meta name=mesh-session content="{html.escape(session)}">'
@@ -164,6 +204,6 @@ async def _asset(request: web.Request) -> web.StreamResponse:
     )
 
 
-def install(app: web.Application, settings: Settings) -> None:
-    app.router.add_get("/portal/", make_portal_page(settings))
+def install(app: web.Application, settings: Settings, revocations: Revocations) -> None:
+    app.router.add_get("/portal/", make_portal_page(settings, revocations))
     app.router.add_get("/portal/{asset}", _asset)

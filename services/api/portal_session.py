@@ -6,6 +6,7 @@ it without importing the route table.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from functools import cache
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from mesh import portal
 from mesh.apikeys import ApiKey, Scope
 from mesh.config import Settings
 from mesh.errors import KeyFileError
+from mesh.revocations import RevocationStore
 from services.api.problems import FORBIDDEN, UNAUTHORIZED, UNAVAILABLE, ApiProblem
 
 SESSION_ID_PREFIX = "portal-"
@@ -55,19 +57,26 @@ def signing_key(settings: Settings) -> bytes:
         raise ApiProblem(UNAVAILABLE, f"the portal's key is unusable: {exc}") from None
 
 
+Revocations = Callable[[], Awaitable[RevocationStore]]
+
+
 class SessionVerifier:
-    """Turns a portal session credential into the key the API checks scopes with."""
+    """Turns a portal session credential into the key the API checks scopes with; a
+    session of a revoked link is refused (read from the revocation bucket each call)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, revocations: Revocations) -> None:
         self.settings = settings
+        self.revocations = revocations
 
-    def __call__(self, text: str) -> ApiKey:
+    async def __call__(self, text: str) -> ApiKey:
         try:
             claims = portal.verify(signing_key(self.settings), text, portal.SESSION_AUDIENCE)
         except portal.PortalError as exc:
             raise ApiProblem(
                 UNAUTHORIZED, str(exc).replace("link", "session"), headers=_CHALLENGE
             ) from None
+        if await portal.revoked(await self.revocations(), claims):
+            raise ApiProblem(UNAUTHORIZED, "this portal session's link was revoked")
         return ApiKey(
             id=f"{SESSION_ID_PREFIX}{claims.jti[:12]}",
             name=f"portal session of tenant {claims.tenant}",

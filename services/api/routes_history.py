@@ -70,7 +70,7 @@ def _event(call: Call, row: EventRow) -> EventOut:
 
 async def list_events(call: Call) -> EventPage:
     q: EventsQuery = call.query
-    store = await call.api.store()
+    store = await scoped.history(call)
     page = await store.list_events(
         source=q.source, type=q.type, since=q.since, until=q.until, cursor=q.cursor, limit=q.limit
     )
@@ -80,13 +80,9 @@ async def list_events(call: Call) -> EventPage:
 
 async def get_event(call: Call) -> EventDetail:
     event_id = call.params["id"]
-    store = await call.api.store()
+    store = await scoped.history(call)  # a tenant key: its tenant's rows only, in the SQL
     row = await store.get_event(event_id)
     attempts = await store.query_deliveries(event_id)
-    mine = await scoped.visible_targets(call)
-    if mine is not None:  # a tenant key sees an event that went to one of its targets
-        attempts = scoped.only_visible(attempts, mine)
-        row = row if attempts else None
     if row is None and not attempts:
         raise NotFound(f"no event {event_id!r} in the database")
     return EventDetail(
@@ -97,8 +93,8 @@ async def get_event(call: Call) -> EventDetail:
 
 async def list_deliveries(call: Call) -> DeliveryPage:
     q: DeliveriesQuery = call.query
-    await scoped.own_target(call, q.target, "deliveries")
-    store = await call.api.store()
+    await scoped.own_target(call, q.target, "deliveries", required=False)
+    store = await scoped.history(call)
     page = await store.list_deliveries(
         target=q.target,
         outcomes=q.outcome,
@@ -151,7 +147,13 @@ async def list_dead_letters(call: Call) -> DeadLetterList:
 
 
 async def get_dead_letter(call: Call) -> list[DeadLetterOut]:
-    found = await dlq.find(call.api.client, call.params["ident"])
+    ident = call.params["ident"]
+    found = await dlq.find(call.api.client, ident)
+    mine = await scoped.visible_targets(call)
+    if mine is not None:
+        found = scoped.only_visible(found, mine)
+        if not found:
+            raise NotFound(f"no dead letter {ident!r} (see `mesh dlq list`)")
     return [DeadLetterOut.model_validate(e.doc()) for e in found]
 
 
@@ -268,6 +270,7 @@ def register(table: RouteTable) -> None:
                 query=EventsQuery,
                 response=EventPage,
                 description="Newest first, filtered; page with next_cursor.",
+                tenant_aware=True,  # a tenant key reads through its TenantView
             ),
             Route(
                 "GET",
@@ -320,6 +323,7 @@ def register(table: RouteTable) -> None:
                 response=list[DeadLetterOut],
                 problems=(404,),
                 params=(LETTER_PARAM,),
+                tenant_aware=True,  # services/api/history_tenancy.py
             ),
             Route(
                 "POST",

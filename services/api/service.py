@@ -20,6 +20,7 @@ from mesh.apikeys import ApiKeyStore
 from mesh.config import Settings
 from mesh.errors import ConfigError
 from mesh.history import PayloadReader
+from mesh.revocations import RevocationStore
 from mesh.storage import Store, open_store
 from services.api import graphql, portal, portal_session
 from services.api.audit import Auditor
@@ -54,6 +55,7 @@ class Api(Service):
         self._idem: IdempotencyStore | None = None
         self._audit: Auditor | None = None
         self._store: Store | None = None
+        self._revocations: RevocationStore | None = None
         self._store_lock = asyncio.Lock()
         self.reader = PayloadReader(settings)
         self.requests = 0
@@ -74,6 +76,15 @@ class Api(Service):
     def audit(self) -> Auditor:
         assert self._audit is not None, "the API is not started"
         return self._audit
+
+    async def revocations(self) -> RevocationStore:
+        """The revocation bucket (portal links and bridge tokens), opened on first use."""
+        if self._revocations is None:
+            c = self.client
+            self._revocations = await RevocationStore.open(
+                c.port, c.names.revoked, self.settings.stream_replicas
+            )
+        return self._revocations
 
     async def store(self) -> Store:
         """The sink's database, opened (and its schema created if missing) on first use,
@@ -120,7 +131,7 @@ class Api(Service):
         app = web.Application(middlewares=[problem_middleware], client_max_size=MAX_BODY)
         self.table.install(app, self)
         graphql.install(app, self)
-        portal.install(app, self.settings)
+        portal.install(app, self.settings, self.revocations)
         return app
 
     async def on_start(self) -> None:
@@ -128,9 +139,8 @@ class Api(Service):
         names = self.client.names
         replicas = self.settings.stream_replicas
         keys = await ApiKeyStore.open(self.client.port, names.apikeys, replicas)
-        self._auth = Auth(
-            keys, self.settings.api_rate, session=portal_session.SessionVerifier(self.settings)
-        )
+        session = portal_session.SessionVerifier(self.settings, self.revocations)
+        self._auth = Auth(keys, self.settings.api_rate, session=session)
         self._idem = await IdempotencyStore.open(self.client.port, names.idempotency, replicas)
         self._audit = Auditor(self.client)
         self._runner = web.AppRunner(self.make_app(), access_log=None, shutdown_timeout=5.0)

@@ -396,6 +396,7 @@ class Session:
             outcome=outcome,
             error=error,
             instance=self.bridge.instance,
+            tenant=self.spec.claims.tenant,
         )
         task = asyncio.create_task(self.client.record(rec))
         self.records.add(task)

@@ -45,6 +45,8 @@ class Outcomes:
     """Settling messages; the state it uses belongs to ``TargetWorker``."""
 
     name: str
+    target: Target
+    window: float
     egress: EgressShared
     client: MeshClient
     circuit: SharedCircuit
@@ -193,6 +195,7 @@ class Outcomes:
                 error=error,
                 instance=self.egress.instance,
                 trace_id=tracing.trace_id_of(trace) if trace is not None else None,
+                tenant=self.target.tenant,
             ),
             settle=settle,
         )
@@ -214,7 +217,7 @@ class Outcomes:
             # Stopping: a pull request of ours may still be open at the server for up to
             # one fetch window; an immediate redelivery could land in it, after we stopped
             # reading, and wait out the ack wait. Come back once it has expired.
-            delay = max(delay or 0.0, self.egress.fetch_expires_s + 0.1)
+            delay = max(delay or 0.0, self.window + 0.1)
         with contextlib.suppress(Exception):
             await msg.nak(delay=delay)
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from mesh import rpc_spans, tracing
 from mesh._nats.types import Msg, Subscription
-from mesh.envelope import Event
+from mesh.envelope import Event, outward
 from mesh.errors import DecodeError
 from mesh.replies import Reply
 from mesh.resilience import CircuitState
@@ -116,7 +116,7 @@ class RequestResponder:
     async def _post(self, msg: Msg, event: Event) -> int:
         """The signed POST and the reply; returns the reply's status."""
         target = self.worker.target
-        body, extra = build_body(target, event)
+        body, extra = build_body(target, outward(event))  # plain source, tenant apart
         if self.worker.limiter is not None:
             await self.worker.limiter.acquire()
         async with self.worker.egress.slots:

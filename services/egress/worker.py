@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from mesh import tracing
 from mesh._nats.types import Msg, js_errors
+from mesh.envelope import outward
 from mesh.errors import DecodeError
 from mesh.observability import METRICS
 from mesh.records import Outcome
@@ -50,6 +51,12 @@ if TYPE_CHECKING:
     from services.egress.shared import EgressShared
 
 FETCH_EXPIRES_S = 2.0
+# Idle pulls of all workers together, per second, at most (roughly): a waiting pull costs
+# a request per window, and with thousands of targets 2 s windows were ~1,500 requests/s
+# of nothing. The server answers a waiting pull as soon as a message arrives, so a longer
+# window costs no latency; it delays noticing a pull lost to a server restart.
+IDLE_PULLS_PER_S = 200.0
+MAX_FETCH_WINDOW_S = 30.0
 MAX_BATCH = 64
 # A rate-limited worker holds at most this many seconds of its rate share (at least two
 # messages, one being sent and one waiting for its token): a fetch takes milliseconds.
@@ -84,6 +91,7 @@ class TargetWorker(CircuitGate, Outcomes):
         self.limiter: RateLimiter | None = None
         self.configure_rate()
         self.held = 0  # messages fetched and not yet finished
+        self.window = egress.fetch_expires_s  # this worker's pull window (``_window``)
         self._fetch_at = 0  # the fetch loop waits for held <= this
         self.on_wire = 0  # requests in progress
         self.http_slots = asyncio.Semaphore(self._limit())
@@ -261,8 +269,9 @@ class TargetWorker(CircuitGate, Outcomes):
         self.fetch_stop.clear()
         if not self.may_fetch():
             return
+        self.window = max(self.window, self._window())  # a hand-back waits out the longest
         pulls = self.client.pull(
-            self.consumer, batch=batch, expires=self.egress.fetch_expires_s, stop=self.fetch_stop
+            self.consumer, batch=batch, expires=self._window(), stop=self.fetch_stop
         )
         async with contextlib.aclosing(pulls):
             async for msgs in pulls:
@@ -276,6 +285,12 @@ class TargetWorker(CircuitGate, Outcomes):
                 if self.fetch_stop.is_set() or not self.may_fetch() or self._batch() != batch:
                     return
 
+    def _window(self) -> float:
+        """The pull window: the egress's, longer when many workers share the instance."""
+        workers = sum(self.egress.tenant_slots.active.values())
+        spread = min(MAX_FETCH_WINDOW_S, workers / IDLE_PULLS_PER_S)
+        return max(self.egress.fetch_expires_s, spread)
+
     async def _room(self, batch: int) -> None:
         """Wait until the next batch fits: at most ``limit`` requests on the wire plus one
         batch fetched ahead, so a freed slot never waits for a fetch round trip (for a
@@ -283,9 +298,17 @@ class TargetWorker(CircuitGate, Outcomes):
         while not self.halt.is_set():
             self._changed.clear()
             self._fetch_at = self._fetch_below(batch)
-            if self.held <= self._fetch_at:
+            if self.held <= self._fetch_at and not self._tenant_full():
                 return
             await self._wait_changed()
+
+    def _tenant_full(self) -> bool:
+        """While tenants share the instance: this worker's tenant holds its whole share and
+        this worker has messages waiting already. Fetching more would only queue them
+        behind those (each a task and a keepalive), work the event loop does for every
+        tenant; it fetches again once slots free up (or at the next wake)."""
+        slots = self.egress.tenant_slots
+        return self.held > 0 and len(slots.active) > 1 and slots.slot(self.target.tenant).locked()
 
     def _dispatch(self, msg: Msg) -> None:
         self.held += 1
@@ -359,7 +382,8 @@ class TargetWorker(CircuitGate, Outcomes):
                     )
                     self.on_wire += 1
                     try:
-                        result = await driver.send(event, trace)
+                        # Plain source out, the tenant in its own attribute.
+                        result = await driver.send(outward(event), trace)
                     finally:
                         self.on_wire -= 1
                 break

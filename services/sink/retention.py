@@ -5,6 +5,13 @@ Every sink of a deployment prunes; prunes take turns per batch in the database,
 so a second sink in the same hour mostly finds nothing left to delete. A prune
 that fails (database down) is logged and tried again next round; one cut short
 by a stop leaves its current batch rolled back and the rest for the next run.
+
+A tenant with a ``stored_days`` quota (``mesh tenant quota T --stored-days N``) has its
+events and delivery attempts kept that long instead of ``MESH_EVENT_RETENTION_DAYS``
+(shorter or longer): the general prune skips those tenants, and each gets a prune of
+its own rows (``Store.prune(tenant=...)``). The quotas are read from the tenants bucket
+every round; when they cannot be read, the round is skipped (pruning by the general
+period could delete what a longer quota keeps).
 """
 
 from __future__ import annotations
@@ -12,15 +19,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
-from datetime import datetime
-from typing import Any
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from mesh.config import Settings
 from mesh.errors import StorageError
 from mesh.observability import METRICS
 from mesh.storage import PruneResult, Store
 from mesh.storage.models import utcnow
+
+if TYPE_CHECKING:
+    from mesh.client import MeshClient
+
+#: Reads ``{tenant: stored_days}`` for the tenants that have the quota.
+TenantDays = Callable[[], Awaitable[dict[str, int]]]
+
+
+def stored_days_reader(client: MeshClient) -> TenantDays:
+    """The tenants' ``stored_days`` quotas, read from the tenants bucket."""
+
+    async def read() -> dict[str, int]:
+        from mesh.tenants import TenantStore
+
+        store = await TenantStore.open(client.port, client.names.tenants)
+        return {
+            t.name: t.quotas.stored_days
+            for t in await store.list()
+            if t.quotas.stored_days is not None
+        }
+
+    return read
+
 
 # Not at once: a restarted sink first catches up on its feeds, and a crash loop
 # does not prune on every start.
@@ -36,8 +66,10 @@ class Retention:
         store: Callable[[], Store | None],
         stopping: asyncio.Event,
         log: Any,
+        tenant_days: TenantDays | None = None,
     ) -> None:
         self.settings = settings
+        self.tenant_days = tenant_days
         self.first_delay = FIRST_PRUNE_DELAY_S
         self.pruned = 0
         self.prunes = 0
@@ -47,7 +79,9 @@ class Retention:
 
     @property
     def enabled(self) -> bool:
-        return self.settings.retention_enabled
+        # With tenants' quotas to read, always: a tenant's stored_days applies even when
+        # the general periods keep everything.
+        return self.settings.retention_enabled or self.tenant_days is not None
 
     async def run(self) -> None:
         s = self.settings
@@ -73,7 +107,13 @@ class Retention:
         if store is None:
             self._log.info("prune skipped: database unreachable; next round tries again")
             return None
-        cutoffs = self.settings.retention_cutoffs(now or utcnow())
+        now = now or utcnow()
+        cutoffs = self.settings.retention_cutoffs(now)
+        try:
+            days = {} if self.tenant_days is None else await self.tenant_days()
+        except Exception as exc:  # NATS down, a broken entry: not a reason to stop the sink
+            self._log.warning("prune skipped: tenants' quotas unreadable", error=str(exc))
+            return None
         started = time.monotonic()
         try:
             result = await store.prune(
@@ -81,7 +121,15 @@ class Retention:
                 health_checks_before=cutoffs["health_checks_before"],
                 dead_letters_before=cutoffs["dead_letters_before"],
                 batch_size=self.settings.prune_batch,
+                skip_tenants=days.keys(),
             )
+            for tenant, n in sorted(days.items()):
+                result += await store.prune(
+                    events_before=now - timedelta(days=n),
+                    dead_letters_before=cutoffs["dead_letters_before"],
+                    batch_size=self.settings.prune_batch,
+                    tenant=tenant,
+                )
         except StorageError as exc:
             self._log.warning("prune failed; next round tries again", error=str(exc))
             return None

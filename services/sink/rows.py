@@ -25,7 +25,7 @@ from mesh.storage import (
     PropagationRow,
     ServiceRow,
 )
-from mesh.subjects import Subjects, split_source
+from mesh.subjects import DEFAULT_TENANT, Subjects, split_source, validate_name
 
 Row = EventRow | DeliveryRow | DeadLetterRow
 
@@ -118,6 +118,23 @@ def _problem(
     return None
 
 
+def _tenant(name: object) -> str:
+    """A record's tenant, if it is a valid name; else ``default``."""
+    try:
+        return validate_name(name, "tenant") if isinstance(name, str) else DEFAULT_TENANT
+    except MeshError:
+        return DEFAULT_TENANT
+
+
+def _subject_tenant(subject: str, subjects: Subjects) -> str:
+    """The tenant of an event subject (``<prefix>.evt.~T.<source>...``, or a replay's);
+    ``default`` when it is none of those."""
+    try:
+        return split_source(subjects.parse_event(subject)[0])[0]
+    except MeshError:
+        return DEFAULT_TENANT
+
+
 def delivery_row(msg: Msg) -> DeliveryRow:
     """The row for a delivery-attempt record. Raises ``DecodeError``."""
     rec = DeliveryRecord.from_bytes(msg.data)
@@ -135,6 +152,7 @@ def delivery_row(msg: Msg) -> DeliveryRow:
             at=_parse_time(rec.at, _position(msg)[1]),
             instance=rec.instance,
             trace_id=None if rec.trace_id is None else str(rec.trace_id)[:32],
+            tenant=_tenant(rec.tenant),
         )
     except (TypeError, ValueError) as exc:
         raise DecodeError(f"not a delivery record: {exc}") from None
@@ -157,6 +175,7 @@ def dead_letter_row(msg: Msg, subjects: Subjects) -> tuple[DeadLetterRow, str | 
                 encrypted=_encrypted(headers),
                 dead_at=_aware(dl.at),
                 stream_seq=seq,
+                tenant=_subject_tenant(dl.original_subject, subjects),
             ),
             None,
         )

@@ -48,7 +48,7 @@ from mesh.storage import (
 from services.base import Service
 from services.sink.audit import AuditFeed
 from services.sink.mirror import RegistryMirror
-from services.sink.retention import Retention
+from services.sink.retention import Retention, stored_days_reader
 from services.sink.rows import (
     Row,
     dead_letter_row,
@@ -102,7 +102,9 @@ class Sink(Service):
         self._health_last: dict[tuple[str, str], tuple[float, str]] = {}
         self._health_sub: Subscription | None = None
         self._pulls: list[asyncio.Task[Any]] = []
-        self.retention = Retention(settings, lambda: self.store, self.stopping, self.log)
+        self.retention = Retention(
+            settings, lambda: self.store, self.stopping, self.log, stored_days_reader(self.client)
+        )
         self.mirror = RegistryMirror(
             self.client,
             lambda: self.store,

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mesh import envelope
-from mesh.envelope import JSON, MSGPACK, Event
+from mesh.envelope import EXT_TENANT, JSON, MSGPACK, Event
 from mesh.netguard import DestinationRefused, check_destination
 from mesh.registry import Target
 from mesh.resilience import parse_retry_after
@@ -31,6 +31,7 @@ USER_AGENT = "mesh-webhook/0.1"
 MAX_RESPONSE_BYTES = 256 * 1024  # read at most this much of an answer
 ERROR_SNIPPET = 200  # characters of a failed answer kept in the error text
 CHECK_TTL_S = 10.0  # how long a destination check is trusted
+H_WEBHOOK_TENANT = "webhook-tenant"  # standard format: the tenant of a tenant's event
 
 
 @dataclass(slots=True)
@@ -93,7 +94,11 @@ def build_body(target: Target, event: Event) -> tuple[bytes, dict[str, str]]:
             headers["content-type"] = JSON
         return body, headers
     body = _dumps({"type": event.type, "timestamp": rfc3339(event), "data": event.json_data()})
-    return body, {"content-type": JSON}
+    headers = {"content-type": JSON}
+    tenant = event.extensions.get(EXT_TENANT)
+    if tenant is not None:  # a tenant's event (mesh.envelope.outward): its own header
+        headers[H_WEBHOOK_TENANT] = tenant
+    return body, headers
 
 
 class DestinationGuard:
