@@ -359,8 +359,16 @@ class Destination:
 
         async def stop() -> None:
             # A fetch that failed while the proxy was cut may surface here: it is over.
-            with contextlib.suppress(Exception):
+            # aiokafka's fetcher.close() cancels its own fetch task and can re-raise that
+            # CancelledError from stop(); only a cancellation of this task goes on.
+            try:
                 await consumer.stop()
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+            except Exception:  # teardown of the test's own consumer
+                pass
 
         self._stack.push_async_callback(stop)
         partitions = [TopicPartition(self.tag, p) for p in range(KAFKA_PARTITIONS)]
