@@ -342,8 +342,10 @@ class MeshClient:
         assert self._routes is not None
         return await self._routes.verdict(target, event, size=size, transform=transform)
 
-    async def record(self, rec: DeliveryRecord) -> None:
-        """Publish a delivery-attempt record (best effort: a failure is logged, not raised)."""
+    async def record(self, rec: DeliveryRecord) -> bool:
+        """Publish a delivery-attempt record; True once the broker has stored it (a
+        failure is logged, not raised: a caller that must not settle without the record
+        hands its message back instead)."""
         try:
             ack = await self.port.publish_acked(
                 self.subjects.delivery(rec.target), rec.to_bytes(), {"Nats-Msg-Id": rec.id}, 5.0
@@ -353,6 +355,8 @@ class MeshClient:
             error = str(exc) or type(exc).__name__
         if error is not None:
             log.warning("delivery record not published", target=rec.target, error=error)
+            return False
+        return True
 
     async def dead_letter(self, msg: Msg, target: str, error: str, attempts: int) -> None:
         """Copy a message to the DLQ with its reason. Raises if the DLQ did not take it."""

@@ -142,7 +142,7 @@ async def admit(
     decode: Callable[[Msg], Event],
     route: Callable[..., Awaitable[Verdict]],
     dead_letter: Callable[[Msg, str, str, int], Awaitable[None]],
-    record: Callable[[DeliveryRecord], Awaitable[None]],
+    record: Callable[[DeliveryRecord], Awaitable[object]],
     instance: str,
 ) -> Delivery | None:
     """Decode and check one message for ``target`` (``route`` is ``MeshClient.route_event``);

@@ -354,8 +354,9 @@ class TestMesh(MeshClient):
             return Verdict(skip=f"hop limit: {event.hops} > {self.settings.max_hops}")
         return Verdict(event=event)
 
-    async def record(self, rec: Any) -> None:
+    async def record(self, rec: Any) -> bool:
         self.records.append(rec)
+        return True
 
     async def dead_letter(self, msg: Any, target: str, error: str, attempts: int) -> None:
         self.dead_letters.append((target, error))

@@ -13,19 +13,17 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
-from mesh import envelope, tracing
 from mesh._nats.types import Msg, nats_errors
 from mesh.errors import DecodeError, MeshError
 from mesh.observability import METRICS
 from mesh.records import DeliveryRecord, Outcome
-from mesh.subjects import qualify
 from mesh.tokens import TokenClaims
 from services.bridge.frames import (
     CLOSE_ERROR,
@@ -35,6 +33,7 @@ from services.bridge.frames import (
     event_frame,
     to_json,
 )
+from services.bridge.publish import publish_frame
 
 if TYPE_CHECKING:
     from mesh.client import MeshClient
@@ -361,8 +360,8 @@ class Session:
                 await msg.ack_sync()
                 return None
             if verdict.event is None:
-                self._record(event.id, Outcome.SKIPPED, 0, error=verdict.skip)
-                await msg.ack_sync()
+                rec = self._rec(event.id, Outcome.SKIPPED, 0, error=verdict.skip)
+                await self._settle_recorded(msg, rec)
                 return None
             event = verdict.event
         except (MeshError, nats_errors.Error, OSError, TimeoutError) as exc:
@@ -386,10 +385,10 @@ class Session:
                 self.slow(f"no ack within {limit:g}s")
                 return
 
-    def _record(
+    def _rec(
         self, event_id: str, outcome: Outcome, attempt: int, error: str | None = None
-    ) -> None:
-        rec = DeliveryRecord(
+    ) -> DeliveryRecord:
+        return DeliveryRecord(
             event_id=event_id,
             target=self.spec.target,
             attempt=attempt,
@@ -398,9 +397,27 @@ class Session:
             instance=self.bridge.instance,
             tenant=self.spec.claims.tenant,
         )
-        task = asyncio.create_task(self.client.record(rec))
+
+    def _record(
+        self, event_id: str, outcome: Outcome, attempt: int, error: str | None = None
+    ) -> None:
+        """A record of what is settled already (a dead letter, stored first)."""
+        self._track(self.client.record(self._rec(event_id, outcome, attempt, error)))
+
+    def _track(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work)
         self.records.add(task)
         task.add_done_callback(self.records.discard)
+
+    async def _settle_recorded(self, msg: Msg, rec: DeliveryRecord) -> None:
+        """Ack ``msg`` once its record is stored, as the egress does; when the record
+        cannot be stored, hand the message back: it comes again (a duplicate the client
+        may see), never an acknowledged delivery without its record."""
+        with contextlib.suppress(Exception):
+            if await self.client.record(rec):
+                await msg.ack_sync()
+            else:
+                await msg.nak(delay=1.0)
 
     # Reading ------------------------------------------------------------------
 
@@ -417,7 +434,7 @@ class Session:
         elif "nak" in doc:
             await self._settle(doc["nak"], ack=False)
         elif "publish" in doc:
-            await self._publish(doc["publish"])
+            await self.send(await publish_frame(self.client, self.spec.claims, doc["publish"]))
         else:
             await self.send({"error": "unknown frame: expected ack, nak or publish"})
 
@@ -434,54 +451,15 @@ class Session:
             if p is None:
                 unknown.append(s)
                 continue
-            if ack:
-                await p.msg.ack()
-                self._record(p.event_id, Outcome.DELIVERED, int(p.msg.metadata.num_delivered or 1))
+            if ack:  # the record first, then the ack (in the background: reading goes on)
+                attempt = int(p.msg.metadata.num_delivered or 1)
+                rec = self._rec(p.event_id, Outcome.DELIVERED, attempt)
+                self._track(self._settle_recorded(p.msg, rec))
             else:
                 await p.msg.nak()
         self.room.set()
         if unknown:
             await self.send({"error": "not in flight on this connection", "seqs": unknown[:20]})
-
-    async def _publish(self, req: Any) -> None:
-        if not isinstance(req, dict):
-            await self.send({"error": "publish takes an object", "refused": "publish"})
-            return
-        claims = self.spec.claims
-        ref = req.get("ref")
-        source = req.get("source") or (claims.publish_as[0] if claims.publish_as else "")
-        answer: dict[str, Any] = {"refused": "publish"}
-        if ref is not None:
-            answer["ref"] = ref
-        if not isinstance(source, str) or not claims.may_publish_as(source):
-            answer["error"] = f"this token may not publish as {source!r}"
-            await self.send(answer)
-            return
-        event_type, event_id = req.get("type"), req.get("id")
-        if not isinstance(event_type, str) or (
-            event_id is not None and not isinstance(event_id, str)
-        ):
-            answer["error"] = "publish needs a string type (and an optional string id)"
-            await self.send(answer)
-            return
-        try:
-            event = self.client.build(
-                qualify(claims.tenant, source),  # a tenant's token publishes its sources
-                event_type,
-                req.get("data"),
-                id=event_id,
-                datacontenttype=envelope.JSON,
-            )
-            event.extensions.update(tracing.context_from_headers(req))  # the client's trace
-            new = await self.client.publish_event(event)
-        except MeshError as exc:
-            answer["error"] = str(exc)
-            await self.send(answer)
-            return
-        reply: dict[str, Any] = {"published": {"id": event.id, "duplicate": not new}}
-        if ref is not None:
-            reply["ref"] = ref
-        await self.send(reply)
 
     # Tail mode ----------------------------------------------------------------
 
