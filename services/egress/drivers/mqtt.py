@@ -8,6 +8,7 @@ Content Type property.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -43,7 +44,13 @@ class MqttDriver(Driver):
             timeout=self.target.timeout_s,
             tls_params=aiomqtt.TLSParameters() if tls else None,
         )
+        # A lost connection is reported to us by the next send or connect (and handled
+        # there); aiomqtt also keeps it in a future nobody awaits, which asyncio logs when
+        # it is collected ("Future exception was never retrieved"). Mark it seen, before
+        # connecting (a refused connect sets it too) and after (connecting renews it).
+        _mark_seen(client)
         await client.__aenter__()
+        _mark_seen(client)
         self._client = client
 
     async def _shut(self) -> None:
@@ -65,3 +72,14 @@ class MqttDriver(Driver):
         await self._client.publish(
             topic, body, qos=self.options.qos, properties=props, timeout=self.target.timeout_s
         )
+
+
+def _mark_seen(client: Any) -> None:
+    lost = getattr(client, "_disconnected", None)
+    if isinstance(lost, asyncio.Future):
+        lost.add_done_callback(_seen)
+
+
+def _seen(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
