@@ -35,29 +35,35 @@ async def test_scan_reads_every_message_in_order(client: MeshClient) -> None:
     assert set(got) == want
 
 
-@pytest.mark.parametrize("lost", ["answered after timeout", "lost mid-stream"])
-async def test_scan_rereads_what_a_timed_out_fetch_took(
-    client: MeshClient, monkeypatch: pytest.MonkeyPatch, lost: str
-) -> None:
-    want = await _publish(client, 300)
+def lose_a_batch(monkeypatch: pytest.MonkeyPatch, at: int, how: str) -> list[int]:
+    """Make the scan's ``at``-th fetch lose its batch, the way a fetch that timed out on
+    the client's side does: the server delivered it, the scan never sees it. ``how``:
+    "timeout" (that fetch raises) or "skip" (the next batch is handed out instead).
+    Returns a one-item list counting the fetches."""
     real_fetch = scan_module._fetch
-    calls = 0
+    calls = [0]
 
     async def lossy_fetch(sub: Any, batch: int) -> list[Any]:
-        nonlocal calls
-        calls += 1
+        calls[0] += 1
         msgs = await real_fetch(sub, batch)
-        if calls == 2:
-            if lost == "answered after timeout":
-                # The server delivered this batch, the client had given up waiting.
+        if calls[0] == at:
+            if how == "timeout":
                 raise TimeoutError
-            # The same, seen from the next fetch: this batch skips what a lost one took.
             msgs = await real_fetch(sub, batch)
         return msgs
 
     monkeypatch.setattr(scan_module, "_fetch", lossy_fetch)
+    return calls
+
+
+@pytest.mark.parametrize("how", ["timeout", "skip"])
+async def test_scan_rereads_what_a_timed_out_fetch_took(
+    client: MeshClient, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    want = await _publish(client, 300)
+    calls = lose_a_batch(monkeypatch, 2, how)
     got = await _scan_ids(client, batch=50)
-    assert calls > 2
+    assert calls[0] > 2
     assert len(got) == 300, f"the scan ended early or repeated: {len(got)} of 300"
     assert set(got) == want
 
@@ -66,18 +72,7 @@ async def test_scan_from_a_sequence_after_a_loss_keeps_its_start(
     client: MeshClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await _publish(client, 100)
-    real_fetch = scan_module._fetch
-    calls = 0
-
-    async def lossy_fetch(sub: Any, batch: int) -> list[Any]:
-        nonlocal calls
-        calls += 1
-        msgs = await real_fetch(sub, batch)
-        if calls == 1:
-            raise TimeoutError  # the very first batch lost: resume at the scan's own start
-        return msgs
-
-    monkeypatch.setattr(scan_module, "_fetch", lossy_fetch)
+    lose_a_batch(monkeypatch, 1, "timeout")  # the very first: resume at the scan's own start
     seqs = [
         m.metadata.sequence.stream
         async for m in client.port.scan(
