@@ -19,8 +19,11 @@ import functools
 import re
 from pathlib import Path
 
+import pytest
+
 import mesh
 from mesh import envelope
+from mesh.client import MeshClient
 from mesh.delivery import MessageHeaders
 from mesh.envelope import Event
 
@@ -219,3 +222,20 @@ def test_every_package_is_a_regular_one() -> None:
         and not (d / "__init__.py").is_file()
     )
     assert missing == []
+
+
+async def test_one_awaited_publish_path_answers_as_nats_py_would(client: MeshClient) -> None:
+    """``port.publish`` rides the same acked publisher as ``publish_acked`` and keeps
+    nats.py's answers: a PubAck (duplicates told), no stream, a refused expectation."""
+    import nats.js.errors as js_errors
+
+    subject = client.subjects.delivery("seam")
+    first = await client.port.publish(subject, b"{}", headers={"Nats-Msg-Id": "seam-1"})
+    again = await client.port.publish(subject, b"{}", headers={"Nats-Msg-Id": "seam-1"})
+    assert first.stream == client.names.sys and not first.duplicate
+    assert again.duplicate and again.seq == first.seq
+    with pytest.raises(js_errors.NoStreamResponseError):
+        await client.port.publish("nowhere.at.all", b"{}", timeout=2)
+    with pytest.raises(js_errors.APIError) as refused:
+        await client.port.publish(subject, b"{}", stream="NOT_THIS_ONE")
+    assert "expected stream" in (refused.value.description or "").lower()

@@ -4,7 +4,8 @@
 instead of nats.py's ``Client``/``JetStreamContext``. One implementation per path:
 
 - publish: ``publish_acked`` (awaited, cheap acks: ``AckedPublisher``), ``publish``
-  (awaited, raises nats.py's errors: dead letters, audit, DLQ tools), ``publish_many``
+  (the same publisher, the answer parsed and nats.py's errors raised: dead letters,
+  audit, DLQ tools, revocations with a TTL), ``publish_many``
   (a pipelined list), ``ack_window`` (pipelined one by one: replay) and ``pubpipe``
   (pipelined with retries: the egress's delivery records);
 - read: ``pull`` (a durable consumer, forever), ``scan`` (a stream range),
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -36,6 +38,7 @@ from nats.js.api import (
     AccountInfo,
     ConsumerConfig,
     ConsumerInfo,
+    Header,
     PubAck,
     RawStreamMsg,
     StreamConfig,
@@ -46,7 +49,7 @@ from nats.js.kv import KeyValue
 from mesh._nats.api import api_request
 from mesh._nats.buckets import open_bucket, read_all
 from mesh._nats.pipeline import PUBLISH_WINDOW, AckWindow, publish_pipelined
-from mesh._nats.pubpipe import AckedPublisher, PubPipe
+from mesh._nats.pubpipe import AckedPublisher, PubPipe, no_stream
 from mesh._nats.pull import pull_batches
 from mesh._nats.scan import SCAN_BATCH, scan
 from mesh.errors import BrokerError
@@ -56,6 +59,9 @@ if TYPE_CHECKING:
     from mesh.envelope import Event
 
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
+
+
+ACK_TIMEOUT_S = 5.0  # an awaited publish without a timeout of its own (nats.py's)
 
 
 class JetStreamPort:
@@ -188,11 +194,29 @@ class JetStreamPort:
         *,
         headers: dict[str, str] | None = None,
         timeout: float | None = None,
-        **kw: Any,
+        stream: str | None = None,
+        msg_ttl: float | None = None,
     ) -> PubAck:
-        """Publish and wait for the acknowledgement; nats.py's errors are raised.
-        ``kw``: nats.py's (``stream``, ``msg_ttl``)."""
-        return await self.js.publish(subject, body, headers=headers, timeout=timeout, **kw)
+        """Publish and wait for the acknowledgement, parsed; raises what nats.py's
+        ``js.publish`` raises (``NoStreamResponseError``, ``APIError``, a timeout).
+        ``stream``: the stream expected to store it; ``msg_ttl``: seconds (2.11+).
+        The same acked path as ``publish_acked`` (one implementation of an awaited
+        publish), where a caller checks the answer itself."""
+        hdr = dict(headers) if headers else {}
+        if stream is not None:
+            hdr[Header.EXPECTED_STREAM] = stream
+        if msg_ttl is not None:
+            hdr[Header.MSG_TTL] = str(int(msg_ttl))
+        msg = await self._acked.publish(subject, body, hdr or None, timeout or ACK_TIMEOUT_S)
+        if no_stream(msg):
+            raise js_errors.NoStreamResponseError
+        try:
+            resp = json.loads(msg.data)
+        except ValueError:
+            raise js_errors.APIError(description="unreadable acknowledgement") from None
+        if "error" in resp:
+            raise js_errors.APIError.from_error(resp["error"])
+        return PubAck.from_response(resp)
 
     async def publish_many(
         self,
