@@ -250,10 +250,10 @@ async def replay(
     pipe = client.port.ack_window(PUBLISH_WINDOW)
     max_hops = client.settings.max_hops
 
-    def count(new: int, dup: int) -> None:
-        result.published += new
-        result.duplicates += dup
-        state.published = result.published + result.duplicates
+    def count() -> None:
+        result.published = sum(pipe.new.values())
+        result.duplicates = pipe.duplicates
+        state.published = pipe.counted
 
     try:
         async for msg in client.port.scan(
@@ -303,10 +303,12 @@ async def replay(
                 subject = client.subjects.replay(target, source, etype)
                 if tracing.TRACER is not None:
                     tracing.replay_span(out, target, subject, event_id)
-                count(*await pipe.publish(subject, msg.data, out))
+                await pipe.publish(subject, msg.data, out)
+                count()
             if progress and (result.scanned % 64 == 0):
                 progress(state)
-        count(*await pipe.finish())
+        await pipe.finish()
+        count()
     finally:
         pipe.abandon()  # an error or an interrupt: nothing outstanding is waited for
     if progress:

@@ -1,9 +1,13 @@
-"""Pipelined JetStream publishes through nats.py's ``publish_async``: ``publish_pipelined``
-(``MeshClient.publish_many``) and ``AckWindow`` (replay, one message at a time).
+"""Pipelined JetStream publishes through nats.py's ``publish_async``, one implementation:
+``AckWindow`` keeps at most ``window`` acknowledgements outstanding and counts what the
+stream stored new (by a tag: the source) and what it had already; ``publish_pipelined``
+(``MeshClient.publish_many``) hands it a list in chunks, replay one message at a time.
 
 Messages go to the connection in chunks without yielding in between, so one socket
 write carries a chunk (with a stall timeout, nats.py's ``publish_async`` yields, and so
-writes, per message). At most ``window`` acknowledgements are outstanding.
+writes, per message; a stall is bounded by ``asyncio.timeout`` instead). Every message
+is acknowledged by the stream or the publish fails with a ``BrokerError``; nothing is
+counted before its acknowledgement.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from typing import Any
 import nats.errors as nats_errors
 import nats.js.errors as js_errors
 from nats.js import JetStreamContext
-from nats.js.api import PubAck
 
 from mesh.envelope import Event
 from mesh.errors import BrokerError, PayloadTooLarge
@@ -34,125 +37,117 @@ async def publish_pipelined(
     encode: Callable[[Event], Encoded],
     max_payload: int,
     *,
-    window: int = 1024,
-    timeout: float = 10.0,
+    window: int = PUBLISH_WINDOW,
+    timeout: float = PUBLISH_TIMEOUT_S,
 ) -> int:
     """Publish ``events``, each encoded by ``encode``; returns how many were new (not
     duplicates). Raises ``BrokerError`` when the broker refuses a message or stops
     answering; everything published before that stays published."""
-    window = max(1, window)
-    chunk = min(PUBLISH_CHUNK, window)
-    outstanding: deque[tuple[asyncio.Future[Any], str]] = deque()
-    new: Counter[str] = Counter()
+    pipe = AckWindow(js, window, timeout)
+    chunk = min(PUBLISH_CHUNK, pipe.window)
     try:
         for start in range(0, len(events), chunk):
             messages = [encode(event) for event in events[start : start + chunk]]
-            excess = len(outstanding) + len(messages) - window
-            if excess > 0:
-                await _collect(outstanding, excess, timeout, new)
+            await pipe.room(len(messages))
+            body = b""
             try:
                 async with asyncio.timeout(timeout):
                     for nats_subject, headers, body, source in messages:
-                        fut = await js.publish_async(nats_subject, body, headers=headers)
-                        outstanding.append((fut, source))
+                        await pipe.send(nats_subject, body, headers, source)
             except (TimeoutError, js_errors.TooManyStalledMsgsError):
                 raise BrokerError(f"publish stalled for {timeout}s") from None
             except nats_errors.MaxPayloadError:
                 raise PayloadTooLarge(len(body), max_payload) from None
             await asyncio.sleep(0)  # the flusher writes this chunk in one go
-        await _collect(outstanding, len(outstanding), timeout, new)
+        await pipe.finish()
     finally:
-        for fut, _ in outstanding:  # after an error: no "exception never retrieved"
-            fut.add_done_callback(_retrieve)
-        for source, n in new.items():
+        pipe.abandon()
+        for source, n in pipe.new.items():
             METRICS.events_published.labels(source).inc(n)
-    return sum(new.values())
+    return sum(pipe.new.values())
 
 
-async def _collect(
-    outstanding: deque[tuple[asyncio.Future[Any], str]],
-    n: int,
-    timeout: float,
-    new: Counter[str],
-) -> None:
-    """Wait for the oldest ``n`` acknowledgements; count the new events by source."""
-    if n <= 0:
-        return
-    oldest = [outstanding.popleft() for _ in range(n)]
-    _, late = await asyncio.wait([fut for fut, _ in oldest], timeout=timeout)
-    error: BrokerError | None = None
-    if late:
-        error = BrokerError(f"{len(late)} publish acknowledgements timed out after {timeout}s")
-    for fut, source in oldest:
-        if error is not None:
-            fut.add_done_callback(_retrieve)
-            continue
-        exc = fut.exception()
-        if isinstance(exc, js_errors.NoStreamResponseError):
+class AckWindow:
+    """Publishes in order with at most ``window`` acknowledgements outstanding; ``new``
+    counts what the stream stored new by tag, ``duplicates`` what it had already."""
+
+    def __init__(
+        self, js: JetStreamContext, window: int = PUBLISH_WINDOW, timeout: float = PUBLISH_TIMEOUT_S
+    ) -> None:
+        self.js = js
+        self.window = max(1, window)
+        self.timeout = timeout
+        self.new: Counter[str] = Counter()
+        self.duplicates = 0
+        self._out: deque[tuple[asyncio.Future[Any], str]] = deque()
+
+    @property
+    def counted(self) -> int:
+        return sum(self.new.values()) + self.duplicates
+
+    async def publish(
+        self, subject: str, body: bytes, headers: dict[str, str], tag: str = ""
+    ) -> None:
+        """One message, waiting first for room in the window (the oldest half settles)."""
+        if len(self._out) >= self.window:
+            await self._collect(max(1, len(self._out) // 2))
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.send(subject, body, headers, tag)
+        except (TimeoutError, js_errors.TooManyStalledMsgsError):
+            raise BrokerError(f"publish stalled for {self.timeout}s") from None
+
+    async def room(self, n: int) -> None:
+        """Settle the oldest acknowledgements until ``n`` more messages fit."""
+        await self._collect(len(self._out) + n - self.window)
+
+    async def send(self, subject: str, body: bytes, headers: dict[str, str], tag: str) -> None:
+        """Hand one message to the connection (the caller keeps to the window)."""
+        fut = await self.js.publish_async(subject, body, headers=headers)
+        self._out.append((fut, tag))
+
+    async def finish(self) -> None:
+        await self._collect(len(self._out))
+
+    async def _collect(self, n: int) -> None:
+        """Wait for the oldest ``n`` acknowledgements and count them."""
+        if n <= 0:
+            return
+        oldest = [self._out.popleft() for _ in range(min(n, len(self._out)))]
+        _, late = await asyncio.wait([fut for fut, _ in oldest], timeout=self.timeout)
+        error: BrokerError | None = None
+        if late:
             error = BrokerError(
-                "no stream stores mesh events: run `mesh init` (or `mesh up`) first"
+                f"{len(late)} publish acknowledgements timed out after {self.timeout}s"
             )
-        elif exc is not None:
-            error = BrokerError(f"publish refused: {exc}")
-        elif not fut.result().duplicate:
-            new[source] += 1
-    if error is not None:
-        raise error
+        for fut, tag in oldest:
+            if error is not None:
+                fut.add_done_callback(_retrieve)
+                continue
+            exc = fut.exception()
+            if isinstance(exc, js_errors.NoStreamResponseError):
+                error = BrokerError(
+                    "no stream stores mesh events: run `mesh init` (or `mesh up`) first"
+                )
+            elif exc is not None:
+                why = getattr(exc, "description", None) or exc
+                error = BrokerError(f"publish refused: {why}")
+            elif fut.result().duplicate:
+                self.duplicates += 1
+            else:
+                self.new[tag] += 1
+        if error is not None:
+            raise error
+
+    def abandon(self) -> None:
+        """After an error or an interrupt: nothing outstanding is waited for (and no
+        "exception never retrieved" from what is still to come)."""
+        while self._out:
+            fut, _ = self._out.popleft()
+            fut.add_done_callback(_retrieve)
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:
     """Mark a future's exception as seen (asyncio logs unretrieved ones)."""
     if not fut.cancelled():
         fut.exception()
-
-
-class AckWindow:
-    """Publishes in order with up to ``window`` acknowledgements outstanding.
-
-    Every message is acknowledged by the stream (counted new or duplicate) or the
-    replay fails with a ``BrokerError``; nothing is reported done before its ack.
-    """
-
-    def __init__(self, js: JetStreamContext, window: int = PUBLISH_WINDOW) -> None:
-        self.js = js
-        self.window = window
-        self.futures: deque[asyncio.Future[PubAck]] = deque()
-
-    async def publish(self, subject: str, body: bytes, headers: dict[str, str]) -> tuple[int, int]:
-        try:
-            fut = await self.js.publish_async(
-                subject, body, headers=headers, wait_stall=PUBLISH_TIMEOUT_S
-            )
-        except js_errors.TooManyStalledMsgsError:
-            raise BrokerError("replay publish acknowledgements timed out") from None
-        self.futures.append(fut)
-        if len(self.futures) < self.window:
-            return 0, 0
-        return await self._settle(len(self.futures) // 2)
-
-    async def finish(self) -> tuple[int, int]:
-        return await self._settle(len(self.futures))
-
-    async def _settle(self, n: int) -> tuple[int, int]:
-        new = dup = 0
-        try:
-            for _ in range(n):
-                ack = await asyncio.wait_for(self.futures[0], PUBLISH_TIMEOUT_S)
-                self.futures.popleft()
-                if ack.duplicate:
-                    dup += 1
-                else:
-                    new += 1
-        except (TimeoutError, nats_errors.TimeoutError):
-            self.abandon()
-            raise BrokerError("replay publish acknowledgements timed out") from None
-        except js_errors.APIError as exc:
-            self.abandon()
-            raise BrokerError(f"replay publish refused: {exc.description or exc}") from None
-        return new, dup
-
-    def abandon(self) -> None:
-        while self.futures:
-            fut = self.futures.popleft()
-            if not fut.done():
-                fut.cancel()
