@@ -177,6 +177,7 @@ async def _write(
                 "replicas": meta["config"].get("num_replicas", 1),
             }
     phases["streams"] = time.monotonic() - mark
+    writer.sync_soon()
     mark = time.monotonic()
     url = settings.db_url
     db_backend = tables.backend(url)
