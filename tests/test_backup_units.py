@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from mesh.backup import SealError, list_archives, verify_archive
+from mesh._nats.types import connect
+from mesh.backup import SealError, create_backup, jetstream, list_archives, verify_archive
 from mesh.backup.archive import prune_archives
 from mesh.backup.schedule import parse_every
 from mesh.backup.seal import seal, unseal
@@ -109,3 +111,53 @@ def test_the_backup_service_needs_a_schedule_and_a_passphrase(tmp_path: Path) ->
         Backup(Settings(home=tmp_path))
     with pytest.raises(ValidationError, match="unsealed"):
         Backup(Settings(home=tmp_path, backup_every="1h"))
+
+
+@pytest.mark.timeout(60)
+async def test_consumer_marks_move_with_a_delivery_and_an_ack(
+    settings: Settings, client: MeshClient
+) -> None:
+    """What says whether the SQLite copy taken beside the snapshots is kept."""
+    await client.publish("app", "x", 1)
+    await client.publish("app", "x", 2)
+    nc = await connect(servers=[settings.nats_url])
+    try:
+        js = nc.jetstream()
+        sub = await js.pull_subscribe("mesh.evt.>", durable="marks-test", stream="MESH_EVENTS")
+        streams = ["MESH_EVENTS"]
+        first = await jetstream.consumer_marks(nc, streams)
+        assert "MESH_EVENTS/marks-test" in first
+        assert await jetstream.consumer_marks(nc, streams) == first  # nothing happened
+        (msg,) = await sub.fetch(1, timeout=5)
+        delivered = await jetstream.consumer_marks(nc, streams)
+        assert delivered != first
+        await msg.ack_sync()
+        assert await jetstream.consumer_marks(nc, streams) != delivered
+    finally:
+        await nc.close()
+
+
+@pytest.mark.timeout(60)
+async def test_the_sqlite_copy_is_taken_again_when_a_consumer_moved(
+    settings: Settings, client: MeshClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await client.publish("app", "x", 1)
+    async with migrated_store(settings.db_url):
+        pass
+    kept = await create_backup(settings, tmp_path / "a", b"a long passphrase")
+    assert "tables_again" not in kept.phases  # a quiet mesh: the early copy is kept
+    calls = 0
+    real = jetstream.consumer_marks
+
+    async def moving(nc: Any, streams: list[str]) -> dict[str, tuple[Any, ...]]:
+        nonlocal calls
+        calls += 1
+        marks = await real(nc, streams)
+        return {**marks, "X/sink": (calls,)}  # as if the sink acked during the snapshots
+
+    monkeypatch.setattr(jetstream, "consumer_marks", moving)
+    again = await create_backup(settings, tmp_path / "b", b"a long passphrase")
+    assert calls == 2
+    assert "tables_again" in again.phases
+    checked = verify_archive(again.path, b"a long passphrase")
+    assert checked.manifest["tables"] == kept.manifest["tables"]

@@ -77,6 +77,35 @@ async def mesh_streams(js: JetStreamContext, prefix: str) -> list[str]:
     )
 
 
+async def consumer_marks(nc: NATS, streams: list[str]) -> dict[str, tuple[Any, ...]]:
+    """Where every consumer of ``streams`` stands: ``stream/consumer`` -> its marks.
+
+    Equal marks at two moments mean no consumer acked or was delivered anything in
+    between: a delivery moves ``delivered.consumer_seq`` forward, and with none, an
+    ack can only lower the pending count or raise the floor.
+    """
+    marks: dict[str, tuple[Any, ...]] = {}
+    for stream in streams:
+        offset = 0
+        while True:
+            doc = await _api(nc, f"$JS.API.CONSUMER.LIST.{stream}", {"offset": offset})
+            page = doc.get("consumers") or []
+            for ci in page:
+                d, a = ci.get("delivered", {}), ci.get("ack_floor", {})
+                marks[f"{stream}/{ci['name']}"] = (
+                    ci.get("created"),
+                    d.get("consumer_seq"),
+                    d.get("stream_seq"),
+                    a.get("consumer_seq"),
+                    a.get("stream_seq"),
+                    ci.get("num_ack_pending"),
+                )
+            offset += len(page)
+            if not page or offset >= int(doc.get("total", 0)):
+                break
+    return marks
+
+
 async def _api(nc: NATS, subject: str, body: dict[str, Any]) -> dict[str, Any]:
     try:
         reply = await nc.request(subject, json.dumps(body).encode(), timeout=API_TIMEOUT_S)
