@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+import services.backup.service as service_module
 from mesh._nats.types import connect
 from mesh.backup import SealError, create_backup, jetstream, list_archives, verify_archive
 from mesh.backup.archive import prune_archives
@@ -84,7 +85,7 @@ def test_prune_keeps_the_newest(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_the_backup_service_writes_on_schedule_and_keeps_n(
-    settings: Settings, client: MeshClient, tmp_path: Path
+    settings: Settings, client: MeshClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     passfile = tmp_path / "pass"
     passfile.write_text("a long passphrase\n")
@@ -96,8 +97,18 @@ async def test_the_backup_service_writes_on_schedule_and_keeps_n(
     await client.publish("app", "x", 1)
     started = time.time()
     svc = Backup(s)
+    derived = 0
+    real = service_module.derive
+
+    def counting(passphrase: bytes) -> Any:
+        nonlocal derived
+        derived += 1
+        return real(passphrase)
+
+    monkeypatch.setattr(service_module, "derive", counting)
     async with running(svc):
         await eventually(lambda: svc.rounds >= 3, timeout=90, interval=0.2, what="3 backups")
+    assert derived == 1  # the key is derived once and kept for every round
     kept = list_archives(s.backups_dir)
     assert len(kept) == 2
     assert LAST_SUCCESS._value.get() >= started
