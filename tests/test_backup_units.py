@@ -3,6 +3,8 @@ and the scheduled backup service against a real broker."""
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,14 @@ import pytest
 import services.backup.service as service_module
 from mesh._nats.types import connect
 from mesh.backup import SealError, create_backup, jetstream, list_archives, verify_archive
-from mesh.backup.archive import prune_archives
+from mesh.backup.archive import (
+    FORMAT,
+    SQLITE_MEMBER,
+    ArchiveReader,
+    ArchiveWriter,
+    prune_archives,
+    sha256_file,
+)
 from mesh.backup.schedule import parse_every
 from mesh.backup.seal import seal, unseal
 from mesh.client import MeshClient
@@ -172,3 +181,27 @@ async def test_the_sqlite_copy_is_taken_again_when_a_consumer_moved(
     assert "tables_again" in again.phases
     checked = verify_archive(again.path, b"a long passphrase")
     assert checked.manifest["tables"] == kept.manifest["tables"]
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_a_file_goes_into_the_archive_whole_with_or_without_copy_file_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: bool
+) -> None:
+    if not kernel:
+
+        def refuse(*args: Any) -> int:
+            raise OSError(errno.EXDEV, "cross-device")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    writer = ArchiveWriter(tmp_path, "a.tar")
+    (writer.staging / "tables").mkdir()
+    (writer.staging / SQLITE_MEMBER).write_bytes(data)
+    writer.put("first", b"x" * 100)
+    writer.add_file(SQLITE_MEMBER, sha256_file(writer.staging / SQLITE_MEMBER))
+    writer.put("last", b"y")
+    path = writer.finish({"format": FORMAT})
+    with ArchiveReader(path) as reader:
+        assert reader.check_files() == len(data) + 101
+        assert reader.read(SQLITE_MEMBER) == data
+        assert reader.read("last") == b"y"

@@ -20,6 +20,7 @@ complete: a half-written archive never looks like a backup.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -137,13 +138,9 @@ class ArchiveWriter:
             return
         with path.open("rb") as f, self.member(name, sha256) as out:
             self._out.flush()
-            fd, size, done = self._out.fileno(), os.fstat(f.fileno()).st_size, 0
+            size = os.fstat(f.fileno()).st_size
             start = self._out.tell()
-            while done < size:
-                n = os.copy_file_range(f.fileno(), fd, size - done, offset_dst=start + done)
-                if n == 0:
-                    raise OSError(f"{path} ended at {done} of {size} bytes")
-                done += n
+            _copy_into(f.fileno(), self._out.fileno(), start, size)
             self._out.seek(start + size)  # the buffered writer's idea of the offset
             out.size = size
             self._wrote(size)
@@ -199,6 +196,26 @@ class ArchiveWriter:
             self._out.close()
         shutil.rmtree(self.staging, ignore_errors=True)
         self.partial.unlink(missing_ok=True)
+
+
+def _copy_into(src: int, dst: int, start: int, size: int) -> None:
+    """``size`` bytes of ``src`` to ``dst`` at ``start``: in the kernel where it can."""
+    done = 0
+    if hasattr(os, "copy_file_range"):  # Linux
+        try:
+            while done < size:
+                n = os.copy_file_range(src, dst, size - done, done, start + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError as exc:  # another filesystem, an old kernel: copy it here
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+    while done < size:
+        chunk = os.pread(src, min(READ_CHUNK, size - done), done)
+        if not chunk:
+            raise OSError(f"the file ended at {done} of {size} bytes")
+        done += os.pwrite(dst, chunk, start + done)
 
 
 def sha256_file(path: Path) -> str:

@@ -45,7 +45,7 @@ CHUNK_SIZE = 128 * 1024  # restore chunks (each one a request the server answers
 #: Snapshot chunks and the window of unacked ones: the largest the server takes (it
 #: clamps ``chunk_size`` to 1 KiB..1 MiB and ``window_size`` to 1 KiB..32 MiB).
 SNAPSHOT_CHUNK = 1024 * 1024
-SNAPSHOT_WINDOW = 32 * 1024 * 1024
+SNAPSHOT_WINDOW = 32 * 1024 * 1024  # under nats.py's 64 MiB of pending bytes per subscription
 #: Chunks handed to the writer thread and not yet written; past it, acks wait.
 WRITE_AHEAD = 8
 CHUNK_TIMEOUT_S = 30.0
