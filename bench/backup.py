@@ -1,6 +1,6 @@
 """Backup and restore of a mesh holding N events: time, archive size, read rate.
 
-    python -m bench.backup [--quick] [--events N]
+    python -m bench.backup [--quick] [--events N] [--repeat R]
 
 1. A scratch mesh (its own nats-server, SQLite) gets N events (100,000 by default;
    20,000 with ``--quick``; 1,000,000 with ``--events 1000000``) on MESH_EVENTS and
@@ -17,6 +17,10 @@
    tables, keys: the rest of the key derivation, finish: the fsync) are printed.
 4. ``restore_archive`` into a second, empty home (its own nats-server) and database:
    time against the copy, verification of the whole archive included.
+
+``--repeat R`` (default 1) takes the raw read and the backup R times each and keeps
+the best of each: on a shared machine (the load average is printed) one figure is
+mostly the neighbours' noise.
 
 The backup itself reads through the page cache (nats-server and SQLite read their
 own files), so on a machine with the memory it beats the disk; the ratio says how
@@ -123,13 +127,18 @@ async def run(args: argparse.Namespace) -> list[Result]:
             await store.close()
         db_file = Path(s.db_url.removeprefix("sqlite:///"))
         store_dir = mesh.broker.store_dir
+        repeat = max(1, args.repeat)
+        load = "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+        print(f"  {load}, {os.cpu_count()} CPUs, best of {repeat}", flush=True)
         t0 = time.perf_counter()
         raw_bytes = await asyncio.to_thread(read_all, [store_dir, db_file], False)
         cached_rate = raw_bytes / (time.perf_counter() - t0) / MB
         try:
-            t0 = time.perf_counter()
-            await asyncio.to_thread(read_all, [store_dir, db_file], True)
-            raw_s = time.perf_counter() - t0
+            raw_s = float("inf")
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                await asyncio.to_thread(read_all, [store_dir, db_file], True)
+                raw_s = min(raw_s, time.perf_counter() - t0)
             raw_name = "disk (O_DIRECT)"
         except OSError:  # tmpfs and some others: no O_DIRECT; the page cache it is
             raw_s = raw_bytes / cached_rate / MB
@@ -140,6 +149,12 @@ async def run(args: argparse.Namespace) -> list[Result]:
         shutil.rmtree(mesh.tmp / "copy", ignore_errors=True)
         out = mesh.tmp / "archives"
         result = await create_backup(s, out, PASSPHRASE)
+        for _ in range(repeat - 1):
+            again = await create_backup(s, out, PASSPHRASE)
+            print(f"  backup {again.seconds:.2f}s, before {result.seconds:.2f}s", flush=True)
+            best, other = (again, result) if again.seconds < result.seconds else (result, again)
+            other.path.unlink()
+            result = best
         read_rate = raw_bytes / result.seconds / MB
         raw_rate = raw_bytes / raw_s / MB
         restored_s = await restore_elsewhere(result.path)
@@ -154,7 +169,7 @@ async def run(args: argparse.Namespace) -> list[Result]:
                 copy_s,
                 "copy of store + db",
                 higher_is_better=False,
-                note=f"{n:,} events; {phases}",
+                note=f"{n:,} events; {phases}; {load}",
             )
         ),
         report(
@@ -209,6 +224,7 @@ async def restore_elsewhere(archive: Path) -> float:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--events", type=int, default=None, help="events (default 100,000)")
+    p.add_argument("--repeat", type=int, default=1, help="best of R backups and raw reads")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,13 +3,25 @@ and the scheduled backup service against a real broker."""
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from mesh.backup import SealError, list_archives, verify_archive
-from mesh.backup.archive import prune_archives
+import services.backup.service as service_module
+from mesh._nats.types import connect
+from mesh.backup import SealError, create_backup, jetstream, list_archives, verify_archive
+from mesh.backup.archive import (
+    FORMAT,
+    SQLITE_MEMBER,
+    ArchiveReader,
+    ArchiveWriter,
+    prune_archives,
+    sha256_file,
+)
 from mesh.backup.schedule import parse_every
 from mesh.backup.seal import seal, unseal
 from mesh.client import MeshClient
@@ -82,7 +94,7 @@ def test_prune_keeps_the_newest(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_the_backup_service_writes_on_schedule_and_keeps_n(
-    settings: Settings, client: MeshClient, tmp_path: Path
+    settings: Settings, client: MeshClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     passfile = tmp_path / "pass"
     passfile.write_text("a long passphrase\n")
@@ -94,8 +106,18 @@ async def test_the_backup_service_writes_on_schedule_and_keeps_n(
     await client.publish("app", "x", 1)
     started = time.time()
     svc = Backup(s)
+    derived = 0
+    real = service_module.derive
+
+    def counting(passphrase: bytes) -> Any:
+        nonlocal derived
+        derived += 1
+        return real(passphrase)
+
+    monkeypatch.setattr(service_module, "derive", counting)
     async with running(svc):
         await eventually(lambda: svc.rounds >= 3, timeout=90, interval=0.2, what="3 backups")
+    assert derived == 1  # the key is derived once and kept for every round
     kept = list_archives(s.backups_dir)
     assert len(kept) == 2
     assert LAST_SUCCESS._value.get() >= started
@@ -109,3 +131,77 @@ def test_the_backup_service_needs_a_schedule_and_a_passphrase(tmp_path: Path) ->
         Backup(Settings(home=tmp_path))
     with pytest.raises(ValidationError, match="unsealed"):
         Backup(Settings(home=tmp_path, backup_every="1h"))
+
+
+@pytest.mark.timeout(60)
+async def test_consumer_marks_move_with_a_delivery_and_an_ack(
+    settings: Settings, client: MeshClient
+) -> None:
+    """What says whether the SQLite copy taken beside the snapshots is kept."""
+    await client.publish("app", "x", 1)
+    await client.publish("app", "x", 2)
+    nc = await connect(servers=[settings.nats_url])
+    try:
+        js = nc.jetstream()
+        sub = await js.pull_subscribe("mesh.evt.>", durable="marks-test", stream="MESH_EVENTS")
+        streams = ["MESH_EVENTS"]
+        first = await jetstream.consumer_marks(nc, streams)
+        assert "MESH_EVENTS/marks-test" in first
+        assert await jetstream.consumer_marks(nc, streams) == first  # nothing happened
+        (msg,) = await sub.fetch(1, timeout=5)
+        delivered = await jetstream.consumer_marks(nc, streams)
+        assert delivered != first
+        await msg.ack_sync()
+        assert await jetstream.consumer_marks(nc, streams) != delivered
+    finally:
+        await nc.close()
+
+
+@pytest.mark.timeout(60)
+async def test_the_sqlite_copy_is_taken_again_when_a_consumer_moved(
+    settings: Settings, client: MeshClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await client.publish("app", "x", 1)
+    async with migrated_store(settings.db_url):
+        pass
+    kept = await create_backup(settings, tmp_path / "a", b"a long passphrase")
+    assert "tables_again" not in kept.phases  # a quiet mesh: the early copy is kept
+    calls = 0
+    real = jetstream.consumer_marks
+
+    async def moving(nc: Any, streams: list[str]) -> dict[str, tuple[Any, ...]]:
+        nonlocal calls
+        calls += 1
+        marks = await real(nc, streams)
+        return {**marks, "X/sink": (calls,)}  # as if the sink acked during the snapshots
+
+    monkeypatch.setattr(jetstream, "consumer_marks", moving)
+    again = await create_backup(settings, tmp_path / "b", b"a long passphrase")
+    assert calls == 2
+    assert "tables_again" in again.phases
+    checked = verify_archive(again.path, b"a long passphrase")
+    assert checked.manifest["tables"] == kept.manifest["tables"]
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_a_file_goes_into_the_archive_whole_with_or_without_copy_file_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: bool
+) -> None:
+    if not kernel:
+
+        def refuse(*args: Any) -> int:
+            raise OSError(errno.EXDEV, "cross-device")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    writer = ArchiveWriter(tmp_path, "a.tar")
+    (writer.staging / "tables").mkdir()
+    (writer.staging / SQLITE_MEMBER).write_bytes(data)
+    writer.put("first", b"x" * 100)
+    writer.add_file(SQLITE_MEMBER, sha256_file(writer.staging / SQLITE_MEMBER))
+    writer.put("last", b"y")
+    path = writer.finish({"format": FORMAT})
+    with ArchiveReader(path) as reader:
+        assert reader.check_files() == len(data) + 101
+        assert reader.read(SQLITE_MEMBER) == data
+        assert reader.read("last") == b"y"

@@ -32,14 +32,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any, Protocol
 
 from mesh._nats.types import NATS, JetStreamContext, Msg
 from mesh.errors import BrokerError
 from mesh.streams import StreamNames
 
-CHUNK_SIZE = 128 * 1024
+CHUNK_SIZE = 128 * 1024  # restore chunks (each one a request the server answers)
+#: Snapshot chunks and the window of unacked ones: the largest the server takes (it
+#: clamps ``chunk_size`` to 1 KiB..1 MiB and ``window_size`` to 1 KiB..32 MiB).
+SNAPSHOT_CHUNK = 1024 * 1024
+SNAPSHOT_WINDOW = 32 * 1024 * 1024  # under nats.py's 64 MiB of pending bytes per subscription
+#: Chunks handed to the writer thread and not yet written; past it, acks wait.
+WRITE_AHEAD = 8
 CHUNK_TIMEOUT_S = 30.0
 API_TIMEOUT_S = 10.0
 
@@ -69,6 +77,35 @@ async def mesh_streams(js: JetStreamContext, prefix: str) -> list[str]:
     )
 
 
+async def consumer_marks(nc: NATS, streams: list[str]) -> dict[str, tuple[Any, ...]]:
+    """Where every consumer of ``streams`` stands: ``stream/consumer`` -> its marks.
+
+    Equal marks at two moments mean no consumer acked or was delivered anything in
+    between: a delivery moves ``delivered.consumer_seq`` forward, and with none, an
+    ack can only lower the pending count or raise the floor.
+    """
+    marks: dict[str, tuple[Any, ...]] = {}
+    for stream in streams:
+        offset = 0
+        while True:
+            doc = await _api(nc, f"$JS.API.CONSUMER.LIST.{stream}", {"offset": offset})
+            page = doc.get("consumers") or []
+            for ci in page:
+                d, a = ci.get("delivered", {}), ci.get("ack_floor", {})
+                marks[f"{stream}/{ci['name']}"] = (
+                    ci.get("created"),
+                    d.get("consumer_seq"),
+                    d.get("stream_seq"),
+                    a.get("consumer_seq"),
+                    a.get("stream_seq"),
+                    ci.get("num_ack_pending"),
+                )
+            offset += len(page)
+            if not page or offset >= int(doc.get("total", 0)):
+                break
+    return marks
+
+
 async def _api(nc: NATS, subject: str, body: dict[str, Any]) -> dict[str, Any]:
     try:
         reply = await nc.request(subject, json.dumps(body).encode(), timeout=API_TIMEOUT_S)
@@ -79,6 +116,36 @@ async def _api(nc: NATS, subject: str, body: dict[str, Any]) -> dict[str, Any]:
     if err:
         raise BrokerError(f"{subject}: {err.get('description', err)}")
     return doc
+
+
+class _ChunkWriter:
+    """Writes chunks to ``out`` in order on a thread of its own, a few ahead at most.
+
+    The event loop goes on receiving (and acking) chunks while the last ones are
+    hashed and written; ``put`` waits once ``WRITE_AHEAD`` are queued, which holds
+    back the acks and so the server.
+    """
+
+    def __init__(self, out: Writer) -> None:
+        self._out = out
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-snapshot")
+        self._pending: deque[Future[int]] = deque()
+
+    async def put(self, data: bytes) -> None:
+        self._pending.append(self._pool.submit(self._out.write, data))
+        while self._pending and self._pending[0].done():
+            self._pending.popleft().result()  # raises a write's error
+        if len(self._pending) >= WRITE_AHEAD:
+            await asyncio.wrap_future(self._pending.popleft())
+
+    async def drain(self) -> None:
+        while self._pending:
+            await asyncio.wrap_future(self._pending.popleft())
+
+    def close(self) -> None:
+        for f in self._pending:
+            f.cancel()
+        self._pool.shutdown(wait=True)
 
 
 async def snapshot(
@@ -92,11 +159,16 @@ async def snapshot(
         await queue.put(msg)
 
     sub = await nc.subscribe(inbox, cb=on_chunk)
+    writer = _ChunkWriter(out)
     try:
         meta = await _api(
             nc,
             f"$JS.API.STREAM.SNAPSHOT.{stream}",
-            {"deliver_subject": inbox, "chunk_size": CHUNK_SIZE},
+            {
+                "deliver_subject": inbox,
+                "chunk_size": SNAPSHOT_CHUNK,
+                "window_size": SNAPSHOT_WINDOW,
+            },
         )
         size = 0
         while True:
@@ -110,13 +182,15 @@ async def snapshot(
                 raise BrokerError(f"the snapshot of {stream} failed: {what}")
             if not msg.data:
                 break
-            await asyncio.to_thread(out.write, msg.data)
+            await writer.put(msg.data)
             size += len(msg.data)
             if msg.reply:
                 await nc.publish(msg.reply, b"")
             if progress:
                 progress(size)
+        await writer.drain()
     finally:
+        writer.close()
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
     return {"config": meta["config"], "state": meta["state"]}

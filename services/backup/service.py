@@ -18,6 +18,7 @@ from prometheus_client import Counter, Gauge
 
 from mesh.backup import read_passphrase
 from mesh.backup.schedule import backup_round, parse_every
+from mesh.backup.seal import SealingKey, derive
 from mesh.config import Settings
 from mesh.errors import ConfigError, MeshError
 from mesh.observability import METRICS
@@ -48,6 +49,7 @@ class Backup(Service):
             raise ConfigError("the backup service needs MESH_BACKUP_EVERY (e.g. 1h)")
         self.every_s = parse_every(settings.backup_every)
         self.passphrase = read_passphrase(settings.backup_passphrase_file)
+        self._key: SealingKey | None = None  # derived once, on the first round
         self.last: dict[str, Any] = {}
         self.rounds = 0  # successful ones
         self._wake = asyncio.Event()
@@ -73,7 +75,9 @@ class Backup(Service):
     async def round(self) -> None:
         started = time.monotonic()
         try:
-            result, removed = await backup_round(self.settings, self.passphrase)
+            if self._key is None:
+                self._key = await asyncio.to_thread(derive, self.passphrase)
+            result, removed = await backup_round(self.settings, self.passphrase, key=self._key)
         except (MeshError, OSError) as exc:
             FAILURES.inc()
             self.last = {"last_error": str(exc)}
