@@ -84,3 +84,23 @@ async def test_no_ack_before_the_records_are_stored(
     stored = {r.event_id for m in msgs for r in read_delivery_message(m.data)[0]}
     assert stored == set(ids)
     assert set(rx.ids()) == set(ids)
+
+
+async def test_a_batch_with_nothing_to_send_still_records_and_acks(
+    settings: Settings, client: MeshClient, rx: Receiver
+) -> None:
+    """Skipped and dead-lettered messages settle in the admission step: their records go
+    out (and they are acked) even when the batch sends nothing at all."""
+    await add_webhook(client, "hook", rx.url, source="nobody")
+    await client.add_propagation("unidirectional", "shop", ["hook"], filter="data.keep <> FALSE")
+    egress = WebhookEgress(settings, fetch_expires_s=FETCH_S)
+    await egress.start()
+    try:
+        skipped = await client.publish("shop", "x", {"keep": False})
+        records = await eventually(lambda: _records_of(client, "hook", 1), 10, "its record")
+        await eventually(lambda: _drained(client, "hook"), 10, "the skipped event acked")
+    finally:
+        await egress.stop()
+    [rec] = [r for m in records for r in read_delivery_message(m.data)[0]]
+    assert (rec.event_id, rec.outcome) == (skipped, "skipped")
+    assert not rx.requests

@@ -164,6 +164,7 @@ class BatchDelivery:
                 await self._flush(out)
                 if task is not None:
                     self.sending.discard(task)
+            await self._flush(out)  # a batch of dead letters and skips only sends nothing
         except asyncio.CancelledError:
             if probe:
                 self.circuit.release_probe()
