@@ -1,10 +1,16 @@
 """Records the services exchange: delivery attempts and dead letters.
 
 A delivery attempt is a JSON object on ``<prefix>.sys.delivery.<target>``
-(``Nats-Msg-Id`` = its ``id``). A dead letter is the original event message,
-headers and (still encrypted) body untouched, republished on
-``<prefix>.dlq.<target>`` with ``mesh-dlq-*`` headers saying why, so that a
-replay can put it back exactly as it was. A change made through the HTTP API
+(``Nats-Msg-Id`` = its ``id``). The egress settles a fetched batch together and
+publishes its attempts as one message (``{"v": 2, "records": [...]}``, each
+element a record as above, ``Nats-Msg-Id`` = ``b-`` + a batch id): one stream
+write and one acknowledgement per batch instead of per attempt. Readers take both
+shapes (``read_records``); single records are still what the other publishers
+(the bridge, ``MeshClient.consume``) write, and what older egresses wrote.
+
+A dead letter is the original event message, headers and (still encrypted) body
+untouched, republished on ``<prefix>.dlq.<target>`` with ``mesh-dlq-*`` headers
+saying why, so that a replay can put it back exactly as it was. A change made through the HTTP API
 is an ``AuditRecord`` (JSON) on ``<prefix>.sys.audit.<entity kind>``, which the
 sink appends to ``audit_log``.
 """
@@ -12,6 +18,7 @@ sink appends to ``audit_log``.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -21,6 +28,20 @@ from typing import Any
 
 from mesh import envelope
 from mesh.errors import DecodeError
+
+BATCH_VERSION = 2
+# A batch message stays well under the broker's max_payload (1 MB by default); a
+# larger batch of attempts (long errors) is split (``batch_bodies``).
+MAX_BATCH_BYTES = 256 * 1024
+
+
+def new_id() -> str:
+    """A random 128-bit id in hex (uuid4().hex without building a UUID object)."""
+    return os.urandom(16).hex()
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
 
 
 class Outcome(StrEnum):
@@ -44,8 +65,8 @@ class DeliveryRecord:
     instance: str | None = None
     trace_id: str | None = None  # W3C trace id the event carried (mesh trace, OTel)
     tenant: str = "default"  # the target's tenant: the sink files the attempt under it
-    at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    at: str = field(default_factory=_now)
+    id: str = field(default_factory=new_id)
 
     def to_bytes(self) -> bytes:
         # vars, not asdict: the fields are flat, and asdict deep-copies (hot path).
@@ -53,11 +74,42 @@ class DeliveryRecord:
 
     @classmethod
     def from_bytes(cls, body: bytes) -> DeliveryRecord:
+        """One single-record message (see ``read_records`` for either shape)."""
         try:
             doc = json.loads(body)
             return cls(**doc)
         except (ValueError, TypeError) as exc:
             raise DecodeError(f"not a delivery record: {type(exc).__name__}") from None
+
+
+def batch_bodies(records: list[DeliveryRecord]) -> list[bytes]:
+    """The message bodies for a batch of attempts: one, unless it would be too large."""
+    body = json.dumps(
+        {"v": BATCH_VERSION, "records": [vars(r) for r in records]}, separators=(",", ":")
+    ).encode()
+    if len(body) <= MAX_BATCH_BYTES or len(records) == 1:
+        return [body]
+    half = len(records) // 2
+    return batch_bodies(records[:half]) + batch_bodies(records[half:])
+
+
+def read_records(body: bytes) -> list[DeliveryRecord]:
+    """The attempts in a message on ``<prefix>.sys.delivery.*``: a batch (the egress's)
+    or a single record (older egresses, the bridge, ``consume``). Raises DecodeError."""
+    return read_delivery_message(body)[0]
+
+
+def read_delivery_message(body: bytes) -> tuple[list[DeliveryRecord], bool]:
+    """``read_records``, and whether the message was a batch. Raises DecodeError."""
+    try:
+        doc = json.loads(body)
+        if isinstance(doc, dict) and "records" in doc and "event_id" not in doc:
+            if doc.get("v") != BATCH_VERSION or not isinstance(doc["records"], list):
+                raise ValueError("unknown batch version")
+            return [DeliveryRecord(**item) for item in doc["records"]], True
+        return [DeliveryRecord(**doc)], False
+    except (ValueError, TypeError) as exc:
+        raise DecodeError(f"not a delivery record: {type(exc).__name__}") from None
 
 
 H_DLQ_ID = "mesh-dlq-id"

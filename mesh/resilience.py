@@ -250,6 +250,14 @@ class RateLimiter:
             return 0.0
         return -self.tokens / self.rate
 
+    def try_take(self) -> bool:
+        """Take a token only if one is there now (never into debt)."""
+        self._refill()
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
     async def acquire(self) -> None:
         wait = self.reserve()
         if wait > 0:

@@ -207,6 +207,18 @@ def test_idle_bucket_refills_only_up_to_burst() -> None:
     assert [rl.reserve() for _ in range(4)] == pytest.approx([0, 0, 0, 0.1])
 
 
+def test_try_take_takes_only_a_token_that_is_there_and_never_goes_into_debt() -> None:
+    clock = FakeClock()
+    rl = RateLimiter(rate=10, burst=2, clock=clock)
+    assert [rl.try_take() for _ in range(3)] == [True, True, False]
+    clock.advance(0.05)  # half a token: still none
+    assert rl.try_take() is False
+    clock.advance(0.06)  # 1.1 tokens
+    assert rl.try_take() is True
+    # No debt was taken by the refusals: 0.1 token left, 0.09 s to the next one.
+    assert rl.reserve() == pytest.approx(0.09)
+
+
 def test_set_rate_takes_effect() -> None:
     clock = FakeClock()
     rl = RateLimiter(rate=10, clock=clock)

@@ -19,7 +19,7 @@ from prometheus_client import generate_latest
 
 from mesh.client import MeshClient
 from mesh.config import Settings
-from mesh.records import DeliveryRecord, parse_dead_letter
+from mesh.records import parse_dead_letter, read_records
 from mesh.registry import RetryPolicy, Target, TargetKind
 from tests.conftest import env_for
 from tests.support.receiver import Receiver, Reply
@@ -100,7 +100,7 @@ async def test_no_secret_or_payload_in_metrics_dead_letters_or_records(
     sub = await client.js.pull_subscribe(
         client.subjects.delivery_all, durable=None, stream=client.names.sys
     )
-    records = [DeliveryRecord.from_bytes(m.data) for m in await sub.fetch(50, timeout=5)]
+    records = [r for m in await sub.fetch(50, timeout=5) for r in read_records(m.data)]
     assert records
     texts += [json.dumps(r.__dict__) for r in records]
     env = env_for(settings)

@@ -26,7 +26,7 @@ import pytest
 from mesh.broker import EmbeddedBroker
 from mesh.client import MeshClient
 from mesh.config import Settings
-from mesh.records import DeliveryRecord, Outcome, dead_letter_headers
+from mesh.records import DeliveryRecord, Outcome, batch_bodies, dead_letter_headers, new_id
 from mesh.registry import PropagationMode, Target, TargetKind
 from mesh.storage import RowsRefused, Store, Table, open_store
 from services.sink.service import Sink
@@ -134,6 +134,39 @@ async def test_delivery_records_and_dead_letters(
     assert (dead.event_id, dead.attempts, dead.last_error) == (event_id, 2, "HTTP 500")
     assert dead.encrypted and dead.payload == original.data
     assert dead.stream_seq == 1
+
+
+async def test_batched_and_single_delivery_records_both_land(
+    client: MeshClient, sink: Sink, store: Store
+) -> None:
+    """The egress's batch of attempts (one message) and an older single record."""
+    [event_id] = await publish(client, 1)
+    batch = [
+        DeliveryRecord(event_id, "crm", 1, Outcome.RETRY, 503, 4.5, "HTTP 503", "egress-2"),
+        DeliveryRecord(event_id, "crm", 2, Outcome.DELIVERED, 200, 3.0, None, "egress-2"),
+    ]
+    [body] = batch_bodies(batch)
+    await client.js.publish(
+        client.subjects.delivery("crm"), body, headers={"Nats-Msg-Id": "b-" + new_id()}
+    )
+    old = DeliveryRecord(event_id, "erp", 1, Outcome.DELIVERED, 204, 1.0, None, "egress-1")
+    await client.record(old)  # one record per message, as before batches
+
+    await wait_count(store, Table.DELIVERIES, 3)
+    attempts = await store.query_deliveries(event_id)
+    assert sorted((d.target, d.attempt, d.outcome, d.status_code, d.id) for d in attempts) == [
+        ("crm", 1, "retry", 503, batch[0].id),
+        ("crm", 2, "delivered", 200, batch[1].id),
+        ("erp", 1, "delivered", 204, old.id),
+    ]
+
+    # Both messages acked: nothing left pending or in flight on the sink's consumer.
+    async def settled() -> bool:
+        info = await client.js.consumer_info(client.names.sys, "sink-sys")
+        return info.num_ack_pending == 0 and info.num_pending == 0
+
+    await wait_for(settled, 10, "both record messages acked")
+    assert sink.counts["terminated"] == 0
 
 
 async def test_undecodable_messages_are_kept_or_dropped_never_retried(

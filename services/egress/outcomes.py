@@ -8,10 +8,13 @@
   with the policy's delay (or the receiver's ``Retry-After``, whichever is longer);
   after the last attempt it is dead-lettered, then acked.
 
-Every attempt leaves one ``DeliveryRecord``. A message is acked only once everything it
-caused is stored by the broker (issue #14): its dead letter (awaited) and its record (the
-ack waits for the record's acknowledgement, pipelined). A dead letter or a record that
-cannot be stored is not acked: the message is handed back and comes again.
+Every attempt leaves one ``DeliveryRecord``, collected in the batch's ``Settlement`` and
+published with the others of its chunk as one message (services/egress/batch.py). A
+message is acked only once everything it caused is stored by the broker (issue #14): its
+dead letter (awaited) and its record (the ack waits for the acknowledgement of the
+records' message, pipelined). A dead letter or a record that cannot be stored is not
+acked: the message is handed back and comes again. A retry's nak goes out at once, its
+record with the chunk's.
 """
 
 from __future__ import annotations
@@ -41,6 +44,26 @@ if TYPE_CHECKING:
 DLQ_RETRY_S = 5.0  # when the DLQ itself cannot be written, try the message again after this
 
 
+class Settlement:
+    """The records of a chunk's attempts, and the messages to ack once they are stored."""
+
+    __slots__ = ("acks", "records")
+
+    def __init__(self) -> None:
+        self.records: list[DeliveryRecord] = []
+        self.acks: list[Msg] = []
+
+    def add(self, rec: DeliveryRecord, settle: Msg | None) -> None:
+        self.records.append(rec)
+        if settle is not None:
+            self.acks.append(settle)
+
+    def take(self) -> tuple[list[DeliveryRecord], list[Msg]]:
+        records, acks = self.records, self.acks
+        self.records, self.acks = [], []
+        return records, acks
+
+
 class Outcomes:
     """Settling messages; the state it uses belongs to ``TargetWorker``."""
 
@@ -65,6 +88,7 @@ class Outcomes:
 
     async def _settle(
         self,
+        out: Settlement,
         msg: Msg,
         event: Event,
         attempt: int,
@@ -83,7 +107,8 @@ class Outcomes:
             self.counts["delivered"] += 1
             self._m_delivered.inc()
             self._m_e2e.observe(max(0.0, time.time() - event.time.timestamp()))
-            await self._record(
+            self._record(
+                out,
                 event.id,
                 attempt,
                 Outcome.DELIVERED,
@@ -97,7 +122,7 @@ class Outcomes:
         if result.refused or result.permanent:
             if probe:
                 self.circuit.release_probe()
-            await self._dead(msg, event, attempt, error, Outcome.DEAD)
+            await self._dead(out, msg, event, attempt, error, Outcome.DEAD)
             return
         if result.gone:
             if probe:
@@ -110,7 +135,7 @@ class Outcomes:
             when = datetime.now(UTC).isoformat(timespec="seconds")
             await self._disable(f"HTTP 410 Gone at {when}")
             await self._dead(
-                msg, event, attempt, "HTTP 410 Gone: target disabled", Outcome.DISABLED, 410
+                out, msg, event, attempt, "HTTP 410 Gone: target disabled", Outcome.DISABLED, 410
             )
             return
         # The circuit learns first, so an opening pauses the consumer before this nak
@@ -118,7 +143,9 @@ class Outcomes:
         await self.circuit.on_result(False, probe)
         log = self.log.bind(event_id=event.id, attempt=attempt, status=result.status)
         if is_last_attempt(target.retry, attempt):
-            await self._dead(msg, event, attempt, error, Outcome.DEAD, result.status, latency_ms)
+            await self._dead(
+                out, msg, event, attempt, error, Outcome.DEAD, result.status, latency_ms
+            )
             return
         delay = retry_delay(target.retry, attempt, result.retry_after)
         try:
@@ -128,20 +155,21 @@ class Outcomes:
         self.counts["retried"] += 1
         self._m_retry.inc()
         log.info("delivery failed, will retry", error=error[:120], retry_in_s=round(delay, 3))
-        await self._record(
-            event.id, attempt, Outcome.RETRY, result.status, latency_ms, error, trace=event
+        self._record(
+            out, event.id, attempt, Outcome.RETRY, result.status, latency_ms, error, trace=event
         )
 
-    async def _skip(self, msg: Msg, event: Event, reason: str) -> None:
+    async def _skip(self, out: Settlement, msg: Msg, event: Event, reason: str) -> None:
         self._held.pop(id(msg), None)
         self.counts["skipped"] += 1
         METRICS.deliveries.labels(self.name, Outcome.SKIPPED.value).inc()
         if tracing.TRACER is not None and tracing.wanted(event):
             mark("skip", self.name, event, 0, None)  # the reason may quote a filter: not here
-        await self._record(event.id, 0, Outcome.SKIPPED, error=reason, settle=msg, trace=event)
+        self._record(out, event.id, 0, Outcome.SKIPPED, error=reason, settle=msg, trace=event)
 
     async def _dead(
         self,
+        out: Settlement,
         msg: Msg,
         event: Event | None,
         attempt: int,
@@ -165,12 +193,13 @@ class Outcomes:
         log.warning("event dead-lettered", reason=error[:200])
         if tracing.TRACER is not None and event is not None and tracing.wanted(event):
             mark("dead-letter", self.name, event, attempt, outcome.value)
-        await self._record(
-            event_id, attempt, outcome, status, latency_ms, error, settle=msg, trace=event
+        self._record(
+            out, event_id, attempt, outcome, status, latency_ms, error, settle=msg, trace=event
         )
 
-    async def _record(
+    def _record(
         self,
+        out: Settlement,
         event_id: str,
         attempt: int,
         outcome: Outcome,
@@ -181,10 +210,10 @@ class Outcomes:
         settle: Msg | None = None,
         trace: Event | None = None,
     ) -> None:
-        """Publish the record of one attempt at this target by this instance; ``settle``:
-        the message this attempt finished, acked only once its record is stored; the
-        record carries the trace id ``trace`` carries, if any."""
-        await self.egress.record(
+        """Add the record of one attempt at this target by this instance to ``out``;
+        ``settle``: the message this attempt finished, acked only once its record is
+        stored; the record carries the trace id ``trace`` carries, if any."""
+        out.add(
             DeliveryRecord(
                 event_id=event_id,
                 target=self.name,
@@ -197,7 +226,7 @@ class Outcomes:
                 trace_id=tracing.trace_id_of(trace) if trace is not None else None,
                 tenant=self.target.tenant,
             ),
-            settle=settle,
+            settle,
         )
 
     async def _disable(self, reason: str) -> None:

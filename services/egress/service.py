@@ -39,7 +39,7 @@ from mesh._nats.types import Msg, Subscription
 from mesh.config import Settings
 from mesh.destinations import missing_extra
 from mesh.errors import DecodeError, NotFound
-from mesh.records import DeliveryRecord
+from mesh.records import DeliveryRecord, batch_bodies, new_id
 from mesh.registry import EGRESS_KINDS, TargetStatus
 from services.base import Service
 from services.egress.circuit import CircuitStore
@@ -102,6 +102,7 @@ class WebhookEgress(Service):
             spawn=self.spawn,
             instance_count=self.instance_count,
             record=self.record,
+            record_batch=self.record_batch,
             sync_target=self.sync_target,
             tenant_slots=self.tenant_slots,
         )
@@ -312,17 +313,53 @@ class WebhookEgress(Service):
         except Exception as exc:
             self._record_failed(tag, str(exc) or type(exc).__name__)
 
+    async def record_batch(self, recs: list[DeliveryRecord], settle: list[Msg]) -> None:
+        """Publish the attempts of a settled batch as one message (mesh/records.py), then
+        ack ``settle`` once it is stored, or hand them back if it cannot be: as ``record``,
+        one stream write and one acknowledgement for the whole batch."""
+        if not recs:
+            return
+        pipe = self._records
+        bodies = batch_bodies(recs)
+        subject = self.client.subjects.delivery(recs[0].target)
+        last = len(bodies) - 1
+        for i, body in enumerate(bodies):
+            # With several bodies (long errors), only the last one's storing settles.
+            tag = (recs[0], settle if i == last else [])
+            try:
+                if pipe is None:
+                    raise RuntimeError("the egress is not started")
+                await pipe.publish(
+                    subject,
+                    body,
+                    {"Nats-Msg-Id": "b-" + new_id()},
+                    tag,
+                    functools.partial(self._ack_all, settle) if i == last and settle else None,
+                )
+            except Exception as exc:
+                self._record_failed(tag, str(exc) or type(exc).__name__)
+
+    async def _ack_all(self, msgs: list[Msg]) -> None:
+        for msg in msgs:
+            try:
+                await msg.ack()
+            except Exception as exc:  # done and recorded: a lost ack means a duplicate
+                self.log.warning("ack failed", error=str(exc))
+
     async def _ack(self, msg: Msg, rec: DeliveryRecord) -> None:
         try:
             await msg.ack()
         except Exception as exc:  # done and recorded; a lost ack means a duplicate, not a loss
             self.log.warning("ack failed", event_id=rec.event_id, error=str(exc))
 
-    def _record_failed(self, tag: tuple[DeliveryRecord, Msg | None], error: str) -> None:
+    def _record_failed(
+        self, tag: tuple[DeliveryRecord, Msg | list[Msg] | None], error: str
+    ) -> None:
         rec, settle = tag
-        if settle is not None:
-            # Not acked: the event comes again (after the ack wait at the latest).
-            self.spawn(_nak(settle), name=f"nak-{rec.event_id}")
+        # Not acked: the events come again (after the ack wait at the latest).
+        for msg in settle if isinstance(settle, list) else [settle]:
+            if msg is not None:
+                self.spawn(_nak(msg), name=f"nak-{rec.event_id}")
         self._records_failed += 1
         self.log.warning(
             "delivery record not published",

@@ -41,6 +41,8 @@ class EgressShared:
     spawn: Callable[[Coroutine[Any, Any, Any], str], asyncio.Task[Any]]  # an owned task
     instance_count: Callable[[], int]  # egress instances alive (rate shares)
     record: Record  # publish one delivery record
+    # Publish a batch's records as one message; ack the messages once it is stored.
+    record_batch: Callable[[list[DeliveryRecord], list[Msg]], Awaitable[None]]
     sync_target: Callable[[str], Coroutine[Any, Any, None]]  # re-read one target from the registry
     # Each tenant's share of ``slots`` (services/egress/fairness.py); none: no tenant cap.
     tenant_slots: TenantSlots = field(default_factory=lambda: TenantSlots(1 << 30, 1.0))

@@ -1,11 +1,13 @@
 """One webhook target inside the egress: its fetch loop, its deliveries, its circuit.
 
-Flow of one message::
+Flow of one fetched batch (one task, services/egress/batch.py)::
 
     fetch (only while the circuit lets this instance)  ->  decode  ->  route check
       -> clearance: circuit closed, or this instance's one half-open probe
-      -> rate-limit token -> a target slot and an egress-wide slot -> signed POST
-      -> settled (services/egress/outcomes.py): ack, nak(delay), or dead letter then ack
+      -> rate-limit token -> a target slot and an egress-wide slot -> the driver's send
+         (what clears at once goes out together: concurrent POSTs for the webhook)
+      -> settled (services/egress/outcomes.py): ack, nak(delay), or dead letter then ack;
+         the chunk's records as one message, the acks once it is stored
 
 The attempt number is the broker's delivery count (``num_delivered``), so retries survive
 crashes: a retry is a delayed redelivery held by the broker, never an in-process sleep.
@@ -25,10 +27,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from mesh import tracing
 from mesh._nats.types import Msg, js_errors
-from mesh.envelope import outward
-from mesh.errors import DecodeError
 from mesh.observability import METRICS
 from mesh.records import Outcome
 from mesh.registry import Target, TargetKind
@@ -36,16 +35,15 @@ from mesh.resilience import (
     TARGET_BACKOFF,
     CircuitState,
     RateLimiter,
-    backoff_delay,
 )
 from mesh.signing import Signer
 from mesh.streams import ensure_streams
+from services.egress.batch import BatchDelivery
 from services.egress.circuit import SharedCircuit
 from services.egress.drivers import Driver, make_driver
 from services.egress.gate import WAKE_S, CircuitGate
 from services.egress.outcomes import Outcomes
 from services.egress.rpc import RequestResponder
-from services.egress.spans import begin_attempt, end_attempt
 
 if TYPE_CHECKING:
     from services.egress.shared import EgressShared
@@ -63,7 +61,7 @@ MAX_BATCH = 64
 RATE_AHEAD_S = 0.1
 
 
-class TargetWorker(CircuitGate, Outcomes):
+class TargetWorker(BatchDelivery, CircuitGate, Outcomes):
     """Delivers one target's feed for one egress instance."""
 
     def __init__(self, egress: EgressShared, target: Target) -> None:
@@ -279,8 +277,8 @@ class TargetWorker(CircuitGate, Outcomes):
                     for msg in msgs:  # fetched as we stopped: straight back
                         await self._hand_back(msg)
                     return
-                for msg in msgs:
-                    self._dispatch(msg)
+                if msgs:
+                    self._dispatch(msgs)
                 await self._room(batch)
                 if self.fetch_stop.is_set() or not self.may_fetch() or self._batch() != batch:
                     return
@@ -310,112 +308,18 @@ class TargetWorker(CircuitGate, Outcomes):
         slots = self.egress.tenant_slots
         return self.held > 0 and len(slots.active) > 1 and slots.slot(self.target.tenant).locked()
 
-    def _dispatch(self, msg: Msg) -> None:
-        self.held += 1
-        task = asyncio.create_task(self._deliver(msg))
+    def _dispatch(self, msgs: list[Msg]) -> None:
+        """One task delivers the whole fetched batch (services/egress/batch.py)."""
+        self.held += len(msgs)
+        task = asyncio.create_task(self._deliver_batch(msgs))
         self.tasks.add(task)
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
         self.sending.discard(task)
-        self.held -= 1
-        # Wake the fetch loop only when it may act: room for a batch, or nothing held.
-        if self.held == self._fetch_at or self.held == 0:
-            self._kick()
         if not task.cancelled() and task.exception() is not None:
             self.log.error("delivery task failed", error=repr(task.exception()))
-
-    # Delivering ---------------------------------------------------------------
-
-    async def _deliver(self, msg: Msg) -> None:
-        meta = msg.metadata
-        attempt = int(meta.num_delivered or 1)
-        self._held[id(msg)] = (msg, time.monotonic())
-        probe = False
-        span: Any = None  # the attempt's trace span, while tracing
-        try:
-            try:
-                event = self.client.decode(msg, meta.sequence.stream if meta.sequence else None)
-            except DecodeError as exc:
-                await self._dead(msg, None, attempt, f"undecodable: {exc}", Outcome.DEAD)
-                return
-            except Exception as exc:  # garbage can trip any decoder: never retry it forever
-                why = f"undecodable: {type(exc).__name__}: {exc}"
-                await self._dead(msg, None, attempt, why, Outcome.DEAD)
-                return
-            verdict = await self.client.route_event(self.name, event, size=len(msg.data))
-            if verdict.dead is not None:
-                await self._dead(msg, event, attempt, verdict.dead, Outcome.DEAD)
-                return
-            if verdict.event is None:
-                await self._skip(msg, event, verdict.skip or "skipped")
-                return
-            event = verdict.event
-            target = self.target
-            driver = self.driver
-            problem = driver.ready()
-            if problem is not None:
-                # A configuration error (a secret that cannot be used): park the target
-                # (its events stay queued) rather than burn attempts or dead-letter them.
-                await self._disable(problem)
-                await self._hand_back(msg)
-                return
-            while True:
-                probe = await self._clearance()
-                tenant_slot = self.egress.tenant_slots.slot(target.tenant)
-                async with self.http_slots, tenant_slot, self.egress.slots:
-                    # Waiting for a slot takes time: the circuit may have opened (or the
-                    # probe lease run short) meanwhile. Nothing goes out unless still clear.
-                    if not self._still_clear(probe):
-                        if probe:
-                            self.circuit.release_probe()
-                        probe = False
-                        continue
-                    task = asyncio.current_task()
-                    if task is not None:
-                        self.sending.add(task)  # from here on, drain lets it finish
-                    # The webhook sends ``trace`` as HTTP headers (other drivers carry the
-                    # event's traceparent extension with its attributes).
-                    span, trace = begin_attempt(
-                        self.name, event, attempt, target.url or "", driver.kind
-                    )
-                    self.on_wire += 1
-                    try:
-                        # Plain source out, the tenant in its own attribute.
-                        result = await driver.send(outward(event), trace)
-                    finally:
-                        self.on_wire -= 1
-                break
-            settled_probe, probe = probe, False
-            if span is None:
-                await self._settle(msg, event, attempt, target, result, settled_probe)
-            else:
-                with tracing.current(span):  # log lines and the dead letter's span under it
-                    await self._settle(msg, event, attempt, target, result, settled_probe)
-                span, done = None, span
-                end_attempt(done, result)
-        except asyncio.CancelledError:
-            if probe:
-                self.circuit.release_probe()
-            self._held.pop(id(msg), None)
-            await self._hand_back(msg)
-            raise
-        except Exception as exc:
-            if probe:
-                self.circuit.release_probe()
-            self._held.pop(id(msg), None)
-            self.log.error(
-                "delivery failed unexpectedly, handing the event back",
-                seq=meta.sequence.stream if meta.sequence else None,
-                attempt=attempt,
-                error=repr(exc),
-            )
-            await self._hand_back(msg, delay=backoff_delay(self.target.retry, attempt))
-        finally:
-            self._held.pop(id(msg), None)
-            if span is not None:
-                tracing.end_span(span, "interrupted")
 
     # Background loops ---------------------------------------------------------
 

@@ -40,7 +40,7 @@ from mesh.observability import (
     ServiceTracker,
     worst_circuit,
 )
-from mesh.records import DeliveryRecord
+from mesh.records import read_records
 from mesh.storage import Store, backend_of, open_store
 from services.base import Service
 from services.health.http import HealthRoutes, dumps
@@ -163,21 +163,25 @@ class Health(Service):
 
     async def _on_record(self, msg: Msg) -> None:
         try:
-            rec = DeliveryRecord.from_bytes(msg.data)
-            status_code = int(rec.status_code) if rec.status_code is not None else None
-            attempt = int(rec.attempt or 0)
-        except (DecodeError, ValueError, TypeError):
+            recs = read_records(msg.data)  # a batch of attempts, or one (older egresses)
+        except DecodeError:
             return
-        self.records_seen += 1
-        self.window.observe(
-            str(rec.target),
-            str(rec.outcome),
-            event_id=str(rec.event_id),
-            attempt=attempt,
-            status_code=status_code,
-            error=str(rec.error) if rec.error is not None else None,
-            at=str(rec.at) if rec.at else None,
-        )
+        for rec in recs:
+            try:
+                status_code = int(rec.status_code) if rec.status_code is not None else None
+                attempt = int(rec.attempt or 0)
+            except (ValueError, TypeError):
+                continue
+            self.records_seen += 1
+            self.window.observe(
+                str(rec.target),
+                str(rec.outcome),
+                event_id=str(rec.event_id),
+                attempt=attempt,
+                status_code=status_code,
+                error=str(rec.error) if rec.error is not None else None,
+                at=str(rec.at) if rec.at else None,
+            )
 
     async def _on_status_request(self, msg: Msg) -> None:
         if msg.reply:

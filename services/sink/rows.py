@@ -15,7 +15,7 @@ from mesh._nats.types import Msg
 from mesh.delivery import MessageHeaders
 from mesh.errors import DecodeError, MeshError
 from mesh.observability import HeartbeatInfo
-from mesh.records import DeliveryRecord, parse_dead_letter
+from mesh.records import DeliveryRecord, parse_dead_letter, read_delivery_message
 from mesh.registry import Propagation, Target
 from mesh.storage import (
     DeadLetterRow,
@@ -135,13 +135,20 @@ def _subject_tenant(subject: str, subjects: Subjects) -> str:
         return DEFAULT_TENANT
 
 
-def delivery_row(msg: Msg) -> DeliveryRow:
-    """The row for a delivery-attempt record. Raises ``DecodeError``."""
-    rec = DeliveryRecord.from_bytes(msg.data)
+def delivery_rows(msg: Msg) -> list[DeliveryRow]:
+    """The rows for a delivery-attempt message: a batch of attempts (the egress's) or one
+    record (older egresses, the bridge, ``consume``). Raises ``DecodeError``."""
+    recs, batch = read_delivery_message(msg.data)
+    if not batch:
+        # A single record: the publisher set Nats-Msg-Id to its id; prefer it, it is stable.
+        return [_delivery_row(recs[0], (msg.headers or {}).get(envelope.H_MSG_ID), msg)]
+    return [_delivery_row(rec, None, msg) for rec in recs]
+
+
+def _delivery_row(rec: DeliveryRecord, msg_id: str | None, msg: Msg) -> DeliveryRow:
     try:
         return DeliveryRow(
-            # The publisher sets Nats-Msg-Id to the record id; prefer it, it is stable.
-            id=(msg.headers or {}).get(envelope.H_MSG_ID) or rec.id,
+            id=msg_id or rec.id,
             event_id=str(rec.event_id),
             target=str(rec.target),
             attempt=int(rec.attempt),
@@ -246,7 +253,7 @@ def propagation_row(prop: Propagation) -> PropagationRow:
 __all__ = [
     "Row",
     "dead_letter_row",
-    "delivery_row",
+    "delivery_rows",
     "event_row",
     "health_row",
     "propagation_row",

@@ -52,7 +52,7 @@ from services.sink.retention import Retention, stored_days_reader
 from services.sink.rows import (
     Row,
     dead_letter_row,
-    delivery_row,
+    delivery_rows,
     event_row,
     health_row,
 )
@@ -355,7 +355,9 @@ class Sink(Service):
                 if kind == "events":
                     row, problem = event_row(msg, subjects)
                 elif kind == "sys":
-                    row = delivery_row(msg)
+                    # A batch of attempts is one message with several rows.
+                    items.extend((msg, r) for r in delivery_rows(msg))
+                    continue
                 else:
                     row, problem = dead_letter_row(msg, subjects)
             except DecodeError as exc:
@@ -378,7 +380,7 @@ class Sink(Service):
         items, drop = self._rows(kind, msgs)
         if items:
             started = time.time_ns()
-            async with self._holding([m for m, _ in items]):
+            async with self._holding(list({id(m): m for m, _ in items}.values())):
                 try:
                     result = await self._write([row for _, row in items])
                 except RowsRefused as exc:
@@ -396,8 +398,12 @@ class Sink(Service):
                 if n:
                     self.counts[table] += n
                     METRICS.sink_rows_written.labels(table).inc(n)
+        # A message of several rows (a batch of attempts) is settled once; if the database
+        # refused one of its rows, it is terminated like a single refused record (the
+        # rows written stay written).
         dropped = {id(m) for m in drop}
-        await self._settle([m for m, _ in items if id(m) not in dropped], drop)
+        keep = {id(m): m for m, _ in items if id(m) not in dropped}
+        await self._settle(list(keep.values()), list({id(m): m for m in drop}.values()))
         self.counts["batches"] += 1
         self.counts["messages"] += len(msgs)
         return True

@@ -270,7 +270,7 @@ async def dead_letters(client: Any, target: str) -> list[Any]:
 
 
 async def delivery_records(client: Any, target: str) -> list[Any]:
-    from mesh.records import DeliveryRecord
+    from mesh.records import read_records
 
     msgs = await read_stream(client, client.names.sys, client.subjects.delivery(target))
-    return [DeliveryRecord.from_bytes(m.data) for m in msgs]
+    return [rec for m in msgs for rec in read_records(m.data)]  # batches or single records

@@ -157,7 +157,9 @@ class SqsDriver(_AwsDriver):
     async def _send(self, event: Event) -> None:
         await self._client.send_message(QueueUrl=self.queue_url, **self.message(event))
 
-    async def send_batch(self, events: Sequence[Event]) -> list[AttemptResult]:
+    async def send_batch(
+        self, events: Sequence[Event], traces: Sequence[dict[str, str] | None] | None = None
+    ) -> list[AttemptResult]:
         """``SendMessageBatch`` by tens; each entry succeeds or fails on its own."""
         results: list[AttemptResult] = []
         for start in range(0, len(events), SQS_BATCH):

@@ -200,7 +200,9 @@ class KafkaDriver(Driver):
                 raise error()
             raise UnknownTopic(f"the broker did not name topic {topic!r}")
 
-    async def send_batch(self, events: Sequence[Event]) -> list[AttemptResult]:
+    async def send_batch(
+        self, events: Sequence[Event], traces: Sequence[dict[str, str] | None] | None = None
+    ) -> list[AttemptResult]:
         """Enqueue every record, then await them all: one result per event, in order.
 
         A record the event cannot make (a template it cannot fill, a missing topic, too

@@ -10,6 +10,7 @@ the attributes without parsing a document.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -67,13 +68,16 @@ class RedisDriver(Driver):
         key, fields, kw = self._xadd_args(event)
         await self._redis.xadd(key, fields, **kw)
 
-    async def send_batch(self, events: Sequence[Event]) -> list[AttemptResult]:
+    async def send_batch(
+        self, events: Sequence[Event], traces: Sequence[dict[str, str] | None] | None = None
+    ) -> list[AttemptResult]:
         """One pipeline (no MULTI): each entry succeeds or fails on its own."""
         started = time.monotonic()
         results: list[AttemptResult | None] = [None] * len(events)
         queued: list[int] = []
         try:
-            await self.connect()
+            async with asyncio.timeout(self.target.timeout_s):
+                await self.connect()
             pipe = self._redis.pipeline(transaction=False)
             for i, event in enumerate(events):
                 try:
@@ -83,7 +87,16 @@ class RedisDriver(Driver):
                     continue
                 pipe.xadd(key, fields, **kw)
                 queued.append(i)
-            answers = await pipe.execute(raise_on_error=False) if queued else []
+            if queued:
+                async with asyncio.timeout(self.target.timeout_s):
+                    answers = await pipe.execute(raise_on_error=False)
+            else:
+                answers = []
+        except TimeoutError:
+            failed = await self._failed(
+                TimeoutError(f"timeout after {self.target.timeout_s:g}s"), started
+            )
+            return [r or failed for r in results]
         except Exception as exc:
             failed = await self._failed(exc, started)
             return [r or failed for r in results]

@@ -7,7 +7,7 @@ treats it as any other driver.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from mesh.envelope import Event
 from mesh.errors import DecodeError, ValidationError
@@ -45,6 +45,24 @@ class WebhookDriver(Driver):
             headers.update(trace)
         assert target.url is not None
         return await self.http.post(target.url, body, headers, target.timeout_s)
+
+    async def send_batch(
+        self, events: Sequence[Event], traces: Sequence[dict[str, str] | None] | None = None
+    ) -> list[AttemptResult]:
+        """Bodies and signatures for all, then the POSTs concurrently over the pool's
+        keep-alive connections (``HttpSender.post_many``)."""
+        target = self.target
+        assert target.url is not None
+        signer = self.signer()
+        requests: list[tuple[bytes, dict[str, str]]] = []
+        for i, event in enumerate(events):
+            body, extra = build_body(target, event)
+            headers = sign_headers(signer, event.id, body, extra)
+            trace = traces[i] if traces else None
+            if trace:
+                headers.update(trace)
+            requests.append((body, headers))
+        return await self.http.post_many(target.url, requests, target.timeout_s)
 
     async def _open(self) -> None:
         pass  # the egress's HTTP client is shared and pooled

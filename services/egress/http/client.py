@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from mesh.netguard import forbidden_reason, is_forbidden
 from services.egress.http.wire import (
@@ -93,14 +93,128 @@ class Http1Client:
         """Open connections, idle or in use."""
         return len(self._conns)
 
-    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Response:
+    def _endpoint(self, url: str) -> Endpoint:
         target = self._targets.get(url)
         if target is None:
             target = parse_url(url, self.user_agent)
             if len(self._targets) >= _CACHE_MAX:
                 self._targets.clear()
             self._targets[url] = target
-        head = request_head(target, headers, len(body))
+        return target
+
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Response:
+        target = self._endpoint(url)
+        return await self._post(target, request_head(target, headers, len(body)), body)
+
+    async def post_many(
+        self, url: str, requests: Sequence[tuple[bytes, Mapping[str, str]]], timeout: float
+    ) -> list[Response | BaseException]:
+        """POST each ``(body, headers)`` to ``url`` at once; one answer or error each, in
+        order (``TimeoutError`` for what had no answer within ``timeout``).
+
+        Requests that find an idle keep-alive connection and a free slot are written
+        straight away and their answers awaited together: no task per request. The rest
+        (new connections, a full pool, a stale connection's one retry) go through
+        ``post``'s path, one task each."""
+        target = self._endpoint(url)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        out: list[Response | BaseException | None] = [None] * len(requests)
+        heads: list[bytes] = []
+        slow: list[int] = []
+        wire: dict[asyncio.Future[Response], tuple[int, Connection]] = {}
+        for i, (body, headers) in enumerate(requests):
+            try:
+                heads.append(request_head(target, headers, len(body)))
+            except ValueError as exc:
+                heads.append(b"")
+                out[i] = exc
+                continue
+            if self._slots.locked():
+                slow.append(i)
+                continue
+            conn = self._take_idle(target.key)
+            if conn is None:
+                slow.append(i)
+                continue
+            await self._slots.acquire()  # free (not locked): no suspension
+            try:
+                wire[conn.send(heads[i], body)] = (i, conn)
+            except ServerDisconnected:  # closed while idle: a fresh one instead
+                self._busy -= 1
+                self._slots.release()
+                conn.close(abort=True)
+                slow.append(i)
+        tasks = {
+            asyncio.ensure_future(self._post(target, heads[i], requests[i][0])): i for i in slow
+        }
+        try:
+            waiting: set[asyncio.Future[Response]] = {*wire, *tasks}
+            if waiting:
+                await asyncio.wait(waiting, timeout=max(0.0, deadline - loop.time()))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            for future, (_, conn) in wire.items():
+                self._end(conn, future)
+            raise
+        retry: list[int] = []
+        for future, (i, conn) in wire.items():
+            answer = self._end(conn, future)
+            if isinstance(answer, ServerDisconnected) and not answer.received:
+                retry.append(i)  # the server closed the idle connection as we reused it
+            else:
+                out[i] = answer
+        for task, i in tasks.items():
+            if task.done():
+                out[i] = task.exception() or task.result()
+            else:
+                task.cancel()
+                out[i] = TimeoutError()
+        if retry:
+            again = {
+                asyncio.ensure_future(self._fresh(target, heads[i], requests[i][0])): i
+                for i in retry
+            }
+            try:
+                await asyncio.wait(again, timeout=max(0.0, deadline - loop.time()))
+            except BaseException:
+                for task in again:
+                    task.cancel()
+                raise
+            for task, i in again.items():
+                if task.done():
+                    out[i] = task.exception() or task.result()
+                else:
+                    task.cancel()
+                    out[i] = TimeoutError()
+        return [r if r is not None else TimeoutError() for r in out]
+
+    def _end(self, conn: Connection, future: asyncio.Future[Response]) -> Response | BaseException:
+        """Finish an exchange written by ``post_many``: the connection back to the pool
+        (or closed), its slot freed; the answer, or the error (a timeout if none came)."""
+        self._busy -= 1
+        self._slots.release()
+        if not future.done():
+            future.cancel()  # first: closing must not set an error nobody reads
+            conn.close(abort=True)
+            return TimeoutError()
+        exc = future.exception()
+        if exc is not None:
+            conn.close(abort=True)
+            return exc
+        response = future.result()
+        if conn.reusable and not conn.closed:
+            self._put_idle(conn)
+        else:
+            conn.close(abort=response.truncated)
+        return response
+
+    async def _fresh(self, target: Endpoint, head: bytes, body: bytes) -> Response:
+        async with self._slots:
+            return await self._exchange(await self._connect(target), head, body)
+
+    async def _post(self, target: Endpoint, head: bytes, body: bytes) -> Response:
         async with self._slots:
             conn = self._take_idle(target.key)
             if conn is None:

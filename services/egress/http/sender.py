@@ -25,7 +25,7 @@ from mesh.netguard import DestinationRefused, check_destination
 from mesh.registry import Target
 from mesh.resilience import parse_retry_after
 from mesh.signing import Signer
-from services.egress.http.client import Http1Client, RefusedAddress
+from services.egress.http.client import Http1Client, RefusedAddress, Response
 
 USER_AGENT = "mesh-webhook/0.1"
 MAX_RESPONSE_BYTES = 256 * 1024  # read at most this much of an answer
@@ -169,37 +169,64 @@ class HttpSender:
         if refusal is not None:
             return AttemptResult(error=refusal, refused=True)
         started = time.monotonic()
+        answer: Response | BaseException
         try:
             async with asyncio.timeout(timeout):
-                resp = await self.client.post(url, body, headers)
-        except TimeoutError:
-            return AttemptResult(
-                error=f"timeout after {timeout:g}s", latency_s=time.monotonic() - started
-            )
-        except RefusedAddress as exc:
-            return AttemptResult(error=str(exc), refused=True)
-        except (OSError, ValueError) as exc:
-            return AttemptResult(
-                error=f"connection error: {_describe(exc)}", latency_s=time.monotonic() - started
-            )
-        status = resp.status
-        result = AttemptResult(
-            status=status,
-            latency_s=time.monotonic() - started,
-            content_type=resp.headers.get("content-type", ""),
+                answer = await self.client.post(url, body, headers)
+        except (OSError, ValueError) as exc:  # TimeoutError and RefusedAddress are OSErrors
+            answer = exc
+        return _result(answer, started, timeout, keep_body)
+
+    async def post_many(
+        self, url: str, requests: list[tuple[bytes, dict[str, str]]], timeout: float
+    ) -> list[AttemptResult]:
+        """POST each ``(body, headers)`` to ``url`` concurrently, within one ``timeout``
+        (they start together); one result each, in order (``Http1Client.post_many``)."""
+        refusal = await self.guard.refusal(url)
+        if refusal is not None:
+            return [AttemptResult(error=refusal, refused=True) for _ in requests]
+        if len(requests) == 1:
+            body, headers = requests[0]
+            return [await self.post(url, body, headers, timeout)]
+        started = time.monotonic()
+        answers = await self.client.post_many(url, requests, timeout)
+        return [_result(answer, started, timeout) for answer in answers]
+
+
+def _result(
+    answer: Response | BaseException, started: float, timeout: float, keep_body: bool = False
+) -> AttemptResult:
+    """An answer (or the error instead of one) as an attempt's result."""
+    if isinstance(answer, TimeoutError):
+        return AttemptResult(
+            error=f"timeout after {timeout:g}s", latency_s=time.monotonic() - started
         )
-        if keep_body:
-            result.body = resp.body
-        if not 200 <= status < 300:
-            result.retry_after = parse_retry_after(resp.headers.get("retry-after"))
-            # One line for the DLQ and the tables: whitespace collapsed, bounded.
-            snippet = " ".join(resp.body[: ERROR_SNIPPET * 4].decode("utf-8", "replace").split())[
-                :ERROR_SNIPPET
-            ]
-            result.error = f"HTTP {status} {resp.reason}".strip() + (
-                f": {snippet}" if snippet else ""
-            )
-        return result
+    if isinstance(answer, RefusedAddress):
+        return AttemptResult(error=str(answer), refused=True)
+    if isinstance(answer, (OSError, ValueError)):
+        return AttemptResult(
+            error=f"connection error: {_describe(answer)}", latency_s=time.monotonic() - started
+        )
+    if isinstance(answer, BaseException):
+        raise answer
+    status = answer.status
+    result = AttemptResult(
+        status=status,
+        latency_s=(answer.at or time.monotonic()) - started,
+        content_type=answer.headers.get("content-type", ""),
+    )
+    if keep_body:
+        result.body = answer.body
+    if not 200 <= status < 300:
+        result.retry_after = parse_retry_after(answer.headers.get("retry-after"))
+        # One line for the DLQ and the tables: whitespace collapsed, bounded.
+        snippet = " ".join(answer.body[: ERROR_SNIPPET * 4].decode("utf-8", "replace").split())[
+            :ERROR_SNIPPET
+        ]
+        result.error = f"HTTP {status} {answer.reason}".strip() + (
+            f": {snippet}" if snippet else ""
+        )
+    return result
 
 
 def sign_headers(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
@@ -44,6 +45,7 @@ class Response:
     headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
     body: bytes  # at most max_body bytes
     truncated: bool = False
+    at: float = 0.0  # time.monotonic() when the answer was complete (batch latencies)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +195,7 @@ class Connection(asyncio.Protocol):
                 headers=self._headers,
                 body=b"".join(self._body),
                 truncated=truncated,
+                at=time.monotonic(),
             )
         )
         self._start()  # the answer is handed over: later bytes must not touch it
