@@ -165,12 +165,7 @@ class Http1Client:
                 retry.append(i)  # the server closed the idle connection as we reused it
             else:
                 out[i] = answer
-        for task, i in tasks.items():
-            if task.done():
-                out[i] = task.exception() or task.result()
-            else:
-                task.cancel()
-                out[i] = TimeoutError()
+        _collect(tasks, out)
         if retry:
             again = {
                 asyncio.ensure_future(self._fresh(target, heads[i], requests[i][0])): i
@@ -182,12 +177,7 @@ class Http1Client:
                 for task in again:
                     task.cancel()
                 raise
-            for task, i in again.items():
-                if task.done():
-                    out[i] = task.exception() or task.result()
-                else:
-                    task.cancel()
-                    out[i] = TimeoutError()
+            _collect(again, out)
         return [r if r is not None else TimeoutError() for r in out]
 
     def _end(self, conn: Connection, future: asyncio.Future[Response]) -> Response | BaseException:
@@ -204,10 +194,7 @@ class Http1Client:
             conn.close(abort=True)
             return exc
         response = future.result()
-        if conn.reusable and not conn.closed:
-            self._put_idle(conn)
-        else:
-            conn.close(abort=response.truncated)
+        self._keep_or_close(conn, response)
         return response
 
     async def _fresh(self, target: Endpoint, head: bytes, body: bytes) -> Response:
@@ -247,11 +234,15 @@ class Http1Client:
             conn.close(abort=True)
             raise
         self._busy -= 1
+        self._keep_or_close(conn, response)
+        return response
+
+    def _keep_or_close(self, conn: Connection, response: Response) -> None:
+        """After an answer: the connection back to the pool, or closed."""
         if conn.reusable and not conn.closed:
             self._put_idle(conn)
         else:
             conn.close(abort=response.truncated)
-        return response
 
     def _take_idle(self, key: Key) -> Connection | None:
         stack = self._idle.get(key)
@@ -367,3 +358,16 @@ class Http1Client:
         if self._ssl_context is None:
             self._ssl_context = ssl.create_default_context()
         return self._ssl_context
+
+
+def _collect(
+    tasks: Mapping[asyncio.Task[Response], int], out: list[Response | BaseException | None]
+) -> None:
+    """Each task's answer (or error) into its place in ``out``; a task still running at
+    the deadline is cancelled and answers a timeout."""
+    for task, i in tasks.items():
+        if task.done():
+            out[i] = task.exception() or task.result()
+        else:
+            task.cancel()
+            out[i] = TimeoutError()
