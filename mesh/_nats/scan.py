@@ -75,8 +75,7 @@ async def scan(
                 except (nats_errors.Error, js_errors.Error) as exc:
                     raise _lost(stream, exc) from None
                 if ci.delivered.consumer_seq > seen:
-                    await _close(js, stream, name, sub)
-                    name, sub, _ = await _open(js, stream, _resume(cfg, last_yielded))
+                    name, sub = await _reopen(js, stream, name, sub, _resume(cfg, last_yielded))
                     seen = 0
                     continue
                 if not ci.num_pending:
@@ -98,8 +97,7 @@ async def scan(
                 if meta.sequence.stream >= last_seq or meta.num_pending == 0:
                     return
             if gap:
-                await _close(js, stream, name, sub)
-                name, sub, _ = await _open(js, stream, _resume(cfg, last_yielded))
+                name, sub = await _reopen(js, stream, name, sub, _resume(cfg, last_yielded))
                 seen = 0
     finally:
         await _close(js, stream, name, sub)
@@ -149,6 +147,19 @@ async def _open(
         why = getattr(exc, "description", None) or exc
         raise BrokerError(f"cannot read {stream}: {why}") from None
     return ci.name, sub, int(ci.num_pending or 0)
+
+
+async def _reopen(
+    js: JetStreamContext,
+    stream: str,
+    name: str,
+    sub: JetStreamContext.PullSubscription,
+    cfg: ConsumerConfig,
+) -> tuple[str, JetStreamContext.PullSubscription]:
+    """The scan's consumer again, from where ``cfg`` starts (the old one is removed)."""
+    await _close(js, stream, name, sub)
+    name, sub, _ = await _open(js, stream, cfg)
+    return name, sub
 
 
 async def _close(
