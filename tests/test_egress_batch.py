@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+import mesh.records as records_module
 from mesh.client import MeshClient
 from mesh.config import Settings
-from mesh.records import read_delivery_message
+from mesh.records import DeliveryRecord, Outcome, read_delivery_message
 from mesh.streams import ensure_streams
 from services.egress.service import WebhookEgress
 from tests.support.receiver import Receiver, add_webhook, eventually, read_stream
@@ -104,3 +105,46 @@ async def test_a_batch_with_nothing_to_send_still_records_and_acks(
     [rec] = [r for m in records for r in read_delivery_message(m.data)[0]]
     assert (rec.event_id, rec.outcome) == (skipped, "skipped")
     assert not rx.requests
+
+
+async def test_a_split_batch_is_acked_only_once_every_part_is_stored(
+    settings: Settings, client: MeshClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of attempts too large for one record message goes out as several; if the
+    stream refuses one of them (here the first: its long error is over the stream's
+    message size), none of the batch's events is acked: they are handed back and come
+    again, even though the other parts were stored."""
+    monkeypatch.setattr(records_module, "MAX_BATCH_BYTES", 400)  # one record a message
+    egress = WebhookEgress(settings, fetch_expires_s=FETCH_S)
+    await egress.start()
+    try:
+        info = await client.js.stream_info(client.names.sys)
+        info.config.max_msg_size = 2_000
+        await client.js.update_stream(info.config)
+        for i in range(3):
+            await client.publish("shop", "order.created", {"n": i})
+        sub = await client.js.pull_subscribe(
+            client.subjects.evt_all, durable="split", stream=client.names.events
+        )
+        msgs = await sub.fetch(3, timeout=5)
+        recs = [
+            DeliveryRecord(event_id=f"e{i}", target="hook", attempt=1, outcome=Outcome.RETRY)
+            for i in range(3)
+        ]
+        recs[0].error = "x" * 5_000  # the first part is refused, the other two are stored
+        await egress.record_batch(recs, msgs)
+        await eventually(
+            lambda: _true(egress.stats()["records_failed"] > 0), 15, "the refusal reported"
+        )
+        again = await sub.fetch(3, timeout=10)  # handed back, not acked
+        assert sorted(m.metadata.sequence.stream for m in again) == sorted(
+            m.metadata.sequence.stream for m in msgs
+        )
+        stored = await _records_of(client, "hook", 2)
+        assert stored is not None  # the parts that fit were stored
+    finally:
+        await egress.stop()
+
+
+async def _true(value: bool) -> bool:
+    return value

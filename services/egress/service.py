@@ -32,6 +32,7 @@ import contextlib
 import functools
 import json
 import time
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from mesh._nats.pubpipe import PubPipe  # the type of client.port.pubpipe()
@@ -316,16 +317,17 @@ class WebhookEgress(Service):
     async def record_batch(self, recs: list[DeliveryRecord], settle: list[Msg]) -> None:
         """Publish the attempts of a settled batch as one message (mesh/records.py), then
         ack ``settle`` once it is stored, or hand them back if it cannot be: as ``record``,
-        one stream write and one acknowledgement for the whole batch."""
+        one stream write and one acknowledgement for the whole batch. A batch split into
+        several messages (long errors) is acked once every one of them is stored, and
+        handed back if any of them cannot be."""
         if not recs:
             return
         pipe = self._records
         bodies = batch_bodies(recs)
         subject = self.client.subjects.delivery(recs[0].target)
-        last = len(bodies) - 1
-        for i, body in enumerate(bodies):
-            # With several bodies (long errors), only the last one's storing settles.
-            tag = (recs[0], settle if i == last else [])
+        parts = _Parts(settle, len(bodies))
+        tag = (recs[0], parts)
+        for body in bodies:
             try:
                 if pipe is None:
                     raise RuntimeError("the egress is not started")
@@ -334,17 +336,20 @@ class WebhookEgress(Service):
                     body,
                     {"Nats-Msg-Id": "b-" + new_id()},
                     tag,
-                    functools.partial(self._ack_all, settle) if i == last and settle else None,
+                    functools.partial(self._part_stored, parts),
                 )
             except Exception as exc:
                 self._record_failed(tag, str(exc) or type(exc).__name__)
+                return  # handed back: the rest would only be recorded twice
 
-    async def _ack_all(self, msgs: list[Msg]) -> None:
-        for msg in msgs:
-            try:
-                await msg.ack()
-            except Exception as exc:  # done and recorded: a lost ack means a duplicate
-                self.log.warning("ack failed", error=str(exc))
+    async def _part_stored(self, parts: _Parts) -> None:
+        parts.left -= 1
+        if parts.left == 0 and not parts.failed:
+            for msg in parts.msgs:
+                try:
+                    await msg.ack()
+                except Exception as exc:  # done and recorded: a lost ack means a duplicate
+                    self.log.warning("ack failed", error=str(exc))
 
     async def _ack(self, msg: Msg, rec: DeliveryRecord) -> None:
         try:
@@ -352,14 +357,16 @@ class WebhookEgress(Service):
         except Exception as exc:  # done and recorded; a lost ack means a duplicate, not a loss
             self.log.warning("ack failed", event_id=rec.event_id, error=str(exc))
 
-    def _record_failed(
-        self, tag: tuple[DeliveryRecord, Msg | list[Msg] | None], error: str
-    ) -> None:
+    def _record_failed(self, tag: tuple[DeliveryRecord, Msg | _Parts | None], error: str) -> None:
         rec, settle = tag
         # Not acked: the events come again (after the ack wait at the latest).
-        for msg in settle if isinstance(settle, list) else [settle]:
-            if msg is not None:
-                self.spawn(_nak(msg), name=f"nak-{rec.event_id}")
+        if isinstance(settle, _Parts):
+            msgs = [] if settle.failed else settle.msgs  # one batch is handed back once
+            settle.failed = True
+        else:
+            msgs = [settle] if settle is not None else []
+        for msg in msgs:
+            self.spawn(_nak(msg), name=f"nak-{rec.event_id}")
         self._records_failed += 1
         self.log.warning(
             "delivery record not published",
@@ -386,6 +393,15 @@ class WebhookEgress(Service):
             "records_failed": self._records_failed,
             **totals,
         }
+
+
+@dataclass
+class _Parts:
+    """A batch's messages and its record messages not yet stored (``record_batch``)."""
+
+    msgs: list[Msg]
+    left: int
+    failed: bool = False
 
 
 async def _nak(msg: Msg) -> None:
