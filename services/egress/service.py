@@ -94,6 +94,7 @@ class WebhookEgress(Service):
         )
         self.shared = EgressShared(
             client=self.client,
+            deliveries=self.deliveries,
             log=self.log,
             instance=self.instance,
             circuits=self.circuits,
