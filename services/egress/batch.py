@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from services.egress.circuit import SharedCircuit
     from services.egress.drivers import Driver
     from services.egress.http.sender import AttemptResult
+    from services.egress.pace import Pace
     from services.egress.shared import EgressShared
 
 
@@ -72,6 +73,7 @@ class BatchDelivery:
     _fetch_at: int
     on_wire: int
     http_slots: asyncio.Semaphore
+    pace: Pace
     sending: set[asyncio.Task[None]]
     _held: dict[int, tuple[Msg, float]]
 
@@ -133,6 +135,8 @@ class BatchDelivery:
                 else:
                     await self._flush(out)  # what is settled must not wait for the circuit
                     probe = await self._clearance()
+                while not self.pace.open(self.on_wire):
+                    await self.pace.wait()  # the target's adaptive limit (pace.py)
                 tenant_slot = self.egress.tenant_slots.slot(self.target.tenant)
                 slots = (self.http_slots, tenant_slot, self.egress.slots)
                 await _acquire_all(slots)
@@ -147,7 +151,7 @@ class BatchDelivery:
                     continue
                 chunk = [items.pop(0)]
                 if not probe:
-                    while items and await self._join_now(slots):
+                    while items and await self._join_now(slots, len(chunk)):
                         chunk.append(items.pop(0))
                 if task is not None:
                     self.sending.add(task)  # from here on, drain lets the chunk finish
@@ -241,9 +245,11 @@ class BatchDelivery:
         limiter = self.limiter
         return limiter is None or limiter.try_take()
 
-    async def _join_now(self, slots: tuple[asyncio.Semaphore, ...]) -> bool:
+    async def _join_now(self, slots: tuple[asyncio.Semaphore, ...], chunk: int) -> bool:
         """Whether one more message clears at once; if so its slots are taken."""
         if self.circuit.state is not CircuitState.CLOSED:
+            return False
+        if not self.pace.open(self.on_wire + chunk):
             return False
         if any(sem.locked() for sem in slots):
             return False
@@ -265,8 +271,9 @@ class BatchDelivery:
             traces.append(trace)
             events.append(outward(item.event))  # plain source out, the tenant in its attribute
         self.on_wire += len(chunk)
+        started = time.monotonic()
         try:
-            return await driver.send_batch(events, traces)
+            results = await driver.send_batch(events, traces)
         except BaseException:
             for item in chunk:
                 if item.span is not None:
@@ -275,6 +282,15 @@ class BatchDelivery:
             raise
         finally:
             self.on_wire -= len(chunk)
+            self.pace.wake()
+        ok = sum(1 for r in results if r.ok)
+        timed_out = 0
+        if ok < len(results) and time.monotonic() - started >= 0.9 * self.target.timeout_s:
+            # No answer for the whole timeout (an answer, a refusal or a broken link
+            # says nothing about how many requests the target can take).
+            timed_out = sum(1 for r in results if _unanswered(r))
+        self.pace.done(ok, timed_out)
+        return results
 
     async def _settle_one(
         self, out: Settlement, item: _Item, result: AttemptResult, probe: bool
@@ -298,6 +314,10 @@ class BatchDelivery:
         if out.records:
             records, acks = out.take()
             await self.egress.record_batch(records, acks)
+
+
+def _unanswered(result: AttemptResult) -> bool:
+    return not result.ok and result.status is None and not (result.permanent or result.refused)
 
 
 async def _acquire_all(slots: tuple[asyncio.Semaphore, ...]) -> None:

@@ -43,6 +43,7 @@ from services.egress.circuit import SharedCircuit
 from services.egress.drivers import Driver, make_driver
 from services.egress.gate import WAKE_S, CircuitGate
 from services.egress.outcomes import Outcomes
+from services.egress.pace import Pace
 from services.egress.rpc import RequestResponder
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ class TargetWorker(BatchDelivery, CircuitGate, Outcomes):
         self.on_wire = 0  # requests in progress
         self.http_slots = asyncio.Semaphore(self._limit())
         self._slots_for = self._limit()
+        self.pace = Pace(self._limit(), target.timeout_s)
         self.tasks: set[asyncio.Task[None]] = set()
         self.sending: set[asyncio.Task[None]] = set()
         self._held: dict[int, tuple[Msg, float]] = {}  # id(msg) -> (msg, last keep-alive)
@@ -132,6 +134,7 @@ class TargetWorker(BatchDelivery, CircuitGate, Outcomes):
             # New waiters use the new limit; requests already out finish under the old one.
             self.http_slots = asyncio.Semaphore(self._limit())
             self._slots_for = self._limit()
+        self.pace.configure(self._limit(), target.timeout_s)
         self.fetch_stop.set()  # the batch size may have changed: re-plan the fetch
         self._kick()
 
@@ -367,6 +370,7 @@ class TargetWorker(BatchDelivery, CircuitGate, Outcomes):
             "kind": self.target.kind.value,
             "state": self.circuit.state.value,
             "in_flight": self.on_wire,
+            "pace": self.pace.limit,  # requests it may have on the wire now (pace.py)
             "held": self.held,
             "rate_share": self.limiter.rate if self.limiter is not None else None,
             **self.counts,

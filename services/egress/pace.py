@@ -1,0 +1,82 @@
+"""How many requests a target may have on the wire right now: adaptive, under its
+``max_in_flight`` (``Pace``, one per ``TargetWorker``).
+
+A target whose requests run into their timeout holds its slots for the whole timeout and
+then lets them all go at once: with 20 such targets, a few hundred requests time out in
+the same instant every ``timeout_s``, and the egress spends that instant closing and
+reopening their connections, writing their records and naking their messages, while
+every other target's (and tenant's) deliveries wait for the event loop. The breaker
+stops this only once it opens; a target whose timeouts never reach the threshold (or
+that sets a high one) keeps doing it.
+
+So the limit follows what the target answers, as TCP's window does:
+
+- it starts at ``START`` (or ``max_in_flight`` if lower) and grows by one with each
+  success, up to ``max_in_flight``: a healthy target reaches its limit after as many
+  deliveries, a blackholed one never leaves the start;
+- a timeout cuts it to the successes seen in the last ``timeout_s`` (at least 1): a target
+  that answered most requests in that time keeps its limit, one that answered none goes
+  down to one request at a time until it answers again.
+
+Ordered targets have a limit of 1 anyway. Nothing else changes: a cut only delays what
+is fetched, never drops or reorders it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+START = 8  # requests on the wire before the target has answered any
+
+
+class Pace:
+    def __init__(self, ceiling: int, timeout_s: float) -> None:
+        self.ceiling = max(1, ceiling)
+        self.timeout_s = timeout_s
+        self.limit = min(self.ceiling, START)
+        self.cuts = 0
+        self._oks: deque[float] = deque(maxlen=self.ceiling)
+        self._room = asyncio.Event()
+
+    def configure(self, ceiling: int, timeout_s: float) -> None:
+        """A changed target: a new ``max_in_flight`` or timeout."""
+        ceiling = max(1, ceiling)
+        if ceiling != self.ceiling:
+            self._oks = deque(self._oks, maxlen=ceiling)
+            self.ceiling = ceiling
+            self.limit = min(self.limit, ceiling)
+        self.timeout_s = timeout_s
+        self._room.set()
+
+    def open(self, on_wire: int) -> bool:
+        """Whether one more request may go out with ``on_wire`` already out."""
+        return on_wire < self.limit
+
+    async def wait(self) -> None:
+        """Until the limit or the count on the wire may have changed: check ``open``
+        again on waking."""
+        self._room.clear()
+        await self._room.wait()
+
+    def wake(self) -> None:
+        """A request came off the wire."""
+        self._room.set()
+
+    def done(self, ok: int, timed_out: int, now: float | None = None) -> None:
+        """Requests came back: ``ok`` succeeded, ``timed_out`` ran into the timeout (the
+        rest failed otherwise, which says nothing about how many the target can take)."""
+        now = time.monotonic() if now is None else now
+        for _ in range(min(ok, self.ceiling)):
+            self._oks.append(now)
+        if timed_out:
+            since = now - self.timeout_s
+            answered = sum(1 for t in self._oks if t >= since)
+            limit = max(1, min(self.limit, answered))
+            if limit < self.limit:
+                self.cuts += 1
+            self.limit = limit
+        elif ok and self.limit < self.ceiling:
+            self.limit = min(self.ceiling, self.limit + ok)
+        self._room.set()
