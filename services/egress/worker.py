@@ -68,7 +68,7 @@ class TargetWorker(BatchDelivery, CircuitGate, Outcomes):
         self.egress = egress
         self.client = egress.client
         self.target = target
-        self.name = target.name
+        self.name = target.ref  # its name; a tenant's: ~tenant.name (mesh/subjects.py)
         self.consumer = target.consumer
         self.stream = egress.client.names.events
         self.log = egress.log.bind(target=self.name)
