@@ -469,12 +469,16 @@ class MeshClient:
         """Answer requests to ``target`` with the handler's return value (a ``Reply`` sets
         the status; an exception answers 500), inside a server span when tracing."""
         validate_name(target, "target name")
+        ref = target  # MESH_TENANT's target: its reference, as ``request`` sends to it
+        if self.settings.tenant != "default":
+            with contextlib.suppress(NotFound):
+                ref = (await tenant_target(self.registry, target, self.settings.tenant)).ref
 
         async def on_msg(msg: Msg) -> None:
             await answer_request(msg, target, handler, self.decode_request, self.reply)
 
         return await self.port.subscribe(
-            self.subjects.rpc_filter(target), queue=f"rpc-{target}", cb=on_msg
+            self.subjects.rpc_filter(ref), queue=f"rpc-{ref}", cb=on_msg
         )
 
     # Helpers ------------------------------------------------------------------

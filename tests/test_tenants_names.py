@@ -322,3 +322,33 @@ async def test_the_egress_delivers_each_tenants_orders_apart(
         by_path.setdefault(r.path.strip("/"), set()).add(r.json()["data"]["tenant"])
     assert by_path == {"ta": {"ta"}, "tb": {"tb"}}
     assert "mesh.sys.delivery.orders" not in subjects
+
+
+async def test_request_reply_reaches_the_askers_tenants_orders(
+    client: MeshClient, settings: Settings
+) -> None:
+    """ta's and tb's ``orders`` both answer requests (bidirectional with ``crm`` in each
+    tenant): each tenant's request reaches its own ``orders`` only."""
+    await _keys(client)
+    clients = {}
+    subs = []
+    try:
+        for t in TENANTS:
+            c = clients[t] = MeshClient(settings.model_copy(update={"tenant": t}), name=t)
+            await c.connect()
+            for name in ("crm", "orders"):
+                await c.add_target(Target(name=name, kind=TargetKind.NATS, tenant=t))
+            await c.add_propagation("bidirectional", "crm", ["orders"])
+
+            async def answer(e: Any, t: str = t) -> Any:
+                return {"answered_by": t, "asked_by": e.source}
+
+            subs.append(await c.serve_requests("orders", answer))
+        for t in TENANTS:
+            r = await clients[t].request("crm", "orders", "price.get", {}, timeout=5)
+            assert (r.status, r.data) == (200, {"answered_by": t, "asked_by": f"~{t}.crm"})
+    finally:
+        for sub in subs:
+            await sub.unsubscribe()
+        for c in clients.values():
+            await c.close()
