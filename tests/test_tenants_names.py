@@ -279,31 +279,46 @@ async def test_a_tenant_target_made_before_keeps_its_names_backlog_and_dead_lett
         await client.add_target(Target(name="orders", kind=TargetKind.NATS))
 
 
-async def test_the_egress_delivers_each_tenants_orders_apart(
-    client: MeshClient, settings: Settings
+async def test_the_egress_and_the_history_keep_each_tenants_orders_apart(
+    client: MeshClient, settings: Settings, db_url: str
 ) -> None:
-    """Real egress and receiver: ta's and tb's webhook ``orders`` each get their tenant's
-    events, and each attempt is recorded on its own target's record subject."""
+    """Real egress, sink, API and receiver: ta's and tb's webhook ``orders`` each get their
+    tenant's events, each attempt is recorded on its own target's record subject, and each
+    tenant reads only its own deliveries and dead letters over REST and GraphQL."""
     from services.egress import WebhookEgress
-    from tests.support.receiver import Receiver
+    from services.sink import Sink
+    from tests.support.receiver import Receiver, Reply, fast_policy
 
-    await _keys(client)
-    async with Receiver() as rx:
-        for t in TENANTS:
-            url = f"http://127.0.0.1:{rx.port}/{t}"  # the path tells them apart
+    keys = await _keys(client)
+    s = settings.model_copy(update={"db_url": db_url})
+    sink = Sink(s, batch_size=100, fetch_wait=0.2)
+    egress = WebhookEgress(s, fetch_expires_s=0.5)
+    ids: dict[str, list[str]] = {}
+    subjects: set[str] = set()
+    async with Receiver() as rx, Receiver(Reply(500, body=b"tb is down")) as down:
+        for t, url in (("ta", rx.url), ("tb", down.url)):
             await client.add_target(
-                Target(name="orders", kind=TargetKind.WEBHOOK, url=url, tenant=t)
+                Target(
+                    name="orders",
+                    kind=TargetKind.WEBHOOK,
+                    url=url,
+                    tenant=t,
+                    retry=fast_policy(max_retries=1),
+                    circuit_threshold=50,
+                )
             )
             await client.registry.add_propagation("unidirectional", "shop", ["orders"], tenant=t)
         await client.provisioner.reconcile_all()
         for t in TENANTS:
             async with MeshClient(settings.model_copy(update={"tenant": t}), name=t) as c:
-                for i in range(2):
+                ids[t] = [
                     await c.publish("shop", "order.created", {"tenant": t, "n": i})
-        egress = WebhookEgress(settings, fetch_expires_s=0.5)
+                    for i in range(2)
+                ]
+        await sink.start()
         await egress.start()
         try:
-            got = await rx.wait_for(4, timeout=20)
+            got = await rx.wait_for(2, timeout=20)
             wanted = {"mesh.sys.delivery.~ta.orders", "mesh.sys.delivery.~tb.orders"}
 
             async def recorded() -> bool:
@@ -311,17 +326,57 @@ async def test_the_egress_delivers_each_tenants_orders_apart(
                     client.names.sys, subjects_filter=client.subjects.delivery_all
                 )
                 subjects.update(info.state.subjects or {})
-                return wanted <= subjects
+                dead = (await client.dlq_depths()).get("~tb.orders", 0)
+                return wanted <= subjects and dead == 2
 
-            subjects: set[str] = set()
-            await eventually(recorded, timeout=10, what="both tenants' records")
+            await eventually(recorded, timeout=30, what="both tenants' records, tb's dead letters")
+            async with api_running(s) as api:
+                await _history_apart(api, keys, ids, client)
         finally:
             await egress.stop()
-    by_path: dict[str, set[str]] = {}
-    for r in got:
-        by_path.setdefault(r.path.strip("/"), set()).add(r.json()["data"]["tenant"])
-    assert by_path == {"ta": {"ta"}, "tb": {"tb"}}
+            await sink.stop()
+    assert {r.json()["data"]["tenant"] for r in got} == {"ta"}
     assert "mesh.sys.delivery.orders" not in subjects
+
+
+async def _history_apart(
+    api: Api, keys: dict[str, str], ids: dict[str, list[str]], client: MeshClient
+) -> None:
+    async def rows(http: Http, path: str, n: int) -> list[dict[str, Any]]:
+        async def enough() -> list[dict[str, Any]] | None:
+            status, _, page = await http.call("GET", path)
+            assert status == 200, page
+            return page["items"] if len(page["items"]) >= n else None
+
+        found: list[dict[str, Any]] = await eventually(enough, timeout=20, what=path)
+        return found
+
+    for t, other in (("ta", "tb"), ("tb", "ta")):
+        async with Http(api.url, keys[t]) as http:
+            got = await rows(http, "/v1/deliveries?target=orders", 2)
+            assert {d["event_id"] for d in got} == set(ids[t])
+            data = await _graph(
+                http,
+                '{ deliveries(target: "orders") { items { eventId } }'
+                " targets { ref deliveries { items { eventId } } } }",
+            )
+            assert {d["eventId"] for d in data["deliveries"]["items"]} == set(ids[t])
+            [node] = data["targets"]
+            assert node["ref"] == f"~{t}.orders"
+            assert {d["eventId"] for d in node["deliveries"]["items"]} == set(ids[t])
+            assert not set(json.dumps(data).split('"')) & set(ids[other])
+            status, _, page = await http.call("GET", "/v1/dead-letters?target=orders")
+            assert status == 200, page
+            assert {x["event_id"] for x in page["items"]} == (set(ids[t]) if t == "tb" else set())
+    _, operator = await make_key(client, "read")
+    async with Http(api.url, operator) as http:  # every tenant's, each under its own name
+        for t in TENANTS:
+            got = await rows(http, f"/v1/deliveries?target=~{t}.orders", 2)
+            assert {d["event_id"] for d in got} == set(ids[t]), got
+            data = await _graph(
+                http, f'{{ deliveries(target: "~{t}.orders") {{ items {{ eventId }} }} }}'
+            )
+            assert {d["eventId"] for d in data["deliveries"]["items"]} == set(ids[t])
 
 
 async def test_request_reply_reaches_the_askers_tenants_orders(
