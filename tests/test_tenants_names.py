@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 import pytest
 
 from mesh.apikeys import ApiKeyStore, Scope
@@ -407,3 +408,35 @@ async def test_request_reply_reaches_the_askers_tenants_orders(
             await sub.unsubscribe()
         for c in clients.values():
             await c.close()
+
+
+async def _page(url: str) -> str:
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        assert resp.status == 200
+        return await resp.text()
+
+
+async def test_each_tenants_portal_manages_its_own_orders(api: Api, client: MeshClient) -> None:
+    """A portal session (a signed link's) works on its tenant's ``orders`` alone."""
+    await _keys(client)
+    for t in TENANTS:
+        await client.add_target(Target(name="orders", kind=TargetKind.NATS, tenant=t))
+    _, admin = await make_key(client, "admin")
+    sessions = {}
+    async with Http(api.url, admin) as http:
+        for t in TENANTS:
+            status, _, doc = await http.call("POST", "/v1/portal/links", {"tenant": t})
+            assert status == 201, doc
+            page = await _page(doc["url"])
+            sessions[t] = page.split('name=mesh-session content="', 1)[1].split('"', 1)[0]
+        for t, other in (("ta", "tb"), ("tb", "ta")):
+            status, _, listed = await http.call("GET", "/v1/targets", key=sessions[t])
+            assert [(x["name"], x["tenant"]) for x in listed] == [("orders", t)], listed
+            status, _, body = await http.call("POST", "/v1/targets/orders/pause", key=sessions[t])
+            assert status == 200 and body["status"] == "disabled", body
+            assert (await client.registry.get_target(f"~{t}.orders")).status == "disabled"
+            assert (await client.registry.get_target(f"~{other}.orders")).status == "active"
+            status, _, body = await http.call("POST", "/v1/targets/orders/resume", key=sessions[t])
+            assert status == 200 and body["status"] == "active", body
+            status, _, _ = await http.call("GET", f"/v1/targets/~{other}.orders", key=sessions[t])
+            assert status == 404
