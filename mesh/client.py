@@ -25,7 +25,7 @@ from mesh._nats.types import NATS, JetStreamContext, Msg, Subscription, js_error
 from mesh.config import Settings, load_settings
 from mesh.connection import connect_nats, open_registry
 from mesh.crypto import KeyRing
-from mesh.delivery import Delivery, admit, decode_event
+from mesh.delivery import Deliveries, Delivery
 from mesh.envelope import Event
 from mesh.errors import (
     BrokerError,
@@ -38,7 +38,6 @@ from mesh.netguard import check_literal
 from mesh.observability import METRICS
 from mesh.ownership import take_client_quota, tenant_target
 from mesh.publishing import Encoded, build_event, check_size
-from mesh.records import DeliveryRecord, dead_letter_headers
 from mesh.registry import Propagation, PropagationMode, Registry, Target, TargetKind
 from mesh.replies import (
     Reply,
@@ -48,7 +47,7 @@ from mesh.replies import (
     reply_message,
     send_request,
 )
-from mesh.routing import RouteCache, Verdict
+from mesh.routing import RouteCache
 from mesh.serverinfo import check_server
 from mesh.streams import Provisioner, StreamNames, ensure_streams
 from mesh.subjects import Subjects, qualify, validate_name
@@ -76,7 +75,11 @@ class MeshClient:
         self.port = JetStreamPort()
         self.nc: NATS = self.port.nc  # the connection, for connect_nats and check_server
         self._registry: Registry | None = None
-        self._routes: RouteCache | None = None
+        # What services and operator commands do around a delivery; its route cache
+        # comes with the registry, on connect.
+        self.deliveries = Deliveries(
+            self.port, self.subjects, self.names, self.settings, self.keyring_or_none, None, name
+        )
         self.reconnects = 0
         self._closing = False
         self.connected_event = asyncio.Event()
@@ -145,7 +148,7 @@ class MeshClient:
             wait_s=60.0 if self._reconnect_forever else 10.0,
             close=self.close,
         )
-        self._routes = RouteCache(self._registry)
+        self.deliveries.routes = RouteCache(self._registry)
         return self
 
     def keyring_or_none(self) -> KeyRing | None:
@@ -325,58 +328,6 @@ class MeshClient:
 
     # Consuming ----------------------------------------------------------------
 
-    async def check_event(self, target: str, event: Event) -> str | None:
-        """Why ``target`` must not get this event (None when it may); no transform runs."""
-        verdict = await self.route_event(target, event, transform=False)
-        return verdict.skip
-
-    async def route_event(
-        self, target: str, event: Event, *, size: int = 0, transform: bool = True
-    ) -> Verdict:
-        """The one route check (mesh/routing.py): skip, dead-letter, or deliver the
-        returned event (its data reshaped by the transforms). ``size``: the encoded size."""
-        if event.effective_origin == target:
-            return Verdict(skip="loop: the event originated at this target")
-        if event.hops > self.settings.max_hops:
-            return Verdict(skip=f"hop limit: {event.hops} > {self.settings.max_hops}")
-        assert self._routes is not None
-        return await self._routes.verdict(target, event, size=size, transform=transform)
-
-    async def record(self, rec: DeliveryRecord) -> bool:
-        """Publish a delivery-attempt record; True once the broker has stored it (a
-        failure is logged, not raised: a caller that must not settle without the record
-        hands its message back instead)."""
-        try:
-            ack = await self.port.publish_acked(
-                self.subjects.delivery(rec.target), rec.to_bytes(), {"Nats-Msg-Id": rec.id}, 5.0
-            )
-            error = ack_error(ack)
-        except Exception as exc:
-            error = str(exc) or type(exc).__name__
-        if error is not None:
-            log.warning("delivery record not published", target=rec.target, error=error)
-            return False
-        return True
-
-    async def dead_letter(self, msg: Msg, target: str, error: str, attempts: int) -> None:
-        """Copy a message to the DLQ with its reason. Raises if the DLQ did not take it."""
-        headers = dead_letter_headers(msg.subject, msg.headers, target, error, attempts)
-        await self.port.publish(self.subjects.dlq(target), msg.data, headers=headers, timeout=10)
-
-    def pull(
-        self,
-        consumer: str,
-        *,
-        batch: int = 10,
-        expires: float = 2.0,
-        stream: str | None = None,
-        stop: asyncio.Event | None = None,
-    ) -> AsyncGenerator[list[Msg], None]:
-        """Fetch batches from a durable consumer forever, surviving broker restarts
-        (``JetStreamPort.pull``). Close the generator to give back what it holds."""
-        stream = stream or self.names.events
-        return self.port.pull(stream, consumer, batch=batch, expires=expires, stop=stop)
-
     async def consume(
         self,
         target: str,
@@ -395,10 +346,11 @@ class MeshClient:
             await self.provisioner.reconcile_target(t)
         unseen: list[Msg] = []
         try:
-            async for msgs in self.pull(consumer, batch=batch, expires=expires, stop=stop):
+            deliveries = self.deliveries
+            async for msgs in deliveries.pull(consumer, batch=batch, expires=expires, stop=stop):
                 unseen = list(msgs)
                 while unseen:
-                    delivery = await self._admit(t.ref, unseen.pop(0))
+                    delivery = await deliveries.admit(t.ref, unseen.pop(0))
                     if delivery is not None:
                         yield delivery
         finally:
@@ -407,20 +359,6 @@ class MeshClient:
             for msg in unseen:
                 with contextlib.suppress(Exception):
                     await msg.nak()
-
-    def decode(self, msg: Msg, seq: int | None = None) -> Event:
-        """The event in a message of the events stream, opened with this client's keys.
-
-        ``seq`` defaults to the stream sequence in the message's JetStream metadata.
-        Raises DecodeError.
-        """
-        return decode_event(msg, self.keyring_or_none(), self.subjects, seq)
-
-    async def _admit(self, target: str, msg: Msg) -> Delivery | None:
-        """Decode and check one message; dead-letter or skip what must not be handed out."""
-        return await admit(
-            msg, target, self.decode, self.route_event, self.dead_letter, self.record, self.name
-        )
 
     # Request / reply ----------------------------------------------------------
 
@@ -482,14 +420,6 @@ class MeshClient:
         )
 
     # Helpers ------------------------------------------------------------------
-
-    async def dlq_depths(self) -> dict[str, int]:
-        """Dead letters retained, per target."""
-        return await self.port.dlq_depths(self.names.dlq, self.subjects.dlq_all)
-
-    async def queue_depth(self, target: Target) -> dict[str, Any]:
-        """A target's queue: lag = pending (not yet delivered) + unacked (in flight)."""
-        return await self.port.queue_depth(self.names.events, target.consumer)
 
     async def target_or_error(self, name: str) -> Target:
         """Target ``name`` (or reference ``~T.name``) as this client's tenant sees it."""

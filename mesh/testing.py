@@ -36,7 +36,7 @@ from typing import Any
 from mesh.client import MeshClient
 from mesh.config import Settings
 from mesh.crypto import KeyRing
-from mesh.delivery import Delivery
+from mesh.delivery import Deliveries, Delivery
 from mesh.envelope import H_MSG_ID, Event
 from mesh.errors import BrokerError, NotFound, ValidationError
 from mesh.publishing import Encoded
@@ -263,6 +263,29 @@ class MemoryPort:
         raise BrokerError(f"{name} needs a NATS server: mesh.testing does not simulate it")
 
 
+class MemoryDeliveries(Deliveries):
+    """``Deliveries`` on a ``MemoryPort``: records and dead letters are kept in the
+    ``TestMesh``'s lists; the route check is the loop and hop checks only (no registry)."""
+
+    def __init__(self, mesh: TestMesh) -> None:
+        port: Any = mesh.memory  # a Port, not a JetStreamPort
+        super().__init__(
+            port, mesh.subjects, mesh.names, mesh.settings, mesh.keyring_or_none, None, mesh.name
+        )
+        self.records = mesh.records
+        self.dead_letters = mesh.dead_letters
+
+    async def by_rules(self, target: str, event: Event, size: int, transform: bool) -> Verdict:
+        return Verdict(event=event)  # routing is the consumers' filters; no CESQL here
+
+    async def record(self, rec: Any) -> bool:
+        self.records.append(rec)
+        return True
+
+    async def dead_letter(self, msg: Any, target: str, error: str, attempts: int) -> None:
+        self.dead_letters.append((target, error))
+
+
 class TestMesh(MeshClient):
     """A ``MeshClient`` on a ``MemoryPort`` (see the module doc)."""
 
@@ -284,6 +307,7 @@ class TestMesh(MeshClient):
         self.propagations: list[Propagation] = []
         self.records: list[Any] = []
         self.dead_letters: list[tuple[str, str]] = []  # (target, why)
+        self.deliveries = MemoryDeliveries(self)
 
     async def connect(self) -> TestMesh:
         self.connected_event.set()
@@ -345,22 +369,6 @@ class TestMesh(MeshClient):
 
     # Consuming ---------------------------------------------------------------------
 
-    async def route_event(
-        self, target: str, event: Event, *, size: int = 0, transform: bool = True
-    ) -> Verdict:
-        if event.effective_origin == target:
-            return Verdict(skip="loop: the event originated at this target")
-        if event.hops > self.settings.max_hops:
-            return Verdict(skip=f"hop limit: {event.hops} > {self.settings.max_hops}")
-        return Verdict(event=event)
-
-    async def record(self, rec: Any) -> bool:
-        self.records.append(rec)
-        return True
-
-    async def dead_letter(self, msg: Any, target: str, error: str, attempts: int) -> None:
-        self.dead_letters.append((target, error))
-
     async def consume(
         self,
         target: str,
@@ -373,13 +381,12 @@ class TestMesh(MeshClient):
         t = self.targets.get(target)
         if t is None:
             raise NotFound(f"unknown target {target!r}")
-        async for msgs in self.memory.pull(
-            self.names.events, t.consumer, batch=batch, expires=expires, stop=stop
-        ):
+        deliveries = self.deliveries
+        async for msgs in deliveries.pull(t.consumer, batch=batch, expires=expires, stop=stop):
             unseen = list(msgs)
             try:
                 while unseen:
-                    delivery = await self._admit(target, unseen.pop(0))
+                    delivery = await deliveries.admit(target, unseen.pop(0))
                     if delivery is not None:
                         yield delivery
             finally:
@@ -388,4 +395,4 @@ class TestMesh(MeshClient):
                         await msg.nak()
 
 
-__all__ = ["MemoryMessage", "MemoryPort", "TestMesh", "subject_matches_filter"]
+__all__ = ["MemoryDeliveries", "MemoryMessage", "MemoryPort", "TestMesh", "subject_matches_filter"]

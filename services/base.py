@@ -41,6 +41,8 @@ class Service:
         self.settings = settings
         self.instance = instance or new_instance_id()
         self.client = MeshClient(settings, name=f"{self.name}:{self.instance}")
+        # Pull, decode, route check, records, dead letters: handed over, not client methods.
+        self.deliveries = self.client.deliveries
         self.log = structlog.get_logger(f"mesh.{self.name}").bind(
             service=self.name, instance=self.instance
         )

@@ -381,7 +381,7 @@ async def test_a_cancelled_pull_stops_even_when_the_cancellation_is_swallowed(
     # pull fetches through PullFeed (its own wait cannot drop a cancellation, but the
     # guard must hold whatever fetch it uses).
     monkeypatch.setattr(PullFeed, "fetch", fetch_that_swallows)
-    feed = client.pull("deliver-alpha", expires=0.05)
+    feed = client.deliveries.pull("deliver-alpha", expires=0.05)
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(anext(feed), 0.2)
     assert fetches_after_cancel == 0
@@ -420,6 +420,6 @@ async def test_publish_refused_by_the_stream_is_an_error(client: MeshClient) -> 
 async def test_a_refused_delivery_record_is_logged_not_raised(settings: Settings) -> None:
     async with MeshClient(settings, name="t") as c:  # never `init`: no MESH_SYS stream
         with structlog.testing.capture_logs() as logs:
-            await c.record(DeliveryRecord("e1", "t1", 1, Outcome.DELIVERED))
+            await c.deliveries.record(DeliveryRecord("e1", "t1", 1, Outcome.DELIVERED))
     [line] = [e for e in logs if e["event"] == "delivery record not published"]
     assert line["target"] == "t1" and "503" in line["error"]

@@ -27,7 +27,7 @@ async def dead_letter_all(client: MeshClient, target: str, n: int, error: str) -
     try:
         while len(ids) < n:
             d = await asyncio.wait_for(anext(it), 20)
-            await client.dead_letter(d.msg, target, error, attempts=4)
+            await client.deliveries.dead_letter(d.msg, target, error, attempts=4)
             await d.ack()
             ids.append(d.event.id)
     finally:

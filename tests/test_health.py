@@ -439,12 +439,14 @@ async def test_status_success_rate_and_failures_from_delivery_records(
         await client.nc.publish("mesh.sys.delivery.r-queue", junk)
         await client.nc.publish("mesh.sys.health.x.y", junk)
     for i in range(3):
-        await client.record(DeliveryRecord(f"ok-{i}", "r-queue", 1, Outcome.DELIVERED))
-    await client.record(
+        await client.deliveries.record(DeliveryRecord(f"ok-{i}", "r-queue", 1, Outcome.DELIVERED))
+    await client.deliveries.record(
         DeliveryRecord("bad-1", "r-queue", 2, Outcome.RETRY, status_code=502, error="HTTP 502")
     )
     why = "filter of propagation p1 (data.n > 1) is false"
-    await client.record(DeliveryRecord("skip-1", "r-queue", 0, Outcome.SKIPPED, error=why))
+    await client.deliveries.record(
+        DeliveryRecord("skip-1", "r-queue", 0, Outcome.SKIPPED, error=why)
+    )
 
     async def counted() -> Any:
         _, st = await get_json(health.port, "/status")

@@ -69,7 +69,7 @@ async def populate(client: MeshClient, settings: Settings, store: Store, n: int,
     for i in range(n):
         d = await anext(it)
         if i < dead:
-            await client.dead_letter(d.msg, "alpha", "HTTP 503", 3)
+            await client.deliveries.dead_letter(d.msg, "alpha", "HTTP 503", 3)
         await d.ack()
     await it.aclose()
     sink = Sink(settings, batch_size=100, fetch_wait=0.2)

@@ -36,7 +36,7 @@ async def test_batches_are_bounded_and_ackable(client: MeshClient) -> None:
             for msg in msgs:
                 await msg.ack()
             got.extend(msgs)
-        ids = [client.decode(m).id for m in got]
+        ids = [client.deliveries.decode(m).id for m in got]
         assert ids == [e.id for e in events]
         assert got[-1].metadata.sequence.stream == 25
         with pytest.raises(nats_errors.TimeoutError):

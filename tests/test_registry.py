@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from mesh._nats.buckets import read
+from mesh.broker import EmbeddedBroker
 from mesh.client import MeshClient
 from mesh.errors import Conflict, InvalidName, NotFound, ValidationError
 from mesh.registry import (
@@ -324,7 +325,7 @@ async def test_one_reading_per_revision_shared_by_every_caller(
 
 @pytest.mark.slow
 async def test_the_events_stream_takes_more_than_a_thousand_consumers(
-    client: MeshClient,
+    client: MeshClient, broker: EmbeddedBroker
 ) -> None:
     """nats-server 2.15 caps a stream at 1,000 consumers unless it sets its own limit: the
     events stream sets one (``MESH_MAX_CONSUMERS``), also on a stream made before it did."""
@@ -349,3 +350,4 @@ async def test_the_events_stream_takes_more_than_a_thousand_consumers(
 
     await asyncio.gather(*(add(i) for i in range(1010)))
     assert (await client.js.stream_info(client.names.events)).state.consumer_count >= 1010
+    broker.kill()  # a graceful stop with 1,010 consumers outlasts stop()'s 10 s grace

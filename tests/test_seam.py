@@ -9,7 +9,10 @@
 - one function derives an event id (``envelope.event_id_of``), and the ``ce-*`` header
   names are spelled in ``mesh/envelope.py`` only;
 - ``envelope.encode`` leaves its event as it was;
-- ``mesh.__all__`` is what it is (as httpx's ``test_exported_members.py``).
+- ``mesh.__all__`` is what it is (as httpx's ``test_exported_members.py``);
+- ``MeshClient`` keeps the user API only: the services' plumbing (pull, decode, the route
+  check, records, dead letters, depths) is ``mesh.delivery.Deliveries``, handed to them,
+  and nothing in ``mesh/`` or ``services/`` calls it on a client.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import pytest
 import mesh
 from mesh import envelope
 from mesh.client import MeshClient
-from mesh.delivery import MessageHeaders
+from mesh.delivery import Deliveries, MessageHeaders
 from mesh.envelope import Event
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +37,21 @@ JS_NC_ALLOWED = {
     "mesh/client.py": "composes the port; keeps client.js and client.nc for tests' raw use",
 }
 HEADER_NAME = re.compile(r"^ce-[a-z]+$")
+# What MeshClient once carried for services; now mesh.delivery.Deliveries' (issue #24).
+SERVICE_ONLY = frozenset(
+    {
+        "admit",
+        "_admit",
+        "check_event",
+        "dead_letter",
+        "decode",
+        "dlq_depths",
+        "pull",
+        "queue_depth",
+        "record",
+        "route_event",
+    }
+)
 
 
 @functools.cache
@@ -239,3 +257,63 @@ async def test_one_awaited_publish_path_answers_as_nats_py_would(client: MeshCli
     with pytest.raises(js_errors.APIError) as refused:
         await client.port.publish(subject, b"{}", stream="NOT_THIS_ONE")
     assert "expected stream" in (refused.value.description or "").lower()
+
+
+def test_mesh_client_keeps_the_user_api() -> None:
+    """The public members of ``MeshClient`` (methods and properties; instance attributes
+    such as ``port``, ``deliveries`` and ``subjects`` are set in ``__init__``)."""
+    assert sorted(n for n in vars(MeshClient) if not n.startswith("_")) == [
+        "add_propagation",
+        "add_target",
+        "build",
+        "close",
+        "connect",
+        "consume",
+        "decode_request",
+        "init",
+        "js",
+        "keyring",
+        "keyring_or_none",
+        "provisioner",
+        "publish",
+        "publish_event",
+        "publish_many",
+        "registry",
+        "remove_propagation",
+        "remove_target",
+        "reply",
+        "request",
+        "serve_requests",
+        "target_or_error",
+    ]
+    assert not SERVICE_ONLY & set(dir(MeshClient))
+    assert SERVICE_ONLY - {"_admit"} <= set(dir(Deliveries))
+
+
+def _on_a_client(node: ast.expr) -> bool:
+    """Whether an expression names a client: ``client``, ``c``, or ``<anything>.client``."""
+    if isinstance(node, ast.Name):
+        return node.id in ("client", "c")
+    return isinstance(node, ast.Attribute) and node.attr == "client"
+
+
+def _plumbing_on_clients(tree: ast.Module) -> list[tuple[int, str]]:
+    return [
+        (node.lineno, node.attr)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and node.attr in SERVICE_ONLY
+        and _on_a_client(node.value)
+    ]
+
+
+def test_nothing_calls_the_plumbing_on_a_client() -> None:
+    found = [
+        f"{rel}:{line} .{name}"
+        for rel, tree in sources()
+        for line, name in _plumbing_on_clients(tree)
+    ]
+    assert not found, "delivery plumbing on a client (use .deliveries):\n" + "\n".join(found)
+    # the check sees what it must
+    old = ast.parse("self.client.record(r)\nc.queue_depth(t)\nawait call.api.audit.record(x)")
+    assert _plumbing_on_clients(old) == [(1, "record"), (2, "queue_depth")]

@@ -104,7 +104,7 @@ async def test_delivery_records_and_dead_letters(
 ) -> None:
     [event_id] = await publish(client, 1)
     for attempt, outcome, code in [(1, Outcome.RETRY, 503), (2, Outcome.DEAD, 500)]:
-        await client.record(
+        await client.deliveries.record(
             DeliveryRecord(
                 event_id=event_id,
                 target="crm",
@@ -150,7 +150,7 @@ async def test_batched_and_single_delivery_records_both_land(
         client.subjects.delivery("crm"), body, headers={"Nats-Msg-Id": "b-" + new_id()}
     )
     old = DeliveryRecord(event_id, "erp", 1, Outcome.DELIVERED, 204, 1.0, None, "egress-1")
-    await client.record(old)  # one record per message, as before batches
+    await client.deliveries.record(old)  # one record per message, as before batches
 
     await wait_count(store, Table.DELIVERIES, 3)
     attempts = await store.query_deliveries(event_id)
@@ -176,7 +176,7 @@ async def test_undecodable_messages_are_kept_or_dropped_never_retried(
     # Not a delivery record: terminated, and the record after it still lands.
     await js.publish("mesh.sys.delivery.crm", b"\xff not json")
     good = DeliveryRecord(event_id="x", target="crm", attempt=1, outcome=Outcome.DELIVERED)
-    await client.record(good)
+    await client.deliveries.record(good)
     # A plain message (what `nats pub` sends): stored with the id JetStream knows it by.
     await js.publish("mesh.evt.legacy.thing.happened", b'{"a":1}', headers={"Nats-Msg-Id": "p-1"})
     # A CloudEvent whose headers fail the checks: stored as found.

@@ -139,14 +139,14 @@ async def test_two_tenants_each_have_their_own_orders(
             got[t] = [d.event.data for d in deliveries]
             assert {d.event.source for d in deliveries} == {f"~{t}.shop"}
             # the first event dies: onto the tenant's own DLQ subject
-            await c.dead_letter(deliveries[0].msg, deliveries[0].target, "boom", 1)
+            await c.deliveries.dead_letter(deliveries[0].msg, deliveries[0].target, "boom", 1)
             for d in deliveries:
                 await d.ack()
     assert got == {"ta": ["ta", "ta"], "tb": ["tb", "tb"]}
     assert [e.data for e in await collect(client, "orders", 1)] == ["default"]
     for t in TENANTS:
         assert await queued(client, f"~{t}.orders") == 0
-    depths = await client.dlq_depths()
+    depths = await client.deliveries.dlq_depths()
     assert depths.get("~ta.orders") == 1 and depths.get("~tb.orders") == 1, depths
 
     # REST: each sees its own target and dead letters; the other's reference is a 404
@@ -250,13 +250,13 @@ async def test_a_tenant_target_made_before_keeps_its_names_backlog_and_dead_lett
             await c.publish("shop", "order.created", i)
         async for d in c.consume("orders", expires=0.25):
             assert d.target == "orders"  # its reference is still its name
-            await c.dead_letter(d.msg, d.target, "old failure", 5)
+            await c.deliveries.dead_letter(d.msg, d.target, "old failure", 5)
             await d.ack()
             break
     found = await client.registry.get_target("orders")
     assert (found.tenant, found.scoped, found.consumer) == ("ta", False, "deliver-orders")
     assert await queued(client, "orders") == 2  # the backlog, on the consumer it always had
-    assert (await client.dlq_depths()).get("orders") == 1
+    assert (await client.deliveries.dlq_depths()).get("orders") == 1
 
     # after the upgrade: ta still finds it by name, with its position and dead letter
     async with Http(api.url, keys["ta"]) as http:
@@ -327,7 +327,7 @@ async def test_the_egress_and_the_history_keep_each_tenants_orders_apart(
                     client.names.sys, subjects_filter=client.subjects.delivery_all
                 )
                 subjects.update(info.state.subjects or {})
-                dead = (await client.dlq_depths()).get("~tb.orders", 0)
+                dead = (await client.deliveries.dlq_depths()).get("~tb.orders", 0)
                 return wanted <= subjects and dead == 2
 
             await eventually(recorded, timeout=30, what="both tenants' records, tb's dead letters")

@@ -124,7 +124,7 @@ async def test_what_needs_a_server_says_so() -> None:
     async with TestMesh() as mesh:
         await setup_routes(mesh)
         with pytest.raises(BrokerError, match="needs a NATS server"):
-            await mesh.dlq_depths()
+            await mesh.deliveries.dlq_depths()
         with pytest.raises(ValidationError, match="no filters"):
             await mesh.add_propagation("unidirectional", "shop", ["billing"], filter="total > 1")
 

@@ -1,4 +1,4 @@
-"""The pull loop behind ``MeshClient.pull`` and ``consume`` (``pull_batches``): fetch
+"""The pull loop behind ``Deliveries.pull`` and ``consume`` (``pull_batches``): fetch
 batches from a durable consumer forever, surviving broker restarts."""
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ A message that arrives after its fetch gave up (a late answer to an expired requ
 is kept and handed out first by the next fetch, never dropped; ``close`` gives back
 (naks) whatever is still kept.
 
-``MeshClient.pull`` (so the egress, the sink, the bridge feeds and ``mesh consume``)
+``Deliveries.pull`` (so the egress, the sink, the bridge feeds and ``mesh consume``)
 fetches through it: it halves fetch CPU (56 -> 27 us per message, docs/PERFORMANCE.md).
 It was held back until the egress bounded what a rate-limited worker holds by its rate
 share (services/egress/worker.py, ``RATE_AHEAD_S``): with the faster fetch, two

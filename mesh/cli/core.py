@@ -168,13 +168,13 @@ async def gather_status(c: MeshClient) -> dict[str, Any]:
             streams[name] = None
     dlq_depth: dict[str, int] = {}
     with contextlib.suppress(Exception):
-        dlq_depth = await c.dlq_depths()
+        dlq_depth = await c.deliveries.dlq_depths()
     targets = []
     listed = await c.registry.list_targets()
     for t in listed:
         row: dict[str, Any] = {"name": t.ref, "kind": str(t.kind), "status": str(t.status)}
         try:
-            row.update(await c.queue_depth(t))
+            row.update(await c.deliveries.queue_depth(t))
         except Exception:
             row["lag"] = None
         row["dlq"] = dlq_depth.get(t.ref, 0)

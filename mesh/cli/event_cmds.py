@@ -238,11 +238,11 @@ def tail(
             err_console.print(f"tailing {subj}" + (f" for target {target}" if target else ""))
             async for msg in sub.messages:
                 try:
-                    e = c.decode(msg)
+                    e = c.deliveries.decode(msg)
                 except MeshError as exc:
                     err_console.print(f"undecodable message on {msg.subject}: {exc}", markup=False)
                     continue
-                if target and await c.check_event(target, e) is not None:
+                if target and await c.deliveries.check_event(target, e) is not None:
                     continue
                 _print_event(e, as_json)
                 n += 1

@@ -45,9 +45,8 @@ def replay_cmd(
         async with connected() as c:
             if not dry_run:
                 with contextlib.suppress(Exception):
-                    queued.append(
-                        int((await c.queue_depth(await c.target_or_error(target)))["lag"])
-                    )
+                    depth = await c.deliveries.queue_depth(await c.target_or_error(target))
+                    queued.append(int(depth["lag"]))
             with progress_bar("replay" if not dry_run else "scan") as update:
 
                 def on_progress(p: ReplayProgress) -> None:

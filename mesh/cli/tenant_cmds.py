@@ -1,6 +1,8 @@
-"""Tenants: ``mesh tenant create|list|delete|quota`` (mesh/tenants.py)."""
+"""Tenants: ``mesh tenant create|list|delete|quota|nats-accounts`` (mesh/tenants.py)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
@@ -8,6 +10,8 @@ from mesh.apikeys import ApiKeyStore
 from mesh.cli._common import arun, connected, print_json, print_table, say
 from mesh.cli._tables import Col
 from mesh.errors import ValidationError
+from mesh.nats_accounts import TenantAccount, accounts_block, render
+from mesh.registry_models import EGRESS_KINDS
 from mesh.tenants import Quotas, Tenant, TenantStore, delete_empty
 
 tenant_app = typer.Typer(help="Tenants: each sees only its own targets, keys and events.")
@@ -146,3 +150,42 @@ def tenant_delete(name: str = typer.Argument(..., metavar="NAME")) -> None:
 
     arun(run())
     say(f"tenant {name} deleted")
+
+
+@tenant_app.command("nats-accounts")
+def tenant_nats_accounts(
+    out: Path | None = typer.Option(None, "--out", help="Write here (default: stdout)"),
+) -> None:
+    """Print nats.conf's accounts block: one NATS account per tenant for its raw clients
+    (docs/ARCHITECTURE.md, NATS accounts). Passwords are $MESH_NATS_PASSWORD[_<TENANT>]."""
+
+    async def run() -> tuple[str, int]:
+        async with connected() as c:
+            store = await TenantStore.open(c.port, c.names.tenants, c.settings.stream_replicas)
+            tenants = [t.name for t in await store.list() if t.name != "default"]
+            targets = await c.registry.list_targets()
+            accounts = [
+                TenantAccount(
+                    name,
+                    tuple(
+                        t.consumer
+                        for t in targets
+                        if t.tenant == name and t.kind not in EGRESS_KINDS
+                    ),
+                )
+                for name in tenants
+            ]
+            block = accounts_block(
+                c.settings.prefix,
+                c.names.events,
+                accounts,
+                mesh_user=c.settings.nats_user or "mesh",
+            )
+            return render(block), len(accounts)
+
+    text, count = arun(run())
+    if out is None:
+        print(text, end="")
+        return
+    out.write_text(text, encoding="utf-8")
+    say(f"nats accounts for {count} tenant(s) written to {out}")

@@ -4,14 +4,10 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mesh import tracing
-from mesh._nats.types import Msg
 from mesh.envelope import Event
-
-if TYPE_CHECKING:
-    from mesh.client import MeshClient
 
 CLOSE_SLOW = 1013  # try again later
 CLOSE_GOING_AWAY = 1001
@@ -36,8 +32,3 @@ def event_frame(event: Event, seq: int) -> dict[str, Any]:
         # The event's W3C trace context, so a client can continue the publisher's trace.
         frame.update(tracing.w3c_headers(event))
     return frame
-
-
-def decode_msg(client: MeshClient, msg: Msg, seq: int) -> Event:
-    """The event in a message of the events stream, opened with the client's keys."""
-    return client.decode(msg, seq)

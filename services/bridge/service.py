@@ -116,6 +116,7 @@ class Bridge(Service):
         }
         self.shared = BridgeShared(
             client=self.client,
+            deliveries=self.deliveries,
             options=self.options,
             log=self.log,
             instance=self.instance,
@@ -279,6 +280,7 @@ class Bridge(Service):
             spec.filters,
             shared=shared,
             client=self.client,
+            deliveries=self.deliveries,
             frames=self.frames,
             log=self.log,
             heartbeat_s=self.options.tail_heartbeat_s,

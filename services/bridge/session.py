@@ -30,7 +30,6 @@ from services.bridge.frames import (
     CLOSE_ERROR,
     CLOSE_GOING_AWAY,
     CLOSE_SLOW,
-    decode_msg,
     event_frame,
     to_json,
 )
@@ -38,6 +37,7 @@ from services.bridge.publish import publish_frame
 
 if TYPE_CHECKING:
     from mesh.client import MeshClient
+    from mesh.delivery import Deliveries
     from services.bridge.tail import TailReader
 
 FEED = "feed"
@@ -88,6 +88,7 @@ class BridgeShared:
     (never the ``Bridge`` itself, issue #15)."""
 
     client: MeshClient
+    deliveries: Deliveries  # pull, decode, route check, records, dead letters
     options: BridgeOptions
     log: Any  # the bridge's bound structlog logger
     instance: str
@@ -104,6 +105,7 @@ class Session:
     def __init__(self, bridge: BridgeShared, request: web.Request, spec: Spec) -> None:
         self.bridge = bridge
         self.client = bridge.client
+        self.deliveries = bridge.deliveries
         self.opts = bridge.options
         self.request = request
         self.spec = spec
@@ -299,7 +301,7 @@ class Session:
     async def _feed(self) -> None:
         consumer = consumer_of(self.spec.target)
         # Closing the generator unsubscribes its fetch inbox.
-        pull = self.client.pull(
+        pull = self.deliveries.pull(
             consumer, batch=self.batch, expires=self.opts.fetch_expires_s, stop=self.stop
         )
         try:
@@ -340,11 +342,11 @@ class Session:
         seq = msg.metadata.sequence.stream
         target = self.spec.target
         try:
-            event = decode_msg(self.client, msg, seq)
+            event = self.deliveries.decode(msg, seq)
         except DecodeError as exc:
             attempts = int(msg.metadata.num_delivered or 1)
             try:
-                await self.client.dead_letter(msg, target, f"undecodable: {exc}", attempts)
+                await self.deliveries.dead_letter(msg, target, f"undecodable: {exc}", attempts)
             except Exception as dlq_exc:
                 self.log.warning("dead letter failed", seq=seq, error=str(dlq_exc))
                 await msg.nak(delay=5.0)
@@ -353,10 +355,10 @@ class Session:
                 await msg.ack_sync()  # not acked: it is dead-lettered again, which is harmless
             return None
         try:
-            verdict = await self.client.route_event(target, event, size=len(msg.data))
+            verdict = await self.deliveries.route_event(target, event, size=len(msg.data))
             if verdict.dead is not None:
                 attempts = int(msg.metadata.num_delivered or 1)
-                await self.client.dead_letter(msg, target, verdict.dead, attempts)
+                await self.deliveries.dead_letter(msg, target, verdict.dead, attempts)
                 self._record(event.id, Outcome.DEAD, attempts, error=verdict.dead)
                 await msg.ack_sync()
                 return None
@@ -403,7 +405,7 @@ class Session:
         self, event_id: str, outcome: Outcome, attempt: int, error: str | None = None
     ) -> None:
         """A record of what is settled already (a dead letter, stored first)."""
-        self._track(self.client.record(self._rec(event_id, outcome, attempt, error)))
+        self._track(self.deliveries.record(self._rec(event_id, outcome, attempt, error)))
 
     def _track(self, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(work)
@@ -415,7 +417,7 @@ class Session:
         cannot be stored, hand the message back: it comes again (a duplicate the client
         may see), never an acknowledged delivery without its record."""
         with contextlib.suppress(Exception):
-            if await self.client.record(rec):
+            if await self.deliveries.record(rec):
                 await msg.ack_sync()
             else:
                 await msg.nak(delay=1.0)

@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from mesh._nats.types import ConsumerConfig, DeliverPolicy, Msg, js_errors, nats_errors
 from mesh.errors import DecodeError, MeshError
-from services.bridge.frames import CLOSE_ERROR, decode_msg, event_frame, to_json
+from services.bridge.frames import CLOSE_ERROR, event_frame, to_json
 
 if TYPE_CHECKING:
     from mesh.client import MeshClient
+    from mesh.delivery import Deliveries
 
 
 class Listener(Protocol):
@@ -75,11 +76,13 @@ class TailReader:
         *,
         shared: bool,
         client: MeshClient,
+        deliveries: Deliveries,
         frames: FrameCache,
         log: Any,
         heartbeat_s: float,
     ) -> None:
         self.client = client
+        self.deliveries = deliveries
         self.frames = frames
         self.heartbeat_s = heartbeat_s
         self.target = target
@@ -142,12 +145,12 @@ class TailReader:
     async def _frame(self, msg: Msg, seq: int) -> str | None:
         """The frame for a message, or None when the target must not see it."""
         try:
-            event = decode_msg(self.client, msg, seq)
+            event = self.deliveries.decode(msg, seq)
         except DecodeError as exc:
             self.log.warning("undecodable event skipped in tail", seq=seq, error=str(exc))
             return None
         try:
-            verdict = await self.client.route_event(self.target, event, size=len(msg.data))
+            verdict = await self.deliveries.route_event(self.target, event, size=len(msg.data))
             if verdict.event is None:
                 return None
             event = verdict.event

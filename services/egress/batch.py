@@ -36,7 +36,7 @@ from services.egress.outcomes import Settlement
 from services.egress.spans import begin_attempt, end_attempt
 
 if TYPE_CHECKING:
-    from mesh.client import MeshClient
+    from mesh.delivery import Deliveries
     from mesh.registry import Target
     from services.egress.circuit import SharedCircuit
     from services.egress.drivers import Driver
@@ -63,7 +63,7 @@ class BatchDelivery:
     target: Target
     driver: Driver
     egress: EgressShared
-    client: MeshClient
+    deliveries: Deliveries
     circuit: SharedCircuit
     limiter: RateLimiter | None
     log: Any
@@ -200,12 +200,12 @@ class BatchDelivery:
     async def _admit(self, out: Settlement, msgs: list[Msg], live: dict[int, Msg]) -> list[_Item]:
         """Decode and route-check every message; settle (into ``out``) what is not sent."""
         items: list[_Item] = []
-        client = self.client
+        deliveries = self.deliveries
         for msg in msgs:
             meta = msg.metadata
             attempt = int(meta.num_delivered or 1)
             try:
-                event = client.decode(msg, meta.sequence.stream if meta.sequence else None)
+                event = deliveries.decode(msg, meta.sequence.stream if meta.sequence else None)
             except DecodeError as exc:
                 await self._dead(out, msg, None, attempt, f"undecodable: {exc}", Outcome.DEAD)
                 self._forget(live, msg)
@@ -215,7 +215,7 @@ class BatchDelivery:
                 await self._dead(out, msg, None, attempt, why, Outcome.DEAD)
                 self._forget(live, msg)
                 continue
-            verdict = await client.route_event(self.name, event, size=len(msg.data))
+            verdict = await deliveries.route_event(self.name, event, size=len(msg.data))
             if verdict.dead is not None:
                 await self._dead(out, msg, event, attempt, verdict.dead, Outcome.DEAD)
                 self._forget(live, msg)

@@ -38,6 +38,7 @@ from services.egress.spans import mark
 
 if TYPE_CHECKING:
     from mesh.client import MeshClient
+    from mesh.delivery import Deliveries
     from services.egress.circuit import SharedCircuit
     from services.egress.shared import EgressShared
 
@@ -72,6 +73,7 @@ class Outcomes:
     window: float
     egress: EgressShared
     client: MeshClient
+    deliveries: Deliveries
     circuit: SharedCircuit
     log: Any
     halt: asyncio.Event
@@ -183,7 +185,7 @@ class Outcomes:
         event_id = event.id if event is not None else _header_id(msg)
         log = self.log.bind(event_id=event_id, attempt=attempt)
         try:
-            await self.client.dead_letter(msg, self.name, error, attempt)
+            await self.deliveries.dead_letter(msg, self.name, error, attempt)
         except Exception as exc:
             log.error("dead letter not stored, handing the event back", error=str(exc))
             await self._hand_back(msg, delay=DLQ_RETRY_S)

@@ -95,6 +95,7 @@ class WebhookEgress(Service):
         )
         self.shared = EgressShared(
             client=self.client,
+            deliveries=self.deliveries,
             log=self.log,
             instance=self.instance,
             circuits=self.circuits,

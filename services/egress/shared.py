@@ -14,6 +14,7 @@ from services.egress.fairness import TenantSlots
 if TYPE_CHECKING:
     from mesh._nats.types import Msg
     from mesh.client import MeshClient
+    from mesh.delivery import Deliveries
     from mesh.records import DeliveryRecord
     from services.egress.circuit import CircuitStore
     from services.egress.http.sender import HttpSender
@@ -31,6 +32,7 @@ class EgressShared:
     """One egress instance's shared parts, built by the service once it has started."""
 
     client: MeshClient
+    deliveries: Deliveries  # pull, decode, route check, dead letters
     log: Any  # the service's bound structlog logger
     instance: str
     circuits: CircuitStore

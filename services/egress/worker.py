@@ -67,6 +67,7 @@ class TargetWorker(BatchDelivery, CircuitGate, Outcomes):
     def __init__(self, egress: EgressShared, target: Target) -> None:
         self.egress = egress
         self.client = egress.client
+        self.deliveries = egress.deliveries
         self.target = target
         self.name = target.ref  # its name; a tenant's: ~tenant.name (mesh/subjects.py)
         self.consumer = target.consumer
@@ -268,7 +269,7 @@ class TargetWorker(BatchDelivery, CircuitGate, Outcomes):
         if not self.may_fetch():
             return
         self.window = max(self.window, self._window())  # a hand-back waits out the longest
-        pulls = self.client.pull(
+        pulls = self.deliveries.pull(
             self.consumer, batch=batch, expires=self._window(), stop=self.fetch_stop
         )
         async with contextlib.aclosing(pulls):

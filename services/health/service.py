@@ -235,12 +235,12 @@ class Health(Service):
         targets = await asyncio.wait_for(self.client.registry.list_targets(), CHECK_TIMEOUT_S)
 
         infos = await asyncio.gather(
-            *(asyncio.wait_for(self.client.queue_depth(t), CHECK_TIMEOUT_S) for t in targets),
+            *(asyncio.wait_for(self.deliveries.queue_depth(t), CHECK_TIMEOUT_S) for t in targets),
             return_exceptions=True,
         )
         dlq: dict[str, int] = {}
         with contextlib.suppress(Exception):
-            dlq = await asyncio.wait_for(self.client.dlq_depths(), CHECK_TIMEOUT_S)
+            dlq = await asyncio.wait_for(self.deliveries.dlq_depths(), CHECK_TIMEOUT_S)
         events_total: int | None = None
         with contextlib.suppress(Exception):
             einfo = await asyncio.wait_for(port.stream_info(names.events), CHECK_TIMEOUT_S)

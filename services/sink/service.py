@@ -322,7 +322,7 @@ class Sink(Service):
 
         async def fetch() -> None:
             try:
-                async for msgs in self.client.pull(
+                async for msgs in self.deliveries.pull(
                     feed.consumer,
                     batch=self.batch_size,
                     expires=self.fetch_wait,

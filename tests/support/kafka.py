@@ -87,13 +87,11 @@ class TansuBroker:
         raise RuntimeError("Tansu did not start listening in 30 s")
 
     def stop(self) -> None:
+        # SIGKILL at once: Tansu keeps nothing on disk here (memory storage), and it sat
+        # out SIGTERM's 5 s grace on every test's teardown.
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            self.proc.kill()
+            self.proc.wait()
 
 
 @contextlib.asynccontextmanager
