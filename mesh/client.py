@@ -189,7 +189,7 @@ class MeshClient:
         return target
 
     async def remove_target(self, name: str) -> list[str]:
-        removed = await self.registry.remove_target(name)
+        removed = await self.registry.remove_target((await self.target_or_error(name)).ref)
         await self.provisioner.reconcile_all()
         return removed
 
@@ -350,7 +350,7 @@ class MeshClient:
             async for msgs in deliveries.pull(consumer, batch=batch, expires=expires, stop=stop):
                 unseen = list(msgs)
                 while unseen:
-                    delivery = await deliveries.admit(target, unseen.pop(0))
+                    delivery = await deliveries.admit(t.ref, unseen.pop(0))
                     if delivery is not None:
                         yield delivery
         finally:
@@ -373,15 +373,15 @@ class MeshClient:
     ) -> Reply:
         """Ask ``target`` and wait for its answer (needs a bidirectional propagation)."""
         validate_name(source, "source name")
-        validate_name(target, "target name")
-        await self.registry.get_target(target)
-        if not await self.registry.can_request(source, target):
+        t = await tenant_target(self.registry, target, self.settings.tenant, strict=False)
+        target = t.name
+        if not await self.registry.can_request(source, target, t.tenant):
             raise Conflict(
                 f"no bidirectional propagation between {source!r} and {target!r}:"
                 f" run `mesh propagate bidirectional --source {source} --target {target}`"
             )
         event = self.build(source, event_type, data)
-        nats_subject = self.subjects.rpc(target, event_type)
+        nats_subject = self.subjects.rpc(t.ref, event_type)
 
         async def ask() -> Reply:
             headers, body = self._message(event, nats_subject)  # with the span's context
@@ -407,18 +407,23 @@ class MeshClient:
         """Answer requests to ``target`` with the handler's return value (a ``Reply`` sets
         the status; an exception answers 500), inside a server span when tracing."""
         validate_name(target, "target name")
+        ref = target  # MESH_TENANT's target: its reference, as ``request`` sends to it
+        if self.settings.tenant != "default":
+            with contextlib.suppress(NotFound):
+                ref = (await tenant_target(self.registry, target, self.settings.tenant)).ref
 
         async def on_msg(msg: Msg) -> None:
             await answer_request(msg, target, handler, self.decode_request, self.reply)
 
         return await self.port.subscribe(
-            self.subjects.rpc_filter(target), queue=f"rpc-{target}", cb=on_msg
+            self.subjects.rpc_filter(ref), queue=f"rpc-{ref}", cb=on_msg
         )
 
     # Helpers ------------------------------------------------------------------
 
     async def target_or_error(self, name: str) -> Target:
+        """Target ``name`` (or reference ``~T.name``) as this client's tenant sees it."""
         try:
-            return await self.registry.get_target(name)
+            return await tenant_target(self.registry, name, self.settings.tenant, strict=False)
         except NotFound:
             raise NotFound(f"unknown target {name!r} (see `mesh target list`)") from None

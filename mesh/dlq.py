@@ -25,7 +25,7 @@ from mesh.errors import BrokerError, DecodeError, NotFound, ValidationError
 from mesh.records import DeadLetter, parse_dead_letter
 from mesh.registry import Target, TargetStatus
 from mesh.replay import replay_headers
-from mesh.subjects import validate_name
+from mesh.subjects import DEFAULT_TENANT, TENANT_MARK, split_source, validate_target_ref
 
 REPLAY_BATCH = 64
 MAX_SEQ = 2**63 - 1  # a larger number is no stream sequence: it is looked up as an id
@@ -47,7 +47,16 @@ class DlqEntry:
 
     @property
     def target(self) -> str:
+        """The target's reference (a tenant's: ``~tenant.name``)."""
         return self.letter.target
+
+    @property
+    def tenant(self) -> str:
+        """The target's tenant: its reference's, else (a target named mesh-wide) the
+        original event's."""
+        if self.target.startswith(TENANT_MARK):
+            return split_source(self.target)[0]
+        return split_source(self.source)[0] if self.source else DEFAULT_TENANT
 
     def doc(self) -> dict[str, Any]:
         d = self.letter
@@ -55,7 +64,8 @@ class DlqEntry:
             "seq": self.seq,
             "dlq_id": d.id,
             "event_id": d.event_id,
-            "target": d.target,
+            "target": split_source(d.target)[1],  # its name; ``tenant`` says whose
+            "tenant": self.tenant,
             "source": self.source,
             "type": self.type,
             "attempts": d.attempts,
@@ -76,7 +86,7 @@ class DlqListing:
 def _filter(client: MeshClient, target: str | None) -> str:
     if target is None:
         return client.subjects.dlq_all
-    return client.subjects.dlq(validate_name(target, "target name"))
+    return client.subjects.dlq(validate_target_ref(target))
 
 
 def _entry(client: MeshClient, seq: int, headers: dict[str, str] | None, body: bytes) -> DlqEntry:
@@ -119,17 +129,19 @@ async def iter_dead_letters(
                 listing.unreadable += 1
 
 
-async def check_target(client: MeshClient, target: str | None) -> None:
-    """An unknown target is ``NotFound`` unless dead letters for it remain."""
+async def check_target(client: MeshClient, target: str | None) -> str | None:
+    """The reference of ``target`` as the client's tenant names it (its dead letters' subject
+    names that); an unknown target is ``NotFound`` unless dead letters for it remain."""
     if target is None:
-        return
+        return None
     try:
-        await client.target_or_error(target)
+        return (await client.target_or_error(target)).ref
     except NotFound:
         subject = _filter(client, target)
         info = await client.port.stream_info(client.names.dlq, subjects_filter=subject)
         if not info.state.subjects:
             raise
+        return target
 
 
 async def list_dead_letters(

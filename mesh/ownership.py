@@ -8,26 +8,70 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
-from mesh.errors import NotFound
+from mesh.errors import NotFound, ValidationError
+from mesh.subjects import target_ref, validate_target_ref
 
 if TYPE_CHECKING:
+    from mesh.registry_models import Target
     from mesh.tenants import ClientQuota
 
 
 # Registry types are Any here: mesh.registry imports this module.
-def own(props: list[Any], targets: list[Any], name: str) -> list[Any]:
-    """The propagations of target ``name``'s tenant (the only ones that may reach it)."""
-    tenant = next((t.tenant for t in targets if t.name == name), "default")
+def own(props: list[Any], targets: list[Any], ref: str) -> list[Any]:
+    """The propagations of target ``ref``'s tenant (the only ones that may reach it)."""
+    tenant = next((t.tenant for t in targets if t.ref == ref), "default")
     return [p for p in props if p.tenant == tenant]
 
 
-async def tenant_target(registry: Any, name: str, tenant: str, strict: bool = True) -> Any:
-    """Target ``name`` if ``tenant`` owns it, else ``NotFound`` in the words of a missing one;
+async def tenant_target(registry: Any, name: str, tenant: str, strict: bool = True) -> Target:
+    """Target ``name`` of ``tenant``, else ``NotFound`` in the words of a missing one;
     not ``strict``: the ``default`` tenant (an operator's client) sees every target."""
-    target = await registry.get_target(name)
-    if target.tenant != tenant and (strict or tenant != "default"):
-        raise NotFound(f"unknown target {name!r}")
-    return target
+    operator = not strict and tenant == "default"
+    return await find_target(registry, name, None if operator else tenant)
+
+
+async def find_target(registry: Any, name: str, tenant: str | None) -> Target:
+    """The target a caller of ``tenant`` (None: an operator, every tenant) means by ``name``.
+
+    ``name`` is a target's name in the caller's tenant, or a reference ``~T.name``. For
+    tenant T, its target ``name`` is ``~T.name``, or (made before target names were per
+    tenant) the mesh-wide ``name`` that T owns; another tenant's is a ``NotFound`` in the
+    words of a missing one. An operator's plain name is the entry of that name (the default
+    tenant's, or an older tenant target's), else the one tenant target of that name (two
+    tenants holding it: a ``ValidationError`` asking for ``~T.name``).
+    """
+    found: Target
+    validate_target_ref(name)
+    missing = NotFound(f"unknown target {name!r}")
+    if name.startswith("~"):
+        found = await registry.get_target(name)
+        if tenant is not None and found.tenant != tenant:
+            raise missing
+        return found
+    if tenant is not None and tenant != "default":
+        try:
+            found = await registry.get_target(target_ref(tenant, name))
+            return found
+        except NotFound:
+            pass
+    try:
+        found = await registry.get_target(name)
+    except NotFound:
+        if tenant is not None:
+            raise missing from None
+        held = [t for t in await registry.list_targets() if t.name == name and t.scoped]
+        if len(held) == 1:
+            one: Target = held[0]
+            return one
+        if not held:
+            raise missing from None
+        refs = ", ".join(sorted(t.ref for t in held))
+        raise ValidationError(
+            f"target name {name!r} is held by several tenants: name one of {refs}"
+        ) from None
+    if tenant is not None and found.tenant != tenant:
+        raise missing
+    return found
 
 
 _client_quotas: WeakKeyDictionary[Any, ClientQuota] = WeakKeyDictionary()

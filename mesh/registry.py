@@ -1,21 +1,21 @@
 """Targets and propagations, kept in a JetStream KV bucket.
 
-Keys are ``targets.<name>`` and ``props.<id>``; values are the pydantic models
-as JSON. Target secrets are stored encrypted with the key ring. The routing
-rules (who receives what) are derived here, in one place: ``compute_rules`` (each
-with its propagation's ``--filter`` and ``--transform``), and ``routes_for`` (the
-source/type pairs that consumers and replays read).
+Keys are ``targets.<name>`` (the default tenant's targets, and tenants' targets made
+before target names were per tenant), ``targets.<tenant>.<name>`` (a tenant's:
+``mesh.subjects.ref_key`` of its reference ``~tenant.name``) and ``props.<id>``;
+values are the pydantic models as JSON. Target secrets are stored encrypted with the
+key ring. The routing rules (who receives what) are derived here, in one place:
+``compute_rules`` (each with its propagation's ``--filter`` and ``--transform``), and
+``routes_for`` (the source/type pairs that consumers and replays read).
 """
 
 from __future__ import annotations
 
 import base64
 import secrets
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator
 from contextlib import suppress
-from dataclasses import dataclass
 from datetime import timedelta
-from functools import lru_cache
 from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel
@@ -46,7 +46,16 @@ from mesh.registry_models import (
     TargetStatus,
     now,
 )
-from mesh.subjects import qualify, subject_matches, validate_name, validate_pattern
+from mesh.registry_rules import Rule, compute_routes, compute_rules, route_accepts
+from mesh.subjects import (
+    DEFAULT_TENANT,
+    TENANT_MARK,
+    key_ref,
+    ref_key,
+    validate_name,
+    validate_pattern,
+    validate_target_ref,
+)
 
 if TYPE_CHECKING:
     from mesh._nats.port import JetStreamPort
@@ -76,26 +85,6 @@ SECRET_PREFIX = "whsec_"
 _M = TypeVar("_M", bound=BaseModel)
 
 
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """One way events reach a target: from ``source``, types matching ``types``, passing
-    ``filter``, reshaped by ``transform``; ``prop`` is the propagation's id."""
-
-    source: str
-    types: str | None
-    prop: str
-    filter: str | None = None
-    transform: str | None = None
-    # What the consumer's subject filter may narrow to: ``types``, else a type the filter
-    # implies (``type = 'x'``: mesh/cesql type_pattern), so the server drops the rest.
-    narrow: str | None = None
-
-    def takes(self, source: str, event_type: str) -> bool:
-        return self.source == source and (
-            self.types is None or subject_matches(self.types, event_type)
-        )
-
-
 def validate_expressions(filter: str | None, transform: str | None) -> None:
     """Compile both now (raises ExpressionError): a bad expression is never stored."""
     if filter is not None:
@@ -112,52 +101,6 @@ def generate_secret() -> str:
     # Standard Webhooks secrets are whsec_ + *standard* base64 of the key bytes; a urlsafe
     # alphabet ('-', '_') is silently dropped (or rejected) by the reference verifiers.
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
-
-
-def compute_rules(
-    target: str, props: list[Propagation], all_targets: Collection[str]
-) -> list[Rule]:
-    """The rules by which ``target`` receives events (``props``: its tenant's), in order."""
-    rules: list[Rule] = []
-    for p in props:
-        source: str | None = None
-        if p.mode == PropagationMode.BROADCAST:
-            if target != p.source and target in all_targets:
-                source = p.source
-        elif p.mode == PropagationMode.BIDIRECTIONAL:
-            a, b = p.source, p.targets[0]
-            if target == b:
-                source = a
-            elif target == a:
-                source = b
-        elif target in p.targets and target != p.source:
-            source = p.source
-        if source is not None:
-            narrow = p.types or (_implied_types(p.filter) if p.filter else None)
-            source = qualify(p.tenant, source)  # a tenant's events: ~tenant.source
-            rules.append(Rule(source, p.types, p.id, p.filter, p.transform, narrow))
-    return rules
-
-
-@lru_cache(maxsize=512)
-def _implied_types(filter: str) -> str | None:
-    from mesh.cesql import type_pattern
-
-    return type_pattern(filter)
-
-
-def compute_routes(
-    target: str, props: list[Propagation], all_targets: Collection[str]
-) -> list[tuple[str, str | None]]:
-    """(source, type pattern or None) pairs whose events ``target`` receives (consumer
-    subjects and replays read these; a filter's implied type narrows them)."""
-    return [(r.source, r.narrow) for r in compute_rules(target, props, all_targets)]
-
-
-def route_accepts(routes: list[tuple[str, str | None]], source: str, event_type: str) -> bool:
-    return any(
-        s == source and (pat is None or subject_matches(pat, event_type)) for s, pat in routes
-    )
 
 
 class Registry:
@@ -203,9 +146,18 @@ class Registry:
                     continue
         return out
 
-    @classmethod
-    def _targets(cls, snap: dict[str, bytes]) -> list[Target]:
-        return cls._parsed(snap, "targets", Target)
+    @staticmethod
+    def _targets(snap: dict[str, bytes]) -> list[Target]:
+        out = []
+        for key, raw in sorted(snap.items()):
+            ref = key_ref(key)
+            if ref is None:
+                continue
+            try:
+                out.append(_at_ref(Target.model_validate_json(raw), ref))
+            except PydValidationError:
+                continue
+        return out
 
     @classmethod
     def _propagations(cls, snap: dict[str, bytes]) -> list[Propagation]:
@@ -253,7 +205,19 @@ class Registry:
     # Targets ----------------------------------------------------------------
 
     async def add_target(self, target: Target, secret: str | None = None) -> Target:
+        """Register ``target`` in its tenant: a tenant's under ``~tenant.name`` (another
+        tenant's same name is no conflict), the default tenant's under its name."""
         validate_name(target.name, "target name")
+        target.scoped = target.tenant != DEFAULT_TENANT
+        if target.scoped:
+            # The tenant's own older, mesh-wide named target of that name.
+            try:
+                older = await self.get_target(target.name)
+            except NotFound:
+                pass
+            else:
+                if older.tenant == target.tenant:
+                    raise Conflict(f"target {target.name!r} already exists")
         validate_expressions(None, target.transform)
         if target.kind == TargetKind.WEBHOOK:
             if not target.url:
@@ -267,39 +231,45 @@ class Registry:
         elif target.kind in DESTINATION_KINDS:
             seal_destination(target, self._seal)
         try:
-            await self.kv.create(f"targets.{target.name}", target.model_dump_json().encode())
+            await self.kv.create(ref_key(target.ref), target.model_dump_json().encode())
         except js_errors.KeyWrongLastSequenceError:
             raise Conflict(f"target {target.name!r} already exists") from None
         return target
 
-    async def get_target(self, name: str) -> Target:
-        validate_name(name, "target name")
-        found = await self._get(f"targets.{name}")
+    async def get_target(self, ref: str) -> Target:
+        """The target with reference ``ref`` (its name, or ``~tenant.name``); to find a
+        tenant's target by name, ``mesh.ownership.tenant_target``."""
+        validate_target_ref(ref)
+        found = await self._get(ref_key(ref))
         if found is None:
-            raise NotFound(f"unknown target {name!r}")
+            raise NotFound(f"unknown target {ref!r}")
         try:
-            return Target.model_validate_json(found[0])
+            return _at_ref(Target.model_validate_json(found[0]), ref)
         except PydValidationError as exc:
-            raise DecodeError(f"registry entry for target {name!r} is invalid: {exc}") from None
+            raise DecodeError(f"registry entry for target {ref!r} is invalid: {exc}") from None
 
     async def put_target(self, target: Target) -> Target:
         target.updated_at = now()
-        await self.kv.put(f"targets.{target.name}", target.model_dump_json().encode())
+        await self.kv.put(ref_key(target.ref), target.model_dump_json().encode())
         return target
 
     async def list_targets(self) -> list[Target]:
         return [t.model_copy() for t in (await self._cache.get()).targets]
 
-    async def remove_target(self, name: str) -> list[str]:
-        """Remove a target and its part in propagations; returns ids of removed propagations.
+    async def remove_target(self, ref: str) -> list[str]:
+        """Remove a target and its part in its tenant's propagations; returns ids of
+        removed propagations.
 
         Only the receiving side goes: a propagation with this name as its *source*
         (which needs no registration) stays, except a bidirectional one, whose two
         ends are both targets.
         """
-        await self.get_target(name)
+        target = await self.get_target(ref)
+        name = target.name
         removed = []
         for p in await self.list_propagations():
+            if p.tenant != target.tenant:
+                continue
             if p.mode == PropagationMode.BROADCAST:
                 continue  # reaches whoever is registered; nothing names this target
             if p.mode == PropagationMode.BIDIRECTIONAL:
@@ -316,13 +286,13 @@ class Registry:
             else:
                 await self.kv.delete(f"props.{p.id}")
                 removed.append(p.id)
-        await self.kv.delete(f"targets.{name}")
+        await self.kv.delete(ref_key(ref))
         return removed
 
-    async def rotate_secret(self, name: str, grace: timedelta = timedelta(hours=24)) -> str:
-        target = await self.get_target(name)
+    async def rotate_secret(self, ref: str, grace: timedelta = timedelta(hours=24)) -> str:
+        target = await self.get_target(ref)
         if target.kind != TargetKind.WEBHOOK:
-            raise ValidationError(f"target {name!r} is not a webhook target")
+            raise ValidationError(f"target {target.name!r} is not a webhook target")
         new = generate_secret()
         target.old_secret_enc = target.secret_enc
         target.old_secret_expires = now() + grace
@@ -330,8 +300,8 @@ class Registry:
         await self.put_target(target)
         return new
 
-    async def set_status(self, name: str, status: TargetStatus, reason: str | None) -> Target:
-        target = await self.get_target(name)
+    async def set_status(self, ref: str, status: TargetStatus, reason: str | None) -> Target:
+        target = await self.get_target(ref)
         target.status = status
         target.status_reason = reason
         return await self.put_target(target)
@@ -447,20 +417,27 @@ class Registry:
         """``revision`` as read at most ``max_age`` seconds ago (one request for everyone)."""
         return await self._recent.get(max_age)
 
-    async def routes_for(self, target: str) -> list[tuple[str, str | None]]:
+    async def routes_for(self, ref: str) -> list[tuple[str, str | None]]:
+        """The routes of the target with reference ``ref``."""
         snap = await self._cache.get()
-        return compute_routes(target, snap.tenant_props(target), snap.names)
+        name, tenant = snap.name_of(ref)
+        return compute_routes(name, snap.by_tenant.get(tenant, []), snap.tenant_names(tenant))
 
-    async def rules_for(self, target: str) -> tuple[list[Rule], str | None]:
+    async def rules_for(self, ref: str) -> tuple[list[Rule], str | None]:
         """The target's rules and its own transform (its tenant's propagations only)."""
         snap = await self._cache.get()
-        found = snap.by_name.get(target)
+        found = snap.by_ref.get(ref)
         mine = None if found is None else found.transform
-        return compute_rules(target, snap.tenant_props(target), snap.names), mine
+        name, tenant = snap.name_of(ref)
+        props = snap.by_tenant.get(tenant, [])
+        return compute_rules(name, props, snap.tenant_names(tenant)), mine
 
-    async def can_request(self, source: str, target: str) -> bool:
-        """Request/reply is allowed along bidirectional propagations, either way."""
+    async def can_request(self, source: str, target: str, tenant: str = DEFAULT_TENANT) -> bool:
+        """Request/reply is allowed along ``tenant``'s bidirectional propagations, either
+        way (``target``: a name in that tenant)."""
         for p in await self.list_propagations():
+            if p.tenant != tenant:
+                continue
             if p.mode == PropagationMode.BIDIRECTIONAL and {source, target} == {
                 p.source,
                 p.targets[0],
@@ -478,3 +455,10 @@ class Registry:
                 yield entry.key
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
+
+
+def _at_ref(target: Target, ref: str) -> Target:
+    """A target as read at ``ref``: where it is stored says how it is named (an entry at
+    ``targets.<T>.<name>`` is per tenant whatever its JSON says)."""
+    target.scoped = ref.startswith(TENANT_MARK)
+    return target

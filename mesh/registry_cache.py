@@ -40,28 +40,39 @@ class Snapshot:
     revision: int
     targets: list[Any]
     props: list[Any]
-    by_name: dict[str, Any] = field(default_factory=dict)
-    by_tenant: dict[str, list[Any]] = field(default_factory=dict)
-    names: frozenset[str] = frozenset()
+    by_ref: dict[str, Any] = field(default_factory=dict)  # target reference -> target
+    by_tenant: dict[str, list[Any]] = field(default_factory=dict)  # tenant -> propagations
+    names: dict[str, frozenset[str]] = field(default_factory=dict)  # tenant -> target names
 
     @classmethod
     def of(cls, revision: int, targets: list[Any], props: list[Any]) -> Snapshot:
         by_tenant: dict[str, list[Any]] = {}
         for p in props:
             by_tenant.setdefault(p.tenant, []).append(p)
+        names: dict[str, set[str]] = {}
+        for t in targets:
+            names.setdefault(t.tenant, set()).add(t.name)
         return cls(
             revision,
             targets,
             props,
-            {t.name: t for t in targets},
+            {t.ref: t for t in targets},
             by_tenant,
-            frozenset(t.name for t in targets),
+            {tenant: frozenset(n) for tenant, n in names.items()},
         )
 
-    def tenant_props(self, target: str) -> list[Any]:
-        """The propagations of ``target``'s tenant (``default`` for an unknown target)."""
-        found = self.by_name.get(target)
-        return self.by_tenant.get(found.tenant if found is not None else "default", [])
+    def name_of(self, ref: str) -> tuple[str, str]:
+        """(name, tenant) of a target reference (an unknown one: as its form says)."""
+        found = self.by_ref.get(ref)
+        if found is not None:
+            return found.name, found.tenant
+        if ref.startswith("~"):
+            tenant, _, name = ref[1:].partition(".")
+            return name, tenant
+        return ref, "default"
+
+    def tenant_names(self, tenant: str) -> frozenset[str]:
+        return self.names.get(tenant, frozenset())
 
 
 class SnapshotCache:

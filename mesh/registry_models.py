@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from mesh.destinations import EXTRAS, DestinationOptions
+from mesh.subjects import consumer_of, target_ref
 
 
 def now() -> datetime:
@@ -58,6 +59,11 @@ class RetryPolicy(BaseModel):
 class Target(BaseModel):
     name: str
     tenant: str = "default"  # mesh/tenants.py; entries written before tenants: 'default'
+    # Named in its tenant (``ref`` = ``~tenant.name``): every tenant target made since
+    # target names are per tenant. False: named mesh-wide (``ref`` = ``name``), as every
+    # target before that, so a tenant's older target keeps its key, consumer and
+    # subjects (docs/ARCHITECTURE.md, Tenants).
+    scoped: bool = False
     kind: TargetKind
     url: str | None = None
     format: Literal["standard", "cloudevents"] = "standard"
@@ -84,12 +90,22 @@ class Target(BaseModel):
     updated_at: datetime = Field(default_factory=now)
 
     @property
+    def ref(self) -> str:
+        """The reference naming this target in keys, consumers and subjects (unique in the
+        mesh): ``name`` for the default tenant's (and older tenant targets), else
+        ``~tenant.name``."""
+        return target_ref(self.tenant, self.name) if self.scoped else self.name
+
+    @property
     def consumer(self) -> str:
-        return f"deliver-{self.name}"
+        return consumer_of(self.ref)
 
     def public(self) -> dict[str, Any]:
         """Everything but the secrets, for listings."""
-        doc = self.model_dump(mode="json", exclude={"secret_enc", "old_secret_enc", "url_enc"})
+        doc = self.model_dump(
+            mode="json", exclude={"secret_enc", "old_secret_enc", "url_enc", "scoped"}
+        )
+        doc["ref"] = self.ref
         doc["has_secret"] = self.secret_enc is not None
         doc["rotating"] = bool(
             self.old_secret_enc and self.old_secret_expires and self.old_secret_expires > now()

@@ -225,7 +225,9 @@ async def replay(
         raise ValidationError("--until goes with --since, not with a sequence range")
     if types is not None:
         validate_pattern(types)
-    await client.target_or_error(target)
+    # The target's reference: a tenant's is ~tenant.name, as its subjects (and its
+    # events' origin, for the loop check) name it.
+    target = (await client.target_or_error(target)).ref
     routes = await client.registry.routes_for(target)
     if not routes:
         raise NotFound(

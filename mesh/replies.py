@@ -15,7 +15,7 @@ from mesh._nats.types import Msg, nats_errors
 from mesh.crypto import KeyRing
 from mesh.envelope import Event
 from mesh.errors import DecodeError, RequestError, RequestTimeout, ValidationError
-from mesh.subjects import Subjects, validate_name
+from mesh.subjects import TENANT_MARK, Subjects, validate_source
 
 log = structlog.get_logger("mesh.client")  # the client's logger, as before the split
 
@@ -67,11 +67,13 @@ def decode_request(msg: Msg, subjects: Subjects, keyring: KeyRing | None) -> Eve
     headers = msg.headers or {}
     source = headers.get(envelope.H_SOURCE, "")
     try:
-        validate_name(source, "source name")
+        validate_source(source)  # a tenant's asker: ~tenant.source
     except ValidationError:
         # Requests need to say who asks: a reply goes to a known source.
         raise DecodeError(f"a request needs a valid ce-source header, not {source!r}") from None
-    event_type = msg.subject.split(".", len(subjects.prefix.split(".")) + 2)[-1]
+    parts = msg.subject.split(".")
+    at = len(subjects.prefix.split(".")) + 1  # the target: a name, or a tenant's ~T.name
+    event_type = ".".join(parts[at + (2 if parts[at].startswith(TENANT_MARK) else 1) :])
     return envelope.decode(
         subjects.evt(source, event_type), headers, msg.data, keyring, subjects=subjects
     )

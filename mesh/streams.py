@@ -30,7 +30,7 @@ from mesh.config import Settings
 from mesh.errors import DecodeError, NotFound, ValidationError
 from mesh.registry import EGRESS_KINDS, Registry, Target, compute_routes
 from mesh.resilience import retry_transient
-from mesh.subjects import Subjects, reduce_filters
+from mesh.subjects import Subjects, consumer_ref, reduce_filters
 
 if TYPE_CHECKING:
     from mesh._nats.port import JetStreamPort
@@ -152,11 +152,13 @@ def consumer_config(
         filter_subjects=filters,
         max_ack_pending=1 if target.ordered else max(target.max_in_flight * 4, 64),
         max_waiting=512,
-        metadata={"mesh_target": target.name, "mesh_kind": str(target.kind)},
+        metadata={"mesh_target": target.ref, "mesh_kind": str(target.kind)},
     )
 
 
 def filters_for(subjects: Subjects, target: str, routes: list[tuple[str, str | None]]) -> list[str]:
+    """A consumer's filters: its routes' event subjects and its replay subject (``target``:
+    the target's reference)."""
     wanted = [subjects.evt_filter(src, pat) for src, pat in routes]
     wanted.append(subjects.replay_filter(target))
     return reduce_filters(wanted)
@@ -188,17 +190,17 @@ class Provisioner:
             return await self._apply(target, routes)
         for _ in range(RECONCILE_ROUNDS):
             revision = await self.registry.revision()
-            info = await self._apply(target, await self.registry.routes_for(target.name))
+            info = await self._apply(target, await self.registry.routes_for(target.ref))
             if await self.registry.revision() == revision:
                 return info
             with contextlib.suppress(NotFound):  # a removed target is reconcile_all's
-                target = await self.registry.get_target(target.name)
+                target = await self.registry.get_target(target.ref)
         return info
 
     async def _apply(self, target: Target, routes: list[tuple[str, str | None]]) -> ConsumerInfo:
         cfg = consumer_config(
             target,
-            filters_for(self.subjects, target.name, routes),
+            filters_for(self.subjects, target.ref, routes),
             self.settings.ack_wait_min_s,
         )
         try:
@@ -228,24 +230,26 @@ class Provisioner:
 
     async def _reconcile_all_once(self) -> dict[str, list[str]]:
         targets, props = await self.registry.targets_and_propagations()
-        names = {t.name for t in targets}
+        refs = {t.ref for t in targets}
+        names: dict[str, set[str]] = {}  # a broadcast reaches its tenant's targets
+        for t in targets:
+            names.setdefault(t.tenant, set()).add(t.name)
         result: dict[str, list[str]] = {}
         for t in targets:
-            info = await self._apply(
-                t, compute_routes(t.name, [p for p in props if p.tenant == t.tenant], names)
-            )
-            result[t.name] = list(info.config.filter_subjects or [])
+            mine = [p for p in props if p.tenant == t.tenant]
+            info = await self._apply(t, compute_routes(t.name, mine, names[t.tenant]))
+            result[t.ref] = list(info.config.filter_subjects or [])
         async for name in self._deliver_consumers():
-            target = name.removeprefix("deliver-")
-            if target not in names and not await self._target_exists(target):
+            ref = consumer_ref(name) or ""
+            if ref not in refs and not await self._target_exists(ref):
                 await self.delete_consumer(name)
         return result
 
-    async def _target_exists(self, name: str) -> bool:
+    async def _target_exists(self, ref: str) -> bool:
         """Asked once more, by key, before a consumer is deleted: deleting drops what is
         queued for the target, and a listing that missed it must not cost that."""
         try:
-            await self.registry.get_target(name)
+            await self.registry.get_target(ref)
         except NotFound:
             return False
         except ValidationError:

@@ -15,6 +15,14 @@ source of tenant T travels as the *qualified source* ``~T.<source>`` (two tokens
 tenant T's events are ``<prefix>.evt.~T.<source>.<type>``, all in the one events
 stream, and ``<prefix>.evt.~T.>`` is all of T's. ``~`` is outside the name grammar:
 no default-tenant source can look like a tenant's (docs/ARCHITECTURE.md, Tenants).
+
+Targets are named the same way: tenant T's target ``orders`` has the *target reference*
+``~T.orders`` (``target_ref``), and every subject naming a target takes the reference:
+``<prefix>.dlq.~T.orders``, ``<prefix>.sys.delivery.~T.orders``,
+``<prefix>.replay.~T.orders.~T.<source>.<type>``, ``<prefix>.rpc.~T.orders.<type>``. Its
+registry key is ``targets.T.orders`` (``ref_key``: KV keys cannot hold ``~``; the token
+count tells it from ``targets.<name>``) and its consumer ``deliver-T~orders``
+(``consumer_of``). A default-tenant target's reference is its name: all as before.
 """
 
 from __future__ import annotations
@@ -66,6 +74,71 @@ def validate_source(qualified: str) -> str:
         validate_name(source, "source name")
         return qualified
     return validate_name(qualified, "source name")
+
+
+def target_ref(tenant: str | None, name: str) -> str:
+    """The reference of tenant ``tenant``'s target ``name``: the name itself in ``default``,
+    else ``~tenant.name`` (the qualified form sources have), unique across the mesh."""
+    return qualify(tenant, name)
+
+
+def validate_target_ref(ref: str) -> str:
+    """A target name, or a tenant's target reference ``~tenant.name``."""
+    if isinstance(ref, str) and ref.startswith(TENANT_MARK):
+        tenant, name = split_source(ref)
+        validate_name(tenant, "tenant")
+        validate_name(name, "target name")
+        return ref
+    return validate_name(ref, "target name")
+
+
+TARGETS_KEY = "targets"
+CONSUMER_PREFIX = "deliver-"
+CONSUMER_MARK = "~"  # between tenant and name in a consumer name (no '.' allowed there)
+
+
+def ref_kv(ref: str) -> str:
+    """A target reference as a KV key suffix (no ``~``): ``<name>`` or ``<T>.<name>``."""
+    if ref.startswith(TENANT_MARK):
+        tenant, name = split_source(ref)
+        return f"{tenant}.{name}"
+    return ref
+
+
+def kv_ref(token: str) -> str:
+    """The target reference of a ``ref_kv`` form."""
+    tenant, dot, name = token.partition(".")
+    return f"{TENANT_MARK}{tenant}.{name}" if dot else token
+
+
+def ref_key(ref: str) -> str:
+    """The registry key of a target reference: ``targets.<name>`` or ``targets.<T>.<name>``."""
+    return f"{TARGETS_KEY}.{ref_kv(ref)}"
+
+
+def key_ref(key: str) -> str | None:
+    """The target reference of a registry key (None: not a target's key)."""
+    kind, _, rest = key.partition(".")
+    if kind != TARGETS_KEY or not rest:
+        return None
+    return kv_ref(rest)
+
+
+def consumer_of(ref: str) -> str:
+    """The durable consumer of a target reference: ``deliver-<name>`` or ``deliver-T~<name>``."""
+    if ref.startswith(TENANT_MARK):
+        tenant, name = split_source(ref)
+        return f"{CONSUMER_PREFIX}{tenant}{CONSUMER_MARK}{name}"
+    return f"{CONSUMER_PREFIX}{ref}"
+
+
+def consumer_ref(consumer: str) -> str | None:
+    """The target reference a ``deliver-*`` consumer belongs to (None: not one)."""
+    if not consumer.startswith(CONSUMER_PREFIX):
+        return None
+    rest = consumer.removeprefix(CONSUMER_PREFIX)
+    tenant, mark, name = rest.partition(CONSUMER_MARK)
+    return f"{TENANT_MARK}{tenant}.{name}" if mark else rest
 
 
 def validate_type(event_type: str) -> str:
@@ -266,9 +339,20 @@ class Subjects:
         at = n + 1 if kind == "evt" else n + 2
         if kind not in ("evt", "replay") or len(parts) < at + 2:
             raise ValidationError(f"not an event subject: {subject!r}")
+        replay_target = None
+        if kind == "replay":
+            twidth = 2 if parts[n + 1].startswith(TENANT_MARK) else 1  # ~tenant.target
+            replay_target = ".".join(parts[n + 1 : n + 1 + twidth])
+            at += twidth - 1
+        if len(parts) < at + 2:
+            raise ValidationError(f"not an event subject: {subject!r}")
         width = 2 if parts[at].startswith(TENANT_MARK) else 1  # ~tenant.source
         if len(parts) < at + width + 1:
             raise ValidationError(f"not an event subject: {subject!r}")
         source = ".".join(parts[at : at + width])
-        replay_target = parts[n + 1] if kind == "replay" else None
         return source, ".".join(parts[at + width :]), replay_target
+
+    def target_of(self, subject: str, kind: str) -> str:
+        """The target reference of a ``dlq`` or ``sys.delivery`` subject ('' if another)."""
+        head = self.dlq("") if kind == "dlq" else self.delivery("")
+        return subject.removeprefix(head) if subject.startswith(head) else ""

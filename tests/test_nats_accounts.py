@@ -146,7 +146,7 @@ async def test_each_tenant_account_sees_and_pulls_only_its_own(
         await mesh.add_propagation(
             PropagationMode.UNIDIRECTIONAL, "shop", [f"{tenant}-in"], tenant=tenant
         )
-    acme_consumer = (await mesh.registry.get_target("acme-in")).consumer
+    acme_consumer = (await mesh.registry.get_target("~acme.acme-in")).consumer
 
     # The operator writes the block with the CLI and restarts the server. (A reload,
     # SIGHUP, takes the new accounts, but on nats-server 2.15 a tenant's publish then

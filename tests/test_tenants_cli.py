@@ -39,10 +39,10 @@ async def test_tenant_commands(settings: Settings, client: MeshClient) -> None:
             acme, "propagate", "unidirectional", "--source", "pos", "--target", "acme-billing"
         )
     )
-    assert (await client.registry.get_target("acme-billing")).tenant == "acme"
+    assert (await client.registry.get_target("~acme.acme-billing")).tenant == "acme"
     (prop,) = await client.registry.list_propagations()
     assert prop.tenant == "acme"
-    assert await client.registry.routes_for("acme-billing") == [("~acme.pos", None)]
+    assert await client.registry.routes_for("~acme.acme-billing") == [("~acme.pos", None)]
     # the default tenant cannot route to acme's target: it does not see it
     one_line_error(
         await mesh(env, "propagate", "unidirectional", "--source", "x", "--target", "acme-billing"),

@@ -353,6 +353,8 @@ class JetStreamPort:
         }
 
     async def dlq_depths(self, stream: str, subjects_filter: str) -> dict[str, int]:
-        """Messages retained per target (the last subject token) in a DLQ stream."""
+        """Messages retained per target reference (what follows the filter's ``>``: a name,
+        or a tenant's ``~tenant.name``) in a DLQ stream."""
         info = await self.js.stream_info(stream, subjects_filter=subjects_filter)
-        return {s.rsplit(".", 1)[-1]: int(n) for s, n in (info.state.subjects or {}).items()}
+        head = subjects_filter.removesuffix(">")
+        return {s.removeprefix(head): int(n) for s, n in (info.state.subjects or {}).items()}

@@ -16,6 +16,7 @@ from typing import Any
 from mesh._nats.types import js_errors
 from mesh.client import MeshClient
 from mesh.registry import Target, TargetKind
+from mesh.subjects import ref_kv
 
 CLOSED, OPEN, HALF_OPEN, PAUSED = "closed", "open", "half-open", "paused"
 
@@ -41,8 +42,8 @@ def circuit_label(record: dict[str, Any] | None, paused: bool, now: float) -> st
 async def circuit_states(
     c: MeshClient, targets: list[Target], paused: dict[str, bool]
 ) -> dict[str, str | None]:
-    """``{target: label}``; None for targets that have no circuit (not webhooks)."""
-    out: dict[str, str | None] = {t.name: None for t in targets}
+    """``{target reference: label}``; None for targets that have no circuit (not webhooks)."""
+    out: dict[str, str | None] = {t.ref: None for t in targets}
     hooks = [t for t in targets if t.kind == TargetKind.WEBHOOK]
     if not hooks:
         return out
@@ -54,10 +55,10 @@ async def circuit_states(
         record: dict[str, Any] | None = None
         if kv is not None:
             with contextlib.suppress(js_errors.KeyNotFoundError, ValueError, TypeError):
-                entry = await kv.get(t.name)
+                entry = await kv.get(ref_kv(t.ref))  # as the egress keys it
                 doc = json.loads(entry.value or b"null")
                 record = doc if isinstance(doc, dict) else None
-        out[t.name] = circuit_label(record, paused.get(t.name, False), now)
+        out[t.ref] = circuit_label(record, paused.get(t.ref, False), now)
     return out
 
 

@@ -172,12 +172,12 @@ async def gather_status(c: MeshClient) -> dict[str, Any]:
     targets = []
     listed = await c.registry.list_targets()
     for t in listed:
-        row: dict[str, Any] = {"name": t.name, "kind": str(t.kind), "status": str(t.status)}
+        row: dict[str, Any] = {"name": t.ref, "kind": str(t.kind), "status": str(t.status)}
         try:
             row.update(await c.deliveries.queue_depth(t))
         except Exception:
             row["lag"] = None
-        row["dlq"] = dlq_depth.get(t.name, 0)
+        row["dlq"] = dlq_depth.get(t.ref, 0)
         targets.append(row)
     circuits: dict[str, str | None] = {}
     with contextlib.suppress(Exception):

@@ -75,8 +75,8 @@ def dlq_list(
 
     async def run() -> dlq_ops.DlqListing:
         async with connected() as c:
-            await dlq_ops.check_target(c, target)
-            return await dlq_ops.list_dead_letters(c, target, start, limit)
+            ref = await dlq_ops.check_target(c, target)
+            return await dlq_ops.list_dead_letters(c, ref, start, limit)
 
     listing = arun(run())
     if as_json:
@@ -138,7 +138,7 @@ def dlq_replay(
 
     async def run() -> dlq_ops.DlqReplayResult:
         async with connected() as c:
-            await dlq_ops.check_target(c, target)
+            ref = await dlq_ops.check_target(c, target)
             wanted = set(ident)
             with progress_bar("dlq replay") as update:
                 total = 0
@@ -149,7 +149,7 @@ def dlq_replay(
                     update("", 0, n)
 
                 async def entries() -> AsyncIterator[dlq_ops.DlqEntry]:
-                    async for e in dlq_ops.iter_dead_letters(c, target, start, on_total=on_total):
+                    async for e in dlq_ops.iter_dead_letters(c, ref, start, on_total=on_total):
                         if not wanted or e.event_id in wanted or e.letter.id in wanted:
                             yield e
 
@@ -200,8 +200,8 @@ def dlq_purge(
 
     async def run() -> int:
         async with connected() as c:
-            await dlq_ops.check_target(c, target)
-            plan = await dlq_ops.plan_purge(c, target, start)
+            ref = await dlq_ops.check_target(c, target)
+            plan = await dlq_ops.plan_purge(c, ref, start)
             if plan.count == 0:
                 return 0
             what = f"{plan.count} dead letter(s)" + (f" for {target}" if target else "")

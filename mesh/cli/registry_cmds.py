@@ -197,7 +197,9 @@ def target_list(as_json: bool = typer.Option(False, "--json")) -> None:
 
     async def run() -> list[Target]:
         async with connected() as c:
-            return await c.registry.list_targets()
+            targets = await c.registry.list_targets()
+            tenant = c.settings.tenant  # MESH_TENANT: its own targets; default: all
+            return [t for t in targets if tenant == "default" or t.tenant == tenant]
 
     targets = arun(run())
     if as_json:
@@ -208,7 +210,7 @@ def target_list(as_json: bool = typer.Option(False, "--json")) -> None:
         TARGET_COLUMNS,
         [
             [
-                t.name,
+                t.ref,  # a tenant's target: ~tenant.name
                 t.kind,
                 t.url or "",
                 t.status + (f" ({t.status_reason})" if t.status_reason else ""),
@@ -244,7 +246,8 @@ def target_enable(name: str) -> None:
 
     async def run() -> None:
         async with connected() as c:
-            await c.registry.set_status(name, TargetStatus.ACTIVE, None)
+            ref = (await c.target_or_error(name)).ref  # MESH_TENANT's target of that name
+            await c.registry.set_status(ref, TargetStatus.ACTIVE, None)
 
     arun(run())
     console.print(f"target {name} enabled")
@@ -262,7 +265,8 @@ def target_rotate_secret(
 
     async def run() -> str:
         async with connected() as c:
-            return await c.registry.rotate_secret(name, period)
+            ref = (await c.target_or_error(name)).ref  # MESH_TENANT's target of that name
+            return await c.registry.rotate_secret(ref, period)
 
     new = arun(run())
     console.print(f"new signing secret for {name} (shown once): {new}")

@@ -39,6 +39,7 @@ from mesh.history import FAILURE_OUTCOMES, PayloadReader, response_excerpt
 from mesh.registry import Propagation as PropagationModel
 from mesh.registry import PropagationMode, Target
 from mesh.storage import DeliveryRow, EventRow, Page, Store, TenantView
+from mesh.subjects import split_source
 from services.api.problems import (
     BAD_REQUEST,
     METHOD_NOT_ALLOWED,
@@ -80,6 +81,12 @@ def _ctx(info: strawberry.Info) -> GraphContext:
     ctx = info.context["mesh"]
     assert isinstance(ctx, GraphContext)
     return ctx
+
+
+def _of_tenant(store: Store | TenantView, tenant: str) -> TenantView:
+    """``store``'s rows of ``tenant`` (a tenant's view is already its own: kept as it is,
+    so asking for another tenant's gives its own, never the other's)."""
+    return store if isinstance(store, TenantView) else TenantView(store, tenant)
 
 
 def _touches(p: PropagationModel, name: str) -> bool:
@@ -224,6 +231,9 @@ class RetryPolicy:
 class TargetNode:
     name: str
     tenant: str
+    ref: str = strawberry.field(
+        description="The target's reference: its name, or ~tenant.name for a tenant's"
+    )
     kind: str
     url: str | None
     format: str
@@ -246,6 +256,7 @@ class TargetNode:
         return cls(
             name=t.name,
             tenant=t.tenant,
+            ref=t.ref,
             kind=t.kind.value,
             url=t.url,
             format=t.format,
@@ -272,13 +283,14 @@ class TargetNode:
     @strawberry.field(description="Propagations sending from or to this target.")
     async def propagations(self, info: strawberry.Info) -> list[Propagation]:
         _, props = await _ctx(info).snapshot()
-        return [Propagation.of(p) for p in props if _touches(p, self.name)]
+        mine = [p for p in props if p.tenant == self.tenant]  # names are per tenant
+        return [Propagation.of(p) for p in mine if _touches(p, self.name)]
 
     @strawberry.field(description="Failed attempts (retry, dead, disabled), newest first.")
     async def recent_failures(
         self, info: strawberry.Info, limit: int = DEFAULT_FAILURES
     ) -> list[Delivery] | None:
-        page = await (await _ctx(info).store()).list_deliveries(
+        page = await _of_tenant(await _ctx(info).store(), self.tenant).list_deliveries(
             target=self.name, outcomes=FAILURE_OUTCOMES, limit=limit
         )
         return [Delivery.of(r) for r in page.items]
@@ -293,7 +305,7 @@ class TargetNode:
         first: int = 50,
         after: str | None = None,
     ) -> DeliveryPage | None:
-        page = await (await _ctx(info).store()).list_deliveries(
+        page = await _of_tenant(await _ctx(info).store(), self.tenant).list_deliveries(
             target=self.name, outcomes=outcomes, since=since, until=until, cursor=after, limit=first
         )
         return DeliveryPage.of(page)
@@ -316,7 +328,9 @@ class Query:
     @strawberry.field
     async def target(self, info: strawberry.Info, name: str) -> TargetNode | None:
         targets, _ = await _ctx(info).snapshot()
-        return next((TargetNode.of(t) for t in targets if t.name == name), None)
+        # A reference (~tenant.name) first: an operator sees several tenants' same name.
+        found = [t for t in targets if t.ref == name] or [t for t in targets if t.name == name]
+        return TargetNode.of(found[0]) if found else None
 
     @strawberry.field
     async def propagations(self, info: strawberry.Info) -> list[Propagation]:
@@ -356,7 +370,11 @@ class Query:
         first: int = 50,
         after: str | None = None,
     ) -> DeliveryPage | None:
-        page = await (await _ctx(info).store()).list_deliveries(
+        store = await _ctx(info).store()
+        if target is not None and target.startswith("~"):  # ~tenant.name: that tenant's
+            tenant, target = split_source(target)
+            store = _of_tenant(store, tenant)
+        page = await store.list_deliveries(
             target=target,
             outcomes=outcomes,
             event_id=event_id,

@@ -14,7 +14,7 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from mesh.storage import MAX_PAGE
 from services.api.routes_targets import TYPES_PATTERN
-from services.api.routing import NAME_PATTERN
+from services.api.routing import NAME_PATTERN, REF_PATTERN
 
 MAX_SEQ = 2**63 - 1  # JetStream sequences are 64-bit
 
@@ -104,7 +104,7 @@ class EventsQuery(BaseModel):
 
 
 class DeliveriesQuery(BaseModel):
-    target: str | None = Field(default=None, pattern=NAME_PATTERN)
+    target: str | None = Field(default=None, pattern=REF_PATTERN)
     outcome: list[str] | None = Field(
         default=None, description="Only these outcomes (repeat the parameter)"
     )
@@ -119,7 +119,8 @@ class DeadLetterOut(BaseModel):
     seq: int = Field(description="The DLQ stream sequence")
     dlq_id: str
     event_id: str
-    target: str
+    target: str = Field(description="The target's name")
+    tenant: str = Field(default="default", description="The target's tenant")
     source: str | None
     type: str | None
     attempts: int
@@ -139,7 +140,7 @@ class DeadLetterList(BaseModel):
 
 
 class DeadLettersQuery(BaseModel):
-    target: str | None = Field(default=None, pattern=NAME_PATTERN)
+    target: str | None = Field(default=None, pattern=REF_PATTERN)
     since: UtcTime | None = Field(
         default=None, description="From this time on (ISO 8601 with a zone); not with cursor"
     )
@@ -148,7 +149,7 @@ class DeadLettersQuery(BaseModel):
 
 
 class RetryIn(BaseModel):
-    target: str | None = Field(default=None, pattern=NAME_PATTERN)
+    target: str | None = Field(default=None, pattern=REF_PATTERN)
     since: UtcTime | None = Since
     ids: list[str] = Field(
         default_factory=list, max_length=1000, description="Only these event / dead letter ids"
@@ -172,7 +173,7 @@ class RetryOut(BaseModel):
 
 class PurgeQuery(BaseModel):
     target: str = Field(
-        pattern=r"^(\*|[a-z0-9][a-z0-9_-]{0,63})$",
+        pattern=r"^(\*|(~[a-z0-9][a-z0-9_-]{0,63}\.)?[a-z0-9][a-z0-9_-]{0,63})$",
         description="The target whose dead letters go, or * for every target's",
     )
     since: UtcTime | None = Since

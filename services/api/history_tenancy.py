@@ -11,12 +11,13 @@ An operator key (no tenant) is not limited.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from mesh.errors import NotFound
+from mesh.ownership import find_target
 from mesh.storage import Store, TenantView, scoped
+from mesh.subjects import split_source
 from mesh.tenants import visible
-from services.api import tenancy
 from services.api.problems import INVALID, ApiProblem
 from services.api.routing import Call
 
@@ -29,27 +30,52 @@ async def history(call: Call) -> Store | TenantView:
     return scoped(await call.api.store(), call.tenant)
 
 
-async def own_target(call: Call, name: str | None, what: str, required: bool = True) -> None:
-    """Nothing for an operator key; for a tenant key, ``name`` must be one of its targets
-    (``required``: a name must be given)."""
-    if call.tenant is None or (name is None and not required):
-        return
+async def own_target(call: Call, name: str | None, what: str, required: bool = True) -> str | None:
+    """The reference of target ``name`` as the caller means it (a tenant's own target is
+    ``~T.name``, mesh/subjects.py), None without a name. For a tenant key, ``name`` must be
+    one of its targets (``required``: a name must be given); an operator's unknown name is
+    kept as given (a removed target's dead letters may remain)."""
+    found = await find(call, name, what, required)
+    if found is None:
+        return name
+    return str(found.ref)
+
+
+async def find(call: Call, name: str | None, what: str, required: bool = True) -> Any:
+    """The target the caller names (None: no name, or an operator's unknown one)."""
     if name is None:
-        raise ApiProblem(INVALID, f"a tenant key lists one target's {what}: pass target=NAME")
-    missing = f"unknown target {name!r}"
+        if call.tenant is not None and required:
+            raise ApiProblem(INVALID, f"a tenant key lists one target's {what}: pass target=NAME")
+        return None
     try:
-        target = await call.api.client.registry.get_target(name)
+        return await find_target(call.api.client.registry, name, call.tenant)
     except NotFound:
-        raise NotFound(missing) from None
-    tenancy.check(call, target.tenant, missing)
+        if call.tenant is not None:
+            raise NotFound(f"unknown target {name!r}") from None
+        return None
+
+
+async def deliveries_of(call: Call, name: str | None) -> tuple[Store | TenantView, str | None]:
+    """The history store and the target name to list deliveries of ``name`` with: rows
+    carry (tenant, target name), so an operator's named target brings its tenant."""
+    found = await find(call, name, "deliveries", required=False)
+    if call.tenant is not None or name is None:
+        return await history(call), None if found is None else found.name
+    if found is not None:
+        return scoped(await call.api.store(), found.tenant), found.name
+    if name.startswith("~"):  # a removed tenant target
+        tenant, plain = split_source(name)
+        return scoped(await call.api.store(), tenant), plain
+    return await history(call), name
 
 
 async def visible_targets(call: Call) -> set[str] | None:
-    """The names of the caller's targets; None for an operator key (all)."""
+    """The references of the caller's targets (as dead letters name them); None for an
+    operator key (all)."""
     if call.tenant is None:
         return None
     targets = await call.api.client.registry.list_targets()
-    return {t.name for t in targets if visible(t.tenant, call.tenant)}
+    return {t.ref for t in targets if visible(t.tenant, call.tenant)}
 
 
 def only_visible(items: Iterable[T], mine: set[str] | None, target_of: str = "target") -> list[T]:

@@ -15,13 +15,19 @@ from pydantic import BaseModel, Field
 
 from mesh.apikeys import Scope
 from mesh.errors import NotFound
+from mesh.ownership import find_target
 from mesh.revocations import MAX_REASON, Revocation, RevocationStore
+from mesh.subjects import split_source
 from mesh.tokens import DEFAULT_TTL, MAX_TTL, issue, key_path, load_key, verify
-from services.api.routing import NAME_PATTERN, Call, Param, Reply, Route, RouteTable
+from services.api.routing import NAME_PATTERN, REF_PATTERN, Call, Param, Reply, Route, RouteTable
 
 
 class TokenIn(BaseModel):
-    target: str = Field(pattern=NAME_PATTERN, description="The target the token opens")
+    target: str = Field(
+        pattern=REF_PATTERN,
+        description="The target the token opens (a tenant's: ~tenant.name, or a name only one"
+        " tenant holds)",
+    )
     ttl_s: float = Field(
         default=DEFAULT_TTL.total_seconds(),
         ge=1,
@@ -65,18 +71,21 @@ async def _store(call: Call) -> RevocationStore:
 async def issue_token(call: Call) -> Reply:
     body: TokenIn = call.body
     key = load_key(key_path(call.api.settings))
+    target = body.target
     try:
-        tenant = (await call.api.client.registry.get_target(body.target)).tenant
+        found = await find_target(call.api.client.registry, target, None)
+        tenant, target = found.tenant, found.name  # the bridge finds it in its tenant
     except NotFound:
-        tenant = "default"  # as before tenants: a token may name a target made later
+        # As before tenants: a token may name a target made later (in the tenant named).
+        tenant, target = split_source(target)
     token = issue(
         key,
-        body.target,
+        target,
         ttl=timedelta(seconds=body.ttl_s),
         publish_as=body.publish_as or None,
         tenant=tenant,
     )
-    claims = verify(key, token, body.target)
+    claims = verify(key, token, target)
     await call.api.audit.record(
         call.actor,
         "token.issue",

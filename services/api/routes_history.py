@@ -93,10 +93,9 @@ async def get_event(call: Call) -> EventDetail:
 
 async def list_deliveries(call: Call) -> DeliveryPage:
     q: DeliveriesQuery = call.query
-    await scoped.own_target(call, q.target, "deliveries", required=False)
-    store = await scoped.history(call)
+    store, target = await scoped.deliveries_of(call, q.target)
     page = await store.list_deliveries(
-        target=q.target,
+        target=target,
         outcomes=q.outcome,
         event_id=q.event_id,
         since=q.since,
@@ -130,13 +129,11 @@ async def list_dead_letters(call: Call) -> DeadLetterList:
     if q.cursor is not None and q.since is not None:
         raise ValidationError("give since or cursor, not both (a cursor carries on a listing)")
     start_seq = _after_seq(q.cursor) + 1 if q.cursor is not None else None
-    await scoped.own_target(call, q.target, "dead letters")
+    target = await scoped.own_target(call, q.target, "dead letters")
     client = call.api.client
-    await dlq.check_target(client, q.target)
+    target = await dlq.check_target(client, target)
     # One more than the page: whether there is a next page, without a second scan.
-    listing = await dlq.list_dead_letters(
-        client, q.target, q.since, q.limit + 1, start_seq=start_seq
-    )
+    listing = await dlq.list_dead_letters(client, target, q.since, q.limit + 1, start_seq=start_seq)
     entries = listing.entries[: q.limit]
     more = len(listing.entries) > q.limit
     return DeadLetterList(
@@ -184,12 +181,13 @@ async def retry_dead_letter(call: Call) -> RetryOut:
 async def retry_dead_letters(call: Call) -> RetryOut:
     body: RetryIn = call.body
     client = call.api.client
-    await dlq.check_target(client, body.target)
+    target = await scoped.own_target(call, body.target, "dead letters", required=False)
+    target = await dlq.check_target(client, target)
     wanted = set(body.ids)
 
     async def entries() -> AsyncIterator[dlq.DlqEntry]:
         # Streamed, as `mesh dlq replay` does: a long DLQ is never held in memory.
-        async for e in dlq.iter_dead_letters(client, body.target, body.since):
+        async for e in dlq.iter_dead_letters(client, target, body.since):
             if not wanted or e.event_id in wanted or e.letter.id in wanted:
                 yield e
 
@@ -200,7 +198,8 @@ async def purge_dead_letters(call: Call) -> Purged:
     q: PurgeQuery = call.query
     target = None if q.target == "*" else q.target
     client = call.api.client
-    await dlq.check_target(client, target)
+    target = await scoped.own_target(call, target, "dead letters", required=False)
+    target = await dlq.check_target(client, target)
     plan = await dlq.plan_purge(client, target, q.since)
     purged = await dlq.purge(client, plan)
     if purged:
@@ -226,7 +225,7 @@ def _empty_window(body: ReplayByTime | ReplayBySeq) -> str | None:
 async def replay_target(call: Call) -> ReplayOut:
     body: ReplayByTime | ReplayBySeq = call.body
     name = call.params["name"]
-    await scoped.own_target(call, name, "replays")
+    name = await scoped.own_target(call, name, "replays") or name
     empty = _empty_window(body)
     if empty is not None:
         await call.api.client.target_or_error(name)

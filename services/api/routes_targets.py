@@ -28,7 +28,7 @@ from mesh.registry import (
     validate_expressions,
 )
 from mesh.subjects import validate_name
-from services.api import tenancy
+from services.api import routing, tenancy
 from services.api.problems import INVALID, ApiProblem
 from services.api.quotas import tenant_for_new_target
 from services.api.routing import NAME_PATTERN, Call, Param, Reply, Route, RouteTable, field_errors
@@ -201,7 +201,7 @@ class Removed(BaseModel):
     propagations_removed: list[str] = Field(default_factory=list)
 
 
-NAME_PARAM = Param("name", "path", "The target's name", pattern=NAME_PATTERN)
+NAME_PARAM = Param("name", "path", "The target (or ~tenant.name)", pattern=routing.REF_PATTERN)
 ID_PARAM = Param("id", "path", "The propagation's id", pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -283,7 +283,7 @@ async def update_target(call: Call) -> dict[str, Any]:
 async def _set_status(call: Call, status: TargetStatus, reason: str | None) -> dict[str, Any]:
     registry = call.api.client.registry
     before = await tenancy.target(call)
-    after = await registry.set_status(before.name, status, reason)
+    after = await registry.set_status(before.ref, status, reason)
     action = "target.pause" if status == TargetStatus.DISABLED else "target.resume"
     await call.api.audit.record(
         call.actor, action, f"target:{after.name}", before.public(), after.public()
@@ -303,7 +303,7 @@ async def delete_target(call: Call) -> Removed:
     name = call.params["name"]
     client = call.api.client
     before = await tenancy.target(call)
-    props = await client.remove_target(name)
+    props = await client.remove_target(before.ref)
     await call.api.audit.record(
         call.actor, "target.delete", f"target:{name}", before.public(), {"propagations": props}
     )
@@ -313,9 +313,9 @@ async def delete_target(call: Call) -> Removed:
 async def rotate_secret(call: Call) -> RotatedSecret:
     name = call.params["name"]
     registry = call.api.client.registry
-    await tenancy.target(call)
-    secret = await registry.rotate_secret(name, timedelta(seconds=call.body.grace_s))
-    after = await registry.get_target(name)
+    ref = (await tenancy.target(call)).ref
+    secret = await registry.rotate_secret(ref, timedelta(seconds=call.body.grace_s))
+    after = await registry.get_target(ref)
     expires = after.old_secret_expires.isoformat() if after.old_secret_expires else None
     await call.api.audit.record(
         call.actor, "target.rotate_secret", f"target:{name}", None, {"old_secret_expires": expires}

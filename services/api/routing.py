@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 PATH_PARAM = re.compile(r"\{([a-z_]+)\}")
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+# A target as an operator may name a tenant's: ``~tenant.name`` (mesh/subjects.py).
+REF_PATTERN = r"^(~[a-z0-9][a-z0-9_-]{0,63}\.)?[a-z0-9][a-z0-9_-]{0,63}$"
 
 
 @dataclass

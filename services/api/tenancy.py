@@ -12,6 +12,7 @@ from __future__ import annotations
 from weakref import WeakKeyDictionary
 
 from mesh.errors import NotFound, ValidationError
+from mesh.ownership import find_target
 from mesh.registry import Target
 from mesh.tenants import DEFAULT, TenantStore, visible
 
@@ -34,10 +35,7 @@ async def store(call: Call) -> TenantStore:
 
 async def target(call: Call) -> Target:
     """The path's target, if the caller's tenant owns it (else the same 404 as a missing one)."""
-    name = call.params["name"]
-    found = await call.api.client.registry.get_target(name)
-    check(call, found.tenant, f"unknown target {name!r}")
-    return found
+    return await find_target(call.api.client.registry, call.params["name"], call.tenant)
 
 
 def check(call: Call, owner: str | None, missing: str) -> None:

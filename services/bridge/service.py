@@ -49,6 +49,7 @@ from aiohttp import web
 from mesh._nats.types import js_errors, nats_errors
 from mesh.config import Settings
 from mesh.errors import ConfigError, MeshError, NotFound, PortInUse
+from mesh.ownership import find_target
 from mesh.registry import EGRESS_KINDS
 from mesh.revocations import Revocation, RevocationStore, RevocationView
 from mesh.subjects import validate_name
@@ -343,9 +344,8 @@ class Bridge(Service):
             since_time = _parse_time(q["since_time"])
         client = self.client
         try:
-            t = await client.registry.get_target(target)
-            if t.tenant != claims.tenant:
-                raise NotFound(target)  # a token of another tenant: as if there were no target
+            # A token of another tenant: as if there were no target.
+            t = await find_target(client.registry, target, claims.tenant)
             if mode == FEED and t.kind in EGRESS_KINDS:
                 raise _Refused(
                     409, f"target {target!r} is a {t.kind} target: its feed belongs to the egress"
@@ -365,7 +365,7 @@ class Bridge(Service):
         # Close a non-acking client well before the consumer would redeliver behind its back.
         ack_wait = info.config.ack_wait or self.options.ack_timeout_s * 2
         return Spec(
-            target=target,
+            target=t.ref,  # a tenant's target: ~tenant.name, as its consumer and records
             claims=claims,
             mode=mode,
             since_seq=since_seq,

@@ -24,6 +24,7 @@ from mesh._nats.types import Msg, nats_errors
 from mesh.errors import DecodeError, MeshError
 from mesh.observability import METRICS
 from mesh.records import DeliveryRecord, Outcome
+from mesh.subjects import consumer_of
 from mesh.tokens import TokenClaims
 from services.bridge.frames import (
     CLOSE_ERROR,
@@ -298,7 +299,7 @@ class Session:
     # Feed mode ----------------------------------------------------------------
 
     async def _feed(self) -> None:
-        consumer = f"deliver-{self.spec.target}"
+        consumer = consumer_of(self.spec.target)
         # Closing the generator unsubscribes its fetch inbox.
         pull = self.deliveries.pull(
             consumer, batch=self.batch, expires=self.opts.fetch_expires_s, stop=self.stop

@@ -2,8 +2,8 @@
 
 Each instance counts consecutive failures per target on its own (a local
 ``CircuitBreaker``). The *state* of a target's circuit lives in a JetStream KV bucket
-(``<PREFIX>_CIRCUITS``, key = target name) and every transition is a compare-and-set on
-the key's revision, so instances agree on it:
+(``<PREFIX>_CIRCUITS``, key = the target's reference as ``mesh.subjects.ref_kv`` writes
+it) and every transition is a compare-and-set on the key's revision, so instances agree on it:
 
 - closed -> open: the instance whose failures reach the threshold writes
   ``open until T`` and pauses the target's consumer until T. From that moment the server
@@ -39,6 +39,7 @@ import structlog
 from mesh._nats.types import KeyValue, js_errors
 from mesh.observability import METRICS
 from mesh.resilience import CircuitBreaker, CircuitState
+from mesh.subjects import kv_ref, ref_kv
 
 if TYPE_CHECKING:
     from mesh._nats.port import JetStreamPort
@@ -83,7 +84,8 @@ class CircuitRecord:
 
 
 class CircuitStore:
-    """The KV bucket holding every target's ``CircuitRecord``."""
+    """The KV bucket holding every target's ``CircuitRecord``, by target reference (a
+    tenant's ``~T.name`` is the key ``T.name``: KV keys cannot hold ``~``)."""
 
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
@@ -94,7 +96,7 @@ class CircuitStore:
 
     async def get(self, key: str) -> tuple[CircuitRecord, int | None]:
         try:
-            entry = await self.kv.get(key)
+            entry = await self.kv.get(ref_kv(key))
         except js_errors.KeyNotFoundError as exc:
             # A deleted key still has a revision to compare against.
             entry_rev = getattr(getattr(exc, "entry", None), "revision", None)
@@ -105,14 +107,14 @@ class CircuitStore:
         """Write when the key is still at ``revision``; the new revision, or None if not."""
         try:
             if revision is None:
-                return int(await self.kv.create(key, record.to_bytes()))
-            return int(await self.kv.update(key, record.to_bytes(), last=revision))
+                return int(await self.kv.create(ref_kv(key), record.to_bytes()))
+            return int(await self.kv.update(ref_kv(key), record.to_bytes(), last=revision))
         except js_errors.KeyWrongLastSequenceError:
             return None
 
     async def delete(self, key: str) -> None:
         with contextlib.suppress(js_errors.KeyNotFoundError):
-            await self.kv.delete(key)
+            await self.kv.delete(ref_kv(key))
 
     async def watch(self) -> AsyncIterator[tuple[str, CircuitRecord, int]]:
         """Every record (first the current ones), then every change, until cancelled."""
@@ -123,7 +125,7 @@ class CircuitStore:
                     continue
                 deleted = entry.operation in ("DEL", "PURGE")
                 record = CircuitRecord() if deleted else CircuitRecord.from_bytes(entry.value)
-                yield entry.key, record, int(entry.revision or 0)
+                yield kv_ref(entry.key), record, int(entry.revision or 0)
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]

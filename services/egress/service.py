@@ -42,6 +42,7 @@ from mesh.destinations import missing_extra
 from mesh.errors import DecodeError, NotFound
 from mesh.records import DeliveryRecord, batch_bodies, new_id
 from mesh.registry import EGRESS_KINDS, TargetStatus
+from mesh.subjects import key_ref
 from services.base import Service
 from services.egress.circuit import CircuitStore
 from services.egress.fairness import TenantSlots
@@ -147,15 +148,16 @@ class WebhookEgress(Service):
     async def resync(self) -> None:
         """Bring the workers in line with every target in the registry."""
         targets = await self.client.registry.list_targets()
-        names = {t.name for t in targets}
+        names = {t.ref for t in targets}
         for t in targets:
-            await self.sync_target(t.name)
+            await self.sync_target(t.ref)
         for name in list(self.workers):
             if name not in names:
                 await self.sync_target(name)
 
     async def sync_target(self, name: str) -> None:
-        """Start, update or stop the worker of one target after a registry change."""
+        """Start, update or stop the worker of one target (``name``: its reference) after a
+        registry change."""
         async with self._sync_lock:
             if self.stopping.is_set():
                 return
@@ -220,8 +222,9 @@ class WebhookEgress(Service):
         while not self.stopping.is_set():
             try:
                 async for key in self.client.registry.watch():
-                    if key.startswith("targets."):
-                        await self.sync_target(key.removeprefix("targets."))
+                    ref = key_ref(key)
+                    if ref is not None:
+                        await self.sync_target(ref)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -70,7 +70,7 @@ class TargetWorker(BatchDelivery, CircuitGate, Outcomes):
         self.client = egress.client
         self.deliveries = egress.deliveries
         self.target = target
-        self.name = target.name
+        self.name = target.ref  # its name; a tenant's: ~tenant.name (mesh/subjects.py)
         self.consumer = target.consumer
         self.stream = egress.client.names.events
         self.log = egress.log.bind(target=self.name)

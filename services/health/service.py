@@ -248,22 +248,22 @@ class Health(Service):
         rows = []
         for t, info in zip(targets, infos, strict=True):
             row: dict[str, Any] = {
-                "name": t.name,
+                "name": t.ref,
                 "kind": str(t.kind),
                 "status": str(t.status),
-                "dlq": dlq.get(t.name, 0),
+                "dlq": dlq.get(t.ref, 0),
             }
             if isinstance(info, BaseException):
                 row.update(lag=None, pending=None, unacked=None, paused=False)
                 row["error"] = short_error(info)
             else:
                 row.update(info)
-                METRICS.consumer_pending.labels(t.name).set(info["lag"])
-                hist = self._lag_history.setdefault(t.name, deque(maxlen=LAG_HISTORY))
+                METRICS.consumer_pending.labels(t.ref).set(info["lag"])
+                hist = self._lag_history.setdefault(t.ref, deque(maxlen=LAG_HISTORY))
                 hist.append(info["lag"])
-            METRICS.dlq_depth.labels(t.name).set(row["dlq"])
+            METRICS.dlq_depth.labels(t.ref).set(row["dlq"])
             rows.append(row)
-        current = {t.name for t in targets}
+        current = {t.ref for t in targets}
         for gone in set(self._lag_history) - current:
             del self._lag_history[gone]
         for gone in self._metric_targets - current:

@@ -15,6 +15,7 @@ from pydantic import ValidationError as PydanticValidationError
 from mesh.client import MeshClient
 from mesh.errors import DecodeError, NotFound, StorageError, ValidationError
 from mesh.storage import Store
+from mesh.subjects import key_ref
 from services.sink.rows import propagation_row, service_row
 
 REGISTRY_RESYNC_S = 60.0
@@ -86,7 +87,7 @@ class RegistryMirror:
             await store.upsert_service(service_row(t), actor=AUDIT_ACTOR)
         for p in props:
             await store.upsert_propagation(propagation_row(p), actor=AUDIT_ACTOR)
-        names = {t.name for t in targets}
+        names = {t.ref for t in targets}
         for s in await store.list_services():
             if s.name not in names:
                 await store.delete_service(s.name, actor=AUDIT_ACTOR)
@@ -104,6 +105,7 @@ class RegistryMirror:
             kind, _, ident = key.partition(".")
             try:
                 if kind == "targets":
+                    ident = key_ref(key) or ident  # a tenant's target: ~tenant.name
                     try:
                         target = await registry.get_target(ident)
                     except _UNREADABLE:  # gone, or unreadable: not mirrored either

@@ -25,7 +25,7 @@ from mesh.storage import (
     PropagationRow,
     ServiceRow,
 )
-from mesh.subjects import DEFAULT_TENANT, Subjects, split_source, validate_name
+from mesh.subjects import DEFAULT_TENANT, TENANT_MARK, Subjects, split_source, validate_name
 
 Row = EventRow | DeliveryRow | DeadLetterRow
 
@@ -147,10 +147,11 @@ def delivery_rows(msg: Msg) -> list[DeliveryRow]:
 
 def _delivery_row(rec: DeliveryRecord, msg_id: str | None, msg: Msg) -> DeliveryRow:
     try:
+        owner, name = split_source(str(rec.target))  # a tenant's target: ~tenant.name
         return DeliveryRow(
             id=msg_id or rec.id,
             event_id=str(rec.event_id),
-            target=str(rec.target),
+            target=name,
             attempt=int(rec.attempt),
             outcome=str(rec.outcome),
             status_code=None if rec.status_code is None else int(rec.status_code),
@@ -159,7 +160,7 @@ def _delivery_row(rec: DeliveryRecord, msg_id: str | None, msg: Msg) -> Delivery
             at=_parse_time(rec.at, _position(msg)[1]),
             instance=rec.instance,
             trace_id=None if rec.trace_id is None else str(rec.trace_id)[:32],
-            tenant=_tenant(rec.tenant),
+            tenant=owner if str(rec.target).startswith(TENANT_MARK) else _tenant(rec.tenant),
         )
     except (TypeError, ValueError) as exc:
         raise DecodeError(f"not a delivery record: {exc}") from None
@@ -171,28 +172,31 @@ def dead_letter_row(msg: Msg, subjects: Subjects) -> tuple[DeadLetterRow, str | 
     headers = msg.headers or {}
     try:
         dl = parse_dead_letter(headers, msg.data)
+        owner, name = split_source(dl.target)  # a tenant's target: ~tenant.name
+        scoped = dl.target.startswith(TENANT_MARK)
         return (
             DeadLetterRow(
                 id=dl.id,
                 event_id=dl.event_id,
-                target=dl.target,
+                target=name,
                 attempts=dl.attempts,
                 last_error=dl.error,
                 payload=dl.body,
                 encrypted=_encrypted(headers),
                 dead_at=_aware(dl.at),
                 stream_seq=seq,
-                tenant=_subject_tenant(dl.original_subject, subjects),
+                tenant=owner if scoped else _subject_tenant(dl.original_subject, subjects),
             ),
             None,
         )
     except DecodeError as exc:
         problem = str(exc)
-    target = msg.subject.removeprefix(subjects.dlq("")) if msg.subject else ""
+    owner, target = split_source(subjects.target_of(msg.subject or "", "dlq"))
     row = DeadLetterRow(
         id=headers.get(envelope.H_MSG_ID) or f"dlq-seq-{seq}",
         event_id=MessageHeaders(headers).id or "",
         target=target,
+        tenant=owner,
         attempts=0,
         last_error=problem,
         payload=msg.data,
@@ -230,7 +234,7 @@ def service_row(target: Target) -> ServiceRow:
     )
     config["has_secret"] = target.secret_enc is not None
     return ServiceRow(
-        name=target.name,
+        name=target.ref,  # unique in the mesh: a tenant's target is ~tenant.name
         kind=str(target.kind),
         config=config,
         status=str(target.status),

@@ -43,7 +43,8 @@ async def collect(
 
 async def queued(client: MeshClient, target: str) -> int:
     """Events waiting for ``target`` (not yet delivered, or delivered and unacked)."""
-    info = await client.js.consumer_info(client.names.events, f"deliver-{target}")
+    found = await client.target_or_error(target)
+    info = await client.js.consumer_info(client.names.events, found.consumer)
     return int((info.num_pending or 0) + (info.num_ack_pending or 0))
 
 
