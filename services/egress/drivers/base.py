@@ -36,6 +36,10 @@ class Driver(ABC):
     """Delivers to one target. One instance per target per egress instance."""
 
     kind: ClassVar[str]
+    # Whether the worker should keep two chunks on the wire (fetching half its in-flight
+    # limit at a time) rather than one: for a system whose answers to the end of a chunk
+    # can wait for traffic from us (services/egress/drivers/mqtt.py).
+    overlap: ClassVar[bool] = False
 
     def __init__(self, target: Target) -> None:
         self.target = target
