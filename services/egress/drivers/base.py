@@ -133,9 +133,10 @@ class Driver(ABC):
             await asyncio.wait(
                 tasks, timeout=max(0.0, started + self.target.timeout_s - time.monotonic())
             )
-        except BaseException:
+        except BaseException:  # cancelled (the egress stopping): the sends go with us
             for task in tasks:
                 task.cancel()
+            await asyncio.wait(tasks)
             raise
         late = [task for task in tasks if not task.done()]
         for task in late:
