@@ -70,7 +70,7 @@ RawSend = Callable[[bytes], Awaitable[Any]]
 
 @contextlib.asynccontextmanager
 async def place(
-    kind: str, tag: str, moto_url: str, kafka: str = ""
+    kind: str, tag: str, moto_url: str, kafka: str = "", concurrency: int = 32
 ) -> AsyncIterator[tuple[str, dict[str, Any], RawSend]]:
     """(target URL, options, raw send of one body) for a fresh exchange/topic/stream/..."""
     if kind == "kafka":
@@ -122,6 +122,9 @@ async def place(
         async with aiomqtt.Client(
             parts.hostname or "127.0.0.1", parts.port or 1883, protocol=aiomqtt.ProtocolVersion.V5
         ) as client:
+            # As the egress's driver does: 32 publishes pending are the point here, not
+            # news worth a warning per publish (aiomqtt warns above 10 by default).
+            client.pending_calls_threshold = max(10, concurrency)
             yield (
                 server(kind),
                 {"topic": tag + "/{type_path}"},
@@ -246,7 +249,11 @@ async def run(args: argparse.Namespace) -> list[Result]:
                 try:
                     kafka = tansu.bootstrap if tansu else ""
                     moto_url = moto.url if moto else ""
-                    async with place(kind, tag, moto_url, kafka) as (url, options, send):
+                    async with place(kind, tag, moto_url, kafka, args.concurrency) as (
+                        url,
+                        options,
+                        send,
+                    ):
                         sample = Event(source="x", type="order.created", data={"n": 0, "pad": PAD})
                         body = data_body(sample)[0]
                         raw = await raw_rate(send, [body] * n, args.concurrency)

@@ -48,6 +48,7 @@ from nats.js.kv import KeyValue
 
 from mesh._nats.api import api_request
 from mesh._nats.buckets import open_bucket, read_all
+from mesh._nats.headers import MeshNats
 from mesh._nats.pipeline import PUBLISH_WINDOW, AckWindow, publish_pipelined
 from mesh._nats.pubpipe import AckedPublisher, PubPipe, no_stream
 from mesh._nats.pull import pull_batches
@@ -68,7 +69,7 @@ class JetStreamPort:
     """One NATS connection and its JetStream context (see the module doc)."""
 
     def __init__(self, nc: NATS | None = None) -> None:
-        self.nc: NATS = nc or NATS()
+        self.nc: NATS = nc or MeshNats()
         self._js: JetStreamContext | None = None
         self._acked = AckedPublisher(self.nc)
 

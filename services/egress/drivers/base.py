@@ -36,6 +36,10 @@ class Driver(ABC):
     """Delivers to one target. One instance per target per egress instance."""
 
     kind: ClassVar[str]
+    # Whether the worker should keep two chunks on the wire (fetching half its in-flight
+    # limit at a time) rather than one: for a system whose answers to the end of a chunk
+    # can wait for traffic from us (services/egress/drivers/mqtt.py).
+    overlap: ClassVar[bool] = False
 
     def __init__(self, target: Target) -> None:
         self.target = target
@@ -104,14 +108,70 @@ class Driver(ABC):
         self, events: Sequence[Event], traces: Sequence[dict[str, str] | None] | None = None
     ) -> list[AttemptResult]:
         """Deliver several events; one result per event, in order. ``traces``: each
-        event's ``send`` trace headers (HTTP's). The default sends them concurrently
-        (``send`` never raises for trouble at the destination); a system with a batch
-        API overrides it. An ordered target sends one at a time (batches of one)."""
+        event's ``send`` trace headers (HTTP's). The default connects once, starts every
+        ``_send`` at once (in order: a library that numbers its publishes, as AMQP's
+        confirms and MQTT's packet ids do, keeps that order on the wire) and awaits them
+        together under one deadline, the target's timeout; a system with a batch API
+        overrides it. An ordered target sends one at a time (batches of one)."""
         if len(events) == 1:
             return [await self.send(events[0], traces[0] if traces else None)]
-        if traces is None:
-            traces = [None] * len(events)
-        return list(await asyncio.gather(*map(self.send, events, traces)))
+        started = time.monotonic()
+        generation = self.generation
+        try:
+            async with asyncio.timeout(self.target.timeout_s):
+                await self.connect()
+        except TimeoutError:
+            await self.close(generation)
+            return [self._timed_out(started)] * len(events)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # connecting failed: nothing of the batch went out
+            return [await self._failed(exc, started, generation)] * len(events)
+        generation = self.generation
+        tasks = [asyncio.ensure_future(self._send(event)) for event in events]
+        try:
+            await asyncio.wait(
+                tasks, timeout=max(0.0, started + self.target.timeout_s - time.monotonic())
+            )
+        except BaseException:  # cancelled (the egress stopping): the sends go with us
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+            raise
+        late = [task for task in tasks if not task.done()]
+        for task in late:
+            task.cancel()  # past the deadline: abandoned, as ``send``'s timeout does
+        if late:
+            await asyncio.wait(late)
+        latency = time.monotonic() - started
+        results: list[AttemptResult] = []
+        drop = False
+        for task in tasks:
+            if task.cancelled():
+                results.append(self._timed_out(started))
+                drop = True
+            elif (error := task.exception()) is not None:
+                if not isinstance(error, Exception):
+                    raise error
+                results.append(
+                    AttemptResult(
+                        error=describe(error)[:ERROR_CHARS],
+                        permanent=self.is_permanent(error),
+                        latency_s=latency,
+                    )
+                )
+                drop = drop or self.drops_connection(error)
+            else:
+                results.append(AttemptResult(delivered=True, latency_s=latency))
+        if drop:
+            await self.close(generation)
+        return results
+
+    def _timed_out(self, started: float) -> AttemptResult:
+        return AttemptResult(
+            error=f"timeout after {self.target.timeout_s:g}s",
+            latency_s=time.monotonic() - started,
+        )
 
     async def _failed(
         self, exc: Exception, started: float, generation: int | None = None

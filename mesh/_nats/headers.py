@@ -1,0 +1,42 @@
+"""nats.py's client with a cheaper header parser (same answers, a fraction of the CPU).
+
+nats.py 2.16 parses every message's header block in ``Client._parse_header_lines`` and
+drops a name with whitespace inside by testing it character by character in a
+generator (``any(c.isspace() for c in key)``): with the ten or so headers of a mesh
+event (``ce-*``, ``Nats-Msg-Id``, ``mesh-encryption``) that was the largest single item
+of the egress's fetch path, about 10 us per message. ``MeshNats`` answers the same
+question with one ``str.split`` per name (``str.split()`` and ``str.isspace`` agree on
+what whitespace is); everything else is nats.py's own code, unchanged.
+``tests/test_nats_headers.py`` checks that both parsers agree on any header block.
+"""
+
+from __future__ import annotations
+
+from nats.aio.client import Client as NATS
+
+_CRLF = b"\r\n"
+
+
+def parse_header_lines(raw: bytes) -> dict[str, str]:
+    """``nats.aio.client.Client._parse_header_lines``, answer for answer."""
+    out: dict[str, str] = {}
+    for line in raw.split(_CRLF):
+        name, sep, value = line.partition(b":")
+        if not sep:  # also the empty line
+            continue
+        try:
+            key = name.strip().decode("ascii")
+        except UnicodeDecodeError:
+            continue  # a name with non-ASCII bytes: skipped, as nats.py does
+        # A name with whitespace anywhere (``bytes.strip`` leaves \x1c-\x1f at the ends,
+        # which ``str.isspace`` counts) is skipped; "" is kept, as nats.py keeps it.
+        if key and key.split() != [key]:
+            continue
+        out[key] = value.strip().decode("utf-8", "replace")
+    return out
+
+
+class MeshNats(NATS):
+    """The nats.py client the mesh connects with (``JetStreamPort``)."""
+
+    _parse_header_lines = staticmethod(parse_header_lines)
