@@ -23,7 +23,7 @@ def test_it_starts_low_and_grows_with_each_answer_up_to_the_ceiling() -> None:
     assert pace.limit == START + 10
     pace.done(ok=100, timed_out=0, now=0.1)
     assert pace.limit == 64
-    assert Pace(3, timeout_s=1.0).limit == 3  # a ceiling under the start
+    assert Pace(3, timeout_s=1.0).ceiling == 3
 
 
 def test_a_timeout_keeps_what_the_target_answered_in_the_last_timeout() -> None:
@@ -77,7 +77,7 @@ async def test_a_target_that_stops_answering_gets_one_request_at_a_time(
         first = rx.requests[0].at
         await asyncio.sleep(3.5)
         arrivals = [r.at - first for r in rx.requests]
-        # Before the first timeout: the start, not the 32 allowed.
+        # Before the first timeout: the start (one), not the 32 allowed.
         assert 1 <= len([t for t in arrivals if t < 0.45]) <= START
         # After it nothing answered, so one request at a time: one arrival per timeout
         # (0.5 s) from 1.0 s to 3.5 s, where 32 at a time would be some 160.
