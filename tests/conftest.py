@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -106,6 +107,18 @@ async def client(settings: Settings) -> AsyncIterator[MeshClient]:
     async with MeshClient(settings, name="test") as c:
         await c.init()
         yield c
+
+
+@pytest.fixture
+async def egress(settings: Settings, client: MeshClient) -> AsyncIterator[Any]:
+    """A webhook egress in this process with short idle fetches (a stop waits for the one
+    in progress)."""
+    from services.egress.service import WebhookEgress
+
+    svc = WebhookEgress(settings, fetch_expires_s=0.5)
+    await svc.start()
+    yield svc
+    await svc.stop()
 
 
 async def add_nats_target(client: MeshClient, name: str) -> Target:

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 from mesh.client import MeshClient
-from mesh.config import Settings
 from mesh.destinations import DestinationOptions
 from mesh.envelope import Event
 from mesh.registry import Target, TargetKind
@@ -28,21 +27,11 @@ from tests.support.kafka import kafka_behind_proxy
 from tests.support.proxy import TCPProxy
 from tests.support.receiver import dead_letters, delivery_records, fast_policy
 
-FETCH_S = 0.5
-
 
 @pytest.fixture(scope="module")
 def moto() -> Iterator[MotoServer]:
     with moto_server() as server:
         yield server
-
-
-@pytest.fixture
-async def egress(settings: Settings, client: MeshClient) -> AsyncIterator[WebhookEgress]:
-    svc = WebhookEgress(settings, fetch_expires_s=FETCH_S)
-    await svc.start()
-    yield svc
-    await svc.stop()
 
 
 @asynccontextmanager

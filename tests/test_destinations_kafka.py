@@ -273,14 +273,3 @@ async def test_cli_and_api_seal_kafka_credentials(settings: Settings, client: Me
         assert created["options"]["key"] == "{source}"
         status, _, got = await http.call("GET", "/v1/targets/k4", key=admin)
         assert status == 200 and "pa55word" not in json.dumps(got)
-
-
-# The egress fixture, as in tests/test_destinations.py ----------------------------------
-
-
-@pytest.fixture
-async def egress(settings: Settings, client: MeshClient) -> AsyncIterator[WebhookEgress]:
-    svc = WebhookEgress(settings, fetch_expires_s=0.5)
-    await svc.start()
-    yield svc
-    await svc.stop()

@@ -37,14 +37,6 @@ async def rx() -> AsyncIterator[Receiver]:
         yield r
 
 
-@pytest.fixture
-async def egress(settings: Settings, client: MeshClient) -> AsyncIterator[WebhookEgress]:
-    svc = WebhookEgress(settings, fetch_expires_s=FETCH_S)
-    await svc.start()
-    yield svc
-    await svc.stop()
-
-
 def verify_all(rx: Receiver, *secrets: str) -> None:
     """Every request verifies with the reference library, under each given secret."""
     assert rx.requests

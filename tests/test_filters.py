@@ -166,14 +166,6 @@ async def rx() -> AsyncIterator[Receiver]:
         yield r
 
 
-@pytest.fixture
-async def egress(settings: Settings, client: MeshClient) -> AsyncIterator[WebhookEgress]:
-    svc = WebhookEgress(settings, fetch_expires_s=0.5)
-    await svc.start()
-    yield svc
-    await svc.stop()
-
-
 async def test_egress_filters_reshapes_and_dead_letters_failed_transforms(
     client: MeshClient, rx: Receiver, egress: WebhookEgress
 ) -> None:

@@ -4,12 +4,8 @@ real egress against a receiver that stops answering and starts again."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-
-import pytest
 
 from mesh.client import MeshClient
-from mesh.config import Settings
 from services.egress.pace import START, Pace
 from services.egress.service import WebhookEgress
 from tests.support.receiver import Receiver, Reply, add_webhook, fast_policy
@@ -48,14 +44,6 @@ def test_configure_lowers_the_ceiling_and_the_limit() -> None:
     pace.done(ok=64, timed_out=0, now=0.0)
     pace.configure(16, timeout_s=2.0)
     assert pace.limit == 16 and pace.ceiling == 16 and pace.timeout_s == 2.0
-
-
-@pytest.fixture
-async def egress(settings: Settings, client: MeshClient) -> AsyncIterator[WebhookEgress]:
-    svc = WebhookEgress(settings, fetch_expires_s=0.5)
-    await svc.start()
-    yield svc
-    await svc.stop()
 
 
 async def test_a_target_that_stops_answering_gets_one_request_at_a_time(
