@@ -66,14 +66,19 @@ def split_source(qualified: str) -> tuple[str, str]:
     return DEFAULT_TENANT, qualified
 
 
+def _validate_qualified(qualified: str, what: str) -> str:
+    """A name, or a tenant's qualified name ``~tenant.name`` (sources, target references)."""
+    if isinstance(qualified, str) and qualified.startswith(TENANT_MARK):
+        tenant, name = split_source(qualified)
+        validate_name(tenant, "tenant")
+        validate_name(name, what)
+        return qualified
+    return validate_name(qualified, what)
+
+
 def validate_source(qualified: str) -> str:
     """A source name, or a tenant's qualified source ``~tenant.source``."""
-    if isinstance(qualified, str) and qualified.startswith(TENANT_MARK):
-        tenant, source = split_source(qualified)
-        validate_name(tenant, "tenant")
-        validate_name(source, "source name")
-        return qualified
-    return validate_name(qualified, "source name")
+    return _validate_qualified(qualified, "source name")
 
 
 def target_ref(tenant: str | None, name: str) -> str:
@@ -84,12 +89,7 @@ def target_ref(tenant: str | None, name: str) -> str:
 
 def validate_target_ref(ref: str) -> str:
     """A target name, or a tenant's target reference ``~tenant.name``."""
-    if isinstance(ref, str) and ref.startswith(TENANT_MARK):
-        tenant, name = split_source(ref)
-        validate_name(tenant, "tenant")
-        validate_name(name, "target name")
-        return ref
-    return validate_name(ref, "target name")
+    return _validate_qualified(ref, "target name")
 
 
 TARGETS_KEY = "targets"
