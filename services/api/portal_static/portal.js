@@ -105,7 +105,10 @@
     urlInput.hidden = true;
     const urlText = el("span", { className: "url-text", textContent: t.url || "" });
     const save = button("Save", "save", () =>
-      act(`Saved ${t.name}`, () => api("PATCH", `/v1/targets/${t.name}`, { url: urlInput.value })));
+      act(`Saved ${t.name}`, async () => {
+        await api("PATCH", `/v1/targets/${t.name}`, { url: urlInput.value });
+        urlInput.hidden = true;  // closed, so the refresh that follows may redraw the row
+      }));
     save.hidden = true;
     const edit = button("Edit", "edit", () => {
       urlInput.hidden = false; save.hidden = false; urlText.hidden = true; edit.hidden = true;
@@ -134,6 +137,10 @@
     return row;
   }
 
+  function editing() {
+    return document.querySelector(".edit-url:not([hidden])") !== null;
+  }
+
   async function loadEndpoints() {
     const [targets, props] = await Promise.all([
       api("GET", "/v1/targets"), api("GET", "/v1/propagations"),
@@ -142,8 +149,11 @@
     const sourcesOf = (name) => props
       .filter((p) => p.source !== TEST_SOURCE && (p.mode === "broadcast" || p.targets.includes(name)))
       .map((p) => p.source);
-    fill($("endpoints").tBodies[0], hooks.map((t) => endpointRow(t, sourcesOf(t.name))), 5,
-      "No endpoints yet: add one below.");
+    // A refresh already on its way when the user opened an editor must not redraw it away.
+    if (!editing()) {
+      fill($("endpoints").tBodies[0], hooks.map((t) => endpointRow(t, sourcesOf(t.name))), 5,
+        "No endpoints yet: add one below.");
+    }
     return new Set(hooks.map((t) => t.name));
   }
 
@@ -259,6 +269,6 @@
   refresh();
   // Deliveries arrive on their own: poll, but not while the user edits a URL.
   setInterval(() => {
-    if (!document.querySelector(".edit-url:not([hidden])")) refresh();
+    if (!editing()) refresh();
   }, 2000);
 })();
