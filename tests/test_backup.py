@@ -239,7 +239,7 @@ def flip_byte(src: Path, dst: Path) -> None:
 async def test_damaged_archives_are_refused_and_the_home_is_untouched(
     tmp_path: Path, archive: tuple[Path, dict[str, str]]
 ) -> None:
-    good, src_env = archive
+    good, _ = archive
     flipped = tmp_path / "flipped.tar"
     flip_byte(good, flipped)
     truncated = tmp_path / "truncated.tar"
@@ -289,6 +289,19 @@ async def test_damaged_archives_are_refused_and_the_home_is_untouched(
     assert json.loads(first.stdout)["streams"]["KV_MESH_APIKEYS"] == 1
     keys = json.loads(ok(await mesh_with_broker(env, "apikey", "list", "--json")).stdout)
     assert [k["name"] for k in keys] == ["ci"]
-    # No passphrase at all: keys are never written unsealed.
-    no_pass = {k: v for k, v in src_env.items() if k != "MESH_BACKUP_PASSPHRASE_FILE"}
-    one_line_error(await mesh(no_pass, "backup", "create", "--to", str(tmp_path / "x")), "unsealed")
+    # The restored home seals its next backups to the archive's backup key, with no
+    # passphrase given; the original passphrase opens them.
+    no_pass = {k: v for k, v in env.items() if k != "MESH_BACKUP_PASSPHRASE_FILE"}
+    made = ok(await mesh_with_broker(no_pass, "backup", "create", "--to", str(tmp_path / "y")))
+    assert "backup" in made.stdout
+    (later,) = (tmp_path / "y").glob("mesh-backup-*.tar")
+    ok(await mesh(env, "backup", "verify", str(later)))
+    one_line_error(
+        await mesh(env, "backup", "verify", str(later), "--passphrase-file", str(wrong)),
+        "wrong passphrase",
+    )
+    # No passphrase and no backup key: keys are never written unsealed.
+    (tmp_path / "e").mkdir()
+    empty = {**up_env(tmp_path / "empty", tmp_path / "e")}
+    del empty["MESH_BACKUP_PASSPHRASE_FILE"]
+    one_line_error(await mesh(empty, "backup", "create", "--to", str(tmp_path / "x")), "unsealed")

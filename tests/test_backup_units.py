@@ -14,6 +14,7 @@ import pytest
 import services.backup.service as service_module
 from mesh._nats.types import connect
 from mesh.backup import SealError, create_backup, jetstream, list_archives, verify_archive
+from mesh.backup import recipient as backup_key
 from mesh.backup.archive import (
     FORMAT,
     SQLITE_MEMBER,
@@ -106,18 +107,18 @@ async def test_the_backup_service_writes_on_schedule_and_keeps_n(
     await client.publish("app", "x", 1)
     started = time.time()
     svc = Backup(s)
-    derived = 0
-    real = service_module.derive
+    prepared = 0
+    real = backup_key.prepare
 
-    def counting(passphrase: bytes) -> Any:
-        nonlocal derived
-        derived += 1
-        return real(passphrase)
+    def counting(home: Path, passphrase: bytes | None) -> Any:
+        nonlocal prepared
+        prepared += 1
+        return real(home, passphrase)
 
-    monkeypatch.setattr(service_module, "derive", counting)
+    monkeypatch.setattr(service_module.backup_key, "prepare", counting)
     async with running(svc):
         await eventually(lambda: svc.rounds >= 3, timeout=90, interval=0.2, what="3 backups")
-    assert derived == 1  # the key is derived once and kept for every round
+    assert prepared == 1  # the backup key is checked once and kept for every round
     kept = list_archives(s.backups_dir)
     assert len(kept) == 2
     assert LAST_SUCCESS._value.get() >= started
@@ -126,11 +127,15 @@ async def test_the_backup_service_writes_on_schedule_and_keeps_n(
     assert verified.manifest["streams"]["MESH_EVENTS"]["messages"] == 1
 
 
-def test_the_backup_service_needs_a_schedule_and_a_passphrase(tmp_path: Path) -> None:
+def test_the_backup_service_needs_a_schedule_and_a_passphrase_or_a_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="MESH_BACKUP_EVERY"):
         Backup(Settings(home=tmp_path))
-    with pytest.raises(ValidationError, match="unsealed"):
+    with pytest.raises(ConfigError, match="needs a backup key"):
         Backup(Settings(home=tmp_path, backup_every="1h"))
+    with pytest.raises(ValidationError, match="cannot read the passphrase file"):
+        Backup(Settings(home=tmp_path, backup_every="1h", backup_passphrase_file=tmp_path / "x"))
+    backup_key.prepare(tmp_path, b"a long passphrase", n=2**14)
+    assert Backup(Settings(home=tmp_path, backup_every="1h")).passphrase is None
 
 
 @pytest.mark.timeout(60)

@@ -25,6 +25,7 @@ from mesh import __version__
 from mesh._nats.types import NATS, JetStreamContext
 from mesh._nats.types import connect as nats_connect
 from mesh.backup import jetstream, tables
+from mesh.backup import recipient as backup_key
 from mesh.backup.archive import (
     FORMAT,
     KEYS,
@@ -33,7 +34,8 @@ from mesh.backup.archive import (
     archive_name,
     sha256_file,
 )
-from mesh.backup.seal import SealingKey, check_passphrase, derive, read_key_dir, seal_with
+from mesh.backup.recipient import Recipient
+from mesh.backup.seal import check_passphrase, read_key_dir
 from mesh.broker import EmbeddedBroker, free_port, port_free
 from mesh.config import Settings
 from mesh.durability import SyncMode
@@ -120,31 +122,34 @@ async def broker_connection(
 async def create_backup(
     settings: Settings,
     directory: Path,
-    passphrase: bytes,
+    passphrase: bytes | None,
     progress: Progress | None = None,
     *,
-    key: SealingKey | None = None,
+    recipient: Recipient | None = None,
 ) -> BackupResult:
-    """One archive in ``directory``.
+    """One archive in ``directory``, its keys sealed to the home's backup key.
 
-    ``key``: a key already derived from ``passphrase`` (``seal.derive``), which a
-    long-running caller (the scheduled service) keeps for every round: the derivation
-    costs ~0.5 s of a core by design, as much as the rest of a 100,000-event backup.
-    Reusing it across archives is sound: each sealing has its own nonce and binds its
-    archive's id, and a guess at the passphrase costs the same derivation.
+    ``passphrase``: checked against the home's backup key (one scrypt, while the streams
+    are read), or makes one when the home has none or it does not open it; ``None``
+    seals to the home's key as it is, with no derivation (``mesh/backup/recipient.py``).
+    ``recipient``: a key already prepared, which a long-running caller (the scheduled
+    service) keeps for every round.
     """
-    check_passphrase(passphrase)
+    if passphrase is not None:
+        check_passphrase(passphrase)
+    elif recipient is None:
+        recipient = prepare_key(settings, None)  # no derivation: fails before any work
     started = time.monotonic()
     now = datetime.now(UTC)
     archive_id = uuid.uuid4().hex
     writer = ArchiveWriter(directory, archive_name(now, archive_id))
-    # The key derivation is slow on purpose; it runs while the streams are read.
-    sealing: asyncio.Future[SealingKey]
-    if key is not None:
+    # The passphrase's derivation is slow on purpose; it runs while the streams are read.
+    sealing: asyncio.Future[Recipient]
+    if recipient is not None:
         sealing = asyncio.get_running_loop().create_future()
-        sealing.set_result(key)
+        sealing.set_result(recipient)
     else:
-        sealing = asyncio.ensure_future(asyncio.to_thread(derive, passphrase))
+        sealing = asyncio.ensure_future(asyncio.to_thread(prepare_key, settings, passphrase))
     phases: dict[str, float] = {}
     try:
         manifest = await _write(settings, writer, archive_id, now, sealing, progress, phases)
@@ -158,6 +163,11 @@ async def create_backup(
         raise
     size = (await asyncio.to_thread(path.stat)).st_size
     return BackupResult(path, size, time.monotonic() - started, manifest, phases=phases)
+
+
+def prepare_key(settings: Settings, passphrase: bytes | None) -> Recipient:
+    """The home's backup key (made or checked with the passphrase when one is given)."""
+    return backup_key.prepare(settings.home, passphrase).recipient
 
 
 async def _snapshot(
@@ -190,7 +200,7 @@ async def _write(
     writer: ArchiveWriter,
     archive_id: str,
     now: datetime,
-    sealing: asyncio.Future[SealingKey],
+    sealing: asyncio.Future[Recipient],
     progress: Progress | None,
     phases: dict[str, float],
 ) -> dict[str, Any]:
@@ -259,7 +269,8 @@ async def _write(
     keys = read_key_dir(settings.key_path.parent)
     if settings.encryption and settings.key_path.name not in keys:
         raise ConfigError(f"no key file at {settings.key_path}: nothing could read the payloads")
-    writer.put(KEYS, seal_with(await sealing, keys, archive_id))
+    key = await sealing
+    writer.put(KEYS, backup_key.seal_to(key, keys, archive_id))
     phases["keys"] = time.monotonic() - mark  # the rest of the key derivation, if any
     return {
         "format": FORMAT,
@@ -273,5 +284,10 @@ async def _write(
         "streams": streams,
         "tables": counts,
         "table_format": table_format,
-        "keys": {"files": sorted(keys), "kdf": "scrypt", "cipher": "AES-256-GCM"},
+        "keys": {
+            "files": sorted(keys),
+            "sealed_to": f"x25519:{key.fingerprint}",
+            "kdf": "scrypt",  # of the sealed private key the archive carries
+            "cipher": "AES-256-GCM",
+        },
     }

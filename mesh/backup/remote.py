@@ -260,12 +260,13 @@ def _need_extra() -> None:
 
 
 async def create_backup_s3(
-    settings: Settings, url: str, passphrase: bytes, progress: Progress | None = None
+    settings: Settings, url: str, passphrase: bytes | None, progress: Progress | None = None
 ) -> BackupResult:
     """A backup written to the scratch directory and uploaded to ``url``."""
     loc = S3Location.parse(url)
     _need_extra()
-    check_passphrase(passphrase)
+    if passphrase is not None:
+        check_passphrase(passphrase)
     try:
         async with s3_client() as s3, _remote(f"backup to {loc.url()}"):
             await s3.head_bucket(Bucket=loc.bucket)  # fail before reading the streams

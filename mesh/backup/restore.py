@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from mesh.backup import jetstream, tables
+from mesh.backup import recipient as backup_key
 from mesh.backup.archive import KEYS, SQLITE_MEMBER, ArchiveError, ArchiveReader
 from mesh.backup.create import broker_connection
-from mesh.backup.seal import unseal, write_key_dir
+from mesh.backup.seal import write_key_dir
 from mesh.config import Settings
 from mesh.errors import Conflict, MeshError, StorageError
 from mesh.storage import open_store
@@ -40,6 +41,7 @@ class Verified:
     keys: dict[str, bytes]
     bytes_checked: int
     table_rows: dict[str, int] = field(default_factory=dict)
+    sealed_to: backup_key.Recipient | None = None  # None: the older passphrase format
 
     def doc(self, path: Path | str) -> dict[str, Any]:
         m = self.manifest
@@ -103,8 +105,9 @@ def _verify(
             raise _refused(reader, f"table {table} has {rows.get(table)} rows, not {want}")
     for stream in m.get("streams", {}):
         reader.open(f"streams/{stream}.snap").close()
-    keys = unseal(reader.read(KEYS), passphrase, m["id"])
-    return Verified(m, keys, done, rows)
+    sealed = reader.read(KEYS)
+    keys = backup_key.open_keys(sealed, passphrase, m["id"])
+    return Verified(m, keys, done, rows, backup_key.recipient_of(sealed))
 
 
 def verify_archive(path: Path, passphrase: bytes, progress: Progress | None = None) -> Verified:
@@ -216,6 +219,10 @@ async def restore_archive(
             await store.close()
         counts = await _load_tables(settings, reader, Path(scratch.name), force)
         await asyncio.to_thread(write_key_dir, key_dir, verified.keys)
+        if verified.sealed_to is not None and (force or backup_key.load(settings.home) is None):
+            # The restored mesh's next backups seal to the key this archive was sealed
+            # to: the passphrase that opened it opens them.
+            await asyncio.to_thread(backup_key.save, settings.home, verified.sealed_to)
     finally:
         reader.close()
         scratch.cleanup()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mesh.backup.archive import prune_archives
 from mesh.backup.create import BackupResult, create_backup
-from mesh.backup.seal import SealingKey
+from mesh.backup.recipient import Recipient
 from mesh.config import Settings
 from mesh.errors import ConfigError
 
@@ -29,12 +29,12 @@ def parse_every(text: str) -> float:
 
 async def backup_round(
     settings: Settings,
-    passphrase: bytes,
+    passphrase: bytes | None = None,
     directory: Path | None = None,
-    key: SealingKey | None = None,
+    recipient: Recipient | None = None,
 ) -> tuple[BackupResult, list[Path]]:
     """One backup into the backup directory, then the oldest beyond MESH_BACKUP_KEEP go."""
     where = directory or settings.backups_dir
-    result = await create_backup(settings, where, passphrase, key=key)
+    result = await create_backup(settings, where, passphrase, recipient=recipient)
     removed = await asyncio.to_thread(prune_archives, where, settings.backup_keep)
     return result, removed

@@ -24,6 +24,7 @@ from mesh.backup import (
     restore_archive,
     verify_archive,
 )
+from mesh.backup import recipient as backup_key
 from mesh.backup.archive import ArchiveReader
 from mesh.backup.remote import (
     S3Location,
@@ -53,6 +54,12 @@ def register(app: typer.Typer) -> None:
 
 def _passphrase(path: Path | None) -> bytes:
     return read_passphrase(path or settings().backup_passphrase_file)
+
+
+def _maybe_passphrase(path: Path | None) -> bytes | None:
+    """The passphrase if one is given; a backup without one seals to the home's key."""
+    path = path or settings().backup_passphrase_file
+    return None if path is None else read_passphrase(path)
 
 
 T = TypeVar("T")
@@ -92,9 +99,13 @@ def create(
     passphrase_file: Path | None = typer.Option(None, "--passphrase-file", help=PASSPHRASE_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Back up streams, KV buckets, tables and the sealed keys into one archive."""
+    """Back up streams, KV buckets, tables and the sealed keys into one archive.
+
+    The keys are sealed to the home's backup key (made by the first backup given a
+    passphrase, or by `mesh backup key`); with no passphrase the backup needs none.
+    """
     s = settings()
-    passphrase = _passphrase(passphrase_file)
+    passphrase = _maybe_passphrase(passphrase_file)
     with progress_bar("backup") as update:
         if is_s3(to):
             result = arun(create_backup_s3(s, to, passphrase, update))
@@ -109,6 +120,27 @@ def create(
         f" {len(events)} streams, {sum(v['messages'] for v in events.values()):,} messages,"
         f" {sum(result.manifest['tables'].values()):,} rows"
     )
+
+
+@backup_app.command("key")
+def key(
+    passphrase_file: Path | None = typer.Option(None, "--passphrase-file", help=PASSPHRASE_HELP),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Make (or check) the home's backup key: later backups then need no passphrase."""
+    s = settings()
+    passphrase = _passphrase(passphrase_file)
+    prepared = backup_key.prepare(s.home, passphrase)
+    doc = {
+        "backup_key": f"x25519:{prepared.recipient.fingerprint}",
+        "file": str(s.home / backup_key.RECIPIENT_FILE),
+        "made": prepared.made,
+    }
+    if as_json:
+        print_json(doc)
+        return
+    said = "made" if prepared.made else "opens with this passphrase"
+    say(f"backup key {doc['backup_key']} ({said}): {doc['file']}")
 
 
 @backup_app.command("verify")

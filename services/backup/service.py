@@ -1,8 +1,11 @@
 """The backup service: ``mesh backup create`` every MESH_BACKUP_EVERY, keeping the newest
 MESH_BACKUP_KEEP archives in MESH_BACKUP_DIR.
 
-The passphrase is read at start (MESH_BACKUP_PASSPHRASE_FILE), so a service that could
-never write a sealed archive fails at once instead of at the first round. A failed round
+The archives are sealed to the home's backup key (mesh/backup/recipient.py), so the
+service needs no passphrase once a key is made (`mesh backup key`); given one
+(MESH_BACKUP_PASSPHRASE_FILE) it checks or makes the key on its first round. Either is
+checked at start, so a service that could never write a sealed archive fails at once
+instead of at the first round. A failed round
 is logged and counted, and the next one comes on schedule; nothing is retried in a loop.
 Several instances would each take backups: run one.
 """
@@ -17,8 +20,9 @@ from typing import Any, ClassVar
 from prometheus_client import Counter, Gauge
 
 from mesh.backup import read_passphrase
+from mesh.backup import recipient as backup_key
+from mesh.backup.recipient import Recipient
 from mesh.backup.schedule import backup_round, parse_every
-from mesh.backup.seal import SealingKey, derive
 from mesh.config import Settings
 from mesh.errors import ConfigError, MeshError
 from mesh.observability import METRICS
@@ -48,8 +52,15 @@ class Backup(Service):
         if not settings.backup_every:
             raise ConfigError("the backup service needs MESH_BACKUP_EVERY (e.g. 1h)")
         self.every_s = parse_every(settings.backup_every)
-        self.passphrase = read_passphrase(settings.backup_passphrase_file)
-        self._key: SealingKey | None = None  # derived once, on the first round
+        self.passphrase: bytes | None = None
+        if settings.backup_passphrase_file is not None:
+            self.passphrase = read_passphrase(settings.backup_passphrase_file)
+        elif backup_key.load(settings.home) is None:
+            raise ConfigError(
+                "the backup service needs a backup key: run `mesh backup key"
+                " --passphrase-file F` once, or set MESH_BACKUP_PASSPHRASE_FILE"
+            )
+        self._key: Recipient | None = None  # prepared once, on the first round
         self.last: dict[str, Any] = {}
         self.rounds = 0  # successful ones
         self._wake = asyncio.Event()
@@ -76,8 +87,10 @@ class Backup(Service):
         started = time.monotonic()
         try:
             if self._key is None:
-                self._key = await asyncio.to_thread(derive, self.passphrase)
-            result, removed = await backup_round(self.settings, self.passphrase, key=self._key)
+                self._key = await asyncio.to_thread(
+                    lambda: backup_key.prepare(self.settings.home, self.passphrase).recipient
+                )
+            result, removed = await backup_round(self.settings, recipient=self._key)
         except (MeshError, OSError) as exc:
             FAILURES.inc()
             self.last = {"last_error": str(exc)}
