@@ -20,6 +20,10 @@
 4. ``restore_archive`` into a second, empty home (its own nats-server) and database:
    time against the copy, verification of the whole archive included.
 
+``--archive-dir DIR`` writes the archives to DIR instead of beside the store: on another
+device (a second disk, or /dev/shm standing in for one, or for S3), the read side alone,
+without this disk's write rate, which is slower than its read rate here.
+
 ``--repeat R`` (default 1) takes the raw read and the backup R times each and keeps
 the best of each: on a shared machine (the load average is printed) one figure is
 mostly the neighbours' noise.
@@ -150,7 +154,13 @@ async def run(args: argparse.Namespace) -> list[Result]:
         await asyncio.to_thread(copy_all, [store_dir, db_file], mesh.tmp / "copy")
         copy_s = time.perf_counter() - t0
         shutil.rmtree(mesh.tmp / "copy", ignore_errors=True)
-        out = mesh.tmp / "archives"
+        if getattr(args, "archive_dir", None):
+            out = Path(args.archive_dir) / f"mesh-bench-{os.getpid()}"
+        else:
+            out = mesh.tmp / "archives"
+        out.mkdir(parents=True, exist_ok=True)
+        same = os.stat(out).st_dev == os.stat(store_dir).st_dev
+        where = "archive on the same device" if same else f"archive on another device ({out})"
         # The home's backup key is made once, as `mesh backup key` does; the backups then
         # seal to it with no passphrase, as the scheduled service does.
         await asyncio.to_thread(backup_key.prepare, s.home, PASSPHRASE)
@@ -164,6 +174,8 @@ async def run(args: argparse.Namespace) -> list[Result]:
         read_rate = raw_bytes / result.seconds / MB
         raw_rate = raw_bytes / raw_s / MB
         restored_s = await restore_elsewhere(result.path)
+        if getattr(args, "archive_dir", None):
+            shutil.rmtree(out, ignore_errors=True)
     phases = ", ".join(f"{k} {v:.2f}s" for k, v in result.phases.items())
     results = [
         report(
@@ -198,7 +210,7 @@ async def run(args: argparse.Namespace) -> list[Result]:
                 raw_rate,
                 raw_name,
                 aim=">= 0.5",
-                note=f"page cache reads {cached_rate:,.0f} MiB/s",
+                note=f"{where}; page cache reads {cached_rate:,.0f} MiB/s",
             )
         ),
         report(
@@ -231,6 +243,12 @@ async def restore_elsewhere(archive: Path) -> float:
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--events", type=int, default=None, help="events (default 100,000)")
     p.add_argument("--repeat", type=int, default=1, help="best of R backups and raw reads")
+    p.add_argument(
+        "--archive-dir",
+        default=None,
+        help="write the archives here (another device, as a backup to S3 or a second disk"
+        " would be) instead of beside the store",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
