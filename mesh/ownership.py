@@ -17,12 +17,6 @@ if TYPE_CHECKING:
 
 
 # Registry types are Any here: mesh.registry imports this module.
-def own(props: list[Any], targets: list[Any], ref: str) -> list[Any]:
-    """The propagations of target ``ref``'s tenant (the only ones that may reach it)."""
-    tenant = next((t.tenant for t in targets if t.ref == ref), "default")
-    return [p for p in props if p.tenant == tenant]
-
-
 async def tenant_target(registry: Any, name: str, tenant: str, strict: bool = True) -> Target:
     """Target ``name`` of ``tenant``, else ``NotFound`` in the words of a missing one;
     not ``strict``: the ``default`` tenant (an operator's client) sees every target."""

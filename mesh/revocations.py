@@ -2,9 +2,15 @@
 
 Two kinds of entry, each a ``Revocation`` as JSON::
 
-    jti.<jti>        one token, by its id (``mesh token revoke JTI``)
-    target.<name>    every token of a target issued before ``not_before``
-                     (``mesh token revoke --target T --all``; a later one moves it on)
+    jti.<jti>               one token, by its id (``mesh token revoke JTI``)
+    target.<name>           every token of a default-tenant target issued before
+                            ``not_before`` (``mesh token revoke --target T --all``; a
+                            later one moves it on)
+    target.<tenant>.<name>  the same for tenant ``tenant``'s target (``~tenant.name``),
+                            as the registry keys targets; a token carries its tenant
+
+Entries written before targets were per tenant have no ``tenant``: they cover the
+tokens of that name in every tenant, as they did when they were written.
 
 No list of issued tokens is kept. Each entry is written with a per-message TTL
 (``Nats-TTL``, nats-server 2.11+) and goes by itself once no token it covers can
@@ -34,7 +40,7 @@ from pydantic import ValidationError as PydValidationError
 from mesh._nats.buckets import read
 from mesh._nats.types import KeyValue, nats_errors
 from mesh.errors import BrokerError, ValidationError
-from mesh.subjects import validate_name
+from mesh.subjects import DEFAULT_TENANT, target_ref, validate_name
 from mesh.tokens import LEEWAY_S, MAX_TTL, TokenClaims, validate_jti
 
 if TYPE_CHECKING:
@@ -50,6 +56,14 @@ class RevocationKind(StrEnum):
     TARGET = "target"  # every token of a target issued before not_before
 
 
+def target_key(tenant: str | None, name: str) -> str:
+    """The bucket key of target revocations: ``target.<name>`` in the default tenant (and
+    for entries from before tenants), ``target.<tenant>.<name>`` in another."""
+    if tenant is None or tenant == DEFAULT_TENANT:
+        return f"target.{name}"
+    return f"target.{tenant}.{name}"
+
+
 class Revocation(BaseModel):
     kind: RevocationKind
     id: str  # the jti, or the target name
@@ -58,16 +72,26 @@ class Revocation(BaseModel):
     kept_until: datetime  # when the entry expires: no token it covers is valid by then
     by: str = ""
     not_before: datetime | None = None  # target: tokens issued before this are revoked
+    # target: the target's tenant; None on entries from before tenants (every tenant's)
+    tenant: str | None = None
 
     @property
     def key(self) -> str:
-        return f"{'jti' if self.kind == RevocationKind.TOKEN else 'target'}.{self.id}"
+        if self.kind == RevocationKind.TOKEN:
+            return f"jti.{self.id}"
+        return target_key(self.tenant, self.id)
+
+    @property
+    def target(self) -> str:
+        """The target as an operator names it (``~tenant.name`` for a tenant's)."""
+        return target_ref(self.tenant, self.id)
 
     def covers(self, claims: TokenClaims) -> bool:
         if self.kind == RevocationKind.TOKEN:
             return claims.jti == self.id
         assert self.not_before is not None
-        return claims.target == self.id and claims.issued_at < self.not_before
+        tenant_ok = self.tenant is None or self.tenant == claims.tenant
+        return tenant_ok and claims.target == self.id and claims.issued_at < self.not_before
 
     def describe(self) -> str:
         """The reason a client is given (401 body, close frame): short, never the token."""
@@ -76,7 +100,16 @@ class Revocation(BaseModel):
             return f"token revoked{why}"
         assert self.not_before is not None
         cut = self.not_before.astimezone(UTC).isoformat(timespec="seconds")
-        return f"token revoked (target {self.id}: all tokens issued before {cut}){why}"
+        return f"token revoked (target {self.target}: all tokens issued before {cut}){why}"
+
+
+def _keys(claims: TokenClaims) -> tuple[str, ...]:
+    """The entries that may cover a token: its own, its target's, and (a tenant's token)
+    an entry from before tenants under the plain name, which covers every tenant."""
+    own = (f"jti.{claims.jti}", target_key(claims.tenant, claims.target))
+    if claims.tenant == DEFAULT_TENANT:
+        return own
+    return (*own, target_key(None, claims.target))
 
 
 def who() -> str:
@@ -157,14 +190,22 @@ class RevocationStore:
         return rev, True
 
     async def revoke_target(
-        self, target: str, *, reason: str = "", by: str = "", now: datetime | None = None
+        self,
+        target: str,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        reason: str = "",
+        by: str = "",
+        now: datetime | None = None,
     ) -> Revocation:
-        """Revoke every token of ``target`` issued before ``now``."""
+        """Revoke every token of tenant ``tenant``'s ``target`` issued before ``now``."""
         validate_name(target, "target name")
+        validate_name(tenant, "tenant")
         now = now or datetime.now(UTC)
         rev = Revocation(
             kind=RevocationKind.TARGET,
             id=target,
+            tenant=tenant,
             reason=check_reason(reason),
             revoked_at=now,
             kept_until=now + MAX_TTL + timedelta(seconds=LEEWAY_S),
@@ -174,7 +215,7 @@ class RevocationStore:
         await self._put(rev, now)
         log.info(
             "bridge tokens of a target revoked",
-            target=target,
+            target=rev.target,
             not_before=now.isoformat(),
             reason=rev.reason,
             by=by,
@@ -187,7 +228,7 @@ class RevocationStore:
 
     async def refusal(self, claims: TokenClaims) -> Revocation | None:
         """The revocation covering a token, read from the bucket (not a cache), or None."""
-        for key in (f"jti.{claims.jti}", f"target.{claims.target}"):
+        for key in _keys(claims):
             rev = await self.get(key)
             if rev is not None and rev.covers(claims):
                 return rev
@@ -253,7 +294,7 @@ class RevocationView:
         return news
 
     def refusal(self, claims: TokenClaims) -> Revocation | None:
-        for key in (f"jti.{claims.jti}", f"target.{claims.target}"):
+        for key in _keys(claims):
             rev = self._entries.get(key)
             if rev is not None and rev.covers(claims):
                 return rev

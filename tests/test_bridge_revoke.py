@@ -118,6 +118,61 @@ def test_a_revocation_covers_its_token_or_what_its_target_issued_before() -> Non
     assert view.refusal(after) is None and len(view) == 1
 
 
+def test_a_target_revocation_covers_its_tenants_tokens_only() -> None:
+    """Tenants T and U (and the default tenant) may each hold a target `orders`: revoking
+    one's leaves the others' tokens alone; an entry from before tenants (no tenant)
+    still covers every tenant's, as it did when it was written."""
+    key = b"k" * 32
+    cut = dt.datetime.now(dt.UTC)
+    early = cut - dt.timedelta(seconds=1)
+
+    def claims(tenant: str) -> tokens.TokenClaims:
+        return tokens.verify(key, tokens.issue(key, "orders", now=early, tenant=tenant), "orders")
+
+    t, u, d = claims("t"), claims("u"), claims("default")
+    common = {"revoked_at": cut, "kept_until": cut + dt.timedelta(days=1), "not_before": cut}
+    of_t = Revocation(kind=RevocationKind.TARGET, id="orders", tenant="t", **common)
+    assert (of_t.key, of_t.target) == ("target.t.orders", "~t.orders")
+    assert of_t.covers(t) and not of_t.covers(u) and not of_t.covers(d)
+    assert "target ~t.orders:" in of_t.describe()
+    of_d = Revocation(kind=RevocationKind.TARGET, id="orders", tenant="default", **common)
+    assert (of_d.key, of_d.target) == ("target.orders", "orders")
+    assert of_d.covers(d) and not of_d.covers(t)
+    legacy = Revocation.model_validate_json(
+        json.dumps(
+            {"kind": "target", "id": "orders", **{k: v.isoformat() for k, v in common.items()}}
+        )
+    )
+    assert legacy.tenant is None and legacy.key == "target.orders"
+    assert legacy.covers(t) and legacy.covers(u) and legacy.covers(d)
+    view = RevocationView()
+    view.apply(of_t)
+    assert view.refusal(t) is of_t and view.refusal(u) is None and view.refusal(d) is None
+    view.apply(legacy)  # under the plain name: found for a tenant's token too
+    assert view.refusal(u) is legacy
+
+
+async def test_revoking_a_tenants_target_in_the_bucket_spares_the_other_tenants(
+    mesh: MeshClient,
+) -> None:
+    key = b"k" * 32
+    store = await store_of(mesh)
+    rev = await store.revoke_target("orders", tenant="t", reason="rotation")
+    early = rev.revoked_at - dt.timedelta(seconds=1)
+
+    def claims(tenant: str) -> tokens.TokenClaims:
+        return tokens.verify(key, tokens.issue(key, "orders", now=early, tenant=tenant), "orders")
+
+    found = await store.refusal(claims("t"))
+    assert found is not None and found.target == "~t.orders"
+    assert await store.refusal(claims("u")) is None
+    assert await store.refusal(claims("default")) is None
+    await store.revoke_target("orders")  # the default tenant's
+    assert await store.refusal(claims("u")) is None
+    assert (await store.refusal(claims("default"))) is not None
+    assert {r.key for r in await store.list()} == {"target.t.orders", "target.orders"}
+
+
 # Against a bridge -------------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from mesh.config import Settings
 from mesh.errors import Conflict, ValidationError
 from mesh.ownership import find_target
 from mesh.registry import Target, TargetKind
+from mesh.revocations import RevocationStore
 from mesh.subjects import (
     Subjects,
     consumer_of,
@@ -29,6 +30,7 @@ from mesh.subjects import (
     validate_target_ref,
 )
 from mesh.tenants import TenantStore
+from mesh.tokens import key_path, load_key, verify
 from services.api import Api
 from tests.conftest import env_for
 from tests.support import eventually
@@ -440,3 +442,31 @@ async def test_each_tenants_portal_manages_its_own_orders(api: Api, client: Mesh
             assert status == 200 and body["status"] == "active", body
             status, _, _ = await http.call("GET", f"/v1/targets/~{other}.orders", key=sessions[t])
             assert status == 404
+
+
+async def test_revoking_one_tenants_target_tokens_spares_the_other_tenants(
+    api: Api, client: MeshClient, settings: Settings
+) -> None:
+    """Bridge tokens of `~ta.orders` revoked by an operator: `~tb.orders`'s still open."""
+    await _keys(client)
+    for t in TENANTS:
+        await client.add_target(Target(name="orders", kind=TargetKind.NATS, tenant=t))
+    _, admin = await make_key(client, "admin")
+    key = load_key(key_path(settings))
+    issued = {}
+    async with Http(api.url, admin) as http:
+        for t in TENANTS:
+            body = {"target": f"~{t}.orders", "ttl_s": 600}
+            status, _, doc = await http.call("POST", "/v1/tokens", body)
+            assert status == 201, doc
+            issued[t] = verify(key, doc["token"], "orders")
+            assert issued[t].tenant == t
+        status, _, rev = await http.call(
+            "POST", "/v1/targets/~ta.orders/revoke-tokens", {"reason": "rotation"}
+        )
+        assert status == 200, rev
+        assert (rev["revocation"]["id"], rev["revocation"]["tenant"]) == ("orders", "ta")
+    store = await RevocationStore.open(client.port, client.names.revoked)
+    refusal = await store.refusal(issued["ta"])
+    assert refusal is not None and "target ~ta.orders" in refusal.describe()
+    assert await store.refusal(issued["tb"]) is None

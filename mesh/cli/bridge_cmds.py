@@ -21,7 +21,7 @@ from mesh.cli._common import (
 from mesh.cli._tables import Col
 from mesh.errors import ValidationError
 from mesh.revocations import Revocation, RevocationKind, RevocationStore, check_reason, who
-from mesh.subjects import validate_name
+from mesh.subjects import validate_name, validate_target_ref
 from mesh.tokens import MAX_TTL, issue, key_path, load_key, validate_jti, verify
 
 token_app = typer.Typer(help="Credentials for the WebSocket bridge.")
@@ -109,7 +109,7 @@ def revoke_cmd(
         validate_jti(jti)
     else:
         assert target is not None
-        validate_name(target, "target name")
+        validate_target_ref(target)
     reason = check_reason(reason)
     s = settings()
 
@@ -119,8 +119,10 @@ def revoke_cmd(
             if jti is not None:
                 return await store.revoke_token(jti, reason=reason, by=who())
             assert target is not None
-            await c.target_or_error(target)
-            return await store.revoke_target(target, reason=reason, by=who()), True
+            found = await c.target_or_error(target)  # a tenant's: ~T.name (or its own name)
+            return await store.revoke_target(
+                found.name, tenant=found.tenant, reason=reason, by=who()
+            ), True
 
     rev, new = arun(run())
     if rev.kind == RevocationKind.TOKEN:
@@ -128,7 +130,7 @@ def revoke_cmd(
     else:
         assert rev.not_before is not None
         before = _iso(rev.not_before, "milliseconds")
-        say(f"every token of target {rev.id} issued before {before} revoked")
+        say(f"every token of target {rev.target} issued before {before} revoked")
     if new:
         note(f"kept until {_iso(rev.kept_until)}; running bridges close the sessions it covers")
 

@@ -116,9 +116,20 @@ async def revoke_token(call: Call) -> RevokeResult:
 
 async def revoke_target_tokens(call: Call) -> RevokeResult:
     store = await _store(call)
-    rev = await store.revoke_target(call.params["name"], reason=call.body.reason, by=call.actor)
+    name = call.params["name"]
+    try:
+        found = await find_target(call.api.client.registry, name, None)
+        tenant, name = found.tenant, found.name
+    except NotFound:
+        # Tokens may outlive their target (or name one made later): revoke by the name.
+        tenant, name = split_source(name)
+    rev = await store.revoke_target(name, tenant=tenant, reason=call.body.reason, by=call.actor)
     await call.api.audit.record(
-        call.actor, "token.revoke_target", f"target:{rev.id}", None, rev.model_dump(mode="json")
+        call.actor,
+        "token.revoke_target",
+        f"target:{rev.target}",
+        None,
+        rev.model_dump(mode="json"),
     )
     return RevokeResult(revocation=rev, new=True)
 
@@ -131,7 +142,7 @@ async def list_revoked(call: Call) -> list[Revocation]:
 def register(table: RouteTable) -> None:
     tags = ("tokens",)
     jti = Param("jti", "path", "The token's id (32 hex digits)", pattern=r"^[0-9a-f]{32}$")
-    name = Param("name", "path", "The target's name", pattern=NAME_PATTERN)
+    name = Param("name", "path", "The target (a tenant's: ~tenant.name)", pattern=REF_PATTERN)
     table.extend(
         [
             Route(
