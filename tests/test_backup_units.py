@@ -210,3 +210,58 @@ def test_a_file_goes_into_the_archive_whole_with_or_without_copy_file_range(
         assert reader.check_files() == len(data) + 101
         assert reader.read(SQLITE_MEMBER) == data
         assert reader.read("last") == b"y"
+
+
+@pytest.mark.timeout(90)
+async def test_a_restore_into_no_database_puts_the_copy_in_place_or_leaves_nothing(
+    settings: Settings, client: MeshClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite onto no database: the verified copy becomes the database file (renamed in
+    once the streams are in); a restore whose streams fail leaves no file behind."""
+    import sqlite3
+    from datetime import UTC, datetime
+
+    import mesh.backup.restore as restore_module
+    from mesh.backup import restore_archive
+    from mesh.broker import free_port
+    from mesh.errors import BrokerError
+    from mesh.storage.models import EventRow
+
+    await client.publish("app", "x", 1)
+    async with migrated_store(settings.db_url) as store:
+        now = datetime.now(UTC)
+        rows = [
+            EventRow(id=f"e{i}", subject="mesh.evt.app.x", source="app", type="x", time=now,
+                     payload=b"p", encrypted=False, stream_seq=i + 1)
+            for i in range(3)
+        ]  # fmt: skip
+        await store.write_batch(events=rows)
+    backup_key.prepare(settings.home, b"a long passphrase", n=FAST_N)
+    made = await create_backup(settings, tmp_path / "out", None)
+    target = Settings(home=tmp_path / "t", nats_port=free_port(), log_level="warning")
+    db = tmp_path / "t" / "mesh.db"
+
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise BrokerError("the server went away")
+
+    monkeypatch.setattr(restore_module, "_restore_streams", broken)
+    with pytest.raises(BrokerError, match="went away"):
+        await restore_archive(target, made.path, b"a long passphrase")
+    assert not db.exists() and not list(db.parent.glob(".mesh.db*"))
+    monkeypatch.undo()
+
+    async def no_row_loading(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the copy is the database: no rows are loaded one by one")
+
+    monkeypatch.setattr(restore_module, "_load_tables", no_row_loading)
+    done = await restore_archive(target, made.path, b"a long passphrase")
+    assert done.tables["events"] == 3
+    assert not list(db.parent.glob(".mesh.db*"))
+    conn = sqlite3.connect(db)
+    try:
+        assert sorted(r[0] for r in conn.execute("SELECT id FROM events")) == ["e0", "e1", "e2"]
+        assert conn.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0] > 0
+    finally:
+        conn.close()
+    async with migrated_store(target.db_url) as store:  # the mesh's own store opens it
+        assert await store.count("events") == 3

@@ -203,6 +203,10 @@ async def restore_archive(
                 )
             for name in existing if force else []:
                 await jetstream.delete_stream(nc, name)
+            # Into no database at all, the verified SQLite copy becomes the database:
+            # moved into place beside the streams' restore (the server's work), renamed
+            # once they are in. Else the rows are loaded after them (_load_tables).
+            staging = _stage(settings, m, Path(scratch.name))
             try:
                 await _restore_streams(settings, nc, reader, m, restored, progress)
             except BaseException:
@@ -211,13 +215,21 @@ async def restore_archive(
                 for name in m["streams"]:
                     with contextlib.suppress(Exception):
                         await jetstream.delete_stream(nc, name)
+                if staging is not None:
+                    with contextlib.suppress(Exception):
+                        (await staging).unlink(missing_ok=True)
                 raise
+        if staging is not None:
+            staged = await staging
+            await asyncio.to_thread(tables.commit_copy, staged, tables.sqlite_file(settings.db_url))
+            counts = dict(verified.table_rows)
         store = await open_store(settings.db_url)
         try:
             await store.migrate()
         finally:
             await store.close()
-        counts = await _load_tables(settings, reader, Path(scratch.name), force)
+        if staging is None:
+            counts = await _load_tables(settings, reader, Path(scratch.name), force)
         await asyncio.to_thread(write_key_dir, key_dir, verified.keys)
         if verified.sealed_to is not None and (force or backup_key.load(settings.home) is None):
             # The restored mesh's next backups seal to the key this archive was sealed
@@ -255,6 +267,18 @@ async def _restore_streams(
                 f" the archive has {info['messages']}"
             )
         restored[name] = got.state.messages
+
+
+def _stage(settings: Settings, m: dict[str, Any], scratch: Path) -> asyncio.Future[Path] | None:
+    """The SQLite copy on its way into place, when the target has no database yet."""
+    copy = scratch / "mesh.sqlite"
+    url = settings.db_url
+    if m.get("table_format") != "sqlite" or tables.backend(url) != "sqlite":
+        return None
+    path = tables.sqlite_file(url)
+    if not copy.exists() or not tables.fresh_sqlite(path):
+        return None
+    return asyncio.ensure_future(asyncio.to_thread(tables.stage_copy, path, copy))
 
 
 async def _load_tables(

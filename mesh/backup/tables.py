@@ -14,6 +14,8 @@ every table as of the same snapshot, through a server-side cursor (rows, not
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -221,6 +223,38 @@ def sqlite_sources(path: Path) -> list[Source]:
         return source
 
     return [one(t) for t in names]
+
+
+def fresh_sqlite(path: str) -> bool:
+    """No database file (nor its WAL) at ``path``: a restore may put the copy there whole."""
+    return not any(Path(path + end).exists() for end in ("", "-wal", "-journal"))
+
+
+def stage_copy(path: str, copy: Path) -> Path:
+    """The verified copy moved beside the database's place (a rename on one filesystem,
+    else a copy) and fsynced; ``commit_copy`` puts it in place, ``discard`` drops it."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = target.with_name(f".{target.name}.restoring")
+    staged.unlink(missing_ok=True)
+    try:
+        shutil.move(copy, staged)
+        with staged.open("rb+") as f:
+            os.fsync(f.fileno())
+    except OSError as exc:
+        staged.unlink(missing_ok=True)
+        raise StorageError(f"cannot restore the tables into {path}: {exc}") from None
+    return staged
+
+
+def commit_copy(staged: Path, path: str) -> None:
+    target = Path(path)
+    os.replace(staged, target)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself
+    finally:
+        os.close(fd)
 
 
 def attach_copy(path: str, copy: Path, *, force: bool) -> dict[str, int]:
