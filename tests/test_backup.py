@@ -296,6 +296,10 @@ async def test_damaged_archives_are_refused_and_the_home_is_untouched(
     assert "backup" in made.stdout
     (later,) = (tmp_path / "y").glob("mesh-backup-*.tar")
     ok(await mesh(env, "backup", "verify", str(later)))
+    # Without the passphrase (a server holding only the backup key): all but the keys.
+    unopened = ok(await mesh(no_pass, "backup", "verify", str(later)))
+    assert "not opened (no passphrase given)" in unopened.stdout, unopened.stdout
+    one_line_error(await mesh(no_pass, "backup", "verify", str(flipped)), "checksum")
     one_line_error(
         await mesh(env, "backup", "verify", str(later), "--passphrase-file", str(wrong)),
         "wrong passphrase",

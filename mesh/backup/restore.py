@@ -42,9 +42,11 @@ class Verified:
     bytes_checked: int
     table_rows: dict[str, int] = field(default_factory=dict)
     sealed_to: backup_key.Recipient | None = None  # None: the older passphrase format
+    keys_opened: bool = True  # False: verified without the passphrase
 
     def doc(self, path: Path | str) -> dict[str, Any]:
         m = self.manifest
+        sealed = f"x25519:{self.sealed_to.fingerprint}" if self.sealed_to else "passphrase"
         return {
             "archive": str(path),
             "id": m["id"],
@@ -54,7 +56,9 @@ class Verified:
             "source": m["source"],
             "streams": {k: v["messages"] for k, v in m["streams"].items()},
             "tables": self.table_rows,
-            "keys": sorted(self.keys),
+            "keys": sorted(self.keys) if self.keys_opened else m["keys"]["files"],
+            "keys_opened": self.keys_opened,
+            "sealed_to": sealed,
             "bytes_checked": self.bytes_checked,
         }
 
@@ -95,7 +99,7 @@ def _count_rows(reader: ArchiveReader, scratch: Path) -> dict[str, int]:
 
 
 def _verify(
-    reader: ArchiveReader, passphrase: bytes, progress: Progress | None, scratch: Path
+    reader: ArchiveReader, passphrase: bytes | None, progress: Progress | None, scratch: Path
 ) -> Verified:
     m = reader.manifest
     done = reader.check_files((lambda d, t: progress("checksums", d, t)) if progress else None)
@@ -106,11 +110,17 @@ def _verify(
     for stream in m.get("streams", {}):
         reader.open(f"streams/{stream}.snap").close()
     sealed = reader.read(KEYS)
+    if passphrase is None:  # everything but opening the keys (a server without it)
+        sealed_to = backup_key.recipient_of(sealed)
+        return Verified(m, {}, done, rows, sealed_to, keys_opened=False)
     keys = backup_key.open_keys(sealed, passphrase, m["id"])
     return Verified(m, keys, done, rows, backup_key.recipient_of(sealed))
 
 
-def verify_archive(path: Path, passphrase: bytes, progress: Progress | None = None) -> Verified:
+def verify_archive(
+    path: Path, passphrase: bytes | None, progress: Progress | None = None
+) -> Verified:
+    """Checksums, row counts and (given the passphrase) that the keys open."""
     with ArchiveReader(path) as reader, tempfile.TemporaryDirectory(prefix="mesh-verify-") as tmp:
         return _verify(reader, passphrase, progress, Path(tmp))
 

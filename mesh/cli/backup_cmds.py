@@ -149,8 +149,12 @@ def verify(
     passphrase_file: Path | None = typer.Option(None, "--passphrase-file", help=PASSPHRASE_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Check checksums, row counts, and that the keys open with the passphrase."""
-    passphrase = _passphrase(passphrase_file)
+    """Check checksums, row counts, and that the keys open with the passphrase.
+
+    Without a passphrase (a server that holds only the backup key) everything but
+    opening the keys is checked, and the output says so.
+    """
+    passphrase = _maybe_passphrase(passphrase_file)
     with progress_bar("verify") as update:
 
         async def check(path: Path) -> Verified:
@@ -161,10 +165,13 @@ def verify(
     if as_json:
         print_json(doc)
         return
+    if v.keys_opened:
+        keys = f"keys {', '.join(doc['keys'])} open"
+    else:
+        keys = f"keys sealed to {doc['sealed_to']}, not opened (no passphrase given)"
     say(
         f"ok {_name(archive)}: {sum(doc['streams'].values()):,} messages in"
-        f" {len(doc['streams'])} streams, {sum(doc['tables'].values()):,} rows,"
-        f" keys {', '.join(doc['keys'])} open"
+        f" {len(doc['streams'])} streams, {sum(doc['tables'].values()):,} rows, {keys}"
     )
 
 
