@@ -1,8 +1,9 @@
 """The Kafka driver over aiokafka: a topic template, a key template (one key keeps its
 order: the key picks the partition with Kafka's own murmur2 partitioner), ``acks=all``
-(a send returns once every in-sync replica has the record). A batch is enqueued record
-by record into the producer's buffer and awaited together, so it leaves in as few
-produce requests as the producer can make of it.
+(a send returns once every in-sync replica has the record). A batch becomes one record
+batch per partition (aiokafka's batch API: one future per partition, not per record),
+handed to the producer together and awaited together; while another send of the driver
+is out, a batch goes record by record instead, so that it can join that send's batch.
 
 Format: CloudEvents Kafka protocol binding, binary mode: the attributes as ``ce_<name>``
 headers (UTF-8), ``content-type`` the data's type, the record value the data, the record
