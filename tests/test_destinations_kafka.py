@@ -10,8 +10,10 @@ producer's settings, and the CLI/API with SASL credentials sealed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -138,6 +140,64 @@ async def test_batch_one_result_each_and_a_bad_record_fails_alone(kafka: Destina
     assert set(kafka.received.ids) == want
 
 
+async def test_a_batch_over_partitions_keeps_each_key_in_order(kafka: Destination) -> None:
+    """``send_batch`` makes one record batch per partition: every key still lands on the
+    partition ``producer.send`` would pick, in the events' order, batch after batch."""
+    driver = KafkaDriver(_target(kafka.url, topic=kafka.tag, key="{subject}"), kafka.url)
+    subjects = [f"k{i}" for i in range(8)]
+    events = [_event(subjects[i % 8], i) for i in range(96)]
+    try:
+        for start in range(0, 96, 32):
+            results = await driver.send_batch(events[start : start + 32])
+            assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+        # The partition chosen for a batch is the producer's own (aiokafka's private
+        # ``_partition``, pinned here: this test breaks if it changes).
+        producer = driver._producer
+        for subject in subjects:
+            key = subject.encode()
+            mine = await driver._partition(kafka.tag, key)
+            assert mine == producer._partition(kafka.tag, None, key, None, key, None)
+    finally:
+        await driver.close()
+    await eventually(lambda: _arrived(kafka, {e.id for e in events}), 20, "the 96 records")
+    partition_of = {eid: (part, key) for eid, part, key in kafka.records}
+    for subject in subjects:
+        mine = [e.id for e in events if e.subject == subject]
+        expected = murmur2_partition(subject.encode(), KAFKA_PARTITIONS)
+        assert {partition_of[i] for i in mine} == {(expected, subject.encode())}
+        seen = [eid for eid, _, _ in kafka.records if eid in set(mine)]
+        assert list(dict.fromkeys(seen)) == mine
+    assert len({p for p, _ in partition_of.values()}) == KAFKA_PARTITIONS
+
+
+async def test_a_batch_sent_while_another_is_out_goes_record_by_record(
+    kafka: Destination,
+) -> None:
+    """Two chunks on the wire at once: the second goes through ``producer.send`` (so its
+    records can join the first's record batch), and both succeed in full."""
+    driver = KafkaDriver(_target(kafka.url, topic=kafka.tag, key="{subject}"), kafka.url)
+    first = [_event(f"s{i % 3}", i) for i in range(20)]
+    second = [_event(f"s{i % 3}", 20 + i) for i in range(20)]
+    per_record = []
+    records = driver._records
+
+    async def spy(*args: Any) -> Any:
+        per_record.append(len(args[0]))
+        return await records(*args)
+
+    driver._records = spy  # type: ignore[method-assign]
+    try:
+        assert (await driver.send(_event("s0"))).ok  # connected, topic known
+        a, b = await asyncio.gather(driver.send_batch(first), driver.send_batch(second))
+    finally:
+        await driver.close()
+    assert all(r.ok for r in [*a, *b])
+    assert per_record == [20]  # the second only
+    assert driver._out == 0
+    want = {e.id for e in first + second}
+    await eventually(lambda: _arrived(kafka, want), 20, "the 40 records")
+
+
 async def test_batch_to_a_missing_topic_is_permanent_and_creates_nothing(
     kafka: Destination,
 ) -> None:
@@ -182,6 +242,72 @@ async def _all_ok(driver: KafkaDriver, events: list[Event]) -> Any:
 
 
 # Settings, validation, CLI, API ---------------------------------------------------
+
+
+class _Batch:
+    def __init__(self) -> None:
+        self.keys: list[bytes | None] = []
+
+    def append(self, *, timestamp: Any, key: bytes | None, value: bytes, headers: Any) -> object:
+        self.keys.append(key)
+        return object()
+
+
+class _Producer:
+    """A producer whose record batches end as ``outcome`` says per partition (no broker)."""
+
+    def __init__(self, outcome: dict[int, Exception | None]) -> None:
+        self.outcome = outcome
+        self.sent: list[tuple[int, list[bytes | None]]] = []
+        cluster = SimpleNamespace(available_partitions_for_topic=lambda topic: set(outcome))
+        self.client = SimpleNamespace(cluster=cluster)
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        return set(self.outcome)
+
+    def create_batch(self) -> _Batch:
+        return _Batch()
+
+    async def send_batch(self, batch: _Batch, topic: str, *, partition: int) -> Any:
+        self.sent.append((partition, batch.keys))
+        future = asyncio.get_running_loop().create_future()
+        error = self.outcome[partition]
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+        return future
+
+    async def stop(self) -> None:
+        pass
+
+
+async def test_a_failed_partition_batch_fails_every_event_in_it() -> None:
+    from aiokafka.errors import NotLeaderForPartitionError, TopicAuthorizationFailedError
+
+    driver = KafkaDriver(_target("kafka://h", topic="t", key="{subject}"), "kafka://h")
+    # One subject per partition of three, each partition's batch ending its own way.
+    by_partition: dict[int, str] = {}
+    for i in range(100):
+        by_partition.setdefault(murmur2_partition(f"s{i}".encode(), 3), f"s{i}")
+    producer = _Producer(
+        {0: None, 1: NotLeaderForPartitionError(), 2: TopicAuthorizationFailedError()}
+    )
+    driver._producer, driver._topics, driver.connected = producer, {"t"}, True
+    events = [_event(by_partition[i % 3], i) for i in range(30)]
+    results = await driver.send_batch(events)
+    await driver.close()
+    assert sorted(p for p, _ in producer.sent) == [0, 1, 2]  # one batch per partition
+    for partition, keys in producer.sent:
+        assert keys == [by_partition[partition].encode()] * 10
+    for i, result in enumerate(results):
+        if i % 3 == 0:
+            assert result.ok
+        elif i % 3 == 1:  # retried, like every record of that batch
+            assert not result.ok and not result.permanent
+            assert "NotLeaderForPartitionError" in (result.error or "")
+        else:  # refused for good: dead-lettered, every record of that batch
+            assert result.permanent and "TopicAuthorizationFailed" in (result.error or "")
 
 
 def test_producer_settings_from_the_url() -> None:

@@ -1,8 +1,9 @@
 """The Kafka driver over aiokafka: a topic template, a key template (one key keeps its
 order: the key picks the partition with Kafka's own murmur2 partitioner), ``acks=all``
-(a send returns once every in-sync replica has the record). A batch is enqueued record
-by record into the producer's buffer and awaited together, so it leaves in as few
-produce requests as the producer can make of it.
+(a send returns once every in-sync replica has the record). A batch becomes one record
+batch per partition (aiokafka's batch API: one future per partition, not per record),
+handed to the producer together and awaited together; while another send of the driver
+is out, a batch goes record by record instead, so that it can join that send's batch.
 
 Format: CloudEvents Kafka protocol binding, binary mode: the attributes as ``ce_<name>``
 headers (UTF-8), ``content-type`` the data's type, the record value the data, the record
@@ -38,6 +39,9 @@ from services.egress.drivers.formats import attributes, data_body, fields_of
 from services.egress.http.sender import AttemptResult
 
 DEFAULT_PORT = 9092
+# The producer's largest request (aiokafka's default, set explicitly): a record over it is
+# refused before it is sent, as ``producer.send`` does.
+MAX_REQUEST_SIZE = 1024 * 1024
 # aiokafka errors no retry can fix: the record, the topic or the credentials are wrong.
 PERMANENT_ERRORS = frozenset(
     {
@@ -86,6 +90,7 @@ class KafkaDriver(Driver):
         self._producer: Any = None
         self._topics: set[str] = set()  # topics the broker has, as it said on this connection
         self._topic_lock = asyncio.Lock()
+        self._out = 0  # sends of this driver waiting for the broker (``_records``)
 
     def update(self, target: Target) -> bool:
         changed = super().update(target)
@@ -109,6 +114,7 @@ class KafkaDriver(Driver):
             # One produce request per partition can carry a whole batch of the egress
             # (aiokafka keeps one request in flight per partition; 16 KiB by default).
             "max_batch_size": 256 * 1024,
+            "max_request_size": MAX_REQUEST_SIZE,
         }
         if parts.username is not None:
             mechanism = parse_qs(parts.query).get("mechanism", ["PLAIN"])[0].upper()
@@ -152,19 +158,19 @@ class KafkaDriver(Driver):
     # Sending --------------------------------------------------------------------
 
     async def _send(self, event: Event) -> None:
-        future = await self._enqueue(event)
-        # Shielded: a timeout abandons the wait, not the record (it may still arrive).
-        await asyncio.shield(future)
+        self._out += 1
+        try:
+            future = await self._enqueue(event)
+            # Shielded: a timeout abandons the wait, not the record (it may still arrive).
+            await asyncio.shield(future)
+        finally:
+            self._out -= 1
 
     async def _enqueue(self, event: Event) -> asyncio.Future[Any]:
         """Put one record into the producer's buffer; the future completes on its ack."""
-        fields = fields_of(event)
-        topic = check_kafka_topic(render(self.options.topic, fields))
-        key = render(self.options.key, fields).encode() if self.options.key else None
-        body, ctype = data_body(event)
-        await self._check_topic(topic)
+        topic, key, body, headers = await self._record(event)
         future: asyncio.Future[Any] = await self._producer.send(
-            topic, body, key=key, headers=headers_of(event, ctype)
+            topic, body, key=key, headers=headers
         )
         # A record whose wait was abandoned (a timeout) still fails or lands later: its
         # outcome is retrieved here, so asyncio does not log it as never retrieved.
@@ -203,14 +209,27 @@ class KafkaDriver(Driver):
     async def send_batch(
         self, events: Sequence[Event], traces: Sequence[dict[str, str] | None] | None = None
     ) -> list[AttemptResult]:
-        """Enqueue every record, then await them all: one result per event, in order.
+        """One record batch per partition through aiokafka's batch API, then await them
+        all: one result per event, in order; every event of a batch shares its outcome.
+        A batch sent while another send of this driver is still out goes record by
+        record instead (``_records``), so that it can join that send's record batch.
 
         A record the event cannot make (a template it cannot fill, a missing topic, too
-        large) fails alone; a connection-level failure fails the records not yet
-        enqueued, and those already enqueued are still awaited."""
+        large) fails alone; a connection-level failure fails the records not yet handed
+        to the producer, and the batches already handed over are still awaited."""
+        if len(events) == 1:
+            return [await self.send(events[0])]
+        alone = not self._out  # no other send of this driver is waiting for the broker
+        self._out += 1
+        try:
+            return await self._send_batch(events, alone)
+        finally:
+            self._out -= 1
+
+    async def _send_batch(self, events: Sequence[Event], alone: bool) -> list[AttemptResult]:
         started = time.monotonic()
         results: list[AttemptResult | None] = [None] * len(events)
-        futures: dict[int, asyncio.Future[Any]] = {}
+        sent: list[tuple[list[int], asyncio.Future[Any]]] = []
         generation = self.generation
         broken: Exception | None = None
         deadline = started + self.target.timeout_s
@@ -218,40 +237,139 @@ class KafkaDriver(Driver):
             async with asyncio.timeout(self.target.timeout_s):
                 await self.connect()
                 generation = self.generation
-                for i, event in enumerate(events):
-                    try:
-                        futures[i] = await self._enqueue(event)
-                    except Exception as exc:
-                        if not self._record_fault(exc):
-                            broken = exc
-                            break
-                        results[i] = self._result(exc, started)
+                if not alone:
+                    broken = await self._records(events, results, sent, started)
+                else:
+                    batches, broken = await self._batches(events, results, started)
+                    for topic, partition, batch, members in batches:
+                        future = await self._producer.send_batch(batch, topic, partition=partition)
+                        future.add_done_callback(_retrieve)
+                        sent.append((members, future))
         except TimeoutError:
             broken = TimeoutError(f"timeout after {self.target.timeout_s:g}s")
         except Exception as exc:
             broken = exc
-        if futures:
+        if sent:
             remaining = max(0.0, deadline - time.monotonic())
-            await asyncio.wait(futures.values(), timeout=remaining)
+            await asyncio.wait([future for _, future in sent], timeout=remaining)
         latency = time.monotonic() - started
-        for i, future in futures.items():
+        for members, future in sent:
             if not future.done():
-                results[i] = AttemptResult(
+                outcome = AttemptResult(
                     error=f"timeout after {self.target.timeout_s:g}s", latency_s=latency
                 )
                 broken = broken or TimeoutError("a record was not acknowledged in time")
             elif (error := future.exception()) is not None:
                 assert isinstance(error, Exception)
-                results[i] = self._result(error, started)
+                outcome = self._result(error, started)
                 broken = broken or (error if self.drops_connection(error) else None)
             else:
-                results[i] = AttemptResult(delivered=True, latency_s=latency)
+                outcome = AttemptResult(delivered=True, latency_s=latency)
+            for i in members:
+                results[i] = outcome
         if broken is not None:
             failed = self._result(broken, started)
             results = [r or failed for r in results]
             if isinstance(broken, TimeoutError) or self.drops_connection(broken):
                 await self.close(generation)
         return [r or AttemptResult(error="not sent") for r in results]
+
+    async def _records(
+        self,
+        events: Sequence[Event],
+        results: list[AttemptResult | None],
+        sent: list[tuple[list[int], asyncio.Future[Any]]],
+        started: float,
+    ) -> Exception | None:
+        """Each record through ``producer.send`` (into ``sent``), for a batch sent while
+        another send of this driver is out: its records may then join that send's record
+        batch still in the producer's buffer, and the two finish together. (Two chunks
+        that finish one round trip apart stay apart: the worker refills each from the
+        slots the other frees. The producer's own batches reunite them.) Returns the
+        failure that stopped it, if any."""
+        for i, event in enumerate(events):
+            try:
+                sent.append(([i], await self._enqueue(event)))
+            except Exception as exc:
+                if not self._record_fault(exc):
+                    return exc
+                results[i] = self._result(exc, started)
+        return None
+
+    async def _batches(
+        self, events: Sequence[Event], results: list[AttemptResult | None], started: float
+    ) -> tuple[list[tuple[str, int, Any, list[int]]], Exception | None]:
+        """The events' records in batches of aiokafka's builder, one or more per partition
+        (in the events' order within each), and the failure that stopped making them.
+
+        The partition is what ``producer.send`` would choose: Kafka's default partitioner
+        (murmur2 of the key over the topic's partitions, a random available one for no
+        key), asked once per key and batch; records without a key share one partition
+        per batch. A record the event cannot make is answered in ``results``."""
+        from aiokafka.errors import MessageSizeTooLargeError
+        from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+        producer = self._producer
+        estimate = DefaultRecordBatchBuilder.estimate_size_in_bytes
+        open_: dict[tuple[str, int], tuple[Any, list[int]]] = {}
+        full: list[tuple[str, int, Any, list[int]]] = []
+        partition_of: dict[tuple[str, bytes | None], int] = {}
+        for i, event in enumerate(events):
+            try:
+                topic, key, body, headers = await self._record(event)
+                if estimate(key, body, headers) > MAX_REQUEST_SIZE:
+                    raise MessageSizeTooLargeError(
+                        f"the record is over max_request_size ({MAX_REQUEST_SIZE} bytes)"
+                    )
+                partition = partition_of.get((topic, key))
+                if partition is None:
+                    partition = await self._partition(topic, key)
+                    partition_of[(topic, key)] = partition
+            except Exception as exc:
+                if not self._record_fault(exc):
+                    return self._in_order(full, open_), exc
+                results[i] = self._result(exc, started)
+                continue
+            batch, members = open_.get((topic, partition)) or (None, [])
+            if (
+                batch is None
+                or batch.append(timestamp=None, key=key, value=body, headers=headers) is None
+            ):
+                if batch is not None:  # full: it goes as it is, a new one takes the record
+                    full.append((topic, partition, batch, members))
+                batch, members = producer.create_batch(), []
+                batch.append(timestamp=None, key=key, value=body, headers=headers)
+                open_[(topic, partition)] = (batch, members)
+            members.append(i)
+        return self._in_order(full, open_), None
+
+    @staticmethod
+    def _in_order(
+        full: list[tuple[str, int, Any, list[int]]],
+        open_: dict[tuple[str, int], tuple[Any, list[int]]],
+    ) -> list[tuple[str, int, Any, list[int]]]:
+        """The full batches first (each before the later one of its partition), then the
+        open ones; none is closed, so the producer may still add to the last of each."""
+        return [*full, *((t, p, b, m) for (t, p), (b, m) in open_.items() if m)]
+
+    async def _record(
+        self, event: Event
+    ) -> tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]:
+        """The topic, key, value and headers of one event's record (the topic checked)."""
+        fields = fields_of(event)
+        topic = check_kafka_topic(render(self.options.topic, fields))
+        key = render(self.options.key, fields).encode() if self.options.key else None
+        body, ctype = data_body(event)
+        await self._check_topic(topic)
+        return topic, key, body, headers_of(event, ctype)
+
+    async def _partition(self, topic: str, key: bytes | None) -> int:
+        """The partition aiokafka's ``producer.send`` would pick for ``key``."""
+        from aiokafka.partitioner import DefaultPartitioner
+
+        every = list(await self._producer.partitions_for(topic))
+        available = list(self._producer.client.cluster.available_partitions_for_topic(topic))
+        return int(DefaultPartitioner()(key, every, available))
 
     def _result(self, exc: Exception, started: float) -> AttemptResult:
         return AttemptResult(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import struct
 import uuid
 from typing import Any
@@ -76,8 +77,11 @@ class MqttDriver(Driver):
             raise ValidationError(f"not a topic to publish to: {topic!r}")
         body, ctype = data_body(event)
         props = publish_properties(ctype, list(attributes(event).items()))
+        # No timeout of aiomqtt's own (``math.inf``: it then awaits the PUBACK directly
+        # instead of through ``asyncio.wait_for``, a task and a timer per publish): every
+        # send runs under the driver's deadline already (``send``, ``send_batch``).
         await self._client.publish(
-            topic, body, qos=self.options.qos, properties=props, timeout=self.target.timeout_s
+            topic, body, qos=self.options.qos, properties=props, timeout=math.inf
         )
 
 

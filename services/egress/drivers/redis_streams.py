@@ -44,10 +44,12 @@ class RedisDriver(Driver):
         need("redis", self.kind)
         from redis.asyncio import Redis
 
+        # No socket timeout (redis-py 8's default is 5 s): with one, every response read
+        # runs under a timeout of its own and every pipeline's write under
+        # ``asyncio.wait_for`` (a task); every send runs under the driver's deadline
+        # already, and a send it cuts off closes the client (``drops_connection``).
         client = Redis.from_url(
-            self.url,
-            socket_timeout=self.target.timeout_s,
-            socket_connect_timeout=self.target.timeout_s,
+            self.url, socket_timeout=None, socket_connect_timeout=self.target.timeout_s
         )
         await client.ping()
         self._redis = client
