@@ -6,8 +6,12 @@ generator (``any(c.isspace() for c in key)``): with the ten or so headers of a m
 event (``ce-*``, ``Nats-Msg-Id``, ``mesh-encryption``) that was the largest single item
 of the egress's fetch path, about 10 us per message. ``MeshNats`` answers the same
 question with one ``str.split`` per name (``str.split()`` and ``str.isspace`` agree on
-what whitespace is); everything else is nats.py's own code, unchanged.
-``tests/test_nats_headers.py`` checks that both parsers agree on any header block.
+what whitespace is), and only for a name that may hold whitespace at all (a space, or a
+character ``str.isprintable`` refuses: every other whitespace is a control character).
+A block that is all ASCII (a mesh event's always is) is decoded once and split as text
+rather than line by line as bytes: 6.5 -> 2.9 us for a mesh event's ten headers.
+Everything else is nats.py's own code, unchanged. ``tests/test_nats_headers.py`` checks
+that both parsers agree on any header block.
 """
 
 from __future__ import annotations
@@ -15,10 +19,15 @@ from __future__ import annotations
 from nats.aio.client import Client as NATS
 
 _CRLF = b"\r\n"
+# What ``bytes.strip()`` strips (ASCII whitespace); ``str.strip()`` would also strip
+# \x1c-\x1f, which nats.py's ``bytes.strip`` keeps.
+_BYTES_WS = " \t\n\r\x0b\x0c"
 
 
 def parse_header_lines(raw: bytes) -> dict[str, str]:
     """``nats.aio.client.Client._parse_header_lines``, answer for answer."""
+    if raw.isascii():
+        return _parse_ascii(raw.decode("ascii"))
     out: dict[str, str] = {}
     for line in raw.split(_CRLF):
         name, sep, value = line.partition(b":")
@@ -33,6 +42,22 @@ def parse_header_lines(raw: bytes) -> dict[str, str]:
         if key and key.split() != [key]:
             continue
         out[key] = value.strip().decode("utf-8", "replace")
+    return out
+
+
+def _parse_ascii(text: str) -> dict[str, str]:
+    """``parse_header_lines`` of an all-ASCII block, as text: each name and value is
+    what decoding its bytes gives (ASCII decodes the same as ascii or utf-8)."""
+    out: dict[str, str] = {}
+    for line in text.split("\r\n"):
+        name, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key = name.strip(_BYTES_WS)
+        # Whitespace in ASCII is a space or a control character (never printable).
+        if (" " in key or not key.isprintable()) and key and key.split() != [key]:
+            continue
+        out[key] = value.strip(_BYTES_WS)
     return out
 
 
