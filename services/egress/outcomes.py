@@ -30,7 +30,7 @@ from mesh._nats.types import Msg
 from mesh.delivery import MessageHeaders
 from mesh.envelope import Event
 from mesh.observability import METRICS
-from mesh.records import DeliveryRecord, Outcome
+from mesh.records import BatchStamps, DeliveryRecord, Outcome
 from mesh.registry import Target, TargetStatus
 from mesh.resilience import is_last_attempt, retry_delay
 from services.egress.http.sender import AttemptResult
@@ -46,13 +46,16 @@ DLQ_RETRY_S = 5.0  # when the DLQ itself cannot be written, try the message agai
 
 
 class Settlement:
-    """The records of a chunk's attempts, and the messages to ack once they are stored."""
+    """The records of a chunk's attempts, and the messages to ack once they are stored.
+    The records of one chunk share a time (when its first was settled) and an id prefix
+    (``BatchStamps``)."""
 
-    __slots__ = ("acks", "records")
+    __slots__ = ("acks", "records", "stamps")
 
     def __init__(self) -> None:
         self.records: list[DeliveryRecord] = []
         self.acks: list[Msg] = []
+        self.stamps = BatchStamps()
 
     def add(self, rec: DeliveryRecord, settle: Msg | None) -> None:
         self.records.append(rec)
@@ -62,6 +65,7 @@ class Settlement:
     def take(self) -> tuple[list[DeliveryRecord], list[Msg]]:
         records, acks = self.records, self.acks
         self.records, self.acks = [], []
+        self.stamps.reset()
         return records, acks
 
 
@@ -215,6 +219,7 @@ class Outcomes:
         """Add the record of one attempt at this target by this instance to ``out``;
         ``settle``: the message this attempt finished, acked only once its record is
         stored; the record carries the trace id ``trace`` carries, if any."""
+        record_id, at = out.stamps.next()
         out.add(
             DeliveryRecord(
                 event_id=event_id,
@@ -227,6 +232,8 @@ class Outcomes:
                 instance=self.egress.instance,
                 trace_id=tracing.trace_id_of(trace) if trace is not None else None,
                 tenant=self.target.tenant,
+                at=at,
+                id=record_id,
             ),
             settle,
         )
