@@ -60,6 +60,9 @@ _NOT_EXTENSIONS = frozenset(
     CE_PREFIX + name for name in (*_CORE_ATTRS, EXT_ORIGIN, EXT_HOPS, EXT_REPLAY)
 )
 _PREFIX_LEN = len(CE_PREFIX)
+# Headers a mesh event carries that are never extensions: when a message has no other,
+# decode skips looking for extensions header by header.
+_PLAIN_HEADERS = _NOT_EXTENSIONS | {H_MSG_ID, H_ENCRYPTION}
 
 
 def new_event_id() -> str:
@@ -282,11 +285,15 @@ def decode(
     if hops < 0:
         raise DecodeError("ce-meshhops is negative")
     ctype = headers.get(H_DATACONTENTTYPE) or OCTETS
-    extensions = {
-        k[_PREFIX_LEN:]: v
-        for k, v in headers.items()
-        if k.startswith(CE_PREFIX) and k not in _NOT_EXTENSIONS
-    }
+    extensions = (
+        {}
+        if headers.keys() <= _PLAIN_HEADERS
+        else {
+            k[_PREFIX_LEN:]: v
+            for k, v in headers.items()
+            if k.startswith(CE_PREFIX) and k not in _NOT_EXTENSIONS
+        }
+    )
     return Event(
         source=source,
         type=etype,
