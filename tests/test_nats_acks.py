@@ -1,4 +1,5 @@
-"""``delivery_of`` (mesh/_nats/acks.py) reads a reply subject as nats.py's metadata does."""
+"""mesh/_nats/acks.py: ``delivery_of`` reads a reply subject as nats.py's metadata does;
+``ack_many`` acks as ``msg.ack()`` does (real nats-server)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
+from nats.errors import MsgAlreadyAckdError
+from nats.js.api import AckPolicy, ConsumerConfig
 
-from mesh._nats.acks import delivery_of
+from mesh._nats.acks import ack_many, delivery_of
+from mesh._nats.pullfeed import PullFeed
+from mesh.client import MeshClient
 
 NUM = st.integers(min_value=0, max_value=2**63).map(str)
 NAME = st.from_regex(r"[A-Za-z0-9_-]{1,12}", fullmatch=True)
@@ -56,3 +61,24 @@ def test_not_a_delivery_raises_as_nats_py(reply: str) -> None:
     with pytest.raises((NatsError, ValueError)) as theirs:
         nats_reading(msg(reply))
     assert type(ours.value) is type(theirs.value)
+
+
+async def test_ack_many_acks_a_batch_once(client: MeshClient) -> None:
+    await client.js.add_consumer(
+        client.names.events,
+        ConsumerConfig(durable_name="acks", ack_policy=AckPolicy.EXPLICIT, ack_wait=30),
+    )
+    await client.publish_many([client.build("shop", "order.created", {"i": i}) for i in range(5)])
+    feed = await PullFeed(client.nc, client.names.events, "acks").open()
+    try:
+        msgs = await feed.fetch(5, timeout=2)
+        assert len(msgs) == 5
+        assert await ack_many(msgs) == []
+        await client.nc.flush()
+        info = await client.js.consumer_info(client.names.events, "acks")
+        assert info.num_ack_pending == 0 and info.num_pending == 0
+        again = await ack_many(msgs)  # as msg.ack(): acked already
+        assert [m for m, _ in again] == msgs
+        assert all(isinstance(e, MsgAlreadyAckdError) for _, e in again)
+    finally:
+        await feed.close()

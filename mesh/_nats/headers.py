@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import nats.errors as nats_errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -89,6 +90,28 @@ class MeshNats(NATS):
         sub = await self.subscribe(subject)  # no callback: nats.py starts no task for it
         self._direct[sub._id] = handler
         return sub
+
+    async def publish_empty(self, subjects: list[str]) -> None:
+        """``publish(subject)`` (no payload, no reply, no headers) for each of
+        ``subjects``, handed to the connection as one command: JetStream acks. The
+        subjects are reply subjects the server sent (its protocol cannot carry a space
+        or a line break in one), so nats.py's subject check is left out. While the
+        connection is not up, each goes through ``publish``, which buffers or raises."""
+        if not subjects:
+            return
+        if self.is_closed:
+            raise nats_errors.ConnectionClosedError
+        if self.is_draining_pubs:
+            raise nats_errors.ConnectionDrainingError
+        if not self.is_connected:
+            for subject in subjects:
+                await self.publish(subject)
+            return
+        # nats.py's frame for each (``protocol.command.pub_cmd(subject, "", b"")``).
+        await self._send_command("".join([f"PUB {s}  0\r\n\r\n" for s in subjects]).encode())
+        self.stats["out_msgs"] += len(subjects)
+        if self._flush_queue is not None and self._flush_queue.empty():
+            await self._flush_pending()
 
     def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
         self._direct.pop(sid, None)
