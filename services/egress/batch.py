@@ -77,6 +77,8 @@ class BatchDelivery:
     pace: Pace
     sending: set[asyncio.Task[None]]
     _held: dict[int, tuple[Msg, float]]
+    _m_attempts: Any
+    _m_delivered: Any
 
     if TYPE_CHECKING:  # from the other mixins and the worker
 
@@ -311,6 +313,7 @@ class BatchDelivery:
 
     async def _flush(self, out: Settlement) -> None:
         """Publish the records collected so far as one message; its acks follow it."""
+        out.count(self._m_attempts, self._m_delivered)
         if out.records:
             records, acks = out.take()
             await self.egress.record_batch(records, acks)
