@@ -253,8 +253,9 @@ class BatchDelivery:
             return False
         if not self.pace.open(self.on_wire + chunk):
             return False
-        if any(sem.locked() for sem in slots):
-            return False
+        for sem in slots:  # a loop, not any(generator): per message of every chunk
+            if sem.locked():
+                return False
         if not self._token_now():
             return False
         for sem in slots:
