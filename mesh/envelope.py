@@ -55,6 +55,14 @@ H_HOPS = f"{CE_PREFIX}{EXT_HOPS}"
 H_REPLAY = f"{CE_PREFIX}{EXT_REPLAY}"
 
 _CORE_ATTRS = ("id", "source", "type", "specversion", "time", "datacontenttype", "subject")
+# The ``ce-*`` headers that are not extensions (decode's one set lookup per header).
+_NOT_EXTENSIONS = frozenset(
+    CE_PREFIX + name for name in (*_CORE_ATTRS, EXT_ORIGIN, EXT_HOPS, EXT_REPLAY)
+)
+_PREFIX_LEN = len(CE_PREFIX)
+# Headers a mesh event carries that are never extensions: when a message has no other,
+# decode skips looking for extensions header by header.
+_PLAIN_HEADERS = _NOT_EXTENSIONS | {H_MSG_ID, H_ENCRYPTION}
 
 
 def new_event_id() -> str:
@@ -277,13 +285,15 @@ def decode(
     if hops < 0:
         raise DecodeError("ce-meshhops is negative")
     ctype = headers.get(H_DATACONTENTTYPE) or OCTETS
-    extensions = {
-        k[3:]: v
-        for k, v in headers.items()
-        if k.startswith(CE_PREFIX)
-        and k[3:] not in _CORE_ATTRS
-        and k[3:] not in (EXT_ORIGIN, EXT_HOPS, EXT_REPLAY)
-    }
+    extensions = (
+        {}
+        if headers.keys() <= _PLAIN_HEADERS
+        else {
+            k[_PREFIX_LEN:]: v
+            for k, v in headers.items()
+            if k.startswith(CE_PREFIX) and k not in _NOT_EXTENSIONS
+        }
+    )
     return Event(
         source=source,
         type=etype,

@@ -33,5 +33,16 @@ def test_same_answer_on_whitespace_and_colons(text: str) -> None:
     assert parse_header_lines(raw) == NATS._parse_header_lines(raw)
 
 
+@given(
+    st.text(
+        alphabet=st.sampled_from([chr(b) for b in range(0x21)] + list(":aZ-~\x7f")), max_size=40
+    )
+)
+def test_same_answer_on_ascii_blocks(text: str) -> None:
+    # The all-ASCII path (every control character, space, colon, CR and LF).
+    raw = text.encode("ascii")
+    assert parse_header_lines(raw) == NATS._parse_header_lines(raw)
+
+
 def test_the_port_connects_with_it() -> None:
     assert isinstance(JetStreamPort().nc, MeshNats)

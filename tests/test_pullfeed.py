@@ -96,3 +96,18 @@ async def test_a_missing_consumer_is_service_unavailable(client: MeshClient) -> 
             await feed.fetch(5, timeout=1)
     finally:
         await feed.close()
+
+
+async def test_the_mesh_connection_hands_messages_straight_to_the_feed(client: MeshClient) -> None:
+    # MeshNats.subscribe_direct: no queue and task per message; gone with the feed.
+    await consumer(client, "feed")
+    await client.publish_many([client.build("shop", "order.created", {"i": 1})])
+    feed = await PullFeed(client.nc, client.names.events, "feed").open()
+    sub = feed._sub
+    assert sub is not None and sub._id in client.nc._direct
+    assert sub._wait_for_msgs_task is None
+    msgs = await feed.fetch(5, timeout=2)
+    assert len(msgs) == 1
+    await msgs[0].ack()
+    await feed.close()
+    assert sub._id not in client.nc._direct

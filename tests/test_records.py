@@ -9,6 +9,7 @@ import pytest
 from mesh.errors import DecodeError
 from mesh.records import (
     MAX_BATCH_BYTES,
+    BatchStamps,
     DeliveryRecord,
     Outcome,
     batch_bodies,
@@ -59,3 +60,14 @@ def test_what_is_not_a_record_is_refused(body: bytes) -> None:
 def test_record_ids_are_random_hex() -> None:
     ids = {_rec(0).id for _ in range(100)}
     assert len(ids) == 100 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_batch_stamps_share_a_time_and_never_an_id() -> None:
+    stamps = BatchStamps()
+    first = [stamps.next() for _ in range(70)]
+    stamps.reset()
+    second = [stamps.next() for _ in range(3)]
+    ids = [i for i, _ in first + second]
+    assert len(set(ids)) == len(ids) and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert len({at for _, at in first}) == 1
+    assert ids[0][:24] != second[0][0][:24]  # a new batch draws a new prefix

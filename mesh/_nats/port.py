@@ -46,6 +46,7 @@ from nats.js.api import (
 )
 from nats.js.kv import KeyValue
 
+from mesh._nats.acks import ack_many
 from mesh._nats.api import api_request
 from mesh._nats.buckets import open_bucket, read_all
 from mesh._nats.headers import MeshNats
@@ -231,6 +232,10 @@ class JetStreamPort:
         return await publish_pipelined(
             self.js, events, encode, self.max_payload, window=window, timeout=timeout
         )
+
+    async def ack_many(self, msgs: list[Msg]) -> list[tuple[Msg, Exception]]:
+        """Ack ``msgs`` (JetStream deliveries) together; the ones that failed, with why."""
+        return await ack_many(msgs)
 
     def ack_window(self, window: int = PUBLISH_WINDOW) -> AckWindow:
         return AckWindow(self.js, window)

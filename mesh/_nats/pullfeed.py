@@ -7,8 +7,9 @@ decoding and signing it together. ``PullFeed`` sends the same pull request
 (``$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`` with ``batch``, ``expires`` and
 ``no_wait``: the server sends what it has, waiting up to ``expires`` for the first
 message, then ends the request with a status) and collects the answers in a callback
-on one inbox subscription. The messages are ordinary nats.py ``Msg`` objects: ack, nak,
-in_progress, term and metadata work as usual.
+on one inbox subscription (a direct one on the mesh's connection, ``MeshNats``: the read
+loop hands each message straight to it). The messages are ordinary nats.py ``Msg``
+objects: ack, nak, in_progress, term and metadata work as usual.
 
 A message that arrives after its fetch gave up (a late answer to an expired request)
 is kept and handed out first by the next fetch, never dropped; ``close`` gives back
@@ -33,6 +34,8 @@ import nats.js.errors as js_errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+
+from mesh._nats.headers import MeshNats
 
 STATUS = "Status"
 NO_MESSAGES = "404"
@@ -59,10 +62,16 @@ class PullFeed:
 
     async def open(self) -> PullFeed:
         self.inbox = self.nc.new_inbox()
-        self._sub = await self.nc.subscribe(self.inbox, cb=self._on_msg)
+        if isinstance(self.nc, MeshNats):  # the port's: no queue and task per message
+            self._sub = await self.nc.subscribe_direct(self.inbox, self._on_msg)
+        else:
+            self._sub = await self.nc.subscribe(self.inbox, cb=self._on_msg_async)
         return self
 
-    async def _on_msg(self, msg: Msg) -> None:
+    async def _on_msg_async(self, msg: Msg) -> None:
+        self._on_msg(msg)
+
+    def _on_msg(self, msg: Msg) -> None:
         headers = msg.headers
         status = headers.get(STATUS) if headers else None
         if not status:

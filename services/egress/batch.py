@@ -27,6 +27,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from mesh import tracing
+from mesh._nats.acks import delivery_of
 from mesh._nats.types import Msg
 from mesh.envelope import Event, outward
 from mesh.errors import DecodeError
@@ -76,6 +77,8 @@ class BatchDelivery:
     pace: Pace
     sending: set[asyncio.Task[None]]
     _held: dict[int, tuple[Msg, float]]
+    _m_attempts: Any
+    _m_delivered: Any
 
     if TYPE_CHECKING:  # from the other mixins and the worker
 
@@ -189,7 +192,7 @@ class BatchDelivery:
             await self._flush(out)
             for msg in list(live.values()):
                 self._held.pop(id(msg), None)
-                attempt = int(msg.metadata.num_delivered or 1)
+                attempt = delivery_of(msg)[0]
                 await self._hand_back(msg, delay=backoff_delay(self.target.retry, attempt))
                 self._forget(live, msg)
         finally:
@@ -206,10 +209,9 @@ class BatchDelivery:
         items: list[_Item] = []
         deliveries = self.deliveries
         for msg in msgs:
-            meta = msg.metadata
-            attempt = int(meta.num_delivered or 1)
+            attempt, seq = delivery_of(msg)  # not msg.metadata: 0.4 against 5.6 us
             try:
-                event = deliveries.decode(msg, meta.sequence.stream if meta.sequence else None)
+                event = deliveries.decode(msg, seq)
             except DecodeError as exc:
                 await self._dead(out, msg, None, attempt, f"undecodable: {exc}", Outcome.DEAD)
                 self._forget(live, msg)
@@ -251,8 +253,9 @@ class BatchDelivery:
             return False
         if not self.pace.open(self.on_wire + chunk):
             return False
-        if any(sem.locked() for sem in slots):
-            return False
+        for sem in slots:  # a loop, not any(generator): per message of every chunk
+            if sem.locked():
+                return False
         if not self._token_now():
             return False
         for sem in slots:
@@ -311,6 +314,7 @@ class BatchDelivery:
 
     async def _flush(self, out: Settlement) -> None:
         """Publish the records collected so far as one message; its acks follow it."""
+        out.count(self._m_attempts, self._m_delivered)
         if out.records:
             records, acks = out.take()
             await self.egress.record_batch(records, acks)

@@ -30,7 +30,7 @@ from mesh._nats.types import Msg
 from mesh.delivery import MessageHeaders
 from mesh.envelope import Event
 from mesh.observability import METRICS
-from mesh.records import DeliveryRecord, Outcome
+from mesh.records import BatchStamps, DeliveryRecord, Outcome
 from mesh.registry import Target, TargetStatus
 from mesh.resilience import is_last_attempt, retry_delay
 from services.egress.http.sender import AttemptResult
@@ -46,13 +46,28 @@ DLQ_RETRY_S = 5.0  # when the DLQ itself cannot be written, try the message agai
 
 
 class Settlement:
-    """The records of a chunk's attempts, and the messages to ack once they are stored."""
+    """The records of a chunk's attempts, and the messages to ack once they are stored.
+    The records of one chunk share a time (when its first was settled) and an id prefix
+    (``BatchStamps``). ``attempts`` and ``delivered`` count for the metrics, added to
+    them once per chunk (``count``) rather than per attempt."""
 
-    __slots__ = ("acks", "records")
+    __slots__ = ("acks", "attempts", "delivered", "records", "stamps")
 
     def __init__(self) -> None:
         self.records: list[DeliveryRecord] = []
         self.acks: list[Msg] = []
+        self.stamps = BatchStamps()
+        self.attempts = 0
+        self.delivered = 0
+
+    def count(self, attempts: Any, delivered: Any) -> None:
+        """Add the attempts and deliveries counted so far to these metrics."""
+        if self.attempts:
+            attempts.inc(self.attempts)
+            self.attempts = 0
+        if self.delivered:
+            delivered.inc(self.delivered)
+            self.delivered = 0
 
     def add(self, rec: DeliveryRecord, settle: Msg | None) -> None:
         self.records.append(rec)
@@ -62,6 +77,7 @@ class Settlement:
     def take(self) -> tuple[list[DeliveryRecord], list[Msg]]:
         records, acks = self.records, self.acks
         self.records, self.acks = [], []
+        self.stamps.reset()
         return records, acks
 
 
@@ -99,7 +115,7 @@ class Outcomes:
         probe: bool,
     ) -> None:
         self._held.pop(id(msg), None)
-        self._m_attempts.inc()
+        out.attempts += 1  # self._m_attempts, per chunk (Settlement.count)
         answered = result.status is not None or result.delivered or result.permanent
         latency_ms = round(result.latency_s * 1000, 3) if answered else None
         if answered:
@@ -107,7 +123,7 @@ class Outcomes:
         if result.ok:
             await self.circuit.on_result(True, probe)
             self.counts["delivered"] += 1
-            self._m_delivered.inc()
+            out.delivered += 1  # self._m_delivered, per chunk
             self._m_e2e.observe(max(0.0, time.time() - event.time.timestamp()))
             self._record(
                 out,
@@ -215,6 +231,7 @@ class Outcomes:
         """Add the record of one attempt at this target by this instance to ``out``;
         ``settle``: the message this attempt finished, acked only once its record is
         stored; the record carries the trace id ``trace`` carries, if any."""
+        record_id, at = out.stamps.next()
         out.add(
             DeliveryRecord(
                 event_id=event_id,
@@ -227,6 +244,8 @@ class Outcomes:
                 instance=self.egress.instance,
                 trace_id=tracing.trace_id_of(trace) if trace is not None else None,
                 tenant=self.target.tenant,
+                at=at,
+                id=record_id,
             ),
             settle,
         )

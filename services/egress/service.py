@@ -349,11 +349,10 @@ class WebhookEgress(Service):
     async def _part_stored(self, parts: _Parts) -> None:
         parts.left -= 1
         if parts.left == 0 and not parts.failed:
-            for msg in parts.msgs:
-                try:
-                    await msg.ack()
-                except Exception as exc:  # done and recorded: a lost ack means a duplicate
-                    self.log.warning("ack failed", error=str(exc))
+            # One command for the batch's acks (mesh/_nats/acks.py).
+            for _msg, exc in await self.client.port.ack_many(parts.msgs):
+                # Done and recorded: a lost ack means a duplicate, not a loss.
+                self.log.warning("ack failed", error=str(exc))
 
     async def _ack(self, msg: Msg, rec: DeliveryRecord) -> None:
         try:
