@@ -11,6 +11,7 @@ from nats.errors import Error as NatsError
 from nats.errors import MsgAlreadyAckdError
 from nats.js.api import AckPolicy, ConsumerConfig
 
+from mesh._nats import headers
 from mesh._nats.acks import ack_many, delivery_of
 from mesh._nats.pullfeed import PullFeed
 from mesh.client import MeshClient
@@ -63,7 +64,15 @@ def test_not_a_delivery_raises_as_nats_py(reply: str) -> None:
     assert type(ours.value) is type(theirs.value)
 
 
-async def test_ack_many_acks_a_batch_once(client: MeshClient) -> None:
+@pytest.mark.parametrize("fast", [True, False], ids=["checked-nats-py", "other-nats-py"])
+async def test_ack_many_acks_a_batch_once(
+    client: MeshClient, monkeypatch: pytest.MonkeyPatch, fast: bool
+) -> None:
+    """On a nats.py release the fast paths were not checked against, the feed takes a
+    callback subscription and each ack goes through ``Msg.ack``: the same answers."""
+    if fast and not headers.FAST_PATHS:
+        pytest.skip(f"nats.py {headers.NATS_PY_VERSION} is not one the fast paths were read for")
+    monkeypatch.setattr(headers, "FAST_PATHS", fast)
     await client.js.add_consumer(
         client.names.events,
         ConsumerConfig(durable_name="acks", ack_policy=AckPolicy.EXPLICIT, ack_wait=30),
@@ -71,6 +80,8 @@ async def test_ack_many_acks_a_batch_once(client: MeshClient) -> None:
     await client.publish_many([client.build("shop", "order.created", {"i": i}) for i in range(5)])
     feed = await PullFeed(client.nc, client.names.events, "acks").open()
     try:
+        assert feed._sub is not None
+        assert (feed._sub._id in client.nc._direct) is fast  # type: ignore[attr-defined]
         msgs = await feed.fetch(5, timeout=2)
         assert len(msgs) == 5
         assert await ack_many(msgs) == []

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from nats.aio.msg import Msg
 
+from mesh._nats import headers
 from mesh._nats.headers import MeshNats
 
 _V1_TOKENS = 9
@@ -48,7 +49,11 @@ async def ack_many(msgs: list[Msg]) -> list[tuple[Msg, Exception]]:
     (``MeshNats``) the acks go out as one command."""
     failed: list[tuple[Msg, Exception]] = []
     nc = msgs[0]._client if msgs else None
-    if not isinstance(nc, MeshNats) or any(msg._client is not nc for msg in msgs):
+    if (
+        not headers.FAST_PATHS
+        or not isinstance(nc, MeshNats)
+        or any(msg._client is not nc for msg in msgs)
+    ):
         for msg in msgs:
             try:
                 await msg.ack()

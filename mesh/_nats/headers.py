@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import nats.errors as nats_errors
 from nats.aio.client import Client as NATS
+from nats.aio.client import __version__ as NATS_PY_VERSION
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
@@ -67,6 +68,23 @@ def _parse_ascii(text: str) -> dict[str, str]:
     return out
 
 
+# The nats.py releases whose private parts the fast paths below use (``_process_msg``,
+# ``_build_message``, ``_process_headers``, ``_send_command``, ``_flush_pending``,
+# ``Msg._check_reply``/``_ackd``) were read and tested against; with any other release
+# the mesh takes nats.py's public paths (a callback subscription, ``Msg.ack`` each).
+CHECKED_NATS_PY = {(2, 16)}
+
+
+def _release(version: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return ()
+
+
+FAST_PATHS = _release(NATS_PY_VERSION) in CHECKED_NATS_PY
+
+
 class MeshNats(NATS):
     """The nats.py client the mesh connects with (``JetStreamPort``).
 
@@ -87,6 +105,12 @@ class MeshNats(NATS):
         """A core subscription whose messages go to ``handler`` in the read loop, in order.
         ``handler`` must not block (it runs between the parser's messages); what it raises
         goes to the connection's error callback, as a callback's error does in nats.py."""
+        if not FAST_PATHS:
+
+            async def callback(msg: Msg) -> None:
+                handler(msg)
+
+            return await self.subscribe(subject, cb=callback)
         sub = await self.subscribe(subject)  # no callback: nats.py starts no task for it
         self._direct[sub._id] = handler
         return sub
@@ -103,7 +127,7 @@ class MeshNats(NATS):
             raise nats_errors.ConnectionClosedError
         if self.is_draining_pubs:
             raise nats_errors.ConnectionDrainingError
-        if not self.is_connected:
+        if not self.is_connected or not FAST_PATHS:
             for subject in subjects:
                 await self.publish(subject)
             return
