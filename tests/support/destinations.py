@@ -417,3 +417,34 @@ class Destination:
         else:
             extra = getattr(self, f"_broken_{self.kind}")()
         return {**self.options, **extra}
+
+
+# A destination that stops answering (tests/test_destinations_{mqtt,redis}.py) ------------
+
+MUTE_TIMEOUT_S = 0.5
+
+
+def mute_target(kind: Any, url: str, **options: str) -> Any:
+    """A target with a short timeout, for a server that never answers."""
+    from mesh.destinations import DestinationOptions
+    from mesh.registry import Target
+
+    return Target(
+        name="mute", kind=kind, url=url, timeout_s=MUTE_TIMEOUT_S,
+        options=DestinationOptions(**options),
+    )  # fmt: skip
+
+
+def three_events() -> list[Any]:
+    from mesh.envelope import Event
+
+    return [Event(source="shop", type="order.created", data={"n": i}) for i in range(3)]
+
+
+def assert_timed_out_as_retries(results: list[Any], took: float) -> None:
+    """Each send failed at the target's deadline as a retry (never a dead letter), and
+    two deadlines passed, not the library's own (seconds) timeout."""
+    for result in results:
+        assert not result.ok and not result.permanent
+        assert f"timeout after {MUTE_TIMEOUT_S}s" in (result.error or ""), result.error
+    assert took < 3.0
