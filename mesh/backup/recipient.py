@@ -38,7 +38,16 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from mesh.backup.seal import MAGIC, SCRYPT_N, SealError, seal, unseal
+from mesh.backup.seal import (
+    MAGIC,
+    SCRYPT_N,
+    SealError,
+    pack_files,
+    seal,
+    unpack_files,
+    unseal,
+    write_private,
+)
 from mesh.errors import ValidationError
 
 MAGIC2 = b"MESHSEAL2"
@@ -129,7 +138,7 @@ def seal_to(recipient: Recipient, files: dict[str, bytes], archive_id: str) -> b
         }
     ).encode()
     nonce = os.urandom(12)
-    plain = json.dumps({name: b64encode(data).decode() for name, data in files.items()}).encode()
+    plain = pack_files(files)
     key = _aead_key(shared, eph_public, recipient.public)
     body = AESGCM(key).encrypt(nonce, plain, MAGIC2 + header + archive_id.encode())
     return MAGIC2 + struct.pack(">I", len(header)) + header + nonce + body
@@ -140,6 +149,10 @@ def recipient_of(blob: bytes) -> Recipient | None:
     if not blob.startswith(MAGIC2):
         return None
     header, _ = _split(blob)
+    return _sealed_to(header)
+
+
+def _sealed_to(header: dict[str, str]) -> Recipient:
     return Recipient(b64decode(header["recipient"]), b64decode(header["sealed_private"]))
 
 
@@ -166,7 +179,7 @@ def open_keys(blob: bytes, passphrase: bytes, archive_id: str) -> dict[str, byte
     header, raw_header = _split(blob)
     at = len(MAGIC2) + 4 + len(raw_header)
     nonce, body = blob[at : at + 12], blob[at + 12 :]
-    recipient = Recipient(b64decode(header["recipient"]), b64decode(header["sealed_private"]))
+    recipient = _sealed_to(header)
     private = open_private(recipient, passphrase)
     eph_public = b64decode(header["ephemeral"])
     try:
@@ -178,7 +191,7 @@ def open_keys(blob: bytes, passphrase: bytes, archive_id: str) -> dict[str, byte
         plain = AESGCM(key).decrypt(nonce, body, MAGIC2 + raw_header + archive_id.encode())
     except (InvalidTag, ValueError):
         raise SealError("the sealed keys are damaged") from None
-    return {name: b64decode(data) for name, data in json.loads(plain).items()}
+    return unpack_files(plain)
 
 
 def load(home: Path) -> Recipient | None:
@@ -197,13 +210,7 @@ def save(home: Path, recipient: Recipient) -> Path:
     """Write the backup key into the home (atomically, 0600: it is not secret, but private)."""
     home.mkdir(parents=True, exist_ok=True)
     path = home / RECIPIENT_FILE
-    tmp = home / f".{RECIPIENT_FILE}.new"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(json.dumps(recipient.doc(), indent=2).encode() + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_private(path, json.dumps(recipient.doc(), indent=2).encode() + b"\n")
     return path
 
 

@@ -31,6 +31,10 @@ from mesh.errors import Conflict, MeshError, StorageError
 from mesh.storage import open_store
 from mesh.storage._common import load_migrations
 
+#: The SQLite member as extracted for checking, in the scratch directory (and what a
+#: restore then loads from or moves into place).
+SCRATCH_COPY = "mesh.sqlite"
+
 #: Progress callback: (label, done, total).
 Progress = Callable[[str, int, int], None]
 
@@ -74,7 +78,7 @@ def _count_rows(reader: ArchiveReader, scratch: Path) -> dict[str, int]:
     if m.get("table_format") == "sqlite":
         if SQLITE_MEMBER not in m.get("files", {}):
             return {}
-        copy = scratch / "mesh.sqlite"
+        copy = scratch / SCRATCH_COPY
         with reader.open(SQLITE_MEMBER) as src, copy.open("wb") as dst:
             shutil.copyfileobj(src, dst, 1024 * 1024)
         try:
@@ -110,11 +114,11 @@ def _verify(
     for stream in m.get("streams", {}):
         reader.open(f"streams/{stream}.snap").close()
     sealed = reader.read(KEYS)
+    sealed_to = backup_key.recipient_of(sealed)
     if passphrase is None:  # everything but opening the keys (a server without it)
-        sealed_to = backup_key.recipient_of(sealed)
         return Verified(m, {}, done, rows, sealed_to, keys_opened=False)
     keys = backup_key.open_keys(sealed, passphrase, m["id"])
-    return Verified(m, keys, done, rows, backup_key.recipient_of(sealed))
+    return Verified(m, keys, done, rows, sealed_to)
 
 
 def verify_archive(
@@ -281,7 +285,7 @@ async def _restore_streams(
 
 def _stage(settings: Settings, m: dict[str, Any], scratch: Path) -> asyncio.Future[Path] | None:
     """The SQLite copy on its way into place, when the target has no database yet."""
-    copy = scratch / "mesh.sqlite"
+    copy = scratch / SCRATCH_COPY
     url = settings.db_url
     if m.get("table_format") != "sqlite" or tables.backend(url) != "sqlite":
         return None
@@ -298,7 +302,7 @@ async def _load_tables(
     url = settings.db_url
     to_sqlite = tables.backend(url) == "sqlite"
     if m.get("table_format") == "sqlite":
-        copy = scratch / "mesh.sqlite"
+        copy = scratch / SCRATCH_COPY
         if not copy.exists():
             return {}
         if to_sqlite:

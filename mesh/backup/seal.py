@@ -64,9 +64,29 @@ def derive(passphrase: bytes, *, n: int = SCRYPT_N) -> SealingKey:
     return SealingKey(params, salt, _derive(passphrase, salt, n, SCRYPT_R, SCRYPT_P))
 
 
+def pack_files(files: dict[str, bytes]) -> bytes:
+    """The plaintext a seal encrypts: the files as JSON, contents in base64."""
+    return json.dumps({name: b64encode(data).decode() for name, data in files.items()}).encode()
+
+
+def unpack_files(plain: bytes) -> dict[str, bytes]:
+    return {name: b64decode(data) for name, data in json.loads(plain).items()}
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """``data`` into ``path``, 0600, atomically (a dot-file beside it, fsynced, renamed)."""
+    tmp = path.with_name(f".{path.name}.new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def seal_with(sk: SealingKey, files: dict[str, bytes], archive_id: str) -> bytes:
     nonce = os.urandom(12)
-    plain = json.dumps({name: b64encode(data).decode() for name, data in files.items()}).encode()
+    plain = pack_files(files)
     aad = MAGIC + sk.params + archive_id.encode()
     body = AESGCM(sk.key).encrypt(nonce, plain, aad)
     return MAGIC + struct.pack(">H", len(sk.params)) + sk.params + sk.salt + nonce + body
@@ -102,7 +122,7 @@ def unseal(blob: bytes, passphrase: bytes, archive_id: str) -> dict[str, bytes]:
         plain = AESGCM(key).decrypt(nonce, body, MAGIC + params_raw + archive_id.encode())
     except InvalidTag:
         raise SealError("wrong passphrase: the sealed keys do not open") from None
-    return {name: b64decode(data) for name, data in json.loads(plain).items()}
+    return unpack_files(plain)
 
 
 def read_key_dir(key_dir: Path) -> dict[str, bytes]:
@@ -119,13 +139,7 @@ def write_key_dir(key_dir: Path, files: dict[str, bytes]) -> None:
     for name, data in files.items():
         if "/" in name or name in ("", ".", ".."):
             raise SealError(f"the sealed keys hold a bad file name {name!r}")
-        tmp = key_dir / f".{name}.restoring"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, key_dir / name)
+        write_private(key_dir / name, data)
 
 
 def read_passphrase(path: Path | None) -> bytes:

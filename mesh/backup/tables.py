@@ -232,7 +232,8 @@ def fresh_sqlite(path: str) -> bool:
 
 def stage_copy(path: str, copy: Path) -> Path:
     """The verified copy moved beside the database's place (a rename on one filesystem,
-    else a copy) and fsynced; ``commit_copy`` puts it in place, ``discard`` drops it."""
+    else a copy) and fsynced; ``commit_copy`` puts it in place (a caller that gives up
+    unlinks it)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     staged = target.with_name(f".{target.name}.restoring")

@@ -68,16 +68,21 @@ async def _store(call: Call) -> RevocationStore:
     )
 
 
+async def _tenant_and_name(call: Call, ref: str) -> tuple[str, str]:
+    """(tenant, name) of the target ``ref`` names (``~T.name``, or a name one tenant
+    holds); for none, as ``ref`` says: a token may name a target made later, and may
+    outlive its target (the bridge finds the name in its tenant)."""
+    try:
+        found = await find_target(call.api.client.registry, ref, None)
+    except NotFound:
+        return split_source(ref)
+    return found.tenant, found.name
+
+
 async def issue_token(call: Call) -> Reply:
     body: TokenIn = call.body
     key = load_key(key_path(call.api.settings))
-    target = body.target
-    try:
-        found = await find_target(call.api.client.registry, target, None)
-        tenant, target = found.tenant, found.name  # the bridge finds it in its tenant
-    except NotFound:
-        # As before tenants: a token may name a target made later (in the tenant named).
-        tenant, target = split_source(target)
+    tenant, target = await _tenant_and_name(call, body.target)
     token = issue(
         key,
         target,
@@ -116,13 +121,7 @@ async def revoke_token(call: Call) -> RevokeResult:
 
 async def revoke_target_tokens(call: Call) -> RevokeResult:
     store = await _store(call)
-    name = call.params["name"]
-    try:
-        found = await find_target(call.api.client.registry, name, None)
-        tenant, name = found.tenant, found.name
-    except NotFound:
-        # Tokens may outlive their target (or name one made later): revoke by the name.
-        tenant, name = split_source(name)
+    tenant, name = await _tenant_and_name(call, call.params["name"])
     rev = await store.revoke_target(name, tenant=tenant, reason=call.body.reason, by=call.actor)
     await call.api.audit.record(
         call.actor,

@@ -21,6 +21,7 @@ from prometheus_client import Counter, Gauge
 
 from mesh.backup import read_passphrase
 from mesh.backup import recipient as backup_key
+from mesh.backup.create import prepare_key
 from mesh.backup.recipient import Recipient
 from mesh.backup.schedule import backup_round, parse_every
 from mesh.config import Settings
@@ -87,9 +88,7 @@ class Backup(Service):
         started = time.monotonic()
         try:
             if self._key is None:
-                self._key = await asyncio.to_thread(
-                    lambda: backup_key.prepare(self.settings.home, self.passphrase).recipient
-                )
+                self._key = await asyncio.to_thread(prepare_key, self.settings, self.passphrase)
             result, removed = await backup_round(self.settings, recipient=self._key)
         except (MeshError, OSError) as exc:
             FAILURES.inc()
