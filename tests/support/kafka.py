@@ -8,6 +8,10 @@ Kafka clients connect to the address a broker advertises, so a proxy in front of
 be advertised: ``kafka_behind_proxy`` starts a ``TCPProxy`` first, then Tansu on a free
 port advertising the proxy's port. The proxy rewrites nothing, and every client (the
 driver under test and the test's own consumer) goes through it after bootstrap.
+
+``shared_kafka`` gives a module one broker to share, reached directly: the brokers of
+``MESH_TEST_KAFKA_URL`` / ``MESH_TEST_KAFKA_SASL_URL`` (Apache Kafka, wherever one runs),
+else two Tansu, one requiring a SASL login (which Tansu 0.6 then refuses, every one).
 """
 
 from __future__ import annotations
