@@ -351,6 +351,9 @@ async def test_a_login_apache_kafka_refuses_reads_as_refused_not_unreachable(
     text = str(refused)
     assert text.startswith("SASL SCRAM-SHA-256 login as 'svc' refused: ")
     assert "invalid credentials" in text and "pa55word" not in text
+    answer[0] = ValueError("Server sent wrong signature!")  # not the broker we know
+    wrong = await driver._refused_login(driver.producer_config())
+    assert str(wrong) == "SASL SCRAM-SHA-256 login as 'svc' failed: Server sent wrong signature!"
     answer[0] = KafkaConnectionError("Connection at 127.0.0.1:1 closed")
     assert await driver._refused_login(driver.producer_config()) is None
     answer[0] = ConnectionRefusedError(111, "Connect call failed")

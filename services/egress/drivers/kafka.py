@@ -184,8 +184,10 @@ class KafkaDriver(Driver):
                 sasl_plain_username=config["sasl_plain_username"],
                 sasl_plain_password=config["sasl_plain_password"],
             )
-        except (KeyError, ValueError):  # aiokafka reads only a SCRAM answer's signature
+        except KeyError:  # aiokafka reads only a SCRAM answer's signature ('v='), not 'e='
             return LoginRefused(f"{login} refused: the broker's SCRAM answer was an error")
+        except ValueError as exc:  # a SCRAM answer that does not prove the broker knows us
+            return LoginRefused(f"{login} failed: {exc}")
         except KafkaError as exc:
             if type(exc).__name__ in LOGIN_ERRORS:
                 return LoginRefused(f"{login} refused: {describe(exc)}")
