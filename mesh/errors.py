@@ -32,7 +32,9 @@ message as one line and exits non-zero. The tree::
     ├── TransformFailed             transform.py: a transform that failed for one event
     ├── MissingExtra                services/egress/drivers/base.py: a kind's library
     │                               is not installed
-    └── UnknownTopic                services/egress/drivers/kafka.py: no such Kafka topic
+    ├── UnknownTopic                services/egress/drivers/kafka.py: no such Kafka topic
+    └── LoginRefused                services/egress/drivers/kafka.py: the broker refused
+                                    a Kafka target's SASL login (a retry)
 
 ``tests/test_seam.py`` checks that every subclass in ``mesh/`` and ``services/`` is
 drawn here.

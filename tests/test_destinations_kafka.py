@@ -322,6 +322,44 @@ def test_producer_settings_from_the_url() -> None:
     assert (sasl["sasl_plain_username"], sasl["sasl_plain_password"]) == ("svc@acct", "pa55")
 
 
+async def test_a_login_apache_kafka_refuses_reads_as_refused_not_unreachable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Apache Kafka answers a wrong SCRAM password with SaslAuthenticate error 58, which
+    aiokafka's bootstrap only logs ("Unable to bootstrap"); the driver's own handshake
+    (here aiokafka's ``create_conn`` raising as it does on that answer; no Apache Kafka
+    can run here) turns it into a clear retry. Anything else keeps the original error."""
+    import aiokafka.conn
+    from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
+
+    url = "kafka://svc:pa55word@127.0.0.1:1?mechanism=SCRAM-SHA-256"
+    driver = KafkaDriver(_target(url), url)
+    answer: list[Exception] = []
+
+    async def create_conn(*args: Any, **kwargs: Any) -> Any:
+        raise answer[0]
+
+    monkeypatch.setattr(aiokafka.conn, "create_conn", create_conn)
+    answer.append(
+        SaslAuthenticationFailed(
+            "Authentication failed during authentication due to invalid credentials "
+            "with SASL mechanism SCRAM-SHA-256"
+        )
+    )
+    refused = await driver._refused_login(driver.producer_config())
+    assert refused is not None and not driver.is_permanent(refused)
+    text = str(refused)
+    assert text.startswith("SASL SCRAM-SHA-256 login as 'svc' refused: ")
+    assert "invalid credentials" in text and "pa55word" not in text
+    answer[0] = ValueError("Server sent wrong signature!")  # not the broker we know
+    wrong = await driver._refused_login(driver.producer_config())
+    assert str(wrong) == "SASL SCRAM-SHA-256 login as 'svc' failed: Server sent wrong signature!"
+    answer[0] = KafkaConnectionError("Connection at 127.0.0.1:1 closed")
+    assert await driver._refused_login(driver.producer_config()) is None
+    answer[0] = ConnectionRefusedError(111, "Connect call failed")
+    assert await driver._refused_login(driver.producer_config()) is None
+
+
 def test_kafka_defaults_and_headers() -> None:
     driver = KafkaDriver(_target("kafka://h"), "kafka://h")
     assert (driver.options.topic, driver.options.key) == ("{source}", "{source}")

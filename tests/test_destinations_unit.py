@@ -288,7 +288,7 @@ def test_redis_failures_end_in_retry_or_dead_letter() -> None:
 def test_kafka_failures_end_in_retry_or_dead_letter() -> None:
     from aiokafka import errors
 
-    from services.egress.drivers.kafka import KafkaDriver, UnknownTopic
+    from services.egress.drivers.kafka import KafkaDriver, LoginRefused, UnknownTopic
 
     url = "kafka://127.0.0.1:9092"
     driver = KafkaDriver(_target(TargetKind.KAFKA, url), url)
@@ -300,6 +300,9 @@ def test_kafka_failures_end_in_retry_or_dead_letter() -> None:
         errors.RequestTimedOutError(),
         errors.UnknownTopicOrPartitionError(),  # the producer's metadata wait: maybe a cut
         errors.LeaderNotAvailableError(),
+        # A refused login: the target's credentials, not the event's (the breaker waits).
+        errors.SaslAuthenticationFailed(),
+        LoginRefused("SASL SCRAM-SHA-256 login as 'svc' refused"),
     ):
         assert not driver.is_permanent(retry), retry
     for dead in (
@@ -308,7 +311,6 @@ def test_kafka_failures_end_in_retry_or_dead_letter() -> None:
         errors.RecordListTooLargeError(),
         errors.InvalidTopicError(),
         errors.TopicAuthorizationFailedError(),
-        errors.SaslAuthenticationFailed(),
     ):
         assert driver.is_permanent(dead), dead
     # A broker's answer keeps the producer; a cut or an expired batch makes a new one.

@@ -7,7 +7,8 @@ starts them); every test uses names of its own (exchange, queue, topic, stream),
 reaches the server through a ``TCPProxy`` it can cut without touching the shared
 server. SQS and S3 are moto's server (an emulator of the AWS APIs, run by the test as a
 subprocess). Kafka is Tansu, a real Kafka-compatible broker (not Apache Kafka itself),
-started per test behind the proxy it advertises (``tests/support/kafka.py``).
+started per test behind the proxy it advertises (``tests/support/kafka.py``), or a broker
+shared by a module's tests and reached directly (``tests/test_destinations_kafka_broker.py``).
 """
 
 from __future__ import annotations
@@ -150,10 +151,12 @@ class Destination:
     (a missing exchange, queue, bucket; a stream key of another type).
     """
 
-    def __init__(self, kind: str, upstream: str, proxy: TCPProxy, ordered: bool = False) -> None:
+    def __init__(
+        self, kind: str, upstream: str, proxy: TCPProxy | None, ordered: bool = False
+    ) -> None:
         self.kind = kind
         self.upstream = upstream  # the real server's URL (the consumer's, not cut)
-        self.proxy = proxy
+        self._proxy = proxy  # None: the target reaches the server directly (Kafka only)
         self.ordered = ordered
         self.tag = f"mesh-test-{uuid.uuid4().hex[:10]}"
         self.received = Received()
@@ -172,6 +175,11 @@ class Destination:
             with contextlib.suppress(BaseException):
                 await self._task
         await self._stack.aclose()
+
+    @property
+    def proxy(self) -> TCPProxy:
+        assert self._proxy is not None, "this destination has no proxy"
+        return self._proxy
 
     def _spawn(self, coro: Any) -> None:
         self._task = asyncio.create_task(coro)
@@ -339,18 +347,19 @@ class Destination:
                 doc = json.loads(body)
                 self.received.add(doc["id"], doc["data"])
 
-    # kafka (Tansu): a topic of the test's own, every partition assigned to one consumer
-    # (no group), read from the beginning. ``records``: (id, partition, key) as read.
+    # kafka: a topic of the test's own, every partition assigned to one consumer (no
+    # group), read from the beginning. ``records``: (id, partition, key) as read. The
+    # upstream URL may carry SASL credentials: the consumer logs in with them too.
 
     async def _setup_kafka(self) -> None:
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
-        from tests.support.kafka import create_topic
+        from tests.support.kafka import client_config, create_topic
 
-        bootstrap = urlsplit(self.upstream).netloc
-        await create_topic(bootstrap, self.tag, KAFKA_PARTITIONS)
+        config = client_config(self.upstream)
+        await create_topic(config, self.tag, KAFKA_PARTITIONS)
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap,
+            **config,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             group_id=None,
@@ -376,7 +385,7 @@ class Destination:
         await consumer.seek_to_beginning(*partitions)
         self.records: list[tuple[str, int, bytes | None]] = []
         self.headers: dict[str, dict[str, bytes]] = {}
-        self.url = f"kafka://127.0.0.1:{self.proxy.port}"
+        self.url = via(self.upstream, self._proxy.port) if self._proxy else self.upstream
         self.options = {"topic": self.tag}
 
         async def consume() -> None:

