@@ -36,10 +36,6 @@ class Driver(ABC):
     """Delivers to one target. One instance per target per egress instance."""
 
     kind: ClassVar[str]
-    # Whether the worker should keep two chunks on the wire (fetching half its in-flight
-    # limit at a time) rather than one: for a system whose answers to the end of a chunk
-    # can wait for traffic from us (services/egress/drivers/mqtt.py).
-    overlap: ClassVar[bool] = False
 
     def __init__(self, target: Target) -> None:
         self.target = target
@@ -109,7 +105,7 @@ class Driver(ABC):
     ) -> list[AttemptResult]:
         """Deliver several events; one result per event, in order. ``traces``: each
         event's ``send`` trace headers (HTTP's). The default connects once, starts every
-        ``_send`` at once (in order: a library that numbers its publishes, as AMQP's
+        ``_send`` at once (``_begin``; in order: a library that numbers its publishes, as AMQP's
         confirms and MQTT's packet ids do, keeps that order on the wire) and awaits them
         together under one deadline, the target's timeout; a system with a batch API
         overrides it. An ordered target sends one at a time (batches of one)."""
@@ -128,7 +124,7 @@ class Driver(ABC):
         except Exception as exc:  # connecting failed: nothing of the batch went out
             return [await self._failed(exc, started, generation)] * len(events)
         generation = self.generation
-        tasks = [asyncio.ensure_future(self._send(event)) for event in events]
+        tasks = [self._begin(event) for event in events]
         try:
             await asyncio.wait(
                 tasks, timeout=max(0.0, started + self.target.timeout_s - time.monotonic())
@@ -196,6 +192,12 @@ class Driver(ABC):
     @abstractmethod
     async def _send(self, event: Event) -> None:
         """Send one event; return once the system has acknowledged it; raise otherwise."""
+
+    def _begin(self, event: Event) -> asyncio.Future[Any]:
+        """Start sending one event of a batch: a future that ends as ``_send`` would.
+        The default runs ``_send`` as a task; a driver whose library answers through
+        callbacks (MQTT's PUBACKs) returns a future of its own, sparing a task per event."""
+        return asyncio.ensure_future(self._send(event))
 
     def is_permanent(self, exc: Exception) -> bool:
         """Whether no retry can fix this failure (the event is dead-lettered at once)."""
