@@ -138,8 +138,10 @@ class BatchDelivery:
                 else:
                     await self._flush(out)  # what is settled must not wait for the circuit
                     probe = await self._clearance()
-                while not self.pace.open(self.on_wire):
-                    await self.pace.wait()  # the target's adaptive limit (pace.py)
+                # The target's adaptive limit (pace.py), with room for all that waits (a
+                # probe: one) unless nothing is out: a batch never leaves a sliver behind.
+                while not self.pace.fits(self.on_wire, 1 if probe else len(items)):
+                    await self.pace.wait()
                 tenant_slot = self.egress.tenant_slots.slot(self.target.tenant)
                 slots = (self.http_slots, tenant_slot, self.egress.slots)
                 await _acquire_all(slots)
