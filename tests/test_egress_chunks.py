@@ -115,8 +115,8 @@ async def test_a_backlog_goes_out_in_chunks_of_the_whole_limit(
     # Slow start is a handful of small chunks (1, 2, 4, 8, 16, a remainder); a split that
     # lasts is one small chunk per batch: ~2,000 / 32 of them (base: 136-144 calls).
     small = [s for s in sizes if s < LIMIT // 2]
-    assert len(small) <= 8, (len(sizes), sizes[:80])
-    assert len(sizes) <= EVENTS / LIMIT + 8, (len(sizes), sizes[:80])
+    assert len(small) <= 12, (len(sizes), sizes[:80])
+    assert len(sizes) <= EVENTS / LIMIT + 12, (len(sizes), sizes[:80])  # 68 in a quiet run
     assert driver.peak <= LIMIT
 
 
@@ -129,8 +129,8 @@ async def test_an_overlapping_driver_keeps_two_chunks_of_half_the_limit(
     sizes = driver.chunks
     half = LIMIT // 2
     small = [s for s in sizes if s < half]
-    assert len(small) <= 8, (len(sizes), sizes[:80])  # base: ~40 chunks of 1 beside 15s
-    assert len(sizes) <= EVENTS / half + 8, (len(sizes), sizes[:80])
+    assert len(small) <= 12, (len(sizes), sizes[:80])  # base: ~40 chunks of 1 beside 15s
+    assert len(sizes) <= EVENTS / half + 16, (len(sizes), sizes[:80])  # base: 158-202
     assert half < driver.peak <= LIMIT  # two chunks were out at once
 
 
@@ -141,7 +141,7 @@ async def test_over_the_largest_batch_a_limit_is_whole_batches_side_by_side(
     back, leaving 36 places empty), two of them on the wire at once."""
     driver = await _chunks_of_a_backlog(settings, client, monkeypatch, overlap=False, limit=100)
     sizes = driver.chunks
-    assert len([s for s in sizes if s < 25]) <= 8, (len(sizes), sizes[:80])
-    assert len(sizes) <= EVENTS / 50 + 8, (len(sizes), sizes[:80])
+    assert len([s for s in sizes if s < 25]) <= 12, (len(sizes), sizes[:80])
+    assert len(sizes) <= EVENTS / 50 + 12, (len(sizes), sizes[:80])
     assert max(sizes) == 50
     assert 64 < driver.peak <= 100
