@@ -22,6 +22,20 @@ def test_it_starts_low_and_grows_with_each_answer_up_to_the_ceiling() -> None:
     assert Pace(3, timeout_s=1.0).ceiling == 3
 
 
+def test_a_chunk_starts_with_room_for_all_that_waits_unless_nothing_is_out() -> None:
+    pace = Pace(32, timeout_s=1.0)
+    assert pace.fits(0, 32)  # slow start: nothing out, so one goes (nothing else would)
+    assert not pace.fits(1, 1)
+    pace.done(ok=31, timed_out=0, now=0.0)
+    assert pace.limit == 32
+    assert pace.fits(0, 100)
+    # Something out: no sliver of a batch goes beside it, the rest following later.
+    assert not pace.fits(1, 32) and pace.fits(1, 31)
+    assert not pace.fits(16, 17) and pace.fits(16, 16)  # two halves (``Driver.overlap``)
+    assert not pace.fits(1, 500)  # more than the limit: once the wire is empty
+    assert not pace.fits(32, 1) and not pace.fits(40, 0)  # over the limit (a cut)
+
+
 def test_a_timeout_keeps_what_the_target_answered_in_the_last_timeout() -> None:
     pace = Pace(64, timeout_s=1.0)
     pace.done(ok=64, timed_out=0, now=10.0)

@@ -3,10 +3,12 @@
 One task per fetched batch, not one per message::
 
     decode + route check, every message        (dead letters and skips settle here)
-      -> chunks: the first message waits for clearance (circuit, rate token) and its
-         slots; the next ones join while they clear at once (circuit closed, a token
-         and a slot of each kind free now), so nothing is sent earlier or more than
-         the per-message path allowed
+      -> chunks: the first message waits for clearance (circuit, rate token), for room
+         under the target's pace for all the batch has waiting unless nothing is on the
+         wire (``Pace.fits``: a batch never leaves a sliver to go beside the next one)
+         and for its slots; the next ones join while they clear at once (circuit closed,
+         a token and a slot of each kind free now), so nothing is sent earlier or more
+         than the per-message path allowed
       -> the driver's ``send_batch`` (the webhook: concurrent POSTs over keep-alive
          connections; other kinds: their batch API, or concurrent sends)
       -> settle each result (services/egress/outcomes.py: circuit, nak/DLQ decisions)
@@ -138,8 +140,10 @@ class BatchDelivery:
                 else:
                     await self._flush(out)  # what is settled must not wait for the circuit
                     probe = await self._clearance()
-                while not self.pace.open(self.on_wire):
-                    await self.pace.wait()  # the target's adaptive limit (pace.py)
+                # The target's adaptive limit (pace.py), with room for all that waits (a
+                # probe: one) unless nothing is out: a batch never leaves a sliver behind.
+                while not self.pace.fits(self.on_wire, 1 if probe else len(items)):
+                    await self.pace.wait()
                 tenant_slot = self.egress.tenant_slots.slot(self.target.tenant)
                 slots = (self.http_slots, tenant_slot, self.egress.slots)
                 await _acquire_all(slots)

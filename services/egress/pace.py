@@ -57,6 +57,20 @@ class Pace:
         """Whether one more request may go out with ``on_wire`` already out."""
         return on_wire < self.limit
 
+    def fits(self, on_wire: int, waiting: int) -> bool:
+        """Whether a chunk may start with ``on_wire`` already out when ``waiting`` requests
+        wait to go: with nothing out, yes (what clears goes: nothing else would wake the
+        wait); otherwise only if the room left takes all of them (up to the limit).
+
+        A batch that sent the sliver there is room for would send its rest beside the
+        next batch, which is then split in turn: after slow start, chunks of 1 and 31 for
+        the rest of the run, twice the calls for the same deliveries. The requests out
+        wake the wait when they come back (``wake``), as the rest would have waited for
+        them anyway."""
+        if on_wire == 0:
+            return True
+        return self.limit - on_wire >= max(1, min(waiting, self.limit))
+
     async def wait(self) -> None:
         """Until the limit or the count on the wire may have changed: check ``open``
         again on waking."""

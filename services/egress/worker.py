@@ -182,7 +182,8 @@ class TargetWorker(BatchDelivery, CircuitGate, Outcomes):
 
     def _batch(self) -> int:
         """Messages per fetch. Unlimited: the whole ``limit`` (one chunk on the wire,
-        the next batch fetched meanwhile); a rate-limited target: half its hold."""
+        the next batch fetched meanwhile; over ``MAX_BATCH``, equal parts of it); a
+        rate-limited target: half its hold."""
         if self.target.ordered or self.circuit.state is CircuitState.HALF_OPEN:
             return 1
         hold = self._rate_hold()
@@ -192,7 +193,11 @@ class TargetWorker(BatchDelivery, CircuitGate, Outcomes):
         # message and its acknowledgement, the task, the writes): at 32 in flight,
         # batches of 32 instead of 16 cut the egress's own CPU per delivery by a quarter
         # (docs/PERFORMANCE.md, session 7).
-        return max(1, min(MAX_BATCH, self._limit()))
+        cap = max(1, self._limit())
+        # Over MAX_BATCH, batches that divide the limit: a batch goes out whole once there
+        # is room for all of it (``Pace.fits``), so 100 in flight is two batches of 50,
+        # where batches of 64 would leave 36 places empty.
+        return cap // math.ceil(cap / MAX_BATCH)
 
     def _fetch_below(self, batch: int) -> int:
         """Fetch the next batch once at most this many messages are held: ``limit`` on

@@ -2,8 +2,7 @@
 order: the key picks the partition with Kafka's own murmur2 partitioner), ``acks=all``
 (a send returns once every in-sync replica has the record). A batch becomes one record
 batch per partition (aiokafka's batch API: one future per partition, not per record),
-handed to the producer together and awaited together; while another send of the driver
-is out, a batch goes record by record instead, so that it can join that send's batch.
+handed to the producer together and awaited together.
 
 Format: CloudEvents Kafka protocol binding, binary mode: the attributes as ``ce_<name>``
 headers (UTF-8), ``content-type`` the data's type, the record value the data, the record
@@ -103,7 +102,6 @@ class KafkaDriver(Driver):
         self._producer: Any = None
         self._topics: set[str] = set()  # topics the broker has, as it said on this connection
         self._topic_lock = asyncio.Lock()
-        self._out = 0  # sends of this driver waiting for the broker (``_records``)
 
     def update(self, target: Target) -> bool:
         changed = super().update(target)
@@ -213,13 +211,9 @@ class KafkaDriver(Driver):
     # Sending --------------------------------------------------------------------
 
     async def _send(self, event: Event) -> None:
-        self._out += 1
-        try:
-            future = await self._enqueue(event)
-            # Shielded: a timeout abandons the wait, not the record (it may still arrive).
-            await asyncio.shield(future)
-        finally:
-            self._out -= 1
+        future = await self._enqueue(event)
+        # Shielded: a timeout abandons the wait, not the record (it may still arrive).
+        await asyncio.shield(future)
 
     async def _enqueue(self, event: Event) -> asyncio.Future[Any]:
         """Put one record into the producer's buffer; the future completes on its ack."""
@@ -266,22 +260,12 @@ class KafkaDriver(Driver):
     ) -> list[AttemptResult]:
         """One record batch per partition through aiokafka's batch API, then await them
         all: one result per event, in order; every event of a batch shares its outcome.
-        A batch sent while another send of this driver is still out goes record by
-        record instead (``_records``), so that it can join that send's record batch.
 
         A record the event cannot make (a template it cannot fill, a missing topic, too
         large) fails alone; a connection-level failure fails the records not yet handed
         to the producer, and the batches already handed over are still awaited."""
         if len(events) == 1:
             return [await self.send(events[0])]
-        alone = not self._out  # no other send of this driver is waiting for the broker
-        self._out += 1
-        try:
-            return await self._send_batch(events, alone)
-        finally:
-            self._out -= 1
-
-    async def _send_batch(self, events: Sequence[Event], alone: bool) -> list[AttemptResult]:
         started = time.monotonic()
         results: list[AttemptResult | None] = [None] * len(events)
         sent: list[tuple[list[int], asyncio.Future[Any]]] = []
@@ -292,14 +276,11 @@ class KafkaDriver(Driver):
             async with asyncio.timeout(self.target.timeout_s):
                 await self.connect()
                 generation = self.generation
-                if not alone:
-                    broken = await self._records(events, results, sent, started)
-                else:
-                    batches, broken = await self._batches(events, results, started)
-                    for topic, partition, batch, members in batches:
-                        future = await self._producer.send_batch(batch, topic, partition=partition)
-                        future.add_done_callback(_retrieve)
-                        sent.append((members, future))
+                batches, broken = await self._batches(events, results, started)
+                for topic, partition, batch, members in batches:
+                    future = await self._producer.send_batch(batch, topic, partition=partition)
+                    future.add_done_callback(_retrieve)
+                    sent.append((members, future))
         except TimeoutError:
             broken = TimeoutError(f"timeout after {self.target.timeout_s:g}s")
         except Exception as exc:
@@ -328,28 +309,6 @@ class KafkaDriver(Driver):
             if isinstance(broken, TimeoutError) or self.drops_connection(broken):
                 await self.close(generation)
         return [r or AttemptResult(error="not sent") for r in results]
-
-    async def _records(
-        self,
-        events: Sequence[Event],
-        results: list[AttemptResult | None],
-        sent: list[tuple[list[int], asyncio.Future[Any]]],
-        started: float,
-    ) -> Exception | None:
-        """Each record through ``producer.send`` (into ``sent``), for a batch sent while
-        another send of this driver is out: its records may then join that send's record
-        batch still in the producer's buffer, and the two finish together. (Two chunks
-        that finish one round trip apart stay apart: the worker refills each from the
-        slots the other frees. The producer's own batches reunite them.) Returns the
-        failure that stopped it, if any."""
-        for i, event in enumerate(events):
-            try:
-                sent.append(([i], await self._enqueue(event)))
-            except Exception as exc:
-                if not self._record_fault(exc):
-                    return exc
-                results[i] = self._result(exc, started)
-        return None
 
     async def _batches(
         self, events: Sequence[Event], results: list[AttemptResult | None], started: float
