@@ -31,8 +31,7 @@ from services.egress.service import WebhookEgress
 from tests.support import eventually
 from tests.support.cli import ok, run_cli
 from tests.support.destinations import KAFKA_PARTITIONS, Destination
-from tests.support.kafka import kafka_behind_proxy
-from tests.support.receiver import fast_policy
+from tests.support.kafka import add_keyed_target, kafka_behind_proxy
 
 
 @pytest.fixture
@@ -72,17 +71,7 @@ def murmur2_partition(key: bytes, partitions: int) -> int:
 async def test_one_key_keeps_its_order_on_its_partition(
     kafka: Destination, client: MeshClient, egress: WebhookEgress
 ) -> None:
-    await client.add_target(
-        Target(
-            name="dest",
-            kind=TargetKind.KAFKA,
-            url=kafka.url,
-            ordered=True,
-            retry=fast_policy(max_retries=100),
-            options=DestinationOptions(topic=kafka.tag, key="{subject}"),
-        )
-    )
-    await client.add_propagation("unidirectional", "shop", ["dest"])
+    await add_keyed_target(client, kafka.url, kafka.tag)
     subjects = ["alice", "bob", "carol", "dave", "erin"]
     published = [_event(subjects[i % 5], i) for i in range(50)]
     await client.publish_many(published)

@@ -27,7 +27,7 @@ from mesh.registry import Target, TargetKind
 from services.egress.service import WebhookEgress
 from tests.support import eventually
 from tests.support.destinations import Destination
-from tests.support.kafka import SharedKafka, shared_kafka
+from tests.support.kafka import SharedKafka, add_keyed_target, shared_kafka
 from tests.support.receiver import dead_letters, delivery_records, fast_policy
 
 SUBJECTS = [f"customer-{i}" for i in range(10)]
@@ -63,19 +63,7 @@ def _events(n: int) -> list[Event]:
 async def test_thousand_events_arrive_once_each_key_in_order(
     place: Destination, client: MeshClient, egress: WebhookEgress
 ) -> None:
-    await client.add_target(
-        Target(
-            name="dest",
-            kind=TargetKind.KAFKA,
-            url=place.url,
-            # One in flight: a key keeps its order only so (two chunks on the wire at once
-            # may land in either order; the key alone only keeps it on one partition).
-            ordered=True,
-            retry=fast_policy(max_retries=100),
-            options=DestinationOptions(topic=place.tag, key="{subject}"),
-        )
-    )
-    await client.add_propagation("unidirectional", "shop", ["dest"])
+    await add_keyed_target(client, place.url, place.tag)
     published = _events(1000)
     assert await client.publish_many(published) == 1000
     want = {e.id for e in published}

@@ -30,7 +30,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from mesh.client import MeshClient
+from mesh.destinations import DestinationOptions
+from mesh.registry import Target, TargetKind
 from tests.support.proxy import TCPProxy
+from tests.support.receiver import fast_policy
 
 
 def tansu_binary() -> str:
@@ -226,3 +230,20 @@ def shared_kafka(log_dir: Path) -> Iterator[SharedKafka]:
             sasl.stop()
     finally:
         plain.stop()
+
+
+async def add_keyed_target(client: MeshClient, url: str, topic: str) -> None:
+    """Target ``dest``: Kafka at ``url``, records keyed by the event's subject, ordered (a
+    key keeps its order only with one chunk on the wire: two may land in either order, the
+    key alone keeps it on one partition), retried for long; ``shop`` feeds it."""
+    await client.add_target(
+        Target(
+            name="dest",
+            kind=TargetKind.KAFKA,
+            url=url,
+            ordered=True,
+            retry=fast_policy(max_retries=100),
+            options=DestinationOptions(topic=topic, key="{subject}"),
+        )
+    )
+    await client.add_propagation("unidirectional", "shop", ["dest"])
