@@ -73,6 +73,13 @@ async def publish(client: MeshClient, n: int, start: int = 0, source: str = "sho
     return [e.id for e in events]
 
 
+async def publish_paced(client: MeshClient, n: int, step: int = 100) -> None:
+    """``n`` events as ``publish`` makes them, ``step`` at a time, 20 ms apart."""
+    for start in range(0, n, step):
+        await publish(client, min(step, n - start), start=start)
+        await asyncio.sleep(0.02)
+
+
 # Events, records, dead letters ----------------------------------------------------
 
 
@@ -279,7 +286,10 @@ async def test_sigkill_mid_stream_then_restart_loses_and_duplicates_nothing(
     log = tmp_path / "sink.log"
     proc = start_sink_process(settings, db_url, log)
     try:
-        publisher = asyncio.create_task(publish(client, n))
+        # Published in steps (a few ms apart), so the kill lands while events are still
+        # coming: published at once, a quiet machine's sink stored all 3,000 between two
+        # polls of the count and the kill found nothing left to interrupt.
+        publisher = asyncio.create_task(publish_paced(client, n))
         await wait_count(store, Table.EVENTS, 200, timeout=60)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
