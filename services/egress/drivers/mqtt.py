@@ -140,8 +140,8 @@ class MqttDriver(Driver):
         a burst's PUBACKs only the first goes out until we acknowledge it, which our
         kernel delays (40 ms) while we have nothing to send; a batch awaited alone took
         ~44 ms for 16 publishes. Quick-ack mode acknowledges the PUBACKs at once: 0.9 ms
-        for 16, 2.2 ms for 32 (docs/PERFORMANCE.md, "MQTT: paho without aiomqtt's
-        publish")."""
+        for 16, 2.2 ms for 32 (docs/PERFORMANCE.md, "Session 9: MQTT through paho
+        directly")."""
         sock = client.socket()
         if sock is None:
             return
